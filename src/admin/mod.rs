@@ -1,0 +1,87 @@
+//! The admin listener: a separate address (loopback by default) for operators and
+//! orchestrators. Now: `/healthz` (the process is up) and `/readyz` (at least one replica is
+//! eligible for traffic). The dashboard, stats API and Prometheus metrics join it later.
+//!
+//! It must never share the public listener's limits or fate: a flood of client traffic must not
+//! make the orchestrator believe the gateway is dead.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::http::body::{self, Body};
+
+/// Serves the admin endpoints until `drain`.
+pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let stream = tokio::select! {
+            _ = drain.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(_) => continue,
+            },
+        };
+        let (app, builder) = (Arc::clone(&app), Arc::clone(&builder));
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(route(&app, &req)) }
+            });
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn route(app: &AppState, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let (healthy, total) = app
+                .upstream
+                .replicas()
+                .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
+            let status = if healthy > 0 {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = format!(
+                "{{\"ready\":{},\"replicas_healthy\":{healthy},\"replicas\":{total}}}\n",
+                healthy > 0
+            );
+            let mut r = text(status, body);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
+    let mut r = Response::new(body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}

@@ -1,0 +1,58 @@
+//! [`AppState`]: everything a request needs, built once at start and shared by `Arc`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use http::HeaderValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::sanitize;
+use crate::upstream::Upstream;
+
+/// Shared state of one gateway process.
+#[derive(Debug)]
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Config,
+    /// Sanitizing policy derived from `config.listen`.
+    pub policy: sanitize::Policy,
+    /// Replicas and the client to reach them.
+    pub upstream: Upstream,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Request id source.
+    pub request_ids: RequestIds,
+    /// Background work tied to requests (tunnels); waited for at shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
+    pub hard_stop: CancellationToken,
+}
+
+/// Request ids: a random per-process prefix and a counter, so ids are unique across a fleet
+/// without coordination and cost one atomic add.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self {
+            prefix: fastrand::u32(..),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    /// The next id, e.g. `5f1c2a9e-000000000000002a`.
+    pub fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Relaxed);
+        HeaderValue::from_str(&format!("{:08x}-{n:016x}", self.prefix))
+            .expect("invariant: hex digits and '-' are valid header bytes")
+    }
+}

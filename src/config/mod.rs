@@ -1,0 +1,157 @@
+//! Configuration: one TOML file (`config/isrgate.toml`), `ISRGATE__SECTION__KEY` environment
+//! overrides, then CLI flags, validated once at start into the typed [`Config`] below.
+//!
+//! Layers, later wins: built-in defaults → file → environment → flags. Unknown sections and keys,
+//! type errors and bad values are all collected and reported together, each naming the key, where
+//! it was set (file line:column, variable or flag) and how to fix it ([`ConfigError`]). The rest
+//! of the crate only ever sees a valid [`Config`].
+
+mod env;
+mod load;
+mod raw;
+mod validate;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use ipnet::IpNet;
+
+pub use env::{Environment, MapEnv, PREFIX as ENV_PREFIX, ProcessEnv};
+pub use load::{ConfigError, DEFAULT_CONFIG_PATH, Override, Problem, Source, from_toml, load};
+pub use raw::Raw;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The public listener.
+    pub listen: Listen,
+    /// The Next.js replicas.
+    pub upstream: Upstream,
+    /// Health checking of replicas.
+    pub health: Health,
+    /// The admin listener; `None` when disabled.
+    pub admin: Option<Admin>,
+    /// Logging.
+    pub log: Log,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// Scheme clients use to reach us.
+    pub public_scheme: Scheme,
+    /// Time allowed for a whole request head from its first byte.
+    pub header_read_timeout: Duration,
+    /// Idle connections (nothing in flight, no bytes) are closed after this.
+    pub idle_timeout: Duration,
+    /// Largest accepted request head in bytes.
+    pub max_header_bytes: usize,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: u64,
+    /// Requests handled at once before shedding with 503.
+    pub max_concurrent_requests: usize,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Peers whose `X-Forwarded-*` headers are trusted.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Answer 404 for Next.js-internal path suffixes.
+    pub reject_internal_paths: bool,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Static replicas.
+    pub replicas: Vec<Authority>,
+    /// DNS name (and port) re-resolved for more replicas.
+    pub dns_name: Option<DnsName>,
+    /// Re-resolution interval of `dns_name`.
+    pub dns_refresh: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time to the response head.
+    pub response_header_timeout: Duration,
+    /// Time for the whole exchange.
+    pub total_timeout: Duration,
+    /// Idle pooled connections close after this.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per replica.
+    pub pool_max_idle_per_replica: usize,
+}
+
+/// A DNS name with the port the replicas listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsName {
+    /// Host name to resolve.
+    pub host: String,
+    /// Port of every resolved address.
+    pub port: u16,
+}
+
+/// `[health]`
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Path of active checks.
+    pub path: http::uri::PathAndQuery,
+    /// Interval of active checks; `None` disables them.
+    pub interval: Option<Duration>,
+    /// Timeout of one check.
+    pub timeout: Duration,
+    /// Passing checks that re-admit.
+    pub healthy_threshold: u32,
+    /// Failing checks that mark unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Consecutive live-traffic failures that eject; `None` disables.
+    pub passive_failures: Option<u32>,
+    /// How long an ejected replica stays out.
+    pub ejection: Duration,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Address to bind.
+    pub listen: SocketAddr,
+}
+
+/// `[log]`
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// Output format.
+    pub format: LogFormat,
+    /// `tracing` filter directives.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// The built-in defaults, valid as they are (`isrgate serve` with nothing else).
+    pub fn defaults() -> Config {
+        validate::validate(&Raw::default(), &Default::default())
+            .expect("invariant: built-in defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::defaults();
+        assert_eq!(c.listen.addr, "0.0.0.0:8080".parse().expect("addr"));
+        assert_eq!(c.upstream.replicas.len(), 1);
+        assert!(c.admin.is_some());
+    }
+}

@@ -1,0 +1,225 @@
+//! The configuration as written: one struct per TOML section, every field a plain serde type
+//! with its default. Nothing here is validated beyond its TOML type; `validate.rs` turns these
+//! into the typed [`Config`](super::Config).
+//!
+//! Each section gets a per-key setter from the `section!` macro, so the loader can apply keys one
+//! at a time and report *every* unknown key and type error at once, each with its own source
+//! (file line:column, env variable, or CLI flag), instead of serde's first-error-wins.
+
+use serde::{Deserialize, Deserializer};
+use toml::de::ValueDeserializer;
+
+/// Why one key could not be applied.
+#[derive(Debug)]
+pub enum SetError {
+    /// No section of that name.
+    UnknownSection,
+    /// The section has no such key.
+    UnknownKey,
+    /// The value does not have the key's TOML type.
+    Invalid(toml::de::Error),
+}
+
+macro_rules! section {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ty = $default:expr ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl $name {
+            /// Every key of this section, in declaration order.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// Applies one key. The value is deserialized into the key's type right here, so a
+            /// type error carries this key and its source.
+            pub fn set(&mut self, key: &str, value: ValueDeserializer<'_>) -> Result<(), SetError> {
+                match key {
+                    $( stringify!($field) => {
+                        self.$field = <$ty>::deserialize(value).map_err(SetError::Invalid)?;
+                        Ok(())
+                    } )*
+                    _ => Err(SetError::UnknownKey),
+                }
+            }
+        }
+    };
+}
+
+/// A list of strings that also accepts one comma-separated string, so
+/// `ISRGATE__UPSTREAM__REPLICAS=http://a:3000,http://b:3000` works from the environment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            List(Vec<String>),
+            Csv(String),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::List(v) => StringList(v),
+            Form::Csv(s) => StringList(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+        })
+    }
+}
+
+fn strings(items: &[&str]) -> StringList {
+    StringList(items.iter().map(|s| (*s).to_owned()).collect())
+}
+
+section! {
+    /// `[listen]`: the public listener clients (the load balancer) connect to.
+    pub struct ListenRaw {
+        /// Address to bind, `HOST:PORT`.
+        addr: String = "0.0.0.0:8080".into(),
+        /// Scheme clients use to reach the gateway (`http` or `https` when TLS ends at the load
+        /// balancer): sent as `X-Forwarded-Proto` and used when rewriting `Location`.
+        public_scheme: String = "http".into(),
+        /// Time allowed to receive a whole request head, counted from its first byte.
+        header_read_timeout: String = "10s".into(),
+        /// A connection with no request in flight and no bytes for this long is closed.
+        idle_timeout: String = "75s".into(),
+        /// Largest request head accepted (bytes); larger gets 431.
+        max_header_bytes: u64 = 64 * 1024,
+        /// Largest request body accepted (bytes); larger gets 413.
+        max_body_bytes: u64 = 10 * 1024 * 1024,
+        /// Requests handled at once; more are shed with 503.
+        max_concurrent_requests: u64 = 4096,
+        /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
+        shutdown_grace: String = "30s".into(),
+        /// Peers (IPs or CIDRs) whose `X-Forwarded-*` headers are trusted.
+        trusted_proxies: StringList = StringList::default(),
+        /// Answer 404 for paths ending `.rsc`, `.prefetch.rsc`, `.segment.rsc`, `.action`.
+        reject_internal_paths: bool = true,
+    }
+}
+
+section! {
+    /// `[upstream]`: the Next.js replicas.
+    pub struct UpstreamRaw {
+        /// Static replica list, `http://HOST:PORT`.
+        replicas: StringList = strings(&["http://127.0.0.1:3000"]),
+        /// DNS name re-resolved for replicas, `NAME:PORT` (a Kubernetes headless service).
+        dns_name: String = String::new(),
+        /// How often `dns_name` is re-resolved.
+        dns_refresh: String = "5s".into(),
+        /// TCP connect timeout to a replica.
+        connect_timeout: String = "2s".into(),
+        /// Time from sending a request to receiving the response head.
+        response_header_timeout: String = "60s".into(),
+        /// Time for a whole exchange, response body included.
+        total_timeout: String = "300s".into(),
+        /// Idle pooled connections are closed after this long.
+        pool_idle_timeout: String = "90s".into(),
+        /// Idle pooled connections kept per replica.
+        pool_max_idle_per_replica: u64 = 256,
+    }
+}
+
+section! {
+    /// `[health]`: active checks and passive ejection of replicas.
+    pub struct HealthRaw {
+        /// Path requested by active checks; any status below 500 is healthy.
+        path: String = "/".into(),
+        /// Interval between active checks of each replica; `0s` disables them.
+        interval: String = "5s".into(),
+        /// Timeout of one active check.
+        timeout: String = "2s".into(),
+        /// Consecutive passing checks that re-admit a replica.
+        healthy_threshold: u64 = 2,
+        /// Consecutive failing checks that mark a replica unhealthy.
+        unhealthy_threshold: u64 = 3,
+        /// Consecutive connect failures or timeouts on live traffic that eject a replica; 0 disables.
+        passive_failures: u64 = 3,
+        /// How long a passively ejected replica stays out before it is tried again.
+        ejection: String = "10s".into(),
+    }
+}
+
+section! {
+    /// `[admin]`: the operator listener (health now; dashboard and metrics later).
+    pub struct AdminRaw {
+        /// Address to bind; empty disables the admin listener.
+        listen: String = "127.0.0.1:9091".into(),
+    }
+}
+
+section! {
+    /// `[log]`: logging.
+    pub struct LogRaw {
+        /// `pretty` (humans) or `json` (log pipelines).
+        format: String = "pretty".into(),
+        /// `tracing` filter: a level (`info`) or directives (`isrgate=debug,hyper=warn`).
+        level: String = "info".into(),
+    }
+}
+
+/// The whole file, section by section.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Raw {
+    /// `[listen]`
+    pub listen: ListenRaw,
+    /// `[upstream]`
+    pub upstream: UpstreamRaw,
+    /// `[health]`
+    pub health: HealthRaw,
+    /// `[admin]`
+    pub admin: AdminRaw,
+    /// `[log]`
+    pub log: LogRaw,
+}
+
+impl Raw {
+    /// Section names, as written in the file.
+    pub const SECTIONS: &'static [&'static str] = &["listen", "upstream", "health", "admin", "log"];
+
+    /// Applies `section.key = value`.
+    pub fn set(
+        &mut self,
+        section: &str,
+        key: &str,
+        value: ValueDeserializer<'_>,
+    ) -> Result<(), SetError> {
+        match section {
+            "listen" => self.listen.set(key, value),
+            "upstream" => self.upstream.set(key, value),
+            "health" => self.health.set(key, value),
+            "admin" => self.admin.set(key, value),
+            "log" => self.log.set(key, value),
+            _ => Err(SetError::UnknownSection),
+        }
+    }
+
+    /// The keys of a section, for "did you mean" hints.
+    pub fn keys(section: &str) -> &'static [&'static str] {
+        match section {
+            "listen" => ListenRaw::KEYS,
+            "upstream" => UpstreamRaw::KEYS,
+            "health" => HealthRaw::KEYS,
+            "admin" => AdminRaw::KEYS,
+            "log" => LogRaw::KEYS,
+            _ => &[],
+        }
+    }
+}

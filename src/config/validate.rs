@@ -1,0 +1,382 @@
+//! [`Raw`] → [`Config`]: parse every value into its real type and check ranges and combinations,
+//! collecting every problem (with the key, where it was set, and the fix) instead of stopping at
+//! the first. A failed key yields a placeholder so checking goes on; the placeholder never
+//! escapes because any problem makes the result `Err`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use ipnet::IpNet;
+
+use super::load::{Problem, Source, Sources};
+use super::raw::Raw;
+use super::{Admin, Config, DnsName, Health, Listen, Log, LogFormat, Upstream};
+
+/// hyper refuses read buffers below this (it asserts), so it is the floor of `max_header_bytes`.
+const MIN_HEADER_BYTES: u64 = 8192;
+/// A ceiling that keeps one slow client from pinning a lot of memory.
+const MAX_HEADER_BYTES: u64 = 1024 * 1024;
+
+struct Checker<'a> {
+    sources: &'a Sources,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        let source = self.sources.get(key).cloned().unwrap_or(Source::Default);
+        self.problems.push(Problem {
+            key: key.to_owned(),
+            source,
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, text: &str, allow_zero: bool) -> Duration {
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d.is_zero() && !allow_zero => {
+                self.fail(key, "must be greater than zero");
+                Duration::ZERO
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.fail(
+                    key,
+                    format!("{text:?} is not a duration ({e}); write a number with a unit: 500ms, 10s, 5m"),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, text: &str) -> SocketAddr {
+        text.trim().parse().unwrap_or_else(|_| {
+            self.fail(
+                key,
+                format!("{text:?} is not a socket address; write HOST:PORT with an IP, such as 0.0.0.0:8080 or [::]:8080"),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn in_range(&mut self, key: &str, value: u64, lo: u64, hi: u64) -> u64 {
+        if (lo..=hi).contains(&value) {
+            value
+        } else {
+            self.fail(key, format!("{value} is out of range; use {lo} to {hi}"));
+            lo
+        }
+    }
+
+    fn replica(&mut self, key: &str, text: &str) -> Option<Authority> {
+        let uri: Uri = match text.trim().parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.fail(
+                    key,
+                    format!("{text:?} is not a URL ({e}); write http://HOST:PORT"),
+                );
+                return None;
+            }
+        };
+        match (uri.scheme(), uri.authority(), uri.path_and_query()) {
+            (Some(s), Some(a), pq) if *s == Scheme::HTTP => {
+                if pq.is_some_and(|pq| pq.as_str() != "/") {
+                    self.fail(key, format!("{text:?} has a path; replicas are HOST:PORT only, paths are forwarded as requested"));
+                }
+                if a.as_str().contains('@') {
+                    self.fail(key, format!("{text:?} has user info; remove it"));
+                }
+                Some(a.clone())
+            }
+            (Some(s), _, _) if *s == Scheme::HTTPS => {
+                self.fail(key, format!("{text:?}: https to replicas is not supported; Next.js replicas are reached over plain http inside the cluster"));
+                None
+            }
+            _ => {
+                self.fail(
+                    key,
+                    format!("{text:?} is not an http URL; write http://HOST:PORT"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Checks everything; `Err` lists every problem found.
+pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Problem>> {
+    let mut c = Checker {
+        sources,
+        problems: Vec::new(),
+    };
+    let listen = listen(&mut c, raw);
+    let upstream = upstream(&mut c, raw);
+    let health = health(&mut c, raw);
+    let admin = match raw.admin.listen.trim() {
+        "" => None,
+        text => Some(Admin {
+            listen: c.socket_addr("admin.listen", text),
+        }),
+    };
+    if admin
+        .as_ref()
+        .is_some_and(|a| a.listen == listen.addr && a.listen.port() != 0)
+    {
+        c.fail(
+            "admin.listen",
+            "is the same address as listen.addr; give the admin listener its own port",
+        );
+    }
+    let log = log(&mut c, raw);
+    if c.problems.is_empty() {
+        Ok(Config {
+            listen,
+            upstream,
+            health,
+            admin,
+            log,
+        })
+    } else {
+        Err(c.problems)
+    }
+}
+
+fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
+    let r = &raw.listen;
+    let public_scheme = match r.public_scheme.as_str() {
+        "http" => Scheme::HTTP,
+        "https" => Scheme::HTTPS,
+        other => {
+            c.fail(
+                "listen.public_scheme",
+                format!("{other:?} is not a scheme; use \"http\" or \"https\""),
+            );
+            Scheme::HTTP
+        }
+    };
+    let trusted_proxies = r
+        .trusted_proxies
+        .0
+        .iter()
+        .filter_map(|t| {
+            let t = t.trim();
+            t.parse::<IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    c.fail(
+                        "listen.trusted_proxies",
+                        format!(
+                            "{t:?} is not an IP address or CIDR; write 10.0.0.0/8 or 192.0.2.7"
+                        ),
+                    )
+                })
+                .ok()
+        })
+        .collect();
+    Listen {
+        addr: c.socket_addr("listen.addr", &r.addr),
+        public_scheme,
+        header_read_timeout: c.duration(
+            "listen.header_read_timeout",
+            &r.header_read_timeout,
+            false,
+        ),
+        idle_timeout: c.duration("listen.idle_timeout", &r.idle_timeout, false),
+        max_header_bytes: c.in_range(
+            "listen.max_header_bytes",
+            r.max_header_bytes,
+            MIN_HEADER_BYTES,
+            MAX_HEADER_BYTES,
+        ) as usize,
+        max_body_bytes: r.max_body_bytes,
+        max_concurrent_requests: c.in_range(
+            "listen.max_concurrent_requests",
+            r.max_concurrent_requests,
+            1,
+            1 << 20,
+        ) as usize,
+        shutdown_grace: c.duration("listen.shutdown_grace", &r.shutdown_grace, true),
+        trusted_proxies,
+        reject_internal_paths: r.reject_internal_paths,
+    }
+}
+
+fn upstream(c: &mut Checker<'_>, raw: &Raw) -> Upstream {
+    let r = &raw.upstream;
+    let replicas: Vec<Authority> = r
+        .replicas
+        .0
+        .iter()
+        .filter_map(|t| c.replica("upstream.replicas", t))
+        .collect();
+    let dns_name = match r.dns_name.trim() {
+        "" => None,
+        text => match text.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+            Some((host, Ok(port))) if !host.is_empty() && port != 0 => Some(DnsName {
+                host: host.to_owned(),
+                port,
+            }),
+            _ => {
+                c.fail(
+                    "upstream.dns_name",
+                    format!("{text:?} is not NAME:PORT; write e.g. nextjs-headless.default.svc.cluster.local:3000"),
+                );
+                None
+            }
+        },
+    };
+    if r.replicas.0.is_empty() && dns_name.is_none() && r.dns_name.trim().is_empty() {
+        c.fail(
+            "upstream.replicas",
+            "no replicas: set upstream.replicas (or --upstream) and/or upstream.dns_name",
+        );
+    }
+    Upstream {
+        replicas,
+        dns_name,
+        dns_refresh: c.duration("upstream.dns_refresh", &r.dns_refresh, false),
+        connect_timeout: c.duration("upstream.connect_timeout", &r.connect_timeout, false),
+        response_header_timeout: c.duration(
+            "upstream.response_header_timeout",
+            &r.response_header_timeout,
+            false,
+        ),
+        total_timeout: c.duration("upstream.total_timeout", &r.total_timeout, false),
+        pool_idle_timeout: c.duration("upstream.pool_idle_timeout", &r.pool_idle_timeout, false),
+        pool_max_idle_per_replica: c.in_range(
+            "upstream.pool_max_idle_per_replica",
+            r.pool_max_idle_per_replica,
+            0,
+            1 << 16,
+        ) as usize,
+    }
+}
+
+fn health(c: &mut Checker<'_>, raw: &Raw) -> Health {
+    let r = &raw.health;
+    let path = match r.path.parse::<PathAndQuery>() {
+        Ok(p) if p.as_str().starts_with('/') => p,
+        _ => {
+            c.fail(
+                "health.path",
+                format!("{:?} is not a path; write one starting with /", r.path),
+            );
+            PathAndQuery::from_static("/")
+        }
+    };
+    let interval = c.duration("health.interval", &r.interval, true);
+    Health {
+        path,
+        interval: (!interval.is_zero()).then_some(interval),
+        timeout: c.duration("health.timeout", &r.timeout, false),
+        healthy_threshold: c.in_range("health.healthy_threshold", r.healthy_threshold, 1, 100)
+            as u32,
+        unhealthy_threshold: c.in_range("health.unhealthy_threshold", r.unhealthy_threshold, 1, 100)
+            as u32,
+        passive_failures: match c.in_range("health.passive_failures", r.passive_failures, 0, 1000) {
+            0 => None,
+            n => Some(n as u32),
+        },
+        ejection: c.duration("health.ejection", &r.ejection, false),
+    }
+}
+
+fn log(c: &mut Checker<'_>, raw: &Raw) -> Log {
+    let format = match raw.log.format.as_str() {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            c.fail(
+                "log.format",
+                format!("{other:?} is not a log format; use \"pretty\" or \"json\""),
+            );
+            LogFormat::Pretty
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&raw.log.level) {
+        c.fail(
+            "log.level",
+            format!("{:?} is not a log filter ({e}); use a level such as info, or directives such as isrgate=debug,hyper=warn", raw.log.level),
+        );
+    }
+    Log {
+        format,
+        level: raw.log.level.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::load::{ConfigError, from_toml};
+
+    fn messages(text: &str) -> Vec<String> {
+        match from_toml(text) {
+            Err(ConfigError::Invalid(p)) => p.iter().map(ToString::to_string).collect(),
+            Ok(_) => panic!("expected problems for {text}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases = [
+            (
+                "[listen]\nheader_read_timeout = \"soon\"",
+                "listen.header_read_timeout",
+            ),
+            ("[listen]\nidle_timeout = \"0s\"", "listen.idle_timeout"),
+            (
+                "[listen]\nmax_header_bytes = 100",
+                "listen.max_header_bytes",
+            ),
+            (
+                "[listen]\nmax_concurrent_requests = 0",
+                "listen.max_concurrent_requests",
+            ),
+            ("[listen]\npublic_scheme = \"ftp\"", "listen.public_scheme"),
+            (
+                "[listen]\ntrusted_proxies = [\"10.0.0.0/33\"]",
+                "listen.trusted_proxies",
+            ),
+            (
+                "[upstream]\nreplicas = [\"https://a:1\"]",
+                "upstream.replicas",
+            ),
+            (
+                "[upstream]\nreplicas = [\"http://a:1/x\"]",
+                "upstream.replicas",
+            ),
+            ("[upstream]\nreplicas = []", "upstream.replicas"),
+            ("[upstream]\ndns_name = \"svc\"", "upstream.dns_name"),
+            ("[health]\npath = \"x\"", "health.path"),
+            (
+                "[health]\nhealthy_threshold = 0",
+                "health.healthy_threshold",
+            ),
+            ("[admin]\nlisten = \"localhost\"", "admin.listen"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            ("[log]\nlevel = \"isrgate=loud\"", "log.level"),
+        ];
+        for (text, key) in cases {
+            let m = messages(text);
+            assert_eq!(m.len(), 1, "{text}: {m:#?}");
+            assert!(m[0].contains(&format!(": {key}: ")), "{text}: {}", m[0]);
+            assert!(m[0].starts_with("<inline>:2:1"), "{text}: {}", m[0]);
+        }
+    }
+
+    #[test]
+    fn zero_interval_disables_active_checks() {
+        let c = from_toml("[health]\ninterval = \"0s\"\npassive_failures = 0").expect("valid");
+        assert!(c.health.interval.is_none());
+        assert!(c.health.passive_failures.is_none());
+    }
+
+    #[test]
+    fn empty_admin_listen_disables_admin() {
+        let c = from_toml("[admin]\nlisten = \"\"").expect("valid");
+        assert!(c.admin.is_none());
+    }
+}

@@ -1,0 +1,110 @@
+//! The one mapping from an error to what the client sees.
+//!
+//! Each error knows its side (who is at fault) and its status; the body is a short fixed text
+//! with no internal detail (no replica address, no upstream message). The detail goes to the log,
+//! once, where the request is finished (`proxy::handle`).
+
+use http::{Response, StatusCode, header};
+
+use crate::http::body::{self, Body};
+use crate::upstream::UpstreamError;
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something we refuse.
+    Client,
+    /// A replica failed or is unreachable.
+    Upstream,
+    /// The gateway itself (overload).
+    Gateway,
+}
+
+impl Side {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Gateway => "gateway",
+        }
+    }
+}
+
+/// Why a request got an error response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A Next.js-internal path suffix.
+    #[error("internal Next.js path refused")]
+    InternalPath,
+    /// Request body over `listen.max_body_bytes`.
+    #[error("request body over the limit")]
+    BodyTooLarge,
+    /// At the concurrency limit.
+    #[error("overloaded: concurrency limit reached")]
+    Overloaded,
+    /// A protocol upgrade the gateway cannot carry (e.g. over HTTP/2).
+    #[error("upgrade not supported here")]
+    UpgradeUnsupported,
+    /// Upstream failure.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    /// Who is at fault.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::InternalPath
+            | ProxyError::BodyTooLarge
+            | ProxyError::UpgradeUnsupported => Side::Client,
+            ProxyError::Upstream(UpstreamError::BodyTooLarge) => Side::Client,
+            ProxyError::Overloaded => Side::Gateway,
+            ProxyError::Upstream(_) => Side::Upstream,
+        }
+    }
+
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::InternalPath => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge | ProxyError::Upstream(UpstreamError::BodyTooLarge) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The response: status, a short plain-text body, no detail.
+    pub fn to_response(&self) -> Response<Body> {
+        let status = self.status();
+        let text: &'static str = match self {
+            ProxyError::InternalPath => "Not Found\n",
+            ProxyError::BodyTooLarge | ProxyError::Upstream(UpstreamError::BodyTooLarge) => {
+                "Request body too large\n"
+            }
+            ProxyError::Overloaded => "Service overloaded, retry shortly\n",
+            ProxyError::UpgradeUnsupported => "Upgrade not supported on this connection\n",
+            ProxyError::Upstream(UpstreamError::Timeout { .. }) => "Upstream timed out\n",
+            ProxyError::Upstream(_) => "Upstream unavailable\n",
+        };
+        let mut resp = Response::new(body::full(text));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-store"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

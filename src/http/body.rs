@@ -1,0 +1,135 @@
+//! Body types. Every body the gateway hands to hyper is a [`Body`]: a boxed stream of `Bytes`
+//! frames, so upstream bodies stream through without being buffered and small bodies we make
+//! ourselves (errors, health) are one `Full` frame.
+//!
+//! Two wrappers add lifetime-bound behaviour to a streaming body without copying it:
+//! [`Guarded`] keeps a guard alive until the body is finished or dropped (in-flight counters),
+//! and [`Deadline`] fails the body when an absolute deadline passes (the total upstream timeout).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+/// Boxed error of a body or service.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response and upstream request.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// A body of fixed bytes.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Boxes any body whose error converts into [`BoxError`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+pin_project! {
+    /// A body that holds `guard` until it is dropped.
+    pub struct Guarded<B, G> {
+        #[pin]
+        inner: B,
+        guard: G,
+    }
+}
+
+impl<B, G> Guarded<B, G> {
+    /// Wraps `inner`; `guard` is dropped with the body.
+    pub fn new(inner: B, guard: G) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<B: HttpBody, G> HttpBody for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body did not finish before its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("body not finished before the total timeout")]
+pub struct DeadlineExceeded;
+
+pin_project! {
+    /// A body that fails with [`DeadlineExceeded`] once `deadline` passes.
+    pub struct Deadline<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
+impl<B> Deadline<B> {
+    /// Wraps `inner` with an absolute deadline.
+    pub fn new(inner: B, deadline: Instant) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep_until(deadline),
+        }
+    }
+}
+
+impl<B> HttpBody for Deadline<B>
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(DeadlineExceeded.into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

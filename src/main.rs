@@ -1,0 +1,180 @@
+//! The `isrgate` command: parse the CLI, load and validate the configuration, set up logging,
+//! and run the gateway until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use isrgate::config::{self, Config, LogFormat, Override, ProcessEnv};
+use tokio_util::sync::CancellationToken;
+
+/// Front-door cache for self-hosted Next.js.
+///
+/// Configuration is read from --config (default: config/isrgate.toml when it exists, otherwise
+/// built-in defaults), then ISRGATE__SECTION__KEY environment variables, then the flags below.
+#[derive(Parser, Debug)]
+#[command(name = "isrgate", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Validate the configuration and exit: 0 when valid, 1 with every problem listed otherwise
+    /// (like `nginx -t`).
+    CheckConfig(ConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// Configuration file (TOML). Default: config/isrgate.toml when it exists.
+    #[arg(long, short = 'c', env = "ISRGATE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Public listen address, HOST:PORT (overrides listen.addr).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// A Next.js replica, http://HOST:PORT; repeat for several (replaces upstream.replicas).
+    #[arg(long = "upstream", value_name = "URL")]
+    upstreams: Vec<String>,
+    /// Admin listen address, HOST:PORT; "" disables it (overrides admin.listen).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Vec<Override> {
+        let mut out = Vec::new();
+        let s = |v: &str| toml::Value::String(v.to_owned());
+        if let Some(v) = &self.listen {
+            out.push(Override {
+                key: "listen.addr",
+                flag: "--listen",
+                value: s(v),
+            });
+        }
+        if !self.upstreams.is_empty() {
+            let list = self.upstreams.iter().map(|u| s(u)).collect();
+            out.push(Override {
+                key: "upstream.replicas",
+                flag: "--upstream",
+                value: toml::Value::Array(list),
+            });
+        }
+        if let Some(v) = &self.admin_listen {
+            out.push(Override {
+                key: "admin.listen",
+                flag: "--admin-listen",
+                value: s(v),
+            });
+        }
+        out
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig(args) => {
+            match config::load(args.config.as_deref(), &ProcessEnv, &[]) {
+                Ok((_, file)) => {
+                    println!("configuration ok ({})", describe(file.as_deref()));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve(args) => {
+            let (config, file) = match config::load(
+                args.config.config.as_deref(),
+                &ProcessEnv,
+                &args.overrides(),
+            ) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_tracing(&config);
+            tracing::info!(config = %describe(file.as_deref()), "configuration loaded");
+            match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn describe(file: Option<&std::path::Path>) -> String {
+    file.map_or_else(
+        || "built-in defaults".to_owned(),
+        |f| f.display().to_string(),
+    )
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        isrgate::run(config, shutdown).await.context("cannot start")
+    })
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

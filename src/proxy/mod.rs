@@ -1,0 +1,126 @@
+//! The request path, in the order a request goes through it:
+//! [`sanitize`] → body limit → (tunnel for upgrades | upstream) → respond.
+//!
+//! [`handle`] is the driver: it reads like the flow in `lib.rs` and calls one named step per
+//! stage. Later stages (classify, lookup, fill, refresh) slot in between sanitize and upstream.
+//! Errors become responses in one place (`crate::error`) and are logged once, here.
+
+pub mod sanitize;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::app::AppState;
+use crate::error::{ProxyError, Side};
+use crate::http::X_REQUEST_ID;
+use crate::http::body::{self, Body};
+use crate::upstream::Reply;
+
+/// Handles one client request; never fails (errors are responses).
+pub async fn handle(
+    app: Arc<AppState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    app.metrics.requests.inc();
+    let (head, body) = req.into_parts();
+    let id = app.request_ids.next();
+    let (method, uri) = (head.method.clone(), head.uri.clone());
+    let mut resp = match route(&app, peer, head, body, &id).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            count(&app, &e);
+            match e.side() {
+                Side::Upstream => {
+                    tracing::warn!(request_id = ?id, %method, %uri, error = %e, "upstream failure")
+                }
+                _ => tracing::debug!(request_id = ?id, %method, %uri, error = %e, "refused"),
+            }
+            e.to_response()
+        }
+    };
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    tracing::debug!(
+        request_id = ?id, %peer, %method, %uri, status = resp.status().as_u16(),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request"
+    );
+    resp
+}
+
+async fn route(
+    app: &AppState,
+    peer: SocketAddr,
+    mut head: Parts,
+    body: Incoming,
+    id: &HeaderValue,
+) -> Result<Response<Body>, ProxyError> {
+    let sanitized = sanitize::request(&app.policy, peer.ip(), &mut head)
+        .map_err(|sanitize::Rejection::InternalPath| ProxyError::InternalPath)?;
+    let body = limit_body(&head, body, app.config.listen.max_body_bytes)?;
+    head.headers.insert(X_REQUEST_ID.clone(), id.clone());
+    if sanitized.upgrade {
+        return tunnel::open(app, head, body, &sanitized).await;
+    }
+    let reply = app.upstream.send(head, body).await?;
+    app.metrics.proxied.inc();
+    Ok(respond(app, reply, &sanitized))
+}
+
+/// Refuses a declared `Content-Length` over the limit at once; otherwise streams the body
+/// through a counting limit that fails the exchange (413) if it goes over.
+fn limit_body(head: &Parts, body: Incoming, max: u64) -> Result<Body, ProxyError> {
+    let declared = head
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    if declared == Some(0) || http_body::Body::is_end_stream(&body) {
+        return Ok(body::empty());
+    }
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    Ok(Limited::new(body, max).boxed())
+}
+
+/// The replica's response, ready for the client: hop-by-hop headers dropped, `Location`
+/// pointing at us instead of a replica.
+fn respond(app: &AppState, reply: Reply, sanitized: &sanitize::Sanitized) -> Response<Body> {
+    let mut resp = reply.into_response();
+    // The version is per hop: the client gets ours, whatever the replica spoke.
+    *resp.version_mut() = Version::HTTP_11;
+    sanitize::strip_hop_by_hop(resp.headers_mut(), false);
+    if resp.headers().contains_key(header::LOCATION) {
+        sanitize::rewrite_location(
+            resp.headers_mut(),
+            &app.upstream.replicas().authorities(),
+            &app.config.listen.public_scheme,
+            sanitized.public_host.as_ref(),
+        );
+    }
+    resp
+}
+
+fn count(app: &AppState, e: &ProxyError) {
+    use crate::upstream::UpstreamError as U;
+    let m = &app.metrics;
+    match e {
+        ProxyError::InternalPath => m.rejected_internal_path.inc(),
+        ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => m.body_too_large.inc(),
+        ProxyError::Overloaded => m.shed.inc(),
+        ProxyError::UpgradeUnsupported => {}
+        ProxyError::Upstream(U::Timeout { .. }) => m.upstream_timeouts.inc(),
+        ProxyError::Upstream(U::Connect { .. } | U::NoReplica) => m.upstream_unreachable.inc(),
+        ProxyError::Upstream(U::Exchange { .. }) => m.upstream_errors.inc(),
+    }
+}

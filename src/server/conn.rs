@@ -1,0 +1,177 @@
+//! One client connection: hyper (HTTP/1.1 or h2c, detected from the first bytes) over a socket
+//! wrapper that notes activity, plus a watchdog that enforces the two connection-level bounds
+//! hyper cannot express separately:
+//!
+//! - **header read**: a request head must arrive within `header_read_timeout` of its first byte
+//!   (slowloris); the connection is dropped otherwise;
+//! - **idle**: a connection with nothing in flight and no bytes for `idle_timeout` is closed
+//!   gracefully (h1: close; h2: GOAWAY).
+//!
+//! hyper's own h1 `header_read_timeout` starts whenever it waits for a head, so on keep-alive
+//! connections it also cuts idle time to that bound, which would close connections a load
+//! balancer keeps pooled (ALB: 60 s idle) long before `idle_timeout`. So it is off and the
+//! watchdog does both. "In flight" counts from the request head until its response body ends.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::upstream::replicas::now_ms;
+
+/// What one connection has been doing, shared by its socket wrapper, its service and its
+/// watchdog.
+#[derive(Debug, Default)]
+pub struct Activity {
+    in_flight: AtomicU32,
+    touched: AtomicBool,
+    head_started_ms: AtomicU64,
+}
+
+impl Activity {
+    fn on_read(&self) {
+        self.touched.store(true, Relaxed);
+        if self.in_flight.load(Relaxed) == 0 && self.head_started_ms.load(Relaxed) == 0 {
+            self.head_started_ms.store(now_ms().max(1), Relaxed);
+        }
+    }
+
+    /// A request head was parsed: it is in flight until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+        RequestGuard(Arc::clone(self))
+    }
+}
+
+/// Keeps a request counted as in flight on its connection.
+#[derive(Debug)]
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.touched.store(true, Relaxed);
+    }
+}
+
+pin_project! {
+    /// A socket that records reads and writes in its [`Activity`].
+    pub struct Watched<IO> {
+        #[pin]
+        io: IO,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<IO> Watched<IO> {
+    /// Wraps `io`.
+    pub fn new(io: IO, activity: Arc<Activity>) -> Self {
+        Self { io, activity }
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.io.poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touched.store(true, Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.io.poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touched.store(true, Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+/// Why the watchdog ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// A request head took longer than the header-read timeout.
+    HeaderTimeout,
+    /// Nothing happened for the idle timeout.
+    Idle,
+}
+
+/// Resolves when the connection breaks one of the bounds; runs forever otherwise.
+pub async fn watchdog(
+    activity: Arc<Activity>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+) -> Expiry {
+    let tick = (header_timeout.min(idle_timeout) / 4)
+        .clamp(Duration::from_millis(25), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (header_ms, idle_ms) = (
+        header_timeout.as_millis() as u64,
+        idle_timeout.as_millis() as u64,
+    );
+    let mut quiet_since = now_ms();
+    loop {
+        interval.tick().await;
+        let now = now_ms();
+        if activity.in_flight.load(Relaxed) > 0 {
+            activity.touched.store(false, Relaxed);
+            quiet_since = now;
+            continue;
+        }
+        let started = activity.head_started_ms.load(Relaxed);
+        if started != 0 && now.saturating_sub(started) > header_ms {
+            return Expiry::HeaderTimeout;
+        }
+        if activity.touched.swap(false, Relaxed) {
+            quiet_since = now;
+        } else if now.saturating_sub(quiet_since) >= idle_ms {
+            return Expiry::Idle;
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Step 1 of the request flow: accept connections and run each one through the service stack,
+//! and the gateway's lifecycle: bind, serve, drain on shutdown.
+//!
+//! Shutdown: when the token passed to [`Server::run`] is cancelled the listener closes at once
+//! (new connections are refused by the kernel, so the load balancer fails over), every
+//! connection is told to finish (h1: close after the current response; h2: GOAWAY), and the
+//! process waits up to `listen.shutdown_grace` for in-flight requests and tunnels. Whatever is
+//! still running then is cut.
+
+mod conn;
+mod stack;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::app::AppState;
+use crate::http::body::Guarded;
+pub use conn::Expiry;
+
+/// Builds the hyper connection builder from the listener config.
+fn builder(app: &AppState) -> auto::Builder<TokioExecutor> {
+    let cfg = &app.config.listen;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(cfg.max_header_bytes)
+        .preserve_header_case(true)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    b
+}
+
+/// Accepts on `listener` until `drain` is cancelled.
+pub(crate) async fn accept_loop(
+    app: Arc<AppState>,
+    listener: TcpListener,
+    drain: CancellationToken,
+) {
+    let builder = Arc::new(builder(&app));
+    let stack = stack::Stack::new(&app);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = drain.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let task = serve(
+            Arc::clone(&app),
+            Arc::clone(&builder),
+            stack.clone(),
+            stream,
+            peer,
+            drain.clone(),
+        );
+        app.tasks.spawn(task);
+    }
+}
+
+async fn serve(
+    app: Arc<AppState>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stack: stack::Stack,
+    stream: TcpStream,
+    peer: SocketAddr,
+    drain: CancellationToken,
+) {
+    let activity = Arc::new(conn::Activity::default());
+    let per_request = Arc::clone(&activity);
+    let svc = stack.for_peer(peer);
+    let metrics = Arc::clone(&app.metrics);
+    let hyper_svc = service_fn(move |req: hyper::Request<Incoming>| {
+        let guard = per_request.enter();
+        let call = svc.clone().oneshot(req);
+        let metrics = Arc::clone(&metrics);
+        async move {
+            let resp = stack::rescue(call.await, &metrics);
+            Ok::<_, Infallible>(resp.map(|b| Guarded::new(b, guard)))
+        }
+    });
+    let io = TokioIo::new(conn::Watched::new(stream, Arc::clone(&activity)));
+    let conn = builder.serve_connection_with_upgrades(io, hyper_svc);
+    tokio::pin!(conn);
+    let listen = &app.config.listen;
+    let watchdog = conn::watchdog(activity, listen.header_read_timeout, listen.idle_timeout);
+    tokio::pin!(watchdog);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with error");
+                }
+                return;
+            }
+            _ = drain.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            expiry = &mut watchdog, if !closing => match expiry {
+                Expiry::HeaderTimeout => {
+                    app.metrics.header_timeouts.inc();
+                    tracing::debug!(%peer, "request head not received in time; closing");
+                    return;
+                }
+                Expiry::Idle => {
+                    app.metrics.idle_closes.inc();
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            },
+            _ = app.hard_stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The set of Next.js replicas and each one's live state.
+//!
+//! The set is read on every request and changed rarely (DNS refresh), so it sits behind an
+//! `ArcSwap`: readers never lock. A replica's state is atomics only, written by the request path
+//! (in-flight, passive failures) and by the health task (active verdict); nothing here is held
+//! across an `.await`.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+
+/// Milliseconds since the first call in this process: a cheap monotonic clock for atomics.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// One replica and its state.
+#[derive(Debug)]
+pub struct Replica {
+    /// `host:port` it listens on.
+    pub authority: Authority,
+    in_flight: AtomicU32,
+    sent: AtomicU64,
+    failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    active_ok: AtomicBool,
+    check_passes: AtomicU32,
+    check_failures: AtomicU32,
+}
+
+impl Replica {
+    /// A replica, healthy until proven otherwise (Kubernetes only lists ready pods).
+    pub fn new(authority: Authority) -> Self {
+        Self {
+            authority,
+            in_flight: AtomicU32::new(0),
+            sent: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            active_ok: AtomicBool::new(true),
+            check_passes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
+        }
+    }
+
+    /// Eligible for traffic: active checks pass and not passively ejected.
+    pub fn is_healthy(&self) -> bool {
+        self.active_ok.load(Relaxed) && self.ejected_until_ms.load(Relaxed) <= now_ms()
+    }
+
+    /// Requests currently outstanding (head sent, body not finished).
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Requests ever sent to this replica.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Relaxed)
+    }
+
+    /// Counts a request as outstanding until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.sent.fetch_add(1, Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Live traffic reached the replica: the consecutive-failure count restarts.
+    pub fn record_success(&self) {
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+    }
+
+    /// Live traffic could not reach the replica (connect failure or timeout). Returns `true`
+    /// when this failure ejected it.
+    pub fn record_failure(&self, threshold: Option<u32>, ejection: Duration) -> bool {
+        let Some(threshold) = threshold else {
+            return false;
+        };
+        if self.failures.fetch_add(1, Relaxed) + 1 >= threshold {
+            self.failures.store(0, Relaxed);
+            self.ejected_until_ms
+                .store(now_ms() + ejection.as_millis() as u64, Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// Feeds one active check result; returns the new verdict when it changed.
+    pub fn record_check(
+        &self,
+        passed: bool,
+        healthy_after: u32,
+        unhealthy_after: u32,
+    ) -> Option<bool> {
+        if passed {
+            self.check_failures.store(0, Relaxed);
+            let passes = self.check_passes.fetch_add(1, Relaxed) + 1;
+            let ejected = self.ejected_until_ms.load(Relaxed) > now_ms();
+            if (!self.active_ok.load(Relaxed) || ejected) && passes >= healthy_after {
+                self.ejected_until_ms.store(0, Relaxed);
+                self.active_ok.store(true, Relaxed);
+                return Some(true);
+            }
+        } else {
+            self.check_passes.store(0, Relaxed);
+            let fails = self.check_failures.fetch_add(1, Relaxed) + 1;
+            if self.active_ok.load(Relaxed) && fails >= unhealthy_after {
+                self.active_ok.store(false, Relaxed);
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// An outstanding request on a replica; decrements the count on drop.
+#[derive(Debug)]
+pub struct InFlight(Arc<Replica>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The current replicas: the static list plus what DNS discovery found.
+#[derive(Debug)]
+pub struct ReplicaSet {
+    current: ArcSwap<Vec<Arc<Replica>>>,
+    fixed: Vec<Authority>,
+    /// Serializes writers (discovery), never readers.
+    update: Mutex<()>,
+}
+
+impl ReplicaSet {
+    /// A set of the static replicas.
+    pub fn new(fixed: Vec<Authority>) -> Self {
+        let mut list: Vec<Arc<Replica>> = Vec::with_capacity(fixed.len());
+        for a in &fixed {
+            if !list.iter().any(|r| &r.authority == a) {
+                list.push(Arc::new(Replica::new(a.clone())));
+            }
+        }
+        Self {
+            current: ArcSwap::from_pointee(list),
+            fixed,
+            update: Mutex::new(()),
+        }
+    }
+
+    /// The replicas now; lock-free.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.current.load_full()
+    }
+
+    /// Borrow of the current list for one quick look (the hot path: no refcount traffic).
+    pub fn with<R>(&self, f: impl FnOnce(&[Arc<Replica>]) -> R) -> R {
+        f(&self.current.load())
+    }
+
+    /// Replaces the discovered part of the set. Replicas that stay keep their state; returns
+    /// `(added, removed)` authorities.
+    pub fn set_discovered(&self, found: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
+        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current.load_full();
+        let mut next: Vec<Arc<Replica>> = Vec::with_capacity(self.fixed.len() + found.len());
+        for a in self.fixed.iter().chain(found) {
+            if next.iter().any(|r| &r.authority == a) {
+                continue;
+            }
+            let kept = old.iter().find(|r| &r.authority == a).cloned();
+            next.push(kept.unwrap_or_else(|| Arc::new(Replica::new(a.clone()))));
+        }
+        let added = next
+            .iter()
+            .filter(|n| !old.iter().any(|o| o.authority == n.authority))
+            .map(|r| r.authority.clone())
+            .collect();
+        let removed = old
+            .iter()
+            .filter(|o| !next.iter().any(|n| n.authority == o.authority))
+            .map(|r| r.authority.clone())
+            .collect();
+        self.current.store(Arc::new(next));
+        (added, removed)
+    }
+
+    /// Authorities of the current replicas.
+    pub fn authorities(&self) -> Vec<Authority> {
+        self.with(|list| list.iter().map(|r| r.authority.clone()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &'static str) -> Authority {
+        Authority::from_static(s)
+    }
+
+    #[test]
+    fn discovery_keeps_state_of_replicas_that_stay() {
+        let set = ReplicaSet::new(vec![a("s:1")]);
+        set.set_discovered(&[a("d:1"), a("d:2")]);
+        let d1 = Arc::clone(&set.snapshot()[1]);
+        let _g = d1.begin();
+        let (added, removed) = set.set_discovered(&[a("d:1"), a("d:3")]);
+        assert_eq!(added, vec![a("d:3")]);
+        assert_eq!(removed, vec![a("d:2")]);
+        let now = set.snapshot();
+        assert_eq!(now.len(), 3);
+        assert!(Arc::ptr_eq(&now[1], &d1));
+        assert_eq!(now[1].in_flight(), 1);
+    }
+
+    #[test]
+    fn passive_ejection_after_threshold_and_readmission_by_checks() {
+        let r = Replica::new(a("x:1"));
+        let ej = Duration::from_secs(60);
+        assert!(!r.record_failure(Some(3), ej));
+        assert!(!r.record_failure(Some(3), ej));
+        assert!(r.record_failure(Some(3), ej));
+        assert!(!r.is_healthy());
+        assert_eq!(r.record_check(true, 2, 3), None);
+        assert_eq!(r.record_check(true, 2, 3), Some(true));
+        assert!(r.is_healthy());
+    }
+
+    #[test]
+    fn active_checks_need_consecutive_results() {
+        let r = Replica::new(a("x:1"));
+        assert_eq!(r.record_check(false, 2, 2), None);
+        assert_eq!(r.record_check(true, 2, 2), None);
+        assert_eq!(r.record_check(false, 2, 2), None);
+        assert_eq!(r.record_check(false, 2, 2), Some(false));
+        assert!(!r.is_healthy());
+    }
+}
