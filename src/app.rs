@@ -27,6 +27,8 @@ pub struct AppState {
     pub request_ids: RequestIds,
     /// Background work tied to requests (tunnels); waited for at shutdown.
     pub tasks: TaskTracker,
+    /// Cancelled when shutdown starts: listeners close, connections finish, `/readyz` says no.
+    pub draining: CancellationToken,
     /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
     pub hard_stop: CancellationToken,
 }

@@ -110,6 +110,7 @@ impl Server {
             metrics,
             request_ids: Default::default(),
             tasks: TaskTracker::new(),
+            draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         });
         Ok(Server {
@@ -145,7 +146,14 @@ impl Server {
             admin,
             resolver,
         } = self;
-        let drain = shutdown.child_token();
+        let drain = app.draining.clone();
+        tokio::spawn({
+            let drain = drain.clone();
+            async move {
+                shutdown.cancelled().await;
+                drain.cancel();
+            }
+        });
         let background = CancellationToken::new();
         let cfg = &app.config;
         if let Some(name) = cfg.upstream.dns_name.clone() {

@@ -141,7 +141,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+/// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once (an operator
+/// who asks twice does not want to wait out the drain).
 async fn signal_shutdown(shutdown: CancellationToken) {
     #[cfg(unix)]
     {
@@ -153,16 +154,25 @@ async fn signal_shutdown(shutdown: CancellationToken) {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        for round in 0..2 {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if round == 0 {
+                tracing::info!("{name} received: draining (send it again to exit at once)");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("{name} received again: exiting without finishing the drain");
+                std::process::exit(130);
+            }
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }
 
 fn init_tracing(config: &Config) {

@@ -1,6 +1,7 @@
 //! The admin listener: a separate address (loopback by default) for operators and
 //! orchestrators. Now: `/healthz` (the process is up) and `/readyz` (at least one replica is
-//! eligible for traffic). The dashboard, stats API and Prometheus metrics join it later.
+//! eligible for traffic and the gateway is not draining). The dashboard, stats API and
+//! Prometheus metrics join it later.
 //!
 //! It must never share the public listener's limits or fate: a flood of client traffic must not
 //! make the orchestrator believe the gateway is dead.
@@ -52,14 +53,15 @@ fn route(app: &AppState, req: &Request<Incoming>) -> Response<Body> {
                 .upstream
                 .replicas()
                 .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
-            let status = if healthy > 0 {
+            let draining = app.draining.is_cancelled();
+            let ready = healthy > 0 && !draining;
+            let status = if ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
             let body = format!(
-                "{{\"ready\":{},\"replicas_healthy\":{healthy},\"replicas\":{total}}}\n",
-                healthy > 0
+                "{{\"ready\":{ready},\"draining\":{draining},\"replicas_healthy\":{healthy},\"replicas\":{total}}}\n"
             );
             let mut r = text(status, body);
             r.headers_mut().insert(

@@ -184,6 +184,10 @@ impl Layers {
         for (section, value) in root.into_inner() {
             let section_at = at(section.span().start);
             let section = section.into_inner();
+            if !Raw::SECTIONS.contains(&section.as_ref()) {
+                self.record(&section, "", section_at, Err(SetError::UnknownSection));
+                continue;
+            }
             let span = value.span();
             let toml::de::DeValue::Table(table) = value.into_inner() else {
                 self.problems.push(Problem {

@@ -130,8 +130,9 @@ section! {
         response_header_timeout: String = "60s".into(),
         /// Time for a whole exchange, response body included.
         total_timeout: String = "300s".into(),
-        /// Idle pooled connections are closed after this long.
-        pool_idle_timeout: String = "90s".into(),
+        /// Idle pooled connections are closed after this long. Keep it below the replicas'
+        /// keep-alive timeout (`next start`: 5 s) so a connection Node is closing is never reused.
+        pool_idle_timeout: String = "4s".into(),
         /// Idle pooled connections kept per replica.
         pool_max_idle_per_replica: u64 = 256,
     }

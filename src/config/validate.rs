@@ -205,12 +205,19 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
 
 fn upstream(c: &mut Checker<'_>, raw: &Raw) -> Upstream {
     let r = &raw.upstream;
-    let replicas: Vec<Authority> = r
-        .replicas
-        .0
-        .iter()
-        .filter_map(|t| c.replica("upstream.replicas", t))
-        .collect();
+    // The built-in replica (a local `next start`) is a default for the simplest setup only: as
+    // soon as discovery is configured, replicas are what DNS says plus what was set explicitly.
+    let replicas_explicit = c.sources.contains_key("upstream.replicas");
+    let discovery = !r.dns_name.trim().is_empty();
+    let replicas: Vec<Authority> = if discovery && !replicas_explicit {
+        Vec::new()
+    } else {
+        r.replicas
+            .0
+            .iter()
+            .filter_map(|t| c.replica("upstream.replicas", t))
+            .collect()
+    };
     let dns_name = match r.dns_name.trim() {
         "" => None,
         text => match text.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
@@ -365,6 +372,15 @@ mod tests {
             assert!(m[0].contains(&format!(": {key}: ")), "{text}: {}", m[0]);
             assert!(m[0].starts_with("<inline>:2:1"), "{text}: {}", m[0]);
         }
+    }
+
+    #[test]
+    fn dns_name_alone_replaces_the_default_replica() {
+        let c = from_toml("[upstream]\ndns_name = \"svc:3000\"").expect("valid");
+        assert!(c.upstream.replicas.is_empty());
+        let c = from_toml("[upstream]\ndns_name = \"svc:3000\"\nreplicas = [\"http://a:1\"]")
+            .expect("valid");
+        assert_eq!(c.upstream.replicas.len(), 1);
     }
 
     #[test]

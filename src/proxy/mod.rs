@@ -33,7 +33,7 @@ pub async fn handle(
     let started = Instant::now();
     app.metrics.requests.inc();
     let (head, body) = req.into_parts();
-    let id = app.request_ids.next();
+    let id = request_id(&app, peer, &head);
     let (method, uri) = (head.method.clone(), head.uri.clone());
     let mut resp = match route(&app, peer, head, body, &id).await {
         Ok(resp) => resp,
@@ -73,6 +73,20 @@ async fn route(
     let reply = app.upstream.send(head, body).await?;
     app.metrics.proxied.inc();
     Ok(respond(app, reply, &sanitized))
+}
+
+/// The request id: a trusted proxy's `x-request-id` is kept (one id across the whole path),
+/// anyone else's is replaced by ours.
+fn request_id(app: &AppState, peer: SocketAddr, head: &Parts) -> HeaderValue {
+    let from_trusted = app
+        .policy
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer.ip()));
+    match head.headers.get(&X_REQUEST_ID) {
+        Some(v) if from_trusted && !v.is_empty() && v.len() <= 128 => v.clone(),
+        _ => app.request_ids.next(),
+    }
 }
 
 /// Refuses a declared `Content-Length` over the limit at once; otherwise streams the body

@@ -95,7 +95,19 @@ pub fn request(policy: &Policy, peer: IpAddr, head: &mut Parts) -> Result<Saniti
     if policy.reject_internal_paths && has_internal_suffix(head.uri.path()) {
         return Err(Rejection::InternalPath);
     }
+    let wants_trailers = head.headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     let upgrade = strip_hop_by_hop(&mut head.headers, head.version == http::Version::HTTP_11);
+    // `TE` is hop-by-hop, but its `trailers` token is the client's consent to receive trailers,
+    // which the replica only sends when asked; it is the one value worth carrying over.
+    if wants_trailers {
+        head.headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     strip_internal(&mut head.headers, head.uri.path());
     if let Some(q) = head.uri.query() {
         if let Some(cleaned) = strip_internal_query(q) {
@@ -118,6 +130,8 @@ pub fn request(policy: &Policy, peer: IpAddr, head: &mut Parts) -> Result<Saniti
 }
 
 /// Removes hop-by-hop headers: the fixed set and every header the `Connection` header names.
+/// `Trailer` is not hop-by-hop (RFC 9110 §6.6.2) and hyper only sends trailers a response
+/// declares in it, so it stays.
 /// Returns whether this is an upgrade request, in which case `Connection: upgrade` and `Upgrade`
 /// are kept for the tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, may_upgrade: bool) -> bool {
@@ -145,7 +159,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, may_upgrade: bool) -> bool {
         &header::PROXY_AUTHORIZATION,
         &header::PROXY_AUTHENTICATE,
         &header::TE,
-        &header::TRAILER,
         &header::TRANSFER_ENCODING,
     ] {
         headers.remove(name);
@@ -419,7 +432,7 @@ mod tests {
                 ("connection", "close, x-secret"),
                 ("x-secret", "1"),
                 ("keep-alive", "timeout=5"),
-                ("te", "trailers"),
+                ("te", "gzip"),
                 ("upgrade", "websocket"),
                 ("x-kept", "yes"),
             ],
@@ -430,6 +443,13 @@ mod tests {
             assert!(!h.headers.contains_key(n), "{n}");
         }
         assert_eq!(h.headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn te_trailers_is_carried_over_alone() {
+        let mut h = head("/p", &[("te", "gzip, trailers")]);
+        request(&policy(), untrusted(), &mut h).expect("ok");
+        assert_eq!(h.headers["te"], "trailers");
     }
 
     #[test]

@@ -88,13 +88,13 @@ async fn serve(
     let activity = Arc::new(conn::Activity::default());
     let per_request = Arc::clone(&activity);
     let svc = stack.for_peer(peer);
-    let metrics = Arc::clone(&app.metrics);
+    let shared = Arc::clone(&app);
     let hyper_svc = service_fn(move |req: hyper::Request<Incoming>| {
         let guard = per_request.enter();
         let call = svc.clone().oneshot(req);
-        let metrics = Arc::clone(&metrics);
+        let app = Arc::clone(&shared);
         async move {
-            let resp = stack::rescue(call.await, &metrics);
+            let resp = stack::rescue(call.await, &app);
             Ok::<_, Infallible>(resp.map(|b| Guarded::new(b, guard)))
         }
     });

@@ -13,8 +13,8 @@ use tower::{ServiceBuilder, service_fn};
 
 use crate::app::AppState;
 use crate::error::ProxyError;
+use crate::http::X_REQUEST_ID;
 use crate::http::body::{Body, BoxError};
-use crate::metrics::Metrics;
 use crate::proxy;
 
 /// The per-connection service: request in, response out. The error type is hyper's usual
@@ -59,10 +59,13 @@ impl Stack {
 /// 503 response defined in `error.rs`, so clients never see a reset for overload. Applied by the
 /// hyper adapter (`server::serve`) rather than as a tower layer because tower's map layers need
 /// an output error `From<BoxError>`, and hyper wants a concrete error type there.
-pub fn rescue(result: Result<Response<Body>, BoxError>, metrics: &Metrics) -> Response<Body> {
+pub fn rescue(result: Result<Response<Body>, BoxError>, app: &AppState) -> Response<Body> {
     result.unwrap_or_else(|_overloaded| {
-        metrics.requests.inc();
-        metrics.shed.inc();
-        ProxyError::Overloaded.to_response()
+        app.metrics.requests.inc();
+        app.metrics.shed.inc();
+        let mut resp = ProxyError::Overloaded.to_response();
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), app.request_ids.next());
+        resp
     })
 }

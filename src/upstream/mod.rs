@@ -4,8 +4,8 @@
 //! head with a body that still streams ([`Reply`]). Owns the replica set ([`replicas`]), the
 //! choice of replica ([`balance`]), health ([`health`], passive ejection in [`replicas`]),
 //! discovery ([`discovery`]) and the pooled keep-alive client. A GET or HEAD without a body
-//! whose connection to a replica could not be established is retried once on another replica;
-//! nothing else is retried (the request may have reached the app).
+//! whose exchange failed before a response head (connect or connection failure) is retried once
+//! on another replica; nothing else is retried (the request may have changed state in the app).
 //!
 //! It does not look at what the response means (caching decisions belong to later stages) and
 //! never buffers a body.
@@ -153,28 +153,28 @@ impl Upstream {
         &self.client
     }
 
-    /// Sends `head` + `body` to a replica, retrying a bodiless GET/HEAD once on another replica
-    /// when the first could not be connected to.
+    /// Sends `head` + `body` to a replica. A bodiless GET/HEAD is retried once on another
+    /// replica when the first could not be connected to, or its connection failed before a
+    /// response head came back (a pooled connection the replica was closing, a replica that
+    /// died mid-request): idempotent, so safe, as nginx's `proxy_next_upstream error`. Timeouts
+    /// are not retried: a replica that is slow to render would only be asked to render twice.
     pub async fn send(&self, head: Parts, body: Body) -> Result<Reply, UpstreamError> {
         let deadline = Instant::now() + self.cfg.total_timeout;
         let retry = (matches!(head.method, Method::GET | Method::HEAD) && body.is_end_stream())
             .then(|| copy_head(&head));
         let first = self.pick(None)?;
-        match self.attempt(&first, head, body, deadline).await {
-            Err(UpstreamError::Connect { replica, source }) => {
-                let Some(head) = retry else {
-                    return Err(UpstreamError::Connect { replica, source });
-                };
-                let second = self.pick(Some(&first))?;
-                if Arc::ptr_eq(&first, &second) {
-                    return Err(UpstreamError::Connect { replica, source });
-                }
-                self.metrics.upstream_retries.inc();
-                tracing::debug!(failed = %replica, retry = %second.authority, "connect failed; retrying on another replica");
-                self.attempt(&second, head, body::empty(), deadline).await
-            }
-            other => other,
+        let err = match self.attempt(&first, head, body, deadline).await {
+            Err(e @ (UpstreamError::Connect { .. } | UpstreamError::Exchange { .. })) => e,
+            other => return other,
+        };
+        let Some(head) = retry else { return Err(err) };
+        let second = self.pick(Some(&first))?;
+        if Arc::ptr_eq(&first, &second) {
+            return Err(err);
         }
+        self.metrics.upstream_retries.inc();
+        tracing::debug!(error = %err, retry = %second.authority, "retrying on another replica");
+        self.attempt(&second, head, body::empty(), deadline).await
     }
 
     fn pick(&self, avoid: Option<&Replica>) -> Result<Arc<Replica>, UpstreamError> {

@@ -1,0 +1,151 @@
+//! The `isrgate` binary as operators run it: `check-config` exits like `nginx -t`, `serve`
+//! refuses a bad configuration naming every wrong key, and a served gateway drains on SIGTERM.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_isrgate");
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    f.write_all(text.as_bytes()).expect("write");
+    f
+}
+
+fn check(path: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run isrgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_config_file_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/isrgate.toml");
+    let (ok, out, err) = check(&path, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("configuration ok"), "{out}");
+}
+
+#[test]
+fn invalid_files_fail_naming_every_key() {
+    let f = file(
+        "[listen]\naddr = \"nowhere\"\nheader_read_timeout = 5\n[upstream]\nreplicas = [\"https://a:1\"]\nretries = 2\n[healthz]\n",
+    );
+    let (ok, _, err) = check(f.path(), &[]);
+    assert!(!ok);
+    for needle in [
+        ":2:1: listen.addr:",
+        ":3:23: listen.header_read_timeout:",
+        "upstream.replicas:",
+        "upstream.retries: unknown key",
+        "healthz: unknown section (did you mean `health`?)",
+        "invalid configuration (5 problems)",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn syntax_error_is_reported_with_position() {
+    let f = file("[listen\naddr = 1\n");
+    let (ok, _, err) = check(f.path(), &[]);
+    assert!(!ok);
+    assert!(err.contains(":1:"), "{err}");
+}
+
+#[test]
+fn environment_overrides_are_checked_too() {
+    let f = file("");
+    let (ok, _, err) = check(f.path(), &[("ISRGATE__UPSTREAM__CONNECT_TIMEOUT", "fast")]);
+    assert!(!ok);
+    assert!(
+        err.contains("env ISRGATE__UPSTREAM__CONNECT_TIMEOUT: upstream.connect_timeout:"),
+        "{err}"
+    );
+    let (ok, _, err) = check(f.path(), &[("ISRGATE__UPSTREAM__CONNECT_TIMEOUT", "750ms")]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn missing_file_is_an_error() {
+    let (ok, _, err) = check(std::path::Path::new("/nonexistent/isrgate.toml"), &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot read config file /nonexistent/isrgate.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_bad_flag_and_names_it() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            "/dev/null",
+            "--listen",
+            "nope",
+            "--upstream",
+            "ftp://x",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flag --listen: listen.addr:"), "{err}");
+    assert!(err.contains("flag --upstream: upstream.replicas:"), "{err}");
+}
+
+#[test]
+fn serve_drains_and_exits_zero_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            "/dev/null",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+}

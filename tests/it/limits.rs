@@ -1,0 +1,239 @@
+//! Per-request and per-connection limits, load shedding and graceful shutdown.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::origin::{FakeNext, Route};
+use crate::support::{Client, Gateway, config};
+
+async fn echo_origin() -> FakeNext {
+    FakeNext::start(|o| {
+        o.route("/echo", Route::echo());
+        o.route("/p", Route::html("ok"));
+        o.route(
+            "/slow",
+            Route::html("slow").delay(Duration::from_millis(600)),
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn oversize_bodies_get_413_declared_or_streamed() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "max_body_bytes = 1000", "")).await;
+    let c = Client::default();
+    let got = c
+        .send("POST", &gw.url("/echo"), &[], Bytes::from(vec![b'x'; 1001]))
+        .await;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.body, "Request body too large\n");
+    assert_eq!(
+        origin.count("/echo"),
+        0,
+        "a declared oversize body never reaches the origin"
+    );
+    let ok = c
+        .send("POST", &gw.url("/echo"), &[], Bytes::from(vec![b'x'; 1000]))
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.body.len(), 1000);
+
+    // Chunked (no Content-Length): the limit is counted while streaming.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut req = b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        req.extend_from_slice(b"1F4\r\n");
+        req.extend_from_slice(&[b'y'; 500]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert_eq!(gw.state.metrics.body_too_large.get(), 2);
+}
+
+#[tokio::test]
+async fn oversize_request_head_gets_431() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "max_header_bytes = 16384", "")).await;
+    let big = "v".repeat(20_000);
+    let got = Client::default()
+        .try_send("GET", &gw.url("/p"), &[("x-big", &big)], Bytes::new())
+        .await;
+    match got {
+        Ok(g) => assert_eq!(g.status, 431),
+        Err(e) => panic!("expected a 431 response, got transport error {e}"),
+    }
+    assert_eq!(origin.count("/p"), 0);
+}
+
+#[tokio::test]
+async fn slow_request_head_is_cut_but_idle_keep_alive_is_not() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"5s\"",
+        "",
+    ))
+    .await;
+
+    // Slowloris: a partial head, then silence.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET /p HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("the gateway must close the connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert_eq!(gw.state.metrics.header_timeouts.get(), 1);
+
+    // A keep-alive connection idle longer than the header timeout is still usable.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    for _ in 0..2 {
+        s.write_all(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut [0u8; 4096]))
+            .await
+            .expect("response")
+            .expect("read");
+        assert!(n > 0);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(origin.count("/p"), 2);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "idle_timeout = \"300ms\"", "")).await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    assert!(s.read(&mut buf).await.expect("read") > 0);
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(gw.state.metrics.idle_closes.get(), 1);
+}
+
+#[tokio::test]
+async fn over_the_concurrency_limit_requests_are_shed_with_503() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "max_concurrent_requests = 2", "")).await;
+    let c = Client::default();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, u) = (c.clone(), gw.url("/slow"));
+            tokio::spawn(async move { c.get(&u, &[]).await.status })
+        })
+        .collect();
+    crate::eventually!(2, origin.count("/slow") == 2, "two slow requests in flight");
+    let shed = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.header("retry-after"), "1");
+    assert!(
+        !shed.header("x-request-id").is_empty(),
+        "shed responses carry a request id too"
+    );
+    assert_eq!(origin.count("/p"), 0);
+    for h in slow {
+        assert_eq!(h.await.expect("task"), 200);
+    }
+    assert_eq!(
+        c.get(&gw.url("/p"), &[]).await.status,
+        200,
+        "capacity returns"
+    );
+    assert_eq!(gw.state.metrics.shed.get(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_and_refuses_new_ones() {
+    let origin = echo_origin().await;
+    let mut gw = Gateway::start(config(&[origin.url()], "shutdown_grace = \"5s\"", "")).await;
+    let c = Client::default();
+    let url = gw.url("/slow");
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        async move { c.get(&url, &[]).await }
+    });
+    crate::eventually!(2, origin.count("/slow") == 1, "slow request in flight");
+    let started = Instant::now();
+    let run = gw.shutdown();
+    let readyz = format!("http://{}/readyz", gw.admin.expect("admin"));
+    crate::eventually!(
+        2,
+        c.get(&readyz, &[]).await.status == 503,
+        "not ready while draining"
+    );
+    let ready = c.get(&readyz, &[]).await;
+    assert!(String::from_utf8_lossy(&ready.body).contains("\"draining\":true"));
+    let got = in_flight.await.expect("task");
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "slow");
+    tokio::time::timeout(Duration::from_secs(3), run)
+        .await
+        .expect("drain ends once in-flight work is done")
+        .expect("task");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        TcpStream::connect(gw.addr).await.is_err(),
+        "listener closed"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_the_drain() {
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/stuck",
+            Route::html("never").delay(Duration::from_secs(30)),
+        );
+    })
+    .await;
+    let mut gw = Gateway::start(config(&[origin.url()], "shutdown_grace = \"300ms\"", "")).await;
+    let url = gw.url("/stuck");
+    let _stuck = tokio::spawn(async move {
+        Client::default()
+            .try_send("GET", &url, &[], Bytes::new())
+            .await
+    });
+    crate::eventually!(2, origin.count("/stuck") == 1, "request in flight");
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), gw.shutdown())
+        .await
+        .expect("exits within the grace bound")
+        .expect("task");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}

@@ -1,0 +1,12 @@
+//! Integration tests: one binary, a module per flow. Everything runs on real loopback sockets
+//! against in-process origins (`support::origin`) and, from the cache on, a real `redis-server`
+//! (`support::redis`).
+
+mod support;
+
+mod balance;
+mod cli;
+mod fidelity;
+mod harness;
+mod limits;
+mod sanitize;

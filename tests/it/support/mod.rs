@@ -1,0 +1,218 @@
+//! Test harness: real sockets on port 0, everything stopped on `Drop`.
+//! - [`origin::FakeNext`]: a scripted Next.js-like origin.
+//! - [`Gateway`]: isrgate started in-process (`Server::bind` + `run`).
+//! - [`Client`]: a small HTTP/1.1 client returning status, headers and the whole body.
+//! - [`redis::RedisProcess`]: a real `redis-server` on a free port (cache issues on).
+//! - [`eventually!`]: poll a condition with a deadline instead of sleeping.
+
+#![allow(dead_code)]
+
+pub mod origin;
+pub mod redis;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use isrgate::config::{self, Config};
+use isrgate::upstream::discovery::Resolve;
+use isrgate::{AppState, Options, Server};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Polls `$cond` every 10 ms until it is true or `$secs` seconds pass, then panics with `$msg`.
+#[macro_export]
+macro_rules! eventually {
+    ($secs:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64($secs as f64);
+        loop {
+            if $cond { break; }
+            if std::time::Instant::now() > deadline { panic!($($msg)+); }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }};
+}
+
+/// A config with both listeners on port 0 and `upstreams` as replicas. `listen_extra` is TOML
+/// lines for `[listen]`; `extra` is TOML with section headers of its own, merged into the same
+/// sections (so `[upstream]` in `extra` adds to the replicas line instead of repeating the table).
+pub fn config(upstreams: &[String], listen_extra: &str, extra: &str) -> Config {
+    let mut sections: Vec<(String, Vec<String>)> = vec![
+        (
+            "listen".into(),
+            vec!["addr = \"127.0.0.1:0\"".into(), listen_extra.into()],
+        ),
+        (
+            "upstream".into(),
+            vec![format!(
+                "replicas = [{}]",
+                upstreams
+                    .iter()
+                    .map(|u| format!("{u:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )],
+        ),
+        ("admin".into(), vec!["listen = \"127.0.0.1:0\"".into()]),
+    ];
+    let mut current = String::from("listen");
+    for line in extra.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            current = name.to_owned();
+            if !sections.iter().any(|(n, _)| *n == current) {
+                sections.push((current.clone(), Vec::new()));
+            }
+        } else if let Some((_, lines)) = sections.iter_mut().find(|(n, _)| *n == current) {
+            lines.push(line.to_owned());
+        }
+    }
+    let text: String = sections
+        .iter()
+        .map(|(name, lines)| format!("[{name}]\n{}\n", lines.join("\n")))
+        .collect();
+    config::from_toml(&text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{text}"))
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Public address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: Option<SocketAddr>,
+    /// Shared state (metrics, replicas).
+    pub state: Arc<AppState>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with `config`.
+    pub async fn start(config: Config) -> Gateway {
+        Self::start_with(config, Options::default()).await
+    }
+
+    /// Starts a gateway with a custom resolver.
+    pub async fn start_resolving(config: Config, resolver: Arc<dyn Resolve>) -> Gateway {
+        Self::start_with(config, Options { resolver }).await
+    }
+
+    async fn start_with(config: Config, options: Options) -> Gateway {
+        let server = Server::bind(config, options).await.expect("gateway binds");
+        let (addr, admin, state) = (server.local_addr(), server.admin_addr(), server.state());
+        let shutdown = CancellationToken::new();
+        let task = Some(tokio::spawn(server.run(shutdown.clone())));
+        Gateway {
+            addr,
+            admin,
+            state,
+            shutdown,
+            task,
+        }
+    }
+
+    /// `http://ADDR` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts the drain (as SIGTERM does) and returns the task to await.
+    pub fn shutdown(&mut self) -> JoinHandle<()> {
+        self.shutdown.cancel();
+        self.task.take().expect("running")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.state.hard_stop.cancel();
+    }
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Got {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// Trailers, if any.
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Got {
+    /// A header as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// A pooled HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Client(HyperClient<HttpConnector, Full<Bytes>>);
+
+impl Default for Client {
+    fn default() -> Self {
+        Self(HyperClient::builder(TokioExecutor::new()).build_http())
+    }
+}
+
+impl Client {
+    /// GET with extra headers.
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Got {
+        self.send("GET", url, headers, Bytes::new()).await
+    }
+
+    /// Any method.
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Got {
+        self.try_send(method, url, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url} failed: {e}"))
+    }
+
+    /// Any method; transport errors returned.
+    pub async fn try_send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Got, String> {
+        let mut b = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.0.request(req))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().cloned();
+        Ok(Got {
+            status: parts.status,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+            trailers,
+        })
+    }
+}

@@ -1,0 +1,426 @@
+//! `FakeNext`: an in-process HTTP/1.1 origin that behaves like a Next.js replica as far as the
+//! gateway can tell. Routes are declared like a scenario:
+//!
+//! ```ignore
+//! let origin = FakeNext::start(|o| {
+//!     o.route("/p", Route::html("<p>hi</p>").header("cache-control", "s-maxage=60"));
+//! }).await;
+//! ```
+//!
+//! It counts requests per path, keeps the last request head per path (to assert what the
+//! gateway forwarded), and can be stopped and restarted on the same port (a replica dying and
+//! coming back).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// What a route answers.
+#[derive(Clone)]
+pub struct Route {
+    status: StatusCode,
+    headers: Vec<(String, String)>,
+    body: RouteBody,
+    delay: Duration,
+}
+
+#[derive(Clone)]
+enum RouteBody {
+    Bytes(Bytes),
+    /// `n` chunks of `size` bytes, generated as they are sent (never whole in memory).
+    Stream {
+        chunks: usize,
+        size: usize,
+    },
+    /// Like `Stream`, but waits for `gate` before sending chunk `gate_after`.
+    Gated {
+        chunks: usize,
+        size: usize,
+        gate_after: usize,
+        gate: Arc<tokio::sync::Notify>,
+    },
+    /// Body followed by trailers.
+    WithTrailers(Bytes, Vec<(String, String)>),
+    /// Echo the request body back.
+    Echo,
+    /// WebSocket-style upgrade; after 101 the connection echoes bytes.
+    UpgradeEcho,
+}
+
+impl Route {
+    /// 200 with an HTML body.
+    pub fn html(body: &str) -> Route {
+        Route {
+            status: StatusCode::OK,
+            headers: vec![("content-type".into(), "text/html; charset=utf-8".into())],
+            body: RouteBody::Bytes(Bytes::copy_from_slice(body.as_bytes())),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A status with an empty body.
+    pub fn status(code: u16) -> Route {
+        Route {
+            status: StatusCode::from_u16(code).expect("status"),
+            headers: Vec::new(),
+            body: RouteBody::Bytes(Bytes::new()),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A streamed body of `chunks` × `size` bytes (byte i of the stream is `i % 251`).
+    pub fn stream(chunks: usize, size: usize) -> Route {
+        Route {
+            body: RouteBody::Stream { chunks, size },
+            ..Route::status(200)
+        }
+    }
+
+    /// A streamed body that stops after `gate_after` chunks until `gate` is notified.
+    pub fn gated_stream(
+        chunks: usize,
+        size: usize,
+        gate_after: usize,
+        gate: Arc<tokio::sync::Notify>,
+    ) -> Route {
+        Route {
+            body: RouteBody::Gated {
+                chunks,
+                size,
+                gate_after,
+                gate,
+            },
+            ..Route::status(200)
+        }
+    }
+
+    /// A body with trailers (chunked).
+    pub fn trailers(body: &str, trailers: &[(&str, &str)]) -> Route {
+        Route {
+            body: RouteBody::WithTrailers(
+                Bytes::copy_from_slice(body.as_bytes()),
+                trailers
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
+            ..Route::status(200)
+        }
+    }
+
+    /// Echoes the request body.
+    pub fn echo() -> Route {
+        Route {
+            body: RouteBody::Echo,
+            ..Route::status(200)
+        }
+    }
+
+    /// Accepts a WebSocket upgrade and echoes every message.
+    pub fn upgrade_echo() -> Route {
+        Route {
+            body: RouteBody::UpgradeEcho,
+            ..Route::status(101)
+        }
+    }
+
+    /// Sets the status.
+    pub fn with_status(mut self, code: u16) -> Route {
+        self.status = StatusCode::from_u16(code).expect("status");
+        self
+    }
+
+    /// Adds a response header (repeat a name for a multi-valued header).
+    pub fn header(mut self, name: &str, value: &str) -> Route {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Waits before answering (a slow render).
+    pub fn delay(mut self, d: Duration) -> Route {
+        self.delay = d;
+        self
+    }
+}
+
+/// What the origin saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Request target as received (path and query).
+    pub target: String,
+    /// Headers as received.
+    pub headers: HeaderMap,
+}
+
+#[derive(Default)]
+struct State {
+    routes: Mutex<HashMap<String, Route>>,
+    counts: Mutex<HashMap<String, usize>>,
+    last: Mutex<HashMap<String, Seen>>,
+    total: AtomicUsize,
+}
+
+/// Route declarations, passed to the closure of [`FakeNext::start`].
+pub struct Routes<'a>(&'a State);
+
+impl Routes<'_> {
+    /// Declares `path` (exact match on the path, query ignored).
+    pub fn route(&self, path: &str, route: Route) -> &Self {
+        self.0
+            .routes
+            .lock()
+            .expect("lock")
+            .insert(path.into(), route);
+        self
+    }
+}
+
+/// The fake origin.
+pub struct FakeNext {
+    /// Its address.
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl FakeNext {
+    /// Starts on a free port with the routes declared by `setup`. Unknown paths get 404.
+    pub async fn start(setup: impl FnOnce(&Routes<'_>)) -> FakeNext {
+        let state = Arc::new(State::default());
+        setup(&Routes(&state));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("addr");
+        let task = Some(tokio::spawn(serve(listener, Arc::clone(&state))));
+        FakeNext { addr, state, task }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes or adds a route while running.
+    pub fn route(&self, path: &str, route: Route) {
+        Routes(&self.state).route(path, route);
+    }
+
+    /// Requests seen for `path`.
+    pub fn count(&self, path: &str) -> usize {
+        self.state
+            .counts
+            .lock()
+            .expect("lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests seen in total.
+    pub fn total(&self) -> usize {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// The last request seen for `path`.
+    pub fn last(&self, path: &str) -> Option<Seen> {
+        self.state.last.lock().expect("lock").get(path).cloned()
+    }
+
+    /// Stops listening and drops every connection: connects are refused from now on.
+    pub async fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Listens again on the same port, with the same routes and counts.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("rebind origin port");
+        self.task = Some(tokio::spawn(serve(listener, Arc::clone(&self.state))));
+    }
+}
+
+impl Drop for FakeNext {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    // Connections are tasks of a JoinSet owned by this task: aborting it closes them all.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        conns.spawn(async move {
+            let svc = service_fn(move |req| answer(Arc::clone(&state), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .preserve_header_case(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
+                .await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+async fn answer(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    state.total.fetch_add(1, Ordering::SeqCst);
+    *state
+        .counts
+        .lock()
+        .expect("lock")
+        .entry(path.clone())
+        .or_default() += 1;
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |pq| pq.to_string());
+    state.last.lock().expect("lock").insert(
+        path.clone(),
+        Seen {
+            target,
+            headers: req.headers().clone(),
+        },
+    );
+    let route = state.routes.lock().expect("lock").get(&path).cloned();
+    let Some(route) = route else {
+        return Ok(plain(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"no route"),
+        ));
+    };
+    if !route.delay.is_zero() {
+        tokio::time::sleep(route.delay).await;
+    }
+    let body: Body = match route.body {
+        RouteBody::Bytes(b) => Full::new(b).boxed(),
+        RouteBody::Stream { chunks, size } => {
+            let frames = futures_util::stream::iter((0..chunks).map(move |c| {
+                let start = c * size;
+                let chunk: Vec<u8> = (start..start + size).map(|i| (i % 251) as u8).collect();
+                Ok::<_, Infallible>(Frame::data(Bytes::from(chunk)))
+            }));
+            StreamBody::new(frames).boxed()
+        }
+        RouteBody::Gated {
+            chunks,
+            size,
+            gate_after,
+            gate,
+        } => {
+            let frames = futures_util::stream::unfold(0usize, move |c| {
+                let gate = Arc::clone(&gate);
+                async move {
+                    if c == chunks {
+                        return None;
+                    }
+                    if c == gate_after {
+                        gate.notified().await;
+                    }
+                    let start = c * size;
+                    let chunk: Vec<u8> = (start..start + size).map(|i| (i % 251) as u8).collect();
+                    Some((Ok::<_, Infallible>(Frame::data(Bytes::from(chunk))), c + 1))
+                }
+            });
+            StreamBody::new(frames).boxed()
+        }
+        RouteBody::WithTrailers(b, trailers) => {
+            let mut t = HeaderMap::new();
+            for (k, v) in trailers {
+                t.insert(
+                    http::HeaderName::try_from(k).expect("name"),
+                    v.parse().expect("value"),
+                );
+            }
+            let frames = futures_util::stream::iter(vec![
+                Ok::<_, Infallible>(Frame::data(b)),
+                Ok(Frame::trailers(t)),
+            ]);
+            StreamBody::new(frames).boxed()
+        }
+        RouteBody::Echo => {
+            let collected = req
+                .body_mut()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            Full::new(collected).boxed()
+        }
+        RouteBody::UpgradeEcho => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                use futures_util::{SinkExt, StreamExt};
+                use tokio_tungstenite::tungstenite::protocol::Role;
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut resp = Response::new(http_body_util::Empty::new().boxed());
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut()
+                .insert("connection", "upgrade".parse().expect("v"));
+            resp.headers_mut()
+                .insert("upgrade", "websocket".parse().expect("v"));
+            if let Some(key) = req.headers().get("sec-websocket-key") {
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                resp.headers_mut()
+                    .insert("sec-websocket-accept", accept.parse().expect("v"));
+            }
+            return Ok(resp);
+        }
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = route.status;
+    for (k, v) in &route.headers {
+        resp.headers_mut().append(
+            http::HeaderName::try_from(k.as_str()).expect("header name"),
+            v.parse().expect("header value"),
+        );
+    }
+    Ok(resp)
+}
+
+fn plain(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body).boxed());
+    *r.status_mut() = status;
+    r
+}
