@@ -7,6 +7,7 @@
 use http::{Response, StatusCode, header};
 
 use crate::http::body::{self, Body};
+use crate::proxy::sanitize::Rejection;
 use crate::upstream::UpstreamError;
 
 /// Who caused an error.
@@ -34,9 +35,9 @@ impl Side {
 /// Why a request got an error response.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// A Next.js-internal path suffix.
-    #[error("internal Next.js path refused")]
-    InternalPath,
+    /// Refused by sanitizing (internal path, ambiguous path, CONNECT).
+    #[error("refused: {}", .0.as_str())]
+    Rejected(Rejection),
     /// Request body over `listen.max_body_bytes`.
     #[error("request body over the limit")]
     BodyTooLarge,
@@ -55,42 +56,57 @@ impl ProxyError {
     /// Who is at fault.
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::InternalPath
+            ProxyError::Rejected(_)
             | ProxyError::BodyTooLarge
-            | ProxyError::UpgradeUnsupported => Side::Client,
-            ProxyError::Upstream(UpstreamError::BodyTooLarge) => Side::Client,
+            | ProxyError::UpgradeUnsupported
+            | ProxyError::Upstream(UpstreamError::BodyTooLarge | UpstreamError::ClientBody(_)) => {
+                Side::Client
+            }
             ProxyError::Overloaded => Side::Gateway,
             ProxyError::Upstream(_) => Side::Upstream,
         }
     }
 
+    /// The status and the short text the client gets.
+    fn status_and_text(&self) -> (StatusCode, &'static str) {
+        use UpstreamError as U;
+        match self {
+            ProxyError::Rejected(Rejection::InternalPath) => (StatusCode::NOT_FOUND, "Not Found\n"),
+            ProxyError::Rejected(Rejection::AmbiguousPath) => {
+                (StatusCode::BAD_REQUEST, "Bad Request: ambiguous path\n")
+            }
+            ProxyError::Rejected(Rejection::Connect) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
+            }
+            ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n")
+            }
+            ProxyError::Upstream(U::ClientBody(_)) => {
+                (StatusCode::BAD_REQUEST, "Bad Request: request body\n")
+            }
+            ProxyError::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service overloaded, retry shortly\n",
+            ),
+            ProxyError::UpgradeUnsupported => (
+                StatusCode::NOT_IMPLEMENTED,
+                "Upgrade not supported on this connection\n",
+            ),
+            ProxyError::Upstream(U::Timeout { .. }) => {
+                (StatusCode::GATEWAY_TIMEOUT, "Upstream timed out\n")
+            }
+            ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "Upstream unavailable\n"),
+        }
+    }
+
     /// The status the client gets.
     pub fn status(&self) -> StatusCode {
-        match self {
-            ProxyError::InternalPath => StatusCode::NOT_FOUND,
-            ProxyError::BodyTooLarge | ProxyError::Upstream(UpstreamError::BodyTooLarge) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpgradeUnsupported => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::Upstream(UpstreamError::Timeout { .. }) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-        }
+        self.status_and_text().0
     }
 
     /// The response: status, a short plain-text body, no detail.
     pub fn to_response(&self) -> Response<Body> {
-        let status = self.status();
-        let text: &'static str = match self {
-            ProxyError::InternalPath => "Not Found\n",
-            ProxyError::BodyTooLarge | ProxyError::Upstream(UpstreamError::BodyTooLarge) => {
-                "Request body too large\n"
-            }
-            ProxyError::Overloaded => "Service overloaded, retry shortly\n",
-            ProxyError::UpgradeUnsupported => "Upgrade not supported on this connection\n",
-            ProxyError::Upstream(UpstreamError::Timeout { .. }) => "Upstream timed out\n",
-            ProxyError::Upstream(_) => "Upstream unavailable\n",
-        };
+        let (status, text) = self.status_and_text();
         let mut resp = Response::new(body::full(text));
         *resp.status_mut() = status;
         let h = resp.headers_mut();

@@ -99,8 +99,11 @@ impl Server {
         let client = upstream::client(&config.upstream);
         let upstream = upstream::Upstream::new(&config, client, replicas, Arc::clone(&metrics));
         let policy = proxy::sanitize::Policy {
-            public_scheme: config.listen.public_scheme.clone(),
-            trusted_proxies: config.listen.trusted_proxies.clone(),
+            forwarded: proxy::forwarded::Policy {
+                public_scheme: config.listen.public_scheme.clone(),
+                trusted_proxies: config.listen.trusted_proxies.clone(),
+                trust_forwarded_host: config.listen.trust_forwarded_host,
+            },
             reject_internal_paths: config.listen.reject_internal_paths,
         };
         let app = Arc::new(AppState {
@@ -158,7 +161,19 @@ impl Server {
         let cfg = &app.config;
         if let Some(name) = cfg.upstream.dns_name.clone() {
             let set = Arc::clone(app.upstream.replicas());
-            if let Err(e) = discovery::refresh(&set, resolver.as_ref(), &name).await {
+            // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).
+            let first = tokio::time::timeout(
+                cfg.upstream
+                    .dns_refresh
+                    .max(std::time::Duration::from_secs(2)),
+                discovery::refresh(&set, resolver.as_ref(), &name),
+            );
+            if let Err(e) = first.await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "resolver timed out",
+                ))
+            }) {
                 tracing::warn!(name = %name.host, error = %e, "initial DNS discovery failed; retrying every {:?}", cfg.upstream.dns_refresh);
             }
             tokio::spawn(discovery::run(

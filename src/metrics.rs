@@ -28,8 +28,12 @@ pub struct Metrics {
     pub proxied: Counter,
     /// WebSocket (Upgrade) tunnels opened.
     pub tunnels: Counter,
-    /// Requests refused for a Next.js-internal path.
-    pub rejected_internal_path: Counter,
+    /// Requests refused by sanitizing (internal or ambiguous path, CONNECT).
+    pub rejected: Counter,
+    /// Requests whose body failed while streaming (client went away).
+    pub client_body_errors: Counter,
+    /// Connections cut because the client did not read a response in time.
+    pub send_timeouts: Counter,
     /// Requests refused with 413.
     pub body_too_large: Counter,
     /// Requests shed with 503 at the concurrency limit.

@@ -28,7 +28,11 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
             _ = drain.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
-                Err(_) => continue,
+                Err(_) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
         };
         let (app, builder) = (Arc::clone(&app), Arc::clone(&builder));

@@ -55,8 +55,12 @@ pub struct Listen {
     pub max_concurrent_requests: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// Peers whose `X-Forwarded-*` headers are trusted.
+    /// A client that reads nothing of a pending response for this long is cut.
+    pub send_timeout: Duration,
+    /// Peers whose `X-Forwarded-For/Proto` are trusted.
     pub trusted_proxies: Vec<IpNet>,
+    /// Also trust their `X-Forwarded-Host`.
+    pub trust_forwarded_host: bool,
     /// Answer 404 for Next.js-internal path suffixes.
     pub reject_internal_paths: bool,
 }

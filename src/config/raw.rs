@@ -108,8 +108,14 @@ section! {
         max_concurrent_requests: u64 = 4096,
         /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
         shutdown_grace: String = "30s".into(),
-        /// Peers (IPs or CIDRs) whose `X-Forwarded-*` headers are trusted.
+        /// A connection whose client stops reading a response for this long is cut (nginx
+        /// `send_timeout`): a slow reader must not pin a replica connection forever.
+        send_timeout: String = "60s".into(),
+        /// Peers (IPs or CIDRs) whose `X-Forwarded-For` and `X-Forwarded-Proto` are trusted.
         trusted_proxies: StringList = StringList::default(),
+        /// Also trust `X-Forwarded-Host` from those peers (only if they always set it themselves;
+        /// AWS ALB does not, so a client could choose it).
+        trust_forwarded_host: bool = false,
         /// Answer 404 for paths ending `.rsc`, `.prefetch.rsc`, `.segment.rsc`, `.action`.
         reject_internal_paths: bool = true,
     }

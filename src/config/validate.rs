@@ -15,6 +15,8 @@ use super::{Admin, Config, DnsName, Health, Listen, Log, LogFormat, Upstream};
 
 /// hyper refuses read buffers below this (it asserts), so it is the floor of `max_header_bytes`.
 const MIN_HEADER_BYTES: u64 = 8192;
+/// Longest accepted duration for any key.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// A ceiling that keeps one slow client from pinning a lot of memory.
 const MAX_HEADER_BYTES: u64 = 1024 * 1024;
 
@@ -37,6 +39,12 @@ impl Checker<'_> {
         match humantime::parse_duration(text.trim()) {
             Ok(d) if d.is_zero() && !allow_zero => {
                 self.fail(key, "must be greater than zero");
+                Duration::ZERO
+            }
+            // Deadlines are `Instant + duration`: absurd values would overflow, and no timeout
+            // here needs more than a day.
+            Ok(d) if d > MAX_DURATION => {
+                self.fail(key, format!("{text:?} is longer than the maximum of 1 day"));
                 Duration::ZERO
             }
             Ok(d) => d,
@@ -198,7 +206,9 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
             1 << 20,
         ) as usize,
         shutdown_grace: c.duration("listen.shutdown_grace", &r.shutdown_grace, true),
+        send_timeout: c.duration("listen.send_timeout", &r.send_timeout, false),
         trusted_proxies,
+        trust_forwarded_host: r.trust_forwarded_host,
         reject_internal_paths: r.reject_internal_paths,
     }
 }
@@ -334,6 +344,10 @@ mod tests {
                 "listen.header_read_timeout",
             ),
             ("[listen]\nidle_timeout = \"0s\"", "listen.idle_timeout"),
+            (
+                "[listen]\nsend_timeout = \"400000000years\"",
+                "listen.send_timeout",
+            ),
             (
                 "[listen]\nmax_header_bytes = 100",
                 "listen.max_header_bytes",

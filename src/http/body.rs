@@ -78,6 +78,12 @@ impl<B: HttpBody, G> HttpBody for Guarded<B, G> {
     }
 }
 
+/// The client's request body failed while being forwarded (it disconnected or sent bad
+/// framing): the client's fault, not the replica's.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(pub BoxError);
+
 /// The body did not finish before its deadline.
 #[derive(Debug, thiserror::Error)]
 #[error("body not finished before the total timeout")]

@@ -5,10 +5,10 @@
 //! stage. Later stages (classify, lookup, fill, refresh) slot in between sanitize and upstream.
 //! Errors become responses in one place (`crate::error`) and are logged once, here.
 
+pub mod forwarded;
 pub mod sanitize;
 mod tunnel;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,19 +23,16 @@ use crate::error::{ProxyError, Side};
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
 use crate::upstream::Reply;
+use forwarded::Peer;
 
 /// Handles one client request; never fails (errors are responses).
-pub async fn handle(
-    app: Arc<AppState>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Body> {
+pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     app.metrics.requests.inc();
     let (head, body) = req.into_parts();
-    let id = request_id(&app, peer, &head);
+    let id = request_id(&app, &peer, &head);
     let (method, uri) = (head.method.clone(), head.uri.clone());
-    let mut resp = match route(&app, peer, head, body, &id).await {
+    let mut resp = match route(&app, &peer, head, body, &id).await {
         Ok(resp) => resp,
         Err(e) => {
             count(&app, &e);
@@ -50,7 +47,7 @@ pub async fn handle(
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
     tracing::debug!(
-        request_id = ?id, %peer, %method, %uri, status = resp.status().as_u16(),
+        request_id = ?id, peer = %peer.addr, %method, %uri, status = resp.status().as_u16(),
         elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request"
     );
     resp
@@ -58,13 +55,13 @@ pub async fn handle(
 
 async fn route(
     app: &AppState,
-    peer: SocketAddr,
+    peer: &Peer,
     mut head: Parts,
     body: Incoming,
     id: &HeaderValue,
 ) -> Result<Response<Body>, ProxyError> {
-    let sanitized = sanitize::request(&app.policy, peer.ip(), &mut head)
-        .map_err(|sanitize::Rejection::InternalPath| ProxyError::InternalPath)?;
+    let sanitized =
+        sanitize::request(&app.policy, peer, &mut head).map_err(ProxyError::Rejected)?;
     let body = limit_body(&head, body, app.config.listen.max_body_bytes)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {
@@ -77,14 +74,9 @@ async fn route(
 
 /// The request id: a trusted proxy's `x-request-id` is kept (one id across the whole path),
 /// anyone else's is replaced by ours.
-fn request_id(app: &AppState, peer: SocketAddr, head: &Parts) -> HeaderValue {
-    let from_trusted = app
-        .policy
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer.ip()));
+fn request_id(app: &AppState, peer: &Peer, head: &Parts) -> HeaderValue {
     match head.headers.get(&X_REQUEST_ID) {
-        Some(v) if from_trusted && !v.is_empty() && v.len() <= 128 => v.clone(),
+        Some(v) if peer.trusted && !v.is_empty() && v.len() <= 128 => v.clone(),
         _ => app.request_ids.next(),
     }
 }
@@ -104,7 +96,16 @@ fn limit_body(head: &Parts, body: Incoming, max: u64) -> Result<Body, ProxyError
         return Ok(body::empty());
     }
     let max = usize::try_from(max).unwrap_or(usize::MAX);
-    Ok(Limited::new(body, max).boxed())
+    // Over the limit stays a `LengthLimitError` (413); any other failure is the client's.
+    Ok(Limited::new(body, max)
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                e
+            } else {
+                Box::new(body::ClientBodyError(e)) as body::BoxError
+            }
+        })
+        .boxed())
 }
 
 /// The replica's response, ready for the client: hop-by-hop headers dropped, `Location`
@@ -115,7 +116,7 @@ fn respond(app: &AppState, reply: Reply, sanitized: &sanitize::Sanitized) -> Res
     *resp.version_mut() = Version::HTTP_11;
     sanitize::strip_hop_by_hop(resp.headers_mut(), false);
     if resp.headers().contains_key(header::LOCATION) {
-        sanitize::rewrite_location(
+        forwarded::rewrite_location(
             resp.headers_mut(),
             &app.upstream.replicas().authorities(),
             &app.config.listen.public_scheme,
@@ -129,7 +130,8 @@ fn count(app: &AppState, e: &ProxyError) {
     use crate::upstream::UpstreamError as U;
     let m = &app.metrics;
     match e {
-        ProxyError::InternalPath => m.rejected_internal_path.inc(),
+        ProxyError::Rejected(_) => m.rejected.inc(),
+        ProxyError::Upstream(U::ClientBody(_)) => m.client_body_errors.inc(),
         ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => m.body_too_large.inc(),
         ProxyError::Overloaded => m.shed.inc(),
         ProxyError::UpgradeUnsupported => {}

@@ -9,18 +9,14 @@
 //!
 //! It must not touch anything else: every other header and query parameter goes through as sent.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use ipnet::IpNet;
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Version};
 use percent_encoding::percent_decode_str;
 
-use crate::http::{
-    KEEP_ALIVE, NEXT_ROUTER_PREFETCH, PROXY_CONNECTION, RSC, X_FORWARDED_FOR, X_FORWARDED_HOST,
-    X_FORWARDED_PROTO, X_NEXTJS_DATA, X_REAL_IP,
-};
+use super::forwarded::{self, Peer};
+use crate::http::{KEEP_ALIVE, NEXT_ROUTER_PREFETCH, PROXY_CONNECTION, RSC, X_NEXTJS_DATA};
 
 /// Request headers stripped by exact name: Next.js internals (NEXTJS.md §9 rule 6) and
 /// `Next-HMR-Refresh` (rule 7).
@@ -63,13 +59,25 @@ const INTERNAL_PREFIXES: &[&str] = &["x-invoke-", "x-middleware-request-", "x-ve
 /// matchers (CVE-2026-44575; NEXTJS.md §9 rule 8).
 const INTERNAL_PATH_SUFFIXES: &[&str] = &[".rsc", ".action"];
 
-/// Where the gateway is reached, and whom it trusts; fixed per listener.
+/// Headers a `Connection` token may never remove: the gateway sets or relies on them, and a
+/// client naming them (`Connection: host, x-forwarded-for`) would otherwise strip them after we
+/// set them, or strip a trusted load balancer's.
+const PROTECTED_FROM_CONNECTION: &[&str] = &[
+    "host",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+    "x-request-id",
+];
+
+/// Sanitizing policy, fixed per listener.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Scheme clients use to reach us.
-    pub public_scheme: Scheme,
-    /// Peers whose `X-Forwarded-*` we keep.
-    pub trusted_proxies: Vec<IpNet>,
+    /// Whom forwarding headers are believed from, and our public scheme.
+    pub forwarded: forwarded::Policy,
     /// Refuse `INTERNAL_PATH_SUFFIXES`.
     pub reject_internal_paths: bool,
 }
@@ -77,31 +85,48 @@ pub struct Policy {
 /// Why a request is refused before it reaches a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// The path ends in a Next.js-internal suffix.
+    /// The path ends in a Next.js-internal suffix (404).
     InternalPath,
+    /// The path has dot segments or backslashes, which Next.js's WHATWG URL parsing resolves
+    /// differently from the raw path our checks see (400).
+    AmbiguousPath,
+    /// `CONNECT`: the gateway is not a forward proxy (405).
+    Connect,
+}
+
+impl Rejection {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::InternalPath => "internal_path",
+            Rejection::AmbiguousPath => "ambiguous_path",
+            Rejection::Connect => "connect",
+        }
+    }
 }
 
 /// What sanitizing found out about the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sanitized {
-    /// The client asked for a protocol upgrade (WebSocket) on HTTP/1.1.
+    /// A WebSocket upgrade on HTTP/1.1.
     pub upgrade: bool,
     /// The host clients used (for `Location` rewriting).
     pub public_host: Option<HeaderValue>,
 }
 
-/// Sanitizes `head` in place. `peer` is the TCP peer's address.
-pub fn request(policy: &Policy, peer: IpAddr, head: &mut Parts) -> Result<Sanitized, Rejection> {
-    if policy.reject_internal_paths && has_internal_suffix(head.uri.path()) {
-        return Err(Rejection::InternalPath);
+/// Sanitizes `head` in place.
+pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitized, Rejection> {
+    if head.method == Method::CONNECT {
+        return Err(Rejection::Connect);
     }
+    check_path(policy, head.uri.path())?;
     let wants_trailers = head.headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     });
-    let upgrade = strip_hop_by_hop(&mut head.headers, head.version == http::Version::HTTP_11);
+    let upgrade = strip_hop_by_hop(&mut head.headers, head.version == Version::HTTP_11);
     // `TE` is hop-by-hop, but its `trailers` token is the client's consent to receive trailers,
     // which the replica only sends when asked; it is the one value worth carrying over.
     if wants_trailers {
@@ -109,49 +134,58 @@ pub fn request(policy: &Policy, peer: IpAddr, head: &mut Parts) -> Result<Saniti
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
     strip_internal(&mut head.headers, head.uri.path());
-    if let Some(q) = head.uri.query() {
-        if let Some(cleaned) = strip_internal_query(q) {
-            head.uri = with_query(&head.uri, &cleaned);
-        }
+    if let Some(cleaned) = head.uri.query().and_then(strip_internal_query) {
+        head.uri = with_query(&head.uri, &cleaned);
     }
-    // HTTP/2 requests carry the host in `:authority`; replicas speak HTTP/1.1 and need `Host`.
-    if !head.headers.contains_key(header::HOST) {
-        if let Some(a) = head.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                head.headers.insert(header::HOST, v);
-            }
-        }
+    // The authority of the request target wins over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1):
+    // HTTP/2's `:authority`, or an HTTP/1.1 absolute-form target. Replicas speak HTTP/1.1 and
+    // read `Host`.
+    if let Some(v) = head
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        head.headers.insert(header::HOST, v);
     }
-    let public_host = set_forwarded(policy, peer, &mut head.headers);
+    if head.version == Version::HTTP_2 {
+        join_cookies(&mut head.headers);
+    }
+    let public_host = forwarded::set(&policy.forwarded, peer, &mut head.headers);
     Ok(Sanitized {
         upgrade,
         public_host,
     })
 }
 
-/// Removes hop-by-hop headers: the fixed set and every header the `Connection` header names.
-/// `Trailer` is not hop-by-hop (RFC 9110 §6.6.2) and hyper only sends trailers a response
-/// declares in it, so it stays.
-/// Returns whether this is an upgrade request, in which case `Connection: upgrade` and `Upgrade`
-/// are kept for the tunnel.
+/// Removes hop-by-hop headers: the fixed set and every header the `Connection` header names
+/// (except [`PROTECTED_FROM_CONNECTION`]). `Trailer` is not hop-by-hop (RFC 9110 §6.6.2) and
+/// hyper only sends trailers a response declares in it, so it stays. Returns whether this is a
+/// WebSocket upgrade (the only upgrade carried), in which case `Connection: upgrade` and
+/// `Upgrade: websocket` are kept for the tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, may_upgrade: bool) -> bool {
     let mut upgrade = false;
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if name == header::UPGRADE {
-                upgrade = may_upgrade && headers.contains_key(header::UPGRADE);
-            } else {
-                headers.remove(&name);
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                if token.eq_ignore_ascii_case("upgrade") {
+                    upgrade = may_upgrade;
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    if !PROTECTED_FROM_CONNECTION.contains(&name.as_str()) {
+                        named.push(name);
+                    }
+                }
             }
         }
         headers.remove(header::CONNECTION);
+        for name in named {
+            headers.remove(name);
+        }
     }
     for name in [
         &KEEP_ALIVE,
@@ -163,39 +197,79 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, may_upgrade: bool) -> bool {
     ] {
         headers.remove(name);
     }
+    upgrade = upgrade && is_websocket(headers);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     } else {
         headers.remove(header::UPGRADE);
     }
     upgrade
 }
 
+fn is_websocket(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if v.as_bytes().eq_ignore_ascii_case(b"websocket")
+    )
+}
+
+fn is_internal_header(name: &str) -> bool {
+    // Every internal name starts with "x-" or "next-": one byte test spares the rest the scan.
+    matches!(name.as_bytes().first(), Some(b'x' | b'n'))
+        && (INTERNAL_HEADERS.contains(&name)
+            || INTERNAL_PREFIXES.iter().any(|p| name.starts_with(p)))
+}
+
 fn strip_internal(headers: &mut HeaderMap, path: &str) {
-    // Collect first: a HeaderMap cannot be mutated while iterated. Most requests have none, so
-    // the Vec is empty and never allocates.
+    // Collected first: a HeaderMap cannot be changed while iterated. Most requests have none,
+    // so the Vec stays empty and never allocates.
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| {
-            let n = name.as_str();
-            INTERNAL_HEADERS.contains(&n) || INTERNAL_PREFIXES.iter().any(|p| n.starts_with(p))
-        })
+        .filter(|name| is_internal_header(name.as_str()))
         .cloned()
         .collect();
     for name in doomed {
         headers.remove(name);
     }
-    if headers.get(&RSC).is_some_and(|v| v.as_bytes() != b"1") {
-        headers.remove(&RSC);
-    }
-    if headers
-        .get(&NEXT_ROUTER_PREFETCH)
-        .is_some_and(|v| !matches!(v.as_bytes(), b"1" | b"2" | b"3"))
-    {
-        headers.remove(&NEXT_ROUTER_PREFETCH);
-    }
+    keep_if_single(headers, &RSC, |v| v == b"1");
+    keep_if_single(headers, &NEXT_ROUTER_PREFETCH, |v| {
+        matches!(v, b"1" | b"2" | b"3")
+    });
     if !path.starts_with("/_next/data/") {
         headers.remove(&X_NEXTJS_DATA);
+    }
+}
+
+/// Keeps `name` only when it appears once with a valid value: Node joins repeated headers
+/// (`RSC: 1` + `RSC: 0` → `"1, 0"`), which Next.js versions read inconsistently
+/// (CVE-2026-44576).
+fn keep_if_single(headers: &mut HeaderMap, name: &HeaderName, valid: fn(&[u8]) -> bool) {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (None, _) => {}
+        (Some(v), None) if valid(v.as_bytes()) => {}
+        _ => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields (RFC 9113 §8.2.3); an HTTP/1.1 replica
+/// expects one, joined with `"; "`.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -210,16 +284,11 @@ pub fn is_internal_query_key(raw_key: &str) -> bool {
 /// The query without internal keys, or `None` when nothing had to go (the common case: no
 /// allocation). Pairs that stay are kept byte for byte and in order.
 pub fn strip_internal_query(query: &str) -> Option<String> {
-    if !query
-        .split('&')
-        .any(|pair| is_internal_query_key(pair.split('=').next().unwrap_or("")))
-    {
+    let internal = |pair: &&str| is_internal_query_key(pair.split('=').next().unwrap_or(""));
+    if !query.split('&').any(|pair| internal(&pair)) {
         return None;
     }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !is_internal_query_key(pair.split('=').next().unwrap_or("")))
-        .collect();
+    let kept: Vec<&str> = query.split('&').filter(|p| !internal(p)).collect();
     Some(kept.join("&"))
 }
 
@@ -235,111 +304,37 @@ fn with_query(uri: &Uri, query: &str) -> Uri {
     Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
 }
 
-fn has_internal_suffix(path: &str) -> bool {
+/// Path checks on the percent-decoded path (decoding allocates only when there is a `%`).
+fn check_path(policy: &Policy, path: &str) -> Result<(), Rejection> {
     let decoded = percent_decode_str(path).decode_utf8_lossy();
-    let lower = decoded.trim_end_matches('/').to_ascii_lowercase();
-    INTERNAL_PATH_SUFFIXES.iter().any(|s| lower.ends_with(s))
-}
-
-/// Sets `X-Forwarded-For/Proto/Host` and `X-Real-IP`. From a trusted proxy its values are kept
-/// and the peer appended to `X-Forwarded-For`; from anyone else every client `X-Forwarded-*` and
-/// `Forwarded` header is dropped first. Returns the public host.
-fn set_forwarded(policy: &Policy, peer: IpAddr, headers: &mut HeaderMap) -> Option<HeaderValue> {
-    let trusted = policy.trusted_proxies.iter().any(|net| net.contains(&peer));
-    let peer_text = peer.to_string();
-    if trusted {
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer_text}"),
-            _ => peer_text.clone(),
-        };
-        if !headers.contains_key(&X_REAL_IP) {
-            insert_text(headers, &X_REAL_IP, &peer_text);
-        }
-        insert_text(headers, &X_FORWARDED_FOR, &xff);
-    } else {
-        let doomed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| n.as_str().starts_with("x-forwarded-"))
-            .cloned()
-            .collect();
-        for name in doomed {
-            headers.remove(name);
-        }
-        headers.remove(header::FORWARDED);
-        insert_text(headers, &X_FORWARDED_FOR, &peer_text);
-        insert_text(headers, &X_REAL_IP, &peer_text);
+    if decoded.contains('\\') || decoded.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(Rejection::AmbiguousPath);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(if policy.public_scheme == Scheme::HTTPS {
-                "https"
-            } else {
-                "http"
-            }),
-        );
-    }
-    let host = headers.get(header::HOST).cloned();
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(h) = &host {
-            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+    if policy.reject_internal_paths {
+        let tail = decoded.trim_end_matches('/').as_bytes();
+        let internal = INTERNAL_PATH_SUFFIXES.iter().any(|s| {
+            tail.len() >= s.len() && tail[tail.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+        });
+        if internal {
+            return Err(Rejection::InternalPath);
         }
     }
-    headers.get(&X_FORWARDED_HOST).cloned().or(host)
-}
-
-fn insert_text(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(name.clone(), v);
-    }
-}
-
-/// Rewrites an absolute `Location` that points at a replica (any of `replicas`, or a loopback or
-/// unspecified address on a replica's port: what `next start` puts in redirects when it does not
-/// know its public name) to `scheme://public_host` + the same path and query.
-pub fn rewrite_location(
-    headers: &mut HeaderMap,
-    replicas: &[Authority],
-    public_scheme: &Scheme,
-    public_host: Option<&HeaderValue>,
-) {
-    let Some(host) = public_host.and_then(|h| h.to_str().ok()) else {
-        return;
-    };
-    let Some(loc) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
-        return;
-    };
-    let Ok(uri) = loc.parse::<Uri>() else { return };
-    let Some(authority) = uri.authority() else {
-        return;
-    };
-    let internal = replicas.iter().any(|r| {
-        r == authority
-            || (r.port_u16() == authority.port_u16()
-                && matches!(
-                    authority.host(),
-                    "localhost" | "127.0.0.1" | "0.0.0.0" | "[::1]" | "[::]"
-                ))
-    });
-    if !internal {
-        return;
-    }
-    let pq = uri.path_and_query().map_or("/", PathAndQuery::as_str);
-    let rewritten = format!("{}://{host}{pq}", public_scheme.as_str());
-    if let Ok(v) = HeaderValue::from_str(&rewritten) {
-        headers.insert(header::LOCATION, v);
-    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::Request;
+    use std::net::SocketAddr;
 
     fn policy() -> Policy {
         Policy {
-            public_scheme: Scheme::HTTP,
-            trusted_proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
+            forwarded: forwarded::Policy {
+                public_scheme: http::uri::Scheme::HTTP,
+                trusted_proxies: vec!["10.0.0.0/8".parse().expect("cidr")],
+                trust_forwarded_host: false,
+            },
             reject_internal_paths: true,
         }
     }
@@ -352,8 +347,9 @@ mod tests {
         b.body(()).expect("request").into_parts().0
     }
 
-    fn untrusted() -> IpAddr {
-        "192.0.2.1".parse().expect("ip")
+    fn run(h: &mut Parts) -> Result<Sanitized, Rejection> {
+        let peer = Peer::new(SocketAddr::from(([192, 0, 2, 1], 9)), &policy().forwarded);
+        request(&policy(), &peer, h)
     }
 
     #[test]
@@ -364,30 +360,42 @@ mod tests {
             "x-vercel-id",
         ]) {
             let mut h = head("/p", &[(name, "1")]);
-            request(&policy(), untrusted(), &mut h).expect("ok");
+            run(&mut h).expect("ok");
             assert!(!h.headers.contains_key(name), "{name} survived");
         }
     }
 
     #[test]
-    fn rsc_and_prefetch_kept_only_with_exact_values() {
+    fn rsc_and_prefetch_kept_only_once_with_exact_values() {
         let mut h = head("/p", &[("rsc", "1"), ("next-router-prefetch", "2")]);
-        request(&policy(), untrusted(), &mut h).expect("ok");
+        run(&mut h).expect("ok");
         assert_eq!(h.headers["rsc"], "1");
         assert_eq!(h.headers["next-router-prefetch"], "2");
         let mut h = head("/p", &[("rsc", "0"), ("next-router-prefetch", "yes")]);
-        request(&policy(), untrusted(), &mut h).expect("ok");
+        run(&mut h).expect("ok");
         assert!(!h.headers.contains_key("rsc"));
+        assert!(!h.headers.contains_key("next-router-prefetch"));
+        let mut h = head(
+            "/p",
+            &[
+                ("rsc", "1"),
+                ("rsc", "0"),
+                ("next-router-prefetch", "1"),
+                ("next-router-prefetch", "1"),
+            ],
+        );
+        run(&mut h).expect("ok");
+        assert!(!h.headers.contains_key("rsc"), "a repeated RSC is dropped");
         assert!(!h.headers.contains_key("next-router-prefetch"));
     }
 
     #[test]
     fn nextjs_data_only_under_data_routes() {
         let mut h = head("/p", &[("x-nextjs-data", "1")]);
-        request(&policy(), untrusted(), &mut h).expect("ok");
+        run(&mut h).expect("ok");
         assert!(!h.headers.contains_key("x-nextjs-data"));
         let mut h = head("/_next/data/b/p.json", &[("x-nextjs-data", "1")]);
-        request(&policy(), untrusted(), &mut h).expect("ok");
+        run(&mut h).expect("ok");
         assert_eq!(h.headers["x-nextjs-data"], "1");
     }
 
@@ -400,7 +408,7 @@ mod tests {
         );
         assert_eq!(strip_internal_query("nxtPa=1").as_deref(), Some(""));
         let mut h = head("/p?nxtPslug=x", &[]);
-        request(&policy(), untrusted(), &mut h).expect("ok");
+        run(&mut h).expect("ok");
         assert_eq!(h.uri.to_string(), "/p");
     }
 
@@ -412,16 +420,42 @@ mod tests {
             "/a.segment.rsc",
             "/x.action",
             "/a%2ERSC",
+            "/a.rsc/",
         ] {
             let mut h = head(p, &[]);
-            assert_eq!(
-                request(&policy(), untrusted(), &mut h),
-                Err(Rejection::InternalPath),
-                "{p}"
-            );
+            assert_eq!(run(&mut h), Err(Rejection::InternalPath), "{p}");
         }
         let mut h = head("/a.rsc.html", &[]);
-        assert!(request(&policy(), untrusted(), &mut h).is_ok());
+        assert!(run(&mut h).is_ok());
+    }
+
+    #[test]
+    fn dot_segments_and_backslashes_rejected() {
+        for p in [
+            "/p.rsc/.",
+            "/x/../p",
+            "/x/%2e%2e/p",
+            "/_next/data/%2E%2E/admin",
+            "/a%5Cb",
+            "/./a",
+        ] {
+            let mut h = head(p, &[]);
+            assert_eq!(run(&mut h), Err(Rejection::AmbiguousPath), "{p}");
+        }
+        for p in ["/a..b", "/.well-known/x", "/a/.b"] {
+            let mut h = head(p, &[]);
+            assert!(run(&mut h).is_ok(), "{p}");
+        }
+    }
+
+    #[test]
+    fn connect_is_refused() {
+        let mut h = Request::connect("shop.example:443")
+            .body(())
+            .expect("req")
+            .into_parts()
+            .0;
+        assert_eq!(run(&mut h), Err(Rejection::Connect));
     }
 
     #[test]
@@ -437,7 +471,7 @@ mod tests {
                 ("x-kept", "yes"),
             ],
         );
-        let s = request(&policy(), untrusted(), &mut h).expect("ok");
+        let s = run(&mut h).expect("ok");
         assert!(!s.upgrade);
         for n in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
             assert!(!h.headers.contains_key(n), "{n}");
@@ -446,83 +480,70 @@ mod tests {
     }
 
     #[test]
+    fn connection_cannot_remove_headers_we_rely_on() {
+        let mut h = head(
+            "/p",
+            &[
+                (
+                    "connection",
+                    "host, x-forwarded-for, content-length, x-real-ip",
+                ),
+                ("connection", "x-other"),
+                ("x-other", "1"),
+            ],
+        );
+        run(&mut h).expect("ok");
+        assert_eq!(h.headers["host"], "shop.example");
+        assert_eq!(h.headers["x-forwarded-for"], "192.0.2.1");
+        assert_eq!(h.headers["x-real-ip"], "192.0.2.1");
+        assert!(
+            !h.headers.contains_key("x-other"),
+            "every Connection line counts"
+        );
+    }
+
+    #[test]
     fn te_trailers_is_carried_over_alone() {
         let mut h = head("/p", &[("te", "gzip, trailers")]);
-        request(&policy(), untrusted(), &mut h).expect("ok");
+        run(&mut h).expect("ok");
         assert_eq!(h.headers["te"], "trailers");
     }
 
     #[test]
-    fn upgrade_keeps_its_headers() {
+    fn only_websocket_upgrades_are_carried() {
         let mut h = head(
             "/ws",
             &[
                 ("connection", "keep-alive, Upgrade"),
-                ("upgrade", "websocket"),
+                ("upgrade", "WebSocket"),
             ],
         );
-        assert!(request(&policy(), untrusted(), &mut h).expect("ok").upgrade);
+        assert!(run(&mut h).expect("ok").upgrade);
         assert_eq!(h.headers["connection"], "upgrade");
         assert_eq!(h.headers["upgrade"], "websocket");
-    }
-
-    #[test]
-    fn forwarded_headers_from_untrusted_peer_replaced() {
-        let mut h = head(
-            "/p",
-            &[
-                ("x-forwarded-for", "6.6.6.6"),
-                ("x-forwarded-host", "evil.example"),
-                ("x-forwarded-proto", "https"),
-                ("x-forwarded-port", "1"),
-                ("forwarded", "for=6.6.6.6"),
-            ],
-        );
-        let s = request(&policy(), untrusted(), &mut h).expect("ok");
-        assert_eq!(h.headers["x-forwarded-for"], "192.0.2.1");
-        assert_eq!(h.headers["x-forwarded-host"], "shop.example");
-        assert_eq!(h.headers["x-forwarded-proto"], "http");
-        assert!(!h.headers.contains_key("x-forwarded-port"));
-        assert!(!h.headers.contains_key("forwarded"));
-        assert_eq!(
-            s.public_host.as_ref().map(|v| v.as_bytes()),
-            Some(&b"shop.example"[..])
-        );
-    }
-
-    #[test]
-    fn forwarded_headers_from_trusted_proxy_kept_and_appended() {
-        let mut h = head(
-            "/p",
-            &[
-                ("x-forwarded-for", "203.0.113.9"),
-                ("x-forwarded-host", "www.example"),
-                ("x-forwarded-proto", "https"),
-            ],
-        );
-        request(&policy(), "10.1.2.3".parse().expect("ip"), &mut h).expect("ok");
-        assert_eq!(h.headers["x-forwarded-for"], "203.0.113.9, 10.1.2.3");
-        assert_eq!(h.headers["x-forwarded-host"], "www.example");
-        assert_eq!(h.headers["x-forwarded-proto"], "https");
-    }
-
-    #[test]
-    fn location_pointing_at_replica_rewritten() {
-        let replicas: Vec<Authority> = vec!["10.0.0.5:3000".parse().expect("a")];
-        let host = HeaderValue::from_static("shop.example");
-        for (loc, want) in [
-            (
-                "http://10.0.0.5:3000/login?x=1",
-                "https://shop.example/login?x=1",
-            ),
-            ("http://localhost:3000/a", "https://shop.example/a"),
-            ("http://other.example/a", "http://other.example/a"),
-            ("/relative", "/relative"),
-        ] {
-            let mut h = HeaderMap::new();
-            h.insert(header::LOCATION, HeaderValue::from_static(loc));
-            rewrite_location(&mut h, &replicas, &Scheme::HTTPS, Some(&host));
-            assert_eq!(h[header::LOCATION], want, "{loc}");
+        for other in ["h2c", "websocket, h2c", "TLS/1.2"] {
+            let mut h = head("/ws", &[("connection", "upgrade"), ("upgrade", other)]);
+            assert!(!run(&mut h).expect("ok").upgrade, "{other}");
+            assert!(!h.headers.contains_key("upgrade"), "{other}");
+            assert!(!h.headers.contains_key("connection"), "{other}");
         }
+    }
+
+    #[test]
+    fn authority_wins_over_host_and_h2_cookies_are_joined() {
+        let mut h = Request::get("http://real.example/p")
+            .header("host", "other.example")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .version(Version::HTTP_2)
+            .body(())
+            .expect("req")
+            .into_parts()
+            .0;
+        run(&mut h).expect("ok");
+        assert_eq!(h.headers["host"], "real.example");
+        assert_eq!(h.headers["x-forwarded-host"], "real.example");
+        assert_eq!(h.headers.get_all("cookie").iter().count(), 1);
+        assert_eq!(h.headers["cookie"], "a=1; b=2");
     }
 }

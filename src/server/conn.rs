@@ -1,16 +1,22 @@
 //! One client connection: hyper (HTTP/1.1 or h2c, detected from the first bytes) over a socket
-//! wrapper that notes activity, plus a watchdog that enforces the two connection-level bounds
+//! wrapper that notes activity, plus a watchdog that enforces the connection-level bounds
 //! hyper cannot express separately:
 //!
 //! - **header read**: a request head must arrive within `header_read_timeout` of its first byte
 //!   (slowloris); the connection is dropped otherwise;
 //! - **idle**: a connection with nothing in flight and no bytes for `idle_timeout` is closed
-//!   gracefully (h1: close; h2: GOAWAY).
+//!   gracefully (h1: close; h2: GOAWAY);
+//! - **send**: a client that accepts none of a pending response for `send_timeout` (its socket
+//!   stays unwritable) is dropped, as nginx's `send_timeout`: a slow reader must not pin the
+//!   replica connection and its in-flight slot.
 //!
 //! hyper's own h1 `header_read_timeout` starts whenever it waits for a head, so on keep-alive
 //! connections it also cuts idle time to that bound, which would close connections a load
 //! balancer keeps pooled (ALB: 60 s idle) long before `idle_timeout`. So it is off and the
 //! watchdog does both. "In flight" counts from the request head until its response body ends.
+//! The header-read bound is for HTTP/1.1 only: on h2, frames arrive between requests (PING
+//! acks, WINDOW_UPDATE) that are not request heads; the protocol is told by the first bytes
+//! (the h2c preface starts with `PRI`).
 
 use std::io;
 use std::pin::Pin;
@@ -31,13 +37,38 @@ pub struct Activity {
     in_flight: AtomicU32,
     touched: AtomicBool,
     head_started_ms: AtomicU64,
+    write_blocked_ms: AtomicU64,
+    sniffed: AtomicBool,
+    http2: AtomicBool,
 }
 
 impl Activity {
-    fn on_read(&self) {
+    fn on_read(&self, bytes: &[u8]) {
         self.touched.store(true, Relaxed);
-        if self.in_flight.load(Relaxed) == 0 && self.head_started_ms.load(Relaxed) == 0 {
+        if !self.sniffed.load(Relaxed) {
+            self.sniffed.store(true, Relaxed);
+            self.http2.store(bytes.starts_with(b"PRI"), Relaxed);
+        }
+        if !self.http2.load(Relaxed)
+            && self.in_flight.load(Relaxed) == 0
+            && self.head_started_ms.load(Relaxed) == 0
+        {
             self.head_started_ms.store(now_ms().max(1), Relaxed);
+        }
+    }
+
+    fn on_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.touched.store(true, Relaxed);
+                if self.write_blocked_ms.load(Relaxed) != 0 {
+                    self.write_blocked_ms.store(0, Relaxed);
+                }
+            }
+            Poll::Pending if self.write_blocked_ms.load(Relaxed) == 0 => {
+                self.write_blocked_ms.store(now_ms().max(1), Relaxed);
+            }
+            _ => {}
         }
     }
 
@@ -86,7 +117,7 @@ impl<IO: AsyncRead> AsyncRead for Watched<IO> {
         let before = buf.filled().len();
         let r = this.io.poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.on_read();
+            this.activity.on_read(&buf.filled()[before..]);
         }
         r
     }
@@ -100,9 +131,7 @@ impl<IO: AsyncWrite> AsyncWrite for Watched<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.io.poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touched.store(true, Relaxed);
-        }
+        this.activity.on_write(&r);
         r
     }
 
@@ -113,9 +142,7 @@ impl<IO: AsyncWrite> AsyncWrite for Watched<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.io.poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touched.store(true, Relaxed);
-        }
+        this.activity.on_write(&r);
         r
     }
 
@@ -139,26 +166,48 @@ pub enum Expiry {
     HeaderTimeout,
     /// Nothing happened for the idle timeout.
     Idle,
+    /// The client read nothing of a pending response for the send timeout.
+    SendTimeout,
+}
+
+impl Expiry {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expiry::HeaderTimeout => "header_timeout",
+            Expiry::Idle => "idle",
+            Expiry::SendTimeout => "send_timeout",
+        }
+    }
+}
+
+/// The bounds the watchdog enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Whole request head, from its first byte (HTTP/1.1).
+    pub header_read: Duration,
+    /// Nothing in flight, no bytes.
+    pub idle: Duration,
+    /// Response pending, socket unwritable.
+    pub send: Duration,
 }
 
 /// Resolves when the connection breaks one of the bounds; runs forever otherwise.
-pub async fn watchdog(
-    activity: Arc<Activity>,
-    header_timeout: Duration,
-    idle_timeout: Duration,
-) -> Expiry {
-    let tick = (header_timeout.min(idle_timeout) / 4)
-        .clamp(Duration::from_millis(25), Duration::from_secs(1));
+pub async fn watchdog(activity: Arc<Activity>, bounds: Bounds) -> Expiry {
+    let shortest = bounds.header_read.min(bounds.idle).min(bounds.send);
+    let tick = (shortest / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (header_ms, idle_ms) = (
-        header_timeout.as_millis() as u64,
-        idle_timeout.as_millis() as u64,
-    );
+    let ms = |d: Duration| d.as_millis() as u64;
+    let (header_ms, idle_ms, send_ms) = (ms(bounds.header_read), ms(bounds.idle), ms(bounds.send));
     let mut quiet_since = now_ms();
     loop {
         interval.tick().await;
         let now = now_ms();
+        let blocked = activity.write_blocked_ms.load(Relaxed);
+        if blocked != 0 && now.saturating_sub(blocked) > send_ms {
+            return Expiry::SendTimeout;
+        }
         if activity.in_flight.load(Relaxed) > 0 {
             activity.touched.store(false, Relaxed);
             quiet_since = now;

@@ -102,7 +102,12 @@ async fn serve(
     let conn = builder.serve_connection_with_upgrades(io, hyper_svc);
     tokio::pin!(conn);
     let listen = &app.config.listen;
-    let watchdog = conn::watchdog(activity, listen.header_read_timeout, listen.idle_timeout);
+    let bounds = conn::Bounds {
+        header_read: listen.header_read_timeout,
+        idle: listen.idle_timeout,
+        send: listen.send_timeout,
+    };
+    let watchdog = conn::watchdog(activity, bounds);
     tokio::pin!(watchdog);
     let mut closing = false;
     loop {
@@ -121,6 +126,11 @@ async fn serve(
                 Expiry::HeaderTimeout => {
                     app.metrics.header_timeouts.inc();
                     tracing::debug!(%peer, "request head not received in time; closing");
+                    return;
+                }
+                Expiry::SendTimeout => {
+                    app.metrics.send_timeouts.inc();
+                    tracing::debug!(%peer, "client did not read the response in time; closing");
                     return;
                 }
                 Expiry::Idle => {

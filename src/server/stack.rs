@@ -16,6 +16,7 @@ use crate::error::ProxyError;
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{Body, BoxError};
 use crate::proxy;
+use crate::proxy::forwarded::Peer;
 
 /// The per-connection service: request in, response out. The error type is hyper's usual
 /// boxed error, but the rescue layer turns every error into a response, so it never occurs.
@@ -38,8 +39,10 @@ impl Stack {
     }
 
     /// The service for one connection from `peer`.
-    pub fn for_peer(&self, peer: SocketAddr) -> ConnService {
+    pub fn for_peer(&self, addr: SocketAddr) -> ConnService {
         let app = Arc::clone(&self.app);
+        // Worked out once per connection, not per request.
+        let peer = Arc::new(Peer::new(addr, &app.policy.forwarded));
         let svc = ServiceBuilder::new()
             // Load shedding: at the limit, refuse now (503 + Retry-After) instead of queueing;
             // a queue behind a slow replica only turns overload into timeouts for everyone.
@@ -48,7 +51,7 @@ impl Stack {
             // so the bound is on requests in progress, not per connection.
             .layer(self.limit.clone())
             .service(service_fn(move |req| {
-                let app = Arc::clone(&app);
+                let (app, peer) = (Arc::clone(&app), Arc::clone(&peer));
                 async move { Ok::<_, Infallible>(proxy::handle(app, peer, req).await) }
             }));
         BoxCloneSyncService::new(svc)

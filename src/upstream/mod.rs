@@ -60,7 +60,10 @@ pub enum UpstreamError {
     /// The client's request body exceeded the limit while streaming.
     #[error("request body over the limit")]
     BodyTooLarge,
-    /// The exchange failed after connecting (reset, malformed response, client body error).
+    /// The client's request body failed while streaming (the client went away).
+    #[error("client request body failed: {0}")]
+    ClientBody(String),
+    /// The exchange failed after connecting (reset, malformed response).
     #[error("exchange with {replica} failed: {source}")]
     Exchange {
         /// The replica.
@@ -216,7 +219,12 @@ impl Upstream {
                     source,
                 })
             }
-            Ok(Err(source)) if caused_by_body_limit(&source) => Err(UpstreamError::BodyTooLarge),
+            Ok(Err(source)) if caused_by::<http_body_util::LengthLimitError>(&source) => {
+                Err(UpstreamError::BodyTooLarge)
+            }
+            Ok(Err(source)) if caused_by::<body::ClientBodyError>(&source) => {
+                Err(UpstreamError::ClientBody(source.to_string()))
+            }
             Ok(Err(source)) => Err(UpstreamError::Exchange {
                 replica: name(),
                 source,
@@ -263,10 +271,10 @@ fn copy_head(head: &Parts) -> Parts {
     req.into_parts().0
 }
 
-fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+fn caused_by<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
+        if err.is::<E>() {
             return true;
         }
         cur = err.source();

@@ -84,6 +84,8 @@ impl Replica {
         };
         if self.failures.fetch_add(1, Relaxed) + 1 >= threshold {
             self.failures.store(0, Relaxed);
+            // Re-admission by active checks needs a fresh streak of passes after the ejection.
+            self.check_passes.store(0, Relaxed);
             self.ejected_until_ms
                 .store(now_ms() + ejection.as_millis() as u64, Relaxed);
             return true;
@@ -231,6 +233,22 @@ mod tests {
         assert_eq!(r.record_check(true, 2, 3), None);
         assert_eq!(r.record_check(true, 2, 3), Some(true));
         assert!(r.is_healthy());
+    }
+
+    #[test]
+    fn passes_before_an_ejection_do_not_readmit() {
+        let r = Replica::new(a("x:1"));
+        for _ in 0..5 {
+            r.record_check(true, 2, 3);
+        }
+        assert!(r.record_failure(Some(1), Duration::from_secs(60)));
+        assert_eq!(
+            r.record_check(true, 2, 3),
+            None,
+            "one pass is not a streak of two"
+        );
+        assert!(!r.is_healthy());
+        assert_eq!(r.record_check(true, 2, 3), Some(true));
     }
 
     #[test]

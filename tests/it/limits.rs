@@ -237,3 +237,83 @@ async fn shutdown_grace_bounds_the_drain() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_and_frees_the_replica() {
+    let origin = FakeNext::start(|o| {
+        o.route("/big", Route::stream(320, 64 * 1024));
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "send_timeout = \"300ms\"", "")).await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // Read nothing: socket buffers fill and the gateway's writes block.
+    crate::eventually!(
+        5,
+        gw.state.metrics.send_timeouts.get() == 1,
+        "slow reader cut"
+    );
+    let in_flight = || {
+        gw.state
+            .upstream
+            .replicas()
+            .with(|l| l.iter().map(|r| r.in_flight()).sum::<u32>())
+    };
+    crate::eventually!(
+        2,
+        in_flight() == 0,
+        "the replica's in-flight slot is released"
+    );
+    drop(s);
+}
+
+#[tokio::test]
+async fn a_client_aborting_its_upload_is_its_own_fault() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\npartial")
+        .await
+        .expect("write");
+    crate::eventually!(2, origin.count("/echo") == 1, "upload reached the replica");
+    drop(s);
+    crate::eventually!(
+        2,
+        gw.state.metrics.client_body_errors.get() == 1,
+        "counted as client error"
+    );
+    assert_eq!(gw.state.metrics.upstream_errors.get(), 0);
+    let in_flight = || {
+        gw.state
+            .upstream
+            .replicas()
+            .with(|l| l.iter().map(|r| r.in_flight()).sum::<u32>())
+    };
+    crate::eventually!(2, in_flight() == 0, "in-flight released");
+}
+
+#[tokio::test]
+async fn h2_connections_are_not_cut_by_the_header_timeout_between_requests() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "header_read_timeout = \"200ms\"\nidle_timeout = \"10s\"",
+        "",
+    ))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<Bytes>>();
+    for _ in 0..3 {
+        let resp = client
+            .get(gw.url("/p").parse().expect("uri"))
+            .await
+            .expect("h2 response");
+        assert_eq!(resp.status(), 200);
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(gw.state.metrics.header_timeouts.get(), 0);
+}

@@ -136,7 +136,7 @@ async fn internal_path_suffixes_are_refused_before_the_origin() {
         assert_eq!(got.body, "Not Found\n", "{path}: our 404, not the origin's");
     }
     assert_eq!(origin.count("/p.rsc"), 0);
-    assert_eq!(gw.state.metrics.rejected_internal_path.get(), 5);
+    assert_eq!(gw.state.metrics.rejected.get(), 5);
 }
 
 #[tokio::test]
@@ -175,7 +175,7 @@ async fn forwarded_headers_cannot_be_spoofed() {
 }
 
 #[tokio::test]
-async fn forwarded_headers_from_a_trusted_proxy_are_kept() {
+async fn forwarded_headers_from_a_trusted_proxy_are_extended() {
     let origin = FakeNext::start(|o| {
         o.route("/p", Route::html("ok"));
     })
@@ -186,26 +186,108 @@ async fn forwarded_headers_from_a_trusted_proxy_are_kept() {
         "",
     ))
     .await;
-    let got = Client::default()
-        .get(
-            &gw.url("/p"),
-            &[
-                ("x-forwarded-for", "203.0.113.7"),
-                ("x-forwarded-proto", "https"),
-                ("x-forwarded-host", "www.example"),
-                ("x-request-id", "lb-123"),
-            ],
-        )
-        .await;
+    let c = Client::default();
+    let sent = [
+        ("host", "shop.example"),
+        ("x-forwarded-for", "6.6.6.6, 203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "www.example"),
+        ("x-request-id", "lb-123"),
+    ];
+    let got = c.get(&gw.url("/p"), &sent).await;
     assert_eq!(
         got.header("x-request-id"),
         "lb-123",
         "a trusted proxy's request id is kept"
     );
     let h = origin.last("/p").expect("seen").headers;
-    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-for"], "6.6.6.6, 203.0.113.7, 127.0.0.1");
+    assert_eq!(
+        h["x-real-ip"], "203.0.113.7",
+        "right-most untrusted hop is the client"
+    );
     assert_eq!(h["x-forwarded-proto"], "https");
-    assert_eq!(h["x-forwarded-host"], "www.example");
+    assert_eq!(
+        h["x-forwarded-host"], "shop.example",
+        "X-Forwarded-Host is opt-in"
+    );
+
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "trusted_proxies = [\"127.0.0.0/8\"]\ntrust_forwarded_host = true",
+        "",
+    ))
+    .await;
+    c.get(&gw.url("/p"), &sent).await;
+    assert_eq!(
+        origin.last("/p").expect("seen").headers["x-forwarded-host"],
+        "www.example"
+    );
+}
+
+#[tokio::test]
+async fn repeated_rsc_headers_are_dropped() {
+    let origin = FakeNext::start(|o| {
+        o.route("/p", Route::html("ok"));
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    Client::default()
+        .get(&gw.url("/p"), &[("rsc", "1"), ("rsc", "0")])
+        .await;
+    assert!(!origin.last("/p").expect("seen").headers.contains_key("rsc"));
+}
+
+#[tokio::test]
+async fn ambiguous_paths_and_connect_are_refused() {
+    let origin = FakeNext::start(|o| {
+        o.route("/p", Route::html("ok"));
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let c = Client::default();
+    for path in [
+        "/p.rsc/.",
+        "/x/../p",
+        "/x/%2e%2e/p",
+        "/_next/data/%2E%2E/p",
+        "/a%5Cb",
+    ] {
+        let got = c.get(&gw.url(path), &[]).await;
+        assert_eq!(got.status, 400, "{path}");
+    }
+    let got = c
+        .send(
+            "CONNECT",
+            &format!("http://{}", gw.addr),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(got.status, 405);
+    assert_eq!(origin.count("/p"), 0);
+}
+
+#[tokio::test]
+async fn connection_tokens_cannot_strip_what_we_set() {
+    let origin = FakeNext::start(|o| {
+        o.route("/p", Route::html("ok"));
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    Client::default()
+        .get(
+            &gw.url("/p"),
+            &[
+                ("host", "shop.example"),
+                ("connection", "host, x-forwarded-for, x-forwarded-host"),
+            ],
+        )
+        .await;
+    let h = origin.last("/p").expect("seen").headers;
+    assert_eq!(h["host"], "shop.example");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-host"], "shop.example");
 }
 
 #[tokio::test]
