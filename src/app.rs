@@ -1,4 +1,7 @@
-//! [`AppState`]: everything a request needs, built once at start and shared by `Arc`.
+//! [`AppState`]: everything a request needs. One per worker thread: the connection pool to the
+//! replicas is the worker's own (its connection tasks live on the worker's runtime, so a request
+//! never hops threads), everything else (config, metrics, replica set, request ids, lifecycle
+//! tokens) is shared by all workers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -12,25 +15,45 @@ use crate::metrics::Metrics;
 use crate::proxy::sanitize;
 use crate::upstream::Upstream;
 
-/// Shared state of one gateway process.
+/// State of one worker (see the module doc for what is shared).
 #[derive(Debug)]
 pub struct AppState {
     /// The validated configuration.
     pub config: Config,
     /// Sanitizing policy derived from `config.listen`.
     pub policy: sanitize::Policy,
-    /// Replicas and the client to reach them.
+    /// Replicas (shared) and this worker's client to reach them.
     pub upstream: Upstream,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Request id source.
-    pub request_ids: RequestIds,
+    pub request_ids: Arc<RequestIds>,
+    /// Permits for requests in progress, one pool for the whole process
+    /// (`listen.max_concurrent_requests`).
+    pub concurrency: Arc<tokio::sync::Semaphore>,
     /// Background work tied to requests (tunnels); waited for at shutdown.
     pub tasks: TaskTracker,
     /// Cancelled when shutdown starts: listeners close, connections finish, `/readyz` says no.
     pub draining: CancellationToken,
     /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
     pub hard_stop: CancellationToken,
+}
+
+impl AppState {
+    /// The state for another worker: the same shared parts, a pool of its own.
+    pub fn for_worker(&self) -> AppState {
+        AppState {
+            config: self.config.clone(),
+            policy: self.policy.clone(),
+            upstream: self.upstream.with_own_pool(),
+            metrics: Arc::clone(&self.metrics),
+            request_ids: Arc::clone(&self.request_ids),
+            concurrency: Arc::clone(&self.concurrency),
+            tasks: self.tasks.clone(),
+            draining: self.draining.clone(),
+            hard_stop: self.hard_stop.clone(),
+        }
+    }
 }
 
 /// Request ids: a random per-process prefix and a counter, so ids are unique across a fleet

@@ -28,11 +28,12 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use app::AppState;
 pub use config::Config;
 use upstream::discovery::{self, Resolve, SystemResolver};
 use upstream::replicas::ReplicaSet;
@@ -51,6 +52,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start worker threads: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Things a test or an embedder may replace.
@@ -67,31 +71,22 @@ impl Default for Options {
     }
 }
 
-/// A bound gateway, ready to [`run`](Server::run).
+/// A bound gateway: listeners open (one socket per worker, sharing the port), state built,
+/// nothing served until [`run`](Server::run) or [`run_workers`](Server::run_workers).
 pub struct Server {
     app: Arc<AppState>,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
     resolver: Arc<dyn Resolve>,
 }
 
-pub use app::AppState;
-
 impl Server {
-    /// Binds the listeners and builds the state; nothing is served until [`run`](Server::run).
-    pub async fn bind(config: Config, options: Options) -> Result<Server, StartError> {
-        let bind = |which, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
-                    which,
-                    addr,
-                    source,
-                })
-        };
-        let listener = bind("listen.addr", config.listen.addr).await?;
+    /// Binds `listen.workers` sockets on `listen.addr` (the first picks the port when it is 0)
+    /// and the admin listener, and builds the shared state.
+    pub fn bind(config: Config, options: Options) -> Result<Server, StartError> {
+        let listeners = server::bind_listeners(config.listen.addr, config.listen.workers)?;
         let admin = match &config.admin {
-            Some(a) => Some(bind("admin.listen", a.listen).await?),
+            Some(a) => Some(server::bind_listeners(a.listen, 1).map(|mut v| v.remove(0))?),
             None => None,
         };
         let metrics = Arc::new(metrics::Metrics::default());
@@ -106,7 +101,11 @@ impl Server {
             },
             reject_internal_paths: config.listen.reject_internal_paths,
         };
+        let concurrency = Arc::new(tokio::sync::Semaphore::new(
+            config.listen.max_concurrent_requests,
+        ));
         let app = Arc::new(AppState {
+            concurrency,
             config,
             policy,
             upstream,
@@ -118,7 +117,7 @@ impl Server {
         });
         Ok(Server {
             app,
-            listener,
+            listeners,
             admin,
             resolver: options.resolver,
         })
@@ -126,7 +125,7 @@ impl Server {
 
     /// The public listener's address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
+        self.listeners[0]
             .local_addr()
             .expect("invariant: a bound TCP listener has an address")
     }
@@ -141,86 +140,130 @@ impl Server {
         Arc::clone(&self.app)
     }
 
-    /// Serves until `shutdown` is cancelled, then drains (see [`server`]).
+    /// Serves every listener on the current tokio runtime until `shutdown`, then drains. For
+    /// tests and embedders; the binary uses [`run_workers`](Server::run_workers).
     pub async fn run(self, shutdown: CancellationToken) {
         let Server {
             app,
-            listener,
+            listeners,
             admin,
             resolver,
         } = self;
-        let drain = app.draining.clone();
-        tokio::spawn({
-            let drain = drain.clone();
-            async move {
-                shutdown.cancelled().await;
-                drain.cancel();
-            }
-        });
         let background = CancellationToken::new();
-        let cfg = &app.config;
-        if let Some(name) = cfg.upstream.dns_name.clone() {
-            let set = Arc::clone(app.upstream.replicas());
-            // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).
-            let first = tokio::time::timeout(
-                cfg.upstream
-                    .dns_refresh
-                    .max(std::time::Duration::from_secs(2)),
-                discovery::refresh(&set, resolver.as_ref(), &name),
-            );
-            if let Err(e) = first.await.unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "resolver timed out",
-                ))
-            }) {
-                tracing::warn!(name = %name.host, error = %e, "initial DNS discovery failed; retrying every {:?}", cfg.upstream.dns_refresh);
-            }
-            tokio::spawn(discovery::run(
-                set,
-                resolver,
-                name,
-                cfg.upstream.dns_refresh,
-                background.clone(),
-            ));
+        start_control(&app, admin, resolver, &background).await;
+        for listener in listeners {
+            let worker = Arc::new(app.for_worker());
+            tokio::spawn(server::serve_worker(worker, listener));
         }
-        tokio::spawn(upstream::health::run(
-            app.upstream.client().clone(),
-            Arc::clone(app.upstream.replicas()),
-            cfg.health.clone(),
-            background.clone(),
-        ));
-        if let Some(admin) = admin {
-            tokio::spawn(admin::serve(Arc::clone(&app), admin, background.clone()));
-        }
-        tracing::info!(listen = %cfg.listen.addr, replicas = ?app.upstream.replicas().authorities(), "isrgate serving");
-        server::accept_loop(Arc::clone(&app), listener, drain.clone()).await;
-
-        let grace = cfg.listen.shutdown_grace;
-        tracing::info!(
-            in_flight_connections = app.tasks.len(),
-            ?grace,
-            "shutting down: draining"
-        );
-        app.tasks.close();
-        if tokio::time::timeout(grace, app.tasks.wait()).await.is_err() {
-            tracing::warn!(
-                remaining = app.tasks.len(),
-                "shutdown grace over; cutting remaining connections"
-            );
-            app.hard_stop.cancel();
-            app.tasks.wait().await;
-        }
+        lifecycle(&app, shutdown).await;
         background.cancel();
+    }
+
+    /// Serves with one thread per listener, each on its own single-threaded runtime (no
+    /// request ever changes thread, as in nginx's worker processes), plus this thread for the
+    /// control work (admin listener, health checks, DNS discovery). Blocks until drained.
+    pub fn run_workers(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let Server {
+            app,
+            listeners,
+            admin,
+            resolver,
+        } = self;
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(StartError::Runtime)
+        };
+        let control = runtime()?;
+        let mut threads = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (rt, worker) = (runtime()?, Arc::new(app.for_worker()));
+            let thread = std::thread::Builder::new()
+                .name(format!("isrgate-worker-{i}"))
+                .spawn(move || rt.block_on(server::serve_worker(worker, listener)))
+                .map_err(StartError::Runtime)?;
+            threads.push(thread);
+        }
+        control.block_on(async {
+            let background = CancellationToken::new();
+            start_control(&app, admin, resolver, &background).await;
+            lifecycle(&app, shutdown).await;
+            background.cancel();
+        });
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
         tracing::info!("stopped");
+        Ok(())
     }
 }
 
-/// Binds and serves `config` until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
-    Server::bind(config, Options::default())
-        .await?
-        .run(shutdown)
-        .await;
-    Ok(())
+/// Admin listener, health checks and DNS discovery, on the current runtime.
+async fn start_control(
+    app: &Arc<AppState>,
+    admin: Option<std::net::TcpListener>,
+    resolver: Arc<dyn Resolve>,
+    stop: &CancellationToken,
+) {
+    let cfg = &app.config;
+    if let Some(name) = cfg.upstream.dns_name.clone() {
+        let set = Arc::clone(app.upstream.replicas());
+        // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).
+        let limit = cfg.upstream.dns_refresh.max(Duration::from_secs(2));
+        match tokio::time::timeout(limit, discovery::refresh(&set, resolver.as_ref(), &name)).await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(name = %name.host, error = %e, "initial DNS discovery failed; retrying every {:?}", cfg.upstream.dns_refresh)
+            }
+            Err(_) => {
+                tracing::warn!(name = %name.host, "initial DNS discovery timed out; retrying every {:?}", cfg.upstream.dns_refresh)
+            }
+        }
+        let every = cfg.upstream.dns_refresh;
+        tokio::spawn(discovery::run(set, resolver, name, every, stop.clone()));
+    }
+    tokio::spawn(upstream::health::run(
+        app.upstream.client().clone(),
+        Arc::clone(app.upstream.replicas()),
+        cfg.health.clone(),
+        stop.clone(),
+    ));
+    if let Some(admin) = admin.and_then(|l| server::into_tokio(l).ok()) {
+        tokio::spawn(admin::serve(Arc::clone(app), admin, stop.clone()));
+    }
+    tracing::info!(
+        listen = %cfg.listen.addr, workers = cfg.listen.workers,
+        replicas = ?app.upstream.replicas().authorities(), "isrgate serving"
+    );
+}
+
+/// Waits for `shutdown`, then drains: listeners close (workers see `draining`), in-flight work
+/// gets `listen.shutdown_grace`, then whatever remains is cut.
+async fn lifecycle(app: &AppState, shutdown: CancellationToken) {
+    shutdown.cancelled().await;
+    app.draining.cancel();
+    let grace = app.config.listen.shutdown_grace;
+    tracing::info!(
+        connections = app.tasks.len(),
+        ?grace,
+        "shutting down: draining"
+    );
+    app.tasks.close();
+    if tokio::time::timeout(grace, app.tasks.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = app.tasks.len(),
+            "shutdown grace over; cutting remaining connections"
+        );
+        app.hard_stop.cancel();
+        app.tasks.wait().await;
+    }
+}
+
+/// Binds and serves `config` with worker threads until `shutdown` is cancelled (blocking).
+pub fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    Server::bind(config, Options::default())?.run_workers(shutdown)
 }

@@ -136,15 +136,18 @@ fn describe(file: Option<&std::path::Path>) -> String {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let shutdown = CancellationToken::new();
+    // Signals are watched on a small runtime of their own; the workers have theirs.
+    let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signal_shutdown(shutdown.clone()));
-        isrgate::run(config, shutdown).await.context("cannot start")
-    })
+        .context("cannot start the signal runtime")?;
+    let token = shutdown.clone();
+    std::thread::Builder::new()
+        .name("isrgate-signals".into())
+        .spawn(move || signals.block_on(signal_shutdown(token)))
+        .context("cannot start the signal thread")?;
+    isrgate::run(config, shutdown).context("cannot start")
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once (an operator

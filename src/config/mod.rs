@@ -41,6 +41,8 @@ pub struct Config {
 pub struct Listen {
     /// Address to bind.
     pub addr: SocketAddr,
+    /// Worker threads (resolved: never 0).
+    pub workers: usize,
     /// Scheme clients use to reach us.
     pub public_scheme: Scheme,
     /// Time allowed for a whole request head from its first byte.

@@ -93,6 +93,9 @@ section! {
     pub struct ListenRaw {
         /// Address to bind, `HOST:PORT`.
         addr: String = "0.0.0.0:8080".into(),
+        /// Worker threads, each with its own listener socket (`SO_REUSEPORT`) and connection
+        /// pool, like nginx's worker processes; 0 = one per CPU.
+        workers: u64 = 0,
         /// Scheme clients use to reach the gateway (`http` or `https` when TLS ends at the load
         /// balancer): sent as `X-Forwarded-Proto` and used when rewriting `Location`.
         public_scheme: String = "http".into(),

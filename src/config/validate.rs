@@ -185,6 +185,10 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
         .collect();
     Listen {
         addr: c.socket_addr("listen.addr", &r.addr),
+        workers: match c.in_range("listen.workers", r.workers, 0, 1024) {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n as usize,
+        },
         public_scheme,
         header_read_timeout: c.duration(
             "listen.header_read_timeout",

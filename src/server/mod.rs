@@ -43,12 +43,65 @@ fn builder(app: &AppState) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// Binds `count` sockets on `addr` with `SO_REUSEPORT`, so each worker has its own accept queue
+/// on the same port (the kernel spreads connections). With port 0 the first socket picks the
+/// port and the others join it.
+pub(crate) fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, crate::StartError> {
+    use socket2::{Domain, Socket, Type};
+    let one = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    let err = |source| crate::StartError::Bind {
+        which: "listen",
+        addr,
+        source,
+    };
+    let first = one(addr).map_err(err)?;
+    let actual = first.local_addr().map_err(err)?;
+    let mut all = vec![first];
+    for _ in 1..count.max(1) {
+        all.push(one(actual).map_err(err)?);
+    }
+    Ok(all)
+}
+
+/// A bound std listener as a tokio listener of the current runtime.
+pub(crate) fn into_tokio(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(l)
+}
+
+/// One worker: accepts on `listener` until the gateway drains, then waits until every
+/// connection has finished (or the grace period is cut).
+pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpListener) {
+    let listener = match into_tokio(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot use its listener");
+            return;
+        }
+    };
+    accept_loop(Arc::clone(&app), listener, app.draining.clone()).await;
+    tokio::select! {
+        _ = app.tasks.wait() => {}
+        _ = app.hard_stop.cancelled() => {
+            // Connections watch the same token and end; give them a moment to do so.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// Accepts on `listener` until `drain` is cancelled.
-pub(crate) async fn accept_loop(
-    app: Arc<AppState>,
-    listener: TcpListener,
-    drain: CancellationToken,
-) {
+async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
     let builder = Arc::new(builder(&app));
     let stack = stack::Stack::new(&app);
     loop {

@@ -30,11 +30,11 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// The shared parts: state and one concurrency semaphore for the whole listener.
+    /// The shared parts: state and the process-wide concurrency semaphore.
     pub fn new(app: &Arc<AppState>) -> Self {
         Self {
             app: Arc::clone(app),
-            limit: GlobalConcurrencyLimitLayer::new(app.config.listen.max_concurrent_requests),
+            limit: GlobalConcurrencyLimitLayer::with_semaphore(Arc::clone(&app.concurrency)),
         }
     }
 
@@ -47,8 +47,8 @@ impl Stack {
             // Load shedding: at the limit, refuse now (503 + Retry-After) instead of queueing;
             // a queue behind a slow replica only turns overload into timeouts for everyone.
             .load_shed()
-            // Concurrency limit: one semaphore for the whole listener (all connections),
-            // so the bound is on requests in progress, not per connection.
+            // Concurrency limit: one semaphore for the whole process (every connection of every
+            // worker), so the bound is on requests in progress, not per connection or thread.
             .layer(self.limit.clone())
             .service(service_fn(move |req| {
                 let (app, peer) = (Arc::clone(&app), Arc::clone(&peer));

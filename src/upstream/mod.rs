@@ -146,6 +146,18 @@ impl Upstream {
         }
     }
 
+    /// The same replicas and settings with a pool of its own (for another worker thread).
+    pub fn with_own_pool(&self) -> Upstream {
+        Upstream {
+            client: client(&self.cfg),
+            replicas: Arc::clone(&self.replicas),
+            cfg: self.cfg.clone(),
+            passive_failures: self.passive_failures,
+            ejection: self.ejection,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
     /// The replica set.
     pub fn replicas(&self) -> &Arc<ReplicaSet> {
         &self.replicas

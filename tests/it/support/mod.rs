@@ -104,7 +104,7 @@ impl Gateway {
     }
 
     async fn start_with(config: Config, options: Options) -> Gateway {
-        let server = Server::bind(config, options).await.expect("gateway binds");
+        let server = Server::bind(config, options).expect("gateway binds");
         let (addr, admin, state) = (server.local_addr(), server.admin_addr(), server.state());
         let shutdown = CancellationToken::new();
         let task = Some(tokio::spawn(server.run(shutdown.clone())));
