@@ -91,7 +91,7 @@ impl Server {
         };
         let metrics = Arc::new(metrics::Metrics::default());
         let replicas = Arc::new(ReplicaSet::new(config.upstream.replicas.clone()));
-        let client = upstream::client(&config.upstream);
+        let client = upstream::client(&config.upstream, config.listen.preserve_header_case);
         let upstream = upstream::Upstream::new(&config, client, replicas, Arc::clone(&metrics));
         let policy = proxy::sanitize::Policy {
             forwarded: proxy::forwarded::Policy {

@@ -63,6 +63,8 @@ pub struct Listen {
     pub trusted_proxies: Vec<IpNet>,
     /// Also trust their `X-Forwarded-Host`.
     pub trust_forwarded_host: bool,
+    /// Keep header-name case as sent, both ways.
+    pub preserve_header_case: bool,
     /// Answer 404 for Next.js-internal path suffixes.
     pub reject_internal_paths: bool,
 }

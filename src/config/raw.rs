@@ -119,6 +119,9 @@ section! {
         /// Also trust `X-Forwarded-Host` from those peers (only if they always set it themselves;
         /// AWS ALB does not, so a client could choose it).
         trust_forwarded_host: bool = false,
+        /// Keep the letter case of header names as sent, both ways (HTTP/1.1 only; names are
+        /// case-insensitive, so this is fidelity, not meaning). Costs CPU per request.
+        preserve_header_case: bool = true,
         /// Answer 404 for paths ending `.rsc`, `.prefetch.rsc`, `.segment.rsc`, `.action`.
         reject_internal_paths: bool = true,
     }

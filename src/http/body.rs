@@ -90,12 +90,14 @@ pub struct ClientBodyError(pub BoxError);
 pub struct DeadlineExceeded;
 
 pin_project! {
-    /// A body that fails with [`DeadlineExceeded`] once `deadline` passes.
+    /// A body that fails with [`DeadlineExceeded`] once `deadline` passes. The timer is armed
+    /// only when the body first has to wait: a response that is already buffered (most pages)
+    /// never touches the timer wheel.
     pub struct Deadline<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Sleep,
+        deadline: Instant,
+        sleep: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -104,7 +106,8 @@ impl<B> Deadline<B> {
     pub fn new(inner: B, deadline: Instant) -> Self {
         Self {
             inner,
-            sleep: tokio::time::sleep_until(deadline),
+            deadline,
+            sleep: None,
         }
     }
 }
@@ -122,12 +125,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(DeadlineExceeded.into()))),
-                Poll::Pending => Poll::Pending,
-            },
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = *this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(DeadlineExceeded.into()))),
+            Poll::Pending => Poll::Pending,
         }
     }
 

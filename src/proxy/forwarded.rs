@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use ipnet::IpNet;
 
@@ -57,43 +57,45 @@ impl Peer {
     }
 }
 
+/// Whether a request header carries forwarding information a client could forge:
+/// `X-Forwarded-*`, `Forwarded`, `X-Real-IP`. Sanitize drops these from untrusted peers in its
+/// single pass over the headers, before [`set`].
+pub fn is_forwarding_header(name: &str) -> bool {
+    name.starts_with("x-forwarded-") || name == "forwarded" || name == "x-real-ip"
+}
+
 /// Sets `X-Forwarded-For/Proto/Host` and `X-Real-IP` for the replica and returns the public host
-/// (what `Location` rewriting uses).
+/// (what `Location` rewriting uses). From an untrusted peer the client's forwarding headers must
+/// already be gone (sanitize's scan removes every [`is_forwarding_header`]).
 pub fn set(policy: &Policy, peer: &Peer, headers: &mut HeaderMap) -> Option<HeaderValue> {
     if peer.trusted {
         from_trusted(policy, peer, headers);
-    } else {
-        drop_forwarding(headers);
-        headers.insert(X_FORWARDED_FOR.clone(), peer.ip.clone());
-        headers.insert(X_REAL_IP.clone(), peer.ip.clone());
-    }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        let proto = if policy.public_scheme == Scheme::HTTPS {
-            "https"
-        } else {
-            "http"
-        };
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(h) = headers.get(header::HOST).cloned() {
-            headers.insert(X_FORWARDED_HOST.clone(), h);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), proto(policy));
         }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(h) = headers.get(header::HOST).cloned() {
+                headers.insert(X_FORWARDED_HOST.clone(), h);
+            }
+        }
+        return headers.get(&X_FORWARDED_HOST).cloned();
     }
-    headers.get(&X_FORWARDED_HOST).cloned()
+    headers.insert(X_FORWARDED_FOR.clone(), peer.ip.clone());
+    headers.insert(X_REAL_IP.clone(), peer.ip.clone());
+    headers.insert(X_FORWARDED_PROTO.clone(), proto(policy));
+    let host = headers.get(header::HOST).cloned();
+    if let Some(h) = &host {
+        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+    }
+    host
 }
 
-fn drop_forwarding(headers: &mut HeaderMap) {
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| n.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
-    }
-    headers.remove(header::FORWARDED);
-    headers.remove(&X_REAL_IP);
+fn proto(policy: &Policy) -> HeaderValue {
+    HeaderValue::from_static(if policy.public_scheme == Scheme::HTTPS {
+        "https"
+    } else {
+        "http"
+    })
 }
 
 fn from_trusted(policy: &Policy, peer: &Peer, headers: &mut HeaderMap) {
@@ -174,6 +176,7 @@ pub fn rewrite_location(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderName;
 
     fn policy(trust_host: bool) -> Policy {
         Policy {
@@ -210,6 +213,15 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
             ("forwarded", "for=6.6.6.6"),
         ]);
+        let forged: Vec<HeaderName> = h
+            .keys()
+            .filter(|n| is_forwarding_header(n.as_str()))
+            .cloned()
+            .collect();
+        assert_eq!(forged.len(), 6);
+        for n in forged {
+            h.remove(n);
+        }
         let public = set(&p, &peer("192.0.2.1", &p), &mut h);
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
         assert_eq!(h["x-real-ip"], "192.0.2.1");

@@ -16,7 +16,9 @@ use http::{Method, Version};
 use percent_encoding::percent_decode_str;
 
 use super::forwarded::{self, Peer};
-use crate::http::{KEEP_ALIVE, NEXT_ROUTER_PREFETCH, PROXY_CONNECTION, RSC, X_NEXTJS_DATA};
+use smallvec::SmallVec;
+
+use crate::http::{NEXT_ROUTER_PREFETCH, RSC};
 
 /// Request headers stripped by exact name: Next.js internals (NEXTJS.md §9 rule 6) and
 /// `Next-HMR-Refresh` (rule 7).
@@ -120,20 +122,23 @@ pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitiz
         return Err(Rejection::Connect);
     }
     check_path(policy, head.uri.path())?;
-    let wants_trailers = head.headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    let upgrade = strip_hop_by_hop(&mut head.headers, head.version == Version::HTTP_11);
+    let found = scan(&head.headers, Some((head.uri.path(), !peer.trusted)));
     // `TE` is hop-by-hop, but its `trailers` token is the client's consent to receive trailers,
     // which the replica only sends when asked; it is the one value worth carrying over.
+    let wants_trailers = found.te && has_token(&head.headers, &header::TE, "trailers");
+    let upgrade = apply_hop_by_hop(&mut head.headers, &found, head.version == Version::HTTP_11);
     if wants_trailers {
         head.headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    strip_internal(&mut head.headers, head.uri.path());
+    if found.rsc {
+        keep_if_single(&mut head.headers, &RSC, |v| v == b"1");
+    }
+    if found.prefetch {
+        keep_if_single(&mut head.headers, &NEXT_ROUTER_PREFETCH, |v| {
+            matches!(v, b"1" | b"2" | b"3")
+        });
+    }
     if let Some(cleaned) = head.uri.query().and_then(strip_internal_query) {
         head.uri = with_query(&head.uri, &cleaned);
     }
@@ -157,15 +162,85 @@ pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitiz
     })
 }
 
-/// Removes hop-by-hop headers: the fixed set and every header the `Connection` header names
-/// (except [`PROTECTED_FROM_CONNECTION`]). `Trailer` is not hop-by-hop (RFC 9110 §6.6.2) and
-/// hyper only sends trailers a response declares in it, so it stays. Returns whether this is a
-/// WebSocket upgrade (the only upgrade carried), in which case `Connection: upgrade` and
-/// `Upgrade: websocket` are kept for the tunnel.
+/// What one pass over the header names found: what to remove, and which headers need a closer
+/// look. One pass instead of a lookup per rule: a typical request then costs a handful of
+/// header-map hashes, not dozens.
+#[derive(Default)]
+struct Scan {
+    doomed: SmallVec<[HeaderName; 8]>,
+    connection: bool,
+    te: bool,
+    upgrade: bool,
+    rsc: bool,
+    prefetch: bool,
+}
+
+/// Classifies every header name once. `request` is `Some((path, drop_forwarding))` for a
+/// client request (internal headers, data-route marker, forwarding headers of an untrusted
+/// peer); `None` for a response (hop-by-hop only).
+fn scan(headers: &HeaderMap, request: Option<(&str, bool)>) -> Scan {
+    let mut found = Scan::default();
+    for name in headers.keys() {
+        let n = name.as_str();
+        let doom = match n {
+            "connection" => {
+                found.connection = true;
+                true
+            }
+            "te" => {
+                found.te = true;
+                true
+            }
+            "upgrade" => {
+                found.upgrade = true;
+                false
+            }
+            "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "transfer-encoding" => true,
+            _ => match request {
+                None => false,
+                Some((path, drop_forwarding)) => match n {
+                    "rsc" => {
+                        found.rsc = true;
+                        false
+                    }
+                    "next-router-prefetch" => {
+                        found.prefetch = true;
+                        false
+                    }
+                    "x-nextjs-data" => !path.starts_with("/_next/data/"),
+                    _ if forwarded::is_forwarding_header(n) => drop_forwarding,
+                    _ => is_internal_header(n),
+                },
+            },
+        };
+        if doom {
+            found.doomed.push(name.clone());
+        }
+    }
+    found
+}
+
+/// Removes hop-by-hop headers from a response (requests get the same inside [`request`]):
+/// the fixed set and every header the `Connection` header names. Returns whether this is a
+/// WebSocket upgrade (kept for the tunnel).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, may_upgrade: bool) -> bool {
+    let found = scan(headers, None);
+    apply_hop_by_hop(headers, &found, may_upgrade)
+}
+
+/// Applies a scan: the `Connection` header's tokens (every line; never a header in
+/// [`PROTECTED_FROM_CONNECTION`]), the doomed names, and the upgrade decision: only a single
+/// `Upgrade: websocket` announced by `Connection: upgrade` on HTTP/1.1 is carried, as
+/// `Connection: upgrade` + `Upgrade: websocket`. `Trailer` is not hop-by-hop (RFC 9110 §6.6.2)
+/// and hyper only sends trailers a response declares in it, so it stays.
+fn apply_hop_by_hop(headers: &mut HeaderMap, found: &Scan, may_upgrade: bool) -> bool {
+    let mut named: SmallVec<[HeaderName; 4]> = SmallVec::new();
     let mut upgrade = false;
-    if headers.contains_key(header::CONNECTION) {
-        let mut named: Vec<HeaderName> = Vec::new();
+    if found.connection {
         for value in headers.get_all(header::CONNECTION) {
             for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
@@ -173,38 +248,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, may_upgrade: bool) -> bool {
                 }
                 if token.eq_ignore_ascii_case("upgrade") {
                     upgrade = may_upgrade;
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                } else if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                     if !PROTECTED_FROM_CONNECTION.contains(&name.as_str()) {
                         named.push(name);
                     }
                 }
             }
         }
-        headers.remove(header::CONNECTION);
-        for name in named {
-            headers.remove(name);
-        }
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-    ] {
+    for name in found.doomed.iter().chain(&named) {
         headers.remove(name);
     }
-    upgrade = upgrade && is_websocket(headers);
+    let upgrade = upgrade && found.upgrade && is_websocket(headers);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    } else {
+    } else if found.upgrade {
         headers.remove(header::UPGRADE);
     }
     upgrade
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
 }
 
 fn is_websocket(headers: &HeaderMap) -> bool {
@@ -220,26 +289,6 @@ fn is_internal_header(name: &str) -> bool {
     matches!(name.as_bytes().first(), Some(b'x' | b'n'))
         && (INTERNAL_HEADERS.contains(&name)
             || INTERNAL_PREFIXES.iter().any(|p| name.starts_with(p)))
-}
-
-fn strip_internal(headers: &mut HeaderMap, path: &str) {
-    // Collected first: a HeaderMap cannot be changed while iterated. Most requests have none,
-    // so the Vec stays empty and never allocates.
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_internal_header(name.as_str()))
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
-    }
-    keep_if_single(headers, &RSC, |v| v == b"1");
-    keep_if_single(headers, &NEXT_ROUTER_PREFETCH, |v| {
-        matches!(v, b"1" | b"2" | b"3")
-    });
-    if !path.starts_with("/_next/data/") {
-        headers.remove(&X_NEXTJS_DATA);
-    }
 }
 
 /// Keeps `name` only when it appears once with a valid value: Node joins repeated headers

@@ -20,7 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 use crate::app::AppState;
 use crate::http::body::Guarded;
@@ -34,7 +33,7 @@ fn builder(app: &AppState) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes)
-        .preserve_header_case(true)
+        .preserve_header_case(cfg.preserve_header_case)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
@@ -103,7 +102,6 @@ pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpList
 /// Accepts on `listener` until `drain` is cancelled.
 async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
     let builder = Arc::new(builder(&app));
-    let stack = stack::Stack::new(&app);
     loop {
         let (stream, peer) = tokio::select! {
             _ = drain.cancelled() => return,
@@ -121,7 +119,6 @@ async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: Cancellat
         let task = serve(
             Arc::clone(&app),
             Arc::clone(&builder),
-            stack.clone(),
             stream,
             peer,
             drain.clone(),
@@ -133,23 +130,21 @@ async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: Cancellat
 async fn serve(
     app: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    stack: stack::Stack,
     stream: TcpStream,
     peer: SocketAddr,
     drain: CancellationToken,
 ) {
     let activity = Arc::new(conn::Activity::default());
     let per_request = Arc::clone(&activity);
-    let svc = stack.for_peer(peer);
+    let peer_info = Arc::new(crate::proxy::forwarded::Peer::new(
+        peer,
+        &app.policy.forwarded,
+    ));
     let shared = Arc::clone(&app);
     let hyper_svc = service_fn(move |req: hyper::Request<Incoming>| {
         let guard = per_request.enter();
-        let call = svc.clone().oneshot(req);
-        let app = Arc::clone(&shared);
-        async move {
-            let resp = stack::rescue(call.await, &app);
-            Ok::<_, Infallible>(resp.map(|b| Guarded::new(b, guard)))
-        }
+        let call = stack::call(Arc::clone(&shared), Arc::clone(&peer_info), req);
+        async move { Ok::<_, Infallible>(call.await.map(|b| Guarded::new(b, guard))) }
     });
     let io = TokioIo::new(conn::Watched::new(stream, Arc::clone(&activity)));
     let conn = builder.serve_connection_with_upgrades(io, hyper_svc);

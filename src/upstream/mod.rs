@@ -109,11 +109,12 @@ pub struct Upstream {
     cfg: config::Upstream,
     passive_failures: Option<u32>,
     ejection: Duration,
+    preserve_header_case: bool,
     metrics: Arc<Metrics>,
 }
 
 /// Builds the pooled client.
-pub fn client(cfg: &config::Upstream) -> Client {
+pub fn client(cfg: &config::Upstream, preserve_header_case: bool) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(cfg.connect_timeout));
     connector.set_nodelay(true);
@@ -123,7 +124,7 @@ pub fn client(cfg: &config::Upstream) -> Client {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_replica)
-        .http1_preserve_header_case(true)
+        .http1_preserve_header_case(preserve_header_case)
         .set_host(false)
         .build(connector)
 }
@@ -142,6 +143,7 @@ impl Upstream {
             cfg: cfg.upstream.clone(),
             passive_failures: cfg.health.passive_failures,
             ejection: cfg.health.ejection,
+            preserve_header_case: cfg.listen.preserve_header_case,
             metrics,
         }
     }
@@ -149,11 +151,12 @@ impl Upstream {
     /// The same replicas and settings with a pool of its own (for another worker thread).
     pub fn with_own_pool(&self) -> Upstream {
         Upstream {
-            client: client(&self.cfg),
+            client: client(&self.cfg, self.preserve_header_case),
             replicas: Arc::clone(&self.replicas),
             cfg: self.cfg.clone(),
             passive_failures: self.passive_failures,
             ejection: self.ejection,
+            preserve_header_case: self.preserve_header_case,
             metrics: Arc::clone(&self.metrics),
         }
     }
