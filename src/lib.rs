@@ -91,8 +91,8 @@ impl Server {
         };
         let metrics = Arc::new(metrics::Metrics::default());
         let replicas = Arc::new(ReplicaSet::new(config.upstream.replicas.clone()));
-        let client = upstream::client(&config.upstream, config.listen.preserve_header_case);
-        let upstream = upstream::Upstream::new(&config, client, replicas, Arc::clone(&metrics));
+        let pool = upstream::pool(&config.upstream, config.listen.preserve_header_case);
+        let upstream = upstream::Upstream::new(&config, pool, replicas, Arc::clone(&metrics));
         let policy = proxy::sanitize::Policy {
             forwarded: proxy::forwarded::Policy {
                 public_scheme: config.listen.public_scheme.clone(),
@@ -227,7 +227,7 @@ async fn start_control(
         tokio::spawn(discovery::run(set, resolver, name, every, stop.clone()));
     }
     tokio::spawn(upstream::health::run(
-        app.upstream.client().clone(),
+        Arc::clone(app.upstream.pool()),
         Arc::clone(app.upstream.replicas()),
         cfg.health.clone(),
         stop.clone(),

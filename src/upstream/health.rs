@@ -11,29 +11,30 @@ use http::{Request, header};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::Client;
+use super::pool::Pool;
 use super::replicas::{Replica, ReplicaSet};
 use crate::config::Health;
 use crate::http::body;
 
 /// Checks one replica once.
-pub async fn check(client: &Client, cfg: &Health, replica: &Replica) -> bool {
-    let uri = format!("http://{}{}", replica.authority, cfg.path);
-    let Ok(req) = Request::get(uri)
+pub async fn check(pool: &Arc<Pool>, cfg: &Health, replica: &Replica) -> bool {
+    let Ok(req) = Request::get(cfg.path.as_str())
         .header(header::HOST, replica.authority.as_str())
         .header(header::USER_AGENT, "isrgate-health")
         .body(body::empty())
     else {
         return false;
     };
-    match tokio::time::timeout(cfg.timeout, client.request(req)).await {
-        Ok(Ok(resp)) => resp.status().as_u16() < 500,
+    // The response body is not read: the connection is not reused, each check opens its own
+    // (a few per interval, and it also proves the replica still accepts connections).
+    match tokio::time::timeout(cfg.timeout, pool.send(&replica.authority, req)).await {
+        Ok(Ok((resp, _lease))) => resp.status().as_u16() < 500,
         _ => false,
     }
 }
 
 /// Runs checks on every replica each `cfg.interval` until `stop`.
-pub async fn run(client: Client, set: Arc<ReplicaSet>, cfg: Health, stop: CancellationToken) {
+pub async fn run(pool: Arc<Pool>, set: Arc<ReplicaSet>, cfg: Health, stop: CancellationToken) {
     let Some(every) = cfg.interval else { return };
     let cfg = Arc::new(cfg);
     let mut tick = tokio::time::interval(every);
@@ -45,9 +46,9 @@ pub async fn run(client: Client, set: Arc<ReplicaSet>, cfg: Health, stop: Cancel
         }
         let mut round = JoinSet::new();
         for replica in set.snapshot().iter().cloned() {
-            let (client, cfg) = (client.clone(), Arc::clone(&cfg));
+            let (pool, cfg) = (Arc::clone(&pool), Arc::clone(&cfg));
             round.spawn(async move {
-                let ok = check(&client, &cfg, &replica).await;
+                let ok = check(&pool, &cfg, &replica).await;
                 match replica.record_check(ok, cfg.healthy_threshold, cfg.unhealthy_threshold) {
                     Some(true) => tracing::info!(replica = %replica.authority, "replica healthy again"),
                     Some(false) => tracing::warn!(replica = %replica.authority, path = %cfg.path, "replica failed health checks; ejected"),

@@ -3,7 +3,7 @@
 //! Receives a sanitized request head and a streaming body; hands back the replica's response
 //! head with a body that still streams ([`Reply`]). Owns the replica set ([`replicas`]), the
 //! choice of replica ([`balance`]), health ([`health`], passive ejection in [`replicas`]),
-//! discovery ([`discovery`]) and the pooled keep-alive client. A GET or HEAD without a body
+//! discovery ([`discovery`]) and the per-worker keep-alive pool ([`pool`]). A GET or HEAD without a body
 //! whose exchange failed before a response head (connect or connection failure) is retried once
 //! on another replica; nothing else is retried (the request may have changed state in the app).
 //!
@@ -13,6 +13,7 @@
 pub mod balance;
 pub mod discovery;
 pub mod health;
+pub mod pool;
 pub mod replicas;
 
 use std::sync::Arc;
@@ -22,17 +23,12 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::config;
 use crate::http::body::{self, Body, Deadline, Guarded};
 use crate::metrics::Metrics;
 use replicas::{InFlight, Replica, ReplicaSet};
-
-/// The pooled HTTP/1.1 client shared by requests and health checks.
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, Body>;
 
 /// Why no response came back from upstream.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +43,7 @@ pub enum UpstreamError {
         replica: String,
         /// Why.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: body::BoxError,
     },
     /// The response head did not arrive in time.
     #[error("{replica} sent no response head within {after:?}")]
@@ -70,7 +66,7 @@ pub enum UpstreamError {
         replica: String,
         /// Why.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
 }
 
@@ -82,6 +78,7 @@ pub struct Reply {
     /// Who answered.
     pub replica: Arc<Replica>,
     in_flight: InFlight,
+    lease: pool::Lease,
     deadline: Instant,
 }
 
@@ -89,22 +86,25 @@ impl Reply {
     /// For a `101`: the raw response (to take its upgraded connection) and the in-flight guard,
     /// which the tunnel keeps for as long as it lives.
     pub fn into_upgrade(self) -> (Response<Incoming>, InFlight) {
+        self.lease.forget();
         (self.response, self.in_flight)
     }
 
     /// The response with a body that keeps the replica's in-flight count until it ends and
     /// fails when the total timeout passes.
     pub fn into_response(self) -> Response<Body> {
-        let (in_flight, deadline) = (self.in_flight, self.deadline);
-        self.response
-            .map(|b| body::boxed(Deadline::new(Guarded::new(b, in_flight), deadline)))
+        let (in_flight, lease, deadline) = (self.in_flight, self.lease, self.deadline);
+        self.response.map(|b| {
+            let leased = pool::Leased::new(b, lease);
+            body::boxed(Deadline::new(Guarded::new(leased, in_flight), deadline))
+        })
     }
 }
 
 /// The replicas and how to reach them.
 #[derive(Debug)]
 pub struct Upstream {
-    client: Client,
+    pool: Arc<pool::Pool>,
     replicas: Arc<ReplicaSet>,
     cfg: config::Upstream,
     passive_failures: Option<u32>,
@@ -113,32 +113,26 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
 }
 
-/// Builds the pooled client.
-pub fn client(cfg: &config::Upstream, preserve_header_case: bool) -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_max_idle_per_host(cfg.pool_max_idle_per_replica)
-        .http1_preserve_header_case(preserve_header_case)
-        .set_host(false)
-        .build(connector)
+/// A keep-alive pool for one worker.
+pub fn pool(cfg: &config::Upstream, preserve_header_case: bool) -> Arc<pool::Pool> {
+    Arc::new(pool::Pool::new(pool::Settings {
+        connect_timeout: cfg.connect_timeout,
+        idle_timeout: cfg.pool_idle_timeout,
+        max_idle_per_replica: cfg.pool_max_idle_per_replica,
+        preserve_header_case,
+    }))
 }
 
 impl Upstream {
     /// An upstream over `replicas`.
     pub fn new(
         cfg: &config::Config,
-        client: Client,
+        pool: Arc<pool::Pool>,
         replicas: Arc<ReplicaSet>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            client,
+            pool,
             replicas,
             cfg: cfg.upstream.clone(),
             passive_failures: cfg.health.passive_failures,
@@ -151,7 +145,7 @@ impl Upstream {
     /// The same replicas and settings with a pool of its own (for another worker thread).
     pub fn with_own_pool(&self) -> Upstream {
         Upstream {
-            client: client(&self.cfg, self.preserve_header_case),
+            pool: pool(&self.cfg, self.preserve_header_case),
             replicas: Arc::clone(&self.replicas),
             cfg: self.cfg.clone(),
             passive_failures: self.passive_failures,
@@ -166,9 +160,9 @@ impl Upstream {
         &self.replicas
     }
 
-    /// The pooled client.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// This worker's connection pool.
+    pub fn pool(&self) -> &Arc<pool::Pool> {
+        &self.pool
     }
 
     /// Sends `head` + `body` to a replica. A bodiless GET/HEAD is retried once on another
@@ -208,42 +202,42 @@ impl Upstream {
         body: Body,
         deadline: Instant,
     ) -> Result<Reply, UpstreamError> {
-        head.uri = replica_uri(replica, &head.uri);
+        // HTTP/1.1 origin form; the Host header stays the client's (Next.js builds URLs from it).
+        head.uri = origin_form(&head.uri);
         head.version = Version::HTTP_11;
+        if !head.headers.contains_key(http::header::HOST) {
+            if let Ok(v) = http::HeaderValue::from_str(replica.authority.as_str()) {
+                head.headers.insert(http::header::HOST, v);
+            }
+        }
         let in_flight = replica.begin();
         let wait = self
             .cfg
             .response_header_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
         let name = || replica.authority.to_string();
-        match tokio::time::timeout(wait, self.client.request(Request::from_parts(head, body))).await
-        {
-            Ok(Ok(response)) => {
+        let exchange = self
+            .pool
+            .send(&replica.authority, Request::from_parts(head, body));
+        match tokio::time::timeout(wait, exchange).await {
+            Ok(Ok((response, lease))) => {
                 replica.record_success();
                 Ok(Reply {
                     response,
                     replica: Arc::clone(replica),
                     in_flight,
+                    lease,
                     deadline,
                 })
             }
-            Ok(Err(source)) if source.is_connect() => {
+            Ok(Err(pool::PoolError::Connect(source))) => {
                 self.failed(replica);
                 Err(UpstreamError::Connect {
                     replica: name(),
                     source,
                 })
             }
-            Ok(Err(source)) if caused_by::<http_body_util::LengthLimitError>(&source) => {
-                Err(UpstreamError::BodyTooLarge)
-            }
-            Ok(Err(source)) if caused_by::<body::ClientBodyError>(&source) => {
-                Err(UpstreamError::ClientBody(source.to_string()))
-            }
-            Ok(Err(source)) => Err(UpstreamError::Exchange {
-                replica: name(),
-                source,
-            }),
+            Ok(Err(pool::PoolError::Exchange(source))) => Err(classify(name(), source)),
             Err(_) => {
                 self.failed(replica);
                 Err(UpstreamError::Timeout {
@@ -262,17 +256,28 @@ impl Upstream {
     }
 }
 
-fn replica_uri(replica: &Replica, original: &Uri) -> Uri {
-    let pq = original
+/// The request target in origin form (path and query), as HTTP/1.1 sends it to a server.
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    let pq = uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    Uri::builder()
-        .scheme(http::uri::Scheme::HTTP)
-        .authority(replica.authority.clone())
-        .path_and_query(pq)
-        .build()
-        .unwrap_or_else(|_| original.clone())
+    Uri::from(pq)
+}
+
+/// An exchange error, by cause: the client's body over the limit or failing is the client's
+/// fault; anything else is the exchange's.
+fn classify(replica: String, source: hyper::Error) -> UpstreamError {
+    if caused_by::<http_body_util::LengthLimitError>(&source) {
+        UpstreamError::BodyTooLarge
+    } else if caused_by::<body::ClientBodyError>(&source) {
+        UpstreamError::ClientBody(source.to_string())
+    } else {
+        UpstreamError::Exchange { replica, source }
+    }
 }
 
 /// A copy of a request head for a retry (extensions carry the header-case map).

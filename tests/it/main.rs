@@ -9,4 +9,5 @@ mod cli;
 mod fidelity;
 mod harness;
 mod limits;
+mod pool;
 mod sanitize;

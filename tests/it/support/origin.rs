@@ -172,6 +172,7 @@ struct State {
     counts: Mutex<HashMap<String, usize>>,
     last: Mutex<HashMap<String, Seen>>,
     total: AtomicUsize,
+    connections: AtomicUsize,
 }
 
 /// Route declarations, passed to the closure of [`FakeNext::start`].
@@ -234,6 +235,11 @@ impl FakeNext {
         self.state.total.load(Ordering::SeqCst)
     }
 
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
     /// The last request seen for `path`.
     pub fn last(&self, path: &str) -> Option<Seen> {
         self.state.last.lock().expect("lock").get(path).cloned()
@@ -272,6 +278,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        state.connections.fetch_add(1, Ordering::SeqCst);
         let state = Arc::clone(&state);
         conns.spawn(async move {
             let svc = service_fn(move |req| answer(Arc::clone(&state), req));
