@@ -280,14 +280,15 @@ fn classify(replica: String, source: hyper::Error) -> UpstreamError {
     }
 }
 
-/// A copy of a request head for a retry (extensions carry the header-case map).
+/// A copy of a request head for a retry. Extensions are not copied: they hold hyper's
+/// header-case map, a second header map to clone on every GET for a retry that almost never
+/// happens; a retried request goes out with lower-case header names.
 fn copy_head(head: &Parts) -> Parts {
     let mut req = Request::new(());
     *req.method_mut() = head.method.clone();
     *req.uri_mut() = head.uri.clone();
     *req.version_mut() = head.version;
     *req.headers_mut() = head.headers.clone();
-    *req.extensions_mut() = head.extensions.clone();
     req.into_parts().0
 }
 

@@ -131,7 +131,7 @@ impl Pool {
                 .preserve_header_case(self.settings.preserve_header_case)
                 .handshake(TokioIo::new(stream))
                 .await
-                .map_err(|e| std::io::Error::other(e))?;
+                .map_err(std::io::Error::other)?;
             tokio::spawn(async move {
                 // Upgrades: a 101 hands the socket to the tunnel instead of closing it.
                 if let Err(e) = conn.with_upgrades().await {
