@@ -596,3 +596,52 @@ mod tests {
         assert_eq!(h.headers["cookie"], "a=1; b=2");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pair() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z_]{1,8}=[a-z0-9%]{0,6}",
+            "(nxtP|nxtI|__nextDataReq|%6ExtP)[a-z]{0,4}(=[a-z0-9]{0,4})?",
+            "[a-zA-Z0-9%=+._-]{0,10}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn query_stripping_is_idempotent_and_keeps_other_pairs_in_order(
+            pairs in proptest::collection::vec(pair(), 0..8)
+        ) {
+            let query = pairs.join("&");
+            let once = strip_internal_query(&query).unwrap_or_else(|| query.clone());
+            // Nothing internal is left, so a second pass changes nothing.
+            prop_assert_eq!(strip_internal_query(&once), None);
+            let kept: Vec<&str> = pairs
+                .iter()
+                .map(String::as_str)
+                .filter(|p| !is_internal_query_key(p.split('=').next().unwrap_or("")))
+                .collect();
+            prop_assert_eq!(once, kept.join("&"));
+        }
+
+        #[test]
+        fn path_checks_never_panic_and_reject_every_dot_segment(path in "(/[a-zA-Z0-9.%\\\\]{0,6}){0,5}") {
+            let policy = Policy {
+                forwarded: forwarded::Policy {
+                    public_scheme: http::uri::Scheme::HTTP,
+                    trusted_proxies: Vec::new(),
+                    trust_forwarded_host: false,
+                },
+                reject_internal_paths: true,
+            };
+            let result = check_path(&policy, &path);
+            let decoded = percent_decode_str(&path).decode_utf8_lossy().into_owned();
+            if decoded.split('/').any(|s| s == "." || s == "..") || decoded.contains('\\') {
+                prop_assert_eq!(result, Err(Rejection::AmbiguousPath));
+            }
+        }
+    }
+}
