@@ -9,7 +9,7 @@
 //!
 //! Stages in brackets arrive with the cache. Module map:
 //! - [`config`]: TOML + env + flags → validated [`Config`]; all problems reported at once.
-//! - [`server`]: listener, per-connection bounds, the tower stack, graceful shutdown.
+//! - [`server`]: workers and listeners, per-connection bounds, load shedding, graceful drain.
 //! - [`proxy`]: the request driver and its steps (sanitize, tunnel, respond).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`admin`]: the operator listener (health, readiness).

@@ -7,11 +7,11 @@
 //!    into timeouts for everyone. The permit is held until the response head is ready.
 //! 2. **The driver** (`proxy::handle`), which never fails: errors are responses.
 //!
-//! This was a tower stack (`LoadShed` + `GlobalConcurrencyLimit` + `BoxCloneSyncService`); on the
-//! pass-through bench those layers (their futures, the per-request boxed clone and the moves of
-//! the large driver future through them) cost more user CPU than the semaphore they wrap, so the
-//! same semantics are a try-acquire here. New cross-cutting concerns that need real
-//! composition (timeouts per route, tracing layers) can bring tower back.
+//! This was a tower stack (`LoadShed` + `GlobalConcurrencyLimit` + `BoxCloneSyncService`). In a
+//! sampled profile of the pass-through path its futures (polls, drops, the per-request boxed
+//! clone, moves of the large driver future through three layers) were about 4% of user CPU,
+//! more than the semaphore they wrap; so the same semantics are a try-acquire here. When a
+//! concern needs real composition (per-route timeouts, tower-http tracing), tower comes back.
 
 use std::sync::Arc;
 
