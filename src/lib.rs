@@ -17,6 +17,7 @@
 //! - [`app`]: the shared state built once at start.
 
 pub mod admin;
+pub mod cache;
 pub mod app;
 pub mod config;
 pub mod error;

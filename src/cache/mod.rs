@@ -1,0 +1,17 @@
+//! Cache semantics, no sockets: what a request's key is, what a response's Cache-Control says,
+//! whether a response may be stored and how long it stays fresh, and how an entry is laid out
+//! in bytes. The request path (`proxy/`) calls into this; nothing here imports `proxy/`,
+//! `server/` or hyper server types (the pingora-cache discipline), and time is always a
+//! parameter (`now`), never read from a clock.
+//!
+//! - [`key`]: request → cache key (namespace, host, normalized path and query, variant) and its
+//!   stable 128-bit hash.
+//! - [`control`]: `Cache-Control` parsing (RFC 9111 §5.2), tolerant of every form Next.js emits.
+//! - [`policy`]: admission (RFC 9111 shared-cache rules plus the Next.js rules of NEXTJS.md §9)
+//!   and freshness at a given time.
+//! - [`entry`]: the stored entry: versioned binary metadata and a gzip-1 body.
+
+pub mod control;
+pub mod entry;
+pub mod key;
+pub mod policy;
