@@ -17,8 +17,8 @@
 //! - [`app`]: the shared state built once at start.
 
 pub mod admin;
-pub mod cache;
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod http;

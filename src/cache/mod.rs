@@ -10,8 +10,10 @@
 //! - [`policy`]: admission (RFC 9111 shared-cache rules plus the Next.js rules of NEXTJS.md §9)
 //!   and freshness at a given time.
 //! - [`entry`]: the stored entry: versioned binary metadata and a gzip-1 body.
+//! - [`store`]: where entries live: Redis (shared) or in-process (embedded default).
 
 pub mod control;
 pub mod entry;
 pub mod key;
 pub mod policy;
+pub mod store;

@@ -11,3 +11,4 @@ mod harness;
 mod limits;
 mod pool;
 mod sanitize;
+mod store;

@@ -1,0 +1,288 @@
+//! Where entries live between requests (DESIGN.md request flow steps 5 and 10): the shared
+//! store that every gateway reads and writes, or the in-process one for the embedded default.
+//!
+//! Receives a key hash (32 hex digits, from `cache::key`) and an entry as two byte strings
+//! (encoded metadata, gzip body, from `cache::entry`); hands back the same bytes. It never looks
+//! inside them, never decides freshness (the TTL it is given is already fresh + stale windows,
+//! capped) and never fails a request: callers treat an error as a miss or a skipped store.
+//!
+//! - [`Store::Memory`]: moka, byte-weighted, per-entry TTL. What `isrgate serve` uses with no
+//!   Redis configured; each gateway process then has its own cache.
+//! - [`Store::Redis`]: fred pool. Layout (DESIGN.md "Entries"): hash `isr:{<hex>}:e` with fields
+//!   `m` (metadata) and `b` (body), written with `MULTI HSET … PEXPIRE … EXEC` so an entry never
+//!   exists without its TTL; the `{<hex>}` hash tag keeps everything about one key in one
+//!   Cluster slot. Every command is bounded by `command_timeout`; a lost connection is retried
+//!   in the background with exponential backoff, and commands fail fast meanwhile.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::prelude::*;
+
+/// One stored entry, as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Encoded metadata (`cache::entry::Meta::encode`).
+    pub meta: Bytes,
+    /// The gzip body.
+    pub body: Bytes,
+}
+
+impl Stored {
+    fn weight(&self) -> u32 {
+        u32::try_from(self.meta.len() + self.body.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// A store operation failed; the caller carries on without the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// No answer within `command_timeout`.
+    #[error("redis command timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Settings of the Redis store.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`, sentinel and cluster URLs as
+    /// fred reads them).
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Bound on every command (a slow Redis must not slow requests down).
+    pub command_timeout: Duration,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+/// Settings of the in-process store.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySettings {
+    /// Bytes of metadata and body kept, at most.
+    pub max_bytes: u64,
+}
+
+/// The entry store.
+#[derive(Clone)]
+pub enum Store {
+    /// In-process (embedded default).
+    Memory(MemoryStore),
+    /// Shared Redis / Valkey.
+    Redis(RedisStore),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+impl Store {
+    /// `memory` or `redis`, for logs and the dashboard.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// The entry under `key_hex`, if any.
+    pub async fn get(&self, key_hex: &str) -> Result<Option<Stored>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.get(key_hex)),
+            Store::Redis(r) => r.get(key_hex).await,
+        }
+    }
+
+    /// Stores an entry for `ttl` (replacing any previous one).
+    pub async fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.put(key_hex, entry, ttl);
+                Ok(())
+            }
+            Store::Redis(r) => r.put(key_hex, entry, ttl).await,
+        }
+    }
+}
+
+/// The Redis key of an entry: a hash-tagged name, so its lock and everything else about the
+/// key live in the same Cluster slot.
+pub fn entry_key(key_hex: &str) -> String {
+    format!("isr:{{{key_hex}}}:e")
+}
+
+/// The in-process store.
+#[derive(Clone)]
+pub struct MemoryStore {
+    cache: moka::sync::Cache<String, (Stored, Duration)>,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<String, (Stored, Duration)> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &String,
+        value: &(Stored, Duration),
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        value: &(Stored, Duration),
+        _updated_at: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+}
+
+impl MemoryStore {
+    /// An empty store holding at most `max_bytes`.
+    pub fn new(settings: MemorySettings) -> MemoryStore {
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(settings.max_bytes)
+            .weigher(|k: &String, v: &(Stored, Duration)| {
+                v.0.weight().saturating_add(u32::try_from(k.len()).unwrap_or(u32::MAX))
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        MemoryStore { cache }
+    }
+
+    fn get(&self, key_hex: &str) -> Option<Stored> {
+        self.cache.get(key_hex).map(|(s, _)| s)
+    }
+
+    fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) {
+        self.cache.insert(key_hex.to_owned(), (entry, ttl));
+    }
+}
+
+/// The Redis store.
+#[derive(Clone)]
+pub struct RedisStore {
+    pool: Pool,
+    command_timeout: Duration,
+}
+
+impl RedisStore {
+    /// Builds the pool and starts connecting in the background: a Redis that is down at start
+    /// does not stop the gateway from starting; commands fail (fast) until it is reachable.
+    pub fn connect(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let config = Config::from_url(&settings.url)?;
+        let pool = Builder::from_config(config)
+            .with_config(|c| {
+                // Keep retrying the first connection instead of failing start-up.
+                c.fail_fast = false;
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = settings.connect_timeout;
+                c.internal_command_timeout = settings.connect_timeout;
+                // A command in flight when the connection drops is not retried at length.
+                c.max_command_attempts = 1;
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+            })
+            .with_performance_config(|c| {
+                c.default_command_timeout = settings.command_timeout;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .build_pool(settings.pool_size.max(1))?;
+        // The connection tasks run for the life of the pool; the handle is not needed.
+        drop(pool.connect());
+        Ok(RedisStore {
+            pool,
+            command_timeout: settings.command_timeout,
+        })
+    }
+
+    /// The underlying pool (for the bus and the lock code that share it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, fred::error::Error>>,
+    ) -> Result<T, StoreError> {
+        // fred bounds commands itself; this also bounds the wait for a connection.
+        match tokio::time::timeout(self.command_timeout, fut).await {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Timeout(self.command_timeout)),
+        }
+    }
+
+    async fn get(&self, key_hex: &str) -> Result<Option<Stored>, StoreError> {
+        let key = entry_key(key_hex);
+        let (meta, body): (Option<Bytes>, Option<Bytes>) =
+            self.bounded(self.pool.hmget(key, vec!["m", "b"])).await?;
+        Ok(match (meta, body) {
+            (Some(meta), Some(body)) => Some(Stored { meta, body }),
+            _ => None,
+        })
+    }
+
+    async fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) -> Result<(), StoreError> {
+        let key = entry_key(key_hex);
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let trx = self.pool.next().multi();
+        let queued = async {
+            let _: () = trx
+                .hset(&key, vec![("m", entry.meta), ("b", entry.body)])
+                .await?;
+            let _: () = trx.pexpire(&key, ttl_ms, None).await?;
+            let _: ((), ()) = trx.exec(true).await?;
+            Ok(())
+        };
+        self.bounded(queued).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(n: usize) -> Stored {
+        Stored {
+            meta: Bytes::from(vec![1u8; 8]),
+            body: Bytes::from(vec![7u8; n]),
+        }
+    }
+
+    #[test]
+    fn entry_keys_are_hash_tagged() {
+        assert_eq!(entry_key("ab12"), "isr:{ab12}:e");
+    }
+
+    #[tokio::test]
+    async fn memory_store_round_trips_and_expires() {
+        let s = Store::Memory(MemoryStore::new(MemorySettings { max_bytes: 1 << 20 }));
+        s.put("k", stored(10), Duration::from_millis(80)).await.expect("put");
+        assert_eq!(s.get("k").await.expect("get"), Some(stored(10)));
+        assert_eq!(s.get("other").await.expect("get"), None);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(s.get("k").await.expect("get"), None, "expired after its TTL");
+    }
+
+    #[tokio::test]
+    async fn memory_store_is_bounded_by_bytes() {
+        let m = MemoryStore::new(MemorySettings { max_bytes: 10_000 });
+        for i in 0..50 {
+            m.put(&format!("k{i}"), stored(1_000), Duration::from_secs(60));
+        }
+        m.cache.run_pending_tasks();
+        assert!(m.cache.weighted_size() <= 10_000, "{}", m.cache.weighted_size());
+        assert!(m.cache.entry_count() < 50);
+    }
+}

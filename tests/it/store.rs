@@ -1,0 +1,79 @@
+//! The entry store against a real `redis-server`: layout, TTL, and failure behaviour (errors
+//! come back within the command bound; the same store recovers when Redis returns).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fred::prelude::*;
+use isrgate::cache::store::{RedisSettings, RedisStore, Store, Stored, entry_key};
+
+use crate::eventually;
+use crate::support::redis::RedisProcess;
+
+fn settings(r: &RedisProcess) -> RedisSettings {
+    RedisSettings {
+        url: r.url(),
+        pool_size: 2,
+        command_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(300),
+    }
+}
+
+fn entry(body: &'static [u8]) -> Stored {
+    Stored {
+        meta: Bytes::from_static(b"\x01meta"),
+        body: Bytes::from_static(body),
+    }
+}
+
+async fn raw_client(r: &RedisProcess) -> Client {
+    let c = Builder::from_config(Config::from_url(&r.url()).expect("url")).build().expect("client");
+    c.init().await.expect("connect");
+    c
+}
+
+#[tokio::test]
+async fn entries_round_trip_with_the_documented_layout_and_ttl() {
+    let r = RedisProcess::start();
+    let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
+    let key = "0123456789abcdef0123456789abcdef";
+    eventually!(5, store.put(key, entry(b"\x1f\x8bgzip"), Duration::from_secs(60)).await.is_ok(), "put");
+    assert_eq!(store.get(key).await.expect("get"), Some(entry(b"\x1f\x8bgzip")));
+    assert_eq!(store.get("ffffffffffffffffffffffffffffffff").await.expect("get"), None);
+
+    let raw = raw_client(&r).await;
+    let k = entry_key(key);
+    assert_eq!(k, format!("isr:{{{key}}}:e"));
+    let body: Bytes = raw.hget(&k, "b").await.expect("hget");
+    assert_eq!(&body[..], b"\x1f\x8bgzip");
+    let pttl: i64 = raw.pttl(&k).await.expect("pttl");
+    assert!((59_000..=60_000).contains(&pttl), "TTL set with the entry: {pttl}");
+}
+
+#[tokio::test]
+async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
+    let mut r = RedisProcess::start();
+    let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
+    let key = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    eventually!(5, store.put(key, entry(b"v1"), Duration::from_secs(60)).await.is_ok(), "put");
+    r.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(store.get(key).await.is_err(), "Redis is down");
+        assert!(started.elapsed() < Duration::from_secs(1), "bounded: {:?}", started.elapsed());
+    }
+    r.restart();
+    // Redis keeps nothing on disk here: the entry is gone, but the store works again.
+    eventually!(10, store.put(key, entry(b"v2"), Duration::from_secs(60)).await.is_ok(), "reconnected: {}", r.log());
+    assert_eq!(store.get(key).await.expect("get"), Some(entry(b"v2")));
+}
+
+#[tokio::test]
+async fn a_store_built_while_redis_is_down_starts_working_when_it_comes_up() {
+    let mut r = RedisProcess::start();
+    r.kill();
+    let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("building never waits for Redis"));
+    assert!(store.get("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await.is_err());
+    r.restart();
+    eventually!(10, store.get("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await.is_ok(), "connected later");
+}
