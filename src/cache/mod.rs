@@ -4,13 +4,13 @@
 //! `server/` or hyper server types (the pingora-cache discipline), and time is always a
 //! parameter (`now`), never read from a clock.
 //!
-//! - [`key`]: request → cache key (namespace, host, normalized path and query, variant) and its
+//! - [`key`] — request → cache key (namespace, host, normalized path and query, variant) and its
 //!   stable 128-bit hash.
-//! - [`control`]: `Cache-Control` parsing (RFC 9111 §5.2), tolerant of every form Next.js emits.
-//! - [`policy`]: admission (RFC 9111 shared-cache rules plus the Next.js rules of NEXTJS.md §9)
+//! - [`control`] — `Cache-Control` parsing (RFC 9111 §5.2), tolerant of every form Next.js emits.
+//! - [`policy`] — admission (RFC 9111 shared-cache rules plus the Next.js rules of NEXTJS.md §9)
 //!   and freshness at a given time.
-//! - [`entry`]: the stored entry: versioned binary metadata and a gzip-1 body.
-//! - [`store`]: where entries live: Redis (shared) or in-process (embedded default).
+//! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
+//! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 
 pub mod control;
 pub mod entry;
