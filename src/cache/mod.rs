@@ -11,9 +11,11 @@
 //!   and freshness at a given time.
 //! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
+//! - [`l1`] — the in-process L1 of decoded entries in front of the store.
 
 pub mod control;
 pub mod entry;
 pub mod key;
+pub mod l1;
 pub mod policy;
 pub mod store;

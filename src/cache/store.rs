@@ -151,7 +151,8 @@ impl MemoryStore {
         let cache = moka::sync::Cache::builder()
             .max_capacity(settings.max_bytes)
             .weigher(|k: &String, v: &(Stored, Duration)| {
-                v.0.weight().saturating_add(u32::try_from(k.len()).unwrap_or(u32::MAX))
+                v.0.weight()
+                    .saturating_add(u32::try_from(k.len()).unwrap_or(u32::MAX))
             })
             .expire_after(PerEntryTtl)
             .build();
@@ -268,11 +269,17 @@ mod tests {
     #[tokio::test]
     async fn memory_store_round_trips_and_expires() {
         let s = Store::Memory(MemoryStore::new(MemorySettings { max_bytes: 1 << 20 }));
-        s.put("k", stored(10), Duration::from_millis(80)).await.expect("put");
+        s.put("k", stored(10), Duration::from_millis(80))
+            .await
+            .expect("put");
         assert_eq!(s.get("k").await.expect("get"), Some(stored(10)));
         assert_eq!(s.get("other").await.expect("get"), None);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(s.get("k").await.expect("get"), None, "expired after its TTL");
+        assert_eq!(
+            s.get("k").await.expect("get"),
+            None,
+            "expired after its TTL"
+        );
     }
 
     #[tokio::test]
@@ -282,7 +289,11 @@ mod tests {
             m.put(&format!("k{i}"), stored(1_000), Duration::from_secs(60));
         }
         m.cache.run_pending_tasks();
-        assert!(m.cache.weighted_size() <= 10_000, "{}", m.cache.weighted_size());
+        assert!(
+            m.cache.weighted_size() <= 10_000,
+            "{}",
+            m.cache.weighted_size()
+        );
         assert!(m.cache.entry_count() < 50);
     }
 }

@@ -27,7 +27,9 @@ fn entry(body: &'static [u8]) -> Stored {
 }
 
 async fn raw_client(r: &RedisProcess) -> Client {
-    let c = Builder::from_config(Config::from_url(&r.url()).expect("url")).build().expect("client");
+    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
+        .build()
+        .expect("client");
     c.init().await.expect("connect");
     c
 }
@@ -37,9 +39,25 @@ async fn entries_round_trip_with_the_documented_layout_and_ttl() {
     let r = RedisProcess::start();
     let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
     let key = "0123456789abcdef0123456789abcdef";
-    eventually!(5, store.put(key, entry(b"\x1f\x8bgzip"), Duration::from_secs(60)).await.is_ok(), "put");
-    assert_eq!(store.get(key).await.expect("get"), Some(entry(b"\x1f\x8bgzip")));
-    assert_eq!(store.get("ffffffffffffffffffffffffffffffff").await.expect("get"), None);
+    eventually!(
+        5,
+        store
+            .put(key, entry(b"\x1f\x8bgzip"), Duration::from_secs(60))
+            .await
+            .is_ok(),
+        "put"
+    );
+    assert_eq!(
+        store.get(key).await.expect("get"),
+        Some(entry(b"\x1f\x8bgzip"))
+    );
+    assert_eq!(
+        store
+            .get("ffffffffffffffffffffffffffffffff")
+            .await
+            .expect("get"),
+        None
+    );
 
     let raw = raw_client(&r).await;
     let k = entry_key(key);
@@ -47,7 +65,10 @@ async fn entries_round_trip_with_the_documented_layout_and_ttl() {
     let body: Bytes = raw.hget(&k, "b").await.expect("hget");
     assert_eq!(&body[..], b"\x1f\x8bgzip");
     let pttl: i64 = raw.pttl(&k).await.expect("pttl");
-    assert!((59_000..=60_000).contains(&pttl), "TTL set with the entry: {pttl}");
+    assert!(
+        (59_000..=60_000).contains(&pttl),
+        "TTL set with the entry: {pttl}"
+    );
 }
 
 #[tokio::test]
@@ -55,16 +76,35 @@ async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
     let mut r = RedisProcess::start();
     let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
     let key = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    eventually!(5, store.put(key, entry(b"v1"), Duration::from_secs(60)).await.is_ok(), "put");
+    eventually!(
+        5,
+        store
+            .put(key, entry(b"v1"), Duration::from_secs(60))
+            .await
+            .is_ok(),
+        "put"
+    );
     r.kill();
     for _ in 0..3 {
         let started = Instant::now();
         assert!(store.get(key).await.is_err(), "Redis is down");
-        assert!(started.elapsed() < Duration::from_secs(1), "bounded: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "bounded: {:?}",
+            started.elapsed()
+        );
     }
     r.restart();
     // Redis keeps nothing on disk here: the entry is gone, but the store works again.
-    eventually!(10, store.put(key, entry(b"v2"), Duration::from_secs(60)).await.is_ok(), "reconnected: {}", r.log());
+    eventually!(
+        10,
+        store
+            .put(key, entry(b"v2"), Duration::from_secs(60))
+            .await
+            .is_ok(),
+        "reconnected: {}",
+        r.log()
+    );
     assert_eq!(store.get(key).await.expect("get"), Some(entry(b"v2")));
 }
 
@@ -72,8 +112,13 @@ async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
 async fn a_store_built_while_redis_is_down_starts_working_when_it_comes_up() {
     let mut r = RedisProcess::start();
     r.kill();
-    let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("building never waits for Redis"));
+    let store =
+        Store::Redis(RedisStore::connect(&settings(&r)).expect("building never waits for Redis"));
     assert!(store.get("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await.is_err());
     r.restart();
-    eventually!(10, store.get("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await.is_ok(), "connected later");
+    eventually!(
+        10,
+        store.get("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await.is_ok(),
+        "connected later"
+    );
 }

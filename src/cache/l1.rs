@@ -1,0 +1,193 @@
+//! The in-process L1 in front of the shared store (DESIGN.md request flow step 5).
+//!
+//! Receives decoded entries after a store read or a fill; hands back `Arc<Entry>` so a hit
+//! copies no body (STYLE rule 8). Bounded by bytes (metadata estimate + gzip body), not by
+//! count. An L1 copy never outlives its freshness: it expires at the entry's `fresh_until`, and
+//! [`L1::get`] refuses anything past it, so staleness is always decided from the shared store,
+//! the same way on every gateway. It can be disabled ("strict mode": every hit reads the store).
+//!
+//! Invalidation of L1 copies (another gateway filled the key, a purge, a reconnect that may have
+//! missed messages) goes through [`L1::remove`] and [`L1::clear`]; the bus that calls them is a
+//! later stage.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::entry::Entry;
+
+/// Bytes charged per entry on top of its body, for metadata and bookkeeping.
+const OVERHEAD_BYTES: u32 = 512;
+
+struct UntilFresh;
+
+impl moka::Expiry<u128, (Arc<Entry>, Duration)> for UntilFresh {
+    fn expire_after_create(
+        &self,
+        _key: &u128,
+        value: &(Arc<Entry>, Duration),
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &u128,
+        value: &(Arc<Entry>, Duration),
+        _updated_at: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.1)
+    }
+}
+
+/// The L1 cache; `Clone` shares it.
+#[derive(Clone)]
+pub struct L1 {
+    cache: Option<moka::sync::Cache<u128, (Arc<Entry>, Duration)>>,
+}
+
+impl std::fmt::Debug for L1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.cache {
+            Some(c) => f
+                .debug_struct("L1")
+                .field("entries", &c.entry_count())
+                .field("bytes", &c.weighted_size())
+                .finish(),
+            None => f.write_str("L1(disabled)"),
+        }
+    }
+}
+
+impl L1 {
+    /// An L1 holding at most `max_bytes`; `0` disables it.
+    pub fn new(max_bytes: u64) -> L1 {
+        if max_bytes == 0 {
+            return L1 { cache: None };
+        }
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &u128, v: &(Arc<Entry>, Duration)| {
+                u32::try_from(v.0.gzip.len())
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(OVERHEAD_BYTES)
+            })
+            .expire_after(UntilFresh)
+            .build();
+        L1 { cache: Some(cache) }
+    }
+
+    /// Whether the L1 is in use.
+    pub fn enabled(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// The entry for `key` if it is held and still fresh at `now_ms`.
+    pub fn get(&self, key: u128, now_ms: u64) -> Option<Arc<Entry>> {
+        let (entry, _) = self.cache.as_ref()?.get(&key)?;
+        (now_ms < entry.meta.fresh_until_ms).then_some(entry)
+    }
+
+    /// Holds `entry` until its freshness ends; an entry already stale at `now_ms` is not held.
+    pub fn insert(&self, key: u128, entry: Arc<Entry>, now_ms: u64) {
+        let Some(cache) = &self.cache else { return };
+        let fresh_for = entry.meta.fresh_until_ms.saturating_sub(now_ms);
+        if fresh_for == 0 {
+            cache.invalidate(&key);
+            return;
+        }
+        cache.insert(key, (entry, Duration::from_millis(fresh_for)));
+    }
+
+    /// Drops `key` (another gateway replaced it, or it was purged).
+    pub fn remove(&self, key: u128) {
+        if let Some(c) = &self.cache {
+            c.invalidate(&key);
+        }
+    }
+
+    /// Drops everything (after a reconnect that may have missed invalidations).
+    pub fn clear(&self) {
+        if let Some(c) = &self.cache {
+            c.invalidate_all();
+        }
+    }
+
+    /// `(entries, bytes)` held, for the dashboard.
+    pub fn size(&self) -> (u64, u64) {
+        self.cache.as_ref().map_or((0, 0), |c| {
+            c.run_pending_tasks();
+            (c.entry_count(), c.weighted_size())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::entry::Meta;
+
+    fn entry(fresh_until_ms: u64, body_len: usize) -> Arc<Entry> {
+        let meta = Meta {
+            status: 200,
+            headers: Vec::new(),
+            render_epoch: 0,
+            stored_at_ms: 0,
+            fresh_until_ms,
+            stale_until_ms: fresh_until_ms + 60_000,
+            stale_if_error_until_ms: fresh_until_ms + 60_000,
+            tags: Vec::new(),
+            etag: String::new(),
+            identity_len: 0,
+        };
+        let body: Vec<u8> = (0..body_len).map(|i| (i * 7919 % 251) as u8).collect();
+        Arc::new(Entry::from_identity(meta, &body))
+    }
+
+    #[test]
+    fn hit_shares_the_entry_and_refuses_stale() {
+        let l1 = L1::new(1 << 20);
+        let e = entry(10_000, 100);
+        l1.insert(1, Arc::clone(&e), 1_000);
+        let got = l1.get(1, 2_000).expect("fresh hit");
+        assert!(Arc::ptr_eq(&got, &e), "no copy on a hit");
+        assert!(l1.get(1, 10_000).is_none(), "never served past fresh_until");
+        assert!(l1.get(2, 2_000).is_none());
+    }
+
+    #[test]
+    fn already_stale_entries_are_not_held_and_replace_older_copies() {
+        let l1 = L1::new(1 << 20);
+        l1.insert(1, entry(10_000, 10), 1_000);
+        l1.insert(1, entry(5_000, 10), 6_000);
+        assert!(l1.get(1, 6_001).is_none());
+    }
+
+    #[test]
+    fn remove_clear_and_disabled() {
+        let l1 = L1::new(1 << 20);
+        l1.insert(1, entry(10_000, 10), 0);
+        l1.insert(2, entry(10_000, 10), 0);
+        l1.remove(1);
+        assert!(l1.get(1, 1).is_none());
+        assert!(l1.get(2, 1).is_some());
+        l1.clear();
+        assert!(l1.get(2, 1).is_none());
+        let off = L1::new(0);
+        assert!(!off.enabled());
+        off.insert(1, entry(10_000, 10), 0);
+        assert!(off.get(1, 1).is_none());
+    }
+
+    #[test]
+    fn bounded_by_bytes() {
+        let l1 = L1::new(64 * 1024);
+        for k in 0..100u128 {
+            l1.insert(k, entry(u64::MAX / 2, 8 * 1024), 0);
+        }
+        let (count, bytes) = l1.size();
+        assert!(bytes <= 64 * 1024, "{bytes}");
+        assert!(count < 100);
+    }
+}
