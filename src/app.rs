@@ -10,6 +10,12 @@ use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use crate::cache::l1::L1;
+use crate::cache::policy;
+use crate::cache::store::{MemorySettings, MemoryStore, RedisSettings, RedisStore, Store};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::sanitize;
@@ -24,6 +30,8 @@ pub struct AppState {
     pub policy: sanitize::Policy,
     /// Replicas (shared) and this worker's client to reach them.
     pub upstream: Upstream,
+    /// The cache (shared by all workers); `None` when disabled.
+    pub cache: Option<Arc<CacheState>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Request id source.
@@ -46,12 +54,72 @@ impl AppState {
             config: self.config.clone(),
             policy: self.policy.clone(),
             upstream: self.upstream.with_own_pool(),
+            cache: self.cache.clone(),
             metrics: Arc::clone(&self.metrics),
             request_ids: Arc::clone(&self.request_ids),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
             draining: self.draining.clone(),
             hard_stop: self.hard_stop.clone(),
+        }
+    }
+}
+
+/// Everything the cache stages share: the store, the L1, the admission limits, and the keys
+/// being refreshed in the background.
+#[derive(Debug)]
+pub struct CacheState {
+    /// `[cache]` settings.
+    pub cfg: crate::config::Cache,
+    /// Redis or in-process.
+    pub store: Store,
+    /// In-process copies in front of the store.
+    pub l1: L1,
+    /// Admission caps.
+    pub limits: policy::Limits,
+    /// Keys with a background refresh running on this gateway (local single-flight; the
+    /// fleet-wide lock comes with coalescing).
+    pub refreshing: Mutex<HashSet<u128>>,
+    /// Bound on background refreshes at once.
+    pub refresh_permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl CacheState {
+    /// Builds the cache from its settings; the Redis pool is built here and connected by
+    /// [`CacheState::start`] inside a runtime.
+    pub fn new(
+        cfg: crate::config::Cache,
+        redis: Option<&crate::config::Redis>,
+    ) -> Result<CacheState, crate::cache::store::StoreError> {
+        let store = match redis {
+            Some(r) => Store::Redis(RedisStore::new(&RedisSettings {
+                url: r.url.clone(),
+                pool_size: r.pool_size,
+                command_timeout: r.command_timeout,
+                connect_timeout: r.connect_timeout,
+            })?),
+            None => Store::Memory(MemoryStore::new(MemorySettings {
+                max_bytes: cfg.memory_max_bytes,
+            })),
+        };
+        Ok(CacheState {
+            l1: L1::new(cfg.l1_max_bytes),
+            limits: policy::Limits {
+                default_stale_if_error: cfg.default_stale_if_error,
+                max_stale_while_revalidate: cfg.max_stale_while_revalidate,
+                max_ttl: cfg.max_ttl,
+            },
+            refreshing: Mutex::new(HashSet::new()),
+            refresh_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_background_refreshes)),
+            store,
+            cfg,
+        })
+    }
+
+    /// Starts the store's connections (Redis) on the current runtime.
+    pub fn start(&self) {
+        if let Store::Redis(r) = &self.store {
+            r.start();
         }
     }
 }

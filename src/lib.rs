@@ -53,6 +53,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The Redis URL or settings were refused by the client.
+    #[error("cannot set up the Redis store: {0}")]
+    Store(#[from] cache::store::StoreError),
     /// A worker thread or its runtime could not be started.
     #[error("cannot start worker threads: {0}")]
     Runtime(#[source] std::io::Error),
@@ -102,10 +105,18 @@ impl Server {
             },
             reject_internal_paths: config.listen.reject_internal_paths,
         };
+        let cache = match &config.cache {
+            Some(c) => Some(Arc::new(app::CacheState::new(
+                c.clone(),
+                config.redis.as_ref(),
+            )?)),
+            None => None,
+        };
         let concurrency = Arc::new(tokio::sync::Semaphore::new(
             config.listen.max_concurrent_requests,
         ));
         let app = Arc::new(AppState {
+            cache,
             concurrency,
             config,
             policy,
@@ -210,6 +221,10 @@ async fn start_control(
     stop: &CancellationToken,
 ) {
     let cfg = &app.config;
+    if let Some(cache) = &app.cache {
+        cache.start();
+        tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
+    }
     if let Some(name) = cfg.upstream.dns_name.clone() {
         let set = Arc::clone(app.upstream.replicas());
         // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).

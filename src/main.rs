@@ -55,6 +55,10 @@ struct ServeArgs {
     /// Admin listen address, HOST:PORT; "" disables it (overrides admin.listen).
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// Shared store, redis://[user:password@]HOST:PORT[/DB] (overrides redis.url). Without it
+    /// each gateway caches in its own memory.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
 }
 
 impl ServeArgs {
@@ -74,6 +78,13 @@ impl ServeArgs {
                 key: "upstream.replicas",
                 flag: "--upstream",
                 value: toml::Value::Array(list),
+            });
+        }
+        if let Some(v) = &self.redis {
+            out.push(Override {
+                key: "redis.url",
+                flag: "--redis",
+                value: s(v),
             });
         }
         if let Some(v) = &self.admin_listen {

@@ -52,4 +52,26 @@ pub struct Metrics {
     pub header_timeouts: Counter,
     /// Connections closed idle.
     pub idle_closes: Counter,
+    /// Answered from the cache, fresh (L1 or store).
+    pub cache_hits: Counter,
+    /// Of those, answered from the L1 without a store read.
+    pub cache_l1_hits: Counter,
+    /// Answered stale while a background refresh runs.
+    pub cache_stale: Counter,
+    /// Answered stale because every replica failed (stale-if-error).
+    pub cache_stale_if_error: Counter,
+    /// Cacheable requests that went upstream (no usable entry).
+    pub cache_misses: Counter,
+    /// Requests that bypassed the cache (method, draft mode, Authorization, …).
+    pub cache_bypass: Counter,
+    /// Upstream answers to cacheable requests that were not stored (private, Set-Cookie, …).
+    pub cache_not_stored: Counter,
+    /// Entries stored.
+    pub cache_stores: Counter,
+    /// Store reads or writes that failed or timed out (the request went on without them).
+    pub store_errors: Counter,
+    /// Stored bytes that did not decode (treated as a miss and overwritten).
+    pub store_corrupt: Counter,
+    /// Background refreshes started.
+    pub refreshes: Counter,
 }

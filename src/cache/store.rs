@@ -176,9 +176,22 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Builds the pool and starts connecting in the background: a Redis that is down at start
-    /// does not stop the gateway from starting; commands fail (fast) until it is reachable.
+    /// Builds the pool and starts connecting in the background (inside a tokio runtime): a
+    /// Redis that is down at start does not stop the gateway from starting; commands fail
+    /// (fast) until it is reachable.
     pub fn connect(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
+        let store = RedisStore::new(settings)?;
+        store.start();
+        Ok(store)
+    }
+
+    /// Starts the connection tasks on the current runtime (they live as long as the pool).
+    pub fn start(&self) {
+        drop(self.pool.connect());
+    }
+
+    /// Builds the pool without connecting (no runtime needed); see [`RedisStore::start`].
+    pub fn new(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
         let config = Config::from_url(&settings.url)?;
         let pool = Builder::from_config(config)
             .with_config(|c| {
@@ -200,8 +213,6 @@ impl RedisStore {
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build_pool(settings.pool_size.max(1))?;
-        // The connection tasks run for the life of the pool; the handle is not needed.
-        drop(pool.connect());
         Ok(RedisStore {
             pool,
             command_timeout: settings.command_timeout,

@@ -30,6 +30,10 @@ pub struct Config {
     pub upstream: Upstream,
     /// Health checking of replicas.
     pub health: Health,
+    /// Caching; `None` when disabled.
+    pub cache: Option<Cache>,
+    /// The shared store; `None` = in-process store.
+    pub redis: Option<Redis>,
     /// The admin listener; `None` when disabled.
     pub admin: Option<Admin>,
     /// Logging.
@@ -116,6 +120,46 @@ pub struct Health {
     pub passive_failures: Option<u32>,
     /// How long an ejected replica stays out.
     pub ejection: Duration,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone)]
+pub struct Cache {
+    /// Key namespace (deployment identity).
+    pub namespace: String,
+    /// L1 bytes per gateway; 0 = no L1.
+    pub l1_max_bytes: u64,
+    /// In-process store bytes (no Redis).
+    pub memory_max_bytes: u64,
+    /// Largest stored body (identity bytes).
+    pub max_entry_bytes: usize,
+    /// Default stale-if-error window.
+    pub default_stale_if_error: Duration,
+    /// Cap on stale-while-revalidate.
+    pub max_stale_while_revalidate: Duration,
+    /// Cap on an entry's store TTL.
+    pub max_ttl: Duration,
+    /// Background refreshes at once.
+    pub max_background_refreshes: usize,
+    /// Path prefixes never cached.
+    pub bypass_paths: Vec<String>,
+    /// Cookie names that bypass the cache.
+    pub bypass_cookies: Vec<String>,
+    /// AVIF negotiated for images.
+    pub avif: bool,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// Connection URL (may hold a password: never logged).
+    pub url: String,
+    /// Pool size.
+    pub pool_size: usize,
+    /// Per-command bound.
+    pub command_timeout: Duration,
+    /// Connect bound.
+    pub connect_timeout: Duration,
 }
 
 /// `[admin]`

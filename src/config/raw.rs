@@ -171,6 +171,53 @@ section! {
 }
 
 section! {
+    /// `[cache]`: what is cached and for how long.
+    pub struct CacheRaw {
+        /// Cache cacheable responses; `false` makes the gateway a pure proxy.
+        enabled: bool = true,
+        /// Deployment identity every key starts with (`deploymentId` / BUILD_ID): entries of
+        /// another build are never served.
+        namespace: String = "default".into(),
+        /// Bytes of decoded entries held in each gateway's memory in front of the store
+        /// (the L1); 0 disables it (every hit reads the store).
+        l1_max_bytes: u64 = 64 * 1024 * 1024,
+        /// Bytes the in-process store holds when no Redis is configured.
+        memory_max_bytes: u64 = 256 * 1024 * 1024,
+        /// Responses larger than this (identity bytes) are served but not stored.
+        max_entry_bytes: u64 = 4 * 1024 * 1024,
+        /// How long past freshness an entry may be served when every replica fails, when the
+        /// response does not say (`stale-if-error`).
+        default_stale_if_error: String = "1h".into(),
+        /// Cap on `stale-while-revalidate` (a bare directive from Next 13.4/14 means unbounded).
+        max_stale_while_revalidate: String = "1d".into(),
+        /// Cap on how long an entry is kept in the store (fresh + stale windows).
+        max_ttl: String = "7d".into(),
+        /// Background refreshes (stale-while-revalidate) running at once per gateway.
+        max_background_refreshes: u64 = 64,
+        /// Path prefixes never cached (always proxied).
+        bypass_paths: StringList = StringList::default(),
+        /// Cookie names whose presence bypasses the cache (draft mode's are built in).
+        bypass_cookies: StringList = StringList::default(),
+        /// The app enables AVIF images (`images.formats`), so `/_next/image` keys on it.
+        avif: bool = false,
+    }
+}
+
+section! {
+    /// `[redis]`: the shared store.
+    pub struct RedisRaw {
+        /// `redis://[user:password@]host:port[/db]`; empty = the in-process store.
+        url: String = String::new(),
+        /// Connections in the pool.
+        pool_size: u64 = 4,
+        /// Bound on every command; past it the request goes on without the store.
+        command_timeout: String = "250ms".into(),
+        /// Bound on establishing a connection.
+        connect_timeout: String = "1s".into(),
+    }
+}
+
+section! {
     /// `[admin]`: the operator listener (health now; dashboard and metrics later).
     pub struct AdminRaw {
         /// Address to bind; empty disables the admin listener.
@@ -197,6 +244,10 @@ pub struct Raw {
     pub upstream: UpstreamRaw,
     /// `[health]`
     pub health: HealthRaw,
+    /// `[cache]`
+    pub cache: CacheRaw,
+    /// `[redis]`
+    pub redis: RedisRaw,
     /// `[admin]`
     pub admin: AdminRaw,
     /// `[log]`
@@ -205,7 +256,9 @@ pub struct Raw {
 
 impl Raw {
     /// Section names, as written in the file.
-    pub const SECTIONS: &'static [&'static str] = &["listen", "upstream", "health", "admin", "log"];
+    pub const SECTIONS: &'static [&'static str] = &[
+        "listen", "upstream", "health", "cache", "redis", "admin", "log",
+    ];
 
     /// Applies `section.key = value`.
     pub fn set(
@@ -218,6 +271,8 @@ impl Raw {
             "listen" => self.listen.set(key, value),
             "upstream" => self.upstream.set(key, value),
             "health" => self.health.set(key, value),
+            "cache" => self.cache.set(key, value),
+            "redis" => self.redis.set(key, value),
             "admin" => self.admin.set(key, value),
             "log" => self.log.set(key, value),
             _ => Err(SetError::UnknownSection),
@@ -230,6 +285,8 @@ impl Raw {
             "listen" => ListenRaw::KEYS,
             "upstream" => UpstreamRaw::KEYS,
             "health" => HealthRaw::KEYS,
+            "cache" => CacheRaw::KEYS,
+            "redis" => RedisRaw::KEYS,
             "admin" => AdminRaw::KEYS,
             "log" => LogRaw::KEYS,
             _ => &[],

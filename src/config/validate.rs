@@ -58,6 +58,27 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that may be long (cache lifetimes): zero allowed, at most a year.
+    fn long_duration(&mut self, key: &str, text: &str) -> Duration {
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if d <= Duration::from_secs(366 * 86_400) => d,
+            Ok(_) => {
+                self.fail(
+                    key,
+                    format!("{text:?} is longer than the maximum of 1 year"),
+                );
+                Duration::ZERO
+            }
+            Err(e) => {
+                self.fail(
+                    key,
+                    format!("{text:?} is not a duration ({e}); write e.g. 1h, 1d, 7d"),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
     fn socket_addr(&mut self, key: &str, text: &str) -> SocketAddr {
         text.trim().parse().unwrap_or_else(|_| {
             self.fail(
@@ -138,11 +159,15 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
         );
     }
     let log = log(&mut c, raw);
+    let cache = cache(&mut c, raw);
+    let redis = redis(&mut c, raw);
     if c.problems.is_empty() {
         Ok(Config {
             listen,
             upstream,
             health,
+            cache,
+            redis,
             admin,
             log,
         })
@@ -303,6 +328,89 @@ fn health(c: &mut Checker<'_>, raw: &Raw) -> Health {
         },
         ejection: c.duration("health.ejection", &r.ejection, false),
     }
+}
+
+fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
+    let r = &raw.cache;
+    if r.namespace.trim().is_empty() || r.namespace.chars().any(char::is_whitespace) {
+        c.fail(
+            "cache.namespace",
+            "must be a non-empty word (the deployment id or build id)",
+        );
+    }
+    let long = |c: &mut Checker<'_>, key: &str, text: &str| c.long_duration(key, text);
+    let cache = super::Cache {
+        namespace: r.namespace.trim().to_owned(),
+        l1_max_bytes: r.l1_max_bytes,
+        memory_max_bytes: c.in_range(
+            "cache.memory_max_bytes",
+            r.memory_max_bytes,
+            1 << 20,
+            u64::MAX,
+        ),
+        max_entry_bytes: c.in_range("cache.max_entry_bytes", r.max_entry_bytes, 1, 1 << 30)
+            as usize,
+        default_stale_if_error: long(c, "cache.default_stale_if_error", &r.default_stale_if_error),
+        max_stale_while_revalidate: long(
+            c,
+            "cache.max_stale_while_revalidate",
+            &r.max_stale_while_revalidate,
+        ),
+        max_ttl: long(c, "cache.max_ttl", &r.max_ttl),
+        max_background_refreshes: c.in_range(
+            "cache.max_background_refreshes",
+            r.max_background_refreshes,
+            1,
+            100_000,
+        ) as usize,
+        bypass_paths: r
+            .bypass_paths
+            .0
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .collect(),
+        bypass_cookies: r
+            .bypass_cookies
+            .0
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .collect(),
+        avif: r.avif,
+    };
+    for p in &cache.bypass_paths {
+        if !p.starts_with('/') {
+            c.fail(
+                "cache.bypass_paths",
+                format!("{p:?} is not a path prefix; write one starting with /"),
+            );
+        }
+    }
+    if cache.max_ttl.is_zero() {
+        c.fail("cache.max_ttl", "must be greater than zero");
+    }
+    r.enabled.then_some(cache)
+}
+
+fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {
+    let r = &raw.redis;
+    let url = r.url.trim();
+    if url.is_empty() {
+        return None;
+    }
+    if !(url.starts_with("redis://")
+        || url.starts_with("rediss://")
+        || url.starts_with("redis-cluster://")
+        || url.starts_with("redis-sentinel://"))
+    {
+        // The URL may carry a password: never echo it.
+        c.fail("redis.url", "is not a Redis URL; write redis://[user:password@]host:port[/db] (or rediss://, redis-cluster://, redis-sentinel://)");
+    }
+    Some(super::Redis {
+        url: url.to_owned(),
+        pool_size: c.in_range("redis.pool_size", r.pool_size, 1, 256) as usize,
+        command_timeout: c.duration("redis.command_timeout", &r.command_timeout, false),
+        connect_timeout: c.duration("redis.connect_timeout", &r.connect_timeout, false),
+    })
 }
 
 fn log(c: &mut Checker<'_>, raw: &Raw) -> Log {

@@ -1,12 +1,19 @@
 //! The request path, in the order a request goes through it:
-//! [`sanitize`] → body limit → (tunnel for upgrades | upstream) → respond.
+//! [`sanitize`] → body limit → tunnel (upgrades) | [`classify`] → cache candidates:
+//! [`cached`] (key → [`lookup`] → [`serve`] | [`fill`] → serve; [`refresh`] in the background)
+//! | everything else: upstream → respond.
 //!
 //! [`handle`] is the driver: it reads like the flow in `lib.rs` and calls one named step per
-//! stage. Later stages (classify, lookup, fill, refresh) slot in between sanitize and upstream.
-//! Errors become responses in one place (`crate::error`) and are logged once, here.
+//! stage. Errors become responses in one place (`crate::error`) and are logged once, here.
 
+pub mod cached;
+pub mod classify;
+pub mod fill;
 pub mod forwarded;
+pub mod lookup;
+pub mod refresh;
 pub mod sanitize;
+pub mod serve;
 mod tunnel;
 
 use std::sync::Arc;
@@ -22,7 +29,6 @@ use crate::app::AppState;
 use crate::error::{ProxyError, Side};
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
-use crate::upstream::Reply;
 use forwarded::Peer;
 
 /// Handles one client request; never fails (errors are responses).
@@ -54,7 +60,7 @@ pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>)
 }
 
 async fn route(
-    app: &AppState,
+    app: &Arc<AppState>,
     peer: &Peer,
     mut head: Parts,
     body: Incoming,
@@ -67,9 +73,29 @@ async fn route(
     if sanitized.upgrade {
         return tunnel::open(app, head, body, &sanitized).await;
     }
+    let mut bypassed = false;
+    if let Some(cache) = &app.cache {
+        match classify::request(&cache.cfg, &head, !http_body::Body::is_end_stream(&body)) {
+            Ok(variant) => {
+                let (mut resp, _outcome) = cached::serve(app, cache, head, variant).await?;
+                finish(app, &mut resp, &sanitized);
+                return Ok(resp);
+            }
+            Err(reason) => {
+                app.metrics.cache_bypass.inc();
+                tracing::trace!(reason = reason.as_str(), "cache bypass");
+                bypassed = true;
+            }
+        }
+    }
     let reply = app.upstream.send(head, body).await?;
     app.metrics.proxied.inc();
-    Ok(respond(app, reply, &sanitized))
+    let mut resp = reply.into_response();
+    finish(app, &mut resp, &sanitized);
+    if bypassed {
+        serve::mark(resp.headers_mut(), serve::Outcome::Bypass);
+    }
+    Ok(resp)
 }
 
 /// The request id: a trusted proxy's `x-request-id` is kept (one id across the whole path),
@@ -108,10 +134,9 @@ fn limit_body(head: &Parts, body: Incoming, max: u64) -> Result<Body, ProxyError
         .boxed())
 }
 
-/// The replica's response, ready for the client: hop-by-hop headers dropped, `Location`
-/// pointing at us instead of a replica.
-fn respond(app: &AppState, reply: Reply, sanitized: &sanitize::Sanitized) -> Response<Body> {
-    let mut resp = reply.into_response();
+/// A response, ready for the client: our HTTP version, no hop-by-hop headers, and a
+/// `Location` that points at us instead of a replica.
+fn finish(app: &AppState, resp: &mut Response<Body>, sanitized: &sanitize::Sanitized) {
     // The version is per hop: the client gets ours, whatever the replica spoke.
     *resp.version_mut() = Version::HTTP_11;
     sanitize::strip_hop_by_hop(resp.headers_mut(), false);
@@ -123,7 +148,6 @@ fn respond(app: &AppState, reply: Reply, sanitized: &sanitize::Sanitized) -> Res
             sanitized.public_host.as_ref(),
         );
     }
-    resp
 }
 
 fn count(app: &AppState, e: &ProxyError) {
@@ -137,6 +161,6 @@ fn count(app: &AppState, e: &ProxyError) {
         ProxyError::UpgradeUnsupported => {}
         ProxyError::Upstream(U::Timeout { .. }) => m.upstream_timeouts.inc(),
         ProxyError::Upstream(U::Connect { .. } | U::NoReplica) => m.upstream_unreachable.inc(),
-        ProxyError::Upstream(U::Exchange { .. }) => m.upstream_errors.inc(),
+        ProxyError::Upstream(U::Exchange { .. } | U::Body(_)) => m.upstream_errors.inc(),
     }
 }

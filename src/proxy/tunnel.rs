@@ -10,7 +10,7 @@ use http::{Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::{respond, sanitize};
+use super::{finish, sanitize};
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
@@ -27,7 +27,9 @@ pub(super) async fn open(
         .ok_or(ProxyError::UpgradeUnsupported)?;
     let reply = app.upstream.send(head, body).await?;
     if reply.response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(respond(app, reply, sanitized));
+        let mut resp = reply.into_response();
+        finish(app, &mut resp, sanitized);
+        return Ok(resp);
     }
     let (mut upstream_resp, in_flight) = reply.into_upgrade();
     let upstream_side = hyper::upgrade::on(&mut upstream_resp);

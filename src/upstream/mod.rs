@@ -59,6 +59,9 @@ pub enum UpstreamError {
     /// The client's request body failed while streaming (the client went away).
     #[error("client request body failed: {0}")]
     ClientBody(String),
+    /// The response body failed while it was being read for the cache.
+    #[error("response body failed: {0}")]
+    Body(String),
     /// The exchange failed after connecting (reset, malformed response).
     #[error("exchange with {replica} failed: {source}")]
     Exchange {

@@ -5,6 +5,7 @@
 mod support;
 
 mod balance;
+mod cache;
 mod cli;
 mod fidelity;
 mod harness;

@@ -144,6 +144,14 @@ impl Route {
         self
     }
 
+    /// Replaces the content type.
+    pub fn content_type(mut self, ct: &str) -> Route {
+        self.headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case("content-type"));
+        self.headers.push(("content-type".into(), ct.into()));
+        self
+    }
+
     /// Adds a response header (repeat a name for a multi-valued header).
     pub fn header(mut self, name: &str, value: &str) -> Route {
         self.headers.push((name.into(), value.into()));

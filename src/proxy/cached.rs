@@ -1,0 +1,162 @@
+//! The driver for cache candidates (request flow steps 4-11): key → lookup → serve, or fill
+//! and serve; stale entries are served while one refresh runs; an entry inside stale-if-error
+//! covers for failing replicas.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::request::Parts;
+use http::{Method, Response, header};
+
+use super::fill::{self, Filled};
+use super::lookup::{self, Found};
+use super::refresh;
+use super::serve::{self, Ask, Outcome};
+use crate::app::{AppState, CacheState};
+use crate::cache::entry::Entry;
+use crate::cache::key::{CacheKey, Variant};
+use crate::error::{ProxyError, Side};
+use crate::http::body::{self, Body};
+use crate::upstream::UpstreamError;
+
+/// Wall-clock milliseconds since the UNIX epoch: entry deadlines are shared by every gateway,
+/// so they are absolute times, not monotonic ones.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Answers a cache candidate.
+pub async fn serve(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    head: Parts,
+    variant: Variant,
+) -> Result<(Response<Body>, Outcome), ProxyError> {
+    let now = now_ms();
+    let host = head
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let key = CacheKey::new(
+        &cache.cfg.namespace,
+        host,
+        head.uri.path(),
+        head.uri.query(),
+        &variant,
+    );
+    let ask = Ask {
+        headers: &head.headers,
+        head: head.method == Method::HEAD,
+    };
+    let fallback = match lookup::lookup(app, cache, &key, &head.headers, now).await {
+        Found::Fresh { entry, from_l1 } => {
+            if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
+                app.metrics.cache_hits.inc();
+                if from_l1 {
+                    app.metrics.cache_l1_hits.inc();
+                }
+                return Ok((r, Outcome::Hit));
+            }
+            corrupt(app, cache, &key);
+            None
+        }
+        Found::Stale(entry) => {
+            refresh::spawn(
+                app,
+                cache,
+                key.clone(),
+                fill::upstream_head(&head),
+                variant.clone(),
+            );
+            if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
+                app.metrics.cache_stale.inc();
+                return Ok((r, Outcome::Stale));
+            }
+            corrupt(app, cache, &key);
+            None
+        }
+        Found::StaleIfError(entry) => Some(entry),
+        Found::Miss => None,
+    };
+    app.metrics.cache_misses.inc();
+    if ask.head && fallback.is_none() {
+        // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
+        let reply = app.upstream.send(head, body::empty()).await?;
+        return Ok(passed(
+            reply.into_response(),
+            &http::HeaderMap::new(),
+            false,
+        ));
+    }
+    let filled = fill::fill(app, cache, &key, fill::upstream_head(&head), &variant, now).await;
+    match filled {
+        Ok(Filled::Stored(entry)) => {
+            let outcome = Outcome::Miss { stored: true };
+            let r = serve::response(&entry, ask, outcome, now).ok_or(ProxyError::Upstream(
+                UpstreamError::Body("entry did not inflate".into()),
+            ))?;
+            Ok((r, outcome))
+        }
+        Ok(Filled::Passed(resp)) if resp.status().is_server_error() => match fallback {
+            Some(stale) => stale_if_error(app, &stale, ask, now),
+            None => Ok(passed(resp, ask.headers, ask.head)),
+        },
+        Ok(Filled::Passed(resp)) => Ok(passed(resp, ask.headers, ask.head)),
+        Err(e) if e.side() == Side::Upstream => match fallback {
+            Some(stale) => stale_if_error(app, &stale, ask, now),
+            None => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+fn stale_if_error(
+    app: &AppState,
+    entry: &Entry,
+    ask: Ask<'_>,
+    now: u64,
+) -> Result<(Response<Body>, Outcome), ProxyError> {
+    app.metrics.cache_stale_if_error.inc();
+    serve::response(entry, ask, Outcome::StaleIfError, now)
+        .map(|r| (r, Outcome::StaleIfError))
+        .ok_or(ProxyError::Upstream(UpstreamError::Body(
+            "stale entry did not inflate".into(),
+        )))
+}
+
+/// A response that was not stored, as the client gets it. The replica was asked without the
+/// client's conditional headers (to get a storable whole body); when the answer is not stored,
+/// the client's `If-None-Match` is answered here as the replica would have: 304 on a match.
+fn passed(
+    mut resp: Response<Body>,
+    request: &http::HeaderMap,
+    head: bool,
+) -> (Response<Body>, Outcome) {
+    fill::strip_internal_response_headers(resp.headers_mut());
+    let etag = resp
+        .headers()
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if resp.status() == http::StatusCode::OK
+        && etag.is_some_and(|e| serve::if_none_match(request, &e))
+    {
+        *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+        resp = resp.map(|_| body::empty());
+    } else if head {
+        resp = resp.map(|_| body::empty());
+    }
+    let outcome = Outcome::Miss { stored: false };
+    serve::mark(resp.headers_mut(), outcome);
+    (resp, outcome)
+}
+
+fn corrupt(app: &AppState, cache: &CacheState, key: &CacheKey) {
+    app.metrics.store_corrupt.inc();
+    cache.l1.remove(key.hash);
+    tracing::warn!(key = %key.text, "stored body did not inflate; fetching again");
+}

@@ -1,0 +1,132 @@
+//! Step 5 of the request flow: find a usable entry for a key, L1 first, then the store.
+//!
+//! Receives the key and the request headers (for `Vary`); hands on what the cache has:
+//! [`Found::Fresh`] (serve it), [`Found::Stale`] (serve it and refresh in the background),
+//! [`Found::StaleIfError`] (keep it in case the replicas fail) or [`Found::Miss`]. A store that
+//! fails or times out is a miss (counted, logged at most every few seconds): Redis never fails
+//! a request. Bytes that do not decode are a miss too, and the fill overwrites them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use http::HeaderMap;
+
+use crate::app::{AppState, CacheState};
+use crate::cache::entry::{Entry, Meta};
+use crate::cache::key::{self, CacheKey};
+use crate::cache::policy::{self, State, Times};
+
+/// What the cache holds for a request.
+#[derive(Debug)]
+pub enum Found {
+    /// Fresh; `from_l1` says no store read was needed.
+    Fresh {
+        /// The entry.
+        entry: Arc<Entry>,
+        /// Served from the L1.
+        from_l1: bool,
+    },
+    /// Past freshness, within stale-while-revalidate.
+    Stale(Arc<Entry>),
+    /// Past stale-while-revalidate, within stale-if-error.
+    StaleIfError(Arc<Entry>),
+    /// Nothing usable.
+    Miss,
+}
+
+/// Prefix of the tag recording which `Vary` values an entry was stored for.
+pub const VARY_TAG: &str = "vary:";
+
+/// Looks `key` up at `now_ms` for a request with `headers`.
+pub async fn lookup(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Found {
+    if let Some(entry) = cache.l1.get(key.hash, now_ms) {
+        if vary_matches(&entry, headers) {
+            return Found::Fresh {
+                entry,
+                from_l1: true,
+            };
+        }
+    }
+    let stored = match cache.store.get(&key.hex()).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return Found::Miss,
+        Err(e) => {
+            app.metrics.store_errors.inc();
+            warn_rate_limited(now_ms, &e);
+            return Found::Miss;
+        }
+    };
+    let meta = match Meta::decode(&stored.meta) {
+        Ok(m) => m,
+        Err(e) => {
+            app.metrics.store_corrupt.inc();
+            tracing::warn!(key = %key.text, error = %e, "stored entry does not decode; treating as a miss");
+            return Found::Miss;
+        }
+    };
+    let entry = Arc::new(Entry {
+        meta,
+        gzip: stored.body,
+    });
+    if !vary_matches(&entry, headers) {
+        return Found::Miss;
+    }
+    match policy::state(&times(&entry.meta), now_ms) {
+        State::Fresh => {
+            cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
+            Found::Fresh {
+                entry,
+                from_l1: false,
+            }
+        }
+        State::Stale => Found::Stale(entry),
+        State::StaleIfError => Found::StaleIfError(entry),
+        State::Expired => Found::Miss,
+    }
+}
+
+/// The entry's deadlines as the policy reads them.
+pub fn times(meta: &Meta) -> Times {
+    Times {
+        stored_at: meta.stored_at_ms,
+        fresh_until: meta.fresh_until_ms,
+        stale_until: meta.stale_until_ms,
+        stale_if_error_until: meta.stale_if_error_until_ms,
+    }
+}
+
+/// Whether the request has the values of the headers the stored response varies on (beyond
+/// those already in the key): the entry records them as a `vary:<hash>` tag.
+pub fn vary_matches(entry: &Entry, headers: &HeaderMap) -> bool {
+    let vary = entry
+        .meta
+        .headers
+        .iter()
+        .filter(|(n, _)| n == http::header::VARY)
+        .filter_map(|(_, v)| v.to_str().ok());
+    match key::vary_hash(vary, headers) {
+        None => true,
+        Some(h) => {
+            let want = format!("{VARY_TAG}{h:032x}");
+            entry.meta.tags.contains(&want)
+        }
+    }
+}
+
+fn warn_rate_limited(now_ms: u64, e: &dyn std::fmt::Display) {
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    let last = LAST_MS.load(Relaxed);
+    if now_ms.saturating_sub(last) >= 10_000
+        && LAST_MS
+            .compare_exchange(last, now_ms, Relaxed, Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(error = %e, "cache store unavailable; serving from L1 and replicas (logged at most every 10 s)");
+    }
+}

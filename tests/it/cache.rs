@@ -1,0 +1,454 @@
+//! The shared cache end to end: real `redis-server`, fake Next.js origin, gateways in-process.
+//! Render counts are the origin's request counts per path.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use isrgate::cache::key::{CacheKey, Variant};
+use isrgate::cache::store::entry_key;
+
+use crate::eventually;
+use crate::support::origin::{FakeNext, Route};
+use crate::support::redis::RedisProcess;
+use crate::support::{Client, Gateway, config};
+
+const ISR: &str = "s-maxage=60, stale-while-revalidate=300";
+const HTML: &str = "text/html; charset=utf-8";
+const RSC: &str = "text/x-component";
+
+fn page(body: &str, cc: &str) -> Route {
+    Route::html(body).header("cache-control", cc)
+}
+
+fn with_redis(r: &RedisProcess, extra: &str) -> String {
+    format!("[redis]\nurl = \"{}\"\n{extra}", r.url())
+}
+
+async fn gateway(origin: &FakeNext, r: &RedisProcess, extra: &str) -> Gateway {
+    Gateway::start(config(&[origin.url()], "", &with_redis(r, extra))).await
+}
+
+async fn raw(r: &RedisProcess) -> fred::prelude::Client {
+    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
+        .build()
+        .expect("client");
+    c.init().await.expect("connect");
+    c
+}
+
+/// The Redis key of `path` requested through `gw` (Host = the gateway's address).
+fn redis_key(gw: &Gateway, path: &str, variant: &Variant) -> String {
+    entry_key(&CacheKey::new("default", &gw.addr.to_string(), path, None, variant).hex())
+}
+
+#[tokio::test]
+async fn a_page_rendered_once_is_served_by_every_gateway_and_survives_restarts() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("<p>v1</p>", ISR));
+    })
+    .await;
+    let extra = "[upstream]\n"; // same config for all
+    let gw1 = gateway(&origin, &r, extra).await;
+    let c = Client::default();
+    let first = c.get(&gw1.url("/p"), &[]).await;
+    assert_eq!(
+        (first.status.as_u16(), first.header("x-cache")),
+        (200, "MISS")
+    );
+    let raw = raw(&r).await;
+    let key = redis_key(&gw1, "/p", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored in Redis"
+    );
+    // Gateway 2 shares Redis: a HIT, no render. It must send the same Host to share the key.
+    let gw2 = gateway(&origin, &r, extra).await;
+    let host = gw1.addr.to_string();
+    let second = c.get(&gw2.url("/p"), &[("host", &host)]).await;
+    assert_eq!(second.header("x-cache"), "HIT");
+    assert_eq!(second.body, "<p>v1</p>");
+    assert_eq!(origin.count("/p"), 1, "one render for the fleet");
+    drop((gw1, gw2));
+    let gw3 = gateway(&origin, &r, extra).await;
+    let third = c.get(&gw3.url("/p"), &[("host", &host)]).await;
+    assert_eq!(
+        third.header("x-cache"),
+        "HIT",
+        "restarted gateways read the shared cache"
+    );
+    assert_eq!(origin.count("/p"), 1);
+    assert_eq!(third.header("cache-status"), "isrgate; hit");
+}
+
+#[tokio::test]
+async fn html_and_rsc_never_answer_each_other_and_rsc_noise_shares_one_entry() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/p",
+            Route::html("<html>page</html>")
+                .header("cache-control", ISR)
+                .header("vary", "RSC, Next-Router-State-Tree, Next-Router-Prefetch"),
+        );
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    assert_eq!(c.get(&gw.url("/p"), &[]).await.header("content-type"), HTML);
+    // The origin answers RSC requests with Flight: swap the route's body and type.
+    origin.route(
+        "/p",
+        Route::html("0:[\"flight\"]")
+            .content_type(RSC)
+            .header("cache-control", ISR),
+    );
+    let rsc = c
+        .get(
+            &gw.url("/p?_rsc=abc"),
+            &[("rsc", "1"), ("next-router-state-tree", "%5B1%5D")],
+        )
+        .await;
+    assert_eq!(
+        rsc.header("content-type"),
+        RSC,
+        "RSC request never gets the HTML entry"
+    );
+    assert_eq!(rsc.header("x-cache"), "MISS");
+    let again = c
+        .get(
+            &gw.url("/p?_rsc=zzz"),
+            &[("rsc", "1"), ("next-router-state-tree", "%5B2%5D")],
+        )
+        .await;
+    assert_eq!(
+        again.header("x-cache"),
+        "HIT",
+        "_rsc and the router state tree do not split entries"
+    );
+    assert_eq!(again.body, "0:[\"flight\"]");
+    let html = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(
+        (html.header("x-cache"), html.header("content-type")),
+        ("HIT", HTML)
+    );
+    // Prefetch and segment variants are distinct entries.
+    let pre = c
+        .get(
+            &gw.url("/p"),
+            &[("rsc", "1"), ("next-router-prefetch", "1")],
+        )
+        .await;
+    assert_eq!(pre.header("x-cache"), "MISS");
+    let seg = c
+        .get(
+            &gw.url("/p"),
+            &[("rsc", "1"), ("next-router-segment-prefetch", "/_tree")],
+        )
+        .await;
+    assert_eq!(seg.header("x-cache"), "MISS");
+    assert_eq!(origin.count("/p"), 4);
+}
+
+#[tokio::test]
+async fn a_response_with_the_wrong_content_type_for_its_variant_is_not_stored() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        // CVE-2025-49005 / CVE-2026-44576 shape: HTML answered to an RSC request.
+        o.route("/p", page("<html>not flight</html>", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    for _ in 0..2 {
+        let got = c.get(&gw.url("/p"), &[("rsc", "1")]).await;
+        assert_eq!(got.header("x-cache"), "MISS");
+    }
+    assert_eq!(origin.count("/p"), 2);
+}
+
+#[tokio::test]
+async fn vary_next_url_keys_on_it() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/photo",
+            Route::html("modal")
+                .content_type(RSC)
+                .header("cache-control", ISR)
+                .header("vary", "RSC, Next-Url"),
+        );
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    let feed = [("rsc", "1"), ("next-url", "/feed")];
+    let direct = [("rsc", "1"), ("next-url", "/photo")];
+    assert_eq!(
+        c.get(&gw.url("/photo"), &feed).await.header("x-cache"),
+        "MISS"
+    );
+    assert_eq!(
+        c.get(&gw.url("/photo"), &feed).await.header("x-cache"),
+        "HIT"
+    );
+    assert_eq!(
+        c.get(&gw.url("/photo"), &direct).await.header("x-cache"),
+        "MISS",
+        "another Next-Url is another answer"
+    );
+    assert_eq!(origin.count("/photo"), 2);
+}
+
+#[tokio::test]
+async fn every_never_store_rule_goes_to_the_origin_again_and_leaves_redis_empty() {
+    let r = RedisProcess::start();
+    let cases: Vec<(&str, Route)> = vec![
+        ("/set-cookie", page("x", ISR).header("set-cookie", "a=1")),
+        ("/private", page("x", "private, max-age=60")),
+        ("/no-store", page("x", "no-store")),
+        ("/no-cache", page("x", "no-cache, s-maxage=60")),
+        ("/no-cc", Route::html("x")),
+        ("/zero", page("x", "s-maxage=0")),
+        ("/s204", Route::status(204).header("cache-control", ISR)),
+        ("/s500", page("x", ISR).with_status(500)),
+        (
+            "/postponed",
+            page("x", ISR).header("x-nextjs-postponed", "1"),
+        ),
+        (
+            "/rewrite",
+            page("x", ISR).header("x-middleware-rewrite", "/other"),
+        ),
+        (
+            "/redirect-no-location",
+            Route::status(307).header("cache-control", ISR),
+        ),
+        (
+            "/not-found",
+            page(
+                "x",
+                "private, no-cache, no-store, max-age=0, must-revalidate",
+            )
+            .with_status(404),
+        ),
+    ];
+    let paths: Vec<&str> = cases.iter().map(|(p, _)| *p).collect();
+    let origin = FakeNext::start(|o| {
+        for (p, route) in cases {
+            o.route(p, route);
+        }
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    for p in &paths {
+        for _ in 0..2 {
+            let got = c.get(&gw.url(p), &[]).await;
+            assert_ne!(got.header("x-cache"), "HIT", "{p}");
+        }
+        assert_eq!(origin.count(p), 2, "{p}: rendered again");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let raw = raw(&r).await;
+    for p in &paths {
+        let key = redis_key(&gw, p, &Variant::Html);
+        assert_eq!(
+            raw.exists::<u32, _>(&key).await.expect("exists"),
+            0,
+            "{p} absent from Redis"
+        );
+    }
+    assert_eq!(gw.state.metrics.cache_stores.get(), 0);
+}
+
+#[tokio::test]
+async fn stale_is_served_at_once_with_exactly_one_refresh_then_the_new_body() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("v1", "s-maxage=1, stale-while-revalidate=60"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    assert_eq!(c.get(&gw.url("/p"), &[]).await.body, "v1");
+    origin.route(
+        "/p",
+        page("v2", "s-maxage=1, stale-while-revalidate=60").delay(Duration::from_millis(300)),
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let started = std::time::Instant::now();
+    let url = gw.url("/p");
+    let stale: Vec<_> = futures_util::future::join_all((0..10).map(|_| c.get(&url, &[]))).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "no client waits for the 300 ms refresh"
+    );
+    for s in &stale {
+        assert_eq!((s.header("x-cache"), &s.body[..]), ("STALE", &b"v1"[..]));
+    }
+    eventually!(
+        3,
+        c.get(&gw.url("/p"), &[]).await.body == "v2",
+        "refreshed entry served"
+    );
+    assert_eq!(origin.count("/p"), 2, "exactly one background refresh");
+}
+
+#[tokio::test]
+async fn past_the_stale_window_the_next_request_waits_for_a_render() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("v1", "s-maxage=1"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "[cache]\ndefault_stale_if_error = \"0s\"").await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    origin.route("/p", page("v2", "s-maxage=1"));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let got = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!((got.header("x-cache"), &got.body[..]), ("MISS", &b"v2"[..]));
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_a_failing_and_a_dead_origin() {
+    let r = RedisProcess::start();
+    let mut origin = FakeNext::start(|o| {
+        o.route("/p", page("good", "s-maxage=1, stale-if-error=60"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    origin.route(
+        "/p",
+        Route::status(500).header("cache-control", "private, no-cache, no-store"),
+    );
+    let got = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!((got.status.as_u16(), &got.body[..]), (200, &b"good"[..]));
+    assert_eq!(
+        got.header("cache-status"),
+        "isrgate; hit; detail=stale-if-error"
+    );
+    origin.stop().await;
+    let got = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(
+        (got.status.as_u16(), &got.body[..]),
+        (200, &b"good"[..]),
+        "replica down"
+    );
+    assert_eq!(gw.state.metrics.cache_stale_if_error.get(), 2);
+}
+
+#[tokio::test]
+async fn gzip_clients_get_the_bytes_redis_holds_identity_clients_the_original() {
+    let r = RedisProcess::start();
+    let html: String = (0..400)
+        .map(|i| format!("<div class=\"row\">item {i}</div>"))
+        .collect();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page(&html, ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "[cache]\nl1_max_bytes = 0").await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    let raw = raw(&r).await;
+    let key = redis_key(&gw, "/p", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored"
+    );
+    let stored: Bytes = raw.hget(&key, "b").await.expect("hget");
+    let gz = c
+        .get(&gw.url("/p"), &[("accept-encoding", "gzip, deflate, br")])
+        .await;
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    assert_eq!(gz.body, stored, "byte for byte what Redis holds");
+    assert!(
+        stored.len() * 4 < html.len(),
+        "gzip at rest: {} vs {}",
+        stored.len(),
+        html.len()
+    );
+    let plain = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(plain.body, html.as_bytes());
+    let etag = plain.header("etag").to_owned();
+    let nm = c.get(&gw.url("/p"), &[("if-none-match", &etag)]).await;
+    assert_eq!(nm.status, 304);
+    assert!(nm.body.is_empty());
+    let head = c.send("HEAD", &gw.url("/p"), &[], Bytes::new()).await;
+    assert_eq!((head.status.as_u16(), head.header("x-cache")), (200, "HIT"));
+    assert_eq!(head.header("content-length"), html.len().to_string());
+    assert!(head.body.is_empty());
+    assert_eq!(origin.count("/p"), 1);
+}
+
+#[tokio::test]
+async fn redis_dying_never_fails_a_request_and_caching_resumes_when_it_returns() {
+    let mut r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/a", page("a", ISR));
+        o.route("/b", page("b", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    c.get(&gw.url("/a"), &[]).await;
+    r.kill();
+    for _ in 0..5 {
+        let a = c.get(&gw.url("/a"), &[]).await;
+        assert_eq!(
+            (a.status.as_u16(), a.header("x-cache")),
+            (200, "HIT"),
+            "from the L1"
+        );
+        let b = c.get(&gw.url("/b"), &[]).await;
+        assert_eq!(b.status, 200, "from the replica");
+    }
+    assert!(gw.state.metrics.store_errors.get() > 0);
+    r.restart();
+    let raw = raw(&r).await;
+    let key = redis_key(&gw, "/b", &Variant::Html);
+    // /b is in this gateway's L1 (a store write may have failed): a new path proves writes.
+    origin.route("/c", page("c", ISR));
+    let key_c = redis_key(&gw, "/c", &Variant::Html);
+    eventually!(
+        10,
+        {
+            c.get(&gw.url("/c"), &[]).await;
+            raw.exists::<u32, _>(&key_c).await.unwrap_or(0) == 1
+        },
+        "caching resumed without a gateway restart"
+    );
+    let _ = key;
+}
+
+#[tokio::test]
+async fn bypassed_requests_are_marked_and_never_cached() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("x", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    for _ in 0..2 {
+        let got = c
+            .get(&gw.url("/p"), &[("cookie", "__prerender_bypass=1")])
+            .await;
+        assert_eq!(got.header("x-cache"), "BYPASS");
+        assert_eq!(got.header("cache-status"), "isrgate; fwd=bypass");
+    }
+    assert_eq!(origin.count("/p"), 2);
+    assert_eq!(
+        c.get(&gw.url("/p"), &[]).await.header("x-cache"),
+        "MISS",
+        "the draft renders were not stored"
+    );
+}
