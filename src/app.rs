@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use crate::bus::Bus;
 use crate::cache::l1::L1;
 use crate::cache::policy;
 use crate::cache::store::{MemorySettings, MemoryStore, RedisSettings, RedisStore, Store};
@@ -82,6 +83,8 @@ pub struct CacheState {
     pub refreshing: Mutex<HashSet<u128>>,
     /// Bound on background refreshes at once.
     pub refresh_permits: Arc<tokio::sync::Semaphore>,
+    /// The bus between gateways (with Redis only).
+    pub bus: Option<Bus>,
 }
 
 impl CacheState {
@@ -91,6 +94,10 @@ impl CacheState {
         cfg: crate::config::Cache,
         redis: Option<&crate::config::Redis>,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
+        let bus = match redis {
+            Some(r) => Some(Bus::new(&r.url, format!("{:016x}", fastrand::u64(..)))?),
+            None => None,
+        };
         let store = match redis {
             Some(r) => Store::Redis(RedisStore::new(&RedisSettings {
                 url: r.url.clone(),
@@ -111,6 +118,7 @@ impl CacheState {
             },
             refreshing: Mutex::new(HashSet::new()),
             refresh_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_background_refreshes)),
+            bus,
             store,
             cfg,
         })
@@ -120,6 +128,9 @@ impl CacheState {
     pub fn start(&self) {
         if let Store::Redis(r) = &self.store {
             r.start();
+        }
+        if let Some(bus) = &self.bus {
+            bus.start(self.l1.clone());
         }
     }
 }

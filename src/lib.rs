@@ -12,12 +12,15 @@
 //! - [`server`]: workers and listeners, per-connection bounds, load shedding, graceful drain.
 //! - [`proxy`]: the request driver and its steps (sanitize, tunnel, respond).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
+//! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
+//!   store). [`bus`]: the Redis pub/sub bus between gateways.
 //! - [`admin`]: the operator listener (health, readiness).
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters. [`http`]: header names, bodies.
 //! - [`app`]: the shared state built once at start.
 
 pub mod admin;
 pub mod app;
+pub mod bus;
 pub mod cache;
 pub mod config;
 pub mod error;

@@ -3,11 +3,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::cache::policy::Skip;
+use crate::proxy::classify::Bypass;
+
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    /// Adds one to `counters[index]` when it exists (per-reason arrays; never panics).
+    pub fn inc_at(counters: &[Counter], index: usize) {
+        if let Some(c) = counters.get(index) {
+            c.inc();
+        }
+    }
+
     /// Adds one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Relaxed);
@@ -64,8 +74,13 @@ pub struct Metrics {
     pub cache_misses: Counter,
     /// Requests that bypassed the cache (method, draft mode, Authorization, …).
     pub cache_bypass: Counter,
+    /// The same, per reason, indexed by `proxy::classify::Bypass as usize`.
+    pub cache_bypass_by: [Counter; Bypass::ALL.len()],
     /// Upstream answers to cacheable requests that were not stored (private, Set-Cookie, …).
     pub cache_not_stored: Counter,
+    /// The same, per reason, indexed by `cache::policy::Skip as usize`; answers over
+    /// `max_entry_bytes` or without any stale window count only in the total.
+    pub cache_not_stored_by: [Counter; Skip::ALL.len()],
     /// Entries stored.
     pub cache_stores: Counter,
     /// Store reads or writes that failed or timed out (the request went on without them).

@@ -11,6 +11,7 @@
 //! later stage.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::entry::Entry;
@@ -18,13 +19,17 @@ use super::entry::Entry;
 /// Bytes charged per entry on top of its body, for metadata and bookkeeping.
 const OVERHEAD_BYTES: u32 = 512;
 
+/// What the L1 holds per key: the entry, how long it stays fresh, and the generation it was
+/// inserted under.
+type Held = (Arc<Entry>, Duration, u64);
+
 struct UntilFresh;
 
-impl moka::Expiry<u128, (Arc<Entry>, Duration)> for UntilFresh {
+impl moka::Expiry<u128, Held> for UntilFresh {
     fn expire_after_create(
         &self,
         _key: &u128,
-        value: &(Arc<Entry>, Duration),
+        value: &Held,
         _created_at: Instant,
     ) -> Option<Duration> {
         Some(value.1)
@@ -33,7 +38,7 @@ impl moka::Expiry<u128, (Arc<Entry>, Duration)> for UntilFresh {
     fn expire_after_update(
         &self,
         _key: &u128,
-        value: &(Arc<Entry>, Duration),
+        value: &Held,
         _updated_at: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
@@ -44,7 +49,11 @@ impl moka::Expiry<u128, (Arc<Entry>, Duration)> for UntilFresh {
 /// The L1 cache; `Clone` shares it.
 #[derive(Clone)]
 pub struct L1 {
-    cache: Option<moka::sync::Cache<u128, (Arc<Entry>, Duration)>>,
+    cache: Option<moka::sync::Cache<u128, Held>>,
+    /// Bumped by [`L1::clear`]: entries of an older generation are never returned. moka's own
+    /// `invalidate_all` is lazy and timestamp-based; a flush after a bus reconnect must be
+    /// exact.
+    generation: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for L1 {
@@ -63,19 +72,26 @@ impl std::fmt::Debug for L1 {
 impl L1 {
     /// An L1 holding at most `max_bytes`; `0` disables it.
     pub fn new(max_bytes: u64) -> L1 {
+        let generation = Arc::new(AtomicU64::new(0));
         if max_bytes == 0 {
-            return L1 { cache: None };
+            return L1 {
+                cache: None,
+                generation,
+            };
         }
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &u128, v: &(Arc<Entry>, Duration)| {
+            .weigher(|_k: &u128, v: &Held| {
                 u32::try_from(v.0.gzip.len())
                     .unwrap_or(u32::MAX)
                     .saturating_add(OVERHEAD_BYTES)
             })
             .expire_after(UntilFresh)
             .build();
-        L1 { cache: Some(cache) }
+        L1 {
+            cache: Some(cache),
+            generation,
+        }
     }
 
     /// Whether the L1 is in use.
@@ -85,8 +101,9 @@ impl L1 {
 
     /// The entry for `key` if it is held and still fresh at `now_ms`.
     pub fn get(&self, key: u128, now_ms: u64) -> Option<Arc<Entry>> {
-        let (entry, _) = self.cache.as_ref()?.get(&key)?;
-        (now_ms < entry.meta.fresh_until_ms).then_some(entry)
+        let (entry, _, generation) = self.cache.as_ref()?.get(&key)?;
+        let current = self.generation.load(Ordering::Acquire);
+        (generation == current && now_ms < entry.meta.fresh_until_ms).then_some(entry)
     }
 
     /// Holds `entry` until its freshness ends; an entry already stale at `now_ms` is not held.
@@ -97,7 +114,8 @@ impl L1 {
             cache.invalidate(&key);
             return;
         }
-        cache.insert(key, (entry, Duration::from_millis(fresh_for)));
+        let generation = self.generation.load(Ordering::Acquire);
+        cache.insert(key, (entry, Duration::from_millis(fresh_for), generation));
     }
 
     /// Drops `key` (another gateway replaced it, or it was purged).
@@ -107,8 +125,10 @@ impl L1 {
         }
     }
 
-    /// Drops everything (after a reconnect that may have missed invalidations).
+    /// Drops everything (after a reconnect that may have missed invalidations): from this
+    /// call on, nothing inserted before it is returned.
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         if let Some(c) = &self.cache {
             c.invalidate_all();
         }

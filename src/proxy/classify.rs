@@ -39,6 +39,18 @@ pub enum Bypass {
 }
 
 impl Bypass {
+    /// Every reason, in `as usize` order (metrics are indexed by it).
+    pub const ALL: [Bypass; 8] = [
+        Bypass::Method,
+        Bypass::Body,
+        Bypass::NextAction,
+        Bypass::DraftMode,
+        Bypass::Authorization,
+        Bypass::MiddlewarePrefetch,
+        Bypass::Path,
+        Bypass::Cookie,
+    ];
+
     /// Label for logs, metrics and `Cache-Status`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -185,6 +197,9 @@ mod tests {
                 Bypass::Cookie,
             ),
         ];
+        for (i, b) in Bypass::ALL.iter().enumerate() {
+            assert_eq!(*b as usize, i, "ALL is in declaration order");
+        }
         for (m, p, h, body, want) in cases {
             assert_eq!(
                 request(&c, &head(m, p, h), *body),

@@ -20,7 +20,7 @@ use crate::app::{AppState, CacheState};
 use crate::cache::entry::{Entry, Meta};
 use crate::cache::key::{self, CacheKey, Variant};
 use crate::cache::policy::{self, Expect, Times};
-use crate::cache::store::Stored;
+use crate::cache::store::{Store, Stored};
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::upstream::UpstreamError;
@@ -106,6 +106,7 @@ pub async fn fill(
         }
         Err(skip) => {
             app.metrics.cache_not_stored.inc();
+            crate::metrics::Counter::inc_at(&app.metrics.cache_not_stored_by, skip as usize);
             tracing::debug!(key = %key.text, reason = skip.as_str(), "not stored");
             return Ok(Filled::Passed(response));
         }
@@ -186,6 +187,19 @@ fn store(
         if let Err(e) = cache.store.put(&hex, stored, ttl).await {
             metrics.store_errors.inc();
             tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
+            return;
+        }
+        // Other gateways drop their L1 copy of this key and read the new entry.
+        if let (Some(bus), Store::Redis(redis)) = (&cache.bus, &cache.store) {
+            let message = crate::bus::Message::Filled {
+                key: hex,
+                gateway: bus.gateway_id().to_owned(),
+            };
+            let timeout = std::time::Duration::from_millis(250);
+            if let Err(e) = crate::bus::publish(redis.pool(), &message, timeout).await {
+                metrics.store_errors.inc();
+                tracing::debug!(error = %e, "bus publish failed");
+            }
         }
     });
 }

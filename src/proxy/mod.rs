@@ -29,6 +29,7 @@ use crate::app::AppState;
 use crate::error::{ProxyError, Side};
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
+use crate::metrics::Counter;
 use forwarded::Peer;
 
 /// Handles one client request; never fails (errors are responses).
@@ -83,6 +84,7 @@ async fn route(
             }
             Err(reason) => {
                 app.metrics.cache_bypass.inc();
+                Counter::inc_at(&app.metrics.cache_bypass_by, reason as usize);
                 tracing::trace!(reason = reason.as_str(), "cache bypass");
                 bypassed = true;
             }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::prelude::*;
 use isrgate::cache::key::{CacheKey, Variant};
+use isrgate::cache::policy::Skip;
 use isrgate::cache::store::entry_key;
+use isrgate::proxy::classify::Bypass;
 
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};
@@ -35,6 +37,14 @@ async fn raw(r: &RedisProcess) -> fred::prelude::Client {
         .expect("client");
     c.init().await.expect("connect");
     c
+}
+
+fn bus_live(gw: &Gateway) -> bool {
+    gw.state
+        .cache
+        .as_ref()
+        .and_then(|c| c.bus.as_ref())
+        .is_some_and(|b| b.is_subscribed())
 }
 
 /// The Redis key of `path` requested through `gw` (Host = the gateway's address).
@@ -262,6 +272,16 @@ async fn every_never_store_rule_goes_to_the_origin_again_and_leaves_redis_empty(
         );
     }
     assert_eq!(gw.state.metrics.cache_stores.get(), 0);
+    let by = |skip: Skip| gw.state.metrics.cache_not_stored_by[skip as usize].get();
+    assert_eq!(by(Skip::SetCookie), 2);
+    assert_eq!(
+        by(Skip::Private),
+        4,
+        "private answers, the unmatched 404 included"
+    );
+    assert_eq!(by(Skip::NoCacheControl), 2);
+    assert_eq!(by(Skip::Postponed), 2);
+    assert_eq!(by(Skip::MiddlewareRewrite), 2);
 }
 
 #[tokio::test]
@@ -447,8 +467,91 @@ async fn bypassed_requests_are_marked_and_never_cached() {
     }
     assert_eq!(origin.count("/p"), 2);
     assert_eq!(
+        gw.state.metrics.cache_bypass_by[Bypass::DraftMode as usize].get(),
+        2
+    );
+    assert_eq!(
         c.get(&gw.url("/p"), &[]).await.header("x-cache"),
         "MISS",
         "the draft renders were not stored"
+    );
+}
+
+#[tokio::test]
+async fn a_fill_on_one_gateway_replaces_the_l1_copy_on_another() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("v1", ISR));
+    })
+    .await;
+    let gw1 = gateway(&origin, &r, "").await;
+    let gw2 = gateway(&origin, &r, "").await;
+    // The first connection of the bus flushes the L1 (messages may have been missed before):
+    // let that happen before warming, so the render counts below are exact.
+    for gw in [&gw1, &gw2] {
+        eventually!(5, bus_live(gw), "bus subscribed");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = Client::default();
+    let host = gw1.addr.to_string();
+    let on = |gw: &Gateway| gw.url("/p");
+    c.get(&on(&gw1), &[("host", &host)]).await;
+    let raw = raw(&r).await;
+    let key = redis_key(&gw1, "/p", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored"
+    );
+    // gw2 now holds v1 fresh in its L1 for a minute.
+    assert_eq!(c.get(&on(&gw2), &[("host", &host)]).await.body, "v1");
+    // A new version is stored through a third gateway (as after a purge and a fill there).
+    let _: i64 = raw.del(&key).await.expect("del");
+    origin.route("/p", page("v2", ISR));
+    let gw3 = gateway(&origin, &r, "").await;
+    eventually!(5, bus_live(&gw3), "bus subscribed");
+    assert_eq!(c.get(&on(&gw3), &[("host", &host)]).await.body, "v2");
+    for gw in [&gw1, &gw2] {
+        eventually!(
+            5,
+            c.get(&on(gw), &[("host", &host)]).await.body == "v2",
+            "L1 copy dropped on the bus message"
+        );
+    }
+    assert_eq!(origin.count("/p"), 2);
+}
+
+#[tokio::test]
+async fn a_bus_reconnect_flushes_the_l1() {
+    let mut r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("v1", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    eventually!(5, bus_live(&gw), "bus subscribed");
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(c.get(&gw.url("/p"), &[]).await.header("x-cache"), "HIT");
+    // The store write runs in the background: let it land, or fred would deliver it to the
+    // restarted server and the entry would (rightly) still be there.
+    let raw = raw(&r).await;
+    let key = redis_key(&gw, "/p", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored"
+    );
+    r.kill();
+    r.restart();
+    // The restarted Redis is empty (no persistence here) and messages may have been missed
+    // meanwhile: once the bus reconnects, the L1 copy is gone and the page renders again.
+    eventually!(
+        10,
+        {
+            c.get(&gw.url("/p"), &[]).await;
+            origin.count("/p") == 2
+        },
+        "L1 flushed after the bus reconnected"
     );
 }
