@@ -67,7 +67,8 @@ impl Checker<'_> {
                     key,
                     format!("{text:?} is longer than the maximum of 1 year"),
                 );
-                Duration::ZERO
+                // A placeholder that adds no second problem (the result is an error anyway).
+                Duration::from_secs(366 * 86_400)
             }
             Err(e) => {
                 self.fail(
@@ -385,7 +386,8 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
             );
         }
     }
-    if cache.max_ttl.is_zero() {
+    // Only when the value parsed: a bad value is already one problem, not two.
+    if cache.max_ttl.is_zero() && humantime::parse_duration(r.max_ttl.trim()).is_ok() {
         c.fail("cache.max_ttl", "must be greater than zero");
     }
     r.enabled.then_some(cache)
@@ -397,13 +399,20 @@ fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {
     if url.is_empty() {
         return None;
     }
-    if !(url.starts_with("redis://")
-        || url.starts_with("rediss://")
+    if url.starts_with("rediss://") {
+        c.fail(
+            "redis.url",
+            "TLS to Redis is not built in yet; use redis:// inside a private network, or a TLS sidecar such as stunnel",
+        );
+    } else if !(url.starts_with("redis://")
         || url.starts_with("redis-cluster://")
         || url.starts_with("redis-sentinel://"))
     {
         // The URL may carry a password: never echo it.
-        c.fail("redis.url", "is not a Redis URL; write redis://[user:password@]host:port[/db] (or rediss://, redis-cluster://, redis-sentinel://)");
+        c.fail(
+            "redis.url",
+            "is not a Redis URL; write redis://[user:password@]host:port[/db] (or redis-cluster://, redis-sentinel://)",
+        );
     }
     Some(super::Redis {
         url: url.to_owned(),
@@ -491,6 +500,11 @@ mod tests {
             ),
             ("[admin]\nlisten = \"localhost\"", "admin.listen"),
             ("[log]\nformat = \"xml\"", "log.format"),
+            ("[redis]\nurl = \"http://x\"", "redis.url"),
+            ("[redis]\nurl = \"rediss://x:6380\"", "redis.url"),
+            ("[cache]\nnamespace = \"a b\"", "cache.namespace"),
+            ("[cache]\nmax_ttl = \"2years\"", "cache.max_ttl"),
+            ("[cache]\nbypass_paths = [\"api\"]", "cache.bypass_paths"),
             ("[log]\nlevel = \"isrgate=loud\"", "log.level"),
         ];
         for (text, key) in cases {
