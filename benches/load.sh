@@ -5,6 +5,10 @@
 #
 #   benches/load.sh passthrough   isrgate as a plain proxy vs nginx-proxy, both in front of
 #                                 origin-fast (0 ms render); ratio to origin-fast served directly
+#   benches/load.sh hit           cache hits: isrgate with its L1 (8080) and in strict mode, every
+#                                 hit a Redis read (8085), next to nginx proxy_cache and Varnish,
+#                                 against `limit` (identity clients) then `limit-gzip` (gzip
+#                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391
 #
 # The harness is copied to a writable work dir (default target/peer-bench) because shared/ is
 # read-only; its setup.sh installs nginx, varnish and wrk from Debian when missing.
@@ -30,28 +34,60 @@ case "$mode" in
     passthrough)
         peers=(origin-fast nginx-proxy)
         upstream=127.0.0.1:3003
-        targets=(gateway nginx-proxy)
-        export LIMIT=origin-fast
         ;;
-    *) echo "unknown mode '$mode' (passthrough)" >&2; exit 2 ;;
+    hit)
+        peers=(origin limit limit-gzip nginx varnish)
+        upstream=127.0.0.1:3001
+        ;;
+    *) echo "unknown mode '$mode' (passthrough | hit)" >&2; exit 2 ;;
 esac
 
+redis_pid=""
 cleanup() {
-    "$work/stop-peers.sh" gateway "${peers[@]}" >/dev/null 2>&1 || true
+    "$work/stop-peers.sh" gateway gw-strict "${peers[@]}" >/dev/null 2>&1 || true
+    [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
 
 "$work/start-peers.sh" "${peers[@]}"
 mkdir -p "$work/run"
-# Health checks off: the bench measures the proxy path only.
-ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn \
-    "$root/target/release/isrgate" serve --config /dev/null \
-    --listen 127.0.0.1:8080 --admin-listen "" --upstream "http://$upstream" \
-    >"$work/run/gateway.log" 2>&1 &
-echo $! >"$work/run/gateway.pid"
-for _ in $(seq 1 100); do
-    curl -s -o /dev/null http://127.0.0.1:8080/ && break
-    sleep 0.1
-done
 
-"$work/bench.sh" "${targets[@]}"
+# start_gateway NAME PORT [ENV=VALUE…]: an isrgate on 127.0.0.1:PORT, PID in run/NAME.pid.
+start_gateway() {
+    local name=$1 port=$2; shift 2
+    env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn "$@" \
+        "$root/target/release/isrgate" serve --config /dev/null \
+        --listen "127.0.0.1:$port" --admin-listen "" --upstream "http://$upstream" \
+        >"$work/run/$name.log" 2>&1 &
+    echo $! >"$work/run/$name.pid"
+    for _ in $(seq 1 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$port/" && return 0
+        sleep 0.1
+    done
+    echo "$name did not start; see $work/run/$name.log" >&2
+    return 1
+}
+
+case "$mode" in
+    passthrough)
+        # Pure proxy: the cache off, health checks off: the bench measures the proxy path.
+        start_gateway gateway 8080 ISRGATE__CACHE__ENABLED=false
+        LIMIT=origin-fast "$work/bench.sh" gateway nginx-proxy
+        ;;
+    hit)
+        redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no \
+            --logfile "$work/run/redis.log" &
+        redis_pid=$!
+        for _ in $(seq 1 50); do redis-cli -p 6391 ping >/dev/null 2>&1 && break; sleep 0.1; done
+        start_gateway gateway 8080 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
+        start_gateway gw-strict 8085 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__CACHE__L1_MAX_BYTES=0
+        targets=(gateway gw-strict=127.0.0.1:8085 nginx varnish)
+        LIMIT=limit "$work/bench.sh" "${targets[@]}"
+        ACCEPT_ENCODING=gzip "$work/bench.sh" "${targets[@]}"
+        # Bytes at rest: one stored page vs its identity body.
+        key=$(redis-cli -p 6391 --scan --pattern 'isr:*:e' | sed -n 1p)
+        stored=$(redis-cli -p 6391 hstrlen "$key" b)
+        identity=$(curl -s -H 'Accept-Encoding: identity' http://127.0.0.1:8080/page/1 | wc -c)
+        echo "bytes at rest: $stored gzip vs $identity identity ($(( 100 - 100 * stored / identity ))% smaller)"
+        ;;
+esac

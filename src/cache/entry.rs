@@ -113,6 +113,36 @@ pub struct Entry {
     pub meta: Meta,
     /// The body as stored and as served to gzip-capable clients.
     pub gzip: Bytes,
+    /// The identity body, once inflated (or known from the fill): an entry shared through the
+    /// L1 is inflated at most once, not once per identity client.
+    identity: std::sync::OnceLock<Bytes>,
+}
+
+impl Entry {
+    /// An entry read from the store.
+    pub fn new(meta: Meta, gzip: Bytes) -> Entry {
+        Entry {
+            meta,
+            gzip,
+            identity: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The identity body: inflated on first use (bounded by `identity_len`), then remembered.
+    pub fn identity(&self) -> Result<Bytes, InflateError> {
+        if let Some(b) = self.identity.get() {
+            return Ok(b.clone());
+        }
+        let limit = usize::try_from(self.meta.identity_len).unwrap_or(usize::MAX);
+        let body = inflate(&self.gzip, limit)?;
+        let _ = self.identity.set(body.clone());
+        Ok(body)
+    }
+
+    /// Records the identity body when it is already at hand (after a fill).
+    pub fn remember_identity(&self, identity: Bytes) {
+        let _ = self.identity.set(identity);
+    }
 }
 
 /// Why stored metadata could not be read. Any of them means "treat as a miss".
@@ -415,10 +445,7 @@ impl Entry {
     pub fn from_identity(mut meta: Meta, identity: &[u8]) -> Entry {
         meta.etag = etag(identity);
         meta.identity_len = identity.len() as u64;
-        Entry {
-            meta,
-            gzip: compress(identity),
-        }
+        Entry::new(meta, compress(identity))
     }
 }
 

@@ -81,8 +81,10 @@ impl L1 {
         }
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
+            // Both forms count: an L1 entry may hold its inflated body too (identity clients).
             .weigher(|_k: &u128, v: &Held| {
-                u32::try_from(v.0.gzip.len())
+                let identity = usize::try_from(v.0.meta.identity_len).unwrap_or(usize::MAX);
+                u32::try_from(v.0.gzip.len().saturating_add(identity))
                     .unwrap_or(u32::MAX)
                     .saturating_add(OVERHEAD_BYTES)
             })

@@ -91,7 +91,8 @@ pub async fn serve(
             false,
         ));
     }
-    let filled = fill::fill(app, cache, &key, fill::upstream_head(&head), &variant, now).await;
+    let up = fill::upstream_head(&head);
+    let filled = fill::fill(app, cache, &key, up, &variant, now, fill::Write::Background).await;
     match filled {
         Ok(Filled::Stored(entry)) => {
             let outcome = Outcome::Miss { stored: true };

@@ -79,6 +79,16 @@ pub fn upstream_head(head: &Parts) -> Parts {
     req.into_parts().0
 }
 
+/// How the store write of a fill runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// In its own task: a client is waiting for the response, never for Redis.
+    Background,
+    /// Awaited: a background refresh holds its key until the new entry is readable by every
+    /// gateway, or the next request would find the old stale entry and refresh again.
+    Awaited,
+}
+
 /// Fetches `key` from a replica and stores the answer when it may be stored.
 pub async fn fill(
     app: &AppState,
@@ -87,6 +97,7 @@ pub async fn fill(
     head: Parts,
     variant: &Variant,
     now_ms: u64,
+    write: Write,
 ) -> Result<Filled, ProxyError> {
     let vary_request = head.headers.clone();
     let reply = app.upstream.send(head, body::empty()).await?;
@@ -111,6 +122,16 @@ pub async fn fill(
             return Ok(Filled::Passed(response));
         }
     };
+    // A replica that compressed anyway (our request asked for identity) is passed through:
+    // its bytes are not the identity body this entry format stores.
+    let encoded = response
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        app.metrics.cache_not_stored.inc();
+        return Ok(Filled::Passed(response));
+    }
     let (parts, mut body) = response.into_parts();
     let mut collected = BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -163,23 +184,32 @@ pub async fn fill(
         meta.tags.push(format!("{VARY_TAG}{h:032x}"));
     }
     let entry = Arc::new(Entry::from_identity(meta, &identity));
-    store(app, cache, key, Arc::clone(&entry), freshness.ttl(), now_ms);
+    entry.remember_identity(identity);
+    cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
+    app.metrics.cache_stores.inc();
+    let put = store(
+        Arc::clone(cache),
+        Arc::clone(&app.metrics),
+        key.hex(),
+        Arc::clone(&entry),
+        freshness.ttl(),
+    );
+    match write {
+        Write::Background => drop(tokio::spawn(put)),
+        Write::Awaited => put.await,
+    }
     Ok(Filled::Stored(entry))
 }
 
-/// Puts the entry in the L1 now and in the store in the background.
-fn store(
-    app: &AppState,
-    cache: &Arc<CacheState>,
-    key: &CacheKey,
+/// Writes the entry to the store and tells the other gateways.
+async fn store(
+    cache: Arc<CacheState>,
+    metrics: Arc<crate::metrics::Metrics>,
+    hex: String,
     entry: Arc<Entry>,
     ttl: std::time::Duration,
-    now_ms: u64,
 ) {
-    cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
-    app.metrics.cache_stores.inc();
-    let (cache, metrics, hex) = (Arc::clone(cache), Arc::clone(&app.metrics), key.hex());
-    tokio::spawn(async move {
+    {
         let stored = Stored {
             meta: entry.meta.encode(),
             body: entry.gzip.clone(),
@@ -201,7 +231,7 @@ fn store(
                 tracing::debug!(error = %e, "bus publish failed");
             }
         }
-    });
+    }
 }
 
 /// What the variant's body must be (`cache::policy::admit` checks the content type).

@@ -70,10 +70,7 @@ pub async fn lookup(
             return Found::Miss;
         }
     };
-    let entry = Arc::new(Entry {
-        meta,
-        gzip: stored.body,
-    });
+    let entry = Arc::new(Entry::new(meta, stored.body));
     if !vary_matches(&entry, headers) {
         return Found::Miss;
     }

@@ -58,7 +58,8 @@ pub fn spawn(
         let _permit = permit;
         let _guard = guard;
         let now = super::cached::now_ms();
-        if let Err(e) = fill::fill(&app, &cache, &key, head, &variant, now).await {
+        let write = fill::Write::Awaited;
+        if let Err(e) = fill::fill(&app, &cache, &key, head, &variant, now, write).await {
             tracing::debug!(key = %key.text, error = %e, "background refresh failed; the stale entry stays");
         }
     });

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::cache::entry::{self, Entry};
+use crate::cache::entry::Entry;
 use crate::http::body::{self, Body};
 
 /// `x-cache`.
@@ -117,8 +117,7 @@ pub fn response(
     } else if entry.gzip.is_empty() {
         Bytes::new()
     } else {
-        let limit = usize::try_from(meta.identity_len).unwrap_or(usize::MAX);
-        entry::inflate(&entry.gzip, limit).ok()?
+        entry.identity().ok()?
     };
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     let mut resp = Response::new(if ask.head {
