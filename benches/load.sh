@@ -88,6 +88,6 @@ case "$mode" in
         key=$(redis-cli -p 6391 --scan --pattern 'isr:*:e' | sed -n 1p)
         stored=$(redis-cli -p 6391 hstrlen "$key" b)
         identity=$(curl -s -H 'Accept-Encoding: identity' http://127.0.0.1:8080/page/1 | wc -c)
-        echo "bytes at rest: $stored gzip vs $identity identity ($(( 100 - 100 * stored / identity ))% smaller)"
+        awk -v s="$stored" -v i="$identity" 'BEGIN { printf "bytes at rest: %d gzip vs %d identity (%.1f%% smaller)\n", s, i, 100 - 100 * s / i }'
         ;;
 esac
