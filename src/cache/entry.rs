@@ -207,6 +207,23 @@ impl InflateError {
 }
 
 impl Meta {
+    /// Metadata of a response with `status` and `headers`: no times, tags or ETag yet (the
+    /// fill sets the times; [`Entry::from_identity`] sets the ETag and length).
+    pub fn new(status: u16, headers: Vec<(HeaderName, HeaderValue)>) -> Meta {
+        Meta {
+            status,
+            headers,
+            render_epoch: 0,
+            stored_at_ms: 0,
+            fresh_until_ms: 0,
+            stale_until_ms: 0,
+            stale_if_error_until_ms: 0,
+            tags: Vec::new(),
+            etag: String::new(),
+            identity_len: 0,
+        }
+    }
+
     /// The format-1 bytes of this metadata (layout in the module doc), in one allocation of the
     /// exact size.
     pub fn encode(&self) -> Bytes {

@@ -152,23 +152,14 @@ pub async fn fill(
         }
     }
     let identity: Bytes = collected.freeze();
-    let mut meta = Meta {
-        status: parts.status.as_u16(),
-        headers: parts
-            .headers
-            .iter()
-            .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect(),
-        render_epoch: 0,
-        stored_at_ms: now_ms,
-        fresh_until_ms: 0,
-        stale_until_ms: 0,
-        stale_if_error_until_ms: 0,
-        tags: Vec::new(),
-        etag: String::new(),
-        identity_len: 0,
-    };
+    let stored_headers = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let mut meta = Meta::new(parts.status.as_u16(), stored_headers);
+    meta.stored_at_ms = now_ms;
     let t = Times::new(now_ms, &freshness);
     (
         meta.fresh_until_ms,
