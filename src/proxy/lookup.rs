@@ -99,8 +99,12 @@ pub fn times(meta: &Meta) -> Times {
 }
 
 /// Whether the request has the values of the headers the stored response varies on (beyond
-/// those already in the key): the entry records them as a `vary:<hash>` tag.
+/// those already in the key): the fill records them as a `vary:<hash>` tag exactly when there
+/// are any, so an entry without the tag matches at once (the hit path does no `Vary` parsing).
 pub fn vary_matches(entry: &Entry, headers: &HeaderMap) -> bool {
+    let Some(tag) = entry.meta.tags.iter().find(|t| t.starts_with(VARY_TAG)) else {
+        return true;
+    };
     let vary = entry
         .meta
         .headers
@@ -108,11 +112,9 @@ pub fn vary_matches(entry: &Entry, headers: &HeaderMap) -> bool {
         .filter(|(n, _)| n == http::header::VARY)
         .filter_map(|(_, v)| v.to_str().ok());
     match key::vary_hash(vary, headers) {
-        None => true,
-        Some(h) => {
-            let want = format!("{VARY_TAG}{h:032x}");
-            entry.meta.tags.contains(&want)
-        }
+        Some(h) => *tag == format!("{VARY_TAG}{h:032x}"),
+        // The stored Vary no longer names an extra header: the tag is stale; refetch.
+        None => false,
     }
 }
 
