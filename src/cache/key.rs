@@ -83,14 +83,15 @@ impl Variant {
 static SEGMENT_PREFETCH: HeaderName = HeaderName::from_static("next-router-segment-prefetch");
 
 /// Request headers that choose the representation and are already in the key (or deliberately
-/// not part of it): a stored `Vary` listing them adds nothing to the secondary key.
+/// not part of it: encodings are ours): a stored `Vary` listing them adds nothing to the
+/// secondary key. `Accept` is not among them: only images put it in the key (as a format),
+/// and a route handler may answer HTML or JSON by `Accept`.
 const KEYED_OR_IGNORED: &[&str] = &[
     "rsc",
     "next-router-state-tree",
     "next-router-prefetch",
     "next-router-segment-prefetch",
     "accept-encoding",
-    "accept",
 ];
 
 /// The variant a sanitized request asks for. `avif` says whether the app enables avif images

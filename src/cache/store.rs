@@ -98,6 +98,20 @@ impl Store {
         }
     }
 
+    /// Removes the entry under `key_hex` (the replica no longer allows storing it).
+    pub async fn delete(&self, key_hex: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(m) => {
+                m.cache.invalidate(key_hex);
+                Ok(())
+            }
+            Store::Redis(r) => {
+                let key = entry_key(key_hex);
+                r.bounded(r.pool.del::<(), _>(key)).await
+            }
+        }
+    }
+
     /// Stores an entry for `ttl` (replacing any previous one).
     pub async fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) -> Result<(), StoreError> {
         match self {

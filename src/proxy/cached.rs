@@ -68,7 +68,7 @@ pub async fn serve(
                 app,
                 cache,
                 key.clone(),
-                fill::upstream_head(&head),
+                fill::upstream_head(&head, &variant),
                 variant.clone(),
             );
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
@@ -91,7 +91,7 @@ pub async fn serve(
             false,
         ));
     }
-    let up = fill::upstream_head(&head);
+    let up = fill::upstream_head(&head, &variant);
     let filled = fill::fill(app, cache, &key, up, &variant, now, fill::Write::Background).await;
     match filled {
         Ok(Filled::Stored(entry)) => {

@@ -85,10 +85,12 @@ pub fn request(cfg: &Cache, head: &Parts, has_body: bool) -> Result<Variant, Byp
         return Err(Bypass::MiddlewarePrefetch);
     }
     let path = head.uri.path();
+    // Compared decoded, as Next.js matches routes: `/%61ccount/` must not dodge `/account/`.
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
     if cfg
         .bypass_paths
         .iter()
-        .any(|p| path.starts_with(p.as_str()))
+        .any(|p| path.starts_with(p.as_str()) || decoded.starts_with(p.as_str()))
     {
         return Err(Bypass::Path);
     }
@@ -189,6 +191,7 @@ mod tests {
                 Bypass::MiddlewarePrefetch,
             ),
             ("GET", "/api/x", &[], false, Bypass::Path),
+            ("GET", "/%61pi/x", &[], false, Bypass::Path),
             (
                 "GET",
                 "/p",

@@ -53,7 +53,7 @@ pub enum Filled {
 
 /// The head to send upstream for a candidate: GET whatever the client used (HEAD is served from
 /// the GET entry), identity encoding (we compress ourselves), no conditional or range headers.
-pub fn upstream_head(head: &Parts) -> Parts {
+pub fn upstream_head(head: &Parts, variant: &Variant) -> Parts {
     let mut req = Request::new(());
     *req.method_mut() = Method::GET;
     *req.uri_mut() = head.uri.clone();
@@ -73,6 +73,16 @@ pub fn upstream_head(head: &Parts) -> Parts {
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
+    // An image is keyed on the negotiated format: ask the optimizer for exactly that one, or
+    // a client's wider Accept could store a format other clients cannot read (rule 5).
+    if let Variant::Image(format) = variant {
+        let accept = match format {
+            key::ImageFormat::Avif => "image/avif,image/webp,*/*",
+            key::ImageFormat::Webp => "image/webp,*/*",
+            key::ImageFormat::Original => "*/*",
+        };
+        headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    }
     *req.headers_mut() = headers;
     // Extensions carry hyper's header-case map: the replica sees the client's header case.
     *req.extensions_mut() = head.extensions.clone();

@@ -59,8 +59,44 @@ pub fn spawn(
         let _guard = guard;
         let now = super::cached::now_ms();
         let write = fill::Write::Awaited;
-        if let Err(e) = fill::fill(&app, &cache, &key, head, &variant, now, write).await {
-            tracing::debug!(key = %key.text, error = %e, "background refresh failed; the stale entry stays");
+        match fill::fill(&app, &cache, &key, head, &variant, now, write).await {
+            Ok(fill::Filled::Stored(_)) => {}
+            // A definitive answer that may not be stored (unpublished: a private 404; made
+            // personal: Set-Cookie): the stale copy must not outlive it.
+            Ok(fill::Filled::Passed(resp)) if !resp.status().is_server_error() => {
+                forget(&app, &cache, &key).await;
+            }
+            Ok(fill::Filled::Passed(_)) => {
+                tracing::debug!(key = %key.text, "background refresh got a server error; the stale entry stays");
+            }
+            Err(e) => {
+                tracing::debug!(key = %key.text, error = %e, "background refresh failed; the stale entry stays");
+            }
         }
     });
+}
+
+/// Removes `key` everywhere: this gateway's L1, the store, and (through the bus) every other
+/// gateway's L1.
+async fn forget(app: &AppState, cache: &CacheState, key: &CacheKey) {
+    cache.l1.remove(key.hash);
+    let hex = key.hex();
+    if let Err(e) = cache.store.delete(&hex).await {
+        app.metrics.store_errors.inc();
+        tracing::debug!(error = %e, "could not delete an entry that may no longer be stored");
+        return;
+    }
+    if let (Some(bus), crate::cache::store::Store::Redis(redis)) = (&cache.bus, &cache.store) {
+        let message = crate::bus::Message::Filled {
+            key: hex,
+            gateway: bus.gateway_id().to_owned(),
+        };
+        let timeout = std::time::Duration::from_millis(250);
+        if crate::bus::publish(redis.pool(), &message, timeout)
+            .await
+            .is_err()
+        {
+            app.metrics.store_errors.inc();
+        }
+    }
 }

@@ -95,22 +95,29 @@ pub fn response(
     for (name, value) in &meta.headers {
         headers.append(name.clone(), value.clone());
     }
-    if let Ok(etag) = HeaderValue::from_str(&meta.etag) {
-        headers.insert(header::ETAG, etag);
+    let gzip = accepts_gzip(ask.headers) && !entry.gzip.is_empty();
+    // Two encodings of one entry are two representations: each gets its own strong ETag
+    // (RFC 9110 §8.8.3).
+    let etag = if gzip {
+        gzip_etag(&meta.etag)
+    } else {
+        meta.etag.clone()
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, v);
     }
     let age = now_ms.saturating_sub(meta.stored_at_ms) / 1000;
     headers.insert(header::AGE, HeaderValue::from(age));
     mark(&mut headers, outcome);
     add_vary_accept_encoding(&mut headers);
 
-    if status == StatusCode::OK && if_none_match(ask.headers, &meta.etag) {
+    if status == StatusCode::OK && if_none_match(ask.headers, &etag) {
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         headers.remove(header::CONTENT_TYPE);
         *resp.headers_mut() = headers;
         return Some(resp);
     }
-    let gzip = accepts_gzip(ask.headers) && !entry.gzip.is_empty();
     let bytes: Bytes = if gzip {
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         entry.gzip.clone()
@@ -128,6 +135,14 @@ pub fn response(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Some(resp)
+}
+
+/// The strong ETag of the gzip encoding: the identity ETag with `-gz` inside the quotes.
+pub fn gzip_etag(identity: &str) -> String {
+    match identity.strip_suffix('"') {
+        Some(open) if !open.is_empty() => format!("{open}-gz\""),
+        _ => format!("{identity}-gz"),
+    }
 }
 
 /// The same entry is served gzip-encoded or not depending on `Accept-Encoding`: browsers'
@@ -243,7 +258,12 @@ mod tests {
         assert_eq!(r.headers()["age"], "2");
         assert_eq!(r.headers()["x-cache"], "HIT");
         assert_eq!(r.headers()["cache-status"], "isrgate; hit");
-        assert_eq!(r.headers()["etag"], e.meta.etag.as_str());
+        assert_eq!(r.headers()["etag"], gzip_etag(&e.meta.etag).as_str());
+        assert_ne!(
+            r.headers()["etag"],
+            e.meta.etag.as_str(),
+            "one validator per encoding"
+        );
         assert_eq!(bytes(r).await, e.gzip, "byte for byte what is stored");
         let plain = h(&[("accept-encoding", "gzip;q=0, identity")]);
         let r = response(&e, ask(&plain), Outcome::Hit, 12_500).expect("served");

@@ -555,3 +555,86 @@ async fn a_bus_reconnect_flushes_the_l1() {
         "L1 flushed after the bus reconnected"
     );
 }
+
+#[tokio::test]
+async fn a_refresh_that_meets_an_unpublished_page_drops_the_stale_copy() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("v1", "s-maxage=1, stale-while-revalidate=600"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    let raw = raw(&r).await;
+    let key = redis_key(&gw, "/p", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Unpublished: the replica now answers a private 404.
+    origin.route(
+        "/p",
+        Route::html("gone").with_status(404).header(
+            "cache-control",
+            "private, no-cache, no-store, max-age=0, must-revalidate",
+        ),
+    );
+    assert_eq!(c.get(&gw.url("/p"), &[]).await.header("x-cache"), "STALE");
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(1) == 0,
+        "stale entry deleted"
+    );
+    let got = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!((got.status.as_u16(), got.header("x-cache")), (404, "MISS"));
+}
+
+#[tokio::test]
+async fn vary_accept_splits_entries_and_images_ask_for_the_keyed_format() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/h", page("<p>html</p>", ISR).header("vary", "Accept"));
+        o.route(
+            "/_next/image",
+            Route::html("img")
+                .content_type("image/webp")
+                .header("cache-control", "public, max-age=60")
+                .header("vary", "Accept"),
+        );
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    assert_eq!(
+        c.get(&gw.url("/h"), &[("accept", "text/html")])
+            .await
+            .header("x-cache"),
+        "MISS"
+    );
+    assert_eq!(
+        c.get(&gw.url("/h"), &[("accept", "text/html")])
+            .await
+            .header("x-cache"),
+        "HIT"
+    );
+    assert_eq!(
+        c.get(&gw.url("/h"), &[("accept", "application/json")])
+            .await
+            .header("x-cache"),
+        "MISS",
+        "another Accept, another answer"
+    );
+    c.get(
+        &gw.url("/_next/image?url=%2Fa.jpg&w=640&q=75"),
+        &[("accept", "image/avif,image/webp,*/*")],
+    )
+    .await;
+    let seen = origin.last("/_next/image").expect("seen");
+    assert_eq!(
+        seen.headers["accept"], "image/webp,*/*",
+        "the optimizer is asked for the keyed format"
+    );
+}
