@@ -43,6 +43,51 @@ pub enum StoreError {
     /// No answer within `command_timeout`.
     #[error("redis command timed out after {0:?}")]
     Timeout(Duration),
+    /// Skipped: Redis failed repeatedly just now (the circuit breaker is open).
+    #[error("redis skipped: circuit breaker open")]
+    CircuitOpen,
+}
+
+/// Consecutive failures that open the breaker.
+pub const BREAKER_FAILURES: u32 = 5;
+/// How long an open breaker skips Redis before letting calls through again.
+pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(2);
+
+/// A circuit breaker for the store: a Redis that times out (a black hole drops packets and
+/// answers nothing) would otherwise cost every L1 miss the full `command_timeout`. After
+/// [`BREAKER_FAILURES`] consecutive failures, calls fail at once for [`BREAKER_COOLDOWN`];
+/// then they go through again, and one failure re-opens it (half-open), one success closes it.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    failures: std::sync::atomic::AtomicU32,
+    open_until_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Breaker {
+    /// Whether calls are being skipped at `now_ms`.
+    pub fn is_open(&self, now_ms: u64) -> bool {
+        self.open_until_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > now_ms
+    }
+
+    fn success(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.failures.load(Relaxed) != 0 {
+            self.failures.store(0, Relaxed);
+        }
+    }
+
+    /// Returns `true` when this failure opened the breaker.
+    fn failure(&self, now_ms: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.failures.fetch_add(1, Relaxed) + 1 >= BREAKER_FAILURES {
+            let until = now_ms + BREAKER_COOLDOWN.as_millis() as u64;
+            self.open_until_ms.store(until, Relaxed);
+            return true;
+        }
+        false
+    }
 }
 
 /// Settings of the Redis store.
@@ -187,6 +232,7 @@ impl MemoryStore {
 pub struct RedisStore {
     pool: Pool,
     command_timeout: Duration,
+    breaker: std::sync::Arc<Breaker>,
 }
 
 impl RedisStore {
@@ -230,7 +276,13 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             command_timeout: settings.command_timeout,
+            breaker: std::sync::Arc::new(Breaker::default()),
         })
+    }
+
+    /// The circuit breaker (for readiness and the dashboard).
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// The underlying pool (for the bus and the lock code that share it).
@@ -242,11 +294,24 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
+        let now = crate::upstream::replicas::now_ms();
+        if self.breaker.is_open(now) {
+            return Err(StoreError::CircuitOpen);
+        }
         // fred bounds commands itself; this also bounds the wait for a connection.
-        match tokio::time::timeout(self.command_timeout, fut).await {
+        let result = match tokio::time::timeout(self.command_timeout, fut).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(self.command_timeout)),
+        };
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) => {
+                if self.breaker.failure(crate::upstream::replicas::now_ms()) {
+                    tracing::warn!(error = %e, cooldown = ?BREAKER_COOLDOWN, "Redis failing; skipping it for a while (circuit breaker open)");
+                }
+            }
         }
+        result
     }
 
     async fn get(&self, key_hex: &str) -> Result<Option<Stored>, StoreError> {
@@ -284,6 +349,22 @@ mod tests {
             meta: Bytes::from(vec![1u8; 8]),
             body: Bytes::from(vec![7u8; n]),
         }
+    }
+
+    #[test]
+    fn breaker_opens_after_consecutive_failures_and_recovers() {
+        let b = Breaker::default();
+        for _ in 0..BREAKER_FAILURES - 1 {
+            assert!(!b.failure(1_000));
+        }
+        b.success();
+        for _ in 0..BREAKER_FAILURES - 1 {
+            assert!(!b.failure(1_000), "the count restarted after a success");
+        }
+        assert!(b.failure(1_000), "the fifth consecutive failure opens it");
+        assert!(b.is_open(1_000 + BREAKER_COOLDOWN.as_millis() as u64 - 1));
+        assert!(!b.is_open(1_000 + BREAKER_COOLDOWN.as_millis() as u64));
+        assert!(b.failure(5_000), "half-open: one failure re-opens");
     }
 
     #[test]

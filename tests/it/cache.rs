@@ -638,3 +638,37 @@ async fn vary_accept_splits_entries_and_images_ask_for_the_keyed_format() {
         "the optimizer is asked for the keyed format"
     );
 }
+
+#[tokio::test]
+async fn a_black_holed_redis_costs_a_few_timeouts_not_one_per_request() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        for i in 0..30 {
+            o.route(&format!("/p{i}"), page("x", ISR));
+        }
+    })
+    .await;
+    let gw = gateway(&origin, &r, "[redis]\ncommand_timeout = \"200ms\"").await;
+    let c = Client::default();
+    eventually!(5, bus_live(&gw), "connected");
+    r.pause();
+    let started = std::time::Instant::now();
+    for i in 0..30 {
+        let got = c.get(&gw.url(&format!("/p{i}")), &[]).await;
+        assert_eq!(got.status, 200, "/p{i}");
+    }
+    let took = started.elapsed();
+    // 30 store reads at 200 ms each would be 6 s; the breaker opens after 5 failures.
+    assert!(took < Duration::from_millis(2_500), "{took:?}");
+    r.resume();
+    let raw = raw(&r).await;
+    let key = redis_key(&gw, "/p0", &Variant::Html);
+    eventually!(
+        10,
+        {
+            c.get(&gw.url("/p0"), &[]).await;
+            raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1
+        },
+        "caching resumed after the breaker closed"
+    );
+}
