@@ -51,7 +51,12 @@ pub async fn serve(
         headers: &head.headers,
         head: head.method == Method::HEAD,
     };
-    let fallback = match lookup::lookup(app, cache, &key, &head.headers, now).await {
+    // `Vary` is matched on what the replica is asked: for images that is the Accept of the
+    // negotiated format, not the client's own (the fill computed its tag the same way).
+    let image_view =
+        matches!(variant, Variant::Image(_)).then(|| fill::upstream_head(&head, &variant).headers);
+    let vary_view = image_view.as_ref().unwrap_or(&head.headers);
+    let fallback = match lookup::lookup(app, cache, &key, vary_view, now).await {
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();

@@ -637,6 +637,18 @@ async fn vary_accept_splits_entries_and_images_ask_for_the_keyed_format() {
         seen.headers["accept"], "image/webp,*/*",
         "the optimizer is asked for the keyed format"
     );
+    let other_browser = c
+        .get(
+            &gw.url("/_next/image?url=%2Fa.jpg&w=640&q=75"),
+            &[("accept", "image/webp,image/apng,*/*;q=0.8")],
+        )
+        .await;
+    assert_eq!(
+        other_browser.header("x-cache"),
+        "HIT",
+        "same format, another Accept string: one entry"
+    );
+    assert_eq!(origin.count("/_next/image"), 1);
 }
 
 #[tokio::test]
