@@ -124,6 +124,23 @@ impl CacheState {
         })
     }
 
+    /// Tells the other gateways that the entry under `key_hex` changed (stored or deleted):
+    /// they drop their L1 copy and read the store again. Best effort: a failure is counted.
+    pub async fn announce(&self, key_hex: String, metrics: &crate::metrics::Metrics) {
+        let (Some(bus), Store::Redis(redis)) = (&self.bus, &self.store) else {
+            return;
+        };
+        let message = crate::bus::Message::Filled {
+            key: key_hex,
+            gateway: bus.gateway_id().to_owned(),
+        };
+        let timeout = std::time::Duration::from_millis(250);
+        if let Err(e) = crate::bus::publish(redis.pool(), &message, timeout).await {
+            metrics.store_errors.inc();
+            tracing::debug!(error = %e, "bus publish failed");
+        }
+    }
+
     /// Starts the store's connections (Redis) on the current runtime.
     pub fn start(&self) {
         if let Store::Redis(r) = &self.store {

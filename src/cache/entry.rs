@@ -525,18 +525,7 @@ mod tests {
     }
 
     fn empty_meta() -> Meta {
-        Meta {
-            status: 204,
-            headers: Vec::new(),
-            render_epoch: 0,
-            stored_at_ms: 0,
-            fresh_until_ms: 0,
-            stale_until_ms: 0,
-            stale_if_error_until_ms: 0,
-            tags: Vec::new(),
-            etag: String::new(),
-            identity_len: 0,
-        }
+        Meta::new(204, Vec::new())
     }
 
     /// A deterministic page shaped like a rendered Next.js product list: repeated markup with

@@ -20,7 +20,7 @@ use crate::app::{AppState, CacheState};
 use crate::cache::entry::{Entry, Meta};
 use crate::cache::key::{self, CacheKey, Variant};
 use crate::cache::policy::{self, Expect, Times};
-use crate::cache::store::{Store, Stored};
+use crate::cache::store::Stored;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::upstream::UpstreamError;
@@ -221,17 +221,7 @@ async fn store(
             return;
         }
         // Other gateways drop their L1 copy of this key and read the new entry.
-        if let (Some(bus), Store::Redis(redis)) = (&cache.bus, &cache.store) {
-            let message = crate::bus::Message::Filled {
-                key: hex,
-                gateway: bus.gateway_id().to_owned(),
-            };
-            let timeout = std::time::Duration::from_millis(250);
-            if let Err(e) = crate::bus::publish(redis.pool(), &message, timeout).await {
-                metrics.store_errors.inc();
-                tracing::debug!(error = %e, "bus publish failed");
-            }
-        }
+        cache.announce(hex, &metrics).await;
     }
 }
 

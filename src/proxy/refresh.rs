@@ -86,17 +86,5 @@ async fn forget(app: &AppState, cache: &CacheState, key: &CacheKey) {
         tracing::debug!(error = %e, "could not delete an entry that may no longer be stored");
         return;
     }
-    if let (Some(bus), crate::cache::store::Store::Redis(redis)) = (&cache.bus, &cache.store) {
-        let message = crate::bus::Message::Filled {
-            key: hex,
-            gateway: bus.gateway_id().to_owned(),
-        };
-        let timeout = std::time::Duration::from_millis(250);
-        if crate::bus::publish(redis.pool(), &message, timeout)
-            .await
-            .is_err()
-        {
-            app.metrics.store_errors.inc();
-        }
-    }
+    cache.announce(hex, &app.metrics).await;
 }
