@@ -94,17 +94,19 @@ impl CacheState {
         cfg: crate::config::Cache,
         redis: Option<&crate::config::Redis>,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
-        let bus = match redis {
-            Some(r) => Some(Bus::new(&r.url, format!("{:016x}", fastrand::u64(..)))?),
+        let settings = redis.map(|r| RedisSettings {
+            url: r.url.clone(),
+            pool_size: r.pool_size,
+            command_timeout: r.command_timeout,
+            connect_timeout: r.connect_timeout,
+            tls: r.tls.clone(),
+        });
+        let bus = match &settings {
+            Some(s) => Some(Bus::new(s, format!("{:016x}", fastrand::u64(..)))?),
             None => None,
         };
-        let store = match redis {
-            Some(r) => Store::Redis(RedisStore::new(&RedisSettings {
-                url: r.url.clone(),
-                pool_size: r.pool_size,
-                command_timeout: r.command_timeout,
-                connect_timeout: r.connect_timeout,
-            })?),
+        let store = match &settings {
+            Some(s) => Store::Redis(RedisStore::new(s)?),
             None => Store::Memory(MemoryStore::new(MemorySettings {
                 max_bytes: cfg.memory_max_bytes,
             })),

@@ -70,9 +70,12 @@ impl Message {
 }
 
 impl Bus {
-    /// Builds the subscriber for `url` (no connection yet; see [`Bus::start`]).
-    pub fn new(url: &str, gateway_id: String) -> Result<Bus, StoreError> {
-        let subscriber = Builder::from_config(Config::from_url(url)?)
+    /// Builds the subscriber (no connection yet; see [`Bus::start`]).
+    pub fn new(
+        settings: &crate::cache::store::RedisSettings,
+        gateway_id: String,
+    ) -> Result<Bus, StoreError> {
+        let subscriber = Builder::from_config(settings.fred_config()?)
             .with_config(|c| c.fail_fast = false)
             .with_performance_config(|c| c.broadcast_channel_capacity = 4096)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))

@@ -11,6 +11,7 @@
 //!   and freshness at a given time.
 //! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
+//! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
 //! - [`l1`] — the in-process L1 of decoded entries in front of the store.
 
 pub mod control;
@@ -19,3 +20,4 @@ pub mod key;
 pub mod l1;
 pub mod policy;
 pub mod store;
+pub mod tls;

@@ -43,6 +43,9 @@ pub enum StoreError {
     /// No answer within `command_timeout`.
     #[error("redis command timed out after {0:?}")]
     Timeout(Duration),
+    /// The TLS files named in `[redis]` cannot be used.
+    #[error("redis TLS ({key}): {reason}", key = .0.key, reason = .0.reason)]
+    Tls(#[from] crate::cache::tls::TlsError),
     /// Skipped: Redis failed repeatedly just now (the circuit breaker is open).
     #[error("redis skipped: circuit breaker open")]
     CircuitOpen,
@@ -102,6 +105,19 @@ pub struct RedisSettings {
     pub command_timeout: Duration,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
+    /// PEM files for `rediss://` URLs (ignored for `redis://`).
+    pub tls: crate::cache::tls::RedisTls,
+}
+
+impl RedisSettings {
+    /// The fred configuration: the URL, with our TLS settings when it asks for TLS.
+    pub fn fred_config(&self) -> Result<Config, StoreError> {
+        let mut config = Config::from_url(&self.url)?;
+        if config.tls.is_some() {
+            config.tls = Some(self.tls.fred_config()?);
+        }
+        Ok(config)
+    }
 }
 
 /// Settings of the in-process store.
@@ -252,8 +268,7 @@ impl RedisStore {
 
     /// Builds the pool without connecting (no runtime needed); see [`RedisStore::start`].
     pub fn new(settings: &RedisSettings) -> Result<RedisStore, StoreError> {
-        let config = Config::from_url(&settings.url)?;
-        let pool = Builder::from_config(config)
+        let pool = Builder::from_config(settings.fred_config()?)
             .with_config(|c| {
                 // Keep retrying the first connection instead of failing start-up.
                 c.fail_fast = false;

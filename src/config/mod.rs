@@ -160,6 +160,8 @@ pub struct Redis {
     pub command_timeout: Duration,
     /// Connect bound.
     pub connect_timeout: Duration,
+    /// PEM files for `rediss://`.
+    pub tls: crate::cache::tls::RedisTls,
 }
 
 /// `[admin]`

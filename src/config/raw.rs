@@ -214,6 +214,13 @@ section! {
         command_timeout: String = "250ms".into(),
         /// Bound on establishing a connection.
         connect_timeout: String = "1s".into(),
+        /// `rediss://` only: CA certificates (PEM) the server's certificate must chain to;
+        /// empty = the system's roots.
+        tls_ca_file: String = String::new(),
+        /// `rediss://` only: client certificate chain (PEM), for `tls-auth-clients yes`.
+        tls_cert_file: String = String::new(),
+        /// `rediss://` only: the client certificate's private key (PEM).
+        tls_key_file: String = String::new(),
     }
 }
 

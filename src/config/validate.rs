@@ -399,26 +399,46 @@ fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {
     if url.is_empty() {
         return None;
     }
-    if url.starts_with("rediss://") {
-        c.fail(
-            "redis.url",
-            "TLS to Redis is not built in yet; use redis:// inside a private network, or a TLS sidecar such as stunnel",
-        );
-    } else if !(url.starts_with("redis://")
-        || url.starts_with("redis-cluster://")
-        || url.starts_with("redis-sentinel://"))
-    {
+    let path = |s: &str| (!s.trim().is_empty()).then(|| std::path::PathBuf::from(s.trim()));
+    let tls = crate::cache::tls::RedisTls {
+        ca_file: path(&r.tls_ca_file),
+        cert_file: path(&r.tls_cert_file),
+        key_file: path(&r.tls_key_file),
+    };
+    let scheme = url.split("://").next().unwrap_or_default();
+    match scheme {
+        "redis" | "redis-cluster" | "redis-sentinel" => {
+            if let Some(key) = [
+                ("redis.tls_ca_file", &tls.ca_file),
+                ("redis.tls_cert_file", &tls.cert_file),
+                ("redis.tls_key_file", &tls.key_file),
+            ]
+            .iter()
+            .find_map(|(k, v)| v.is_some().then_some(*k))
+            {
+                c.fail(
+                    key,
+                    "applies to TLS only; write the URL as rediss:// (or remove this key)",
+                );
+            }
+        }
+        "rediss" | "rediss-cluster" | "rediss-sentinel" => {
+            if let Err(e) = tls.fred_config() {
+                c.fail(e.key, e.reason);
+            }
+        }
         // The URL may carry a password: never echo it.
-        c.fail(
+        _ => c.fail(
             "redis.url",
-            "is not a Redis URL; write redis://[user:password@]host:port[/db] (or redis-cluster://, redis-sentinel://)",
-        );
+            "is not a Redis URL; write redis://[user:password@]host:port[/db] (rediss:// for TLS; or redis-cluster://, redis-sentinel://)",
+        ),
     }
     Some(super::Redis {
         url: url.to_owned(),
         pool_size: c.in_range("redis.pool_size", r.pool_size, 1, 256) as usize,
         command_timeout: c.duration("redis.command_timeout", &r.command_timeout, false),
         connect_timeout: c.duration("redis.connect_timeout", &r.connect_timeout, false),
+        tls,
     })
 }
 
@@ -501,7 +521,18 @@ mod tests {
             ("[admin]\nlisten = \"localhost\"", "admin.listen"),
             ("[log]\nformat = \"xml\"", "log.format"),
             ("[redis]\nurl = \"http://x\"", "redis.url"),
-            ("[redis]\nurl = \"rediss://x:6380\"", "redis.url"),
+            (
+                "[redis]\nurl = \"rediss://x:6380\"\ntls_ca_file = \"/nonexistent.pem\"",
+                "redis.tls_ca_file",
+            ),
+            (
+                "[redis]\nurl = \"redis://x:6379\"\ntls_ca_file = \"/etc/hosts\"",
+                "redis.tls_ca_file",
+            ),
+            (
+                "[redis]\nurl = \"rediss://x:6380\"\ntls_cert_file = \"/etc/hosts\"",
+                "redis.tls_cert_file",
+            ),
             ("[cache]\nnamespace = \"a b\"", "cache.namespace"),
             ("[cache]\nmax_ttl = \"2years\"", "cache.max_ttl"),
             ("[cache]\nbypass_paths = [\"api\"]", "cache.bypass_paths"),
@@ -511,7 +542,9 @@ mod tests {
             let m = messages(text);
             assert_eq!(m.len(), 1, "{text}: {m:#?}");
             assert!(m[0].contains(&format!(": {key}: ")), "{text}: {}", m[0]);
-            assert!(m[0].starts_with("<inline>:2:1"), "{text}: {}", m[0]);
+            // The key's own line: the last one of each case.
+            let line = format!("<inline>:{}:1", text.lines().count());
+            assert!(m[0].starts_with(&line), "{text}: {}", m[0]);
         }
     }
 

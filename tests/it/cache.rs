@@ -684,3 +684,90 @@ async fn a_black_holed_redis_costs_a_few_timeouts_not_one_per_request() {
         "caching resumed after the breaker closed"
     );
 }
+
+/// `rediss://` with a private CA and a client certificate (Redis's default
+/// `tls-auth-clients yes`): two gateways share entries over TLS, one render in all.
+#[tokio::test]
+async fn gateways_share_entries_over_tls_with_a_client_certificate() {
+    let r = RedisProcess::start_tls(true);
+    let t = r.tls();
+    let origin = FakeNext::start(|o| {
+        o.route("/tls", page("<p>over tls</p>", ISR));
+    })
+    .await;
+    let redis = format!(
+        "[redis]\nurl = \"{}\"\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        r.tls_url(),
+        t.ca.display(),
+        t.client_cert.display(),
+        t.client_key.display()
+    );
+    let gw1 = Gateway::start(config(&[origin.url()], "", &redis)).await;
+    let gw2 = Gateway::start(config(&[origin.url()], "", &redis)).await;
+    // Both connected (the bus subscriber is the last connection to come up).
+    eventually!(5, bus_live(&gw1) && bus_live(&gw2), "subscribed over TLS");
+    let c = Client::default();
+    let host = gw1.addr.to_string();
+    let first = c.get(&gw1.url("/tls"), &[]).await;
+    assert_eq!(first.header("x-cache"), "MISS");
+    let settings = isrgate::cache::store::RedisSettings {
+        url: r.tls_url(),
+        pool_size: 1,
+        command_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        tls: isrgate::cache::tls::RedisTls {
+            ca_file: Some(t.ca.clone()),
+            cert_file: Some(t.client_cert.clone()),
+            key_file: Some(t.client_key.clone()),
+        },
+    };
+    let raw = Builder::from_config(settings.fred_config().expect("tls config"))
+        .build()
+        .expect("client");
+    raw.init().await.expect("connect over TLS");
+    let key = redis_key(&gw1, "/tls", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored over TLS"
+    );
+    let second = c.get(&gw2.url("/tls"), &[("host", &host)]).await;
+    assert_eq!(
+        second.header("x-cache"),
+        "HIT",
+        "gateway 2 reads it over TLS"
+    );
+    assert_eq!(second.body, first.body);
+    assert_eq!(origin.count("/tls"), 1, "one render in all");
+}
+
+/// A server certificate that does not chain to the configured CA is refused: nothing is
+/// read or stored (strict mode, so no L1 hides it), and requests still succeed from the origin
+/// (a Redis failure never fails a request).
+#[tokio::test]
+async fn an_untrusted_redis_certificate_is_refused_and_requests_still_succeed() {
+    let r = RedisProcess::start_tls(false);
+    let other = RedisProcess::start_tls(false); // another CA
+    let origin = FakeNext::start(|o| {
+        o.route("/x", page("<p>x</p>", ISR));
+    })
+    .await;
+    let redis = format!(
+        "[cache]\nl1_max_bytes = 0\n[redis]\nurl = \"{}\"\ntls_ca_file = \"{}\"\nconnect_timeout = \"200ms\"\n",
+        r.tls_url(),
+        other.tls().ca.display()
+    );
+    let gw = Gateway::start(config(&[origin.url()], "", &redis)).await;
+    let c = Client::default();
+    for _ in 0..3 {
+        let res = c.get(&gw.url("/x"), &[]).await;
+        assert_eq!(res.status.as_u16(), 200);
+        assert_eq!(res.header("x-cache"), "MISS", "no store to read from");
+    }
+    assert!(!bus_live(&gw));
+    assert_eq!(origin.count("/x"), 3);
+    assert!(
+        gw.state.metrics.store_errors.get() >= 3,
+        "each lookup failed"
+    );
+}

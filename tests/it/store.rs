@@ -16,6 +16,7 @@ fn settings(r: &RedisProcess) -> RedisSettings {
         pool_size: 2,
         command_timeout: Duration::from_millis(300),
         connect_timeout: Duration::from_millis(300),
+        tls: Default::default(),
     }
 }
 

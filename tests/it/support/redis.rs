@@ -13,21 +13,59 @@ pub struct RedisProcess {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    tls: Option<Tls>,
+}
+
+/// Certificates of a TLS server (made with the `openssl` command line).
+#[derive(Clone)]
+pub struct Tls {
+    /// The CA that signed the server's and the client's certificates.
+    pub ca: PathBuf,
+    /// A client certificate and its key, signed by the CA.
+    pub client_cert: PathBuf,
+    /// The client's key.
+    pub client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    /// Whether the server demands a client certificate.
+    pub auth_clients: bool,
 }
 
 impl RedisProcess {
     /// Starts one on a free port and waits until it answers PING.
     pub fn start() -> RedisProcess {
+        RedisProcess::launch(false, false)
+    }
+
+    /// Starts one that speaks TLS only, with a fresh CA; `auth_clients` makes it demand a
+    /// client certificate (Redis's default).
+    pub fn start_tls(auth_clients: bool) -> RedisProcess {
+        RedisProcess::launch(true, auth_clients)
+    }
+
+    fn launch(tls: bool, auth_clients: bool) -> RedisProcess {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("isrgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("redis dir");
+        let tls = tls.then(|| Tls::make(&dir, auth_clients));
         let mut r = RedisProcess {
             port,
             dir,
             child: None,
+            tls,
         };
         r.spawn();
         r
+    }
+
+    /// The TLS certificates, for a server started with [`RedisProcess::start_tls`].
+    pub fn tls(&self) -> &Tls {
+        self.tls.as_ref().expect("a TLS server")
+    }
+
+    /// `rediss://localhost:PORT` (the server certificate names localhost).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}", self.port)
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -36,12 +74,33 @@ impl RedisProcess {
     }
 
     fn spawn(&mut self) {
+        // A restart must not read the previous run's "ready" line.
+        let _ = std::fs::remove_file(self.dir.join("redis.log"));
+        let port = self.port.to_string();
+        let mut args: Vec<String> = match &self.tls {
+            None => vec!["--port".into(), port],
+            Some(t) => {
+                let path = |p: &PathBuf| p.to_str().expect("utf-8 path").to_owned();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port,
+                    "--tls-cert-file".into(),
+                    path(&t.server_cert),
+                    "--tls-key-file".into(),
+                    path(&t.server_key),
+                    "--tls-ca-cert-file".into(),
+                    path(&t.ca),
+                    "--tls-auth-clients".into(),
+                    (if t.auth_clients { "yes" } else { "no" }).into(),
+                ]
+            }
+        };
+        args.extend(["--bind", "127.0.0.1"].map(String::from));
         let child = Command::new("redis-server")
+            .args(args)
             .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
                 "--save",
                 "",
                 "--appendonly",
@@ -69,6 +128,9 @@ impl RedisProcess {
 
     fn ping(&self) -> bool {
         use std::io::{Read, Write};
+        if self.tls.is_some() {
+            return self.log().contains("Ready to accept connections");
+        }
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
@@ -121,6 +183,91 @@ impl Drop for RedisProcess {
         self.resume();
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Tls {
+    /// A CA, a server certificate for localhost and a client certificate, in `dir`.
+    fn make(dir: &std::path::Path, auth_clients: bool) -> Tls {
+        let p = |name: &str| dir.join(name);
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("the openssl command line must be installed (.ci/run installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=isrgate test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        std::fs::write(
+            p("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("ext");
+        // Extensions make them X.509 v3: webpki refuses v1 certificates.
+        std::fs::write(p("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+        for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                ext,
+            ]);
+        }
+        Tls {
+            ca: p("ca.pem"),
+            client_cert: p("client.pem"),
+            client_key: p("client.key"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            auth_clients,
+        }
     }
 }
 
