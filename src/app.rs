@@ -85,6 +85,8 @@ pub struct CacheState {
     pub refresh_permits: Arc<tokio::sync::Semaphore>,
     /// The bus between gateways (with Redis only).
     pub bus: Option<Bus>,
+    /// Who renders a missed key (local flights, fleet-lock waiters, hit-for-miss).
+    pub coalesce: Arc<crate::proxy::coalesce::Coalescer>,
 }
 
 impl CacheState {
@@ -122,17 +124,25 @@ impl CacheState {
             refresh_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_background_refreshes)),
             bus,
             store,
+            coalesce: Arc::new(crate::proxy::coalesce::Coalescer::new(cfg.coalesce)),
             cfg,
         })
     }
 
-    /// Tells the other gateways that the entry under `key_hex` changed (stored or deleted):
-    /// they drop their L1 copy and read the store again. Best effort: a failure is counted.
-    pub async fn announce(&self, key_hex: String, metrics: &crate::metrics::Metrics) {
+    /// Tells the other gateways what happened to the key `key_hex` (`Filled`: the entry was
+    /// stored or deleted, they drop their L1 copy and read the store again; `Pass` and
+    /// `Released`: see `bus`). Best effort: a failure is counted.
+    pub async fn announce(
+        &self,
+        kind: crate::bus::Kind,
+        key_hex: String,
+        metrics: &crate::metrics::Metrics,
+    ) {
         let (Some(bus), Store::Redis(redis)) = (&self.bus, &self.store) else {
             return;
         };
-        let message = crate::bus::Message::Filled {
+        let message = crate::bus::Message {
+            kind,
             key: key_hex,
             gateway: bus.gateway_id().to_owned(),
         };
@@ -149,7 +159,11 @@ impl CacheState {
             r.start();
         }
         if let Some(bus) = &self.bus {
-            bus.start(self.l1.clone());
+            let coalesce = Arc::clone(&self.coalesce);
+            bus.start(
+                self.l1.clone(),
+                Arc::new(move |kind, hash| coalesce.on_message(kind, hash)),
+            );
         }
     }
 }

@@ -1,14 +1,20 @@
 //! The Redis pub/sub bus between gateways (channel `isr:bus`, DESIGN.md "Redis layout").
 //!
-//! Now it carries one message: `filled <key-hex> <gateway-id>`, published after a gateway
-//! stores an entry, so every other gateway drops its L1 copy of that key and reads the new
-//! entry from Redis on its next request (an L1 copy never lives past its freshness anyway;
-//! this closes the window in which two versions are fresh at once). When the subscription
-//! (re)connects, messages may have been missed, so the whole L1 is flushed. Invalidations,
-//! heartbeats and acknowledgements join this bus with revalidation.
+//! Messages are `<kind> <key-hex> <gateway-id>`:
+//! - `filled`: a gateway stored a new entry. Every other gateway drops its L1 copy of that key
+//!   (an L1 copy never lives past its freshness anyway; this closes the window in which two
+//!   versions are fresh at once) and wakes a request of its own waiting for that render.
+//! - `pass`: the render's answer may not be stored (hit-for-miss): waiters stop waiting.
+//! - `released`: a fill lock was released without an entry (the render failed): waiters try to
+//!   take the lock over.
 //!
-//! One subscription per gateway, never one per key. Publishing is best effort: a lost message
-//! costs at most the freshness lifetime of one L1 copy.
+//! When the subscription (re)connects, messages may have been missed, so the whole L1 is
+//! flushed (waiters also re-read Redis on an interval). Invalidations, heartbeats and
+//! acknowledgements join this bus with revalidation.
+//!
+//! One subscription per gateway, never one per key: messages for keys are handed to the
+//! listener given to [`Bus::start`]. Publishing is best effort: a lost message costs at most
+//! the freshness lifetime of one L1 copy, or one poll interval of a waiter.
 
 use std::time::Duration;
 
@@ -36,38 +42,68 @@ impl std::fmt::Debug for Bus {
     }
 }
 
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A new entry is stored.
+    Filled,
+    /// The render's answer may not be stored.
+    Pass,
+    /// A fill lock was released without an entry.
+    Released,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Filled => "filled",
+            Kind::Pass => "pass",
+            Kind::Released => "released",
+        }
+    }
+}
+
 /// A message on the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
-    /// `gateway` stored a new entry for `key` (32 hex digits).
-    Filled {
-        /// The key hash, hex.
-        key: String,
-        /// The publishing gateway.
-        gateway: String,
-    },
+pub struct Message {
+    /// What happened.
+    pub kind: Kind,
+    /// The key hash, 32 hex digits.
+    pub key: String,
+    /// The publishing gateway.
+    pub gateway: String,
 }
 
 impl Message {
     /// Wire form.
     pub fn encode(&self) -> String {
-        match self {
-            Message::Filled { key, gateway } => format!("filled {key} {gateway}"),
-        }
+        format!("{} {} {}", self.kind.as_str(), self.key, self.gateway)
     }
 
     /// Parses the wire form; anything else is `None` (ignored: newer gateways may speak more).
     pub fn decode(text: &str) -> Option<Message> {
         let mut parts = text.split(' ');
-        match (parts.next()?, parts.next()?, parts.next()?, parts.next()) {
-            ("filled", key, gateway, None) if key.len() == 32 => Some(Message::Filled {
-                key: key.to_owned(),
-                gateway: gateway.to_owned(),
-            }),
-            _ => None,
-        }
+        let (kind, key, gateway) = match (parts.next()?, parts.next()?, parts.next()?, parts.next())
+        {
+            (kind, key, gateway, None) if key.len() == 32 => (kind, key, gateway),
+            _ => return None,
+        };
+        let kind = match kind {
+            "filled" => Kind::Filled,
+            "pass" => Kind::Pass,
+            "released" => Kind::Released,
+            _ => return None,
+        };
+        Some(Message {
+            kind,
+            key: key.to_owned(),
+            gateway: gateway.to_owned(),
+        })
     }
 }
+
+/// Receives what other gateways say about keys (the coalescer: wakes its waiters).
+pub type Listener = std::sync::Arc<dyn Fn(Kind, u128) + Send + Sync>;
 
 impl Bus {
     /// Builds the subscriber (no connection yet; see [`Bus::start`]).
@@ -101,9 +137,9 @@ impl Bus {
         &self.gateway_id
     }
 
-    /// Connects, subscribes (again after every reconnect) and applies messages to `l1`, on the
-    /// current runtime, for the life of the process.
-    pub fn start(&self, l1: L1) {
+    /// Connects, subscribes (again after every reconnect) and applies messages to `l1` and
+    /// `listener`, on the current runtime, for the life of the process.
+    pub fn start(&self, l1: L1, listener: Listener) {
         drop(self.subscriber.connect());
         drop(self.subscriber.manage_subscriptions());
         let mut messages = self.subscriber.message_rx();
@@ -126,11 +162,13 @@ impl Bus {
                     m = messages.recv() => match m {
                         Ok(m) => {
                             let text: Option<String> = m.value.convert().ok();
-                            if let Some(Message::Filled { key, gateway }) = text.as_deref().and_then(Message::decode) {
-                                if gateway != me {
-                                    if let Ok(hash) = u128::from_str_radix(&key, 16) {
+                            let m = text.as_deref().and_then(Message::decode);
+                            if let Some(m) = m.filter(|m| m.gateway != me) {
+                                if let Ok(hash) = u128::from_str_radix(&m.key, 16) {
+                                    if m.kind == Kind::Filled {
                                         l1.remove(hash);
                                     }
+                                    listener(m.kind, hash);
                                 }
                             }
                         }
@@ -172,11 +210,14 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_unknown_ones_are_ignored() {
-        let m = Message::Filled {
-            key: "0123456789abcdef0123456789abcdef".into(),
-            gateway: "g1".into(),
-        };
-        assert_eq!(Message::decode(&m.encode()), Some(m));
+        for kind in [Kind::Filled, Kind::Pass, Kind::Released] {
+            let m = Message {
+                kind,
+                key: "0123456789abcdef0123456789abcdef".into(),
+                gateway: "g1".into(),
+            };
+            assert_eq!(Message::decode(&m.encode()), Some(m));
+        }
         for other in [
             "",
             "filled",

@@ -89,4 +89,89 @@ pub struct Metrics {
     pub store_corrupt: Counter,
     /// Background refreshes started.
     pub refreshes: Counter,
+    /// Background refreshes not started because another gateway holds the key's fill lock.
+    pub refreshes_elsewhere: Counter,
+    /// Misses served from another request's render on this gateway (local single-flight).
+    pub coalesced_local: Counter,
+    /// Misses served from another gateway's render (lost the fleet lock race and waited).
+    pub coalesced_remote: Counter,
+    /// Fleet lock attempts that found the lock held by another gateway.
+    pub lock_contended: Counter,
+    /// Leaders that ended without an answer (dropped, failed mid-body): a follower took over.
+    pub leaders_abandoned: Counter,
+    /// Fills that went ahead without the fleet lock because Redis did not answer.
+    pub lock_fallbacks: Counter,
+    /// Followers that stopped waiting at `coalesce.wait_timeout` and fetched themselves.
+    pub follower_timeouts: Counter,
+    /// Misses fetched at once because the key was recently uncacheable (hit-for-miss).
+    pub hit_for_miss: Counter,
+    /// How long followers waited for a render (local and remote), milliseconds.
+    pub follower_wait_ms: Histogram,
+}
+
+/// A histogram with fixed bucket bounds (Prometheus `le` semantics: a value counts in the
+/// first bucket whose bound is not below it; the last bucket is `+Inf`).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    buckets: Box<[Counter]>,
+    sum: Counter,
+}
+
+/// Bucket bounds of waits, milliseconds.
+pub const WAIT_BOUNDS_MS: &[u64] = &[1, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(WAIT_BOUNDS_MS)
+    }
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (ascending) plus `+Inf`.
+    pub fn new(bounds: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| Counter::default()).collect(),
+            sum: Counter::default(),
+        }
+    }
+
+    /// Records one value.
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|b| *b < value);
+        Counter::inc_at(&self.buckets, i);
+        self.sum.0.fetch_add(value, Relaxed);
+    }
+
+    /// `(bound, count in that bucket)` pairs, `None` for `+Inf`, and the sum of values.
+    pub fn snapshot(&self) -> (Vec<(Option<u64>, u64)>, u64) {
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (self.bounds.get(i).copied(), c.get()))
+            .collect();
+        (buckets, self.sum.get())
+    }
+
+    /// Number of values recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(Counter::get).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn histogram_buckets_follow_le_semantics() {
+        let h = super::Histogram::new(&[10, 100]);
+        for v in [0, 10, 11, 100, 101, 5_000] {
+            h.observe(v);
+        }
+        let (buckets, sum) = h.snapshot();
+        assert_eq!(buckets, vec![(Some(10), 2), (Some(100), 2), (None, 2)]);
+        assert_eq!(sum, 5_222);
+        assert_eq!(h.count(), 6);
+    }
 }

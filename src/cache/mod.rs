@@ -12,12 +12,14 @@
 //! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
+//! - [`lock`] — fleet fill locks in Redis (one render per key across gateways).
 //! - [`l1`] — the in-process L1 of decoded entries in front of the store.
 
 pub mod control;
 pub mod entry;
 pub mod key;
 pub mod l1;
+pub mod lock;
 pub mod policy;
 pub mod store;
 pub mod tls;

@@ -147,6 +147,23 @@ pub struct Cache {
     pub bypass_cookies: Vec<String>,
     /// AVIF negotiated for images.
     pub avif: bool,
+    /// `[coalesce]`.
+    pub coalesce: Coalesce,
+}
+
+/// `[coalesce]`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalesce {
+    /// Coalescing on.
+    pub enabled: bool,
+    /// A follower's bound on waiting for a leader.
+    pub wait_timeout: Duration,
+    /// Fleet lock TTL.
+    pub lock_ttl: Duration,
+    /// Fallback re-read interval of a remote follower.
+    pub poll_interval: Duration,
+    /// Hit-for-miss lifetime; zero = off.
+    pub hit_for_miss: Duration,
 }
 
 /// `[redis]`

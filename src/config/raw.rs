@@ -204,6 +204,26 @@ section! {
 }
 
 section! {
+    /// `[coalesce]`: one upstream render per key across the fleet.
+    pub struct CoalesceRaw {
+        /// Coalesce concurrent misses and refreshes of a key (locally and, with Redis, across
+        /// gateways); `false` sends every miss upstream.
+        enabled: bool = true,
+        /// How long a request waits for another request's render before fetching itself.
+        wait_timeout: String = "10s".into(),
+        /// Life of a fleet fill lock in Redis; the leader extends it while its render runs, so
+        /// this bounds how long a dead leader's lock delays a take-over.
+        lock_ttl: String = "5s".into(),
+        /// How often a gateway waiting on another gateway's render re-reads Redis, in case the
+        /// bus message that ends the wait was lost.
+        poll_interval: String = "100ms".into(),
+        /// How long a key whose answer was not cacheable skips coalescing (hit-for-miss);
+        /// `0s` disables.
+        hit_for_miss: String = "10s".into(),
+    }
+}
+
+section! {
     /// `[redis]`: the shared store.
     pub struct RedisRaw {
         /// `redis://[user:password@]host:port[/db]`; empty = the in-process store.
@@ -253,6 +273,8 @@ pub struct Raw {
     pub health: HealthRaw,
     /// `[cache]`
     pub cache: CacheRaw,
+    /// `[coalesce]`
+    pub coalesce: CoalesceRaw,
     /// `[redis]`
     pub redis: RedisRaw,
     /// `[admin]`
@@ -264,7 +286,7 @@ pub struct Raw {
 impl Raw {
     /// Section names, as written in the file.
     pub const SECTIONS: &'static [&'static str] = &[
-        "listen", "upstream", "health", "cache", "redis", "admin", "log",
+        "listen", "upstream", "health", "cache", "coalesce", "redis", "admin", "log",
     ];
 
     /// Applies `section.key = value`.
@@ -279,6 +301,7 @@ impl Raw {
             "upstream" => self.upstream.set(key, value),
             "health" => self.health.set(key, value),
             "cache" => self.cache.set(key, value),
+            "coalesce" => self.coalesce.set(key, value),
             "redis" => self.redis.set(key, value),
             "admin" => self.admin.set(key, value),
             "log" => self.log.set(key, value),
@@ -293,6 +316,7 @@ impl Raw {
             "upstream" => UpstreamRaw::KEYS,
             "health" => HealthRaw::KEYS,
             "cache" => CacheRaw::KEYS,
+            "coalesce" => CoalesceRaw::KEYS,
             "redis" => RedisRaw::KEYS,
             "admin" => AdminRaw::KEYS,
             "log" => LogRaw::KEYS,

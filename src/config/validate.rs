@@ -377,6 +377,7 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
             .map(|p| p.trim().to_owned())
             .collect(),
         avif: r.avif,
+        coalesce: coalesce(c, raw),
     };
     for p in &cache.bypass_paths {
         if !p.starts_with('/') {
@@ -391,6 +392,17 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
         c.fail("cache.max_ttl", "must be greater than zero");
     }
     r.enabled.then_some(cache)
+}
+
+fn coalesce(c: &mut Checker<'_>, raw: &Raw) -> super::Coalesce {
+    let r = &raw.coalesce;
+    super::Coalesce {
+        enabled: r.enabled,
+        wait_timeout: c.duration("coalesce.wait_timeout", &r.wait_timeout, false),
+        lock_ttl: c.duration("coalesce.lock_ttl", &r.lock_ttl, false),
+        poll_interval: c.duration("coalesce.poll_interval", &r.poll_interval, false),
+        hit_for_miss: c.duration("coalesce.hit_for_miss", &r.hit_for_miss, true),
+    }
 }
 
 fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {

@@ -5,6 +5,7 @@
 //! Two wrappers add lifetime-bound behaviour to a streaming body without copying it:
 //! [`Guarded`] keeps a guard alive until the body is finished or dropped (in-flight counters),
 //! and [`Deadline`] fails the body when an absolute deadline passes (the total upstream timeout).
+//! [`Channel`] is a body fed frame by frame by another task (the streaming fill leader).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -144,5 +145,43 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The sending half of a [`Channel`] body.
+pub type Sender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// A body fed by another task (the streaming fill leader: one task reads the replica, keeps a
+/// copy for the store and forwards each frame here). `len` is the exact length when known, so
+/// hyper frames it with Content-Length.
+#[derive(Debug)]
+pub struct Channel {
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+    len: Option<u64>,
+}
+
+impl Channel {
+    /// A body and the sender that feeds it (`capacity` frames in flight, then the sender
+    /// waits: a slow client slows the copy down, bounded by the listener's send timeout).
+    pub fn new(capacity: usize, len: Option<u64>) -> (Sender, Channel) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (tx, Channel { rx, len })
+    }
+}
+
+impl HttpBody for Channel {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.len
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }

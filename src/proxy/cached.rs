@@ -8,7 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::request::Parts;
 use http::{Method, Response, header};
 
-use super::fill::{self, Filled};
+use super::coalesce::{self, Fetched};
+use super::fill;
 use super::lookup::{self, Found};
 use super::refresh;
 use super::serve::{self, Ask, Outcome};
@@ -96,21 +97,28 @@ pub async fn serve(
             false,
         ));
     }
-    let up = fill::upstream_head(&head, &variant);
-    let filled = fill::fill(app, cache, &key, up, &variant, now, fill::Write::Background).await;
-    match filled {
-        Ok(Filled::Stored(entry)) => {
-            let outcome = Outcome::Miss { stored: true };
-            let r = serve::response(&entry, ask, outcome, now).ok_or(ProxyError::Upstream(
-                UpstreamError::Body("entry did not inflate".into()),
-            ))?;
-            Ok((r, outcome))
-        }
-        Ok(Filled::Passed(resp)) if resp.status().is_server_error() => match fallback {
+    let miss = coalesce::Miss {
+        key: &key,
+        head: fill::upstream_head(&head, &variant),
+        variant: &variant,
+        vary_view,
+    };
+    let fetched = coalesce::fetch(app, cache, miss).await;
+    let entry = |entry: &Entry, outcome| {
+        let r = serve::response(entry, ask, outcome, now).ok_or(ProxyError::Upstream(
+            UpstreamError::Body("entry did not inflate".into()),
+        ))?;
+        Ok((r, outcome))
+    };
+    match fetched {
+        Ok(Fetched::Stored(e)) => entry(&e, Outcome::Miss { stored: true }),
+        Ok(Fetched::Followed(e)) => entry(&e, Outcome::Collapsed),
+        Ok(Fetched::Led(resp)) => Ok((resp, Outcome::Miss { stored: true })),
+        Ok(Fetched::Passed(resp)) if resp.status().is_server_error() => match fallback {
             Some(stale) => stale_if_error(app, &stale, ask, now),
             None => Ok(passed(resp, ask.headers, ask.head)),
         },
-        Ok(Filled::Passed(resp)) => Ok(passed(resp, ask.headers, ask.head)),
+        Ok(Fetched::Passed(resp)) => Ok(passed(resp, ask.headers, ask.head)),
         Err(e) if e.side() == Side::Upstream => match fallback {
             Some(stale) => stale_if_error(app, &stale, ask, now),
             None => Err(e),

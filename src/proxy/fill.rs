@@ -3,9 +3,11 @@
 //!
 //! Receives the key, the request head prepared by [`upstream_head`] (GET, identity encoding,
 //! no conditional headers: the store needs a whole body, and conditionals are answered from the
-//! entry) and the variant; hands on [`Filled::Stored`] (an entry to serve) or
-//! [`Filled::Passed`] (a response to pass through as it came: not storable, or larger than
-//! `max_entry_bytes`). The store write runs in its own task: a client never waits for Redis.
+//! entry) and the variant. [`request`] sends it and judges the answer's head ([`Answer`]);
+//! [`copy`] reads a storable body (forwarding it to a streaming client, keeping a copy) and
+//! [`Pending::entry`] makes the entry; [`keep`] puts it in the L1 and the store. [`fill`] is
+//! all of it for a caller that waits for the whole body (refreshes, uncoalesced fetches).
+//! Which request fetches is decided before, by `coalesce`.
 
 use std::sync::Arc;
 
@@ -41,15 +43,6 @@ const NOT_STORED: &[&str] = &[
     "x-cache",
     "cache-status",
 ];
-
-/// What a fill produced.
-#[derive(Debug)]
-pub enum Filled {
-    /// Stored; serve this entry.
-    Stored(Arc<Entry>),
-    /// Not stored; serve this response as it is.
-    Passed(Response<Body>),
-}
 
 /// The head to send upstream for a candidate: GET whatever the client used (HEAD is served from
 /// the GET entry), identity encoding (we compress ourselves), no conditional or range headers.
@@ -94,42 +87,67 @@ pub fn upstream_head(head: &Parts, variant: &Variant) -> Parts {
 pub enum Write {
     /// In its own task: a client is waiting for the response, never for Redis.
     Background,
-    /// Awaited: a background refresh holds its key until the new entry is readable by every
-    /// gateway, or the next request would find the old stale entry and refresh again.
+    /// Awaited: the caller holds its key (a refresh, a fill lock) until the new entry is
+    /// readable by every gateway, or the next request would find no entry and render again.
     Awaited,
 }
 
-/// Fetches `key` from a replica and stores the answer when it may be stored.
-pub async fn fill(
+/// A replica's answer to a cache candidate, once its head is in.
+#[derive(Debug)]
+pub enum Answer {
+    /// May be stored: read the body, then [`Pending::entry`].
+    Storable(Pending, Body),
+    /// Not storable: pass it through as it came.
+    Pass {
+        /// The response.
+        response: Response<Body>,
+        /// The answer says the key is not cacheable (private, Set-Cookie, too large…), as
+        /// opposed to a server error: remember it for a while (hit-for-miss).
+        uncacheable: bool,
+    },
+}
+
+/// What an entry needs besides its body: the response head, its freshness and the request
+/// headers its `Vary` is matched on.
+#[derive(Debug)]
+pub struct Pending {
+    parts: http::response::Parts,
+    freshness: policy::Freshness,
+    vary_request: http::HeaderMap,
+}
+
+/// Sends `head` upstream and decides from the answer's head whether it may be stored.
+pub async fn request(
     app: &AppState,
-    cache: &Arc<CacheState>,
+    cache: &CacheState,
     key: &CacheKey,
     head: Parts,
     variant: &Variant,
-    now_ms: u64,
-    write: Write,
-) -> Result<Filled, ProxyError> {
+) -> Result<Answer, ProxyError> {
     let vary_request = head.headers.clone();
     let reply = app.upstream.send(head, body::empty()).await?;
     let response = reply.into_response();
-    let expect = expect(variant);
+    let pass = |response, uncacheable| {
+        app.metrics.cache_not_stored.inc();
+        Ok(Answer::Pass {
+            response,
+            uncacheable,
+        })
+    };
     let freshness = match policy::admit(
         &Method::GET,
         response.status(),
         response.headers(),
-        expect,
+        expect(variant),
         &cache.limits,
     ) {
         Ok(f) if !f.ttl().is_zero() => f,
-        Ok(_) => {
-            app.metrics.cache_not_stored.inc();
-            return Ok(Filled::Passed(response));
-        }
+        Ok(_) => return pass(response, true),
         Err(skip) => {
-            app.metrics.cache_not_stored.inc();
             crate::metrics::Counter::inc_at(&app.metrics.cache_not_stored_by, skip as usize);
             tracing::debug!(key = %key.text, reason = skip.as_str(), "not stored");
-            return Ok(Filled::Passed(response));
+            let uncacheable = !response.status().is_server_error();
+            return pass(response, uncacheable);
         }
     };
     // A replica that compressed anyway (our request asked for identity) is passed through:
@@ -139,16 +157,181 @@ pub async fn fill(
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     if encoded {
-        app.metrics.cache_not_stored.inc();
-        return Ok(Filled::Passed(response));
+        return pass(response, true);
     }
-    let (parts, mut body) = response.into_parts();
+    let (parts, body) = response.into_parts();
+    let pending = Pending {
+        parts,
+        freshness,
+        vary_request,
+    };
+    Ok(Answer::Storable(pending, body))
+}
+
+impl Pending {
+    /// The head a client gets while the body streams (the leader of a fill): the headers the
+    /// entry will hold and the replica's Content-Length; no ETag yet (it is the body's hash).
+    pub fn client_head(&self) -> (http::StatusCode, http::HeaderMap, Option<u64>) {
+        let mut headers = http::HeaderMap::with_capacity(self.parts.headers.len() + 4);
+        for (n, v) in self.stored_headers() {
+            headers.append(n.clone(), v.clone());
+        }
+        let len = self
+            .parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(len) = len {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        (self.parts.status, headers, len)
+    }
+
+    fn stored_headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.parts
+            .headers
+            .iter()
+            .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+    }
+
+    /// The answer, for a body that turned out too large to store.
+    pub fn into_response(self, body: Body) -> Response<Body> {
+        Response::from_parts(self.parts, body)
+    }
+
+    /// The entry for the identity body, rendered at `now_ms`.
+    pub fn entry(&self, identity: Bytes, now_ms: u64) -> Arc<Entry> {
+        let stored_headers = self
+            .stored_headers()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
+        meta.stored_at_ms = now_ms;
+        let t = Times::new(now_ms, &self.freshness);
+        (
+            meta.fresh_until_ms,
+            meta.stale_until_ms,
+            meta.stale_if_error_until_ms,
+        ) = (t.fresh_until, t.stale_until, t.stale_if_error_until);
+        let vary = self
+            .parts
+            .headers
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        if let Some(h) = key::vary_hash(vary, &self.vary_request) {
+            meta.tags.push(format!("{VARY_TAG}{h:032x}"));
+        }
+        let entry = Arc::new(Entry::from_identity(meta, &identity));
+        entry.remember_identity(identity);
+        entry
+    }
+
+    /// How long the store keeps the entry.
+    pub fn ttl(&self) -> std::time::Duration {
+        self.freshness.ttl()
+    }
+}
+
+/// How reading a storable body ended.
+#[derive(Debug)]
+pub enum Copied {
+    /// The whole identity body.
+    Whole(Bytes),
+    /// Over `max_entry_bytes`: not kept (the client, if any, got all of it).
+    TooLarge,
+}
+
+/// Reads `body` to its end, keeping a copy of up to `max` bytes and forwarding every frame to
+/// `client` while it listens (a client that goes away does not stop the copy: the entry is
+/// still wanted). `too_large` runs once, as soon as the body passes `max`.
+pub async fn copy(
+    mut body: Body,
+    mut client: Option<body::Sender>,
+    max: usize,
+    too_large: impl FnOnce(),
+) -> Result<Copied, ProxyError> {
+    let mut kept: Option<Vec<Bytes>> = Some(Vec::new());
+    let mut len = 0usize;
+    let mut too_large = Some(too_large);
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                let message = e.to_string();
+                if let Some(tx) = client.take() {
+                    let _ = tx.send(Err(e)).await;
+                }
+                return Err(ProxyError::Upstream(UpstreamError::Body(message)));
+            }
+        };
+        if let (Some(chunks), Some(data)) = (kept.as_mut(), frame.data_ref()) {
+            len += data.len();
+            if len > max {
+                kept = None;
+                if let Some(f) = too_large.take() {
+                    f();
+                }
+            } else {
+                chunks.push(data.clone());
+            }
+        }
+        if let Some(tx) = &client {
+            if tx.send(Ok(frame)).await.is_err() {
+                client = None;
+            }
+        }
+    }
+    Ok(match kept {
+        Some(chunks) if chunks.len() == 1 => {
+            Copied::Whole(chunks.into_iter().next().unwrap_or_default())
+        }
+        Some(chunks) => {
+            let mut whole = BytesMut::with_capacity(len);
+            for c in chunks {
+                whole.extend_from_slice(&c);
+            }
+            Copied::Whole(whole.freeze())
+        }
+        None => Copied::TooLarge,
+    })
+}
+
+/// What a fill produced.
+#[derive(Debug)]
+pub enum Filled {
+    /// Stored; serve this entry.
+    Stored(Arc<Entry>),
+    /// Not stored; serve this response as it is. `uncacheable` as in [`Answer::Pass`].
+    Passed(Response<Body>, bool),
+}
+
+/// Fetches `key` from a replica, reads the whole body and stores the answer when it may be
+/// stored (no coalescing: the caller decided this request fetches).
+pub async fn fill(
+    app: &AppState,
+    cache: &Arc<CacheState>,
+    key: &CacheKey,
+    head: Parts,
+    variant: &Variant,
+    now_ms: u64,
+    write: Write,
+) -> Result<Filled, ProxyError> {
+    let (pending, mut body) = match request(app, cache, key, head, variant).await? {
+        Answer::Storable(p, b) => (p, b),
+        Answer::Pass {
+            response,
+            uncacheable,
+        } => return Ok(Filled::Passed(response, uncacheable)),
+    };
+    let max = cache.cfg.max_entry_bytes;
     let mut collected = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ProxyError::Upstream(UpstreamError::Body(e.to_string())))?;
         if let Ok(data) = frame.into_data() {
             collected.extend_from_slice(&data);
-            if collected.len() > cache.cfg.max_entry_bytes {
+            if collected.len() > max {
                 // Too large to store: serve what was read, then the rest as it comes.
                 app.metrics.cache_not_stored.inc();
                 let head =
@@ -157,49 +340,41 @@ pub async fn fill(
                     first: Some(head),
                     rest: body,
                 });
-                return Ok(Filled::Passed(Response::from_parts(parts, rest)));
+                return Ok(Filled::Passed(pending.into_response(rest), true));
             }
         }
     }
-    let identity: Bytes = collected.freeze();
-    let stored_headers = parts
-        .headers
-        .iter()
-        .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let mut meta = Meta::new(parts.status.as_u16(), stored_headers);
-    meta.stored_at_ms = now_ms;
-    let t = Times::new(now_ms, &freshness);
-    (
-        meta.fresh_until_ms,
-        meta.stale_until_ms,
-        meta.stale_if_error_until_ms,
-    ) = (t.fresh_until, t.stale_until, t.stale_if_error_until);
-    let vary = parts
-        .headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    if let Some(h) = key::vary_hash(vary, &vary_request) {
-        meta.tags.push(format!("{VARY_TAG}{h:032x}"));
-    }
-    let entry = Arc::new(Entry::from_identity(meta, &identity));
-    entry.remember_identity(identity);
-    cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
+    let entry = pending.entry(collected.freeze(), now_ms);
+    keep(app, cache, key, &entry, pending.ttl(), write).await;
+    Ok(Filled::Stored(entry))
+}
+
+/// Puts a new entry in the L1 and the store (awaited or in the background) and tells the other
+/// gateways.
+pub async fn keep(
+    app: &AppState,
+    cache: &Arc<CacheState>,
+    key: &CacheKey,
+    entry: &Arc<Entry>,
+    ttl: std::time::Duration,
+    write: Write,
+) {
+    cache
+        .l1
+        .insert(key.hash, Arc::clone(entry), entry.meta.stored_at_ms);
+    cache.coalesce.stored(key.hash);
     app.metrics.cache_stores.inc();
     let put = store(
         Arc::clone(cache),
         Arc::clone(&app.metrics),
         key.hex(),
-        Arc::clone(&entry),
-        freshness.ttl(),
+        Arc::clone(entry),
+        ttl,
     );
     match write {
         Write::Background => drop(tokio::spawn(put)),
         Write::Awaited => put.await,
     }
-    Ok(Filled::Stored(entry))
 }
 
 /// Writes the entry to the store and tells the other gateways.
@@ -210,19 +385,19 @@ async fn store(
     entry: Arc<Entry>,
     ttl: std::time::Duration,
 ) {
-    {
-        let stored = Stored {
-            meta: entry.meta.encode(),
-            body: entry.gzip.clone(),
-        };
-        if let Err(e) = cache.store.put(&hex, stored, ttl).await {
-            metrics.store_errors.inc();
-            tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
-            return;
-        }
-        // Other gateways drop their L1 copy of this key and read the new entry.
-        cache.announce(hex, &metrics).await;
+    let stored = Stored {
+        meta: entry.meta.encode(),
+        body: entry.gzip.clone(),
+    };
+    if let Err(e) = cache.store.put(&hex, stored, ttl).await {
+        metrics.store_errors.inc();
+        tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
+        return;
     }
+    // Other gateways drop their L1 copy of this key and read the new entry.
+    cache
+        .announce(crate::bus::Kind::Filled, hex, &metrics)
+        .await;
 }
 
 /// What the variant's body must be (`cache::policy::admit` checks the content type).

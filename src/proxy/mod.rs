@@ -8,6 +8,7 @@
 
 pub mod cached;
 pub mod classify;
+pub mod coalesce;
 pub mod fill;
 pub mod forwarded;
 pub mod lookup;

@@ -1,16 +1,18 @@
 //! Stale-while-revalidate: a stale entry is served at once and refreshed in the background.
 //!
 //! Receives the key and the upstream head of the request that found the entry stale; runs one
-//! fill in its own task, so no client waits for it. At most one refresh per key runs on a
-//! gateway (the refreshing set; the fleet-wide lock comes with coalescing), and at most
-//! `cache.max_background_refreshes` at once: past that, a stale entry is served without
-//! starting another refresh (a later request will).
+//! fill in its own task, so no client waits for it. At most one refresh per key runs in the
+//! fleet: one per gateway (the refreshing set), and only the gateway that takes the key's fill
+//! lock (`coalesce::refresh_lease`); the others keep serving stale and queue nothing. At most
+//! `cache.max_background_refreshes` run at once per gateway: past that, a stale entry is served
+//! without starting another refresh (a later request will).
 
 use std::sync::Arc;
 
 use http::request::Parts;
 
-use super::fill;
+use super::lookup::{self, Found};
+use super::{coalesce, fill};
 use crate::app::{AppState, CacheState};
 use crate::cache::key::{CacheKey, Variant};
 
@@ -52,21 +54,31 @@ pub fn spawn(
         cache: Arc::clone(cache),
         hash: key.hash,
     };
-    app.metrics.refreshes.inc();
     let (app, cache) = (Arc::clone(app), Arc::clone(cache));
     tokio::spawn(async move {
         let _permit = permit;
         let _guard = guard;
+        let Some(lease) = coalesce::refresh_lease(&app, &cache, &key).await else {
+            return;
+        };
+        // Another gateway may have refreshed it just before we took the lock.
         let now = super::cached::now_ms();
+        if let Found::Fresh { .. } = lookup::lookup(&app, &cache, &key, &head.headers, now).await {
+            lease.end(&app, &cache, &key.hex(), None).await;
+            return;
+        }
+        app.metrics.refreshes.inc();
         let write = fill::Write::Awaited;
-        match fill::fill(&app, &cache, &key, head, &variant, now, write).await {
+        let filled = fill::fill(&app, &cache, &key, head, &variant, now, write).await;
+        lease.end(&app, &cache, &key.hex(), None).await;
+        match filled {
             Ok(fill::Filled::Stored(_)) => {}
             // A definitive answer that may not be stored (unpublished: a private 404; made
             // personal: Set-Cookie): the stale copy must not outlive it.
-            Ok(fill::Filled::Passed(resp)) if !resp.status().is_server_error() => {
+            Ok(fill::Filled::Passed(resp, _)) if !resp.status().is_server_error() => {
                 forget(&app, &cache, &key).await;
             }
-            Ok(fill::Filled::Passed(_)) => {
+            Ok(fill::Filled::Passed(..)) => {
                 tracing::debug!(key = %key.text, "background refresh got a server error; the stale entry stays");
             }
             Err(e) => {
@@ -86,5 +98,7 @@ async fn forget(app: &AppState, cache: &CacheState, key: &CacheKey) {
         tracing::debug!(error = %e, "could not delete an entry that may no longer be stored");
         return;
     }
-    cache.announce(hex, &app.metrics).await;
+    cache
+        .announce(crate::bus::Kind::Filled, hex, &app.metrics)
+        .await;
 }

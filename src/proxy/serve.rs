@@ -37,6 +37,9 @@ pub enum Outcome {
     StaleIfError,
     /// Not a cache candidate.
     Bypass,
+    /// Missed, and waited for another request's render (here or on another gateway) instead
+    /// of rendering (RFC 9211 `collapsed`).
+    Collapsed,
 }
 
 impl Outcome {
@@ -44,7 +47,7 @@ impl Outcome {
     pub fn x_cache(self) -> &'static str {
         match self {
             Outcome::Hit => "HIT",
-            Outcome::Miss { .. } => "MISS",
+            Outcome::Miss { .. } | Outcome::Collapsed => "MISS",
             Outcome::Stale | Outcome::StaleIfError => "STALE",
             Outcome::Bypass => "BYPASS",
         }
@@ -59,6 +62,7 @@ impl Outcome {
             Outcome::Stale => "isrgate; hit; fwd=stale; detail=stale-while-revalidate",
             Outcome::StaleIfError => "isrgate; hit; detail=stale-if-error",
             Outcome::Bypass => "isrgate; fwd=bypass",
+            Outcome::Collapsed => "isrgate; fwd=miss; collapsed",
         }
     }
 }
@@ -147,7 +151,7 @@ pub fn gzip_etag(identity: &str) -> String {
 
 /// The same entry is served gzip-encoded or not depending on `Accept-Encoding`: browsers'
 /// caches must know.
-fn add_vary_accept_encoding(headers: &mut HeaderMap) {
+pub fn add_vary_accept_encoding(headers: &mut HeaderMap) {
     let listed = headers
         .get_all(header::VARY)
         .iter()

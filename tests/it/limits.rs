@@ -146,7 +146,14 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn over_the_concurrency_limit_requests_are_shed_with_503() {
     let origin = echo_origin().await;
-    let gw = Gateway::start(config(&[origin.url()], "max_concurrent_requests = 2", "")).await;
+    // Without coalescing: two requests for one path must both be in flight.
+    let no_coalescing = "[coalesce]\nenabled = false\n";
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "max_concurrent_requests = 2",
+        no_coalescing,
+    ))
+    .await;
     let c = Client::default();
     let slow: Vec<_> = (0..2)
         .map(|_| {

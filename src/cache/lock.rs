@@ -1,0 +1,100 @@
+//! Fill locks in Redis (DESIGN.md request flow step 7): at most one gateway of the fleet
+//! renders a key at a time.
+//!
+//! A lock is the string `isr:{<hex>}:l` holding a random token, set with `SET … NX PX ttl`
+//! (so a gateway that dies releases nothing and its lock expires), extended while a long render
+//! runs, and released by compare-and-delete (a Lua script: only the holder of the token may
+//! delete it, so a leader whose lock expired and was taken over cannot free its successor's).
+//! The `{<hex>}` hash tag puts it in the entry's Cluster slot.
+//!
+//! Every call is bounded by the store's command timeout and goes through its circuit breaker:
+//! callers treat an error as "no fleet lock" and fall back to local single-flight, never
+//! waiting on Redis.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::{Expiration, SetOptions};
+
+use super::store::{RedisStore, StoreError};
+
+/// Deletes the lock only if it still holds our token.
+const RELEASE: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+
+/// Extends the lock only if it still holds our token.
+const EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0";
+
+/// The Redis key of the fill lock of `key_hex`.
+pub fn lock_key(key_hex: &str) -> String {
+    format!("isr:{{{key_hex}}}:l")
+}
+
+/// A held lock: its key and our token. Not released on drop (that needs a round trip): the
+/// owner calls [`RedisStore::unlock`], and a lock that is never released expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    key: String,
+    token: String,
+}
+
+impl RedisStore {
+    /// Tries to take the fill lock of `key_hex` for `ttl`: `Some` when we hold it, `None` when
+    /// another gateway does.
+    pub async fn try_lock(&self, key_hex: &str, ttl: Duration) -> Result<Option<Held>, StoreError> {
+        let held = Held {
+            key: lock_key(key_hex),
+            token: format!("{:032x}", fastrand::u128(..)),
+        };
+        let set: Option<String> = self
+            .bounded(self.pool().set(
+                &held.key,
+                held.token.as_str(),
+                Some(Expiration::PX(millis(ttl))),
+                Some(SetOptions::NX),
+                false,
+            ))
+            .await?;
+        Ok(set.map(|_| held))
+    }
+
+    /// Extends a lock we hold to `ttl` from now; `false` when it is no longer ours (it expired,
+    /// and maybe another gateway took it).
+    pub async fn extend_lock(&self, held: &Held, ttl: Duration) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .bounded(self.pool().next().eval(
+                EXTEND,
+                held.key.as_str(),
+                vec![held.token.clone(), millis(ttl).to_string()],
+            ))
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Releases a lock we hold; `false` when it was no longer ours.
+    pub async fn unlock(&self, held: &Held) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .bounded(
+                self.pool()
+                    .next()
+                    .eval(RELEASE, held.key.as_str(), held.token.as_str()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_share_the_entry_slot() {
+        assert_eq!(lock_key("ab12"), "isr:{ab12}:l");
+        assert_eq!(millis(Duration::ZERO), 1, "PX 0 is an error in Redis");
+    }
+}
