@@ -321,6 +321,20 @@ async fn lead(
     leading: Leading,
     deadline: Instant,
 ) -> Result<Fetched, ProxyError> {
+    // A render that ended between this request's lookup and its join left its entry in the L1
+    // (or the in-process store; with Redis, the re-read after the fleet lock covers it).
+    let ended = match &cache.store {
+        Store::Memory(_) => reread(app, cache, &miss).await,
+        Store::Redis(_) => cache
+            .l1
+            .get(miss.key.hash, now_ms())
+            .filter(|e| lookup::vary_matches(e, miss.vary_view)),
+    };
+    if let Some(entry) = ended {
+        app.metrics.coalesced_local.inc();
+        leading.finish(Done::Filled(Arc::clone(&entry)));
+        return Ok(Fetched::Followed(entry));
+    }
     let redis = match &cache.store {
         Store::Redis(r) => Some(r.clone()),
         Store::Memory(_) => None,

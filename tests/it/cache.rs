@@ -435,14 +435,28 @@ async fn redis_dying_never_fails_a_request_and_caching_resumes_when_it_returns()
     r.restart();
     let raw = raw(&r).await;
     let key = redis_key(&gw, "/b", &Variant::Html);
-    // /b is in this gateway's L1 (a store write may have failed): a new path proves writes.
+    // /b is in this gateway's L1 (a store write may have failed), and so is each new URL
+    // whose write failed while the client reconnects: each try is a new URL.
     origin.route("/c", page("c", ISR));
-    let key_c = redis_key(&gw, "/c", &Variant::Html);
+    let mut n = 0;
     eventually!(
-        10,
+        15,
         {
-            c.get(&gw.url("/c"), &[]).await;
-            raw.exists::<u32, _>(&key_c).await.unwrap_or(0) == 1
+            n += 1;
+            let path = format!("/c?try={n}");
+            c.get(&gw.url(&path), &[]).await;
+            let key = entry_key(
+                &CacheKey::new(
+                    "default",
+                    &gw.addr.to_string(),
+                    "/c",
+                    Some(&format!("try={n}")),
+                    &Variant::Html,
+                )
+                .hex(),
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1
         },
         "caching resumed without a gateway restart"
     );

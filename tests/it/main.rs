@@ -7,6 +7,7 @@ mod support;
 mod balance;
 mod cache;
 mod cli;
+mod coalesce;
 mod fidelity;
 mod harness;
 mod limits;

@@ -1,0 +1,403 @@
+//! One upstream render per key across the fleet: several gateways in-process sharing a real
+//! `redis-server`, a fake origin with a render delay. Render counts are the origin's request
+//! counts for the path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use fred::types::{Expiration, SetOptions};
+use isrgate::cache::key::{CacheKey, Variant};
+use isrgate::cache::lock::lock_key;
+
+use crate::eventually;
+use crate::support::origin::{FakeNext, Route};
+use crate::support::redis::RedisProcess;
+use crate::support::{Client, Gateway, Got, config};
+
+/// Every request sends this Host, so every gateway computes the same key.
+const HOST: &str = "shop.example";
+const ISR: &str = "s-maxage=60, stale-while-revalidate=300";
+
+fn page(body: &str, cc: &str, render: Duration) -> Route {
+    Route::html(body).header("cache-control", cc).delay(render)
+}
+
+/// `n` gateways on one Redis, each with its bus subscribed (so the test starts from a settled
+/// fleet).
+async fn fleet(n: usize, origin: &FakeNext, r: &RedisProcess, extra: &str) -> Vec<Gateway> {
+    let mut gws = Vec::new();
+    for _ in 0..n {
+        let toml = format!("[redis]\nurl = \"{}\"\n{extra}", r.url());
+        gws.push(Gateway::start(config(&[origin.url()], "", &toml)).await);
+    }
+    for gw in &gws {
+        eventually!(5, bus_live(gw), "bus subscribed");
+    }
+    gws
+}
+
+fn bus_live(gw: &Gateway) -> bool {
+    gw.state
+        .cache
+        .as_ref()
+        .and_then(|c| c.bus.as_ref())
+        .is_some_and(|b| b.is_subscribed())
+}
+
+/// `per_gateway` concurrent GETs of `path` on each gateway; each result with its latency.
+async fn burst(gws: &[Gateway], path: &str, per_gateway: usize) -> Vec<(Got, Duration)> {
+    let c = Client::default();
+    let mut tasks = Vec::new();
+    for gw in gws {
+        for _ in 0..per_gateway {
+            let (c, url) = (c.clone(), gw.url(path));
+            tasks.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let got = c.get(&url, &[("host", HOST)]).await;
+                (got, started.elapsed())
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn sum(gws: &[Gateway], f: impl Fn(&isrgate::metrics::Metrics) -> u64) -> u64 {
+    gws.iter().map(|g| f(&g.state.metrics)).sum()
+}
+
+async fn raw(r: &RedisProcess) -> fred::prelude::Client {
+    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
+        .build()
+        .expect("client");
+    c.init().await.expect("connect");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_and_300_concurrent_misses_make_one_render() {
+    let r = RedisProcess::start();
+    let render = Duration::from_millis(200);
+    let origin = FakeNext::start(|o| {
+        o.route("/hot", page("<p>hot page</p>", ISR, render));
+    })
+    .await;
+    let gws = fleet(3, &origin, &r, "").await;
+    let results = burst(&gws, "/hot", 100).await;
+
+    assert_eq!(origin.count("/hot"), 1, "one render for the whole fleet");
+    for (got, _) in &results {
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], b"<p>hot page</p>");
+    }
+    let led = results
+        .iter()
+        .filter(|(g, _)| g.header("cache-status") == "isrgate; fwd=miss; stored")
+        .count();
+    assert_eq!(led, 1, "exactly one response rendered");
+    let followed = sum(&gws, |m| m.coalesced_local.get() + m.coalesced_remote.get());
+    assert!(followed >= 2, "the other gateways waited: {followed}");
+    let hits = results
+        .iter()
+        .filter(|(g, _)| g.header("x-cache") == "HIT")
+        .count();
+    assert_eq!(
+        led + hits + sum(&gws, |m| m.coalesced_local.get() + m.coalesced_remote.get()) as usize,
+        300,
+        "every response is the render, a follower of it, or a later hit"
+    );
+    // Follower latency, with a bound generous enough for a loaded CI box running 300 new
+    // connections in a debug build (the bus wake-up itself is checked in the next test, the
+    // tight number is measured by benches/stampede.sh).
+    let p50 = median(results.iter().map(|(_, d)| *d).collect());
+    assert!(p50 < render * 3, "median {p50:?} for a {render:?} render");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_on_other_gateways_are_woken_by_the_bus_not_the_poll() {
+    let r = RedisProcess::start();
+    let render = Duration::from_millis(200);
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("<p>p</p>", ISR, render));
+    })
+    .await;
+    // A poll interval far above the render: a follower that relied on it would wait 2 s.
+    let gws = fleet(2, &origin, &r, "[coalesce]\npoll_interval = \"2s\"\n").await;
+    let c = Client::default();
+    let leader = {
+        let (c, url) = (c.clone(), gws[0].url("/p"));
+        tokio::spawn(async move { c.get(&url, &[("host", HOST)]).await })
+    };
+    eventually!(2, origin.count("/p") == 1, "the render started");
+    let started = Instant::now();
+    let follower = c.get(&gws[1].url("/p"), &[("host", HOST)]).await;
+    let waited = started.elapsed();
+    assert_eq!(leader.await.expect("leader").status, 200);
+    assert_eq!(follower.status, 200);
+    assert_eq!(
+        follower.header("cache-status"),
+        "isrgate; fwd=miss; collapsed"
+    );
+    // It joined after the render started, so it waits less than one render.
+    assert!(
+        waited < render + Duration::from_millis(100),
+        "woken by the bus, not the 2 s poll: {waited:?}"
+    );
+    assert_eq!(origin.count("/p"), 1);
+    assert_eq!(gws[1].state.metrics.coalesced_remote.get(), 1);
+    assert_eq!(gws[1].state.metrics.follower_wait_ms.count(), 1);
+}
+
+/// A gateway that took the lock and died (its lock stays until its TTL): the others wait, then
+/// one of them takes over and renders once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leaders_lock_expires_and_one_gateway_takes_over() {
+    let r = RedisProcess::start();
+    let render = Duration::from_millis(100);
+    let origin = FakeNext::start(|o| {
+        o.route("/orphan", page("<p>orphan</p>", ISR, render));
+    })
+    .await;
+    let gws = fleet(3, &origin, &r, "").await;
+    let hex = CacheKey::new("default", HOST, "/orphan", None, &Variant::Html).hex();
+    let dead_ttl = Duration::from_millis(1_500);
+    let set: Option<String> = raw(&r)
+        .await
+        .set(
+            lock_key(&hex),
+            "a-gateway-that-died",
+            Some(Expiration::PX(dead_ttl.as_millis() as i64)),
+            Some(SetOptions::NX),
+            false,
+        )
+        .await
+        .expect("set lock");
+    assert!(set.is_some());
+    let started = Instant::now();
+    let results = burst(&gws, "/orphan", 10).await;
+    let elapsed = started.elapsed();
+    assert!(
+        results
+            .iter()
+            .all(|(g, _)| g.status == 200 && &g.body[..] == b"<p>orphan</p>")
+    );
+    assert_eq!(origin.count("/orphan"), 1, "one take-over render");
+    assert!(
+        elapsed >= dead_ttl - Duration::from_millis(200),
+        "{elapsed:?}"
+    );
+    assert!(
+        elapsed < dead_ttl + render + Duration::from_secs(1),
+        "within lock TTL + render: {elapsed:?}"
+    );
+}
+
+/// The leader's upstream connection is cut mid-body: its client gets a broken response, the
+/// followers on the other gateways complete with at most one extra render.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_mid_render_is_taken_over_with_one_extra_render() {
+    let r = RedisProcess::start();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let route = Route::gated_stream(4, 1_000, 2, Arc::clone(&gate))
+        .content_type("text/html; charset=utf-8")
+        .header("cache-control", ISR);
+    let mut origin = FakeNext::start(|o| {
+        o.route("/cut", route);
+    })
+    .await;
+    let gws = fleet(3, &origin, &r, "").await;
+    let c = Client::default();
+    let leader = {
+        let (c, url) = (c.clone(), gws[0].url("/cut"));
+        tokio::spawn(async move {
+            c.try_send("GET", &url, &[("host", HOST)], Default::default())
+                .await
+        })
+    };
+    eventually!(2, origin.count("/cut") == 1, "the first render started");
+    let followers: Vec<_> = gws[1..]
+        .iter()
+        .map(|gw| {
+            let (c, url) = (c.clone(), gw.url("/cut"));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                (c.get(&url, &[("host", HOST)]).await, started.elapsed())
+            })
+        })
+        .collect();
+    eventually!(
+        2,
+        gws[1..]
+            .iter()
+            .all(|g| g.state.metrics.lock_contended.get() == 1),
+        "the other gateways wait on the fleet lock"
+    );
+    // Cut every origin connection mid-body, then serve again; the second render is not held.
+    origin.stop().await;
+    gate.notify_one();
+    origin.restart().await;
+    let cut = leader.await.expect("leader task");
+    assert!(
+        cut.as_ref().map_or(true, |g| g.body.len() < 4_000),
+        "the leader's client saw the cut"
+    );
+    for f in followers {
+        let (got, took) = f.await.expect("follower");
+        assert_eq!(got.status, 200);
+        assert_eq!(
+            got.body.len(),
+            4_000,
+            "whole body from the take-over render"
+        );
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+    assert_eq!(
+        origin.count("/cut"),
+        2,
+        "one extra render, not one per follower"
+    );
+    assert!(sum(&gws, |m| m.leaders_abandoned.get()) >= 1);
+}
+
+/// A key with s-maxage=1 under constant load from three gateways: about one refresh per second
+/// for the fleet, and no client waits for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
+    let r = RedisProcess::start();
+    let render = Duration::from_millis(300);
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/ttl1",
+            page(
+                "<p>ttl</p>",
+                "s-maxage=1, stale-while-revalidate=60",
+                render,
+            ),
+        );
+    })
+    .await;
+    let gws = fleet(3, &origin, &r, "").await;
+    let c = Client::default();
+    // Warm it once, so what follows is steady state.
+    assert_eq!(
+        c.get(&gws[0].url("/ttl1"), &[("host", HOST)]).await.status,
+        200
+    );
+    let renders_before = origin.count("/ttl1");
+    let run = Duration::from_secs(5);
+    let started = Instant::now();
+    let mut loops = Vec::new();
+    for gw in &gws {
+        for _ in 0..3 {
+            let (c, url) = (c.clone(), gw.url("/ttl1"));
+            loops.push(tokio::spawn(async move {
+                let mut slowest = Duration::ZERO;
+                let mut outcomes = Vec::new();
+                while started.elapsed() < run {
+                    let t = Instant::now();
+                    let got = c.get(&url, &[("host", HOST)]).await;
+                    slowest = slowest.max(t.elapsed());
+                    outcomes.push(got.header("x-cache").to_owned());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (slowest, outcomes)
+            }));
+        }
+    }
+    let mut slowest = Duration::ZERO;
+    let mut outcomes = Vec::new();
+    for l in loops {
+        let (s, o) = l.await.expect("loop");
+        slowest = slowest.max(s);
+        outcomes.extend(o);
+    }
+    let refreshes = origin.count("/ttl1") - renders_before;
+    let windows = run.as_secs() as usize;
+    assert!(
+        refreshes <= windows + 1,
+        "{refreshes} renders in {windows} one-second windows"
+    );
+    assert!(refreshes >= 2, "it did refresh: {refreshes}");
+    assert!(
+        outcomes.iter().all(|o| o == "HIT" || o == "STALE"),
+        "no request missed: {:?}",
+        outcomes
+            .iter()
+            .filter(|o| *o != "HIT" && *o != "STALE")
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        slowest < render,
+        "no client waited for a {render:?} refresh: slowest {slowest:?}"
+    );
+    assert!(
+        sum(&gws, |m| m.refreshes_elsewhere.get()) + sum(&gws, |m| m.refreshes.get())
+            >= refreshes as u64
+    );
+}
+
+/// The leader's answer is private: 50 waiting requests are released at once instead of
+/// queueing for the wait timeout, and the next burst skips coalescing (hit-for-miss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncacheable_answer_releases_followers_at_once() {
+    let r = RedisProcess::start();
+    let render = Duration::from_millis(300);
+    let origin = FakeNext::start(|o| {
+        o.route("/me", page("<p>mine</p>", "private, no-store", render));
+    })
+    .await;
+    let gws = fleet(2, &origin, &r, "[coalesce]\nwait_timeout = \"5s\"\n").await;
+    let started = Instant::now();
+    let results = burst(&gws, "/me", 25).await;
+    let elapsed = started.elapsed();
+    assert!(results.iter().all(|(g, _)| g.status == 200));
+    assert!(
+        elapsed < render * 2 + Duration::from_millis(700),
+        "released, not held to the 5 s wait: {elapsed:?}"
+    );
+    assert_eq!(
+        origin.count("/me"),
+        50,
+        "each fetched its own private answer"
+    );
+    // Within hit-for-miss, nobody waits on anybody: one render time for the whole burst.
+    let started = Instant::now();
+    let again = burst(&gws, "/me", 25).await;
+    let elapsed = started.elapsed();
+    assert!(again.iter().all(|(g, _)| g.status == 200));
+    assert!(elapsed < render + Duration::from_millis(500), "{elapsed:?}");
+    assert_eq!(sum(&gws, |m| m.hit_for_miss.get()), 50);
+}
+
+/// Redis down: no fleet lock, but each gateway still renders a key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_gateway_still_coalesces_locally() {
+    let mut r = RedisProcess::start();
+    let render = Duration::from_millis(200);
+    let origin = FakeNext::start(|o| {
+        o.route("/down", page("<p>down</p>", ISR, render));
+    })
+    .await;
+    let gws = fleet(3, &origin, &r, "").await;
+    r.kill();
+    let results = burst(&gws, "/down", 20).await;
+    assert!(
+        results
+            .iter()
+            .all(|(g, _)| g.status == 200 && &g.body[..] == b"<p>down</p>")
+    );
+    assert_eq!(origin.count("/down"), 3, "one render per gateway");
+    assert!(
+        sum(&gws, |m| m.coalesced_local.get()) >= 30,
+        "followers waited locally"
+    );
+}
