@@ -9,6 +9,12 @@
 #                                 hit a Redis read (8085), next to nginx proxy_cache and Varnish,
 #                                 against `limit` (identity clients) then `limit-gzip` (gzip
 #                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391
+#   benches/load.sh stampede      coalescing: a fleet of 3 isrgate (8080, 8086, 8087, one Redis)
+#                                 against nginx and Varnish: cold stampede (K requests for one new
+#                                 path, spread over the fleet; origin renders, client latency) and
+#                                 expiry under load (a path with s-maxage=EXPIRY_TTL hammered for
+#                                 EXPIRY_DURATION s; re-renders). Env: K=200 RUNS=3 EXPIRY_TTL=2
+#                                 EXPIRY_DURATION=10
 #
 # The harness is copied to a writable work dir (default target/peer-bench) because shared/ is
 # read-only; its setup.sh installs nginx, varnish and wrk from Debian when missing.
@@ -39,12 +45,16 @@ case "$mode" in
         peers=(origin limit limit-gzip nginx varnish)
         upstream=127.0.0.1:3001
         ;;
-    *) echo "unknown mode '$mode' (passthrough | hit)" >&2; exit 2 ;;
+    stampede)
+        peers=(origin nginx varnish)
+        upstream=127.0.0.1:3001
+        ;;
+    *) echo "unknown mode '$mode' (passthrough | hit | stampede)" >&2; exit 2 ;;
 esac
 
 redis_pid=""
 cleanup() {
-    "$work/stop-peers.sh" gateway gw-strict "${peers[@]}" >/dev/null 2>&1 || true
+    "$work/stop-peers.sh" gateway gw-strict gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -68,6 +78,14 @@ start_gateway() {
     return 1
 }
 
+# start_redis: a redis-server of this script on 127.0.0.1:6391 (stopped on exit).
+start_redis() {
+    redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no \
+        --logfile "$work/run/redis.log" &
+    redis_pid=$!
+    for _ in $(seq 1 50); do redis-cli -p 6391 ping >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
 case "$mode" in
     passthrough)
         # Pure proxy: the cache off, health checks off: the bench measures the proxy path.
@@ -75,10 +93,7 @@ case "$mode" in
         LIMIT=origin-fast "$work/bench.sh" gateway nginx-proxy
         ;;
     hit)
-        redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no \
-            --logfile "$work/run/redis.log" &
-        redis_pid=$!
-        for _ in $(seq 1 50); do redis-cli -p 6391 ping >/dev/null 2>&1 && break; sleep 0.1; done
+        start_redis
         start_gateway gateway 8080 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
         start_gateway gw-strict 8085 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__CACHE__L1_MAX_BYTES=0
         targets=(gateway gw-strict=127.0.0.1:8085 nginx varnish)
@@ -89,5 +104,78 @@ case "$mode" in
         stored=$(redis-cli -p 6391 hstrlen "$key" b)
         identity=$(curl -s -H 'Accept-Encoding: identity' http://127.0.0.1:8080/page/1 | wc -c)
         awk -v s="$stored" -v i="$identity" 'BEGIN { printf "bytes at rest: %d gzip vs %d identity (%.1f%% smaller)\n", s, i, 100 - 100 * s / i }'
+        ;;
+    stampede)
+        start_redis
+        fleet=()
+        for spec in gateway:8080 gw-2:8086 gw-3:8087; do
+            start_gateway "${spec%%:*}" "${spec##*:}" ISRGATE__REDIS__URL=redis://127.0.0.1:6391
+            fleet+=("127.0.0.1:${spec##*:}")
+        done
+        for _ in $(seq 1 50); do
+            [ "$(redis-cli -p 6391 pubsub numsub isr:bus | sed -n 2p)" = 3 ] && break
+            sleep 0.1
+        done
+        K=${K:-200}; RUNS=${RUNS:-3}; EXPIRY_TTL=${EXPIRY_TTL:-2}; EXPIRY_DURATION=${EXPIRY_DURATION:-10}
+        stamp=$(date +%Y%m%d-%H%M%S)
+        out="$work/results/stampede-fleet-$stamp.jsonl"
+        mkdir -p "$work/results"; : >"$out"
+        systems=("isrgate-x3=$(IFS=,; echo "${fleet[*]}")" nginx=127.0.0.1:8081 varnish=127.0.0.1:8082)
+        for sys in "${systems[@]}"; do
+            name=${sys%%=*} targets=${sys#*=}
+            for r in $(seq 1 "$RUNS"); do
+                path="/page/stampede-$stamp-$name-$r-$RANDOM"
+                res=$(python3 "$root/benches/stampede.py" --targets "$targets" --k "$K" --path "$path")
+                echo "{\"kind\":\"stampede\",\"name\":\"$name\",\"run\":$r,\"result\":$res}" >>"$out"
+                echo "$name stampede run $r: $res"
+                sleep 1
+            done
+            # Expiry under load: every target of the system hammered at once, one wrk each,
+            # 64 connections in all, the same Host everywhere (one key).
+            path="/page/expiry-$stamp-$name-$RANDOM?s_maxage=$EXPIRY_TTL"
+            first=${targets%%,*}
+            curl -s -o /dev/null --max-time 10 -H 'Host: bench.local' "http://$first$path"
+            sleep 0.3
+            r0=$(curl -s -G "http://127.0.0.1:3001/__stats" --data-urlencode "path=$path" | sed -n 's/.*"renders":\([0-9]*\).*/\1/p')
+            IFS=, read -r -a addrs <<<"$targets"
+            conns=$(( 64 / ${#addrs[@]} ))
+            pids=()
+            for i in "${!addrs[@]}"; do
+                PAGE_PATH="$path" timeout $((EXPIRY_DURATION + 30)) wrk -t1 -c"$conns" -d"${EXPIRY_DURATION}s" \
+                    --timeout 5s -H 'Host: bench.local' -s "$work/lua/pages.lua" "http://${addrs[$i]}" \
+                    >"$work/run/wrk-$i.out" 2>&1 &
+                pids+=($!)
+            done
+            wait "${pids[@]}"
+            sleep 1
+            r1=$(curl -s -G "http://127.0.0.1:3001/__stats" --data-urlencode "path=$path" | sed -n 's/.*"renders":\([0-9]*\).*/\1/p')
+            cat "$work"/run/wrk-*.out | grep '^RESULT' >"$work/run/wrk-all.out" || true
+            python3 - "$name" "$EXPIRY_TTL" "$EXPIRY_DURATION" "$((r1 - r0))" "$work/run/wrk-all.out" >>"$out" <<'PY'
+import json, sys
+name, ttl, dur, renders, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rows = [dict(kv.split("=") for kv in l.split()[1:]) for l in open(path)]
+print(json.dumps({"kind": "expiry", "name": name, "ttl_s": ttl, "duration_s": dur,
+    "renders_under_load": renders, "rps": sum(float(r["rps"]) for r in rows),
+    "p99_us": max(int(r["p99_us"]) for r in rows), "max_us": max(int(r["max_us"]) for r in rows),
+    "non2xx": sum(int(r["err_status"]) for r in rows)}))
+PY
+            echo "$name expiry: $(tail -1 "$out")"
+            rm -f "$work"/run/wrk-*.out
+        done
+        python3 - "$out" <<'PY' | tee "${out%.jsonl}.md"
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+names = list(dict.fromkeys(r["name"] for r in rows))
+print("| system | cold stampede: origin renders per run | client p50 / p90 / max ms (median run) | expiry under load: re-renders (ideal) | req/s | p99 / max ms | non-2xx |")
+print("|---|---|---|---|---:|---|---:|")
+for n in names:
+    st = [r["result"] for r in rows if r["name"] == n and r["kind"] == "stampede"]
+    x = [r for r in rows if r["name"] == n and r["kind"] == "expiry"][-1]
+    s = sorted(st, key=lambda s: s["latency_ms"]["p50"])[len(st) // 2]
+    per = ", ".join(str(s["origin_renders"]) for s in st)
+    lat = f'{s["latency_ms"]["p50"]} / {s["latency_ms"]["p90"]} / {s["latency_ms"]["max"]}'
+    e = f'{x["renders_under_load"]} in {x["duration_s"]} s, TTL {x["ttl_s"]} s (~{x["duration_s"] // x["ttl_s"]})'
+    print(f'| {n} | {per} (K={st[0]["k"]}) | {lat} | {e} | {x["rps"]:,.0f} | {x["p99_us"]/1000:.2f} / {x["max_us"]/1000:.1f} | {x["non2xx"]} |')
+PY
         ;;
 esac

@@ -1,12 +1,12 @@
-//! The driver for cache candidates (request flow steps 4-11): key → lookup → serve, or fill
-//! and serve; stale entries are served while one refresh runs; an entry inside stale-if-error
-//! covers for failing replicas.
+//! The driver for cache candidates (request flow steps 4-11): key → lookup → serve, or (on a
+//! miss) coalesce → fill → serve; stale entries are served while one refresh runs; an entry
+//! inside stale-if-error covers for failing replicas.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
-use http::{Method, Response, header};
+use http::{HeaderMap, Method, Response, header};
 
 use super::coalesce::{self, Fetched};
 use super::fill;
@@ -36,18 +36,7 @@ pub async fn serve(
     variant: Variant,
 ) -> Result<(Response<Body>, Outcome), ProxyError> {
     let now = now_ms();
-    let host = head
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let key = CacheKey::new(
-        &cache.cfg.namespace,
-        host,
-        head.uri.path(),
-        head.uri.query(),
-        &variant,
-    );
+    let key = key(cache, &head, &variant);
     let ask = Ask {
         headers: &head.headers,
         head: head.method == Method::HEAD,
@@ -91,11 +80,7 @@ pub async fn serve(
     if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
         let reply = app.upstream.send(head, body::empty()).await?;
-        return Ok(passed(
-            reply.into_response(),
-            &http::HeaderMap::new(),
-            false,
-        ));
+        return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
     }
     let miss = coalesce::Miss {
         key: &key,
@@ -104,6 +89,34 @@ pub async fn serve(
         vary_view,
     };
     let fetched = coalesce::fetch(app, cache, miss).await;
+    answer_miss(app, fetched, fallback, ask, now)
+}
+
+/// The request's cache key (the host is the request's: `Host` or `:authority`).
+fn key(cache: &CacheState, head: &Parts, variant: &Variant) -> CacheKey {
+    let host = head
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    CacheKey::new(
+        &cache.cfg.namespace,
+        host,
+        head.uri.path(),
+        head.uri.query(),
+        variant,
+    )
+}
+
+/// The client's answer to a miss: the fetched entry or response, or the stale entry kept in
+/// case the replicas failed.
+fn answer_miss(
+    app: &AppState,
+    fetched: Result<Fetched, ProxyError>,
+    fallback: Option<Arc<Entry>>,
+    ask: Ask<'_>,
+    now: u64,
+) -> Result<(Response<Body>, Outcome), ProxyError> {
     let entry = |entry: &Entry, outcome| {
         let r = serve::response(entry, ask, outcome, now).ok_or(ProxyError::Upstream(
             UpstreamError::Body("entry did not inflate".into()),
