@@ -10,8 +10,9 @@
 #                                 against `limit` (identity clients) then `limit-gzip` (gzip
 #                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391
 #   benches/load.sh stampede      coalescing: a fleet of 3 isrgate (8080, 8086, 8087, one Redis)
-#                                 against nginx and Varnish: cold stampede (K requests for one new
-#                                 path, spread over the fleet; origin renders, client latency) and
+#                                 against nginx and Varnish: cold stampede (examples/stampede.rs: K
+#                                 requests for one new path, spread over the fleet; origin renders,
+#                                 client latency) and
 #                                 expiry under load (a path with s-maxage=EXPIRY_TTL hammered for
 #                                 EXPIRY_DURATION s; re-renders). Env: K=200 RUNS=3 EXPIRY_TTL=2
 #                                 EXPIRY_DURATION=10
@@ -35,6 +36,7 @@ mkdir -p "$work"
 chmod -R u+w "$work"
 bash "$work/setup.sh"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+[ "$mode" = stampede ] && cargo build --release --quiet --example stampede --manifest-path "$root/Cargo.toml"
 
 case "$mode" in
     passthrough)
@@ -125,7 +127,7 @@ case "$mode" in
             name=${sys%%=*} targets=${sys#*=}
             for r in $(seq 1 "$RUNS"); do
                 path="/page/stampede-$stamp-$name-$r-$RANDOM"
-                res=$(python3 "$root/benches/stampede.py" --targets "$targets" --k "$K" --path "$path")
+                res=$("$root/target/release/examples/stampede" --targets "$targets" --k "$K" --path "$path")
                 echo "{\"kind\":\"stampede\",\"name\":\"$name\",\"run\":$r,\"result\":$res}" >>"$out"
                 echo "$name stampede run $r: $res"
                 sleep 1

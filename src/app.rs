@@ -13,11 +13,13 @@ use tokio_util::task::TaskTracker;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, Event, Message};
+use crate::cache::epochs::Epochs;
 use crate::cache::l1::L1;
 use crate::cache::policy;
 use crate::cache::store::{MemorySettings, MemoryStore, RedisSettings, RedisStore, Store};
 use crate::config::Config;
+use crate::invalidate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::proxy::sanitize;
 use crate::upstream::Upstream;
@@ -87,6 +89,12 @@ pub struct CacheState {
     pub bus: Option<Bus>,
     /// Who renders a missed key (local flights, fleet-lock waiters, hit-for-miss).
     pub coalesce: Arc<crate::proxy::coalesce::Coalescer>,
+    /// Invalidations known to this gateway (tag → epoch).
+    pub epochs: Arc<Epochs>,
+    /// The other gateways (heartbeats, acknowledgements).
+    pub fleet: Arc<Fleet>,
+    /// This gateway's id on the bus and in logs.
+    gateway_id: String,
 }
 
 impl CacheState {
@@ -103,8 +111,9 @@ impl CacheState {
             connect_timeout: r.connect_timeout,
             tls: r.tls.clone(),
         });
+        let gateway_id = format!("{:016x}", fastrand::u64(..));
         let bus = match &settings {
-            Some(s) => Some(Bus::new(s, format!("{:016x}", fastrand::u64(..)))?),
+            Some(s) => Some(Bus::new(s, gateway_id.clone())?),
             None => None,
         };
         let store = match &settings {
@@ -125,6 +134,9 @@ impl CacheState {
             bus,
             store,
             coalesce: Arc::new(crate::proxy::coalesce::Coalescer::new(cfg.coalesce)),
+            epochs: Arc::new(Epochs::default()),
+            fleet: Arc::new(Fleet::default()),
+            gateway_id,
             cfg,
         })
     }
@@ -141,7 +153,7 @@ impl CacheState {
         let (Some(bus), Store::Redis(redis)) = (&self.bus, &self.store) else {
             return;
         };
-        let message = crate::bus::Message {
+        let message = Message::Key {
             kind,
             key: key_hex,
             gateway: bus.gateway_id().to_owned(),
@@ -153,18 +165,92 @@ impl CacheState {
         }
     }
 
-    /// Starts the store's connections (Redis) on the current runtime.
+    /// This gateway's id (on the bus, in webhook reports).
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Starts the store's connections (Redis), the bus and the heartbeat on the current
+    /// runtime.
     pub fn start(&self) {
-        if let Store::Redis(r) = &self.store {
-            r.start();
+        let (Some(bus), Store::Redis(redis)) = (&self.bus, &self.store) else {
+            return;
+        };
+        redis.start();
+        let listener = BusListener {
+            coalesce: Arc::clone(&self.coalesce),
+            epochs: Arc::clone(&self.epochs),
+            fleet: Arc::clone(&self.fleet),
+            store: self.store.clone(),
+            me: self.gateway_id.clone(),
+        };
+        bus.start(self.l1.clone(), Arc::new(move |event| listener.on(event)));
+        let (pool, me) = (redis.pool().clone(), self.gateway_id.clone());
+        tokio::spawn(async move {
+            let beat = Message::Heartbeat { gateway: me };
+            let mut every = tokio::time::interval(crate::bus::HEARTBEAT);
+            loop {
+                every.tick().await;
+                let _ = crate::bus::publish(&pool, &beat, crate::bus::HEARTBEAT).await;
+            }
+        });
+    }
+}
+
+/// What the bus's events do to this gateway.
+struct BusListener {
+    coalesce: Arc<crate::proxy::coalesce::Coalescer>,
+    epochs: Arc<Epochs>,
+    fleet: Arc<Fleet>,
+    store: Store,
+    me: String,
+}
+
+impl BusListener {
+    fn on(&self, event: Event<'_>) {
+        match event {
+            Event::Message(Message::Key { kind, key, .. }) => {
+                if let Ok(hash) = u128::from_str_radix(key, 16) {
+                    self.coalesce.on_message(*kind, hash);
+                }
+            }
+            Event::Message(Message::Invalidated {
+                epoch, mode, tags, ..
+            }) => {
+                self.epochs
+                    .record(*epoch, *mode, tags.iter().map(String::as_str));
+                self.acknowledge(*epoch);
+            }
+            Event::Message(m) => self.fleet.on_message(m),
+            // Invalidations may have been missed while disconnected: read them all again.
+            Event::Reconnected => {
+                let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
+                tokio::spawn(async move {
+                    match crate::invalidate::apply::load(&store, &epochs).await {
+                        Ok(n) => tracing::debug!(tags = n, "invalidations loaded"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not load invalidations; entries invalidated meanwhile may be served until they expire")
+                        }
+                    }
+                });
+            }
         }
-        if let Some(bus) = &self.bus {
-            let coalesce = Arc::clone(&self.coalesce);
-            bus.start(
-                self.l1.clone(),
-                Arc::new(move |kind, hash| coalesce.on_message(kind, hash)),
-            );
-        }
+    }
+
+    fn acknowledge(&self, epoch: u64) {
+        let Store::Redis(redis) = &self.store else {
+            return;
+        };
+        let (pool, ack) = (
+            redis.pool().clone(),
+            Message::Ack {
+                epoch,
+                gateway: self.me.clone(),
+            },
+        );
+        tokio::spawn(async move {
+            let _ = crate::bus::publish(&pool, &ack, std::time::Duration::from_secs(1)).await;
+        });
     }
 }
 

@@ -63,47 +63,133 @@ impl Kind {
     }
 }
 
-/// A message on the bus.
+/// A message on the bus. Wire form: words separated by one space, the kind first, the
+/// publishing gateway's id third (so a gateway can skip its own).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// What happened.
-    pub kind: Kind,
-    /// The key hash, 32 hex digits.
-    pub key: String,
-    /// The publishing gateway.
-    pub gateway: String,
+pub enum Message {
+    /// `<kind> <key-hex> <gateway>`: something happened to one key.
+    Key {
+        /// What happened.
+        kind: Kind,
+        /// The key hash, 32 hex digits.
+        key: String,
+        /// The publishing gateway.
+        gateway: String,
+    },
+    /// `inv <epoch> <gateway> <mode> <tag>…`: tags invalidated at `epoch` (published by the
+    /// Redis script that recorded them, so no gateway sees one without the other).
+    Invalidated {
+        /// The invalidation's epoch.
+        epoch: u64,
+        /// Who applied it.
+        gateway: String,
+        /// Soft or hard.
+        mode: crate::cache::epochs::Mode,
+        /// The tags.
+        tags: Vec<String>,
+    },
+    /// `ack <epoch> <gateway>`: `gateway` has applied the invalidation of `epoch`.
+    Ack {
+        /// The acknowledged epoch.
+        epoch: u64,
+        /// Who acknowledges.
+        gateway: String,
+    },
+    /// `hb - <gateway>`: `gateway` is alive (every [`HEARTBEAT`]).
+    Heartbeat {
+        /// Who.
+        gateway: String,
+    },
 }
 
+/// How often a gateway announces itself.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
 impl Message {
+    /// The publishing gateway.
+    pub fn gateway(&self) -> &str {
+        match self {
+            Message::Key { gateway, .. }
+            | Message::Invalidated { gateway, .. }
+            | Message::Ack { gateway, .. }
+            | Message::Heartbeat { gateway } => gateway,
+        }
+    }
+
     /// Wire form.
     pub fn encode(&self) -> String {
-        format!("{} {} {}", self.kind.as_str(), self.key, self.gateway)
+        match self {
+            Message::Key { kind, key, gateway } => format!("{} {key} {gateway}", kind.as_str()),
+            Message::Invalidated {
+                epoch,
+                gateway,
+                mode,
+                tags,
+            } => format!("inv {epoch} {gateway} {} {}", mode.as_str(), tags.join(" ")),
+            Message::Ack { epoch, gateway } => format!("ack {epoch} {gateway}"),
+            Message::Heartbeat { gateway } => format!("hb - {gateway}"),
+        }
     }
 
     /// Parses the wire form; anything else is `None` (ignored: newer gateways may speak more).
     pub fn decode(text: &str) -> Option<Message> {
         let mut parts = text.split(' ');
-        let (kind, key, gateway) = match (parts.next()?, parts.next()?, parts.next()?, parts.next())
-        {
-            (kind, key, gateway, None) if key.len() == 32 => (kind, key, gateway),
+        let (kind, subject, gateway) = (parts.next()?, parts.next()?, parts.next()?);
+        if gateway.is_empty() {
+            return None;
+        }
+        let gateway = gateway.to_owned();
+        let key_kind = match kind {
+            "filled" => Some(Kind::Filled),
+            "pass" => Some(Kind::Pass),
+            "released" => Some(Kind::Released),
+            _ => None,
+        };
+        let m = match (kind, key_kind) {
+            (_, Some(kind)) if subject.len() == 32 => Message::Key {
+                kind,
+                key: subject.to_owned(),
+                gateway,
+            },
+            ("inv", None) => {
+                let mode = crate::cache::epochs::Mode::parse(parts.next()?)?;
+                let tags: Vec<String> = parts
+                    .by_ref()
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if tags.is_empty() {
+                    return None;
+                }
+                return Some(Message::Invalidated {
+                    epoch: subject.parse().ok()?,
+                    gateway,
+                    mode,
+                    tags,
+                });
+            }
+            ("ack", None) => Message::Ack {
+                epoch: subject.parse().ok()?,
+                gateway,
+            },
+            ("hb", None) if subject == "-" => Message::Heartbeat { gateway },
             _ => return None,
         };
-        let kind = match kind {
-            "filled" => Kind::Filled,
-            "pass" => Kind::Pass,
-            "released" => Kind::Released,
-            _ => return None,
-        };
-        Some(Message {
-            kind,
-            key: key.to_owned(),
-            gateway: gateway.to_owned(),
-        })
+        parts.next().is_none().then_some(m)
     }
 }
 
-/// Receives what other gateways say about keys (the coalescer: wakes its waiters).
-pub type Listener = std::sync::Arc<dyn Fn(Kind, u128) + Send + Sync>;
+/// What the bus hands to the rest of the gateway.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Another gateway said something.
+    Message(&'a Message),
+    /// The subscription (re)connected: messages may have been missed.
+    Reconnected,
+}
+
+/// Receives the bus's events (coalescer waiters, invalidations, fleet membership).
+pub type Listener = std::sync::Arc<dyn Fn(Event<'_>) + Send + Sync>;
 
 impl Bus {
     /// Builds the subscriber (no connection yet; see [`Bus::start`]).
@@ -163,13 +249,13 @@ impl Bus {
                         Ok(m) => {
                             let text: Option<String> = m.value.convert().ok();
                             let m = text.as_deref().and_then(Message::decode);
-                            if let Some(m) = m.filter(|m| m.gateway != me) {
-                                if let Ok(hash) = u128::from_str_radix(&m.key, 16) {
-                                    if m.kind == Kind::Filled {
+                            if let Some(m) = m.filter(|m| m.gateway() != me) {
+                                if let Message::Key { kind: Kind::Filled, key, .. } = &m {
+                                    if let Ok(hash) = u128::from_str_radix(key, 16) {
                                         l1.remove(hash);
                                     }
-                                    listener(m.kind, hash);
                                 }
+                                listener(Event::Message(&m));
                             }
                         }
                         // Lagged: messages were dropped locally; the L1 may be behind.
@@ -180,6 +266,7 @@ impl Bus {
                         Ok(server) => {
                             tracing::info!(%server, "bus connected; L1 flushed (messages may have been missed)");
                             l1.clear();
+                            listener(Event::Reconnected);
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => l1.clear(),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -207,15 +294,33 @@ pub async fn publish(pool: &Pool, message: &Message, timeout: Duration) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::epochs::Mode;
 
     #[test]
     fn messages_round_trip_and_unknown_ones_are_ignored() {
-        for kind in [Kind::Filled, Kind::Pass, Kind::Released] {
-            let m = Message {
+        let key = "0123456789abcdef0123456789abcdef".to_owned();
+        let mut all: Vec<Message> = [Kind::Filled, Kind::Pass, Kind::Released]
+            .into_iter()
+            .map(|kind| Message::Key {
                 kind,
-                key: "0123456789abcdef0123456789abcdef".into(),
+                key: key.clone(),
                 gateway: "g1".into(),
-            };
+            })
+            .collect();
+        all.push(Message::Invalidated {
+            epoch: 42,
+            gateway: "g1".into(),
+            mode: Mode::Hard,
+            tags: vec!["path:/a".into(), "*".into()],
+        });
+        all.push(Message::Ack {
+            epoch: 42,
+            gateway: "g2".into(),
+        });
+        all.push(Message::Heartbeat {
+            gateway: "g3".into(),
+        });
+        for m in all {
             assert_eq!(Message::decode(&m.encode()), Some(m));
         }
         for other in [
@@ -224,6 +329,11 @@ mod tests {
             "filled abc g1",
             "purged 0123456789abcdef0123456789abcdef g1",
             "filled 0123456789abcdef0123456789abcdef g1 extra",
+            "inv 1 g1 soft",
+            "inv x g1 soft t",
+            "inv 1 g1 medium t",
+            "ack 1",
+            "hb x g1",
         ] {
             assert_eq!(Message::decode(other), None, "{other}");
         }

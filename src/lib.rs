@@ -25,6 +25,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod invalidate;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

@@ -107,6 +107,12 @@ pub struct Metrics {
     pub hit_for_miss: Counter,
     /// How long followers waited for a render (local and remote), milliseconds.
     pub follower_wait_ms: Histogram,
+    /// Webhook calls applied.
+    pub invalidations: Counter,
+    /// Webhook calls refused (401, 400, 413, 422).
+    pub webhook_refused: Counter,
+    /// Lookups that found an entry invalidated since its render (served stale or missed).
+    pub cache_invalidated: Counter,
 }
 
 /// A histogram with fixed bucket bounds (Prometheus `le` semantics: a value counts in the

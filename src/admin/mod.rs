@@ -39,7 +39,15 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let app = Arc::clone(&app);
-                async move { Ok::<_, Infallible>(route(&app, &req)) }
+                async move {
+                    if req.uri().path() == crate::invalidate::PATH {
+                        let (head, body) = req.into_parts();
+                        return Ok::<_, Infallible>(
+                            crate::invalidate::handle(&app, head, body).await,
+                        );
+                    }
+                    Ok(route(&app, &req))
+                }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });

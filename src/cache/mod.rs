@@ -10,6 +10,9 @@
 //! - [`policy`] — admission (RFC 9111 shared-cache rules plus the Next.js rules of NEXTJS.md §9)
 //!   and freshness at a given time.
 //! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
+//! - [`epochs`] — invalidations by epoch: which tags were invalidated when, and whether an
+//!   entry is still valid.
+//! - [`tags`] — the invalidation tags of an entry (implicit, Next.js, from response headers).
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
 //! - [`lock`] — fleet fill locks in Redis (one render per key across gateways).
@@ -17,9 +20,11 @@
 
 pub mod control;
 pub mod entry;
+pub mod epochs;
 pub mod key;
 pub mod l1;
 pub mod lock;
 pub mod policy;
 pub mod store;
+pub mod tags;
 pub mod tls;

@@ -305,7 +305,7 @@ impl RedisStore {
         &self.pool
     }
 
-    pub(super) async fn bounded<T>(
+    pub(crate) async fn bounded<T>(
         &self,
         fut: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {

@@ -12,6 +12,10 @@ pub const PREFIX: &str = "ISRGATE__";
 pub trait Environment {
     /// Every variable whose name starts with [`PREFIX`], as `(name, value)`.
     fn overrides(&self) -> Vec<(String, String)>;
+
+    /// A secret given by its own variable (`ISRGATE_WEBHOOK_SECRET`…): secrets stay out of
+    /// config files; an empty value counts as unset.
+    fn secret(&self, name: &str) -> Option<String>;
 }
 
 /// The real process environment.
@@ -30,6 +34,10 @@ impl Environment for ProcessEnv {
         vars.sort();
         vars
     }
+
+    fn secret(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
 }
 
 /// A fixed map, for tests.
@@ -43,6 +51,10 @@ impl Environment for MapEnv {
             .filter(|(k, _)| k.starts_with(PREFIX))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    fn secret(&self, name: &str) -> Option<String> {
+        self.0.get(name).filter(|v| !v.is_empty()).cloned()
     }
 }
 

@@ -104,6 +104,11 @@ pub struct Override {
     pub value: toml::Value,
 }
 
+/// The webhook's bearer secret (and HMAC key unless the next one is set).
+pub const WEBHOOK_SECRET: &str = "ISRGATE_WEBHOOK_SECRET";
+/// The webhook's HMAC key, when it differs from the bearer secret.
+pub const WEBHOOK_HMAC_SECRET: &str = "ISRGATE_WEBHOOK_HMAC_SECRET";
+
 /// Where each `section.key` was set, for messages.
 pub(super) type Sources = BTreeMap<String, Source>;
 
@@ -128,7 +133,14 @@ pub fn load(
     }
     layers.env(env);
     layers.flags(flags);
-    Ok((layers.finish()?, file))
+    let mut config = layers.finish()?;
+    if let Some(bearer) = env.secret(WEBHOOK_SECRET) {
+        let hmac = env
+            .secret(WEBHOOK_HMAC_SECRET)
+            .unwrap_or_else(|| bearer.clone());
+        config.webhook.secrets = Some(crate::invalidate::webhook::Secrets { bearer, hmac });
+    }
+    Ok((config, file))
 }
 
 /// Parses configuration text alone (no environment, no flags): for tests and `check-config`

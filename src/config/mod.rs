@@ -38,6 +38,21 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// Logging.
     pub log: Log,
+    /// The revalidation webhook.
+    pub webhook: Webhook,
+}
+
+/// `[webhook]`, plus its secrets from the environment.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// `None` (no `ISRGATE_WEBHOOK_SECRET`): the webhook answers 404.
+    pub secrets: Option<crate::invalidate::webhook::Secrets>,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// How far a signature's timestamp may be from now.
+    pub signature_window: Duration,
+    /// How long the webhook waits for every live gateway to acknowledge.
+    pub ack_timeout: Duration,
 }
 
 /// `[listen]`
@@ -149,6 +164,8 @@ pub struct Cache {
     pub avif: bool,
     /// `[coalesce]`.
     pub coalesce: Coalesce,
+    /// Response headers whose values are invalidation tags (lower case).
+    pub tag_headers: Vec<String>,
 }
 
 /// `[coalesce]`

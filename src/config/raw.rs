@@ -200,6 +200,24 @@ section! {
         bypass_cookies: StringList = StringList::default(),
         /// The app enables AVIF images (`images.formats`), so `/_next/image` keys on it.
         avif: bool = false,
+        /// Response headers whose values are invalidation tags, comma or space separated.
+        tag_headers: StringList = StringList(vec![
+            "cache-tag".into(),
+            "surrogate-key".into(),
+            "x-next-cache-tags".into(),
+        ]),
+    }
+}
+
+section! {
+    /// `[webhook]`: `POST /_isrgate/revalidate` (secrets come from the environment).
+    pub struct WebhookRaw {
+        /// Largest request body accepted, bytes.
+        max_body_bytes: u64 = 64 * 1024,
+        /// How far `x-isrgate-timestamp` may be from now for a signed call.
+        signature_window: String = "5m".into(),
+        /// How long a call waits for every live gateway to acknowledge.
+        ack_timeout: String = "2s".into(),
     }
 }
 
@@ -275,6 +293,8 @@ pub struct Raw {
     pub cache: CacheRaw,
     /// `[coalesce]`
     pub coalesce: CoalesceRaw,
+    /// `[webhook]`
+    pub webhook: WebhookRaw,
     /// `[redis]`
     pub redis: RedisRaw,
     /// `[admin]`
@@ -286,7 +306,7 @@ pub struct Raw {
 impl Raw {
     /// Section names, as written in the file.
     pub const SECTIONS: &'static [&'static str] = &[
-        "listen", "upstream", "health", "cache", "coalesce", "redis", "admin", "log",
+        "listen", "upstream", "health", "cache", "coalesce", "webhook", "redis", "admin", "log",
     ];
 
     /// Applies `section.key = value`.
@@ -302,6 +322,7 @@ impl Raw {
             "health" => self.health.set(key, value),
             "cache" => self.cache.set(key, value),
             "coalesce" => self.coalesce.set(key, value),
+            "webhook" => self.webhook.set(key, value),
             "redis" => self.redis.set(key, value),
             "admin" => self.admin.set(key, value),
             "log" => self.log.set(key, value),
@@ -317,6 +338,7 @@ impl Raw {
             "health" => HealthRaw::KEYS,
             "cache" => CacheRaw::KEYS,
             "coalesce" => CoalesceRaw::KEYS,
+            "webhook" => WebhookRaw::KEYS,
             "redis" => RedisRaw::KEYS,
             "admin" => AdminRaw::KEYS,
             "log" => LogRaw::KEYS,

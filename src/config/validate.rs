@@ -162,6 +162,21 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
     let log = log(&mut c, raw);
     let cache = cache(&mut c, raw);
     let redis = redis(&mut c, raw);
+    let webhook = super::Webhook {
+        secrets: None,
+        max_body_bytes: c.in_range(
+            "webhook.max_body_bytes",
+            raw.webhook.max_body_bytes,
+            1,
+            16 << 20,
+        ) as usize,
+        signature_window: c.duration(
+            "webhook.signature_window",
+            &raw.webhook.signature_window,
+            false,
+        ),
+        ack_timeout: c.duration("webhook.ack_timeout", &raw.webhook.ack_timeout, true),
+    };
     if c.problems.is_empty() {
         Ok(Config {
             listen,
@@ -171,6 +186,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
             redis,
             admin,
             log,
+            webhook,
         })
     } else {
         Err(c.problems)
@@ -378,7 +394,18 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
             .collect(),
         avif: r.avif,
         coalesce: coalesce(c, raw),
+        tag_headers: r
+            .tag_headers
+            .0
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect(),
     };
+    for h in &cache.tag_headers {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            c.fail("cache.tag_headers", format!("{h:?} is not a header name"));
+        }
+    }
     for p in &cache.bypass_paths {
         if !p.starts_with('/') {
             c.fail(

@@ -114,6 +114,11 @@ pub struct Pending {
     parts: http::response::Parts,
     freshness: policy::Freshness,
     vary_request: http::HeaderMap,
+    /// The request's path (the entry's tags derive from it).
+    path: String,
+    /// The invalidation epoch read before the request went upstream: an invalidation that
+    /// lands while the replica renders makes this entry stale at once.
+    render_epoch: u64,
 }
 
 /// Sends `head` upstream and decides from the answer's head whether it may be stored.
@@ -125,6 +130,8 @@ pub async fn request(
     variant: &Variant,
 ) -> Result<Answer, ProxyError> {
     let vary_request = head.headers.clone();
+    let path = head.uri.path().to_owned();
+    let render_epoch = cache.epochs.current();
     let reply = app.upstream.send(head, body::empty()).await?;
     let response = reply.into_response();
     let pass = |response, uncacheable| {
@@ -164,6 +171,8 @@ pub async fn request(
         parts,
         freshness,
         vary_request,
+        path,
+        render_epoch,
     };
     Ok(Answer::Storable(pending, body))
 }
@@ -200,14 +209,17 @@ impl Pending {
         Response::from_parts(self.parts, body)
     }
 
-    /// The entry for the identity body, rendered at `now_ms`.
-    pub fn entry(&self, identity: Bytes, now_ms: u64) -> Arc<Entry> {
+    /// The entry for the identity body, rendered at `now_ms`; `tag_headers` name the response
+    /// headers that carry invalidation tags.
+    pub fn entry(&self, identity: Bytes, now_ms: u64, tag_headers: &[String]) -> Arc<Entry> {
         let stored_headers = self
             .stored_headers()
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
         meta.stored_at_ms = now_ms;
+        meta.render_epoch = self.render_epoch;
+        meta.tags = crate::cache::tags::entry_tags(&self.path, &self.parts.headers, tag_headers);
         let t = Times::new(now_ms, &self.freshness);
         (
             meta.fresh_until_ms,
@@ -344,7 +356,7 @@ pub async fn fill(
             }
         }
     }
-    let entry = pending.entry(collected.freeze(), now_ms);
+    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg.tag_headers);
     keep(app, cache, key, &entry, pending.ttl(), write).await;
     Ok(Filled::Stored(entry))
 }

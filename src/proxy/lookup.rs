@@ -13,6 +13,7 @@ use http::HeaderMap;
 
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::{Entry, Meta};
+use crate::cache::epochs::Validity;
 use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{self, State, Times};
 
@@ -47,10 +48,20 @@ pub async fn lookup(
 ) -> Found {
     if let Some(entry) = cache.l1.get(key.hash, now_ms) {
         if vary_matches(&entry, headers) {
-            return Found::Fresh {
-                entry,
-                from_l1: true,
-            };
+            match validity(app, cache, &entry) {
+                Validity::Valid => {
+                    return Found::Fresh {
+                        entry,
+                        from_l1: true,
+                    };
+                }
+                // The store holds the same render: the same verdict.
+                Validity::Stale => return Found::Stale(entry),
+                Validity::Invalid => {
+                    cache.l1.remove(key.hash);
+                    return Found::Miss;
+                }
+            }
         }
     }
     let stored = match cache.store.get(&key.hex()).await {
@@ -74,7 +85,17 @@ pub async fn lookup(
     if !vary_matches(&entry, headers) {
         return Found::Miss;
     }
-    match policy::state(&times(&entry.meta), now_ms) {
+    let state = match (
+        policy::state(&times(&entry.meta), now_ms),
+        validity(app, cache, &entry),
+    ) {
+        (_, Validity::Invalid) | (State::Expired, _) => return Found::Miss,
+        // Invalidated softly: at most stale, whatever its own deadlines say; past its
+        // stale-while-revalidate window it stays usable only for stale-if-error.
+        (State::Fresh, Validity::Stale) => State::Stale,
+        (state, _) => state,
+    };
+    match state {
         State::Fresh => {
             cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
             Found::Fresh {
@@ -86,6 +107,18 @@ pub async fn lookup(
         State::StaleIfError => Found::StaleIfError(entry),
         State::Expired => Found::Miss,
     }
+}
+
+/// What the invalidations say about an entry (counted when it is no longer valid).
+fn validity(app: &AppState, cache: &CacheState, entry: &Entry) -> Validity {
+    let v = cache.epochs.check(
+        entry.meta.render_epoch,
+        entry.meta.tags.iter().map(String::as_str),
+    );
+    if v != Validity::Valid {
+        app.metrics.cache_invalidated.inc();
+    }
+    v
 }
 
 /// The entry's deadlines as the policy reads them.

@@ -70,6 +70,9 @@ async fn route(
 ) -> Result<Response<Body>, ProxyError> {
     let sanitized =
         sanitize::request(&app.policy, peer, &mut head).map_err(ProxyError::Rejected)?;
+    if head.uri.path() == crate::invalidate::PATH {
+        return Ok(crate::invalidate::handle(app, head, body).await);
+    }
     let body = limit_body(&head, body, app.config.listen.max_body_bytes)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {

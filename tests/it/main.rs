@@ -10,6 +10,7 @@ mod cli;
 mod coalesce;
 mod fidelity;
 mod harness;
+mod invalidate;
 mod limits;
 mod pool;
 mod sanitize;

@@ -1,0 +1,169 @@
+//! Invalidation by epochs, not deletes (DESIGN.md "Invalidation"): which tags were invalidated
+//! when, and whether an entry is still valid.
+//!
+//! An invalidation bumps one global counter (the epoch) and records `tag → (epoch, mode)`; an
+//! entry carries the epoch read before its render started and its tags, and is invalid when
+//! one of its tags was invalidated at a newer epoch. Applying one costs O(1) whatever the
+//! number of entries; checking an entry costs one atomic load when nothing newer than it was
+//! invalidated, and one map lookup per tag otherwise.
+//!
+//! This module holds this gateway's copy of the map (filled from Redis at start and after each
+//! reconnect, updated from the bus, or applied directly with the in-process store). No sockets,
+//! no clock.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How an invalidated entry is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Served stale while one (coalesced) refresh runs.
+    Soft,
+    /// A miss: the next request waits for a render.
+    Hard,
+}
+
+impl Mode {
+    /// `soft` or `hard`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Soft => "soft",
+            Mode::Hard => "hard",
+        }
+    }
+
+    /// Parses `soft` / `hard`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "soft" => Some(Mode::Soft),
+            "hard" => Some(Mode::Hard),
+            _ => None,
+        }
+    }
+}
+
+/// What the invalidations say about an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    /// Not invalidated since its render.
+    Valid,
+    /// Invalidated softly: stale.
+    Stale,
+    /// Invalidated hard: unusable.
+    Invalid,
+}
+
+/// The tag → (epoch, mode) map of this gateway.
+#[derive(Debug, Default)]
+pub struct Epochs {
+    /// The newest epoch known (of any invalidation, or the store's counter).
+    current: AtomicU64,
+    /// The newest epoch recorded in `tags` (0: none): entries rendered at or after it are
+    /// valid without a lookup.
+    newest_recorded: AtomicU64,
+    tags: RwLock<HashMap<String, (u64, Mode)>>,
+}
+
+impl Epochs {
+    /// The epoch a render starting now records in its entry.
+    pub fn current(&self) -> u64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// Records an invalidation of `tags` at `epoch` (from the bus, the store or a local purge).
+    /// An older record for a tag never replaces a newer one, so messages may arrive in any
+    /// order and twice.
+    pub fn record<'a>(&self, epoch: u64, mode: Mode, tags: impl IntoIterator<Item = &'a str>) {
+        {
+            let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+            for tag in tags {
+                match map.get_mut(tag) {
+                    Some(old) if old.0 >= epoch => {}
+                    Some(old) => *old = (epoch, mode),
+                    None => {
+                        map.insert(tag.to_owned(), (epoch, mode));
+                    }
+                }
+            }
+        }
+        self.newest_recorded.fetch_max(epoch, Ordering::AcqRel);
+        self.current.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Raises the current epoch (the store's counter, read at start).
+    pub fn observe(&self, epoch: u64) {
+        self.current.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Whether an entry rendered at `render_epoch` with `tags` is still valid.
+    pub fn check<'a>(
+        &self,
+        render_epoch: u64,
+        tags: impl IntoIterator<Item = &'a str>,
+    ) -> Validity {
+        if self.newest_recorded.load(Ordering::Acquire) <= render_epoch {
+            return Validity::Valid;
+        }
+        let map = self.tags.read().unwrap_or_else(|p| p.into_inner());
+        let mut worst = Validity::Valid;
+        for tag in tags {
+            match map.get(tag) {
+                Some((e, Mode::Hard)) if *e > render_epoch => return Validity::Invalid,
+                Some((e, Mode::Soft)) if *e > render_epoch => worst = Validity::Stale,
+                _ => {}
+            }
+        }
+        worst
+    }
+
+    /// Number of tags recorded (dashboard).
+    pub fn len(&self) -> usize {
+        self.tags.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether nothing was ever invalidated.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops records older than `epoch` (entries rendered before it have expired).
+    pub fn forget_before(&self, epoch: u64) {
+        let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, (e, _)| *e >= epoch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_invalid_only_for_newer_invalidations_of_its_tags() {
+        let e = Epochs::default();
+        assert_eq!(e.check(0, ["path:/a"]), Validity::Valid);
+        e.record(5, Mode::Soft, ["path:/a"]);
+        assert_eq!(e.current(), 5);
+        assert_eq!(e.check(4, ["path:/a", "x"]), Validity::Stale);
+        assert_eq!(e.check(5, ["path:/a"]), Validity::Valid, "rendered after");
+        assert_eq!(e.check(4, ["path:/b"]), Validity::Valid, "other tag");
+        e.record(6, Mode::Hard, ["*"]);
+        assert_eq!(e.check(5, ["path:/a", "*"]), Validity::Invalid);
+    }
+
+    #[test]
+    fn records_are_monotonic_per_tag_whatever_the_order() {
+        let e = Epochs::default();
+        e.record(9, Mode::Hard, ["t"]);
+        e.record(3, Mode::Soft, ["t"]);
+        assert_eq!(
+            e.check(5, ["t"]),
+            Validity::Invalid,
+            "the older record lost"
+        );
+        e.observe(2);
+        assert_eq!(e.current(), 9);
+        e.forget_before(10);
+        assert!(e.is_empty());
+    }
+}

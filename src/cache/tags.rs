@@ -1,0 +1,167 @@
+//! The invalidation tags of an entry (DESIGN.md "Invalidation"): what a webhook can name to
+//! reach it.
+//!
+//! - `*`: every entry (purge-all).
+//! - `path:<pathname>`: every variant of a path (HTML, RSC, prefetch, segments, data JSON): a
+//!   webhook's `paths` become these.
+//! - Next.js's implicit tags (`getImplicitTags`, NEXTJS.md §1.7 and §4.3), derived from the
+//!   concrete pathname: `_N_T_/layout`, `_N_T_<prefix>/layout` for every ancestor and the path
+//!   itself, `_N_T_<pathname>/page`, `_N_T_<pathname>` (and `_N_T_/index` for `/`), so
+//!   `revalidatePath('/blog', 'layout')` (tag `_N_T_/blog/layout`) reaches everything under
+//!   `/blog`. For a dynamic route Next names the route pattern (`/blog/[slug]/layout`), which
+//!   a proxy cannot know: name the concrete paths or a tag instead.
+//! - Tags from configured response headers (`Cache-Tag`, `Surrogate-Key`,
+//!   `x-next-cache-tags`…), comma or whitespace separated.
+//!
+//! Bounded like Next's own (`NEXT_CACHE_TAG_MAX_ITEMS`, `NEXT_CACHE_TAG_MAX_LENGTH`): tags
+//! past the count or over the length are dropped, never an error.
+
+use http::HeaderMap;
+
+/// Most tags kept from response headers.
+pub const MAX_HEADER_TAGS: usize = 128;
+/// Longest tag kept, bytes.
+pub const MAX_TAG_LEN: usize = 256;
+/// The tag every entry carries.
+pub const ALL: &str = "*";
+
+/// The tag of every variant of `pathname` (a webhook's `paths` entries).
+pub fn path_tag(pathname: &str) -> String {
+    format!("path:{}", page_path(pathname))
+}
+
+/// The page a request path belongs to: trailing slash removed (but `/`), and a Pages Router
+/// data request (`/_next/data/<build>/<page>.json`) mapped to its page.
+pub fn page_path(path: &str) -> &str {
+    let path = data_page(path).unwrap_or(path);
+    match path.strip_suffix('/') {
+        Some(p) if !p.is_empty() => p,
+        _ => path,
+    }
+}
+
+fn data_page(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/_next/data/")?;
+    let (_, page) = rest.split_once('/')?;
+    let page = page.strip_suffix(".json")?;
+    // `page` lost its leading slash with the build id; the slash before it is still in `path`.
+    let start = path.len() - page.len() - ".json".len() - 1;
+    let page = &path[start..path.len() - ".json".len()];
+    Some(if page == "/index" { "/" } else { page })
+}
+
+/// Every tag of an entry for `path` whose response had `headers`; `tag_headers` are the
+/// (lower-case) names of the response headers that carry tags.
+pub fn entry_tags(path: &str, headers: &HeaderMap, tag_headers: &[String]) -> Vec<String> {
+    let page = page_path(path);
+    let mut tags = vec![ALL.to_owned(), format!("path:{page}")];
+    implicit(page, &mut tags);
+    let mut from_headers = 0;
+    for name in tag_headers {
+        for value in headers.get_all(name.as_str()) {
+            let Ok(text) = value.to_str() else { continue };
+            for tag in text.split([',', ' ', '\t']).filter(|t| !t.is_empty()) {
+                if from_headers == MAX_HEADER_TAGS {
+                    break;
+                }
+                if tag.len() <= MAX_TAG_LEN && !tags.iter().any(|t| t == tag) {
+                    tags.push(tag.to_owned());
+                    from_headers += 1;
+                }
+            }
+        }
+    }
+    tags
+}
+
+/// Next.js's implicit tags for a concrete pathname.
+fn implicit(page: &str, tags: &mut Vec<String>) {
+    tags.push("_N_T_/layout".to_owned());
+    if page == "/" {
+        tags.push("_N_T_/index".to_owned());
+        tags.push("_N_T_/page".to_owned());
+        tags.push("_N_T_/".to_owned());
+        return;
+    }
+    let mut prefix = String::with_capacity(page.len());
+    for segment in page.split('/').filter(|s| !s.is_empty()) {
+        prefix.push('/');
+        prefix.push_str(segment);
+        tags.push(format!("_N_T_{prefix}/layout"));
+    }
+    tags.push(format!("_N_T_{page}/page"));
+    tags.push(format!("_N_T_{page}"));
+}
+
+/// Whether `tag` can be named by a webhook: non-empty, at most [`MAX_TAG_LEN`] bytes, no
+/// whitespace or control characters (tags travel space-separated on the bus).
+pub fn is_valid(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && !tag.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implicit_tags_follow_next_for_a_nested_page() {
+        let tags = entry_tags("/blog/post/", &HeaderMap::new(), &[]);
+        assert_eq!(
+            tags,
+            [
+                "*",
+                "path:/blog/post",
+                "_N_T_/layout",
+                "_N_T_/blog/layout",
+                "_N_T_/blog/post/layout",
+                "_N_T_/blog/post/page",
+                "_N_T_/blog/post",
+            ]
+        );
+        let root = entry_tags("/", &HeaderMap::new(), &[]);
+        assert!(root.contains(&"_N_T_/index".to_owned()));
+        assert!(root.contains(&"path:/".to_owned()));
+    }
+
+    #[test]
+    fn data_requests_belong_to_their_page() {
+        assert_eq!(page_path("/_next/data/build1/blog/post.json"), "/blog/post");
+        assert_eq!(page_path("/_next/data/build1/index.json"), "/");
+        assert_eq!(page_path("/_next/data/x"), "/_next/data/x");
+        assert_eq!(path_tag("/a/"), "path:/a");
+    }
+
+    #[test]
+    fn header_tags_are_split_bounded_and_deduplicated() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cache-tag",
+            "product-1, products".parse().expect("test value"),
+        );
+        h.append(
+            "surrogate-key",
+            "products  home".parse().expect("test value"),
+        );
+        let long = "x".repeat(MAX_TAG_LEN + 1);
+        h.append("cache-tag", long.parse().expect("test value"));
+        let names = vec!["cache-tag".to_owned(), "surrogate-key".to_owned()];
+        let tags = entry_tags("/p", &h, &names);
+        let extra: Vec<_> = tags.iter().skip(6).cloned().collect();
+        assert_eq!(extra, ["product-1", "products", "home"]);
+        let mut many = HeaderMap::new();
+        let value: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
+        many.insert("cache-tag", value.join(",").parse().expect("test value"));
+        assert_eq!(entry_tags("/p", &many, &names).len(), 6 + MAX_HEADER_TAGS);
+    }
+
+    #[test]
+    fn webhook_tags_must_be_single_words() {
+        assert!(is_valid("product-1"));
+        assert!(is_valid("_N_T_/blog/layout"));
+        for bad in ["", "a b", "a\nb", &"x".repeat(MAX_TAG_LEN + 1)] {
+            assert!(!is_valid(bad), "{bad:?}");
+        }
+    }
+}

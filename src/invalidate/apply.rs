@@ -1,0 +1,97 @@
+//! Applying an invalidation (DESIGN.md "Invalidation: epochs, not deletes"): one Redis script
+//! increments the epoch, records `tag → "<epoch>:<mode>"` in the hash `isr:inv` and publishes
+//! the `inv` message on the bus, atomically, so a gateway never sees the record without the
+//! message or the other way round. O(1) in the number of entries: nothing is deleted.
+//!
+//! With the in-process store the invalidation is recorded in this gateway's map only.
+//! `load` reads the whole hash into the map (at start and after every bus reconnect, when
+//! messages may have been missed).
+
+use fred::prelude::*;
+
+use crate::bus::CHANNEL;
+use crate::cache::epochs::{Epochs, Mode};
+use crate::cache::store::{Store, StoreError};
+
+/// The Redis hash of invalidations; field `_epoch` is the global counter.
+pub const INV_KEY: &str = "isr:inv";
+
+const EPOCH_FIELD: &str = "_epoch";
+
+/// KEYS[1] = isr:inv; ARGV = gateway, mode, channel, tags…
+const APPLY: &str = r"
+local e = redis.call('HINCRBY', KEYS[1], '_epoch', 1)
+local v = e .. ':' .. ARGV[2]
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], v) end
+redis.call('PUBLISH', ARGV[3], 'inv ' .. e .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. table.concat(ARGV, ' ', 4))
+return e
+";
+
+/// Records the invalidation of `tags` in the store (and so on every gateway) and in `epochs`;
+/// returns its epoch. On error nothing was recorded anywhere.
+pub async fn apply(
+    store: &Store,
+    epochs: &Epochs,
+    gateway: &str,
+    mode: Mode,
+    tags: &[String],
+) -> Result<u64, StoreError> {
+    let epoch = match store {
+        Store::Memory(_) => epochs.current() + 1,
+        Store::Redis(redis) => {
+            let mut args = vec![
+                gateway.to_owned(),
+                mode.as_str().to_owned(),
+                CHANNEL.to_owned(),
+            ];
+            args.extend(tags.iter().cloned());
+            let e: u64 = redis
+                .bounded(redis.pool().next().eval(APPLY, INV_KEY, args))
+                .await?;
+            e
+        }
+    };
+    epochs.record(epoch, mode, tags.iter().map(String::as_str));
+    Ok(epoch)
+}
+
+/// Loads every recorded invalidation from the store into `epochs`.
+pub async fn load(store: &Store, epochs: &Epochs) -> Result<usize, StoreError> {
+    let Store::Redis(redis) = store else {
+        return Ok(0);
+    };
+    let all: std::collections::HashMap<String, String> =
+        redis.bounded(redis.pool().hgetall(INV_KEY)).await?;
+    let mut n = 0;
+    for (tag, value) in &all {
+        if tag == EPOCH_FIELD {
+            if let Ok(e) = value.parse() {
+                epochs.observe(e);
+            }
+            continue;
+        }
+        if let Some((e, mode)) = parse_record(value) {
+            epochs.record(e, mode, [tag.as_str()]);
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn parse_record(value: &str) -> Option<(u64, Mode)> {
+    let (e, mode) = value.split_once(':')?;
+    Some((e.parse().ok()?, Mode::parse(mode)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_or_are_skipped() {
+        assert_eq!(parse_record("12:hard"), Some((12, Mode::Hard)));
+        for bad in ["", "12", "x:soft", "12:firm"] {
+            assert_eq!(parse_record(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The webhook path (DESIGN.md "Webhook fan-out"), in order: [`webhook`] (auth, parse) →
+//! [`apply`] (epochs in Redis, published on the bus) → acknowledgements from every live
+//! gateway ([`fleet`]) → the answer.
+//!
+//! `POST /_isrgate/revalidate` on the public listener (the CMS reaches it through the load
+//! balancer) and on the admin listener. Every refusal (401, 400, 413, 422) happens before
+//! anything is applied; a Redis failure while applying is a 503 and nothing is recorded.
+//! After a 200, no gateway that acknowledged serves the old version as fresh.
+
+pub mod apply;
+pub mod fleet;
+pub mod webhook;
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+
+use crate::app::AppState;
+use crate::http::body::{self, Body};
+
+/// The webhook's path on the public and admin listeners.
+pub const PATH: &str = "/_isrgate/revalidate";
+
+/// Answers a call to [`PATH`]; never fails (errors are responses).
+pub async fn handle<B>(app: &AppState, head: Parts, body: B) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some(cache) = &app.cache else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            "the cache is disabled: nothing to revalidate",
+        );
+    };
+    let hook = &app.config.webhook;
+    let Some(secrets) = &hook.secrets else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            "the webhook is disabled: set ISRGATE_WEBHOOK_SECRET to enable it",
+        );
+    };
+    if head.method != Method::POST {
+        let mut r = answer(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+        r.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+        return r;
+    }
+    let raw = match Limited::new(body, hook.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("body over {} bytes", hook.max_body_bytes),
+            );
+        }
+        Err(e) => return answer(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let checked = webhook::authenticate(&head.headers, &raw, secrets, hook.signature_window, now)
+        .and_then(|()| webhook::parse(&raw, head.uri.query()));
+    let revalidation = match checked {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics.webhook_refused.inc();
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return answer(status, &e.to_string());
+        }
+    };
+    let started = Instant::now();
+    let tags = revalidation.all_tags();
+    let gateway = cache.gateway_id();
+    let expected = cache.fleet.live();
+    let epoch = match apply::apply(
+        &cache.store,
+        &cache.epochs,
+        gateway,
+        revalidation.mode,
+        &tags,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "revalidation not applied: the store failed");
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("Redis is unavailable ({e}); nothing was invalidated, retry later"),
+            );
+        }
+    };
+    app.metrics.invalidations.inc();
+    let acks = cache
+        .fleet
+        .wait_acks(epoch, expected, hook.ack_timeout)
+        .await;
+    tracing::info!(
+        epoch, mode = revalidation.mode.as_str(), tags = ?tags,
+        acked = acks.received.len(), missing = ?acks.missing, "revalidated"
+    );
+    let report = serde_json::json!({
+        "epoch": epoch,
+        "mode": revalidation.mode.as_str(),
+        "paths": revalidation.paths,
+        "tags": tags,
+        "gateways": {
+            "applied_by": gateway,
+            "acknowledged": acks.received,
+            "missing": acks.missing,
+        },
+        "elapsed_ms": millis(started.elapsed()),
+    });
+    json(StatusCode::OK, &report)
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+fn answer(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(body::full(value.to_string()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}

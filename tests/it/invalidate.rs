@@ -1,0 +1,380 @@
+//! The revalidation webhook against two gateways sharing a real `redis-server`: epochs, tags,
+//! soft and hard purges, acknowledgements, and every refusal leaving Redis untouched.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fred::prelude::*;
+use isrgate::invalidate::webhook::{SIGNATURE, Secrets, TIMESTAMP, sign};
+
+use crate::eventually;
+use crate::support::origin::{FakeNext, Route};
+use crate::support::redis::RedisProcess;
+use crate::support::{Client, Gateway, Got, config};
+
+const HOST: &str = "shop.example";
+const ISR: &str = "s-maxage=600, stale-while-revalidate=600";
+const SECRET: &str = "test-webhook-secret";
+
+fn page(body: &str) -> Route {
+    Route::html(body).header("cache-control", ISR)
+}
+
+async fn gateways(origin: &FakeNext, r: &RedisProcess, n: usize) -> Vec<Gateway> {
+    let mut gws = Vec::new();
+    for _ in 0..n {
+        let mut cfg = config(
+            &[origin.url()],
+            "",
+            &format!("[redis]\nurl = \"{}\"\n", r.url()),
+        );
+        cfg.webhook.secrets = Some(Secrets {
+            bearer: SECRET.into(),
+            hmac: SECRET.into(),
+        });
+        gws.push(Gateway::start(cfg).await);
+    }
+    for gw in &gws {
+        eventually!(5, bus_live(gw), "bus subscribed");
+    }
+    // Everyone has heard everyone's heartbeat (acknowledgements are awaited from live ones).
+    eventually!(
+        5,
+        gws.iter().all(|g| fleet(g).live().len() == n - 1),
+        "fleet membership"
+    );
+    gws
+}
+
+fn fleet(gw: &Gateway) -> &isrgate::invalidate::fleet::Fleet {
+    &gw.state.cache.as_ref().expect("cache").fleet
+}
+
+fn bus_live(gw: &Gateway) -> bool {
+    gw.state
+        .cache
+        .as_ref()
+        .and_then(|c| c.bus.as_ref())
+        .is_some_and(|b| b.is_subscribed())
+}
+
+async fn get(gw: &Gateway, path: &str) -> Got {
+    Client::default()
+        .get(&gw.url(path), &[("host", HOST)])
+        .await
+}
+
+async fn revalidate(gw: &Gateway, body: &str) -> Got {
+    Client::default()
+        .send(
+            "POST",
+            &gw.url("/_isrgate/revalidate"),
+            &[
+                ("authorization", &format!("Bearer {SECRET}")),
+                ("content-type", "application/json"),
+            ],
+            Bytes::from(body.to_owned()),
+        )
+        .await
+}
+
+fn json(got: &Got) -> serde_json::Value {
+    serde_json::from_slice(&got.body).expect("JSON answer")
+}
+
+async fn epoch_in_redis(r: &RedisProcess) -> Option<String> {
+    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
+        .build()
+        .expect("client");
+    c.init().await.expect("connect");
+    c.hget("isr:inv", "_epoch").await.expect("hget")
+}
+
+/// Both gateways have the page cached (gateway 1 rendered it, gateway 2 read it).
+async fn warm(gws: &[Gateway], path: &str, body: &str) {
+    assert_eq!(&get(&gws[0], path).await.body[..], body.as_bytes());
+    eventually!(
+        5,
+        get(&gws[1], path).await.header("x-cache") == "HIT",
+        "gateway 2 hits"
+    );
+}
+
+#[tokio::test]
+async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/news", page("v1"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 2).await;
+    warm(&gws, "/news", "v1").await;
+    assert_eq!(origin.count("/news"), 1);
+    origin.route("/news", page("v2"));
+
+    let answer = revalidate(&gws[0], r#"{"paths":["/news"]}"#).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let report = json(&answer);
+    assert_eq!(report["mode"], "soft");
+    assert_eq!(report["tags"], serde_json::json!(["path:/news"]));
+    assert_eq!(
+        report["gateways"]["acknowledged"].as_array().map(Vec::len),
+        Some(1),
+        "gateway 2 acknowledged: {report}"
+    );
+
+    let stale = get(&gws[1], "/news").await;
+    assert_eq!(
+        (stale.header("x-cache"), &stale.body[..]),
+        ("STALE", &b"v1"[..])
+    );
+    let m = &gws[1].state.metrics;
+    eventually!(
+        5,
+        origin.count("/news") == 2,
+        "one refresh: refreshes {} elsewhere {} fallbacks {} errors {}",
+        m.refreshes.get(),
+        m.refreshes_elsewhere.get(),
+        m.lock_fallbacks.get(),
+        m.store_errors.get()
+    );
+    for gw in &gws {
+        eventually!(
+            5,
+            {
+                let g = get(gw, "/news").await;
+                g.header("x-cache") == "HIT" && &g.body[..] == b"v2"
+            },
+            "the new page is a HIT"
+        );
+    }
+    assert_eq!(
+        origin.count("/news"),
+        2,
+        "exactly one refresh for the fleet"
+    );
+}
+
+#[tokio::test]
+async fn a_hard_purge_is_a_miss_on_every_gateway() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/a", page("a1"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 2).await;
+    warm(&gws, "/a", "a1").await;
+    origin.route("/a", page("a2"));
+    let answer = revalidate(&gws[1], r#"{"paths":["/a"],"mode":"hard"}"#).await;
+    assert_eq!(answer.status, 200);
+    let first = get(&gws[0], "/a").await;
+    assert_eq!(
+        (first.header("x-cache"), &first.body[..]),
+        ("MISS", &b"a2"[..])
+    );
+    eventually!(
+        5,
+        &get(&gws[1], "/a").await.body[..] == b"a2",
+        "gateway 2 never serves a1 again"
+    );
+}
+
+#[tokio::test]
+async fn tags_from_headers_next_ancestry_and_purge_all() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/p/1",
+            page("one").header("cache-tag", "product-1, products"),
+        );
+        o.route("/blog/post", page("post"));
+        o.route("/other", page("other"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 2).await;
+    for p in ["/p/1", "/blog/post", "/other"] {
+        get(&gws[0], p).await;
+        assert_eq!(get(&gws[0], p).await.header("x-cache"), "HIT");
+    }
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        (
+            r#"{"tags":["products"],"mode":"hard"}"#,
+            &["/p/1"],
+            &["/blog/post", "/other"],
+        ),
+        // revalidatePath('/blog', 'layout')
+        (
+            r#"{"tags":["_N_T_/blog/layout"],"mode":"hard"}"#,
+            &["/blog/post"],
+            &["/p/1", "/other"],
+        ),
+        (
+            r#"{"tags":["*"],"mode":"hard"}"#,
+            &["/p/1", "/blog/post", "/other"],
+            &[],
+        ),
+    ];
+    for (body, purged, kept) in cases {
+        for p in purged.iter().chain(kept.iter()) {
+            get(&gws[1], p).await; // cached everywhere first
+        }
+        assert_eq!(revalidate(&gws[0], body).await.status, 200);
+        for p in *purged {
+            assert_eq!(
+                get(&gws[1], p).await.header("x-cache"),
+                "MISS",
+                "{body}: {p}"
+            );
+        }
+        for p in *kept {
+            assert_eq!(
+                get(&gws[1], p).await.header("x-cache"),
+                "HIT",
+                "{body}: {p}"
+            );
+        }
+    }
+}
+
+/// A render that started before the purge and finished after it is not fresh.
+#[tokio::test]
+async fn a_render_racing_a_purge_is_stale_at_once() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/slow", page("old").delay(Duration::from_millis(400)));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 1).await;
+    let gw = &gws[0];
+    let render = {
+        let url = gw.url("/slow");
+        tokio::spawn(async move { Client::default().get(&url, &[("host", HOST)]).await })
+    };
+    eventually!(2, origin.count("/slow") == 1, "render started");
+    assert_eq!(revalidate(gw, r#"{"paths":["/slow"]}"#).await.status, 200);
+    assert_eq!(&render.await.expect("render").body[..], b"old");
+    let next = get(gw, "/slow").await;
+    assert_eq!(next.header("x-cache"), "STALE", "not served as fresh");
+}
+
+#[tokio::test]
+async fn refused_calls_change_nothing() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|_| {}).await;
+    let gws = gateways(&origin, &r, 1).await;
+    let url = gws[0].url("/_isrgate/revalidate");
+    let c = Client::default();
+    let body = br#"{"paths":["/a"]}"#;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let good_sig = sign(SECRET, now, body);
+    let stale_ts = (now - 3_600).to_string();
+    let stale_sig = sign(SECRET, now - 3_600, body);
+    let now_s = now.to_string();
+    let big = vec![b' '; 10 << 20];
+    let bearer = format!("Bearer {SECRET}");
+    let cases: Vec<(Vec<(&str, &str)>, Bytes, u16, &str)> = vec![
+        (vec![], Bytes::from_static(body), 401, "missing credentials"),
+        (
+            vec![("authorization", "Bearer nope")],
+            Bytes::from_static(body),
+            401,
+            "wrong secret",
+        ),
+        (
+            vec![(SIGNATURE, "sha256=00"), (TIMESTAMP, &now_s)],
+            Bytes::from_static(body),
+            401,
+            "bad signature",
+        ),
+        (
+            vec![(SIGNATURE, &stale_sig), (TIMESTAMP, &stale_ts)],
+            Bytes::from_static(body),
+            401,
+            "replay window",
+        ),
+        (
+            vec![("authorization", &bearer)],
+            Bytes::from_static(b"{\"paths\":"),
+            400,
+            "JSON",
+        ),
+        (
+            vec![("authorization", &bearer)],
+            Bytes::from_static(br#"{"paths":["/a"],"purge":1}"#),
+            400,
+            "unknown field",
+        ),
+        (
+            vec![("authorization", &bearer)],
+            Bytes::from_static(b"{}"),
+            422,
+            "nothing to revalidate",
+        ),
+        (
+            vec![("authorization", &bearer)],
+            Bytes::from(big),
+            413,
+            "body over",
+        ),
+    ];
+    for (headers, body, status, needle) in cases {
+        let got = c.send("POST", &url, &headers, body).await;
+        let text = String::from_utf8_lossy(&got.body).into_owned();
+        assert_eq!(got.status.as_u16(), status, "{needle}: {text}");
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    assert_eq!(epoch_in_redis(&r).await, None, "no epoch was recorded");
+    let get = c.get(&url, &[("authorization", &bearer)]).await;
+    assert_eq!(get.status, 405);
+    // The signed form works.
+    let ok = c
+        .send(
+            "POST",
+            &url,
+            &[(SIGNATURE, &good_sig), (TIMESTAMP, &now_s)],
+            Bytes::from_static(body),
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(epoch_in_redis(&r).await.as_deref(), Some("1"));
+}
+
+#[tokio::test]
+async fn redis_down_is_a_503_and_nothing_is_applied() {
+    let mut r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/x", page("x"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 1).await;
+    get(&gws[0], "/x").await;
+    r.kill();
+    let got = revalidate(&gws[0], r#"{"paths":["/x"]}"#).await;
+    assert_eq!(got.status, 503, "{:?}", got.body);
+    assert!(String::from_utf8_lossy(&got.body).contains("nothing was invalidated"));
+    assert_eq!(
+        get(&gws[0], "/x").await.header("x-cache"),
+        "HIT",
+        "not applied locally either"
+    );
+}
+
+#[tokio::test]
+async fn without_a_secret_the_webhook_is_off() {
+    let origin = FakeNext::start(|_| {}).await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let got = Client::default()
+        .send(
+            "POST",
+            &gw.url("/_isrgate/revalidate"),
+            &[],
+            Bytes::from_static(b"{}"),
+        )
+        .await;
+    assert_eq!(got.status, 404);
+    assert!(String::from_utf8_lossy(&got.body).contains("ISRGATE_WEBHOOK_SECRET"));
+    assert_eq!(origin.total(), 0, "never proxied to Next.js");
+}
