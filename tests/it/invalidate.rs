@@ -257,6 +257,9 @@ async fn a_render_racing_a_purge_is_stale_at_once() {
     assert_eq!(next.header("x-cache"), "STALE", "not served as fresh");
 }
 
+/// Headers, body, expected status, a word the answer must contain.
+type Case<'a> = (Vec<(&'a str, &'a str)>, Bytes, u16, &'a str);
+
 #[tokio::test]
 async fn refused_calls_change_nothing() {
     let r = RedisProcess::start();
@@ -275,7 +278,7 @@ async fn refused_calls_change_nothing() {
     let now_s = now.to_string();
     let big = vec![b' '; 10 << 20];
     let bearer = format!("Bearer {SECRET}");
-    let cases: Vec<(Vec<(&str, &str)>, Bytes, u16, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (vec![], Bytes::from_static(body), 401, "missing credentials"),
         (
             vec![("authorization", "Bearer nope")],
