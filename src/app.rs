@@ -93,6 +93,8 @@ pub struct CacheState {
     pub epochs: Arc<Epochs>,
     /// The other gateways (heartbeats, acknowledgements).
     pub fleet: Arc<Fleet>,
+    /// The revalidation log.
+    pub log: crate::invalidate::log::Log,
     /// This gateway's id on the bus and in logs.
     gateway_id: String,
 }
@@ -136,6 +138,7 @@ impl CacheState {
             coalesce: Arc::new(crate::proxy::coalesce::Coalescer::new(cfg.coalesce)),
             epochs: Arc::new(Epochs::default()),
             fleet: Arc::new(Fleet::default()),
+            log: crate::invalidate::log::Log::default(),
             gateway_id,
             cfg,
         })

@@ -1,7 +1,8 @@
 //! The admin listener: a separate address (loopback by default) for operators and
-//! orchestrators. Now: `/healthz` (the process is up) and `/readyz` (at least one replica is
-//! eligible for traffic and the gateway is not draining). The dashboard, stats API and
-//! Prometheus metrics join it later.
+//! orchestrators. Now: `/healthz` (the process is up), `/readyz` (at least one replica is
+//! eligible for traffic and the gateway is not draining), the revalidation webhook
+//! (`POST /_isrgate/revalidate`, as on the public listener) and its log (`GET /api/log`). The
+//! dashboard, stats API and Prometheus metrics join it later.
 //!
 //! It must never share the public listener's limits or fate: a flood of client traffic must not
 //! make the orchestrator believe the gateway is dead.
@@ -46,6 +47,9 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
                             crate::invalidate::handle(&app, head, body).await,
                         );
                     }
+                    if req.uri().path() == "/api/log" && req.method() == Method::GET {
+                        return Ok(revalidation_log(&app).await);
+                    }
                     Ok(route(&app, &req))
                 }
             });
@@ -84,6 +88,25 @@ fn route(app: &AppState, req: &Request<Incoming>) -> Response<Body> {
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /api/log`: the newest revalidations, newest first (JSON array).
+async fn revalidation_log(app: &AppState) -> Response<Body> {
+    let Some(cache) = &app.cache else {
+        return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
+    };
+    let mut r = match cache.log.recent(&cache.store, 100).await {
+        Ok(records) => text(StatusCode::OK, serde_json::Value::from(records).to_string()),
+        Err(e) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "error": format!("log unavailable: {e}") }).to_string(),
+        ),
+    };
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {

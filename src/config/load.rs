@@ -109,6 +109,9 @@ pub const WEBHOOK_SECRET: &str = "ISRGATE_WEBHOOK_SECRET";
 /// The webhook's HMAC key, when it differs from the bearer secret.
 pub const WEBHOOK_HMAC_SECRET: &str = "ISRGATE_WEBHOOK_HMAC_SECRET";
 
+/// The secret sent to Next.js replicas with the fan-out call.
+pub const REPLICA_SECRET: &str = "ISRGATE_REPLICA_SECRET";
+
 /// Where each `section.key` was set, for messages.
 pub(super) type Sources = BTreeMap<String, Source>;
 
@@ -139,6 +142,21 @@ pub fn load(
             .secret(WEBHOOK_HMAC_SECRET)
             .unwrap_or_else(|| bearer.clone());
         config.webhook.secrets = Some(crate::invalidate::webhook::Secrets { bearer, hmac });
+    }
+    if let Some(secret) = env.secret(REPLICA_SECRET) {
+        match http::HeaderValue::from_str(&secret) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                config.webhook.fanout.secret = Some(value);
+            }
+            Err(_) => {
+                return Err(ConfigError::Invalid(vec![Problem {
+                    source: Source::Env(REPLICA_SECRET.into()),
+                    key: REPLICA_SECRET.into(),
+                    message: "is not a valid header value (printable ASCII)".into(),
+                }]));
+            }
+        }
     }
     Ok((config, file))
 }

@@ -53,6 +53,29 @@ pub struct Webhook {
     pub signature_window: Duration,
     /// How long the webhook waits for every live gateway to acknowledge.
     pub ack_timeout: Duration,
+    /// The call to every Next.js replica.
+    pub fanout: Fanout,
+    /// Re-warm concurrency; 0 = off.
+    pub rewarm_concurrency: usize,
+}
+
+/// The fan-out call to Next.js replicas (`[webhook] replica_*`).
+#[derive(Debug, Clone)]
+pub struct Fanout {
+    /// The route; `None` = no fan-out.
+    pub path: Option<String>,
+    /// Method.
+    pub method: http::Method,
+    /// Body template.
+    pub body: String,
+    /// The header carrying the secret.
+    pub secret_header: http::HeaderName,
+    /// The secret (from `ISRGATE_REPLICA_SECRET`), marked sensitive.
+    pub secret: Option<http::HeaderValue>,
+    /// Retries.
+    pub retries: u32,
+    /// Bound per call.
+    pub timeout: Duration,
 }
 
 /// `[listen]`

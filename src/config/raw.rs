@@ -218,6 +218,22 @@ section! {
         signature_window: String = "5m".into(),
         /// How long a call waits for every live gateway to acknowledge.
         ack_timeout: String = "2s".into(),
+        /// The app's revalidate route on every Next.js replica (e.g. `/api/revalidate`);
+        /// empty = no fan-out.
+        replica_path: String = String::new(),
+        /// Method of the fan-out call.
+        replica_method: String = "POST".into(),
+        /// Body of the fan-out call; `{paths}` and `{tags}` become JSON arrays.
+        replica_body: String = r#"{"paths":{paths},"tags":{tags}}"#.into(),
+        /// Header carrying `ISRGATE_REPLICA_SECRET`.
+        replica_secret_header: String = "x-revalidate-secret".into(),
+        /// Retries of a replica that is down or answers 5xx (backoff 200 ms, doubling).
+        replica_retries: u64 = 3,
+        /// Bound on one fan-out call.
+        replica_timeout: String = "5s".into(),
+        /// Render the purged paths again (HTML, then RSC) before a user asks, at most this
+        /// many at once; 0 disables re-warming.
+        rewarm_concurrency: u64 = 8,
     }
 }
 

@@ -176,6 +176,13 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
             false,
         ),
         ack_timeout: c.duration("webhook.ack_timeout", &raw.webhook.ack_timeout, true),
+        fanout: fanout(&mut c, &raw.webhook),
+        rewarm_concurrency: c.in_range(
+            "webhook.rewarm_concurrency",
+            raw.webhook.rewarm_concurrency,
+            0,
+            1_000,
+        ) as usize,
     };
     if c.problems.is_empty() {
         Ok(Config {
@@ -419,6 +426,47 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
         c.fail("cache.max_ttl", "must be greater than zero");
     }
     r.enabled.then_some(cache)
+}
+
+fn fanout(c: &mut Checker<'_>, w: &super::raw::WebhookRaw) -> super::Fanout {
+    let path = w.replica_path.trim();
+    if !path.is_empty()
+        && (!path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err())
+    {
+        c.fail(
+            "webhook.replica_path",
+            format!("{path:?} is not a path; write one like /api/revalidate"),
+        );
+    }
+    let method = match w.replica_method.trim().to_ascii_uppercase().as_str() {
+        "POST" => http::Method::POST,
+        "PUT" => http::Method::PUT,
+        "GET" => http::Method::GET,
+        other => {
+            c.fail(
+                "webhook.replica_method",
+                format!("{other:?} is not POST, PUT or GET"),
+            );
+            http::Method::POST
+        }
+    };
+    let header = w.replica_secret_header.trim().to_ascii_lowercase();
+    let secret_header = http::HeaderName::from_bytes(header.as_bytes()).unwrap_or_else(|_| {
+        c.fail(
+            "webhook.replica_secret_header",
+            format!("{header:?} is not a header name"),
+        );
+        http::HeaderName::from_static("x-revalidate-secret")
+    });
+    super::Fanout {
+        path: (!path.is_empty()).then(|| path.to_owned()),
+        method,
+        body: w.replica_body.clone(),
+        secret_header,
+        secret: None,
+        retries: c.in_range("webhook.replica_retries", w.replica_retries, 0, 10) as u32,
+        timeout: c.duration("webhook.replica_timeout", &w.replica_timeout, false),
+    }
 }
 
 fn coalesce(c: &mut Checker<'_>, raw: &Raw) -> super::Coalesce {

@@ -1,6 +1,7 @@
 //! The webhook path (DESIGN.md "Webhook fan-out"), in order: [`webhook`] (auth, parse) →
 //! [`apply`] (epochs in Redis, published on the bus) → acknowledgements from every live
-//! gateway ([`fleet`]) → the answer.
+//! gateway ([`fleet`]) → [`fanout`] to every Next.js replica → [`rewarm`] → [`log`] → the
+//! answer, which reports each step.
 //!
 //! `POST /_isrgate/revalidate` on the public listener (the CMS reaches it through the load
 //! balancer) and on the admin listener. Every refusal (401, 400, 413, 422) happens before
@@ -8,9 +9,13 @@
 //! After a 200, no gateway that acknowledged serves the old version as fresh.
 
 pub mod apply;
+pub mod fanout;
 pub mod fleet;
+pub mod log;
+pub mod rewarm;
 pub mod webhook;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -25,7 +30,7 @@ use crate::http::body::{self, Body};
 pub const PATH: &str = "/_isrgate/revalidate";
 
 /// Answers a call to [`PATH`]; never fails (errors are responses).
-pub async fn handle<B>(app: &AppState, head: Parts, body: B) -> Response<Body>
+pub async fn handle<B>(app: &Arc<AppState>, head: Parts, body: B) -> Response<Body>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -99,12 +104,33 @@ where
         .fleet
         .wait_acks(epoch, expected, hook.ack_timeout)
         .await;
+    let acked_ms = millis(started.elapsed());
+    let replicas = fanout::fanout(app, &hook.fanout, &revalidation.paths, &revalidation.tags).await;
+    let host = head
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let rewarmed = if revalidation.rewarm && hook.rewarm_concurrency > 0 {
+        rewarm::rewarm(
+            app,
+            cache,
+            host,
+            &revalidation.paths,
+            hook.rewarm_concurrency,
+        )
+        .await
+    } else {
+        Vec::new()
+    };
     tracing::info!(
         epoch, mode = revalidation.mode.as_str(), tags = ?tags,
         acked = acks.received.len(), missing = ?acks.missing, "revalidated"
     );
     let report = serde_json::json!({
         "epoch": epoch,
+        "at_unix": now,
+        "source": source(&head),
         "mode": revalidation.mode.as_str(),
         "paths": revalidation.paths,
         "tags": tags,
@@ -112,10 +138,25 @@ where
             "applied_by": gateway,
             "acknowledged": acks.received,
             "missing": acks.missing,
+            "elapsed_ms": acked_ms,
         },
+        "replicas": replicas,
+        "rewarm": rewarmed,
         "elapsed_ms": millis(started.elapsed()),
     });
+    if let Err(e) = cache.log.record(&cache.store, &report).await {
+        tracing::warn!(error = %e, "revalidation log not written");
+    }
     json(StatusCode::OK, &report)
+}
+
+/// Who called, for the log: the client address the forwarding headers name, or "-".
+fn source(head: &Parts) -> String {
+    head.headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next_back())
+        .map_or_else(|| "-".to_owned(), |v| v.trim().to_owned())
 }
 
 fn millis(d: Duration) -> f64 {

@@ -325,10 +325,13 @@ async fn lead(
     // (or the in-process store; with Redis, the re-read after the fleet lock covers it).
     let ended = match &cache.store {
         Store::Memory(_) => reread(app, cache, &miss).await,
-        Store::Redis(_) => cache
-            .l1
-            .get(miss.key.hash, now_ms())
-            .filter(|e| lookup::vary_matches(e, miss.vary_view)),
+        Store::Redis(_) => cache.l1.get(miss.key.hash, now_ms()).filter(|e| {
+            lookup::vary_matches(e, miss.vary_view)
+                && cache
+                    .epochs
+                    .check(e.meta.render_epoch, e.meta.tags.iter().map(String::as_str))
+                    == crate::cache::epochs::Validity::Valid
+        }),
     };
     if let Some(entry) = ended {
         app.metrics.coalesced_local.inc();
@@ -424,11 +427,12 @@ async fn follow_fleet(
     }
 }
 
-/// A usable entry in the store for this miss, if one appeared.
+/// A fresh entry in the store for this miss, if a render stored one meanwhile (a stale one is
+/// what this miss is replacing).
 async fn reread(app: &AppState, cache: &CacheState, miss: &Miss<'_>) -> Option<Arc<Entry>> {
     match lookup::lookup(app, cache, miss.key, miss.vary_view, now_ms()).await {
-        Found::Fresh { entry, .. } | Found::Stale(entry) => Some(entry),
-        Found::StaleIfError(_) | Found::Miss => None,
+        Found::Fresh { entry, .. } => Some(entry),
+        Found::Stale(_) | Found::StaleIfError(_) | Found::Miss => None,
     }
 }
 

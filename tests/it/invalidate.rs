@@ -72,6 +72,7 @@ async fn revalidate(gw: &Gateway, body: &str) -> Got {
             &[
                 ("authorization", &format!("Bearer {SECRET}")),
                 ("content-type", "application/json"),
+                ("host", HOST),
             ],
             Bytes::from(body.to_owned()),
         )
@@ -112,7 +113,7 @@ async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
     assert_eq!(origin.count("/news"), 1);
     origin.route("/news", page("v2"));
 
-    let answer = revalidate(&gws[0], r#"{"paths":["/news"]}"#).await;
+    let answer = revalidate(&gws[0], r#"{"paths":["/news"],"rewarm":false}"#).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     let report = json(&answer);
     assert_eq!(report["mode"], "soft");
@@ -165,7 +166,7 @@ async fn a_hard_purge_is_a_miss_on_every_gateway() {
     let gws = gateways(&origin, &r, 2).await;
     warm(&gws, "/a", "a1").await;
     origin.route("/a", page("a2"));
-    let answer = revalidate(&gws[1], r#"{"paths":["/a"],"mode":"hard"}"#).await;
+    let answer = revalidate(&gws[1], r#"{"paths":["/a"],"mode":"hard","rewarm":false}"#).await;
     assert_eq!(answer.status, 200);
     let first = get(&gws[0], "/a").await;
     assert_eq!(
@@ -251,7 +252,12 @@ async fn a_render_racing_a_purge_is_stale_at_once() {
         tokio::spawn(async move { Client::default().get(&url, &[("host", HOST)]).await })
     };
     eventually!(2, origin.count("/slow") == 1, "render started");
-    assert_eq!(revalidate(gw, r#"{"paths":["/slow"]}"#).await.status, 200);
+    assert_eq!(
+        revalidate(gw, r#"{"paths":["/slow"],"rewarm":false}"#)
+            .await
+            .status,
+        200
+    );
     assert_eq!(&render.await.expect("render").body[..], b"old");
     let next = get(gw, "/slow").await;
     assert_eq!(next.header("x-cache"), "STALE", "not served as fresh");
@@ -259,6 +265,90 @@ async fn a_render_racing_a_purge_is_stale_at_once() {
 
 /// Headers, body, expected status, a word the answer must contain.
 type Case<'a> = (Vec<(&'a str, &'a str)>, Bytes, u16, &'a str);
+
+/// After the webhook returns, the page was rendered again: the next request anywhere is a HIT
+/// on the new version, with one render per re-warmed variant.
+#[tokio::test]
+async fn rewarm_makes_the_next_request_a_hit_on_the_new_page() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/home", page("old"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 2).await;
+    warm(&gws, "/home", "old").await;
+    origin.route("/home", page("new"));
+    let answer = revalidate(&gws[0], r#"{"paths":["/home"],"mode":"hard"}"#).await;
+    assert_eq!(answer.status, 200);
+    let report = json(&answer);
+    assert_eq!(report["rewarm"][0]["outcome"], "stored", "{report}");
+    assert_eq!(report["rewarm"][0]["variant"], "html");
+    // The fake origin answers RSC requests with HTML: not stored (content type guard).
+    assert_eq!(report["rewarm"][1]["variant"], "rsc");
+    assert_eq!(
+        origin.count("/home"),
+        3,
+        "first render + one per re-warmed variant"
+    );
+    for gw in &gws {
+        let got = get(gw, "/home").await;
+        assert_eq!((got.header("x-cache"), &got.body[..]), ("HIT", &b"new"[..]));
+    }
+    assert_eq!(origin.count("/home"), 3);
+    // The log has it, newest first, on the admin listener.
+    let admin = gws[1].admin.expect("admin listener");
+    let log = Client::default()
+        .get(&format!("http://{admin}/api/log"), &[])
+        .await;
+    let log: serde_json::Value = serde_json::from_slice(&log.body).expect("JSON log");
+    assert_eq!(log[0]["epoch"], report["epoch"]);
+    assert_eq!(log[0]["paths"], serde_json::json!(["/home"]));
+}
+
+/// Every replica gets the revalidate call; one that is down is retried and reported, and the
+/// webhook still answers.
+#[tokio::test]
+async fn every_replica_is_told_and_a_dead_one_is_reported() {
+    let r = RedisProcess::start();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(
+            FakeNext::start(|o| {
+                o.route("/api/revalidate", Route::html("{\"revalidated\":true}"));
+            })
+            .await,
+        );
+    }
+    let urls: Vec<String> = replicas.iter().map(FakeNext::url).collect();
+    let mut cfg = config(
+        &urls,
+        "",
+        &format!(
+            "[redis]\nurl = \"{}\"\n[webhook]\nreplica_path = \"/api/revalidate\"\nreplica_retries = 2\nreplica_timeout = \"1s\"\n[health]\ninterval = \"0s\"\n",
+            r.url()
+        ),
+    );
+    cfg.webhook.secrets = Some(Secrets {
+        bearer: SECRET.into(),
+        hmac: SECRET.into(),
+    });
+    cfg.webhook.fanout.secret = Some(http::HeaderValue::from_static("replica-secret"));
+    let gw = Gateway::start(cfg).await;
+    replicas[2].stop().await;
+    let answer = revalidate(&gw, r#"{"paths":["/p"],"tags":["t1"],"rewarm":false}"#).await;
+    assert_eq!(answer.status, 200);
+    let report = json(&answer);
+    let results = report["replicas"].as_array().expect("per-replica results");
+    assert_eq!(results.len(), 3, "{report}");
+    for (i, replica) in replicas.iter().enumerate().take(2) {
+        assert_eq!(results[i]["ok"], true, "{report}");
+        let seen = replica.last("/api/revalidate").expect("called");
+        assert_eq!(seen.headers["x-revalidate-secret"], "replica-secret");
+    }
+    assert_eq!(results[2]["ok"], false);
+    assert_eq!(results[2]["attempts"], 3, "retried twice: {report}");
+    assert!(results[2]["error"].as_str().is_some_and(|e| !e.is_empty()));
+}
 
 #[tokio::test]
 async fn refused_calls_change_nothing() {

@@ -1,0 +1,161 @@
+//! Fan-out to the Next.js replicas (DESIGN.md "Webhook fan-out"): each replica keeps its own
+//! cache (its tags manifest and file cache are per process), so every replica known right now
+//! (static list and DNS discovery) is told, in parallel, through the app's own revalidate
+//! route: `webhook.replica_path`, with `webhook.replica_body` filled with the paths and tags
+//! and the secret `ISRGATE_REPLICA_SECRET` in `webhook.replica_secret_header`.
+//!
+//! A replica that cannot be reached or answers 5xx is retried with exponential backoff
+//! (`webhook.replica_retries`); each call is bounded by `webhook.replica_timeout`. The result
+//! is reported per replica; a failure never fails the webhook (the shared cache is already
+//! invalidated).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, header};
+use http_body_util::BodyExt;
+
+use crate::app::AppState;
+use crate::config::Fanout;
+use crate::http::body;
+
+/// What one replica said.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaResult {
+    /// `host:port`.
+    pub replica: String,
+    /// A 2xx answer.
+    pub ok: bool,
+    /// The last status, if any answer came.
+    pub status: Option<u16>,
+    /// Calls made (1 + retries).
+    pub attempts: u32,
+    /// The last error, if not ok.
+    pub error: Option<String>,
+    /// Time until the final answer, ms.
+    pub elapsed_ms: u64,
+}
+
+/// First retry delay; doubled for each further retry.
+const BACKOFF: Duration = Duration::from_millis(200);
+
+/// The body sent to replicas: the template with `{paths}` and `{tags}` as JSON arrays.
+pub fn body(template: &str, paths: &[String], tags: &[String]) -> String {
+    let list = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+    template
+        .replace("{paths}", &list(paths))
+        .replace("{tags}", &list(tags))
+}
+
+/// Tells every known replica; `None` when fan-out is not configured.
+pub async fn fanout(
+    app: &AppState,
+    cfg: &Fanout,
+    paths: &[String],
+    tags: &[String],
+) -> Option<Vec<ReplicaResult>> {
+    let path = cfg.path.as_ref()?;
+    let payload = Bytes::from(body(&cfg.body, paths, tags));
+    let replicas = app.upstream.replicas().authorities();
+    let mut calls = tokio::task::JoinSet::new();
+    for (i, authority) in replicas.into_iter().enumerate() {
+        let (pool, cfg, path, payload) = (
+            std::sync::Arc::clone(app.upstream.pool()),
+            cfg.clone(),
+            path.clone(),
+            payload.clone(),
+        );
+        calls.spawn(async move {
+            let started = Instant::now();
+            let mut result = ReplicaResult {
+                replica: authority.to_string(),
+                ok: false,
+                status: None,
+                attempts: 0,
+                error: None,
+                elapsed_ms: 0,
+            };
+            for attempt in 0..=cfg.retries {
+                if attempt > 0 {
+                    tokio::time::sleep(BACKOFF * 2u32.saturating_pow(attempt - 1)).await;
+                }
+                result.attempts += 1;
+                let req = request(&cfg, &path, &authority, payload.clone());
+                let call = async {
+                    let (resp, lease) = pool
+                        .send(&authority, req?)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let status = resp.status();
+                    // Read the (small) answer so the connection can be reused.
+                    let _ = crate::upstream::pool::Leased::new(resp.into_body(), lease)
+                        .collect()
+                        .await;
+                    Ok::<_, String>(status)
+                };
+                match tokio::time::timeout(cfg.timeout, call).await {
+                    Ok(Ok(status)) => {
+                        result.status = Some(status.as_u16());
+                        if status.is_success() {
+                            result.ok = true;
+                            result.error = None;
+                            break;
+                        }
+                        result.error = Some(format!("answered {status}"));
+                        if !status.is_server_error() {
+                            break; // 4xx: retrying will not help
+                        }
+                    }
+                    Ok(Err(e)) => result.error = Some(e),
+                    Err(_) => result.error = Some(format!("no answer within {:?}", cfg.timeout)),
+                }
+            }
+            result.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            (i, result)
+        });
+    }
+    let mut results: Vec<(usize, ReplicaResult)> = calls.join_all().await;
+    results.sort_by_key(|(i, _)| *i);
+    Some(results.into_iter().map(|(_, r)| r).collect())
+}
+
+fn request(
+    cfg: &Fanout,
+    path: &str,
+    authority: &http::uri::Authority,
+    payload: Bytes,
+) -> Result<Request<body::Body>, String> {
+    let mut req = Request::new(body::full(payload));
+    *req.method_mut() = cfg.method.clone();
+    *req.uri_mut() = path
+        .parse()
+        .map_err(|e| format!("webhook.replica_path: {e}"))?;
+    let h = req.headers_mut();
+    h.insert(
+        header::HOST,
+        HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?,
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(secret) = &cfg.secret {
+        h.insert(cfg.secret_header.clone(), secret.clone());
+    }
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_template_gets_json_arrays() {
+        let b = body(
+            r#"{"paths":{paths},"tags":{tags}}"#,
+            &["/a \"b\"".into()],
+            &[],
+        );
+        assert_eq!(b, r#"{"paths":["/a \"b\""],"tags":[]}"#);
+    }
+}

@@ -1,0 +1,88 @@
+//! The revalidation log: every webhook call that was applied (epoch, source, paths, tags, mode,
+//! acknowledgements, per-replica fan-out, re-warm results, timings), newest first, for the
+//! dashboard and `GET /api/log` on the admin listener.
+//!
+//! With Redis it is the capped stream `isr:log` (about [`KEPT`] records, shared by the fleet);
+//! with the in-process store, a ring in this gateway's memory. Writing is best effort: a log
+//! that cannot be written never fails the webhook.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use fred::prelude::*;
+
+use crate::cache::store::{Store, StoreError};
+
+/// The stream's key.
+pub const LOG_KEY: &str = "isr:log";
+/// Records kept (approximately, with Redis: `MAXLEN ~`).
+pub const KEPT: usize = 1_000;
+
+/// The log of one gateway process.
+#[derive(Debug, Default)]
+pub struct Log {
+    memory: Mutex<VecDeque<String>>,
+}
+
+impl Log {
+    /// Appends one record (a JSON object).
+    pub async fn record(
+        &self,
+        store: &Store,
+        record: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let text = record.to_string();
+        match store {
+            Store::Redis(redis) => {
+                let cap = ("MAXLEN", "~", KEPT as i64);
+                let _: String = redis
+                    .bounded(
+                        redis
+                            .pool()
+                            .next()
+                            .xadd(LOG_KEY, false, cap, "*", ("r", text)),
+                    )
+                    .await?;
+            }
+            Store::Memory(_) => {
+                let mut ring = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                if ring.len() == KEPT {
+                    ring.pop_back();
+                }
+                ring.push_front(text);
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest `n` records, newest first.
+    pub async fn recent(
+        &self,
+        store: &Store,
+        n: usize,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let texts: Vec<String> = match store {
+            Store::Redis(redis) => {
+                let rows: Vec<(String, std::collections::HashMap<String, String>)> = redis
+                    .bounded(
+                        redis
+                            .pool()
+                            .next()
+                            .xrevrange(LOG_KEY, "+", "-", Some(n as u64)),
+                    )
+                    .await?;
+                rows.into_iter()
+                    .filter_map(|(_, mut f)| f.remove("r"))
+                    .collect()
+            }
+            Store::Memory(_) => {
+                let ring = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                ring.iter().take(n).cloned().collect()
+            }
+        };
+        Ok(texts
+            .iter()
+            .filter_map(|t| serde_json::from_str(t).ok())
+            .collect())
+    }
+}
