@@ -33,6 +33,28 @@ enum Command {
     /// Validate the configuration and exit: 0 when valid, 1 with every problem listed otherwise
     /// (like `nginx -t`).
     CheckConfig(ConfigArgs),
+    /// Invalidate paths and tags on every gateway, through Redis (the webhook's apply path).
+    /// Exits 0 with the epoch, or 1 with the reason (nothing is invalidated then).
+    Purge(PurgeArgs),
+}
+
+#[derive(Args, Debug)]
+struct PurgeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Shared store, redis://… (overrides redis.url).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// A pathname: every variant of it (HTML, RSC, data). Repeat for several.
+    #[arg(long = "path", value_name = "PATH")]
+    paths: Vec<String>,
+    /// A tag (from Cache-Tag, Next's _N_T_ tags, or * for everything). Repeat for several.
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Hard: the next request waits for a render (default soft: served stale while one
+    /// refresh runs).
+    #[arg(long)]
+    hard: bool,
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +135,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Purge(args) => purge(args),
         Command::Serve(args) => {
             let (config, file) = match config::load(
                 args.config.config.as_deref(),
@@ -135,6 +158,57 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn purge(args: PurgeArgs) -> ExitCode {
+    let overrides: Vec<Override> = args
+        .redis
+        .iter()
+        .map(|v| Override {
+            key: "redis.url",
+            flag: "--redis",
+            value: toml::Value::String(v.clone()),
+        })
+        .collect();
+    let config = match config::load(args.config.config.as_deref(), &ProcessEnv, &overrides) {
+        Ok((c, _)) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mode = if args.hard {
+        isrgate::cache::epochs::Mode::Hard
+    } else {
+        isrgate::cache::epochs::Mode::Soft
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = runtime.block_on(isrgate::invalidate::purge(
+        &config, args.paths, args.tags, mode,
+    ));
+    match done {
+        Ok((epoch, tags)) => {
+            println!(
+                "invalidated ({}) at epoch {epoch}: {}",
+                mode.as_str(),
+                tags.join(" ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -181,3 +181,44 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     );
     r
 }
+
+/// Why `isrgate purge` could not invalidate.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// No Redis configured: the in-process store belongs to a running gateway.
+    #[error(
+        "purge needs the shared store: set redis.url or --redis (without Redis, call the running gateway's POST /_isrgate/revalidate)"
+    )]
+    NoRedis,
+    /// The paths or tags are not acceptable.
+    #[error("{0}")]
+    Rejected(#[from] webhook::Rejected),
+    /// Redis failed; nothing was invalidated.
+    #[error("{0}; nothing was invalidated")]
+    Store(#[from] crate::cache::store::StoreError),
+}
+
+/// `isrgate purge`: applies an invalidation straight to Redis (the same script as the webhook,
+/// so every running gateway gets it on the bus). Returns the epoch and the tags recorded.
+pub async fn purge(
+    config: &crate::config::Config,
+    paths: Vec<String>,
+    tags: Vec<String>,
+    mode: crate::cache::epochs::Mode,
+) -> Result<(u64, Vec<String>), PurgeError> {
+    let revalidation = webhook::Revalidation::new(paths, tags, mode, false)?;
+    let redis = config.redis.as_ref().ok_or(PurgeError::NoRedis)?;
+    let settings = crate::cache::store::RedisSettings {
+        url: redis.url.clone(),
+        pool_size: 1,
+        command_timeout: redis.connect_timeout.max(redis.command_timeout),
+        connect_timeout: redis.connect_timeout,
+        tls: redis.tls.clone(),
+    };
+    let store =
+        crate::cache::store::Store::Redis(crate::cache::store::RedisStore::connect(&settings)?);
+    let all = revalidation.all_tags();
+    let epochs = crate::cache::epochs::Epochs::default();
+    let epoch = apply::apply(&store, &epochs, "cli", mode, &all).await?;
+    Ok((epoch, all))
+}

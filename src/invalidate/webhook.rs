@@ -211,38 +211,50 @@ pub fn parse(body: &[u8], query: Option<&str>) -> Result<Revalidation, Rejected>
             Rejected::BadRequest(format!("mode: {m:?} is not \"soft\" or \"hard\""))
         })?,
     };
-    if raw.paths.len() + raw.tags.len() > MAX_ITEMS {
-        return Err(Rejected::BadRequest(format!(
-            "paths and tags: at most {MAX_ITEMS} in one call"
-        )));
-    }
-    for (i, p) in raw.paths.iter().enumerate() {
-        let ok = p.starts_with('/')
-            && p.len() <= MAX_PATH_LEN
-            && !p.chars().any(|c| c.is_whitespace() || c.is_control());
-        if !ok {
+    Revalidation::new(raw.paths, raw.tags, mode, raw.rewarm.unwrap_or(true))
+}
+
+impl Revalidation {
+    /// Checks every path and tag (the webhook's and `isrgate purge`'s one set of rules).
+    pub fn new(
+        paths: Vec<String>,
+        tags: Vec<String>,
+        mode: Mode,
+        rewarm: bool,
+    ) -> Result<Revalidation, Rejected> {
+        if paths.len() + tags.len() > MAX_ITEMS {
             return Err(Rejected::BadRequest(format!(
-                "paths[{i}]: {p:?} is not a pathname (starts with /, no spaces, at most {MAX_PATH_LEN} bytes)"
+                "paths and tags: at most {MAX_ITEMS} in one call"
             )));
         }
-    }
-    for (i, t) in raw.tags.iter().enumerate() {
-        if !tags::is_valid(t) {
-            return Err(Rejected::BadRequest(format!(
-                "tags[{i}]: {t:?} is not a tag (one word, at most {} bytes)",
-                tags::MAX_TAG_LEN
-            )));
+        for (i, p) in paths.iter().enumerate() {
+            let ok = p.starts_with('/')
+                && p.len() <= MAX_PATH_LEN
+                && !p.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(Rejected::BadRequest(format!(
+                    "paths[{i}]: {p:?} is not a pathname (starts with /, no spaces, at most {MAX_PATH_LEN} bytes)"
+                )));
+            }
         }
+        for (i, t) in tags.iter().enumerate() {
+            if !tags::is_valid(t) {
+                return Err(Rejected::BadRequest(format!(
+                    "tags[{i}]: {t:?} is not a tag (one word, at most {} bytes)",
+                    tags::MAX_TAG_LEN
+                )));
+            }
+        }
+        if paths.is_empty() && tags.is_empty() {
+            return Err(Rejected::NothingToDo);
+        }
+        Ok(Revalidation {
+            paths,
+            tags,
+            mode,
+            rewarm,
+        })
     }
-    if raw.paths.is_empty() && raw.tags.is_empty() {
-        return Err(Rejected::NothingToDo);
-    }
-    Ok(Revalidation {
-        paths: raw.paths,
-        tags: raw.tags,
-        mode,
-        rewarm: raw.rewarm.unwrap_or(true),
-    })
 }
 
 fn from_query(query: &str) -> Result<Body, Rejected> {

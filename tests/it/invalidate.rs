@@ -471,3 +471,62 @@ async fn without_a_secret_the_webhook_is_off() {
     assert!(String::from_utf8_lossy(&got.body).contains("ISRGATE_WEBHOOK_SECRET"));
     assert_eq!(origin.total(), 0, "never proxied to Next.js");
 }
+
+/// `isrgate purge` applies through Redis: a running gateway gets it on the bus.
+#[tokio::test]
+async fn the_purge_command_reaches_running_gateways() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/cli", page("c1"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 1).await;
+    get(&gws[0], "/cli").await;
+    assert_eq!(get(&gws[0], "/cli").await.header("x-cache"), "HIT");
+    let bin = env!("CARGO_BIN_EXE_isrgate");
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env_remove("ISRGATE_CONFIG")
+            .output()
+            .expect("run isrgate purge");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let base = |more: &[&str]| {
+        let mut v: Vec<String> = ["purge", "--config", "/dev/null", "--redis", &r.url()]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        v.extend(more.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let (code, _, err) = run(base(&["--path", "no-slash"]));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("paths[0]"), "{err}");
+    let (code, _, err) = run(vec![
+        "purge".into(),
+        "--config".into(),
+        "/dev/null".into(),
+        "--tag".into(),
+        "t".into(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("redis.url"), "{err}");
+    assert_eq!(epoch_in_redis(&r).await, None, "refusals applied nothing");
+
+    let (code, out, err) = run(base(&["--path", "/cli", "--hard"]));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("epoch 1") && out.contains("path:/cli"),
+        "{out}"
+    );
+    eventually!(
+        5,
+        get(&gws[0], "/cli").await.header("x-cache") == "MISS",
+        "the running gateway applied it"
+    );
+}
