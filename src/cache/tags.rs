@@ -50,12 +50,104 @@ fn data_page(path: &str) -> Option<&str> {
     Some(if page == "/index" { "/" } else { page })
 }
 
+/// A configured rule: a path pattern (`/products/{id}`: literal segments and `{name}`
+/// captures, matched segment by segment) and the tags it gives (`product-{id}`, `products`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    segments: Vec<Segment>,
+    tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Capture(String),
+}
+
+impl Rule {
+    /// Compiles `pattern → tags`; the error says what is wrong.
+    pub fn new(pattern: &str, tags: &[String]) -> Result<Rule, String> {
+        if !pattern.starts_with('/') {
+            return Err(format!("{pattern:?}: a pattern starts with /"));
+        }
+        let mut segments = Vec::new();
+        for s in pattern.split('/').filter(|s| !s.is_empty()) {
+            segments.push(
+                match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) if !name.is_empty() && !name.contains(['{', '}']) => {
+                        Segment::Capture(name.to_owned())
+                    }
+                    _ if s.contains(['{', '}']) => {
+                        return Err(format!(
+                            "{pattern:?}: a capture is a whole segment, {{name}}"
+                        ));
+                    }
+                    _ => Segment::Literal(s.to_owned()),
+                },
+            );
+        }
+        for t in tags {
+            let mut rest = t.as_str();
+            while let Some(open) = rest.find('{') {
+                let close = rest[open..]
+                    .find('}')
+                    .ok_or(format!("{t:?}: unclosed {{"))?;
+                let name = &rest[open + 1..open + close];
+                if !segments.contains(&Segment::Capture(name.to_owned())) {
+                    return Err(format!("{t:?}: {{{name}}} is not captured by {pattern:?}"));
+                }
+                rest = &rest[open + close + 1..];
+            }
+            if !is_valid(t) {
+                return Err(format!("{t:?} is not a tag (one word)"));
+            }
+        }
+        Ok(Rule {
+            segments,
+            tags: tags.to_vec(),
+        })
+    }
+
+    /// The rule's tags for `page`, when it matches.
+    fn apply(&self, page: &str, out: &mut Vec<String>) {
+        let parts: Vec<&str> = page.split('/').filter(|s| !s.is_empty()).collect();
+        if parts.len() != self.segments.len() {
+            return;
+        }
+        let mut captured: Vec<(&str, &str)> = Vec::new();
+        for (seg, part) in self.segments.iter().zip(&parts) {
+            match seg {
+                Segment::Literal(l) if l == part => {}
+                Segment::Literal(_) => return,
+                Segment::Capture(name) => captured.push((name, part)),
+            }
+        }
+        for t in &self.tags {
+            let mut tag = t.clone();
+            for (name, value) in &captured {
+                tag = tag.replace(&format!("{{{name}}}"), value);
+            }
+            if is_valid(&tag) && !out.contains(&tag) {
+                out.push(tag);
+            }
+        }
+    }
+}
+
 /// Every tag of an entry for `path` whose response had `headers`; `tag_headers` are the
-/// (lower-case) names of the response headers that carry tags.
-pub fn entry_tags(path: &str, headers: &HeaderMap, tag_headers: &[String]) -> Vec<String> {
+/// (lower-case) names of the response headers that carry tags, `rules` the configured rules.
+pub fn entry_tags(
+    path: &str,
+    headers: &HeaderMap,
+    tag_headers: &[String],
+    rules: &[Rule],
+) -> Vec<String> {
     let page = page_path(path);
     let mut tags = vec![ALL.to_owned(), format!("path:{page}")];
     implicit(page, &mut tags);
+    for rule in rules {
+        rule.apply(page, &mut tags);
+    }
     let mut from_headers = 0;
     for name in tag_headers {
         for value in headers.get_all(name.as_str()) {
@@ -107,7 +199,7 @@ mod tests {
 
     #[test]
     fn implicit_tags_follow_next_for_a_nested_page() {
-        let tags = entry_tags("/blog/post/", &HeaderMap::new(), &[]);
+        let tags = entry_tags("/blog/post/", &HeaderMap::new(), &[], &[]);
         assert_eq!(
             tags,
             [
@@ -120,7 +212,7 @@ mod tests {
                 "_N_T_/blog/post",
             ]
         );
-        let root = entry_tags("/", &HeaderMap::new(), &[]);
+        let root = entry_tags("/", &HeaderMap::new(), &[], &[]);
         assert!(root.contains(&"_N_T_/index".to_owned()));
         assert!(root.contains(&"path:/".to_owned()));
     }
@@ -147,13 +239,48 @@ mod tests {
         let long = "x".repeat(MAX_TAG_LEN + 1);
         h.append("cache-tag", long.parse().expect("test value"));
         let names = vec!["cache-tag".to_owned(), "surrogate-key".to_owned()];
-        let tags = entry_tags("/p", &h, &names);
+        let tags = entry_tags("/p", &h, &names, &[]);
         let extra: Vec<_> = tags.iter().skip(6).cloned().collect();
         assert_eq!(extra, ["product-1", "products", "home"]);
         let mut many = HeaderMap::new();
         let value: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
         many.insert("cache-tag", value.join(",").parse().expect("test value"));
-        assert_eq!(entry_tags("/p", &many, &names).len(), 6 + MAX_HEADER_TAGS);
+        assert_eq!(
+            entry_tags("/p", &many, &names, &[]).len(),
+            6 + MAX_HEADER_TAGS
+        );
+    }
+
+    #[test]
+    fn rules_capture_segments_into_tags() {
+        let rule = Rule::new(
+            "/products/{id}",
+            &["product-{id}".to_owned(), "products".to_owned()],
+        )
+        .expect("valid rule");
+        let tags = entry_tags(
+            "/products/42",
+            &HeaderMap::new(),
+            &[],
+            std::slice::from_ref(&rule),
+        );
+        assert!(
+            tags.ends_with(&["product-42".to_owned(), "products".to_owned()]),
+            "{tags:?}"
+        );
+        let other = entry_tags("/products/42/reviews", &HeaderMap::new(), &[], &[rule]);
+        assert!(!other.contains(&"products".to_owned()));
+        for (pattern, tag) in [
+            ("products/{id}", "p"),
+            ("/products/x{id}", "p"),
+            ("/products/{id}", "p-{sku}"),
+            ("/products/{id}", "a b"),
+        ] {
+            assert!(
+                Rule::new(pattern, &[tag.to_owned()]).is_err(),
+                "{pattern} {tag}"
+            );
+        }
     }
 
     #[test]

@@ -189,6 +189,8 @@ pub struct Cache {
     pub coalesce: Coalesce,
     /// Response headers whose values are invalidation tags (lower case).
     pub tag_headers: Vec<String>,
+    /// `[tag_rules]`, compiled.
+    pub tag_rules: Vec<crate::cache::tags::Rule>,
 }
 
 /// `[coalesce]`

@@ -317,12 +317,23 @@ pub struct Raw {
     pub admin: AdminRaw,
     /// `[log]`
     pub log: LogRaw,
+    /// `[tag_rules]`: path pattern → tags, e.g. `"/products/{id}" = ["product-{id}", "products"]`.
+    pub tag_rules: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Raw {
     /// Section names, as written in the file.
     pub const SECTIONS: &'static [&'static str] = &[
-        "listen", "upstream", "health", "cache", "coalesce", "webhook", "redis", "admin", "log",
+        "listen",
+        "upstream",
+        "health",
+        "cache",
+        "coalesce",
+        "webhook",
+        "redis",
+        "admin",
+        "log",
+        "tag_rules",
     ];
 
     /// Applies `section.key = value`.
@@ -338,6 +349,12 @@ impl Raw {
             "health" => self.health.set(key, value),
             "cache" => self.cache.set(key, value),
             "coalesce" => self.coalesce.set(key, value),
+            // Any key: the keys are path patterns.
+            "tag_rules" => {
+                let tags = Vec::<String>::deserialize(value).map_err(SetError::Invalid)?;
+                self.tag_rules.insert(key.to_owned(), tags);
+                Ok(())
+            }
             "webhook" => self.webhook.set(key, value),
             "redis" => self.redis.set(key, value),
             "admin" => self.admin.set(key, value),

@@ -407,6 +407,15 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
             .iter()
             .map(|h| h.trim().to_ascii_lowercase())
             .collect(),
+        tag_rules: raw
+            .tag_rules
+            .iter()
+            .filter_map(|(pattern, tags)| {
+                crate::cache::tags::Rule::new(pattern, tags)
+                    .map_err(|e| c.fail(&format!("tag_rules.{pattern}"), e))
+                    .ok()
+            })
+            .collect(),
     };
     for h in &cache.tag_headers {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
@@ -624,6 +633,8 @@ mod tests {
             ("[cache]\nmax_ttl = \"2years\"", "cache.max_ttl"),
             ("[cache]\nbypass_paths = [\"api\"]", "cache.bypass_paths"),
             ("[log]\nlevel = \"isrgate=loud\"", "log.level"),
+            ("[tag_rules]\n\"products\" = [\"x\"]", "tag_rules.products"),
+            ("[webhook]\nreplica_path = \"api\"", "webhook.replica_path"),
         ];
         for (text, key) in cases {
             let m = messages(text);

@@ -585,7 +585,7 @@ async fn render(
         let leading = lock(&leading).take();
         match copied {
             Ok(Copied::Whole(identity)) => {
-                let entry = pending.entry(identity, now, &cache.cfg.tag_headers);
+                let entry = pending.entry(identity, now, &cache.cfg);
                 if let Some(l) = leading {
                     l.finish(Done::Filled(Arc::clone(&entry)));
                 }

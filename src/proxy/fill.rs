@@ -209,9 +209,8 @@ impl Pending {
         Response::from_parts(self.parts, body)
     }
 
-    /// The entry for the identity body, rendered at `now_ms`; `tag_headers` name the response
-    /// headers that carry invalidation tags.
-    pub fn entry(&self, identity: Bytes, now_ms: u64, tag_headers: &[String]) -> Arc<Entry> {
+    /// The entry for the identity body, rendered at `now_ms`, tagged as `cfg` says.
+    pub fn entry(&self, identity: Bytes, now_ms: u64, cfg: &crate::config::Cache) -> Arc<Entry> {
         let stored_headers = self
             .stored_headers()
             .map(|(n, v)| (n.clone(), v.clone()))
@@ -219,7 +218,12 @@ impl Pending {
         let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
         meta.stored_at_ms = now_ms;
         meta.render_epoch = self.render_epoch;
-        meta.tags = crate::cache::tags::entry_tags(&self.path, &self.parts.headers, tag_headers);
+        meta.tags = crate::cache::tags::entry_tags(
+            &self.path,
+            &self.parts.headers,
+            &cfg.tag_headers,
+            &cfg.tag_rules,
+        );
         let t = Times::new(now_ms, &self.freshness);
         (
             meta.fresh_until_ms,
@@ -356,7 +360,7 @@ pub async fn fill(
             }
         }
     }
-    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg.tag_headers);
+    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg);
     keep(app, cache, key, &entry, pending.ttl(), write).await;
     Ok(Filled::Stored(entry))
 }

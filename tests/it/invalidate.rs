@@ -26,7 +26,10 @@ async fn gateways(origin: &FakeNext, r: &RedisProcess, n: usize) -> Vec<Gateway>
         let mut cfg = config(
             &[origin.url()],
             "",
-            &format!("[redis]\nurl = \"{}\"\n", r.url()),
+            &format!(
+                "[redis]\nurl = \"{}\"\n[tag_rules]\n\"/p/{{id}}\" = [\"item-{{id}}\"]\n",
+                r.url()
+            ),
         );
         cfg.webhook.secrets = Some(Secrets {
             bearer: SECRET.into(),
@@ -181,7 +184,7 @@ async fn a_hard_purge_is_a_miss_on_every_gateway() {
 }
 
 #[tokio::test]
-async fn tags_from_headers_next_ancestry_and_purge_all() {
+async fn tags_from_headers_rules_next_ancestry_and_purge_all() {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
         o.route(
@@ -208,6 +211,12 @@ async fn tags_from_headers_next_ancestry_and_purge_all() {
             r#"{"tags":["_N_T_/blog/layout"],"mode":"hard"}"#,
             &["/blog/post"],
             &["/p/1", "/other"],
+        ),
+        // From the config rule "/p/{id}" = ["item-{id}"].
+        (
+            r#"{"tags":["item-1"],"mode":"hard"}"#,
+            &["/p/1"],
+            &["/blog/post", "/other"],
         ),
         (
             r#"{"tags":["*"],"mode":"hard"}"#,
