@@ -109,6 +109,9 @@ pub const WEBHOOK_SECRET: &str = "ISRGATE_WEBHOOK_SECRET";
 /// The webhook's HMAC key, when it differs from the bearer secret.
 pub const WEBHOOK_HMAC_SECRET: &str = "ISRGATE_WEBHOOK_HMAC_SECRET";
 
+/// The build's `previewModeId`, for on-demand revalidation when re-warming.
+pub const PREVIEW_MODE_ID: &str = "ISRGATE_PREVIEW_MODE_ID";
+
 /// The secret sent to Next.js replicas with the fan-out call.
 pub const REPLICA_SECRET: &str = "ISRGATE_REPLICA_SECRET";
 
@@ -142,6 +145,21 @@ pub fn load(
             .secret(WEBHOOK_HMAC_SECRET)
             .unwrap_or_else(|| bearer.clone());
         config.webhook.secrets = Some(crate::invalidate::webhook::Secrets { bearer, hmac });
+    }
+    if let Some(id) = env.secret(PREVIEW_MODE_ID) {
+        match http::HeaderValue::from_str(&id) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                config.webhook.preview_mode_id = Some(value);
+            }
+            Err(_) => {
+                return Err(ConfigError::Invalid(vec![Problem {
+                    source: Source::Env(PREVIEW_MODE_ID.into()),
+                    key: PREVIEW_MODE_ID.into(),
+                    message: "is not a valid header value (printable ASCII)".into(),
+                }]));
+            }
+        }
     }
     if let Some(secret) = env.secret(REPLICA_SECRET) {
         match http::HeaderValue::from_str(&secret) {

@@ -57,6 +57,9 @@ pub struct Webhook {
     pub fanout: Fanout,
     /// Re-warm concurrency; 0 = off.
     pub rewarm_concurrency: usize,
+    /// The build's `previewModeId` (`ISRGATE_PREVIEW_MODE_ID`), sent as
+    /// `x-prerender-revalidate` when re-warming; marked sensitive.
+    pub preview_mode_id: Option<http::HeaderValue>,
 }
 
 /// The fan-out call to Next.js replicas (`[webhook] replica_*`).

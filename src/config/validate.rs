@@ -177,6 +177,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
         ),
         ack_timeout: c.duration("webhook.ack_timeout", &raw.webhook.ack_timeout, true),
         fanout: fanout(&mut c, &raw.webhook),
+        preview_mode_id: None,
         rewarm_concurrency: c.in_range(
             "webhook.rewarm_concurrency",
             raw.webhook.rewarm_concurrency,

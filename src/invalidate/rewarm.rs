@@ -5,6 +5,10 @@
 //! (reported as `elsewhere`), and the write is awaited, so a 200 from the webhook means the
 //! entries are in the store.
 //!
+//! With `ISRGATE_PREVIEW_MODE_ID` (the build's `previewModeId`, from
+//! `.next/prerender-manifest.json`) the requests carry `x-prerender-revalidate`, so the
+//! replica renders afresh, and only an answer marked `x-nextjs-cache: REVALIDATED` is stored.
+//!
 //! The key's host is the webhook request's `Host` (the public host when the CMS calls through
 //! the load balancer). Paths reached only through a tag are not re-warmed (there is no
 //! tag → paths index yet): their next request refreshes them.
@@ -94,20 +98,52 @@ async fn one(
         result.outcome = "elsewhere";
         return result;
     };
-    let up = fill::upstream_head(&head, &variant);
+    let mut up = fill::upstream_head(&head, &variant);
+    if let Some(id) = &app.config.webhook.preview_mode_id {
+        up.headers.insert(PRERENDER_REVALIDATE.clone(), id.clone());
+    }
     let now = crate::proxy::cached::now_ms();
-    let filled = fill::fill(app, cache, &key, up, &variant, now, fill::Write::Awaited).await;
+    let outcome = render(app, cache, &key, up, &variant, now).await;
     lease.end(app, cache, &key.hex(), None).await;
-    match filled {
-        Ok(fill::Filled::Stored(entry)) => {
-            result.outcome = "stored";
-            result.status = Some(entry.meta.status);
-        }
-        Ok(fill::Filled::Passed(resp, _)) => {
-            result.outcome = "not-stored";
-            result.status = Some(resp.status().as_u16());
-        }
+    match outcome {
+        Ok((outcome, status)) => (result.outcome, result.status) = (outcome, Some(status)),
         Err(e) => tracing::debug!(path, error = %e, "re-warm failed"),
     }
     result
+}
+
+/// Next's on-demand revalidation header (NEXTJS.md §4): with the build's `previewModeId` the
+/// replica renders afresh instead of answering from its own (maybe stale) cache.
+static PRERENDER_REVALIDATE: http::HeaderName =
+    http::HeaderName::from_static("x-prerender-revalidate");
+
+/// Renders and stores one variant; with a preview mode id, only an answer the replica marks
+/// `x-nextjs-cache: REVALIDATED` (a fresh render, not its old copy) is stored.
+async fn render(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    key: &CacheKey,
+    up: http::request::Parts,
+    variant: &Variant,
+    now: u64,
+) -> Result<(&'static str, u16), crate::error::ProxyError> {
+    let (pending, body) = match fill::request(app, cache, key, up, variant).await? {
+        fill::Answer::Storable(p, b) => (p, b),
+        fill::Answer::Pass { response, .. } => {
+            return Ok(("not-stored", response.status().as_u16()));
+        }
+    };
+    let status = pending.status().as_u16();
+    if app.config.webhook.preview_mode_id.is_some() && !pending.revalidated() {
+        return Ok(("not-revalidated", status));
+    }
+    let max = cache.cfg.max_entry_bytes;
+    match fill::copy(body, None, max, || {}).await? {
+        fill::Copied::Whole(identity) => {
+            let entry = pending.entry(identity, now, &cache.cfg);
+            fill::keep(app, cache, key, &entry, pending.ttl(), fill::Write::Awaited).await;
+            Ok(("stored", status))
+        }
+        fill::Copied::TooLarge => Ok(("not-stored", status)),
+    }
 }

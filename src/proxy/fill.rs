@@ -204,6 +204,20 @@ impl Pending {
             .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
     }
 
+    /// The answer's status.
+    pub fn status(&self) -> http::StatusCode {
+        self.parts.status
+    }
+
+    /// Whether the replica says it rendered afresh for an on-demand revalidation
+    /// (`x-nextjs-cache: REVALIDATED`).
+    pub fn revalidated(&self) -> bool {
+        self.parts
+            .headers
+            .get("x-nextjs-cache")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"REVALIDATED"))
+    }
+
     /// The answer, for a body that turned out too large to store.
     pub fn into_response(self, body: Body) -> Response<Body> {
         Response::from_parts(self.parts, body)

@@ -539,3 +539,45 @@ async fn the_purge_command_reaches_running_gateways() {
         "the running gateway applied it"
     );
 }
+
+/// With the build's previewModeId, re-warm asks the replica for a fresh render
+/// (`x-prerender-revalidate`) and stores only an answer marked REVALIDATED.
+#[tokio::test]
+async fn rewarm_with_a_preview_mode_id_stores_only_fresh_renders() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/fresh",
+            page("fresh").header("x-nextjs-cache", "REVALIDATED"),
+        );
+        o.route(
+            "/own-copy",
+            page("old copy").header("x-nextjs-cache", "HIT"),
+        );
+    })
+    .await;
+    let mut cfg = config(
+        &[origin.url()],
+        "",
+        &format!("[redis]\nurl = \"{}\"\n", r.url()),
+    );
+    cfg.webhook.secrets = Some(Secrets {
+        bearer: SECRET.into(),
+        hmac: SECRET.into(),
+    });
+    cfg.webhook.preview_mode_id = Some(http::HeaderValue::from_static("preview-id-123"));
+    let gw = Gateway::start(cfg).await;
+    eventually!(5, bus_live(&gw), "bus");
+    let answer = revalidate(&gw, r#"{"paths":["/fresh","/own-copy"]}"#).await;
+    let report = json(&answer);
+    assert_eq!(report["rewarm"][0]["outcome"], "stored", "{report}");
+    assert_eq!(report["rewarm"][2]["path"], "/own-copy");
+    assert_eq!(
+        report["rewarm"][2]["outcome"], "not-revalidated",
+        "{report}"
+    );
+    let seen = origin.last("/fresh").expect("rendered");
+    assert_eq!(seen.headers["x-prerender-revalidate"], "preview-id-123");
+    assert_eq!(get(&gw, "/fresh").await.header("x-cache"), "HIT");
+    assert_eq!(get(&gw, "/own-copy").await.header("x-cache"), "MISS");
+}
