@@ -95,6 +95,8 @@ pub struct CacheState {
     pub fleet: Arc<Fleet>,
     /// The revalidation log.
     pub log: crate::invalidate::log::Log,
+    /// Paths recently stored per tag (re-warm after a purge by tag).
+    pub recent: crate::cache::tags::RecentPaths,
     /// This gateway's id on the bus and in logs.
     gateway_id: String,
 }
@@ -139,6 +141,7 @@ impl CacheState {
             epochs: Arc::new(Epochs::default()),
             fleet: Arc::new(Fleet::default()),
             log: crate::invalidate::log::Log::default(),
+            recent: crate::cache::tags::RecentPaths::default(),
             gateway_id,
             cfg,
         })

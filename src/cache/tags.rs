@@ -193,6 +193,73 @@ pub fn is_valid(tag: &str) -> bool {
         && !tag.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
+/// Paths recently stored per tag, so a purge by tag can re-warm what it reached. Bounded
+/// (tags held, paths per tag, idle expiry) and per gateway; correctness never depends on it,
+/// only how many pages are warm after a purge.
+#[derive(Clone)]
+pub struct RecentPaths {
+    by_tag: moka::sync::Cache<String, std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+}
+
+impl std::fmt::Debug for RecentPaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecentPaths")
+            .field("tags", &self.by_tag.entry_count())
+            .finish()
+    }
+}
+
+/// Tags indexed at most.
+pub const RECENT_TAGS: u64 = 10_000;
+/// Paths kept per tag (the most recent).
+pub const RECENT_PATHS_PER_TAG: usize = 64;
+
+impl Default for RecentPaths {
+    fn default() -> Self {
+        RecentPaths {
+            by_tag: moka::sync::Cache::builder()
+                .max_capacity(RECENT_TAGS)
+                .time_to_idle(std::time::Duration::from_secs(3_600))
+                .build(),
+        }
+    }
+}
+
+impl RecentPaths {
+    /// Records that an entry of `page` with `tags` was stored. Tags every page has (`*`,
+    /// `_N_T_/layout`) and the page's own tags are not indexed.
+    pub fn record(&self, tags: &[String]) {
+        let Some(page) = tags.iter().find_map(|t| t.strip_prefix("path:")) else {
+            return;
+        };
+        for tag in tags {
+            if tag == ALL
+                || tag == "_N_T_/layout"
+                || tag.starts_with("path:")
+                || tag.starts_with("vary:")
+            {
+                continue;
+            }
+            let paths = self.by_tag.get_with(tag.clone(), Default::default);
+            let mut paths = paths.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = paths.iter().position(|p| p == page) {
+                paths.remove(i);
+            } else if paths.len() == RECENT_PATHS_PER_TAG {
+                paths.remove(0);
+            }
+            paths.push(page.to_owned());
+        }
+    }
+
+    /// The paths recently stored under `tag`, most recent last.
+    pub fn paths(&self, tag: &str) -> Vec<String> {
+        self.by_tag
+            .get(tag)
+            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +315,29 @@ mod tests {
         assert_eq!(
             entry_tags("/p", &many, &names, &[]).len(),
             6 + MAX_HEADER_TAGS
+        );
+    }
+
+    #[test]
+    fn recent_paths_are_indexed_by_specific_tags_only() {
+        let recent = RecentPaths::default();
+        let mut h = HeaderMap::new();
+        h.insert("cache-tag", "products".parse().expect("test value"));
+        let names = vec!["cache-tag".to_owned()];
+        for p in ["/p/1", "/p/2", "/p/1"] {
+            recent.record(&entry_tags(p, &h, &names, &[]));
+        }
+        assert_eq!(recent.paths("products"), ["/p/2", "/p/1"]);
+        assert_eq!(recent.paths("_N_T_/p/layout"), ["/p/2", "/p/1"]);
+        assert!(recent.paths("*").is_empty());
+        assert!(recent.paths("_N_T_/layout").is_empty());
+        for i in 0..100 {
+            recent.record(&entry_tags(&format!("/q/{i}"), &h, &names, &[]));
+        }
+        assert_eq!(recent.paths("products").len(), RECENT_PATHS_PER_TAG);
+        assert_eq!(
+            recent.paths("products").last().map(String::as_str),
+            Some("/q/99")
         );
     }
 

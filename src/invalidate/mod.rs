@@ -112,14 +112,8 @@ where
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     let rewarmed = if revalidation.rewarm && hook.rewarm_concurrency > 0 {
-        rewarm::rewarm(
-            app,
-            cache,
-            host,
-            &revalidation.paths,
-            hook.rewarm_concurrency,
-        )
-        .await
+        let paths = rewarm::targets(cache, &revalidation);
+        rewarm::rewarm(app, cache, host, &paths, hook.rewarm_concurrency).await
     } else {
         Vec::new()
     };

@@ -10,8 +10,8 @@
 //! replica renders afresh, and only an answer marked `x-nextjs-cache: REVALIDATED` is stored.
 //!
 //! The key's host is the webhook request's `Host` (the public host when the CMS calls through
-//! the load balancer). Paths reached only through a tag are not re-warmed (there is no
-//! tag → paths index yet): their next request refreshes them.
+//! the load balancer). Paths reached through a tag are re-warmed when this gateway stored
+//! them recently (`cache::tags::RecentPaths`); others refresh on their next request.
 
 use std::sync::Arc;
 
@@ -28,11 +28,38 @@ pub struct Rewarmed {
     pub path: String,
     /// `html` or `rsc`.
     pub variant: &'static str,
-    /// `stored`, `not-stored` (the answer may not be cached), `failed` or `elsewhere`
-    /// (another gateway was rendering it).
+    /// `stored`, `not-stored` (the answer may not be cached), `not-revalidated` (the replica
+    /// answered from its own cache), `failed`, or `elsewhere` (another render held the key
+    /// for a whole lock lifetime).
     pub outcome: &'static str,
     /// The replica's status, when it answered.
     pub status: Option<u16>,
+}
+
+/// How often a re-warm retries a key whose lock another render holds.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Most paths re-warmed by one call.
+pub const MAX_PATHS: usize = 256;
+
+/// What to re-warm: the paths named, then paths recently stored under the tags named (this
+/// gateway's index), at most [`MAX_PATHS`].
+pub fn targets(cache: &CacheState, r: &crate::invalidate::webhook::Revalidation) -> Vec<String> {
+    let mut paths: Vec<String> = Vec::new();
+    let from_tags = r
+        .tags
+        .iter()
+        .flat_map(|t| cache.recent.paths(t).into_iter().rev());
+    for p in r.paths.iter().cloned().chain(from_tags) {
+        let p = crate::cache::tags::page_path(&p).to_owned();
+        if paths.len() == MAX_PATHS {
+            break;
+        }
+        if !paths.contains(&p) {
+            paths.push(p);
+        }
+    }
+    paths
 }
 
 /// Re-renders `paths` for `host`, `concurrency` paths at a time.
@@ -94,9 +121,18 @@ async fn one(
     }
     let (head, ()) = req.into_parts();
     let key = CacheKey::new(&cache.cfg.namespace, host, path, None, &variant);
-    let Some(lease) = coalesce::refresh_lease(app, cache, &key).await else {
-        result.outcome = "elsewhere";
-        return result;
+    // A render holding the key's lock may have started before the purge (then its entry is
+    // already stale): wait for it, up to one lock lifetime, rather than skip.
+    let give_up = tokio::time::Instant::now() + cache.cfg.coalesce.lock_ttl;
+    let lease = loop {
+        if let Some(lease) = coalesce::refresh_lease(app, cache, &key).await {
+            break lease;
+        }
+        if tokio::time::Instant::now() >= give_up {
+            result.outcome = "elsewhere";
+            return result;
+        }
+        tokio::time::sleep(LOCK_RETRY).await;
     };
     let mut up = fill::upstream_head(&head, &variant);
     if let Some(id) = &app.config.webhook.preview_mode_id {

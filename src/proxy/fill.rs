@@ -393,6 +393,7 @@ pub async fn keep(
         .l1
         .insert(key.hash, Arc::clone(entry), entry.meta.stored_at_ms);
     cache.coalesce.stored(key.hash);
+    cache.recent.record(&entry.meta.tags);
     app.metrics.cache_stores.inc();
     let put = store(
         Arc::clone(cache),

@@ -202,24 +202,24 @@ async fn tags_from_headers_rules_next_ancestry_and_purge_all() {
     }
     let cases: &[(&str, &[&str], &[&str])] = &[
         (
-            r#"{"tags":["products"],"mode":"hard"}"#,
+            r#"{"tags":["products"],"mode":"hard","rewarm":false}"#,
             &["/p/1"],
             &["/blog/post", "/other"],
         ),
         // revalidatePath('/blog', 'layout')
         (
-            r#"{"tags":["_N_T_/blog/layout"],"mode":"hard"}"#,
+            r#"{"tags":["_N_T_/blog/layout"],"mode":"hard","rewarm":false}"#,
             &["/blog/post"],
             &["/p/1", "/other"],
         ),
         // From the config rule "/p/{id}" = ["item-{id}"].
         (
-            r#"{"tags":["item-1"],"mode":"hard"}"#,
+            r#"{"tags":["item-1"],"mode":"hard","rewarm":false}"#,
             &["/p/1"],
             &["/blog/post", "/other"],
         ),
         (
-            r#"{"tags":["*"],"mode":"hard"}"#,
+            r#"{"tags":["*"],"mode":"hard","rewarm":false}"#,
             &["/p/1", "/blog/post", "/other"],
             &[],
         ),
@@ -580,4 +580,34 @@ async fn rewarm_with_a_preview_mode_id_stores_only_fresh_renders() {
     assert_eq!(seen.headers["x-prerender-revalidate"], "preview-id-123");
     assert_eq!(get(&gw, "/fresh").await.header("x-cache"), "HIT");
     assert_eq!(get(&gw, "/own-copy").await.header("x-cache"), "MISS");
+}
+
+/// A purge by tag re-warms the paths this gateway recently stored under that tag.
+#[tokio::test]
+async fn a_tag_purge_rewarms_the_paths_recently_stored_under_it() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        for p in ["/shelf/1", "/shelf/2"] {
+            o.route(p, page("old").header("cache-tag", "shelf"));
+        }
+    })
+    .await;
+    let gws = gateways(&origin, &r, 1).await;
+    for p in ["/shelf/1", "/shelf/2"] {
+        get(&gws[0], p).await;
+        origin.route(p, page("new").header("cache-tag", "shelf"));
+    }
+    let report = json(&revalidate(&gws[0], r#"{"tags":["shelf"],"mode":"hard"}"#).await);
+    let warmed: Vec<&str> = report["rewarm"]
+        .as_array()
+        .expect("rewarm results")
+        .iter()
+        .filter(|w| w["variant"] == "html" && w["outcome"] == "stored")
+        .filter_map(|w| w["path"].as_str())
+        .collect();
+    assert_eq!(warmed, ["/shelf/2", "/shelf/1"], "{report}");
+    for p in ["/shelf/1", "/shelf/2"] {
+        let got = get(&gws[0], p).await;
+        assert_eq!((got.header("x-cache"), &got.body[..]), ("HIT", &b"new"[..]));
+    }
 }
