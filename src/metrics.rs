@@ -113,6 +113,54 @@ pub struct Metrics {
     pub webhook_refused: Counter,
     /// Lookups that found an entry invalidated since its render (served stale or missed).
     pub cache_invalidated: Counter,
+    /// Paths that missed most (the dashboard's "top missed").
+    pub missed_paths: TopPaths,
+    /// Revalidate calls to Next.js replicas that succeeded.
+    pub fanout_ok: Counter,
+    /// Revalidate calls to Next.js replicas that failed after their retries.
+    pub fanout_failed: Counter,
+}
+
+/// Counts per path, bounded: when full, the least-counted path gives way (space-saving), so
+/// the heavy hitters survive. Only the miss path writes it.
+#[derive(Debug, Default)]
+pub struct TopPaths {
+    counts: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// Paths tracked at most.
+pub const TOP_PATHS_KEPT: usize = 512;
+
+impl TopPaths {
+    /// Counts one more for `path`.
+    pub fn record(&self, path: &str) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(path) {
+            *n += 1;
+            return;
+        }
+        let mut start = 0;
+        if counts.len() >= TOP_PATHS_KEPT {
+            if let Some((victim, n)) = counts
+                .iter()
+                .min_by_key(|(_, n)| **n)
+                .map(|(k, n)| (k.clone(), *n))
+            {
+                counts.remove(&victim);
+                start = n;
+            }
+        }
+        counts.insert(path.to_owned(), start + 1);
+    }
+
+    /// The `n` most counted paths, most first.
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(String, u64)> = counts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
 }
 
 /// A histogram with fixed bucket bounds (Prometheus `le` semantics: a value counts in the
@@ -165,6 +213,29 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.buckets.iter().map(Counter::get).sum()
     }
+
+    /// The upper bound of the bucket holding quantile `q` (0..=1): an over-estimate by at
+    /// most one bucket; `None` with no values, `Some(u64::MAX)` past the last bound.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c.get();
+            if seen >= rank {
+                return Some(self.bounds.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        Some(u64::MAX)
+    }
+
+    /// The bucket bounds (without `+Inf`).
+    pub fn bounds(&self) -> &'static [u64] {
+        self.bounds
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +250,18 @@ mod tests {
         assert_eq!(buckets, vec![(Some(10), 2), (Some(100), 2), (None, 2)]);
         assert_eq!(sum, 5_222);
         assert_eq!(h.count(), 6);
+    }
+
+    #[test]
+    fn quantiles_are_bucket_upper_bounds() {
+        let h = super::Histogram::new(&[10, 100]);
+        assert_eq!(h.quantile(0.5), None);
+        for v in [1, 2, 3, 50] {
+            h.observe(v);
+        }
+        assert_eq!(h.quantile(0.5), Some(10));
+        assert_eq!(h.quantile(0.99), Some(100));
+        h.observe(1_000);
+        assert_eq!(h.quantile(1.0), Some(u64::MAX));
     }
 }

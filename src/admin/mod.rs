@@ -1,29 +1,56 @@
-//! The admin listener: a separate address (loopback by default) for operators and
-//! orchestrators. Now: `/healthz` (the process is up), `/readyz` (at least one replica is
-//! eligible for traffic and the gateway is not draining), the revalidation webhook
-//! (`POST /_isrgate/revalidate`, as on the public listener) and its log (`GET /api/log`). The
-//! dashboard, stats API and Prometheus metrics join it later.
+//! The admin listener: a separate address (loopback by default) for operators, orchestrators
+//! and Prometheus. It must never share the public listener's limits or fate: a flood of client
+//! traffic must not make the orchestrator believe the gateway is dead.
 //!
-//! It must never share the public listener's limits or fate: a flood of client traffic must not
-//! make the orchestrator believe the gateway is dead.
+//! | path | auth | what |
+//! |---|---|---|
+//! | `GET /healthz` | none | the process is up |
+//! | `GET /readyz` | none | ready for traffic: a healthy replica, not draining; `degraded` when Redis is down (still ready) |
+//! | `POST /_isrgate/revalidate` | webhook secret | the revalidation webhook, as on the public listener |
+//! | `GET /` | token | the dashboard ([`DASHBOARD`], embedded) |
+//! | `GET /metrics` | token | Prometheus ([`prometheus`]) |
+//! | `GET /api/stats` | token | the dashboard's data ([`stats`]) |
+//! | `GET /api/log` | token | the revalidation log |
+//! | `POST /api/purge` | token | the dashboard's purge form: the webhook's path, authenticated by the token |
+//! | `POST /login` | form | exchanges the token for a session cookie (browsers) |
+//!
+//! The token is `ISRGATE_ADMIN_TOKEN`: `Authorization: Bearer <token>` or the `isrgate_admin`
+//! cookie set by `/login` (HttpOnly, SameSite=Strict). Without it configured, the token-guarded
+//! paths answer 403 and say how to enable them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode, header};
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+pub mod prometheus;
+pub mod stats;
 
 use crate::app::AppState;
 use crate::http::body::{self, Body};
 
+/// The dashboard page: HTML, CSS and JS in one file, no external assets.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The session cookie's name.
+const COOKIE: &str = "isrgate_admin";
+
 /// Serves the admin endpoints until `drain`.
 pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let history = Arc::new(stats::History::default());
+    history.start(Arc::clone(&app.metrics));
     loop {
         let stream = tokio::select! {
             _ = drain.cancelled() => return,
@@ -36,57 +63,213 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
                 }
             },
         };
-        let (app, builder) = (Arc::clone(&app), Arc::clone(&builder));
+        let (app, builder, history) =
+            (Arc::clone(&app), Arc::clone(&builder), Arc::clone(&history));
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let app = Arc::clone(&app);
-                async move {
-                    if req.uri().path() == crate::invalidate::PATH {
-                        let (head, body) = req.into_parts();
-                        return Ok::<_, Infallible>(
-                            crate::invalidate::handle(&app, head, body).await,
-                        );
-                    }
-                    if req.uri().path() == "/api/log" && req.method() == Method::GET {
-                        return Ok(revalidation_log(&app).await);
-                    }
-                    Ok(route(&app, &req))
-                }
+                let (app, history) = (Arc::clone(&app), Arc::clone(&history));
+                async move { Ok::<_, Infallible>(route(&app, &history, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
 
-fn route(app: &AppState, req: &Request<Incoming>) -> Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+async fn route(
+    app: &Arc<AppState>,
+    history: &stats::History,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    match (&method, path.as_str()) {
+        (_, crate::invalidate::PATH) => {
+            let (head, body) = req.into_parts();
+            return crate::invalidate::handle(app, head, body).await;
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz") => return readyz(app),
+        (&Method::POST, "/login") => return login(app, req).await,
+        _ => {}
     }
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
-            let (healthy, total) = app
-                .upstream
-                .replicas()
-                .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
-            let draining = app.draining.is_cancelled();
-            let ready = healthy > 0 && !draining;
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            let body = format!(
-                "{{\"ready\":{ready},\"draining\":{draining},\"replicas_healthy\":{healthy},\"replicas\":{total}}}\n"
-            );
-            let mut r = text(status, body);
+    let Some(token) = app.config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "the admin API is off: set ISRGATE_ADMIN_TOKEN to enable the dashboard, /metrics and /api\n",
+        );
+    };
+    if !authorized(req.headers(), token) {
+        if path == "/" && method == Method::GET {
+            return html(StatusCode::UNAUTHORIZED, LOGIN);
+        }
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "send Authorization: Bearer <ISRGATE_ADMIN_TOKEN>\n",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    match (&method, path.as_str()) {
+        (&Method::GET, "/") => html(StatusCode::OK, DASHBOARD),
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, prometheus::render(app));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
+                HeaderValue::from_static(prometheus::CONTENT_TYPE),
             );
             r
         }
+        (&Method::GET, "/api/stats") => json(StatusCode::OK, &stats::stats(app, history).await),
+        (&Method::GET, "/api/log") => revalidation_log(app).await,
+        (&Method::POST, "/api/purge") => purge(app, req).await,
+        (_, "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Whether the request carries the token (bearer or session cookie), compared in constant time.
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(COOKIE)
+                .and_then(|c| c.strip_prefix('='))
+        });
+    let want = Sha256::digest(token.as_bytes());
+    [bearer, cookie]
+        .into_iter()
+        .flatten()
+        .any(|given| bool::from(Sha256::digest(given.trim().as_bytes()).ct_eq(&want)))
+}
+
+fn readyz(app: &AppState) -> Response<Body> {
+    let (healthy, total) = app
+        .upstream
+        .replicas()
+        .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
+    let draining = app.draining.is_cancelled();
+    let ready = healthy > 0 && !draining;
+    // Redis down is degraded, not unready: the gateway still serves (L1 and replicas).
+    let redis = match app.cache.as_ref().map(|c| &c.store) {
+        Some(crate::cache::store::Store::Redis(r)) => {
+            let down =
+                r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
+            if down { "degraded" } else { "ok" }
+        }
+        _ => "none",
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &serde_json::json!({
+            "ready": ready,
+            "draining": draining,
+            "replicas_healthy": healthy,
+            "replicas": total,
+            "redis": redis,
+        }),
+    )
+}
+
+/// `POST /login` with a form `token=…`: sets the session cookie and goes to the dashboard.
+async fn login(app: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let Some(token) = app.config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "the admin API is off: set ISRGATE_ADMIN_TOKEN\n",
+        );
+    };
+    let Ok(form) = Limited::new(req.into_body(), 4_096).collect().await else {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "form too large\n");
+    };
+    let form = form.to_bytes();
+    let given = form_value(&form, "token").unwrap_or_default();
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {given}")).unwrap_or(HeaderValue::from_static("")),
+    );
+    if !authorized(&h, token) {
+        return html(StatusCode::UNAUTHORIZED, LOGIN);
+    }
+    let mut r = text(StatusCode::SEE_OTHER, "");
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/"));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
+    )) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+fn form_value(form: &[u8], name: &str) -> Option<String> {
+    std::str::from_utf8(form).ok()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// `POST /api/purge` (the dashboard's form): JSON like the webhook's, checked by the same
+/// rules and applied by the same code.
+async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let Some(cache) = &app.cache else {
+        return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
+    };
+    let (head, body) = req.into_parts();
+    let raw: Bytes = match Limited::new(body, app.config.webhook.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &serde_json::json!({"error": "body too large"}),
+            );
+        }
+    };
+    let revalidation = match crate::invalidate::webhook::parse(&raw, None) {
+        Ok(r) => r,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return json(status, &serde_json::json!({ "error": e.to_string() }));
+        }
+    };
+    // The admin listener's own Host is not the site's: re-warm needs the public host, which
+    // the form sends; without it nothing is re-warmed.
+    let host = head
+        .headers
+        .get("x-isrgate-public-host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let mut revalidation = revalidation;
+    revalidation.rewarm &= !host.is_empty();
+    match crate::invalidate::run(app, cache, &revalidation, &host, "dashboard").await {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": format!("Redis is unavailable ({e}); nothing was invalidated") }),
+        ),
     }
 }
 
@@ -95,30 +278,53 @@ async fn revalidation_log(app: &AppState) -> Response<Body> {
     let Some(cache) = &app.cache else {
         return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
     };
-    let mut r = match cache.log.recent(&cache.store, 100).await {
-        Ok(records) => text(StatusCode::OK, serde_json::Value::from(records).to_string()),
-        Err(e) => text(
+    match cache.log.recent(&cache.store, 100).await {
+        Ok(records) => json(StatusCode::OK, &serde_json::Value::from(records)),
+        Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({ "error": format!("log unavailable: {e}") }).to_string(),
+            &serde_json::json!({ "error": format!("log unavailable: {e}") }),
         ),
-    };
+    }
+}
+
+const LOGIN: &str = r#"<!doctype html><html lang="en"><meta charset="utf-8"><title>isrgate — sign in</title>
+<style>body{font:15px system-ui,sans-serif;background:#0f172a;color:#e2e8f0;display:grid;place-items:center;height:100vh;margin:0}
+form{background:#1e293b;padding:2rem;border-radius:10px;display:grid;gap:.8rem;min-width:320px}
+input,button{font:inherit;padding:.5rem;border-radius:6px;border:1px solid #475569;background:#0f172a;color:inherit}
+button{background:#2563eb;border:0;cursor:pointer}</style>
+<form method="post" action="/login"><h2>isrgate admin</h2><label>Admin token (ISRGATE_ADMIN_TOKEN)<br>
+<input type="password" name="token" autofocus required></label><button type="submit">Sign in</button></form></html>"#;
+
+fn html(status: StatusCode, page: &'static str) -> Response<Body> {
+    let mut r = text(status, page);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        header::HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static("default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; frame-ancestors 'none'"),
     );
     r
 }
 
-fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = text(status, value.to_string());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(body::full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }

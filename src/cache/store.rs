@@ -249,6 +249,7 @@ pub struct RedisStore {
     pool: Pool,
     command_timeout: Duration,
     breaker: std::sync::Arc<Breaker>,
+    latency_ms: std::sync::Arc<crate::metrics::Histogram>,
 }
 
 impl RedisStore {
@@ -292,12 +293,23 @@ impl RedisStore {
             pool,
             command_timeout: settings.command_timeout,
             breaker: std::sync::Arc::new(Breaker::default()),
+            latency_ms: std::sync::Arc::default(),
         })
     }
 
     /// The circuit breaker (for readiness and the dashboard).
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// Time per command, ms (including the wait for a connection).
+    pub fn latency_ms(&self) -> &crate::metrics::Histogram {
+        &self.latency_ms
+    }
+
+    /// Whether every connection of the pool is up.
+    pub fn is_connected(&self) -> bool {
+        self.pool.clients().iter().all(|c| c.is_connected())
     }
 
     /// The underlying pool (for the bus and the lock code that share it).
@@ -314,10 +326,13 @@ impl RedisStore {
             return Err(StoreError::CircuitOpen);
         }
         // fred bounds commands itself; this also bounds the wait for a connection.
+        let started = Instant::now();
         let result = match tokio::time::timeout(self.command_timeout, fut).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(self.command_timeout)),
         };
+        self.latency_ms
+            .observe(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         match &result {
             Ok(_) => self.breaker.success(),
             Err(e) => {

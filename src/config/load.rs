@@ -109,6 +109,9 @@ pub const WEBHOOK_SECRET: &str = "ISRGATE_WEBHOOK_SECRET";
 /// The webhook's HMAC key, when it differs from the bearer secret.
 pub const WEBHOOK_HMAC_SECRET: &str = "ISRGATE_WEBHOOK_HMAC_SECRET";
 
+/// The admin listener's token (dashboard, `/metrics`, `/api`).
+pub const ADMIN_TOKEN: &str = "ISRGATE_ADMIN_TOKEN";
+
 /// The build's `previewModeId`, for on-demand revalidation when re-warming.
 pub const PREVIEW_MODE_ID: &str = "ISRGATE_PREVIEW_MODE_ID";
 
@@ -145,6 +148,9 @@ pub fn load(
             .secret(WEBHOOK_HMAC_SECRET)
             .unwrap_or_else(|| bearer.clone());
         config.webhook.secrets = Some(crate::invalidate::webhook::Secrets { bearer, hmac });
+    }
+    if let (Some(admin), Some(token)) = (config.admin.as_mut(), env.secret(ADMIN_TOKEN)) {
+        admin.token = Some(token);
     }
     if let Some(id) = env.secret(PREVIEW_MODE_ID) {
         match http::HeaderValue::from_str(&id) {

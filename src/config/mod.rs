@@ -227,10 +227,22 @@ pub struct Redis {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
     /// Address to bind.
     pub listen: SocketAddr,
+    /// `ISRGATE_ADMIN_TOKEN`: guards the dashboard, `/metrics` and `/api`; `None` = those are
+    /// off (403).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `[log]`

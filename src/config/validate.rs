@@ -148,6 +148,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
         "" => None,
         text => Some(Admin {
             listen: c.socket_addr("admin.listen", text),
+            token: None,
         }),
     };
     if admin

@@ -116,6 +116,13 @@ pub async fn fanout(
     }
     let mut results: Vec<(usize, ReplicaResult)> = calls.join_all().await;
     results.sort_by_key(|(i, _)| *i);
+    for (_, r) in &results {
+        if r.ok {
+            app.metrics.fanout_ok.inc();
+        } else {
+            app.metrics.fanout_failed.inc();
+        }
+    }
     Some(results.into_iter().map(|(_, r)| r).collect())
 }
 

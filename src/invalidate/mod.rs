@@ -77,28 +77,48 @@ where
             return answer(status, &e.to_string());
         }
     };
+    let host = head
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    match run(app, cache, &revalidation, host, &source(&head)).await {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(e) => {
+            tracing::warn!(error = %e, "revalidation not applied: the store failed");
+            answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("Redis is unavailable ({e}); nothing was invalidated, retry later"),
+            )
+        }
+    }
+}
+
+/// Applies a checked revalidation and reports every step (the webhook's and the dashboard's
+/// purge form's one path). On error nothing was applied.
+pub async fn run(
+    app: &Arc<AppState>,
+    cache: &Arc<crate::app::CacheState>,
+    revalidation: &webhook::Revalidation,
+    host: &str,
+    source: &str,
+) -> Result<serde_json::Value, crate::cache::store::StoreError> {
+    let hook = &app.config.webhook;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let started = Instant::now();
     let tags = revalidation.all_tags();
     let gateway = cache.gateway_id();
     let expected = cache.fleet.live();
-    let epoch = match apply::apply(
+    let epoch = apply::apply(
         &cache.store,
         &cache.epochs,
         gateway,
         revalidation.mode,
         &tags,
     )
-    .await
-    {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::warn!(error = %e, "revalidation not applied: the store failed");
-            return answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("Redis is unavailable ({e}); nothing was invalidated, retry later"),
-            );
-        }
-    };
+    .await?;
     app.metrics.invalidations.inc();
     let acks = cache
         .fleet
@@ -106,13 +126,8 @@ where
         .await;
     let acked_ms = millis(started.elapsed());
     let replicas = fanout::fanout(app, &hook.fanout, &revalidation.paths, &revalidation.tags).await;
-    let host = head
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
     let rewarmed = if revalidation.rewarm && hook.rewarm_concurrency > 0 {
-        let paths = rewarm::targets(cache, &revalidation);
+        let paths = rewarm::targets(cache, revalidation);
         rewarm::rewarm(app, cache, host, &paths, hook.rewarm_concurrency).await
     } else {
         Vec::new()
@@ -124,7 +139,7 @@ where
     let report = serde_json::json!({
         "epoch": epoch,
         "at_unix": now,
-        "source": source(&head),
+        "source": source,
         "mode": revalidation.mode.as_str(),
         "paths": revalidation.paths,
         "tags": tags,
@@ -141,11 +156,11 @@ where
     if let Err(e) = cache.log.record(&cache.store, &report).await {
         tracing::warn!(error = %e, "revalidation log not written");
     }
-    json(StatusCode::OK, &report)
+    Ok(report)
 }
 
 /// Who called, for the log: the client address the forwarding headers name, or "-".
-fn source(head: &Parts) -> String {
+pub fn source(head: &Parts) -> String {
     head.headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())

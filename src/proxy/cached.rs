@@ -77,6 +77,7 @@ pub async fn serve(
         Found::Miss => None,
     };
     app.metrics.cache_misses.inc();
+    app.metrics.missed_paths.record(head.uri.path());
     if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
         let reply = app.upstream.send(head, body::empty()).await?;

@@ -218,20 +218,43 @@ impl Upstream {
             .cfg
             .response_header_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
-        let name = || replica.authority.to_string();
         let exchange = self
             .pool
             .send(&replica.authority, Request::from_parts(head, body));
-        match tokio::time::timeout(wait, exchange).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(wait, exchange).await;
+        if result.as_ref().is_ok_and(Result::is_ok) {
+            let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            replica.latency_ms.observe(ms);
+        }
+        let result = self.settle(replica, result, wait);
+        if let Err(e) = &result {
+            replica.set_last_error(e.to_string());
+        }
+        result.map(|(response, lease)| Reply {
+            response,
+            replica: Arc::clone(replica),
+            in_flight,
+            lease,
+            deadline,
+        })
+    }
+
+    /// The outcome of one exchange with `replica`, counted.
+    fn settle(
+        &self,
+        replica: &Replica,
+        result: Result<
+            Result<(Response<Incoming>, pool::Lease), pool::PoolError>,
+            tokio::time::error::Elapsed,
+        >,
+        wait: std::time::Duration,
+    ) -> Result<(Response<Incoming>, pool::Lease), UpstreamError> {
+        let name = || replica.authority.to_string();
+        match result {
             Ok(Ok((response, lease))) => {
                 replica.record_success();
-                Ok(Reply {
-                    response,
-                    replica: Arc::clone(replica),
-                    in_flight,
-                    lease,
-                    deadline,
-                })
+                Ok((response, lease))
             }
             Ok(Err(pool::PoolError::Connect(source))) => {
                 self.failed(replica);

@@ -30,6 +30,9 @@ pub struct Replica {
     active_ok: AtomicBool,
     check_passes: AtomicU32,
     check_failures: AtomicU32,
+    /// Time to the response head of live traffic, ms.
+    pub latency_ms: crate::metrics::Histogram,
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Replica {
@@ -44,12 +47,27 @@ impl Replica {
             active_ok: AtomicBool::new(true),
             check_passes: AtomicU32::new(0),
             check_failures: AtomicU32::new(0),
+            latency_ms: crate::metrics::Histogram::default(),
+            last_error: std::sync::Mutex::new(None),
         }
     }
 
     /// Eligible for traffic: active checks pass and not passively ejected.
     pub fn is_healthy(&self) -> bool {
         self.active_ok.load(Relaxed) && self.ejected_until_ms.load(Relaxed) <= now_ms()
+    }
+
+    /// The last error of live traffic to this replica (for the dashboard).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records an error of live traffic.
+    pub fn set_last_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 
     /// Requests currently outstanding (head sent, body not finished).

@@ -15,6 +15,7 @@ use crate::support::{Client, Gateway, Got, config};
 const HOST: &str = "shop.example";
 const ISR: &str = "s-maxage=600, stale-while-revalidate=600";
 const SECRET: &str = "test-webhook-secret";
+const ADMIN_TOKEN: &str = "test-admin-token";
 
 fn page(body: &str) -> Route {
     Route::html(body).header("cache-control", ISR)
@@ -35,6 +36,9 @@ async fn gateways(origin: &FakeNext, r: &RedisProcess, n: usize) -> Vec<Gateway>
             bearer: SECRET.into(),
             hmac: SECRET.into(),
         });
+        if let Some(admin) = cfg.admin.as_mut() {
+            admin.token = Some(ADMIN_TOKEN.into());
+        }
         gws.push(Gateway::start(cfg).await);
     }
     for gw in &gws {
@@ -307,7 +311,10 @@ async fn rewarm_makes_the_next_request_a_hit_on_the_new_page() {
     // The log has it, newest first, on the admin listener.
     let admin = gws[1].admin.expect("admin listener");
     let log = Client::default()
-        .get(&format!("http://{admin}/api/log"), &[])
+        .get(
+            &format!("http://{admin}/api/log"),
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        )
         .await;
     let log: serde_json::Value = serde_json::from_slice(&log.body).expect("JSON log");
     assert_eq!(log[0]["epoch"], report["epoch"]);

@@ -1,0 +1,293 @@
+//! `GET /api/stats`: everything the dashboard shows, as one JSON document, and the history it
+//! draws its charts from.
+//!
+//! [`History`] samples the counters every [`SAMPLE_EVERY`] for an hour (a ring, filled by a
+//! task of the admin listener), so hit ratios over 1 m / 5 m / 1 h and request rates are
+//! differences of two samples, never a scan. Redis facts (`INFO memory`, `DBSIZE`) are read
+//! when the document is built, each bounded by the store's command timeout.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fred::prelude::*;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::cache::store::Store;
+use crate::metrics::{Histogram, Metrics};
+
+/// How often the counters are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// Samples kept (one hour).
+const KEPT: usize = 720;
+
+/// One sample of the counters the charts and ratios need.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// UNIX seconds.
+    pub at: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Fresh hits.
+    pub hits: u64,
+    /// Stale served while refreshing.
+    pub stale: u64,
+    /// Stale served because replicas failed.
+    pub stale_if_error: u64,
+    /// Misses.
+    pub misses: u64,
+}
+
+impl Sample {
+    fn now(m: &Metrics) -> Sample {
+        Sample {
+            at: unix_now(),
+            requests: m.requests.get(),
+            hits: m.cache_hits.get(),
+            stale: m.cache_stale.get(),
+            stale_if_error: m.cache_stale_if_error.get(),
+            misses: m.cache_misses.get(),
+        }
+    }
+}
+
+/// The last hour of samples.
+#[derive(Debug, Default)]
+pub struct History {
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+impl History {
+    /// Records the counters now.
+    pub fn sample(&self, m: &Metrics) {
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() == KEPT {
+            s.pop_front();
+        }
+        s.push_back(Sample::now(m));
+    }
+
+    /// Samples the counters every [`SAMPLE_EVERY`] for the life of the process.
+    pub fn start(self: &Arc<Self>, metrics: Arc<Metrics>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SAMPLE_EVERY);
+            loop {
+                every.tick().await;
+                me.sample(&metrics);
+            }
+        });
+    }
+
+    fn snapshot(&self) -> Vec<Sample> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
+/// Share of cache answers that did not go upstream between `old` and `new`; `None` without
+/// traffic.
+fn hit_ratio(old: &Sample, new: &Sample) -> Option<f64> {
+    let served =
+        (new.hits - old.hits) + (new.stale - old.stale) + (new.stale_if_error - old.stale_if_error);
+    let all = served + (new.misses - old.misses);
+    (all > 0).then(|| served as f64 / all as f64)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn ms(h: &Histogram, q: f64) -> Value {
+    match h.quantile(q) {
+        Some(u64::MAX) => json!(">10000"),
+        Some(v) => json!(v),
+        None => Value::Null,
+    }
+}
+
+/// The document for `app`.
+pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
+    let m = &app.metrics;
+    let now = Sample::now(m);
+    let samples = history.snapshot();
+    let ratio = |secs: u64| {
+        let old = samples
+            .iter()
+            .find(|s| now.at.saturating_sub(s.at) <= secs)
+            .copied()
+            .unwrap_or_default();
+        hit_ratio(&old, &now)
+    };
+    let replicas: Vec<Value> = app
+        .upstream
+        .replicas()
+        .snapshot()
+        .iter()
+        .map(|r| {
+            json!({
+                "address": r.authority.to_string(),
+                "healthy": r.is_healthy(),
+                "in_flight": r.in_flight(),
+                "sent": r.sent(),
+                "p50_ms": ms(&r.latency_ms, 0.5),
+                "p99_ms": ms(&r.latency_ms, 0.99),
+                "last_error": r.last_error(),
+            })
+        })
+        .collect();
+    let mut banners: Vec<String> = Vec::new();
+    let ejected: Vec<&str> = replicas
+        .iter()
+        .filter(|r| r["healthy"] == false)
+        .filter_map(|r| r["address"].as_str())
+        .collect();
+    if !ejected.is_empty() {
+        banners.push(format!("replicas out of rotation: {}", ejected.join(", ")));
+    }
+    let minute_ago = samples
+        .iter()
+        .find(|s| now.at.saturating_sub(s.at) <= 60)
+        .copied()
+        .unwrap_or_default();
+    if now.stale_if_error > minute_ago.stale_if_error {
+        banners.push(format!(
+            "serving stale-if-error: {} answers in the last minute came from stale entries because replicas failed",
+            now.stale_if_error - minute_ago.stale_if_error
+        ));
+    }
+    let (cache, redis, fleet, log) = match &app.cache {
+        Some(c) => {
+            let (entries, bytes) = c.l1.size();
+            let redis = redis_facts(&c.store).await;
+            if redis["configured"] == true && redis["connected"] != true {
+                banners.insert(0, "Redis is down: serving from each gateway's L1 and the replicas; coalescing and invalidation are local only".into());
+            }
+            if redis["maxmemory"] == 0 {
+                banners.push("Redis has no maxmemory: it grows until the host runs out of memory; set maxmemory and maxmemory-policy allkeys-lru".into());
+            } else if redis["maxmemory_policy"] == "noeviction" {
+                banners.push("Redis maxmemory-policy is noeviction: writes fail once it is full; use allkeys-lru".into());
+            }
+            let log = c.log.recent(&c.store, 20).await.unwrap_or_default();
+            let mut live = c.fleet.live();
+            live.insert(0, c.gateway_id().to_owned());
+            (
+                json!({
+                    "enabled": true,
+                    "store": c.store.kind(),
+                    "l1": { "entries": entries, "bytes": bytes, "max_bytes": c.cfg.l1_max_bytes },
+                    "invalidated_tags": c.epochs.len(),
+                }),
+                redis,
+                json!({ "gateways": live, "this": c.gateway_id() }),
+                log,
+            )
+        }
+        None => (
+            json!({ "enabled": false }),
+            json!({ "configured": false }),
+            json!({}),
+            Vec::new(),
+        ),
+    };
+    let series: Vec<Value> = samples
+        .windows(2)
+        .map(|w| {
+            let dt = w[1].at.saturating_sub(w[0].at).max(1) as f64;
+            json!({
+                "at": w[1].at,
+                "rps": (w[1].requests - w[0].requests) as f64 / dt,
+                "hit_ratio": hit_ratio(&w[0], &w[1]),
+            })
+        })
+        .collect();
+    json!({
+        "at": now.at,
+        "draining": app.draining.is_cancelled(),
+        "banners": banners,
+        "requests": {
+            "total": now.requests,
+            "hit": now.hits,
+            "stale": now.stale,
+            "stale_if_error": now.stale_if_error,
+            "miss": now.misses,
+            "bypass": m.cache_bypass.get(),
+            "hit_ratio": { "1m": ratio(60), "5m": ratio(300), "1h": ratio(3_600) },
+        },
+        "cache": cache,
+        "coalesce": {
+            "followers_local": m.coalesced_local.get(),
+            "followers_remote": m.coalesced_remote.get(),
+            "wait_p50_ms": ms(&m.follower_wait_ms, 0.5),
+            "wait_p99_ms": ms(&m.follower_wait_ms, 0.99),
+            "lock_contended": m.lock_contended.get(),
+            "leaders_abandoned": m.leaders_abandoned.get(),
+            "lock_fallbacks": m.lock_fallbacks.get(),
+            "refreshes": m.refreshes.get(),
+        },
+        "replicas": replicas,
+        "redis": redis,
+        "fleet": fleet,
+        "top_missed": m.missed_paths.top(10).into_iter().map(|(p, n)| json!({ "path": p, "misses": n })).collect::<Vec<_>>(),
+        "revalidations": log,
+        "series": series,
+    })
+}
+
+/// What the dashboard shows about Redis.
+async fn redis_facts(store: &Store) -> Value {
+    let Store::Redis(r) = store else {
+        return json!({ "configured": false });
+    };
+    let open = r.breaker().is_open(crate::upstream::replicas::now_ms());
+    let info: Option<String> = r
+        .bounded(r.pool().next().info(Some(fred::types::InfoKind::Memory)))
+        .await
+        .ok();
+    let keys: Option<u64> = r.bounded(r.pool().next().dbsize()).await.ok();
+    let field = |name: &str| {
+        info.as_deref().and_then(|i| {
+            i.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+                .map(|v| v.trim().to_owned())
+        })
+    };
+    let number = |name: &str| field(name).and_then(|v| v.parse::<u64>().ok());
+    json!({
+        "configured": true,
+        "connected": info.is_some() && !open,
+        "circuit_open": open,
+        "latency_p50_ms": ms(r.latency_ms(), 0.5),
+        "latency_p99_ms": ms(r.latency_ms(), 0.99),
+        "used_memory": number("used_memory"),
+        "maxmemory": number("maxmemory"),
+        "maxmemory_policy": field("maxmemory_policy"),
+        "keys": keys,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_ratio_counts_stale_answers_as_served() {
+        let old = Sample::default();
+        let new = Sample {
+            hits: 6,
+            stale: 1,
+            stale_if_error: 1,
+            misses: 2,
+            ..Sample::default()
+        };
+        assert_eq!(hit_ratio(&old, &new), Some(0.8));
+        assert_eq!(hit_ratio(&new, &new), None);
+    }
+}
