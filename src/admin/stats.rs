@@ -175,7 +175,10 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             } else if redis["maxmemory_policy"] == "noeviction" {
                 banners.push("Redis maxmemory-policy is noeviction: writes fail once it is full; use allkeys-lru".into());
             }
-            let log = c.log.recent(&c.store, 20).await.unwrap_or_default();
+            let log = match c.log.recent(&c.store, 20).await {
+                Ok(records) => Value::from(records),
+                Err(e) => json!({ "error": format!("the revalidation log is unavailable: {e}") }),
+            };
             let mut live = c.fleet.live();
             live.insert(0, c.gateway_id().to_owned());
             (
@@ -194,7 +197,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             json!({ "enabled": false }),
             json!({ "configured": false }),
             json!({}),
-            Vec::new(),
+            Value::Array(Vec::new()),
         ),
     };
     let series: Vec<Value> = samples

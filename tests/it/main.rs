@@ -6,6 +6,7 @@ mod support;
 
 mod admin;
 mod balance;
+mod browser;
 mod cache;
 mod cli;
 mod coalesce;
