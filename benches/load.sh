@@ -16,6 +16,9 @@
 #                                 expiry under load (a path with s-maxage=EXPIRY_TTL hammered for
 #                                 EXPIRY_DURATION s; re-renders). Env: K=200 RUNS=3 EXPIRY_TTL=2
 #                                 EXPIRY_DURATION=10
+#   benches/load.sh scrape        hit throughput of isrgate (L1, Redis) against `limit`, once
+#                                 alone and once with a Prometheus-like scraper reading /metrics
+#                                 and /api/stats every second: the dashboard's cost on hits
 #
 # The harness is copied to a writable work dir (default target/peer-bench) because shared/ is
 # read-only; its setup.sh installs nginx, varnish and wrk from Debian when missing.
@@ -51,7 +54,11 @@ case "$mode" in
         peers=(origin nginx varnish)
         upstream=127.0.0.1:3001
         ;;
-    *) echo "unknown mode '$mode' (passthrough | hit | stampede)" >&2; exit 2 ;;
+    scrape)
+        peers=(origin limit)
+        upstream=127.0.0.1:3001
+        ;;
+    *) echo "unknown mode '$mode' (passthrough | hit | stampede | scrape)" >&2; exit 2 ;;
 esac
 
 redis_pid=""
@@ -69,7 +76,7 @@ start_gateway() {
     local name=$1 port=$2; shift 2
     env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn "$@" \
         "$root/target/release/isrgate" serve --config /dev/null \
-        --listen "127.0.0.1:$port" --admin-listen "" --upstream "http://$upstream" \
+        --listen "127.0.0.1:$port" --admin-listen "${ADMIN_LISTEN:-}" --upstream "http://$upstream" \
         >"$work/run/$name.log" 2>&1 &
     echo $! >"$work/run/$name.pid"
     for _ in $(seq 1 100); do
@@ -106,6 +113,26 @@ case "$mode" in
         stored=$(redis-cli -p 6391 hstrlen "$key" b)
         identity=$(curl -s -H 'Accept-Encoding: identity' http://127.0.0.1:8080/page/1 | wc -c)
         awk -v s="$stored" -v i="$identity" 'BEGIN { printf "bytes at rest: %d gzip vs %d identity (%.1f%% smaller)\n", s, i, 100 - 100 * s / i }'
+        ;;
+    scrape)
+        start_redis
+        token=bench-token
+        ADMIN_LISTEN=127.0.0.1:9191 ISRGATE_ADMIN_TOKEN=$token \
+            start_gateway gateway 8080 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
+        echo "== hits, no scraper"
+        LIMIT=limit "$work/bench.sh" gateway
+        echo "== hits, /metrics and /api/stats scraped every second"
+        (
+            end=$((SECONDS + 60 * 10))
+            while [ $SECONDS -lt $end ]; do
+                curl -s -o /dev/null -H "Authorization: Bearer $token" http://127.0.0.1:9191/metrics
+                curl -s -o /dev/null -H "Authorization: Bearer $token" http://127.0.0.1:9191/api/stats
+                sleep 1
+            done
+        ) &
+        scraper=$!
+        LIMIT=limit "$work/bench.sh" gateway
+        kill "$scraper" 2>/dev/null || true
         ;;
     stampede)
         start_redis
