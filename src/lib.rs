@@ -3,18 +3,21 @@
 //! A request goes through these stages, one module each, in this order:
 //!
 //! ```text
-//! accept (server) → sanitize (proxy::sanitize) → [classify → key → lookup → serve | coalesce]
-//!        → upstream (upstream: balance, retry, health) → [admit → store] → respond (proxy)
+//! accept (server) → sanitize (proxy::sanitize) → classify → key → lookup → serve
+//!                                                            ↘ miss: coalesce → upstream → admit → store → respond
+//! webhook: invalidate (auth, parse) → apply (epochs) → acks (bus) → fan-out → re-warm → log
 //! ```
 //!
-//! Stages in brackets arrive with the cache. Module map:
+//! Module map:
 //! - [`config`]: TOML + env + flags → validated [`Config`]; all problems reported at once.
 //! - [`server`]: workers and listeners, per-connection bounds, load shedding, graceful drain.
-//! - [`proxy`]: the request driver and its steps (sanitize, tunnel, respond).
+//! - [`proxy`]: the request driver and its steps (sanitize, classify, lookup, coalesce, fill,
+//!   serve, refresh, tunnel).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
-//!   store). [`bus`]: the Redis pub/sub bus between gateways.
-//! - [`admin`]: the operator listener (health, readiness).
+//!   epochs, tags, store, fill locks). [`bus`]: the Redis pub/sub bus between gateways.
+//! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
+//! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters. [`http`]: header names, bodies.
 //! - [`app`]: the shared state built once at start.
 
