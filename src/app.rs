@@ -217,6 +217,10 @@ impl BusListener {
         match event {
             Event::Message(Message::Key { kind, key, .. }) => {
                 if let Ok(hash) = u128::from_str_radix(key, 16) {
+                    if *kind == crate::bus::Kind::Filled {
+                        // Cacheable again: no hit-for-miss for it here either.
+                        self.coalesce.stored(hash);
+                    }
                     self.coalesce.on_message(*kind, hash);
                 }
             }
@@ -232,11 +236,20 @@ impl BusListener {
             Event::Reconnected => {
                 let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
                 tokio::spawn(async move {
-                    match crate::invalidate::apply::load(&store, &epochs).await {
-                        Ok(n) => tracing::debug!(tags = n, "invalidations loaded"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not load invalidations; entries invalidated meanwhile may be served until they expire")
+                    // Until it succeeds: a missed invalidation would keep old pages valid.
+                    let mut wait = std::time::Duration::from_millis(100);
+                    loop {
+                        match crate::invalidate::apply::load(&store, &epochs).await {
+                            Ok(n) => {
+                                tracing::debug!(tags = n, "invalidations loaded");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, retry_in = ?wait, "could not load invalidations; retrying")
+                            }
                         }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
                     }
                 });
             }

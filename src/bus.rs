@@ -259,7 +259,10 @@ impl Bus {
                             }
                         }
                         // Lagged: messages were dropped locally; the L1 may be behind.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => l1.clear(),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            l1.clear();
+                            listener(Event::Reconnected);
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                     r = reconnects.recv() => match r {
@@ -268,7 +271,10 @@ impl Bus {
                             l1.clear();
                             listener(Event::Reconnected);
                         }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => l1.clear(),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            l1.clear();
+                            listener(Event::Reconnected);
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
                 }

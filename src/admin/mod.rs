@@ -15,7 +15,7 @@
 //! | `POST /login` | form | exchanges the token for a session cookie (browsers) |
 //!
 //! The token is `ISRGATE_ADMIN_TOKEN`: `Authorization: Bearer <token>` or the `isrgate_admin`
-//! cookie set by `/login` (HttpOnly, SameSite=Strict). Without it configured, the token-guarded
+//! cookie set by `/login` (a value derived from the token, HttpOnly, SameSite=Strict, one day). Without it configured, the token-guarded
 //! paths answer 403 and say how to enable them.
 
 use std::convert::Infallible;
@@ -45,10 +45,22 @@ pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// The session cookie's name.
 const COOKIE: &str = "isrgate_admin";
+/// Connections the admin listener serves at once.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Bound on reading a request head (and on an idle keep-alive connection) on the admin port.
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves the admin endpoints until `drain`.
 pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Bounds of their own: a slow or idle client on this port must not pile up connections
+    // (the process's file descriptors are shared with the public listener).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    let builder = Arc::new(builder);
+    let connections = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     let history = Arc::new(stats::History::default());
     history.start(Arc::clone(&app.metrics));
     loop {
@@ -63,9 +75,14 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
                 }
             },
         };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            drop(stream); // over the cap: refuse rather than queue
+            continue;
+        };
         let (app, builder, history) =
             (Arc::clone(&app), Arc::clone(&builder), Arc::clone(&history));
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let (app, history) = (Arc::clone(&app), Arc::clone(&history));
                 async move { Ok::<_, Infallible>(route(&app, &history, req).await) }
@@ -146,10 +163,26 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
                 .and_then(|c| c.strip_prefix('='))
         });
     let want = Sha256::digest(token.as_bytes());
-    [bearer, cookie]
-        .into_iter()
-        .flatten()
-        .any(|given| bool::from(Sha256::digest(given.trim().as_bytes()).ct_eq(&want)))
+    let bearer_ok = bearer
+        .is_some_and(|given| bool::from(Sha256::digest(given.trim().as_bytes()).ct_eq(&want)));
+    let session = session_value(token);
+    let cookie_ok =
+        cookie.is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(session.as_bytes())));
+    bearer_ok || cookie_ok
+}
+
+/// The session cookie's value: derived from the token (HMAC-SHA256 of a fixed label), so the
+/// browser never holds the token itself; rotating the token ends every session.
+fn session_value(token: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes())
+        .expect("invariant: HMAC accepts keys of any length");
+    mac.update(b"isrgate admin session v1");
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn readyz(app: &AppState) -> Response<Body> {
@@ -209,8 +242,9 @@ async fn login(app: &AppState, req: Request<Incoming>) -> Response<Body> {
     let mut r = text(StatusCode::SEE_OTHER, "");
     r.headers_mut()
         .insert(header::LOCATION, HeaderValue::from_static("/"));
+    let session = session_value(token);
     if let Ok(v) = HeaderValue::from_str(&format!(
-        "{COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/"
+        "{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age=86400"
     )) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }

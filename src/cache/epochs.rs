@@ -62,7 +62,16 @@ pub struct Epochs {
     /// The newest epoch recorded in `tags` (0: none): entries rendered at or after it are
     /// valid without a lookup.
     newest_recorded: AtomicU64,
-    tags: RwLock<HashMap<String, (u64, Mode)>>,
+    /// Per tag: the newest soft and the newest hard epoch (0: none). Kept apart, so a soft
+    /// purge after a hard one never brings back entries the hard one removed.
+    tags: RwLock<HashMap<String, Newest>>,
+}
+
+/// The newest invalidation epochs of one tag.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Newest {
+    soft: u64,
+    hard: u64,
 }
 
 impl Epochs {
@@ -78,13 +87,15 @@ impl Epochs {
         {
             let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
             for tag in tags {
-                match map.get_mut(tag) {
-                    Some(old) if old.0 >= epoch => {}
-                    Some(old) => *old = (epoch, mode),
-                    None => {
-                        map.insert(tag.to_owned(), (epoch, mode));
-                    }
-                }
+                let newest = match map.get_mut(tag) {
+                    Some(n) => n,
+                    None => map.entry(tag.to_owned()).or_default(),
+                };
+                let slot = match mode {
+                    Mode::Soft => &mut newest.soft,
+                    Mode::Hard => &mut newest.hard,
+                };
+                *slot = (*slot).max(epoch);
             }
         }
         self.newest_recorded.fetch_max(epoch, Ordering::AcqRel);
@@ -108,10 +119,13 @@ impl Epochs {
         let map = self.tags.read().unwrap_or_else(|p| p.into_inner());
         let mut worst = Validity::Valid;
         for tag in tags {
-            match map.get(tag) {
-                Some((e, Mode::Hard)) if *e > render_epoch => return Validity::Invalid,
-                Some((e, Mode::Soft)) if *e > render_epoch => worst = Validity::Stale,
-                _ => {}
+            if let Some(n) = map.get(tag) {
+                if n.hard > render_epoch {
+                    return Validity::Invalid;
+                }
+                if n.soft > render_epoch {
+                    worst = Validity::Stale;
+                }
             }
         }
         worst
@@ -130,7 +144,7 @@ impl Epochs {
     /// Drops records older than `epoch` (entries rendered before it have expired).
     pub fn forget_before(&self, epoch: u64) {
         let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (e, _)| *e >= epoch);
+        map.retain(|_, n| n.soft.max(n.hard) >= epoch);
     }
 }
 
@@ -149,6 +163,20 @@ mod tests {
         assert_eq!(e.check(4, ["path:/b"]), Validity::Valid, "other tag");
         e.record(6, Mode::Hard, ["*"]);
         assert_eq!(e.check(5, ["path:/a", "*"]), Validity::Invalid);
+    }
+
+    #[test]
+    fn a_soft_purge_never_revives_what_a_hard_one_removed() {
+        let e = Epochs::default();
+        e.record(5, Mode::Hard, ["t"]);
+        e.record(9, Mode::Soft, ["t"]);
+        assert_eq!(
+            e.check(4, ["t"]),
+            Validity::Invalid,
+            "rendered before the hard purge"
+        );
+        assert_eq!(e.check(6, ["t"]), Validity::Stale, "between the two");
+        assert_eq!(e.check(9, ["t"]), Validity::Valid);
     }
 
     #[test]

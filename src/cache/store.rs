@@ -46,6 +46,9 @@ pub enum StoreError {
     /// The TLS files named in `[redis]` cannot be used.
     #[error("redis TLS ({key}): {reason}", key = .0.key, reason = .0.reason)]
     Tls(#[from] crate::cache::tls::TlsError),
+    /// The task doing the work ended abnormally.
+    #[error("aborted: {0}")]
+    Aborted(String),
     /// Skipped: Redis failed repeatedly just now (the circuit breaker is open).
     #[error("redis skipped: circuit breaker open")]
     CircuitOpen,

@@ -36,7 +36,11 @@ impl Environment for ProcessEnv {
     }
 
     fn secret(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok().filter(|v| !v.is_empty())
+        // Trimmed: a secret mounted from a file often ends with a newline.
+        std::env::var(name)
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -54,7 +58,10 @@ impl Environment for MapEnv {
     }
 
     fn secret(&self, name: &str) -> Option<String> {
-        self.0.get(name).filter(|v| !v.is_empty()).cloned()
+        self.0
+            .get(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 }
 

@@ -1,6 +1,8 @@
 //! Applying an invalidation (DESIGN.md "Invalidation: epochs, not deletes"): one Redis script
-//! increments the epoch, records `tag → "<epoch>:<mode>"` in the hash `isr:inv` and publishes
-//! the `inv` message on the bus, atomically, so a gateway never sees the record without the
+//! increments the epoch, records the tag's newest soft or hard epoch in the hash `isr:inv`
+//! (fields `s:<tag>` and `h:<tag>`, so no tag can collide with the counter field `_epoch` and a
+//! soft purge never overwrites a hard one) and publishes the `inv` message on the bus,
+//! atomically, so a gateway never sees the record without the
 //! message or the other way round. O(1) in the number of entries: nothing is deleted.
 //!
 //! With the in-process store the invalidation is recorded in this gateway's map only.
@@ -21,8 +23,8 @@ const EPOCH_FIELD: &str = "_epoch";
 /// KEYS[1] = isr:inv; ARGV = gateway, mode, channel, tags…
 const APPLY: &str = r"
 local e = redis.call('HINCRBY', KEYS[1], '_epoch', 1)
-local v = e .. ':' .. ARGV[2]
-for i = 4, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], v) end
+local prefix = (ARGV[2] == 'hard') and 'h:' or 's:'
+for i = 4, #ARGV do redis.call('HSET', KEYS[1], prefix .. ARGV[i], e) end
 redis.call('PUBLISH', ARGV[3], 'inv ' .. e .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. table.concat(ARGV, ' ', 4))
 return e
 ";
@@ -70,17 +72,22 @@ pub async fn load(store: &Store, epochs: &Epochs) -> Result<usize, StoreError> {
             }
             continue;
         }
-        if let Some((e, mode)) = parse_record(value) {
-            epochs.record(e, mode, [tag.as_str()]);
+        if let Some((name, mode, e)) = parse_record(tag, value) {
+            epochs.record(e, mode, [name]);
             n += 1;
         }
     }
     Ok(n)
 }
 
-fn parse_record(value: &str) -> Option<(u64, Mode)> {
-    let (e, mode) = value.split_once(':')?;
-    Some((e.parse().ok()?, Mode::parse(mode)?))
+/// A field `s:<tag>` / `h:<tag>` and its epoch; anything else is skipped.
+fn parse_record<'a>(field: &'a str, value: &str) -> Option<(&'a str, Mode, u64)> {
+    let (mode, tag) = match field.split_once(':')? {
+        ("s", tag) => (Mode::Soft, tag),
+        ("h", tag) => (Mode::Hard, tag),
+        _ => return None,
+    };
+    Some((tag, mode, value.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -89,9 +96,13 @@ mod tests {
 
     #[test]
     fn records_parse_or_are_skipped() {
-        assert_eq!(parse_record("12:hard"), Some((12, Mode::Hard)));
-        for bad in ["", "12", "x:soft", "12:firm"] {
-            assert_eq!(parse_record(bad), None, "{bad}");
+        assert_eq!(parse_record("h:t", "12"), Some(("t", Mode::Hard, 12)));
+        assert_eq!(
+            parse_record("s:_epoch", "3"),
+            Some(("_epoch", Mode::Soft, 3))
+        );
+        for (field, value) in [("t", "12"), ("x:t", "1"), ("s:t", "x"), ("_epoch", "4")] {
+            assert_eq!(parse_record(field, value), None, "{field}");
         }
     }
 }

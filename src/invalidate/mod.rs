@@ -96,7 +96,28 @@ where
 
 /// Applies a checked revalidation and reports every step (the webhook's and the dashboard's
 /// purge form's one path). On error nothing was applied.
+///
+/// Runs in its own task: once the invalidation is applied, a caller that goes away (a CMS
+/// timing out) does not cut the fan-out, the re-warm or the log short.
 pub async fn run(
+    app: &Arc<AppState>,
+    cache: &Arc<crate::app::CacheState>,
+    revalidation: &webhook::Revalidation,
+    host: &str,
+    source: &str,
+) -> Result<serde_json::Value, crate::cache::store::StoreError> {
+    let (app, cache, revalidation) = (Arc::clone(app), Arc::clone(cache), revalidation.clone());
+    let (host, source) = (host.to_owned(), source.to_owned());
+    let task =
+        tokio::spawn(async move { steps(&app, &cache, &revalidation, &host, &source).await });
+    match task.await {
+        Ok(done) => done,
+        // Only a panic gets here; say so rather than hang the caller.
+        Err(e) => Err(crate::cache::store::StoreError::Aborted(e.to_string())),
+    }
+}
+
+async fn steps(
     app: &Arc<AppState>,
     cache: &Arc<crate::app::CacheState>,
     revalidation: &webhook::Revalidation,
@@ -126,6 +147,23 @@ pub async fn run(
         .await;
     let acked_ms = millis(started.elapsed());
     let replicas = fanout::fanout(app, &hook.fanout, &revalidation.paths, &revalidation.tags).await;
+    // A miss between the first apply and a replica's own revalidation may have stored that
+    // replica's old copy under the new epoch: record the tags once more, now that the replicas
+    // are told.
+    let reapplied = match &replicas {
+        Some(results) if results.iter().any(|r| r.ok) => Some(
+            apply::apply(
+                &cache.store,
+                &cache.epochs,
+                gateway,
+                revalidation.mode,
+                &tags,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        ),
+        _ => None,
+    };
     let rewarmed = if revalidation.rewarm && hook.rewarm_concurrency > 0 {
         let paths = rewarm::targets(cache, revalidation);
         rewarm::rewarm(app, cache, host, &paths, hook.rewarm_concurrency).await
@@ -150,6 +188,8 @@ pub async fn run(
             "elapsed_ms": acked_ms,
         },
         "replicas": replicas,
+        "epoch_after_fanout": reapplied.as_ref().and_then(|r| r.as_ref().ok()),
+        "reapply_error": reapplied.as_ref().and_then(|r| r.as_ref().err()),
         "rewarm": rewarmed,
         "elapsed_ms": millis(started.elapsed()),
     });

@@ -276,16 +276,30 @@ pub async fn fetch(
             return direct(app, cache, miss).await;
         };
         match done {
-            Done::Filled(entry) => {
+            // The leader's entry answers this request only if it varies the same way (the
+            // flight is per key, `Vary` beyond the key is per request) and no purge since its
+            // render made it stale.
+            Done::Filled(entry) if usable(cache, &entry, miss.vary_view) => {
                 app.metrics.coalesced_local.inc();
                 observe_wait(&app.metrics, started);
                 return Ok(Fetched::Followed(entry));
             }
+            Done::Filled(_) => return direct(app, cache, miss).await,
             Done::Pass => return direct(app, cache, miss).await,
             // Take over: the first to join again leads.
             Done::Abandoned => continue,
         }
     }
+}
+
+/// Whether a render's entry can answer a request with `vary_view`: same `Vary` values, and
+/// still valid under the invalidations known now.
+fn usable(cache: &CacheState, entry: &Entry, vary_view: &HeaderMap) -> bool {
+    lookup::vary_matches(entry, vary_view)
+        && cache.epochs.check(
+            entry.meta.render_epoch,
+            entry.meta.tags.iter().map(String::as_str),
+        ) == crate::cache::epochs::Validity::Valid
 }
 
 fn observe_wait(metrics: &Metrics, since: Instant) {
@@ -325,13 +339,10 @@ async fn lead(
     // (or the in-process store; with Redis, the re-read after the fleet lock covers it).
     let ended = match &cache.store {
         Store::Memory(_) => reread(app, cache, &miss).await,
-        Store::Redis(_) => cache.l1.get(miss.key.hash, now_ms()).filter(|e| {
-            lookup::vary_matches(e, miss.vary_view)
-                && cache
-                    .epochs
-                    .check(e.meta.render_epoch, e.meta.tags.iter().map(String::as_str))
-                    == crate::cache::epochs::Validity::Valid
-        }),
+        Store::Redis(_) => cache
+            .l1
+            .get(miss.key.hash, now_ms())
+            .filter(|e| usable(cache, e, miss.vary_view)),
     };
     if let Some(entry) = ended {
         app.metrics.coalesced_local.inc();
@@ -496,9 +507,18 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// A lease dropped without [`Lease::end`] (its request was cancelled mid-fill) still frees
+    /// the lock, so a successor does not wait for it to expire.
     fn drop(&mut self) {
         if let Some(e) = self.extender.take() {
             e.abort();
+        }
+        if let (Some(redis), Some(held)) = (self.redis.take(), self.held.take()) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = redis.unlock(&held).await;
+                });
+            }
         }
     }
 }
@@ -545,8 +565,9 @@ async fn render(
     let answer = fill::request(app, cache, miss.key, miss.head, miss.variant).await;
     let (pending, upstream_body) = match answer {
         Err(e) => {
-            drop(leading);
+            // The lock first, so the follower that takes over can take it.
             lease.end(app, cache, &hex, Some(Kind::Released)).await;
+            drop(leading);
             return Err(e);
         }
         Ok(Answer::Pass {
@@ -598,8 +619,8 @@ async fn render(
             }
             Err(e) => {
                 tracing::debug!(key = %key.text, error = %e, "render failed mid-body; a follower takes over");
-                drop(leading);
                 lease.end(&app, &cache, &hex, Some(Kind::Released)).await;
+                drop(leading);
             }
         }
     });

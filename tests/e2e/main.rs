@@ -6,7 +6,7 @@
 //! `cargo test --test e2e -- --ignored` when `node` is present. `NEXT_DIR` picks another copy
 //! of the app (the Next 16 switch).
 
-#[allow(dead_code, unused_macros, unused_imports)]
+#[allow(unused_macros, unused_imports)]
 #[path = "../it/support/mod.rs"]
 mod support;
 
@@ -56,7 +56,11 @@ fn build() -> &'static PathBuf {
                 .current_dir(&dir)
                 .output()
                 .expect("npm");
-            assert!(out.status.success(), "npm ci: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "npm ci: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         run(&["next", "build"]);
         dir
@@ -108,7 +112,11 @@ impl Replica {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "replica {} did not start", self.id);
+            assert!(
+                Instant::now() < deadline,
+                "replica {} did not start",
+                self.id
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -126,7 +134,9 @@ impl Replica {
 
     /// `/api/renders` of this replica.
     async fn renders(&self) -> Value {
-        let got = Client::default().get(&format!("{}/api/renders", self.url()), &[]).await;
+        let got = Client::default()
+            .get(&format!("{}/api/renders", self.url()), &[])
+            .await;
         serde_json::from_slice(&got.body).expect("renders JSON")
     }
 }
@@ -148,7 +158,10 @@ const HOST: &str = "shop.example";
 async fn stack() -> Stack {
     build();
     let redis = RedisProcess::start();
-    let replicas: Vec<Replica> = ["a", "b", "c"].iter().map(|id| Replica::start(id)).collect();
+    let replicas: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Replica::start(id))
+        .collect();
     let urls: Vec<String> = replicas.iter().map(Replica::url).collect();
     let mut gateways = Vec::new();
     for _ in 0..2 {
@@ -170,8 +183,16 @@ async fn stack() -> Stack {
     for gw in &gateways {
         eventually!(
             10,
-            gw.state.cache.as_ref().and_then(|c| c.bus.as_ref()).is_some_and(|b| b.is_subscribed())
-                && gw.state.cache.as_ref().is_some_and(|c| c.fleet.live().len() == 1),
+            gw.state
+                .cache
+                .as_ref()
+                .and_then(|c| c.bus.as_ref())
+                .is_some_and(|b| b.is_subscribed())
+                && gw
+                    .state
+                    .cache
+                    .as_ref()
+                    .is_some_and(|c| c.fleet.live().len() == 1),
             "gateways on the bus"
         );
     }
@@ -242,7 +263,11 @@ async fn real_nextjs_behind_two_gateways() {
         assert_eq!(got.status, 200);
         bodies.insert(marker(&got));
     }
-    assert_eq!(total_renders(&s, "/isr/three").await, 1, "one render across 3 replicas");
+    assert_eq!(
+        total_renders(&s, "/isr/three").await,
+        1,
+        "one render across 3 replicas"
+    );
     assert_eq!(bodies.len(), 1, "everyone got the same render");
 
     // RSC and HTML never answer each other, both from cache.
@@ -253,9 +278,17 @@ async fn real_nextjs_behind_two_gateways() {
         assert_eq!(rsc.header("content-type"), "text/x-component");
         assert!(!String::from_utf8_lossy(&rsc.body).starts_with("<!DOCTYPE"));
     }
-    assert_eq!(get(g1, "/isr/one", &[("rsc", "1")]).await.header("x-cache"), "HIT");
+    assert_eq!(
+        get(g1, "/isr/one", &[("rsc", "1")]).await.header("x-cache"),
+        "HIT"
+    );
     assert_eq!(get(g2, "/isr/one", &[]).await.header("x-cache"), "HIT");
-    let prefetch = get(g1, "/isr/two", &[("rsc", "1"), ("next-router-prefetch", "1")]).await;
+    let prefetch = get(
+        g1,
+        "/isr/two",
+        &[("rsc", "1"), ("next-router-prefetch", "1")],
+    )
+    .await;
     assert_eq!(prefetch.status, 200);
     assert_eq!(prefetch.header("content-type"), "text/x-component");
 
@@ -267,7 +300,11 @@ async fn real_nextjs_behind_two_gateways() {
     assert!(replicas.iter().all(|r| r["ok"] == true), "{report}");
     for r in &s.replicas {
         let seen = r.renders().await["revalidations"].clone();
-        assert!(seen.to_string().contains("/isr/one"), "replica {} was told: {seen}", r.id);
+        assert!(
+            seen.to_string().contains("/isr/one"),
+            "replica {} was told: {seen}",
+            r.id
+        );
     }
     let after1 = marker(&get(g1, "/isr/one", &[]).await);
     let after2 = marker(&get(g2, "/isr/one", &[]).await);
@@ -307,19 +344,35 @@ async fn real_nextjs_behind_two_gateways() {
     // Header attacks never change what other clients get from the cache.
     let clean = marker(&get(g1, "/isr/two", &[]).await);
     for (name, value) in [
-        ("x-middleware-subrequest", "middleware:middleware:middleware:middleware:middleware"),
+        (
+            "x-middleware-subrequest",
+            "middleware:middleware:middleware:middleware:middleware",
+        ),
         ("x-now-route-matches", "slug=evil"),
         ("x-invoke-status", "500"),
         ("rsc", "0"),
         ("x-nextjs-data", "1"),
     ] {
         let got = get(g2, "/isr/two", &[(name, value)]).await;
-        assert!(got.status.is_success() || got.status.is_redirection(), "{name}: {}", got.status);
+        assert!(
+            got.status.is_success() || got.status.is_redirection(),
+            "{name}: {}",
+            got.status
+        );
     }
     let attacked = get(g2, "/isr/two?__nextDataReq=1", &[]).await;
     assert!(attacked.status.as_u16() < 500);
-    assert_eq!(marker(&get(g1, "/isr/two", &[]).await), clean, "the cached page is unchanged");
-    assert!(get(g1, "/isr/two", &[]).await.header("content-type").starts_with("text/html"));
+    assert_eq!(
+        marker(&get(g1, "/isr/two", &[]).await),
+        clean,
+        "the cached page is unchanged"
+    );
+    assert!(
+        get(g1, "/isr/two", &[])
+            .await
+            .header("content-type")
+            .starts_with("text/html")
+    );
 
     // Restart every replica (a deploy of the same build): no render storm.
     for r in &mut s.replicas {

@@ -137,6 +137,10 @@ async fn the_token_guards_everything_but_health() {
         .unwrap_or("")
         .to_owned();
     assert!(login.header("set-cookie").contains("HttpOnly"));
+    assert!(
+        !cookie.contains(TOKEN),
+        "the cookie is not the token itself"
+    );
     let dashboard = admin_get(&gw, "/", &[("cookie", &cookie)]).await;
     assert_eq!(dashboard.status, 200);
     assert!(String::from_utf8_lossy(&dashboard.body).contains("/api/stats"));

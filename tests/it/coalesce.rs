@@ -401,3 +401,43 @@ async fn without_redis_each_gateway_still_coalesces_locally() {
         "followers waited locally"
     );
 }
+
+/// The leader's client stops reading: the render is still stored at the replica's pace and the
+/// followers are served at once, not after the leader's client times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_leader_client_does_not_hold_the_followers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = RedisProcess::start();
+    // 40 MB: far past the channel and the socket buffers, under max_entry_bytes (64 MiB here).
+    let route = Route::stream(640, 64 * 1024)
+        .content_type("text/html; charset=utf-8")
+        .header("cache-control", ISR);
+    let origin = FakeNext::start(|o| {
+        o.route("/big", route);
+    })
+    .await;
+    let gws = fleet(1, &origin, &r, "[cache]\nmax_entry_bytes = 67108864\n").await;
+    let mut leader = tokio::net::TcpStream::connect(gws[0].addr)
+        .await
+        .expect("connect");
+    leader
+        .write_all(format!("GET /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut first = [0u8; 1024];
+    let _ = leader.read(&mut first).await.expect("the head arrives");
+    // The leader's client now reads nothing more.
+    let started = Instant::now();
+    let follower = Client::default()
+        .get(&gws[0].url("/big"), &[("host", HOST)])
+        .await;
+    assert_eq!(follower.status, 200);
+    assert_eq!(follower.body.len(), 640 * 64 * 1024);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "served without waiting for the slow client: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(origin.count("/big"), 1);
+    drop(leader);
+}

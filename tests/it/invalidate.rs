@@ -618,3 +618,20 @@ async fn a_tag_purge_rewarms_the_paths_recently_stored_under_it() {
         assert_eq!((got.header("x-cache"), &got.body[..]), ("HIT", &b"new"[..]));
     }
 }
+
+/// A tag that looks like the counter's field name is just a tag.
+#[tokio::test]
+async fn a_tag_named_like_the_epoch_counter_breaks_nothing() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|_| {}).await;
+    let gws = gateways(&origin, &r, 1).await;
+    for expected in ["1", "2"] {
+        let got = revalidate(
+            &gws[0],
+            r#"{"tags":["_epoch"],"mode":"hard","rewarm":false}"#,
+        )
+        .await;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        assert_eq!(epoch_in_redis(&r).await.as_deref(), Some(expected));
+    }
+}
