@@ -38,7 +38,7 @@ pub mod prometheus;
 pub mod stats;
 
 use crate::app::AppState;
-use crate::http::body::{self, Body};
+use crate::http::body::Body;
 
 /// The dashboard page: HTML, CSS and JS in one file, no external assets.
 pub const DASHBOARD: &str = include_str!("dashboard.html");
@@ -342,23 +342,4 @@ fn html(status: StatusCode, page: &'static str) -> Response<Body> {
     r
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = text(status, value.to_string());
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(body::full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
-}
+use crate::http::reply::{json, text};

@@ -1,7 +1,9 @@
 //! HTTP vocabulary shared by every stage: header-name constants (built once, `from_static`) and
-//! the body types the gateway moves around ([`body`]).
+//! the body types the gateway moves around ([`body`]), and the small answers it writes itself
+//! ([`reply`]).
 
 pub mod body;
+pub mod reply;
 
 use http::HeaderName;
 

@@ -24,7 +24,7 @@ use http::{Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::AppState;
-use crate::http::body::{self, Body};
+use crate::http::body::Body;
 
 /// The webhook's path on the public and admin listeners.
 pub const PATH: &str = "/_isrgate/revalidate";
@@ -213,22 +213,11 @@ fn millis(d: Duration) -> f64 {
 }
 
 fn answer(status: StatusCode, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "error": message }))
+    crate::http::reply::error(status, message)
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(body::full(value.to_string()));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    h.insert(
-        header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
-    r
+    crate::http::reply::json(status, value)
 }
 
 /// Why `isrgate purge` could not invalidate.

@@ -13,7 +13,7 @@ use isrgate::proxy::classify::Bypass;
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};
 use crate::support::redis::RedisProcess;
-use crate::support::{Client, Gateway, config};
+use crate::support::{Client, Gateway, bus_live, config};
 
 const ISR: &str = "s-maxage=60, stale-while-revalidate=300";
 const HTML: &str = "text/html; charset=utf-8";
@@ -32,19 +32,7 @@ async fn gateway(origin: &FakeNext, r: &RedisProcess, extra: &str) -> Gateway {
 }
 
 async fn raw(r: &RedisProcess) -> fred::prelude::Client {
-    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
-        .build()
-        .expect("client");
-    c.init().await.expect("connect");
-    c
-}
-
-fn bus_live(gw: &Gateway) -> bool {
-    gw.state
-        .cache
-        .as_ref()
-        .and_then(|c| c.bus.as_ref())
-        .is_some_and(|b| b.is_subscribed())
+    r.client().await
 }
 
 /// The Redis key of `path` requested through `gw` (Host = the gateway's address).

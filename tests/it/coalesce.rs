@@ -13,7 +13,7 @@ use isrgate::cache::lock::lock_key;
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};
 use crate::support::redis::RedisProcess;
-use crate::support::{Client, Gateway, Got, config};
+use crate::support::{Client, Gateway, Got, bus_live, config};
 
 /// Every request sends this Host, so every gateway computes the same key.
 const HOST: &str = "shop.example";
@@ -35,14 +35,6 @@ async fn fleet(n: usize, origin: &FakeNext, r: &RedisProcess, extra: &str) -> Ve
         eventually!(5, bus_live(gw), "bus subscribed");
     }
     gws
-}
-
-fn bus_live(gw: &Gateway) -> bool {
-    gw.state
-        .cache
-        .as_ref()
-        .and_then(|c| c.bus.as_ref())
-        .is_some_and(|b| b.is_subscribed())
 }
 
 /// `per_gateway` concurrent GETs of `path` on each gateway; each result with its latency.
@@ -76,11 +68,7 @@ fn sum(gws: &[Gateway], f: impl Fn(&isrgate::metrics::Metrics) -> u64) -> u64 {
 }
 
 async fn raw(r: &RedisProcess) -> fred::prelude::Client {
-    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
-        .build()
-        .expect("client");
-    c.init().await.expect("connect");
-    c
+    r.client().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

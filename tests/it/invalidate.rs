@@ -10,7 +10,7 @@ use isrgate::invalidate::webhook::{SIGNATURE, Secrets, TIMESTAMP, sign};
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};
 use crate::support::redis::RedisProcess;
-use crate::support::{Client, Gateway, Got, config};
+use crate::support::{Client, Gateway, Got, bus_live, config};
 
 const HOST: &str = "shop.example";
 const ISR: &str = "s-maxage=600, stale-while-revalidate=600";
@@ -57,14 +57,6 @@ fn fleet(gw: &Gateway) -> &isrgate::invalidate::fleet::Fleet {
     &gw.state.cache.as_ref().expect("cache").fleet
 }
 
-fn bus_live(gw: &Gateway) -> bool {
-    gw.state
-        .cache
-        .as_ref()
-        .and_then(|c| c.bus.as_ref())
-        .is_some_and(|b| b.is_subscribed())
-}
-
 async fn get(gw: &Gateway, path: &str) -> Got {
     Client::default()
         .get(&gw.url(path), &[("host", HOST)])
@@ -91,11 +83,11 @@ fn json(got: &Got) -> serde_json::Value {
 }
 
 async fn epoch_in_redis(r: &RedisProcess) -> Option<String> {
-    let c = Builder::from_config(Config::from_url(&r.url()).expect("url"))
-        .build()
-        .expect("client");
-    c.init().await.expect("connect");
-    c.hget("isr:inv", "_epoch").await.expect("hget")
+    r.client()
+        .await
+        .hget("isr:inv", "_epoch")
+        .await
+        .expect("hget")
 }
 
 /// Both gateways have the page cached (gateway 1 rendered it, gateway 2 read it).

@@ -216,3 +216,12 @@ impl Client {
         })
     }
 }
+
+/// Whether `gw`'s bus subscription is live (Redis configured, connected and subscribed).
+pub fn bus_live(gw: &Gateway) -> bool {
+    gw.state
+        .cache
+        .as_ref()
+        .and_then(|c| c.bus.as_ref())
+        .is_some_and(|b| b.is_subscribed())
+}

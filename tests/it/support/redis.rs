@@ -139,6 +139,16 @@ impl RedisProcess {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// A connected fred client of this (plain) server, for looking at what is stored.
+    pub async fn client(&self) -> fred::prelude::Client {
+        use fred::prelude::*;
+        let c = Builder::from_config(Config::from_url(&self.url()).expect("url"))
+            .build()
+            .expect("client");
+        c.init().await.expect("connect");
+        c
+    }
+
     /// Kills the server (an outage).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
