@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# isrgate in front of real Next.js (examples/nextjs, issue 7): three `next start` replicas, a
+# redis-server and two gateways, all on 127.0.0.1 and stopped by PID at the end.
+#   1. TTFB, cold and warm, direct to a replica vs through isrgate (medians of N requests);
+#   2. renders per 1 000 requests over DURATION s of mixed traffic on 20 pages revalidating
+#      every 5 s, direct (spread over the replicas) vs through the gateways;
+#   3. Redis bytes per cached page vs the identity body.
+# Env: DURATION=60 N=20 CONNS=8
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+app=${NEXT_DIR:-$root/examples/nextjs}
+DURATION=${DURATION:-60}; N=${N:-20}; CONNS=${CONNS:-8}
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { echo "wrk is needed (benches/load.sh installs it)" >&2; exit 1; }
+cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+(cd "$app" && { [ -d node_modules ] || npm ci --no-audit --no-fund; } && NEXT_TELEMETRY_DISABLED=1 npx next build >/dev/null)
+
+for i in 1 2 3; do
+    (cd "$app" && REPLICA_ID=r$i REVALIDATE_SECRET=s NEXT_TELEMETRY_DISABLED=1 \
+        exec node node_modules/next/dist/bin/next start -p 320$i -H 127.0.0.1 >/dev/null 2>&1) &
+    pids+=($!)
+done
+redis-server --port 6394 --bind 127.0.0.1 --save "" --appendonly no --logfile /dev/null &
+pids+=($!)
+for i in 1 2; do
+    env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn ISRGATE__CACHE__NAMESPACE=isrgate-example \
+        "$root/target/release/isrgate" serve --config /dev/null --listen 127.0.0.1:820$i --admin-listen "" \
+        --redis redis://127.0.0.1:6394 \
+        --upstream http://127.0.0.1:3201 --upstream http://127.0.0.1:3202 --upstream http://127.0.0.1:3203 \
+        >/dev/null 2>&1 &
+    pids+=($!)
+done
+for port in 3201 3202 3203 8201 8202; do
+    for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/api/renders" && break; sleep 0.2; done
+done
+
+ttfb() { curl -s -o /dev/null -w '%{time_starttransfer}\n' -H 'Host: bench.local' "$1"; }
+median() { sort -n | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)] * 1000}'; }
+echo "| TTFB ms (median of $N) | direct to a replica | through isrgate |"
+echo "|---|---:|---:|"
+cold_d=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:3201/isr/cold-d-$i"; done | median)
+cold_g=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:8201/isr/cold-g-$i"; done | median)
+warm_d=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:3201/isr/one"; done | median)
+warm_g=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:8201/isr/one"; done | median)
+echo "| cold (a page never rendered) | $cold_d | $cold_g |"
+echo "| warm (the same page again) | $warm_d | $warm_g |"
+
+cat >/tmp/isrgate-mixed.lua <<'LUA'
+math.randomseed(os.time() + (tonumber(os.getenv("SEED") or "0")))
+request = function()
+  return wrk.format("GET", "/isr5/" .. math.random(1, 20), { ["Host"] = "bench.local" })
+end
+done = function(summary) io.write(string.format("REQUESTS %d\n", summary.requests)) end
+LUA
+renders() {
+    local total=0 n
+    for port in 3201 3202 3203; do
+        n=$(curl -s "http://127.0.0.1:$port/api/renders" | python3 -c 'import json,sys; r=json.load(sys.stdin)["renders"]; print(sum(v for k,v in r.items() if k.startswith("/isr5/")))')
+        total=$((total + n))
+    done
+    echo "$total"
+}
+mixed() {  # mixed LABEL PORT…
+    local label=$1; shift
+    local before; before=$(renders)
+    local outs=() wrks=() per=$(( CONNS / $# ))
+    [ "$per" -ge 1 ] || per=1
+    for port in "$@"; do
+        out=$(mktemp); outs+=("$out")
+        SEED=$port timeout $((DURATION + 30)) wrk -t1 -c"$per" -d"${DURATION}s" -s /tmp/isrgate-mixed.lua "http://127.0.0.1:$port" >"$out" 2>&1 &
+        wrks+=($!)
+    done
+    wait "${wrks[@]}"   # only the load generators: the servers run in the background too
+    local after; after=$(renders)
+    local reqs; reqs=$(cat "${outs[@]}" | awk '/^REQUESTS/ {s += $2} END {print s}')
+    rm -f "${outs[@]}"
+    awk -v l="$label" -v r="$((after - before))" -v q="$reqs" \
+        'BEGIN { printf "| %s | %d | %d | %.2f |\n", l, q, r, 1000 * r / q }'
+}
+echo
+echo "| ${DURATION} s of mixed traffic, 20 pages with revalidate 5 | requests | renders | renders per 1 000 requests |"
+echo "|---|---:|---:|---:|"
+mixed "direct (spread over 3 replicas)" 3201 3202 3203
+mixed "through 2 isrgate (one Redis)" 8201 8202
+
+echo
+echo "| cached page | identity bytes | Redis: gzip body + metadata | smaller |"
+echo "|---|---:|---:|---:|"
+for path in / /isr/one /tagged/1 /legacy/1 /isr5/1; do
+    curl -s -o /dev/null -H 'Host: bench.local' "http://127.0.0.1:8201$path"
+done
+sleep 0.5
+for path in / /isr/one /tagged/1 /legacy/1 /isr5/1; do
+    identity=$(curl -s "http://127.0.0.1:3201$path" | wc -c)
+    key=$(cd "$root" && cargo run --quiet --release --example keyhex -- bench.local "$path" 2>/dev/null || true)
+    [ -n "$key" ] || continue
+    stored=$(( $(redis-cli -p 6394 hstrlen "isr:{$key}:e" b) + $(redis-cli -p 6394 hstrlen "isr:{$key}:e" m) ))
+    [ "$stored" -gt 0 ] || { echo "| $path | $identity | not cached | - |"; continue; }
+    awk -v p="$path" -v i="$identity" -v s="$stored" 'BEGIN { printf "| %s | %d | %d | %.1f %% |\n", p, i, s, 100 - 100 * s / i }'
+done
