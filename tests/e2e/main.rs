@@ -4,7 +4,7 @@
 //!
 //! Ignored by default (it needs `node`, `npm` and about a minute): `.ci/run` runs it with
 //! `cargo test --test e2e -- --ignored` when `node` is present. `NEXT_DIR` picks another copy
-//! of the app (the Next 16 switch).
+//! of the app: `tests/e2e/next16.sh` makes one on Next 16.4.6 and runs this test against it.
 
 #[allow(unused_macros, unused_imports)]
 #[path = "../it/support/mod.rs"]
