@@ -4,12 +4,11 @@
 //! gzip) of a ~50 KB rendered page. Run: `cargo bench --bench entry` (`-- --quick` for a short
 //! run). Machine and baseline: 2 vCPU VM; numbers in the issue notes.
 
-use std::fmt::Write as _;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_main};
 use http::{HeaderName, HeaderValue};
-use isrgate::cache::entry::{Meta, compress, etag, inflate};
+use isrgate::cache::entry::{Meta, compress, etag, inflate, sample_page};
 
 fn h(name: &'static str, value: &'static str) -> (HeaderName, HeaderValue) {
     (
@@ -67,42 +66,8 @@ fn nextjs_meta(identity: &[u8]) -> Meta {
     }
 }
 
-/// A deterministic ~`target`-byte page shaped like a rendered Next.js product list: repeated
-/// markup with varying numbers, and RSC payload scripts repeating it as JSON.
-fn html_page(target: usize) -> Vec<u8> {
-    let mut page = String::from(
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charSet=\"utf-8\"/>\
-         <link rel=\"stylesheet\" href=\"/_next/static/css/app/layout.css\"/>\
-         <title>Products</title></head><body><main class=\"grid\">",
-    );
-    let mut i = 0u32;
-    while page.len() < target {
-        let _ = write!(
-            page,
-            "<div class=\"card card-{}\"><a href=\"/products/{i}\"><img alt=\"Product {i}\" \
-             src=\"/_next/image?url=%2Fimg%2F{}.jpg&amp;w=640&amp;q=75\" loading=\"lazy\"/>\
-             <h2>Product {i}</h2><p class=\"price\">${}.{:02}</p></a></div>",
-            i % 7,
-            (i * 37) % 1000,
-            (i * 13) % 500,
-            (i * 7) % 100,
-        );
-        if i % 8 == 7 {
-            let _ = write!(
-                page,
-                "<script>self.__next_f.push([1,\"{i:x}:[\\\"$\\\",\\\"div\\\",null,\
-                 {{\\\"className\\\":\\\"card\\\",\\\"children\\\":\\\"Product {i}\\\"}}]\\n\"])\
-                 </script>"
-            );
-        }
-        i += 1;
-    }
-    page.push_str("</main></body></html>");
-    page.into_bytes()
-}
-
 fn bench(c: &mut Criterion) {
-    let identity = html_page(50_000);
+    let identity = sample_page(50_000);
     let gzip = compress(&identity);
     let meta = nextjs_meta(&identity);
     let encoded = meta.encode();

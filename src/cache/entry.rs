@@ -466,10 +466,46 @@ impl Entry {
     }
 }
 
+/// A deterministic ~`target`-byte page shaped like a rendered Next.js product list: repeated
+/// markup with varying numbers, and the RSC payload scripts that repeat it as JSON. For the
+/// tests and benches that measure compression on something page-like (not part of the API).
+#[doc(hidden)]
+pub fn sample_page(target: usize) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let mut page = String::from(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charSet=\"utf-8\"/>\
+         <link rel=\"stylesheet\" href=\"/_next/static/css/app/layout.css\"/>\
+         <title>Products</title></head><body><main class=\"grid\">",
+    );
+    let mut i = 0u32;
+    while page.len() < target {
+        let _ = write!(
+            page,
+            "<div class=\"card card-{}\"><a href=\"/products/{i}\"><img alt=\"Product {i}\" \
+             src=\"/_next/image?url=%2Fimg%2F{}.jpg&amp;w=640&amp;q=75\" loading=\"lazy\"/>\
+             <h2>Product {i}</h2><p class=\"price\">${}.{:02}</p></a></div>",
+            i % 7,
+            (i * 37) % 1000,
+            (i * 13) % 500,
+            (i * 7) % 100,
+        );
+        if i % 8 == 7 {
+            let _ = write!(
+                page,
+                "<script>self.__next_f.push([1,\"{i:x}:[\\\"$\\\",\\\"div\\\",null,\
+                 {{\\\"className\\\":\\\"card\\\",\\\"children\\\":\\\"Product {i}\\\"}}]\\n\"])\
+                 </script>"
+            );
+        }
+        i += 1;
+    }
+    page.push_str("</main></body></html>");
+    page.into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fmt::Write as _;
 
     fn h(name: &'static str, value: &'static str) -> (HeaderName, HeaderValue) {
         (
@@ -526,40 +562,6 @@ mod tests {
 
     fn empty_meta() -> Meta {
         Meta::new(204, Vec::new())
-    }
-
-    /// A deterministic page shaped like a rendered Next.js product list: repeated markup with
-    /// varying numbers, and the RSC payload scripts that repeat it as JSON.
-    fn html_page(target: usize) -> Vec<u8> {
-        let mut page = String::from(
-            "<!DOCTYPE html><html lang=\"en\"><head><meta charSet=\"utf-8\"/>\
-             <link rel=\"stylesheet\" href=\"/_next/static/css/app/layout.css\"/>\
-             <title>Products</title></head><body><main class=\"grid\">",
-        );
-        let mut i = 0u32;
-        while page.len() < target {
-            let _ = write!(
-                page,
-                "<div class=\"card card-{}\"><a href=\"/products/{i}\"><img alt=\"Product {i}\" \
-                 src=\"/_next/image?url=%2Fimg%2F{}.jpg&amp;w=640&amp;q=75\" loading=\"lazy\"/>\
-                 <h2>Product {i}</h2><p class=\"price\">${}.{:02}</p></a></div>",
-                i % 7,
-                (i * 37) % 1000,
-                (i * 13) % 500,
-                (i * 7) % 100,
-            );
-            if i % 8 == 7 {
-                let _ = write!(
-                    page,
-                    "<script>self.__next_f.push([1,\"{i:x}:[\\\"$\\\",\\\"div\\\",null,\
-                     {{\\\"className\\\":\\\"card\\\",\\\"children\\\":\\\"Product {i}\\\"}}]\\n\"])\
-                     </script>"
-                );
-            }
-            i += 1;
-        }
-        page.push_str("</main></body></html>");
-        page.into_bytes()
     }
 
     /// `bytes` with the first occurrence of `from` overwritten by `to` (same length).
@@ -711,7 +713,7 @@ mod tests {
 
     #[test]
     fn compress_and_inflate_round_trip_as_one_gzip_member() {
-        let identity = html_page(10_000);
+        let identity = sample_page(10_000);
         let gzip = compress(&identity);
         assert_eq!(&gzip[..3], &[0x1f, 0x8b, 0x08], "gzip magic, DEFLATE");
         assert_eq!(inflate(&gzip, identity.len()).expect("inflate"), identity);
@@ -727,7 +729,7 @@ mod tests {
 
     #[test]
     fn inflate_refuses_garbage_and_damaged_members() {
-        let gzip = compress(&html_page(4_000)).to_vec();
+        let gzip = compress(&sample_page(4_000)).to_vec();
         let mut flipped = gzip.clone();
         let middle = flipped.len() / 2;
         flipped[middle] ^= 0x55;
@@ -761,7 +763,7 @@ mod tests {
 
     #[test]
     fn inflate_stops_at_the_limit() {
-        let identity = html_page(20_000);
+        let identity = sample_page(20_000);
         let gzip = compress(&identity);
         assert!(inflate(&gzip, identity.len()).is_ok(), "exactly the limit");
         match inflate(&gzip, identity.len() - 1) {
@@ -779,7 +781,7 @@ mod tests {
 
     #[test]
     fn nextjs_html_shrinks_by_three_quarters_at_level_1() {
-        let identity = html_page(50_000);
+        let identity = sample_page(50_000);
         let gzip = compress(&identity);
         let saved = 1.0 - gzip.len() as f64 / identity.len() as f64;
         println!(
@@ -808,7 +810,7 @@ mod tests {
 
     #[test]
     fn from_identity_overwrites_etag_and_length() {
-        let identity = html_page(5_000);
+        let identity = sample_page(5_000);
         let entry = Entry::from_identity(nextjs_html_meta(), &identity);
         assert_eq!(entry.meta.etag, etag(&identity));
         assert_eq!(entry.meta.identity_len, identity.len() as u64);

@@ -642,10 +642,7 @@ pub async fn refresh_lease(app: &AppState, cache: &CacheState, key: &CacheKey) -
         .await
     {
         Ok(Some(h)) => Some(Lease::new(cache, Some(redis.clone()), Some(h), key)),
-        Ok(None) => {
-            app.metrics.refreshes_elsewhere.inc();
-            None
-        }
+        Ok(None) => None,
         Err(_) => {
             app.metrics.lock_fallbacks.inc();
             Some(Lease::new(cache, None, None, key))

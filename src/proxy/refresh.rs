@@ -59,6 +59,7 @@ pub fn spawn(
         let _permit = permit;
         let _guard = guard;
         let Some(lease) = coalesce::refresh_lease(&app, &cache, &key).await else {
+            app.metrics.refreshes_elsewhere.inc();
             return;
         };
         // Another gateway may have refreshed it just before we took the lock.
