@@ -80,7 +80,7 @@ pub async fn serve(
     app.metrics.missed_paths.record(head.uri.path());
     if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
-        let reply = app.upstream.send(head, body::empty()).await?;
+        let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
         return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
     }
     let miss = coalesce::Miss {
@@ -89,7 +89,7 @@ pub async fn serve(
         variant: &variant,
         vary_view,
     };
-    let fetched = coalesce::fetch(app, cache, miss).await;
+    let fetched = Box::pin(coalesce::fetch(app, cache, miss)).await;
     answer_miss(app, fetched, fallback, ask, now)
 }
 

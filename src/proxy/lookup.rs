@@ -64,7 +64,7 @@ pub async fn lookup(
             }
         }
     }
-    let stored = match cache.store.get(&key.hex()).await {
+    let stored = match Box::pin(cache.store.get(&key.hex())).await {
         Ok(Some(s)) => s,
         Ok(None) => return Found::Miss,
         Err(e) => {

@@ -71,12 +71,12 @@ async fn route(
     let sanitized =
         sanitize::request(&app.policy, peer, &mut head).map_err(ProxyError::Rejected)?;
     if head.uri.path() == crate::invalidate::PATH {
-        return Ok(crate::invalidate::handle(app, head, body).await);
+        return Ok(Box::pin(crate::invalidate::handle(app, head, body)).await);
     }
     let body = limit_body(&head, body, app.config.listen.max_body_bytes)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {
-        return tunnel::open(app, head, body, &sanitized).await;
+        return Box::pin(tunnel::open(app, head, body, &sanitized)).await;
     }
     let mut bypassed = false;
     if let Some(cache) = &app.cache {
@@ -94,7 +94,7 @@ async fn route(
             }
         }
     }
-    let reply = app.upstream.send(head, body).await?;
+    let reply = Box::pin(app.upstream.send(head, body)).await?;
     app.metrics.proxied.inc();
     let mut resp = reply.into_response();
     finish(app, &mut resp, &sanitized);
