@@ -116,6 +116,21 @@ pub struct Entry {
     /// The identity body, once inflated (or known from the fill): an entry shared through the
     /// L1 is inflated at most once, not once per identity client.
     identity: std::sync::OnceLock<Bytes>,
+    /// The response heads of the two representations (`[gzip, identity]`), built on first use
+    /// by the serve stage and cloned by every later hit of an entry held in the L1.
+    heads: [std::sync::OnceLock<Head>; 2],
+}
+
+/// A response head prepared once for one representation of an entry (built by
+/// `proxy::serve`; the entry only keeps it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Response status.
+    pub status: StatusCode,
+    /// Every header of the representation, with slots for the per-response ones.
+    pub headers: http::HeaderMap,
+    /// The representation's strong ETag (for `If-None-Match`).
+    pub etag: String,
 }
 
 impl Entry {
@@ -125,7 +140,19 @@ impl Entry {
             meta,
             gzip,
             identity: std::sync::OnceLock::new(),
+            heads: Default::default(),
         }
+    }
+
+    /// The prepared head of the gzip (`gzip == true`) or identity representation, built by
+    /// `build` on first use; `None` when `build` refuses (nothing is remembered then).
+    pub fn head(&self, gzip: bool, build: impl FnOnce() -> Option<Head>) -> Option<&Head> {
+        let slot = &self.heads[usize::from(!gzip)];
+        if let Some(h) = slot.get() {
+            return Some(h);
+        }
+        let head = build()?;
+        Some(slot.get_or_init(|| head))
     }
 
     /// The identity body: inflated on first use (bounded by `identity_len`), then remembered.

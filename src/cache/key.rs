@@ -27,6 +27,8 @@ use std::fmt::Write as _;
 
 use http::header::{HeaderMap, HeaderName};
 
+use crate::http::{NEXT_ROUTER_PREFETCH, RSC};
+
 /// Which representation of a URL a request asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Variant {
@@ -118,13 +120,13 @@ pub fn variant(path: &str, headers: &HeaderMap, avif: bool) -> Variant {
     }
     // Sanitize has already dropped `RSC` unless it is exactly `1`, and `Next-Router-Prefetch`
     // unless it is 1, 2 or 3.
-    if headers.get("rsc").is_none_or(|v| v.as_bytes() != b"1") {
+    if headers.get(&RSC).is_none_or(|v| v.as_bytes() != b"1") {
         return Variant::Html;
     }
     if let Some(segment) = headers.get(&SEGMENT_PREFETCH).and_then(|v| v.to_str().ok()) {
         return Variant::RscSegment(segment.to_owned());
     }
-    match headers.get("next-router-prefetch").map(|v| v.as_bytes()) {
+    match headers.get(&NEXT_ROUTER_PREFETCH).map(|v| v.as_bytes()) {
         Some(b"1") => Variant::RscPrefetch(1),
         Some(b"2") => Variant::RscPrefetch(2),
         Some(b"3") => Variant::RscPrefetch(3),

@@ -21,3 +21,7 @@ pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static RSC: HeaderName = HeaderName::from_static("rsc");
 /// `Next-Router-Prefetch`.
 pub static NEXT_ROUTER_PREFETCH: HeaderName = HeaderName::from_static("next-router-prefetch");
+/// `Next-Action` (a Server Action call).
+pub static NEXT_ACTION: HeaderName = HeaderName::from_static("next-action");
+/// `x-middleware-prefetch` (a Pages Router prefetch of a middleware-handled route).
+pub static X_MIDDLEWARE_PREFETCH: HeaderName = HeaderName::from_static("x-middleware-prefetch");

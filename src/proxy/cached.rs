@@ -10,6 +10,7 @@ use http::{HeaderMap, Method, Response, header};
 
 use super::coalesce::{self, Fetched};
 use super::fill;
+use super::forwarded::Peer;
 use super::lookup::{self, Found};
 use super::refresh;
 use super::serve::{self, Ask, Outcome};
@@ -32,7 +33,8 @@ pub fn now_ms() -> u64 {
 pub async fn serve(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
-    head: Parts,
+    peer: &Peer,
+    mut head: Parts,
     variant: Variant,
 ) -> Result<(Response<Body>, Outcome), ProxyError> {
     let now = now_ms();
@@ -46,6 +48,12 @@ pub async fn serve(
     let image_view =
         matches!(variant, Variant::Image(_)).then(|| fill::upstream_head(&head, &variant).headers);
     let vary_view = image_view.as_ref().unwrap_or(&head.headers);
+    // What goes to a replica carries the forwarding headers; a hit never builds it.
+    let upstream = |head: &Parts| {
+        let mut up = fill::upstream_head(head, &variant);
+        super::sanitize::forward(&app.policy, peer, &mut up);
+        up
+    };
     let fallback = match lookup::lookup(app, cache, &key, vary_view, now).await {
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
@@ -59,13 +67,7 @@ pub async fn serve(
             None
         }
         Found::Stale(entry) => {
-            refresh::spawn(
-                app,
-                cache,
-                key.clone(),
-                fill::upstream_head(&head, &variant),
-                variant.clone(),
-            );
+            refresh::spawn(app, cache, key.clone(), upstream(&head), variant.clone());
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
                 app.metrics.cache_stale.inc();
                 return Ok((r, Outcome::Stale));
@@ -80,12 +82,13 @@ pub async fn serve(
     app.metrics.missed_paths.record(head.uri.path());
     if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
+        super::sanitize::forward(&app.policy, peer, &mut head);
         let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
         return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
     }
     let miss = coalesce::Miss {
         key: &key,
-        head: fill::upstream_head(&head, &variant),
+        head: upstream(&head),
         variant: &variant,
         vary_view,
     };

@@ -13,6 +13,7 @@ use http::request::Parts;
 
 use crate::cache::key::{self, Variant};
 use crate::config::Cache;
+use crate::http::{NEXT_ACTION, X_MIDDLEWARE_PREFETCH};
 
 /// Cookies of Next.js draft and preview mode: a request carrying one sees uncached content.
 const DRAFT_COOKIES: &[&str] = &["__prerender_bypass", "__next_preview_data"];
@@ -75,24 +76,28 @@ pub fn request(cfg: &Cache, head: &Parts, has_body: bool) -> Result<Variant, Byp
         return Err(Bypass::Body);
     }
     let h = &head.headers;
-    if h.contains_key("next-action") {
+    // Static names: a `&str` key is parsed into a header name on every lookup.
+    if h.contains_key(&NEXT_ACTION) {
         return Err(Bypass::NextAction);
     }
     if h.contains_key(header::AUTHORIZATION) {
         return Err(Bypass::Authorization);
     }
-    if h.contains_key("x-middleware-prefetch") {
+    if h.contains_key(&X_MIDDLEWARE_PREFETCH) {
         return Err(Bypass::MiddlewarePrefetch);
     }
     let path = head.uri.path();
-    // Compared decoded, as Next.js matches routes: `/%61ccount/` must not dodge `/account/`.
-    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-    if cfg
-        .bypass_paths
-        .iter()
-        .any(|p| path.starts_with(p.as_str()) || decoded.starts_with(p.as_str()))
-    {
-        return Err(Bypass::Path);
+    if !cfg.bypass_paths.is_empty() {
+        // Compared decoded, as Next.js matches routes: `/%61ccount/` must not dodge
+        // `/account/`.
+        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        if cfg
+            .bypass_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()) || decoded.starts_with(p.as_str()))
+        {
+            return Err(Bypass::Path);
+        }
     }
     if h.contains_key(header::COOKIE) {
         if has_cookie(h, DRAFT_COOKIES) {

@@ -90,6 +90,18 @@ pub fn set(policy: &Policy, peer: &Peer, headers: &mut HeaderMap) -> Option<Head
     host
 }
 
+/// The host clients used, as [`set`] would return it, without touching the headers: the cache
+/// hit path needs it (for `Location`) but never forwards anything, so it does not pay for
+/// the forwarding headers.
+pub fn public_host(policy: &Policy, peer: &Peer, headers: &HeaderMap) -> Option<HeaderValue> {
+    if peer.trusted && policy.trust_forwarded_host {
+        if let Some(h) = headers.get(&X_FORWARDED_HOST) {
+            return Some(h.clone());
+        }
+    }
+    headers.get(header::HOST).cloned()
+}
+
 fn proto(policy: &Policy) -> HeaderValue {
     HeaderValue::from_static(if policy.public_scheme == Scheme::HTTPS {
         "https"

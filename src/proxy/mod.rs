@@ -71,19 +71,23 @@ async fn route(
     let sanitized =
         sanitize::request(&app.policy, peer, &mut head).map_err(ProxyError::Rejected)?;
     if head.uri.path() == crate::invalidate::PATH {
+        sanitize::forward(&app.policy, peer, &mut head);
         return Ok(Box::pin(crate::invalidate::handle(app, head, body)).await);
     }
     let body = limit_body(&head, body, app.config.listen.max_body_bytes)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {
+        sanitize::forward(&app.policy, peer, &mut head);
         return Box::pin(tunnel::open(app, head, body, &sanitized)).await;
     }
     let mut bypassed = false;
     if let Some(cache) = &app.cache {
         match classify::request(&cache.cfg, &head, !http_body::Body::is_end_stream(&body)) {
             Ok(variant) => {
-                let (mut resp, _outcome) = cached::serve(app, cache, head, variant).await?;
-                finish(app, &mut resp, &sanitized);
+                let (mut resp, outcome) = cached::serve(app, cache, peer, head, variant).await?;
+                // A hit's head was prepared (hop-by-hop headers already gone) once per entry.
+                let prepared = matches!(outcome, serve::Outcome::Hit | serve::Outcome::Stale);
+                finish(app, &mut resp, &sanitized, !prepared);
                 return Ok(resp);
             }
             Err(reason) => {
@@ -94,10 +98,11 @@ async fn route(
             }
         }
     }
+    sanitize::forward(&app.policy, peer, &mut head);
     let reply = Box::pin(app.upstream.send(head, body)).await?;
     app.metrics.proxied.inc();
     let mut resp = reply.into_response();
-    finish(app, &mut resp, &sanitized);
+    finish(app, &mut resp, &sanitized, true);
     if bypassed {
         serve::mark(resp.headers_mut(), serve::Outcome::Bypass);
     }
@@ -140,12 +145,15 @@ fn limit_body(head: &Parts, body: Incoming, max: u64) -> Result<Body, ProxyError
         .boxed())
 }
 
-/// A response, ready for the client: our HTTP version, no hop-by-hop headers, and a
-/// `Location` that points at us instead of a replica.
-fn finish(app: &AppState, resp: &mut Response<Body>, sanitized: &sanitize::Sanitized) {
+/// A response, ready for the client: our HTTP version, no hop-by-hop headers (`strip`: unless
+/// they are known to be gone already), and a `Location` that points at us instead of a
+/// replica.
+fn finish(app: &AppState, resp: &mut Response<Body>, sanitized: &sanitize::Sanitized, strip: bool) {
     // The version is per hop: the client gets ours, whatever the replica spoke.
     *resp.version_mut() = Version::HTTP_11;
-    sanitize::strip_hop_by_hop(resp.headers_mut(), false);
+    if strip {
+        sanitize::strip_hop_by_hop(resp.headers_mut(), false);
+    }
     if resp.headers().contains_key(header::LOCATION) {
         forwarded::rewrite_location(
             resp.headers_mut(),

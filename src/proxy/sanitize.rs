@@ -116,7 +116,19 @@ pub struct Sanitized {
     pub public_host: Option<HeaderValue>,
 }
 
-/// Sanitizes `head` in place.
+/// Sets the forwarding headers (`X-Forwarded-*`, `X-Real-IP`) on a sanitized request that is
+/// about to leave for a replica (or the webhook, which logs its caller). A cache hit never
+/// calls it: four header inserts, and usually a grown map, were a tenth of the hit path.
+pub fn forward(policy: &Policy, peer: &Peer, head: &mut Parts) {
+    let host = forwarded::set(&policy.forwarded, peer, &mut head.headers);
+    debug_assert_eq!(
+        host,
+        forwarded::public_host(&policy.forwarded, peer, &head.headers),
+        "public_host agrees with what set() forwards"
+    );
+}
+
+/// Sanitizes `head` in place (the forwarding headers are [`forward`]'s).
 pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitized, Rejection> {
     if head.method == Method::CONNECT {
         return Err(Rejection::Connect);
@@ -155,7 +167,8 @@ pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitiz
     if head.version == Version::HTTP_2 {
         join_cookies(&mut head.headers);
     }
-    let public_host = forwarded::set(&policy.forwarded, peer, &mut head.headers);
+    // The forwarding headers are set later, only on what goes upstream ([`forward`]).
+    let public_host = forwarded::public_host(&policy.forwarded, peer, &head.headers);
     Ok(Sanitized {
         upgrade,
         public_host,
@@ -398,7 +411,9 @@ mod tests {
 
     fn run(h: &mut Parts) -> Result<Sanitized, Rejection> {
         let peer = Peer::new(SocketAddr::from(([192, 0, 2, 1], 9)), &policy().forwarded);
-        request(&policy(), &peer, h)
+        let sanitized = request(&policy(), &peer, h)?;
+        forward(&policy(), &peer, h);
+        Ok(sanitized)
     }
 
     #[test]

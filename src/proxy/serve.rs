@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::cache::entry::Entry;
+use crate::cache::entry::{Entry, Head};
+use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
 
 /// `x-cache`.
@@ -87,58 +88,99 @@ pub struct Ask<'a> {
 
 /// The response for `entry`, or `None` when the client needs the identity body and the stored
 /// gzip does not inflate (a corrupt entry).
+///
+/// The head of each representation is built once per entry ([`prepare`]) and cloned here: a
+/// response sets `Age`, `x-cache` and `Cache-Status` in slots the prepared map already has,
+/// so it neither hashes the stored headers again nor grows the map (a hit sets only `Age`:
+/// the prepared head is already marked as one).
 pub fn response(
     entry: &Entry,
     ask: Ask<'_>,
     outcome: Outcome,
     now_ms: u64,
 ) -> Option<Response<Body>> {
-    let meta = &entry.meta;
-    let status = StatusCode::from_u16(meta.status).ok()?;
-    let mut headers = HeaderMap::with_capacity(meta.headers.len() + 8);
-    for (name, value) in &meta.headers {
-        headers.append(name.clone(), value.clone());
-    }
-    let gzip = accepts_gzip(ask.headers) && !entry.gzip.is_empty();
-    // Two encodings of one entry are two representations: each gets its own strong ETag
-    // (RFC 9110 §8.8.3).
-    let etag = if gzip {
-        gzip_etag(&meta.etag)
+    let gzip = !entry.gzip.is_empty() && accepts_gzip(ask.headers);
+    let (head, bytes) = if gzip {
+        let head = entry.head(true, || prepare(entry, true, entry.gzip.len()))?;
+        (head, entry.gzip.clone())
     } else {
-        meta.etag.clone()
+        let bytes = if entry.gzip.is_empty() {
+            Bytes::new()
+        } else {
+            entry.identity().ok()?
+        };
+        (
+            entry.head(false, || prepare(entry, false, bytes.len()))?,
+            bytes,
+        )
     };
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, v);
-    }
-    let age = now_ms.saturating_sub(meta.stored_at_ms) / 1000;
+    let mut headers = head.headers.clone();
+    let age = now_ms.saturating_sub(entry.meta.stored_at_ms) / 1000;
     headers.insert(header::AGE, HeaderValue::from(age));
-    mark(&mut headers, outcome);
-    add_vary_accept_encoding(&mut headers);
-
-    if status == StatusCode::OK && if_none_match(ask.headers, &etag) {
+    if outcome != Outcome::Hit {
+        mark(&mut headers, outcome);
+    }
+    if head.status == StatusCode::OK && if_none_match(ask.headers, &head.etag) {
+        // RFC 9110 §15.4.5: the validators and caching headers of the 200, no content headers.
+        for name in [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CONTENT_ENCODING,
+        ] {
+            headers.remove(name);
+        }
         let mut resp = Response::new(body::empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        headers.remove(header::CONTENT_TYPE);
         *resp.headers_mut() = headers;
         return Some(resp);
     }
-    let bytes: Bytes = if gzip {
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        entry.gzip.clone()
-    } else if entry.gzip.is_empty() {
-        Bytes::new()
-    } else {
-        entry.identity().ok()?
-    };
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     let mut resp = Response::new(if ask.head {
         body::empty()
     } else {
         body::full(bytes)
     });
-    *resp.status_mut() = status;
+    *resp.status_mut() = head.status;
     *resp.headers_mut() = headers;
     Some(resp)
+}
+
+/// The head of one representation of `entry` whose body is `len` bytes: the stored status and
+/// headers, the representation's strong ETag (two encodings of one entry are two
+/// representations, RFC 9110 §8.8.3), `Vary: Accept-Encoding`, `Content-Length`, `gzip`'s
+/// `Content-Encoding`, and slots for what every response sets: `Age`, `x-cache` and
+/// `Cache-Status` (already marked as a hit, the common case) here, `x-request-id` in the
+/// driver. `None` for a status that is not one.
+pub fn prepare(entry: &Entry, gzip: bool, len: usize) -> Option<Head> {
+    let meta = &entry.meta;
+    let status = StatusCode::from_u16(meta.status).ok()?;
+    let etag = if gzip {
+        gzip_etag(&meta.etag)
+    } else {
+        meta.etag.clone()
+    };
+    let mut headers = HeaderMap::with_capacity(meta.headers.len() + 10);
+    for (name, value) in &meta.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    // What the driver would strip from every response, stripped once.
+    super::sanitize::strip_hop_by_hop(&mut headers, false);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, v);
+    }
+    add_vary_accept_encoding(&mut headers);
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    mark(&mut headers, Outcome::Hit);
+    for slot in [header::AGE, X_REQUEST_ID.clone()] {
+        headers.insert(slot, HeaderValue::from_static(""));
+    }
+    Some(Head {
+        status,
+        headers,
+        etag,
+    })
 }
 
 /// The strong ETag of the gzip encoding: the identity ETag with `-gz` inside the quotes.
@@ -176,29 +218,36 @@ pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// Whether `Accept-Encoding` allows gzip: `gzip`, `x-gzip` or `*` with a q-value above 0.
+/// Read as bytes (every hit asks): the q-value is parsed only where a `;` says there is one.
 pub fn accepts_gzip(headers: &HeaderMap) -> bool {
     let mut star = None;
-    for item in headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-    {
-        let mut parts = item.split(';');
-        let coding = parts.next().unwrap_or("").trim();
-        let q = parts
-            .filter_map(|p| p.trim().strip_prefix("q="))
-            .filter_map(|q| q.trim().parse::<f32>().ok())
-            .next()
-            .unwrap_or(1.0);
-        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-            return q > 0.0;
-        }
-        if coding == "*" {
-            star = Some(q > 0.0);
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let (coding, params) = match item.iter().position(|&b| b == b';') {
+                Some(i) => (&item[..i], Some(&item[i + 1..])),
+                None => (item, None),
+            };
+            let coding = coding.trim_ascii();
+            let allowed = || params.is_none_or(|p| q_value(p) > 0.0);
+            if coding.eq_ignore_ascii_case(b"gzip") || coding.eq_ignore_ascii_case(b"x-gzip") {
+                return allowed();
+            }
+            if coding == b"*" {
+                star = Some(allowed());
+            }
         }
     }
     star.unwrap_or(false)
+}
+
+/// The `q` parameter among `;`-separated parameters; 1 when absent or unreadable.
+fn q_value(params: &[u8]) -> f32 {
+    params
+        .split(|&b| b == b';')
+        .filter_map(|p| p.trim_ascii().strip_prefix(b"q="))
+        .filter_map(|q| std::str::from_utf8(q).ok()?.trim().parse::<f32>().ok())
+        .next()
+        .unwrap_or(1.0)
 }
 
 #[cfg(test)]
@@ -294,6 +343,9 @@ mod tests {
         .expect("served");
         assert_eq!(r.status(), 304);
         assert_eq!(r.headers()["etag"], e.meta.etag.as_str());
+        for gone in ["content-type", "content-length", "content-encoding"] {
+            assert!(r.headers().get(gone).is_none(), "{gone}");
+        }
         assert!(bytes(r).await.is_empty());
         let none = h(&[]);
         let r = response(
@@ -309,6 +361,34 @@ mod tests {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-length"], "18");
         assert!(bytes(r).await.is_empty());
+    }
+
+    #[test]
+    fn heads_are_prepared_once_with_slots_for_the_per_response_headers() {
+        let e = entry();
+        let gz = h(&[("accept-encoding", "gzip")]);
+        let ask = Ask {
+            headers: &gz,
+            head: false,
+        };
+        let a = response(&e, ask, Outcome::Hit, 12_500).expect("served");
+        let b = response(&e, ask, Outcome::Stale, 15_500).expect("served");
+        let prepared = e.head(true, || None).expect("kept by the first response");
+        assert_eq!(prepared.etag, gzip_etag(&e.meta.etag));
+        for slot in ["age", "x-cache", "cache-status", "x-request-id"] {
+            assert!(prepared.headers.contains_key(slot), "{slot}");
+        }
+        assert!(
+            e.head(false, || None).is_none(),
+            "no identity client yet: no identity head"
+        );
+        assert_eq!(
+            (&a.headers()["age"], &b.headers()["age"]),
+            (&"2".parse().expect("v"), &"5".parse().expect("v"))
+        );
+        assert_eq!(b.headers()["x-cache"], "STALE");
+        let names = |r: &Response<Body>| r.headers().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(names(&a), names(&b), "the same head, filled in");
     }
 
     #[test]

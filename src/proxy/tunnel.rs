@@ -28,7 +28,7 @@ pub(super) async fn open(
     let reply = app.upstream.send(head, body).await?;
     if reply.response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let mut resp = reply.into_response();
-        finish(app, &mut resp, sanitized);
+        finish(app, &mut resp, sanitized, true);
         return Ok(resp);
     }
     let (mut upstream_resp, in_flight) = reply.into_upgrade();
