@@ -89,11 +89,11 @@ mixed "through 2 isrgate (one Redis)" 8201 8202
 echo
 echo "| cached page | identity bytes | Redis: gzip body + metadata | smaller |"
 echo "|---|---:|---:|---:|"
-for path in / /isr/one /tagged/1 /legacy/1 /isr5/1; do
+for path in / /isr/one /tagged/1 /legacy/1 /isr5/1 /products; do
     curl -s -o /dev/null -H 'Host: bench.local' "http://127.0.0.1:8201$path"
 done
 sleep 0.5
-for path in / /isr/one /tagged/1 /legacy/1 /isr5/1; do
+for path in / /isr/one /tagged/1 /legacy/1 /isr5/1 /products; do
     identity=$(curl -s "http://127.0.0.1:3201$path" | wc -c)
     key=$(cd "$root" && cargo run --quiet --release --example keyhex -- bench.local "$path" 2>/dev/null || true)
     [ -n "$key" ] || continue

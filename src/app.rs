@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use crate::bus::{Bus, Event, Message};
+use crate::cache::decoded::Decoded;
 use crate::cache::epochs::Epochs;
 use crate::cache::l1::L1;
 use crate::cache::policy;
@@ -35,6 +36,9 @@ pub struct AppState {
     pub upstream: Upstream,
     /// The cache (shared by all workers); `None` when disabled.
     pub cache: Option<Arc<CacheState>>,
+    /// This worker's own Redis connections for the hit path's reads (see
+    /// `Store::for_worker`); `None` reads through `cache.store`.
+    pub reads: Option<Store>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Request id source.
@@ -51,13 +55,27 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state for another worker: the same shared parts, a pool of its own.
+    /// The store the hit path reads: this worker's own connections, or the shared store.
+    pub fn reads<'a>(&'a self, cache: &'a CacheState) -> &'a Store {
+        self.reads.as_ref().unwrap_or(&cache.store)
+    }
+
+    /// The state for another worker: the same shared parts, pools of its own (upstream, and
+    /// Redis reads; the latter started by the worker, on its runtime).
     pub fn for_worker(&self) -> AppState {
         AppState {
             config: self.config.clone(),
             policy: self.policy.clone(),
             upstream: self.upstream.with_own_pool(),
             cache: self.cache.clone(),
+            reads: self
+                .cache
+                .as_ref()
+                .and_then(|c| c.store.for_worker())
+                .and_then(|r| {
+                    r.inspect_err(|e| tracing::warn!(error = %e, "worker reads through the shared Redis pool"))
+                        .ok()
+                }),
             metrics: Arc::clone(&self.metrics),
             request_ids: Arc::clone(&self.request_ids),
             concurrency: Arc::clone(&self.concurrency),
@@ -78,6 +96,8 @@ pub struct CacheState {
     pub store: Store,
     /// In-process copies in front of the store.
     pub l1: L1,
+    /// Strict mode: entries as last decoded from the store (reused on identical bytes).
+    pub decoded: Decoded,
     /// Admission caps.
     pub limits: policy::Limits,
     /// Keys with a background refresh running on this gateway (local single-flight; the
@@ -128,6 +148,12 @@ impl CacheState {
         };
         Ok(CacheState {
             l1: L1::new(cfg.l1_max_bytes),
+            // The L1 keeps decoded entries itself; only strict mode needs the memo.
+            decoded: Decoded::new(if cfg.l1_max_bytes == 0 {
+                cfg.decoded_max_bytes
+            } else {
+                0
+            }),
             limits: policy::Limits {
                 default_stale_if_error: cfg.default_stale_if_error,
                 max_stale_while_revalidate: cfg.max_stale_while_revalidate,

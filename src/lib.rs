@@ -124,6 +124,7 @@ impl Server {
         ));
         let app = Arc::new(AppState {
             cache,
+            reads: None,
             concurrency,
             config,
             policy,

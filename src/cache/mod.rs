@@ -17,8 +17,10 @@
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
 //! - [`lock`] — fleet fill locks in Redis (one render per key across gateways).
 //! - [`l1`] — the in-process L1 of decoded entries in front of the store.
+//! - [`decoded`] — strict mode (no L1): entries as last decoded, reused on identical reads.
 
 pub mod control;
+pub mod decoded;
 pub mod entry;
 pub mod epochs;
 pub mod key;

@@ -96,6 +96,11 @@ impl Breaker {
     }
 }
 
+/// Connections of a worker thread's own pool ([`RedisStore::sibling`]), at most: fred
+/// pipelines commands on a connection, so two are plenty for one thread, and a gateway on a
+/// many-core machine does not open `redis.pool_size` connections per core.
+pub const WORKER_POOL_SIZE: usize = 2;
+
 /// Settings of the Redis store.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -154,11 +159,41 @@ impl Store {
         }
     }
 
+    /// A store of its own for a worker thread's reads: a Redis pool
+    /// ([`RedisStore::sibling`]; `start` it from the worker's runtime). `None` for the
+    /// in-process store, which every thread reads directly.
+    pub fn for_worker(&self) -> Option<Result<Store, StoreError>> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(r) => Some(r.sibling().map(Store::Redis)),
+        }
+    }
+
+    /// Starts a Redis store's connections on the current runtime (nothing for the in-process
+    /// store).
+    pub fn start(&self) {
+        if let Store::Redis(r) = self {
+            r.start();
+        }
+    }
+
     /// The entry under `key_hex`, if any.
     pub async fn get(&self, key_hex: &str) -> Result<Option<Stored>, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.get(key_hex)),
             Store::Redis(r) => r.get(key_hex).await,
+        }
+    }
+
+    /// Only the metadata of the entry under `key_hex` (a few hundred bytes): enough to tell
+    /// whether it is still the entry decoded last time ([`crate::cache::decoded`]).
+    pub async fn get_meta(&self, key_hex: &str) -> Result<Option<Bytes>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.get(key_hex).map(|s| s.meta)),
+            Store::Redis(r) => {
+                let key = entry_key(key_hex);
+                r.bounded(r.pool.hget(key, "m")).await
+            }
         }
     }
 
@@ -250,6 +285,7 @@ impl MemoryStore {
 #[derive(Clone)]
 pub struct RedisStore {
     pool: Pool,
+    settings: std::sync::Arc<RedisSettings>,
     command_timeout: Duration,
     breaker: std::sync::Arc<Breaker>,
     latency_ms: std::sync::Arc<crate::metrics::Histogram>,
@@ -294,10 +330,28 @@ impl RedisStore {
             .build_pool(settings.pool_size.max(1))?;
         Ok(RedisStore {
             pool,
+            settings: std::sync::Arc::new(settings.clone()),
             command_timeout: settings.command_timeout,
             breaker: std::sync::Arc::new(Breaker::default()),
             latency_ms: std::sync::Arc::default(),
         })
+    }
+
+    /// Another pool to the same Redis, sharing this one's circuit breaker and latency
+    /// histogram, not connected yet: [`start`](RedisStore::start) it on the runtime whose
+    /// tasks will use it. fred runs a pool's connections as tasks of the runtime that
+    /// connected it, so a worker thread reading through the shared pool hands every command
+    /// to another thread and back (two wake-ups); with a pool of its own it never leaves its
+    /// thread.
+    pub fn sibling(&self) -> Result<RedisStore, StoreError> {
+        let settings = RedisSettings {
+            pool_size: self.settings.pool_size.min(WORKER_POOL_SIZE),
+            ..(*self.settings).clone()
+        };
+        let mut sibling = RedisStore::new(&settings)?;
+        sibling.breaker = std::sync::Arc::clone(&self.breaker);
+        sibling.latency_ms = std::sync::Arc::clone(&self.latency_ms);
+        Ok(sibling)
     }
 
     /// The circuit breaker (for readiness and the dashboard).

@@ -170,6 +170,8 @@ pub struct Cache {
     pub namespace: String,
     /// L1 bytes per gateway; 0 = no L1.
     pub l1_max_bytes: u64,
+    /// Strict mode: bytes of decoded entries reused on identical reads; 0 = none.
+    pub decoded_max_bytes: u64,
     /// In-process store bytes (no Redis).
     pub memory_max_bytes: u64,
     /// Largest stored body (identity bytes).

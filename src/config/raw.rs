@@ -181,6 +181,9 @@ section! {
         /// Bytes of decoded entries held in each gateway's memory in front of the store
         /// (the L1); 0 disables it (every hit reads the store).
         l1_max_bytes: u64 = 64 * 1024 * 1024,
+        /// Strict mode only (no L1): bytes of entries kept as last decoded from the store,
+        /// reused when a read returns exactly the same bytes; 0 decodes every read.
+        decoded_max_bytes: u64 = 64 * 1024 * 1024,
         /// Bytes the in-process store holds when no Redis is configured.
         memory_max_bytes: u64 = 256 * 1024 * 1024,
         /// Responses larger than this (identity bytes) are served but not stored.

@@ -64,24 +64,9 @@ pub async fn lookup(
             }
         }
     }
-    let stored = match Box::pin(cache.store.get(&key.hex())).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return Found::Miss,
-        Err(e) => {
-            app.metrics.store_errors.inc();
-            warn_rate_limited(now_ms, &e);
-            return Found::Miss;
-        }
+    let Some(entry) = Box::pin(read(app, cache, key, now_ms)).await else {
+        return Found::Miss;
     };
-    let meta = match Meta::decode(&stored.meta) {
-        Ok(m) => m,
-        Err(e) => {
-            app.metrics.store_corrupt.inc();
-            tracing::warn!(key = %key.text, error = %e, "stored entry does not decode; treating as a miss");
-            return Found::Miss;
-        }
-    };
-    let entry = Arc::new(Entry::new(meta, stored.body));
     if !vary_matches(&entry, headers) {
         return Found::Miss;
     }
@@ -107,6 +92,59 @@ pub async fn lookup(
         State::StaleIfError => Found::StaleIfError(entry),
         State::Expired => Found::Miss,
     }
+}
+
+/// The entry the store holds for `key`, decoded; `None` for none, a store failure (counted,
+/// logged at most every few seconds) or bytes that do not decode.
+///
+/// In strict mode ([`crate::cache::decoded`] enabled) the metadata is read first: when it is
+/// exactly the metadata decoded last time for the key, that entry is the answer, without
+/// moving its body again; otherwise (and with an L1) the whole entry is read in one command.
+async fn read(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    now_ms: u64,
+) -> Option<Arc<Entry>> {
+    let store = app.reads(cache);
+    let failed = |e: crate::cache::store::StoreError| {
+        app.metrics.store_errors.inc();
+        warn_rate_limited(now_ms, &e);
+    };
+    let hex = key.hex();
+    if cache.decoded.enabled() {
+        match store.get_meta(&hex).await {
+            Ok(Some(meta)) => {
+                if let Some(entry) = cache.decoded.get(key.hash, &meta) {
+                    return Some(entry);
+                }
+            }
+            Ok(None) => return None,
+            Err(e) => {
+                failed(e);
+                return None;
+            }
+        }
+    }
+    let stored = match store.get(&hex).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return None,
+        Err(e) => {
+            failed(e);
+            return None;
+        }
+    };
+    let meta = match Meta::decode(&stored.meta) {
+        Ok(m) => m,
+        Err(e) => {
+            app.metrics.store_corrupt.inc();
+            tracing::warn!(key = %key.text, error = %e, "stored entry does not decode; treating as a miss");
+            return None;
+        }
+    };
+    let entry = Arc::new(Entry::new(meta, stored.body));
+    cache.decoded.insert(key.hash, stored.meta, &entry);
+    Some(entry)
 }
 
 /// What the invalidations say about an entry (counted when it is no longer valid).

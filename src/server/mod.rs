@@ -89,6 +89,10 @@ pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpList
             return;
         }
     };
+    if let Some(reads) = &app.reads {
+        // Its connections are tasks of this runtime, so reads never leave this thread.
+        reads.start();
+    }
     accept_loop(Arc::clone(&app), listener, app.draining.clone()).await;
     tokio::select! {
         _ = app.tasks.wait() => {}

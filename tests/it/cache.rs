@@ -397,6 +397,63 @@ async fn gzip_clients_get_the_bytes_redis_holds_identity_clients_the_original() 
     assert_eq!(origin.count("/p"), 1);
 }
 
+/// Strict mode reads the store on every hit and reuses its last decoding only for the very
+/// same write: an entry rewritten in Redis (another gateway's fill) is served at once, an entry
+/// gone from Redis is a miss, and identity clients get the rewritten body inflated afresh.
+#[tokio::test]
+async fn strict_mode_serves_what_redis_holds_now_not_what_it_decoded_before() {
+    use isrgate::cache::entry::{Entry, Meta};
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("<p>first render</p>", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "[cache]\nl1_max_bytes = 0").await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    let raw = raw(&r).await;
+    let key = redis_key(&gw, "/p", &Variant::Html);
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
+        "stored"
+    );
+    for _ in 0..2 {
+        let hit = c.get(&gw.url("/p"), &[]).await;
+        assert_eq!(
+            (hit.header("x-cache"), &hit.body[..]),
+            ("HIT", &b"<p>first render</p>"[..])
+        );
+    }
+    // Another write under the key, as another gateway's fill would make it.
+    let meta: Bytes = raw.hget(&key, "m").await.expect("hget");
+    let mut meta = Meta::decode(&meta).expect("decodes");
+    meta.stored_at_ms += 1;
+    let rewritten = Entry::from_identity(meta, b"<p>second render</p>");
+    let _: () = raw
+        .hset(
+            &key,
+            vec![
+                ("m", rewritten.meta.encode()),
+                ("b", rewritten.gzip.clone()),
+            ],
+        )
+        .await
+        .expect("hset");
+    let hit = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(
+        (hit.header("x-cache"), &hit.body[..]),
+        ("HIT", &b"<p>second render</p>"[..]),
+        "the rewritten entry, inflated afresh"
+    );
+    let gz = c.get(&gw.url("/p"), &[("accept-encoding", "gzip")]).await;
+    assert_eq!(gz.body, rewritten.gzip, "and its gzip bytes");
+    let _: () = raw.del(&key).await.expect("del");
+    let gone = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(gone.header("x-cache"), "MISS", "gone from Redis: a miss");
+    assert_eq!(origin.count("/p"), 2);
+}
+
 #[tokio::test]
 async fn redis_dying_never_fails_a_request_and_caching_resumes_when_it_returns() {
     let mut r = RedisProcess::start();
