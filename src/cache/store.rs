@@ -286,7 +286,6 @@ impl MemoryStore {
 pub struct RedisStore {
     pool: Pool,
     settings: std::sync::Arc<RedisSettings>,
-    command_timeout: Duration,
     breaker: std::sync::Arc<Breaker>,
     latency_ms: std::sync::Arc<crate::metrics::Histogram>,
 }
@@ -331,7 +330,6 @@ impl RedisStore {
         Ok(RedisStore {
             pool,
             settings: std::sync::Arc::new(settings.clone()),
-            command_timeout: settings.command_timeout,
             breaker: std::sync::Arc::new(Breaker::default()),
             latency_ms: std::sync::Arc::default(),
         })
@@ -384,9 +382,10 @@ impl RedisStore {
         }
         // fred bounds commands itself; this also bounds the wait for a connection.
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.command_timeout, fut).await {
+        let limit = self.settings.command_timeout;
+        let result = match tokio::time::timeout(limit, fut).await {
             Ok(r) => r.map_err(StoreError::from),
-            Err(_) => Err(StoreError::Timeout(self.command_timeout)),
+            Err(_) => Err(StoreError::Timeout(limit)),
         };
         self.latency_ms
             .observe(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
