@@ -115,6 +115,8 @@ pub struct CacheState {
     pub fleet: Arc<Fleet>,
     /// The revalidation log.
     pub log: crate::invalidate::log::Log,
+    /// The wall clock entry deadlines are read against.
+    pub clock: crate::clock::Clock,
     /// Paths recently stored per tag (re-warm after a purge by tag).
     pub recent: crate::cache::tags::RecentPaths,
     /// This gateway's id on the bus and in logs.
@@ -167,6 +169,7 @@ impl CacheState {
             epochs: Arc::new(Epochs::default()),
             fleet: Arc::new(Fleet::default()),
             log: crate::invalidate::log::Log::default(),
+            clock: crate::clock::Clock::default(),
             recent: crate::cache::tags::RecentPaths::default(),
             gateway_id,
             cfg,

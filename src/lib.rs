@@ -16,6 +16,7 @@
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
 //!   epochs, tags, store, fill locks). [`bus`]: the Redis pub/sub bus between gateways.
+//!   [`clock`]: the wall clock entry deadlines are read against.
 //! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
 //! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters. [`http`]: header names, bodies.
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod app;
 pub mod bus;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;

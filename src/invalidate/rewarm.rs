@@ -138,7 +138,7 @@ async fn one(
     if let Some(id) = &app.config.webhook.preview_mode_id {
         up.headers.insert(PRERENDER_REVALIDATE.clone(), id.clone());
     }
-    let now = crate::proxy::cached::now_ms();
+    let now = cache.clock.now_ms();
     let outcome = render(app, cache, &key, up, &variant, now).await;
     lease.end(app, cache, &key.hex(), None).await;
     match outcome {

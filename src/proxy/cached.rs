@@ -3,7 +3,6 @@
 //! inside stale-if-error covers for failing replicas.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, header};
@@ -21,14 +20,6 @@ use crate::error::{ProxyError, Side};
 use crate::http::body::{self, Body};
 use crate::upstream::UpstreamError;
 
-/// Wall-clock milliseconds since the UNIX epoch: entry deadlines are shared by every gateway,
-/// so they are absolute times, not monotonic ones.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Answers a cache candidate.
 pub async fn serve(
     app: &Arc<AppState>,
@@ -37,7 +28,7 @@ pub async fn serve(
     mut head: Parts,
     variant: Variant,
 ) -> Result<(Response<Body>, Outcome), ProxyError> {
-    let now = now_ms();
+    let now = cache.clock.now_ms();
     let key = key(cache, &head, &variant);
     let ask = Ask {
         headers: &head.headers,
@@ -97,7 +88,7 @@ pub async fn serve(
 }
 
 /// The request's cache key (the host is the request's: `Host` or `:authority`).
-fn key(cache: &CacheState, head: &Parts, variant: &Variant) -> CacheKey {
+pub(crate) fn key(cache: &CacheState, head: &Parts, variant: &Variant) -> CacheKey {
     let host = head
         .headers
         .get(header::HOST)

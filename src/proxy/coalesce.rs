@@ -31,7 +31,6 @@ use http::{HeaderMap, HeaderValue, Response, header};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::cached::now_ms;
 use super::fill::{self, Answer, Copied, Filled, Write};
 use super::lookup::{self, Found};
 use super::serve::{self, Outcome};
@@ -313,7 +312,7 @@ async fn direct(
     cache: &Arc<CacheState>,
     miss: Miss<'_>,
 ) -> Result<Fetched, ProxyError> {
-    let now = now_ms();
+    let now = cache.clock.now_ms();
     let write = Write::Background;
     match fill::fill(app, cache, miss.key, miss.head, miss.variant, now, write).await? {
         Filled::Stored(entry) => Ok(Fetched::Stored(entry)),
@@ -341,7 +340,7 @@ async fn lead(
         Store::Memory(_) => reread(app, cache, &miss).await,
         Store::Redis(_) => cache
             .l1
-            .get(miss.key.hash, now_ms())
+            .get(miss.key.hash, cache.clock.now_ms())
             .filter(|e| usable(cache, e, miss.vary_view)),
     };
     if let Some(entry) = ended {
@@ -441,7 +440,7 @@ async fn follow_fleet(
 /// A fresh entry in the store for this miss, if a render stored one meanwhile (a stale one is
 /// what this miss is replacing).
 async fn reread(app: &AppState, cache: &CacheState, miss: &Miss<'_>) -> Option<Arc<Entry>> {
-    match lookup::lookup(app, cache, miss.key, miss.vary_view, now_ms()).await {
+    match lookup::lookup(app, cache, miss.key, miss.vary_view, cache.clock.now_ms()).await {
         Found::Fresh { entry, .. } => Some(entry),
         Found::Stale(_) | Found::StaleIfError(_) | Found::Miss => None,
     }
@@ -561,7 +560,7 @@ async fn render(
     lease: Lease,
 ) -> Result<Fetched, ProxyError> {
     let hex = miss.key.hex();
-    let now = now_ms();
+    let now = cache.clock.now_ms();
     let answer = fill::request(app, cache, miss.key, miss.head, miss.variant).await;
     let (pending, upstream_body) = match answer {
         Err(e) => {

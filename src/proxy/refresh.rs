@@ -63,7 +63,7 @@ pub fn spawn(
             return;
         };
         // Another gateway may have refreshed it just before we took the lock.
-        let now = super::cached::now_ms();
+        let now = cache.clock.now_ms();
         if let Found::Fresh { .. } = lookup::lookup(&app, &cache, &key, &head.headers, now).await {
             lease.end(&app, &cache, &key.hex(), None).await;
             return;

@@ -6,12 +6,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::prelude::*;
 use isrgate::cache::key::{CacheKey, Variant};
+use isrgate::cache::lock::lock_key;
 use isrgate::cache::policy::Skip;
 use isrgate::cache::store::entry_key;
 use isrgate::proxy::classify::Bypass;
 
 use crate::eventually;
-use crate::support::origin::{FakeNext, Route};
+use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::redis::RedisProcess;
 use crate::support::{Client, Gateway, bus_live, config};
 
@@ -27,8 +28,27 @@ fn with_redis(r: &RedisProcess, extra: &str) -> String {
     format!("[redis]\nurl = \"{}\"\n{extra}", r.url())
 }
 
+/// A gateway on `r`, returned once its bus is subscribed: its first connection flushes the
+/// L1 (messages may have been missed), which must not race the test's first requests.
 async fn gateway(origin: &FakeNext, r: &RedisProcess, extra: &str) -> Gateway {
-    Gateway::start(config(&[origin.url()], "", &with_redis(r, extra))).await
+    let gw = Gateway::start(config(&[origin.url()], "", &with_redis(r, extra))).await;
+    eventually!(5, bus_live(&gw), "bus subscribed");
+    gw
+}
+
+/// Waits until the fill of `path`'s HTML entry is over: Redis holds the entry (fills write it
+/// in the background) and its fill lock is released (a refresh that found it held would leave
+/// the key to its holder).
+async fn stored(r: &RedisProcess, gw: &Gateway, path: &str) {
+    let raw = raw(r).await;
+    let hex = CacheKey::new("default", &gw.addr.to_string(), path, None, &Variant::Html).hex();
+    let (entry, lock) = (entry_key(&hex), lock_key(&hex));
+    eventually!(
+        5,
+        raw.exists::<u32, _>(&entry).await.unwrap_or(0) == 1
+            && raw.exists::<u32, _>(&lock).await.unwrap_or(1) == 0,
+        "{path} stored and its fill lock released"
+    );
 }
 
 async fn raw(r: &RedisProcess) -> fred::prelude::Client {
@@ -272,34 +292,59 @@ async fn every_never_store_rule_goes_to_the_origin_again_and_leaves_redis_empty(
     assert_eq!(by(Skip::MiddlewareRewrite), 2);
 }
 
+// Freshness in controlled time: each gateway's clock is moved across the deadlines
+// (`state.cache.clock.advance`) instead of sleeping through them, and slow renders are gates
+// the test opens, so nothing here depends on how fast the machine is.
+
+/// Moves `gw`'s clock forward by `secs` seconds.
+fn advance(gw: &Gateway, secs: u64) {
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    cache.clock.advance(Duration::from_secs(secs));
+}
+
 #[tokio::test]
-async fn stale_is_served_at_once_with_exactly_one_refresh_then_the_new_body() {
+async fn fresh_then_stale_served_at_once_with_exactly_one_refresh_then_the_new_body() {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
-        o.route("/p", page("v1", "s-maxage=1, stale-while-revalidate=60"));
+        o.route("/p", page("v1", "s-maxage=60, stale-while-revalidate=600"));
     })
     .await;
     let gw = gateway(&origin, &r, "").await;
     let c = Client::default();
-    assert_eq!(c.get(&gw.url("/p"), &[]).await.body, "v1");
+    let url = gw.url("/p");
+    assert_eq!(c.get(&url, &[]).await.header("x-cache"), "MISS");
+    stored(&r, &gw, "/p").await;
+    advance(&gw, 59);
+    let fresh = c.get(&url, &[]).await;
+    assert_eq!(
+        (fresh.header("x-cache"), &fresh.body[..]),
+        ("HIT", &b"v1"[..])
+    );
+    assert_eq!(fresh.header("age"), "59");
+    assert_eq!(origin.count("/p"), 1, "fresh: no render");
+
+    // Past s-maxage, inside stale-while-revalidate; the refresh render is held at a gate.
+    let gate = Gate::new();
     origin.route(
         "/p",
-        page("v2", "s-maxage=1, stale-while-revalidate=60").delay(Duration::from_millis(300)),
+        page("v2", "s-maxage=60, stale-while-revalidate=600").gated(&gate),
     );
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let started = std::time::Instant::now();
-    let url = gw.url("/p");
+    advance(&gw, 2);
     let stale: Vec<_> = futures_util::future::join_all((0..10).map(|_| c.get(&url, &[]))).await;
-    assert!(
-        started.elapsed() < Duration::from_millis(250),
-        "no client waits for the 300 ms refresh"
-    );
     for s in &stale {
         assert_eq!((s.header("x-cache"), &s.body[..]), ("STALE", &b"v1"[..]));
+        assert_eq!(
+            s.header("cache-status"),
+            "isrgate; hit; fwd=stale; detail=stale-while-revalidate"
+        );
     }
+    // Ten stale answers arrived while the one refresh was still held at the origin.
+    eventually!(5, origin.count("/p") == 2, "the refresh reached the origin");
+    assert_eq!(gw.state.metrics.cache_stale.get(), 10);
+    gate.open();
     eventually!(
-        3,
-        c.get(&gw.url("/p"), &[]).await.body == "v2",
+        5,
+        c.get(&url, &[]).await.body == "v2",
         "refreshed entry served"
     );
     assert_eq!(origin.count("/p"), 2, "exactly one background refresh");
@@ -309,29 +354,42 @@ async fn stale_is_served_at_once_with_exactly_one_refresh_then_the_new_body() {
 async fn past_the_stale_window_the_next_request_waits_for_a_render() {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
-        o.route("/p", page("v1", "s-maxage=1"));
+        o.route("/p", page("v1", "s-maxage=60, stale-while-revalidate=60"));
     })
     .await;
     let gw = gateway(&origin, &r, "[cache]\ndefault_stale_if_error = \"0s\"").await;
     let c = Client::default();
     c.get(&gw.url("/p"), &[]).await;
-    origin.route("/p", page("v2", "s-maxage=1"));
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    let got = c.get(&gw.url("/p"), &[]).await;
+    stored(&r, &gw, "/p").await;
+    let gate = Gate::new();
+    origin.route("/p", page("v2", "s-maxage=60").gated(&gate));
+    // Fresh for 60 s, stale for 60 more: at 121 s the entry (still in Redis) is unusable.
+    advance(&gw, 121);
+    let url = gw.url("/p");
+    let waiting = tokio::spawn({
+        let c = c.clone();
+        async move { c.get(&url, &[]).await }
+    });
+    eventually!(5, origin.count("/p") == 2, "the miss went upstream");
+    assert!(!waiting.is_finished(), "the client waits for the render");
+    gate.open();
+    let got = waiting.await.expect("request task");
     assert_eq!((got.header("x-cache"), &got.body[..]), ("MISS", &b"v2"[..]));
+    assert_eq!(gw.state.metrics.cache_stale.get(), 0, "never served stale");
 }
 
 #[tokio::test]
 async fn stale_if_error_covers_a_failing_and_a_dead_origin() {
     let r = RedisProcess::start();
     let mut origin = FakeNext::start(|o| {
-        o.route("/p", page("good", "s-maxage=1, stale-if-error=60"));
+        o.route("/p", page("good", "s-maxage=60, stale-if-error=600"));
     })
     .await;
     let gw = gateway(&origin, &r, "").await;
     let c = Client::default();
     c.get(&gw.url("/p"), &[]).await;
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    stored(&r, &gw, "/p").await;
+    advance(&gw, 61);
     origin.route(
         "/p",
         Route::status(500).header("cache-control", "private, no-cache, no-store"),
@@ -342,6 +400,7 @@ async fn stale_if_error_covers_a_failing_and_a_dead_origin() {
         got.header("cache-status"),
         "isrgate; hit; detail=stale-if-error"
     );
+    assert_eq!(origin.count("/p"), 2, "the replica was asked first");
     origin.stop().await;
     let got = c.get(&gw.url("/p"), &[]).await;
     assert_eq!(
@@ -349,6 +408,11 @@ async fn stale_if_error_covers_a_failing_and_a_dead_origin() {
         (200, &b"good"[..]),
         "replica down"
     );
+    assert_eq!(gw.state.metrics.cache_stale_if_error.get(), 2);
+    // Past stale-if-error too: nothing covers for the dead replica any more.
+    advance(&gw, 600);
+    let got = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!(got.status.as_u16(), 502, "{got:?}");
     assert_eq!(gw.state.metrics.cache_stale_if_error.get(), 2);
 }
 
@@ -619,20 +683,16 @@ async fn a_bus_reconnect_flushes_the_l1() {
 async fn a_refresh_that_meets_an_unpublished_page_drops_the_stale_copy() {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
-        o.route("/p", page("v1", "s-maxage=1, stale-while-revalidate=600"));
+        o.route("/p", page("v1", "s-maxage=60, stale-while-revalidate=600"));
     })
     .await;
     let gw = gateway(&origin, &r, "").await;
     let c = Client::default();
     c.get(&gw.url("/p"), &[]).await;
+    stored(&r, &gw, "/p").await;
     let raw = raw(&r).await;
     let key = redis_key(&gw, "/p", &Variant::Html);
-    eventually!(
-        5,
-        raw.exists::<u32, _>(&key).await.unwrap_or(0) == 1,
-        "stored"
-    );
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    advance(&gw, 61);
     // Unpublished: the replica now answers a private 404.
     origin.route(
         "/p",

@@ -36,6 +36,29 @@ pub struct Route {
     headers: Vec<(String, String)>,
     body: RouteBody,
     delay: Duration,
+    gate: Option<Gate>,
+}
+
+/// Holds a route's answers back until [`Gate::open`]: a render that lasts exactly as long as
+/// the test wants, with no timing involved.
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+
+    /// Lets every held and later answer through.
+    pub fn open(&self) {
+        self.0.close();
+    }
+
+    async fn pass(&self) {
+        // A closed semaphore is an open gate: `acquire` fails at once from then on.
+        let _ = self.0.acquire().await;
+    }
 }
 
 #[derive(Clone)]
@@ -69,6 +92,7 @@ impl Route {
             headers: vec![("content-type".into(), "text/html; charset=utf-8".into())],
             body: RouteBody::Bytes(Bytes::copy_from_slice(body.as_bytes())),
             delay: Duration::ZERO,
+            gate: None,
         }
     }
 
@@ -79,6 +103,7 @@ impl Route {
             headers: Vec::new(),
             body: RouteBody::Bytes(Bytes::new()),
             delay: Duration::ZERO,
+            gate: None,
         }
     }
 
@@ -161,6 +186,12 @@ impl Route {
     /// Waits before answering (a slow render).
     pub fn delay(mut self, d: Duration) -> Route {
         self.delay = d;
+        self
+    }
+
+    /// Answers only once `gate` is open (counted as seen as soon as it arrives).
+    pub fn gated(mut self, gate: &Gate) -> Route {
+        self.gate = Some(gate.clone());
         self
     }
 }
@@ -330,6 +361,9 @@ async fn answer(
             Bytes::from_static(b"no route"),
         ));
     };
+    if let Some(gate) = &route.gate {
+        gate.pass().await;
+    }
     if !route.delay.is_zero() {
         tokio::time::sleep(route.delay).await;
     }

@@ -281,7 +281,17 @@ impl Tls {
     }
 }
 
+/// A port no listener holds now and that no other test of this process was given: the kernel
+/// may hand the same ephemeral port to two tests that bind port 0 a moment apart, and two
+/// servers (and their directories, named after the port) must never be shared.
 fn free_port() -> u16 {
-    let l = StdListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let l = StdListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
