@@ -80,8 +80,11 @@ impl AppState {
             request_ids: Arc::clone(&self.request_ids),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
-            draining: self.draining.clone(),
-            hard_stop: self.hard_stop.clone(),
+            // Children, not clones: every connection polls these on each wake, and a token is
+            // a mutex; a worker's own child keeps that lock on its own core (cancelling the
+            // parent cancels them all).
+            draining: self.draining.child_token(),
+            hard_stop: self.hard_stop.child_token(),
         }
     }
 }

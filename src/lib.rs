@@ -10,9 +10,10 @@
 //!
 //! Module map:
 //! - [`config`]: TOML + env + flags → validated [`Config`]; all problems reported at once.
-//! - [`server`]: workers and listeners, per-connection bounds, load shedding, graceful drain.
+//! - [`server`]: workers and listeners, the HTTP/1.1 hit lane (L1 hits written from the socket,
+//!   other exchanges lent to hyper), per-connection bounds, load shedding, graceful drain.
 //! - [`proxy`]: the request driver and its steps (sanitize, classify, lookup, coalesce, fill,
-//!   serve, refresh, tunnel).
+//!   serve, refresh, tunnel), and the hit lane's question (`hit`).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
 //!   epochs, tags, store, fill locks). [`bus`]: the Redis pub/sub bus between gateways.

@@ -131,6 +131,9 @@ pub struct Head {
     pub headers: http::HeaderMap,
     /// The representation's strong ETag (for `If-None-Match`).
     pub etag: String,
+    /// `status` and `headers` as HTTP/1.1 bytes without the per-response slots, for the hit
+    /// lane; `None` when the head must be finished per client (a `Location`).
+    pub wire: Option<bytes::Bytes>,
 }
 
 impl Entry {

@@ -1,9 +1,10 @@
 //! HTTP vocabulary shared by every stage: header-name constants (built once, `from_static`) and
-//! the body types the gateway moves around ([`body`]), and the small answers it writes itself
-//! ([`reply`]).
+//! the body types the gateway moves around ([`body`]), the small answers it writes itself
+//! ([`reply`]), and HTTP/1.1 on the wire for the hit lane ([`wire`]).
 
 pub mod body;
 pub mod reply;
+pub mod wire;
 
 use http::HeaderName;
 

@@ -94,6 +94,23 @@ pub async fn lookup(
     }
 }
 
+/// The L1's fresh, valid copy for `key` that matches the request's `Vary` values, if it holds
+/// one; no store read, no side effects (nothing counted, nothing evicted). The hit lane asks
+/// this first; anything short of a plain hit goes through [`lookup`], which decides again.
+pub fn l1_fresh(
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Option<Arc<Entry>> {
+    let entry = cache.l1.get(key.hash, now_ms)?;
+    let valid = cache.epochs.check(
+        entry.meta.render_epoch,
+        entry.meta.tags.iter().map(String::as_str),
+    ) == Validity::Valid;
+    (valid && vary_matches(&entry, headers)).then_some(entry)
+}
+
 /// The entry the store holds for `key`, decoded; `None` for none, a store failure (counted,
 /// logged at most every few seconds) or bytes that do not decode.
 ///

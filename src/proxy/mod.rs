@@ -3,6 +3,9 @@
 //! [`cached`] (key → [`lookup`] → [`serve`] | [`fill`] → serve; [`refresh`] in the background)
 //! | everything else: upstream → respond.
 //!
+//! [`hit`] asks the same steps, without going upstream, whether the L1 answers a request as it
+//! stands (for the HTTP/1.1 hit lane, `server::lane`).
+//!
 //! [`handle`] is the driver: it reads like the flow in `lib.rs` and calls one named step per
 //! stage. Errors become responses in one place (`crate::error`) and are logged once, here.
 
@@ -11,6 +14,7 @@ pub mod classify;
 pub mod coalesce;
 pub mod fill;
 pub mod forwarded;
+pub mod hit;
 pub mod lookup;
 pub mod refresh;
 pub mod sanitize;
@@ -112,9 +116,14 @@ async fn route(
 /// The request id: a trusted proxy's `x-request-id` is kept (one id across the whole path),
 /// anyone else's is replaced by ours.
 fn request_id(app: &AppState, peer: &Peer, head: &Parts) -> HeaderValue {
+    trusted_request_id(peer, head).unwrap_or_else(|| app.request_ids.next())
+}
+
+/// The request id a trusted proxy sent, if any.
+fn trusted_request_id(peer: &Peer, head: &Parts) -> Option<HeaderValue> {
     match head.headers.get(&X_REQUEST_ID) {
-        Some(v) if peer.trusted && !v.is_empty() && v.len() <= 128 => v.clone(),
-        _ => app.request_ids.next(),
+        Some(v) if peer.trusted && !v.is_empty() && v.len() <= 128 => Some(v.clone()),
+        _ => None,
     }
 }
 

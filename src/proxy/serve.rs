@@ -14,8 +14,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::cache::entry::{Entry, Head};
-use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
+use crate::http::{X_REQUEST_ID, wire};
 
 /// `x-cache`.
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -100,20 +100,7 @@ pub fn response(
     now_ms: u64,
 ) -> Option<Response<Body>> {
     let gzip = !entry.gzip.is_empty() && accepts_gzip(ask.headers);
-    let (head, bytes) = if gzip {
-        let head = entry.head(true, || prepare(entry, true, entry.gzip.len()))?;
-        (head, entry.gzip.clone())
-    } else {
-        let bytes = if entry.gzip.is_empty() {
-            Bytes::new()
-        } else {
-            entry.identity().ok()?
-        };
-        (
-            entry.head(false, || prepare(entry, false, bytes.len()))?,
-            bytes,
-        )
-    };
+    let (head, bytes) = representation(entry, gzip)?;
     let mut headers = head.headers.clone();
     let age = now_ms.saturating_sub(entry.meta.stored_at_ms) / 1000;
     headers.insert(header::AGE, HeaderValue::from(age));
@@ -142,6 +129,31 @@ pub fn response(
     *resp.status_mut() = head.status;
     *resp.headers_mut() = headers;
     Some(resp)
+}
+
+/// The gzip (`gzip == true`) or identity representation of `entry`: its prepared head and its
+/// body. `None` when the identity body does not inflate or the status is not one.
+fn representation(entry: &Entry, gzip: bool) -> Option<(&Head, Bytes)> {
+    if gzip {
+        let head = entry.head(true, || prepare(entry, true, entry.gzip.len()))?;
+        return Some((head, entry.gzip.clone()));
+    }
+    let bytes = if entry.gzip.is_empty() {
+        Bytes::new()
+    } else {
+        entry.identity().ok()?
+    };
+    let head = entry.head(false, || prepare(entry, false, bytes.len()))?;
+    Some((head, bytes))
+}
+
+/// A plain hit on the wire, for the hit lane: the representation's prepared head as HTTP/1.1
+/// bytes (no `Age`, `x-request-id`, `Date` or final empty line; the lane writes those) and its
+/// body. `None` where [`response`] must answer instead: the head has a `Location` (rewritten
+/// per client by the driver), or the identity body does not inflate.
+pub fn wire(entry: &Entry, gzip: bool) -> Option<(Bytes, Bytes)> {
+    let (head, body) = representation(entry, gzip)?;
+    Some((head.wire.clone()?, body))
 }
 
 /// The head of one representation of `entry` whose body is `len` bytes: the stored status and
@@ -176,10 +188,14 @@ pub fn prepare(entry: &Entry, gzip: bool, len: usize) -> Option<Head> {
     for slot in [header::AGE, X_REQUEST_ID.clone()] {
         headers.insert(slot, HeaderValue::from_static(""));
     }
+    // A `Location` is rewritten per client (`finish`): such a head is never sent as prepared.
+    let wire = (!headers.contains_key(header::LOCATION))
+        .then(|| wire::encode_head(status, &headers, &[&header::AGE, &X_REQUEST_ID]));
     Some(Head {
         status,
         headers,
         etag,
+        wire,
     })
 }
 

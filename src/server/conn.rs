@@ -40,6 +40,7 @@ pub struct Activity {
     write_blocked_ms: AtomicU64,
     sniffed: AtomicBool,
     http2: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl Activity {
@@ -70,6 +71,22 @@ impl Activity {
             }
             _ => {}
         }
+    }
+
+    /// The gateway drains: finish what is in flight, then close (read by the hit lane before
+    /// each request; a relaxed load where a cancellation token would take a lock).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Whether [`Activity::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Nothing in flight and no part of a request head read: closing now cuts nothing.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Relaxed) == 0 && self.head_started_ms.load(Relaxed) == 0
     }
 
     /// A request head was parsed: it is in flight until the guard drops.
@@ -222,5 +239,69 @@ pub async fn watchdog(activity: Arc<Activity>, bounds: Bounds) -> Expiry {
         } else if now.saturating_sub(quiet_since) >= idle_ms {
             return Expiry::Idle;
         }
+    }
+}
+
+pin_project! {
+    /// A socket whose first reads return bytes already read from it (by the hit lane) before
+    /// the socket's own: how hyper takes over a connection mid-stream.
+    pub struct Rewind<IO> {
+        prefix: bytes::Bytes,
+        #[pin]
+        io: IO,
+    }
+}
+
+impl<IO> Rewind<IO> {
+    /// `io`, read from `prefix` first.
+    pub fn new(prefix: bytes::Bytes, io: IO) -> Self {
+        Self { prefix, io }
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            bytes::Buf::advance(this.prefix, n);
+            return Poll::Ready(Ok(()));
+        }
+        this.io.poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }

@@ -1,6 +1,12 @@
 //! Step 1 of the request flow: accept connections and run each one through the service stack,
 //! and the gateway's lifecycle: bind, serve, drain on shutdown.
 //!
+//! With an L1, an HTTP/1.1 connection starts in the hit lane (`lane.rs`): fresh L1 hits are
+//! written straight from the socket, every other exchange is lent to hyper one at a time, and
+//! what the lane does not frame (HTTP/2, upgrades, chunked request bodies, HTTP/1.0) is handed
+//! to hyper for the rest of the connection. Without an L1 (strict mode) or a cache, hyper
+//! serves every connection from its first byte.
+//!
 //! Shutdown: when the token passed to [`Server::run`] is cancelled the listener closes at once
 //! (new connections are refused by the kernel, so the load balancer fails over), every
 //! connection is told to finish (h1: close after the current response; h2: GOAWAY), and the
@@ -8,6 +14,7 @@
 //! still running then is cut.
 
 mod conn;
+mod lane;
 mod stack;
 
 use std::convert::Infallible;
@@ -23,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::http::body::Guarded;
+use crate::proxy::forwarded::Peer;
 pub use conn::Expiry;
 
 /// Builds the hyper connection builder from the listener config.
@@ -106,6 +114,7 @@ pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpList
 /// Accepts on `listener` until `drain` is cancelled.
 async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
     let builder = Arc::new(builder(&app));
+    let lender = Arc::new(lane::lender(&app));
     loop {
         let (stream, peer) = tokio::select! {
             _ = drain.cancelled() => return,
@@ -123,6 +132,7 @@ async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: Cancellat
         let task = serve(
             Arc::clone(&app),
             Arc::clone(&builder),
+            Arc::clone(&lender),
             stream,
             peer,
             drain.clone(),
@@ -131,36 +141,73 @@ async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: Cancellat
     }
 }
 
+/// One connection: through the hit lane when it runs (HTTP/1.1 hits answered there, other
+/// exchanges lent to hyper), then, for what the lane hands off (or without the lane), hyper's
+/// HTTP/1.1 or h2c server; one watchdog bounds both.
 async fn serve(
     app: Arc<AppState>,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    lender: Arc<hyper::server::conn::http1::Builder>,
     stream: TcpStream,
     peer: SocketAddr,
     drain: CancellationToken,
 ) {
     let activity = Arc::new(conn::Activity::default());
-    let per_request = Arc::clone(&activity);
-    let peer_info = Arc::new(crate::proxy::forwarded::Peer::new(
-        peer,
-        &app.policy.forwarded,
-    ));
-    let shared = Arc::clone(&app);
-    let hyper_svc = service_fn(move |req: hyper::Request<Incoming>| {
-        let guard = per_request.enter();
-        let call = stack::call(Arc::clone(&shared), Arc::clone(&peer_info), req);
-        async move { Ok::<_, Infallible>(call.await.map(|b| Guarded::new(b, guard))) }
-    });
-    let io = TokioIo::new(conn::Watched::new(stream, Arc::clone(&activity)));
-    let conn = builder.serve_connection_with_upgrades(io, hyper_svc);
-    tokio::pin!(conn);
+    let peer_info = Arc::new(Peer::new(peer, &app.policy.forwarded));
     let listen = &app.config.listen;
     let bounds = conn::Bounds {
         header_read: listen.header_read_timeout,
         idle: listen.idle_timeout,
         send: listen.send_timeout,
     };
-    let watchdog = conn::watchdog(activity, bounds);
+    let watchdog = conn::watchdog(Arc::clone(&activity), bounds);
     tokio::pin!(watchdog);
+    let mut io = conn::Watched::new(stream, Arc::clone(&activity));
+    let mut read = bytes::Bytes::new();
+    if lane::enabled(&app) {
+        let lane = lane::Lane {
+            app: &app,
+            peer: &peer_info,
+            activity: &activity,
+            lender: &lender,
+            drain: &drain,
+        };
+        let run = lane.run(&mut io);
+        tokio::pin!(run);
+        // One `cancelled()` for the connection's life, and the hard stop only once draining
+        // (it never comes first): each is a lock taken on every wake of this task.
+        let drained = drain.cancelled();
+        tokio::pin!(drained);
+        let mut draining = false;
+        let ended = loop {
+            tokio::select! {
+                ended = &mut run => break ended,
+                () = &mut drained, if !draining => {
+                    draining = true;
+                    activity.start_draining();
+                    if activity.is_idle() {
+                        return;
+                    }
+                }
+                expiry = &mut watchdog => {
+                    expired(&app, peer, expiry);
+                    return;
+                }
+                () = app.hard_stop.cancelled(), if draining => return,
+            }
+        };
+        match ended {
+            lane::End::Closed => return,
+            lane::End::Handoff(bytes) => read = bytes,
+        }
+    }
+    let svc = {
+        let app = Arc::clone(&app);
+        service_fn(move |req| call(&app, &peer_info, &activity, req))
+    };
+    let io = TokioIo::new(conn::Rewind::new(read, io));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -174,24 +221,51 @@ async fn serve(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            expiry = &mut watchdog, if !closing => match expiry {
-                Expiry::HeaderTimeout => {
-                    app.metrics.header_timeouts.inc();
-                    tracing::debug!(%peer, "request head not received in time; closing");
-                    return;
-                }
-                Expiry::SendTimeout => {
-                    app.metrics.send_timeouts.inc();
-                    tracing::debug!(%peer, "client did not read the response in time; closing");
-                    return;
-                }
-                Expiry::Idle => {
+            expiry = &mut watchdog, if !closing => {
+                if expiry == Expiry::Idle {
                     app.metrics.idle_closes.inc();
                     closing = true;
                     conn.as_mut().graceful_shutdown();
+                } else {
+                    expired(&app, peer, expiry);
+                    return;
                 }
-            },
+            }
             _ = app.hard_stop.cancelled() => return,
         }
     }
+}
+
+/// Counts and logs a connection the watchdog ends (the caller closes it).
+fn expired(app: &AppState, peer: SocketAddr, expiry: Expiry) {
+    match expiry {
+        Expiry::HeaderTimeout => {
+            app.metrics.header_timeouts.inc();
+            tracing::debug!(%peer, "request head not received in time; closing");
+        }
+        Expiry::SendTimeout => {
+            app.metrics.send_timeouts.inc();
+            tracing::debug!(%peer, "client did not read the response in time; closing");
+        }
+        Expiry::Idle => {
+            app.metrics.idle_closes.inc();
+            tracing::debug!(%peer, "idle; closing");
+        }
+    }
+}
+
+/// What the service answers: the driver's response, counted in flight until its body ends.
+type Answer = hyper::Response<Guarded<crate::http::body::Body, conn::RequestGuard>>;
+
+/// Runs one request of a connection: counted in flight (until its response body ends), then
+/// through the listener's concerns and the driver. Every connection's service calls this.
+fn call(
+    app: &Arc<AppState>,
+    peer: &Arc<Peer>,
+    activity: &Arc<conn::Activity>,
+    req: hyper::Request<Incoming>,
+) -> impl Future<Output = Result<Answer, Infallible>> + Send + use<> {
+    let guard = activity.enter();
+    let call = stack::call(Arc::clone(app), Arc::clone(peer), req);
+    async move { Ok(call.await.map(|b| Guarded::new(b, guard))) }
 }

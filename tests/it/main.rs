@@ -13,6 +13,7 @@ mod coalesce;
 mod fidelity;
 mod harness;
 mod invalidate;
+mod lane;
 mod limits;
 mod pool;
 mod sanitize;

@@ -1,0 +1,294 @@
+//! The HTTP/1.1 hit lane: fresh L1 hits answered straight from the socket, everything else
+//! lent to hyper one exchange at a time.
+//!
+//! A cache hit is a lookup and two writes, but through hyper's server it also pays for a
+//! dispatcher, a service future, a `Response`, a body and the encoding of a header map: more
+//! than the lookup itself, and the reason hits stayed below the throughput of a bare hyper
+//! server answering fixed bytes. So, as in nginx, Varnish and pingora, the cache's own hot path
+//! owns the connection: the lane reads request heads with `httparse` (the parser hyper uses)
+//! into the `Parts` hyper would build, asks [`crate::proxy::hit`] whether the L1 answers it
+//! (the driver's own steps: sanitize, classify, key, L1), and writes the entry's head encoded
+//! once per entry, `Age`, `x-request-id`, `Date` and the body with one `writev`.
+//!
+//! Whatever is not such a hit is **lent**: a hyper HTTP/1.1 connection is made over a view of
+//! the socket that yields exactly that request's bytes (its head, then its `Content-Length`
+//! body) and then end-of-file, with `half_close` so that end is not a client gone. hyper runs
+//! the exchange through the usual service and driver and, once the response is written, sees
+//! the end, stops without shutting the socket down, and hands it back; the lane goes on with
+//! the next request. The client sees one keep-alive connection throughout.
+//!
+//! What the lane does not parse or frame (HTTP/2, HTTP/1.0, `Connection: close` or upgrade,
+//! chunked request bodies, a head over `listen.max_header_bytes`, bytes that are not HTTP) is
+//! **handed off**: hyper gets the connection for good, from the bytes already read, and
+//! answers exactly as it does without the lane. The connection's watchdog (header read, idle,
+//! send) watches the lane's reads and writes as it watches hyper's.
+//!
+//! The lane runs when the cache has an L1 (in strict mode every hit reads Redis, and the
+//! driver's path is the one that does). A lent exchange costs a second parse of its head and
+//! a hyper connection set-up: a few microseconds on a request that goes upstream anyway. A
+//! client that closes while its request is lent is noticed when the answer is written, not
+//! before (hyper does not read a lent socket).
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{Activity, Watched};
+use crate::app::AppState;
+use crate::http::wire::{self, Framing, Parsed};
+use crate::proxy::forwarded::Peer;
+use crate::proxy::hit::Hit;
+
+/// How the lane left a connection.
+pub(super) enum End {
+    /// Closed: the client went away, the gateway drains, or an exchange failed.
+    Closed,
+    /// hyper takes the connection from these bytes on.
+    Handoff(Bytes),
+}
+
+/// Whether connections go through the lane: the cache is on and has an L1.
+pub(super) fn enabled(app: &AppState) -> bool {
+    app.cache.as_ref().is_some_and(|c| c.cfg.l1_max_bytes > 0)
+}
+
+/// The hyper HTTP/1.1 builder for lent exchanges: the listener's HTTP/1.1 settings, and
+/// `half_close`, so the end of a lent request is not taken for a client gone.
+pub(super) fn lender(app: &AppState) -> http1::Builder {
+    let cfg = &app.config.listen;
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(cfg.max_header_bytes)
+        .preserve_header_case(cfg.preserve_header_case)
+        .keep_alive(true)
+        .half_close(true);
+    b
+}
+
+/// One connection's lane.
+pub(super) struct Lane<'a> {
+    pub(super) app: &'a Arc<AppState>,
+    pub(super) peer: &'a Arc<Peer>,
+    pub(super) activity: &'a Arc<Activity>,
+    pub(super) lender: &'a http1::Builder,
+    pub(super) drain: &'a CancellationToken,
+}
+
+impl Lane<'_> {
+    /// Serves `io` until it closes or hyper must take it.
+    pub(super) async fn run(&self, io: &mut Watched<TcpStream>) -> End {
+        let max_head = self.app.config.listen.max_header_bytes;
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut tail = BytesMut::with_capacity(128);
+        loop {
+            let head = match wire::parse_request(&buf) {
+                Parsed::Head(head) => head,
+                Parsed::Other => return End::Handoff(buf.freeze()),
+                Parsed::Partial if buf.len() >= max_head => return End::Handoff(buf.freeze()),
+                Parsed::Partial => {
+                    if buf.is_empty() && self.activity.is_draining() {
+                        return End::Closed;
+                    }
+                    if !read(io, &mut buf).await {
+                        return End::Closed;
+                    }
+                    continue;
+                }
+            };
+            let (len, framing) = (head.len, head.framing);
+            // `Content-Length: 0` is no body, as hyper reads it.
+            if matches!(framing, Framing::None | Framing::Length(0)) {
+                let guard = self.activity.enter();
+                if let Some(hit) = crate::proxy::hit::hit(self.app, self.peer, head.parts) {
+                    buf.advance(len);
+                    let written = write_hit(io, &mut tail, &hit).await;
+                    drop(guard);
+                    if written.is_err() {
+                        return End::Closed;
+                    }
+                    continue;
+                }
+            }
+            let body = match framing {
+                Framing::None => 0,
+                Framing::Length(n) => n,
+            };
+            let Some(rest) = self.lend(io, &mut buf, len as u64 + body).await else {
+                return End::Closed;
+            };
+            buf = rest;
+        }
+    }
+
+    /// Runs one exchange of `len` bytes (head and body, `buf` holding their start) through
+    /// hyper and the driver. Returns what was read past it, or `None` when the connection
+    /// must close.
+    async fn lend(
+        &self,
+        io: &mut Watched<TcpStream>,
+        buf: &mut BytesMut,
+        len: u64,
+    ) -> Option<BytesMut> {
+        let held = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
+        let prefix = buf.split_to(held).freeze();
+        let rest = std::mem::take(buf);
+        let lent = Lent {
+            io,
+            prefix,
+            budget: len - held as u64,
+        };
+        let (app, peer, activity) = (self.app, self.peer, self.activity);
+        // Boxed: the connection is polled by hand (`poll_without_shutdown`), which wants its
+        // service futures `Unpin`.
+        let svc =
+            hyper::service::service_fn(move |req| Box::pin(super::call(app, peer, activity, req)));
+        let mut conn = self.lender.serve_connection(TokioIo::new(lent), svc);
+        let mut closing = false;
+        let ended = loop {
+            tokio::select! {
+                r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
+                // The response then says `Connection: close`, and the lane closes after it.
+                () = self.drain.cancelled(), if !closing => {
+                    closing = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(peer = %self.peer.addr, error = %e, "lent exchange ended with error");
+            return None;
+        }
+        let parts = conn.into_parts();
+        let lent = parts.io.into_inner();
+        if lent.budget > 0 || !lent.prefix.is_empty() {
+            // hyper stopped before the whole request was read (it refused it): the rest of
+            // the body is still on the socket, so the connection cannot go on.
+            return None;
+        }
+        // hyper only ever saw this exchange's bytes, so it holds none of the next one.
+        debug_assert!(parts.read_buf.is_empty());
+        let mut next = BytesMut::from(&parts.read_buf[..]);
+        next.extend_from_slice(&rest);
+        Some(next)
+    }
+}
+
+/// Reads more of the next head into `buf`; `false` when the client closed or the socket
+/// failed. (Draining while idle is the connection's select: it drops the lane.)
+async fn read(io: &mut Watched<TcpStream>, buf: &mut BytesMut) -> bool {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(4096);
+    }
+    matches!(io.read_buf(buf).await, Ok(n) if n > 0)
+}
+
+/// Writes a hit: its prepared head, the per-response lines, the body; one `writev` when the
+/// socket takes it all.
+async fn write_hit(io: &mut Watched<TcpStream>, tail: &mut BytesMut, hit: &Hit) -> io::Result<()> {
+    tail.clear();
+    tail.put_slice(b"age: ");
+    tail.put_slice(itoa::Buffer::new().format(hit.age).as_bytes());
+    tail.put_slice(b"\r\nx-request-id: ");
+    tail.put_slice(hit.request_id.as_bytes());
+    tail.put_slice(b"\r\ndate: ");
+    wire::put_date(tail);
+    tail.put_slice(b"\r\n\r\n");
+    let mut slices = [
+        IoSlice::new(&hit.wire),
+        IoSlice::new(tail),
+        IoSlice::new(&hit.body),
+    ];
+    let mut bufs = &mut slices[..];
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = io.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// The socket as hyper sees it during a lent exchange: `prefix` (what the lane already read),
+/// then at most `budget` more bytes from the socket, then end-of-file. Writes go straight
+/// through.
+struct Lent<'a> {
+    io: &'a mut Watched<TcpStream>,
+    prefix: Bytes,
+    budget: u64,
+}
+
+impl AsyncRead for Lent<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        if this.budget == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let room = usize::try_from(this.budget)
+            .unwrap_or(usize::MAX)
+            .min(buf.remaining());
+        // Read into at most `room` bytes of `buf`'s unfilled part (initialized first, so this
+        // stays safe code), then count what arrived as filled.
+        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
+        let polled = Pin::new(&mut *this.io).poll_read(cx, &mut limited);
+        let n = limited.filled().len();
+        if let Poll::Ready(Ok(())) = polled {
+            buf.advance(n);
+            this.budget -= n as u64;
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Lent<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The socket outlives the exchange: hyper never shuts it down here
+        // (`poll_without_shutdown`), and if it tries, the lane closes it instead.
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+}

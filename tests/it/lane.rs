@@ -1,0 +1,390 @@
+//! The HTTP/1.1 hit lane (`server::lane`): L1 hits answered from the socket, every other
+//! exchange lent to hyper on the same keep-alive connection, and answers byte-for-byte those
+//! of the driver. Raw sockets, so what is on the wire is what is asserted.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::eventually;
+use crate::support::origin::{FakeNext, Route};
+use crate::support::redis::RedisProcess;
+use crate::support::{Gateway, bus_live, config};
+
+const ISR: &str = "s-maxage=60, stale-while-revalidate=300";
+
+/// One response as read off the wire.
+#[derive(Debug)]
+struct Wire {
+    status: u16,
+    /// Header lines in order, names as sent.
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+impl Wire {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map_or("", |(_, v)| v.as_str())
+    }
+
+    /// Every header but the ones that differ per response, sorted.
+    fn stable_headers(&self) -> Vec<(String, String)> {
+        let mut h: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| !["date", "x-request-id", "age"].contains(&n.as_str()))
+            .cloned()
+            .collect();
+        h.sort();
+        h
+    }
+}
+
+/// A client connection that reads responses one at a time (Content-Length or chunked).
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(gw: &Gateway) -> Conn {
+        let s = TcpStream::connect(gw.addr).await.expect("connect");
+        Conn { s, buf: Vec::new() }
+    }
+
+    async fn send(&mut self, raw: &str) {
+        self.s.write_all(raw.as_bytes()).await.expect("write");
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 16384];
+        let n = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk))
+            .await
+            .expect("read timed out")
+            .expect("read");
+        assert!(n > 0, "connection closed mid-response: {:?}", self.buf);
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// The next response; `head_only` for the answer to a HEAD.
+    async fn response(&mut self, head_only: bool) -> Wire {
+        let (len, status, headers) = loop {
+            let mut lines = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut lines);
+            if let httparse::Status::Complete(len) = r.parse(&self.buf).expect("valid response") {
+                let headers = r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let value = String::from_utf8_lossy(h.value).into_owned();
+                        (h.name.to_owned(), value)
+                    })
+                    .collect::<Vec<_>>();
+                break (len, r.code.expect("status"), headers);
+            }
+            self.fill().await;
+        };
+        self.buf.drain(..len);
+        let mut wire = Wire {
+            status,
+            headers,
+            body: Bytes::new(),
+        };
+        if head_only || status == 304 {
+            return wire;
+        }
+        if wire.header("transfer-encoding") == "chunked" {
+            wire.body = self.chunked().await;
+        } else {
+            let n: usize = wire.header("content-length").parse().unwrap_or(0);
+            while self.buf.len() < n {
+                self.fill().await;
+            }
+            wire.body = Bytes::from(self.buf.drain(..n).collect::<Vec<_>>());
+        }
+        wire
+    }
+
+    async fn chunked(&mut self) -> Bytes {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                self.fill().await;
+            };
+            let size_text = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.trim(), 16).expect("chunk size");
+            while self.buf.len() < line_end + 2 + size + 2 {
+                self.fill().await;
+            }
+            body.extend_from_slice(&self.buf[line_end + 2..line_end + 2 + size]);
+            self.buf.drain(..line_end + 2 + size + 2);
+            if size == 0 {
+                return Bytes::from(body);
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (within 5 s).
+    async fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: site.test\r\n{extra}\r\n")
+}
+
+async fn origin() -> FakeNext {
+    FakeNext::start(|o| {
+        o.route(
+            "/p",
+            Route::html("<p>page</p>").header("cache-control", ISR),
+        );
+        o.route("/api", Route::echo().header("cache-control", "no-store"));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn hits_misses_and_request_bodies_share_one_keep_alive_connection() {
+    let origin = origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let mut c = Conn::open(&gw).await;
+
+    c.send(&get("/p", "")).await;
+    let miss = c.response(false).await;
+    assert_eq!((miss.status, miss.header("x-cache")), (200, "MISS"));
+    c.send(&get("/p", "")).await;
+    let hit = c.response(false).await;
+    assert_eq!(
+        (hit.header("x-cache"), &hit.body[..]),
+        ("HIT", &b"<p>page</p>"[..])
+    );
+    assert_eq!(hit.header("cache-status"), "isrgate; hit");
+    assert_eq!(hit.header("content-length"), "11");
+
+    // A request with a body, lent to hyper and the driver, on the same connection.
+    c.send("POST /api HTTP/1.1\r\nHost: site.test\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    let echoed = c.response(false).await;
+    assert_eq!((echoed.status, &echoed.body[..]), (200, &b"hello"[..]));
+    assert_eq!(echoed.header("x-cache"), "BYPASS");
+
+    // Two requests in one write (pipelined): answered in order.
+    c.send(&format!("{}{}", get("/p", ""), get("/nothing", "")))
+        .await;
+    let first = c.response(false).await;
+    let second = c.response(false).await;
+    assert_eq!(first.header("x-cache"), "HIT");
+    assert_eq!(second.status, 404);
+
+    // HEAD from the lane: the GET entry's head, no body, then the connection goes on.
+    c.send("HEAD /p HTTP/1.1\r\nHost: site.test\r\n\r\n").await;
+    let head = c.response(true).await;
+    assert_eq!((head.status, head.header("content-length")), (200, "11"));
+    c.send(&get("/p", "")).await;
+    assert_eq!(c.response(false).await.body, "<p>page</p>");
+
+    let ids: std::collections::HashSet<_> = [&miss, &hit, &echoed, &first, &second, &head]
+        .iter()
+        .map(|w| w.header("x-request-id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 6, "one request id each: {ids:?}");
+    assert_eq!((origin.count("/p"), origin.count("/api")), (1, 1));
+    // The four hits on /p were the lane's (the L1), the rest went through the driver.
+    assert_eq!(gw.state.metrics.cache_l1_hits.get(), 4);
+    assert_eq!(gw.state.metrics.requests.get(), 7);
+}
+
+#[tokio::test]
+async fn a_lane_hit_is_the_answer_the_driver_gives() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        let html: String = (0..300).map(|i| format!("<li>item {i}</li>")).collect();
+        o.route(
+            "/p",
+            Route::html(&html)
+                .header("cache-control", ISR)
+                .header("vary", "RSC, Next-Router-State-Tree")
+                .header("x-nextjs-cache", "HIT")
+                .header("x-powered-by", "Next.js")
+                .header("link", "</_next/static/a.css>; rel=preload; as=\"style\"")
+                .header("etag", "\"abc\""),
+        );
+        o.route(
+            "/r",
+            Route::html("0:[\"$\",\"div\",null,{}]")
+                .content_type("text/x-component")
+                .header("cache-control", ISR)
+                .header("vary", "RSC, Next-Router-State-Tree, Next-Router-Prefetch"),
+        );
+    })
+    .await;
+    let redis = format!("[redis]\nurl = \"{}\"\n", r.url());
+    let lane = Gateway::start(config(&[origin.url()], "", &redis)).await;
+    // Strict mode: no L1, so no lane; every hit is the driver's, read from the same Redis.
+    let strict_cfg = format!("{redis}[cache]\nl1_max_bytes = 0\n");
+    let driver = Gateway::start(config(&[origin.url()], "", &strict_cfg)).await;
+    eventually!(5, bus_live(&lane) && bus_live(&driver), "buses subscribed");
+    let (mut a, mut b) = (Conn::open(&lane).await, Conn::open(&driver).await);
+    // Rendered once through the lane gateway, then a hit on both.
+    for path in ["/p", "/r?_rsc=1"] {
+        let rsc = if path.starts_with("/r") {
+            "RSC: 1\r\n"
+        } else {
+            ""
+        };
+        a.send(&get(path, rsc)).await;
+        assert_eq!(a.response(false).await.header("x-cache"), "MISS");
+        eventually!(
+            5,
+            {
+                b.send(&get(path, rsc)).await;
+                b.response(false).await.header("x-cache") == "HIT"
+            },
+            "{path} stored in Redis"
+        );
+    }
+    let l1_hits = lane.state.metrics.cache_l1_hits.get();
+    for (request, head_only) in [
+        (get("/p", ""), false),
+        (get("/p", "Accept-Encoding: gzip, deflate, br\r\n"), false),
+        (
+            "HEAD /p HTTP/1.1\r\nHost: site.test\r\n\r\n".to_owned(),
+            true,
+        ),
+        (
+            get(
+                "/r?_rsc=2",
+                "RSC: 1\r\nNext-Router-State-Tree: %5B%22%22%5D\r\n",
+            ),
+            false,
+        ),
+    ] {
+        a.send(&request).await;
+        b.send(&request).await;
+        let (ours, theirs) = (a.response(head_only).await, b.response(head_only).await);
+        assert_eq!(
+            (ours.status, ours.header("x-cache")),
+            (200, "HIT"),
+            "{request}"
+        );
+        assert_eq!(ours.status, theirs.status, "{request}");
+        assert_eq!(ours.stable_headers(), theirs.stable_headers(), "{request}");
+        assert_eq!(ours.body, theirs.body, "{request}");
+        for per_response in ["date", "x-request-id", "age"] {
+            assert!(!ours.header(per_response).is_empty(), "{per_response}");
+        }
+    }
+    assert_eq!(
+        origin.count("/p") + origin.count("/r"),
+        2,
+        "one render each"
+    );
+    assert_eq!(
+        lane.state.metrics.cache_l1_hits.get(),
+        l1_hits + 4,
+        "the lane gateway's hits came from its L1"
+    );
+
+    // A conditional request is the driver's (a 304), through the lane gateway too.
+    a.send(&get("/p", "")).await;
+    let etag = a.response(false).await.header("etag").to_owned();
+    a.send(&get("/p", &format!("If-None-Match: {etag}\r\n")))
+        .await;
+    let revalidated = a.response(false).await;
+    assert_eq!(
+        (revalidated.status, revalidated.header("x-cache")),
+        (304, "HIT")
+    );
+}
+
+#[tokio::test]
+async fn what_the_lane_does_not_frame_goes_to_hyper_for_the_rest_of_the_connection() {
+    let origin = origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let mut c = Conn::open(&gw).await;
+    c.send(&get("/p", "")).await;
+    assert_eq!(c.response(false).await.header("x-cache"), "MISS");
+    c.send(
+        "POST /api HTTP/1.1\r\nHost: site.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    )
+    .await;
+    let echoed = c.response(false).await;
+    assert_eq!((echoed.status, &echoed.body[..]), (200, &b"abcde"[..]));
+    // hyper serves the connection from here on: still a hit, now the driver's.
+    let l1_hits = gw.state.metrics.cache_l1_hits.get();
+    c.send(&get("/p", "")).await;
+    let hit = c.response(false).await;
+    assert_eq!(
+        (hit.header("x-cache"), &hit.body[..]),
+        ("HIT", &b"<p>page</p>"[..])
+    );
+    assert_eq!(gw.state.metrics.cache_l1_hits.get(), l1_hits + 1);
+
+    // Bytes that are not HTTP get hyper's 400, and the connection closes.
+    let mut bad = Conn::open(&gw).await;
+    bad.send("GET / HTTP/1.1\r\nHost site.test\r\n\r\n").await;
+    assert_eq!(bad.response(false).await.status, 400);
+    assert!(bad.closed().await);
+
+    // `Connection: close` is honoured: the answer, then the end of the connection.
+    let mut closing = Conn::open(&gw).await;
+    closing.send(&get("/p", "Connection: close\r\n")).await;
+    let last = closing.response(false).await;
+    assert_eq!(
+        (last.header("x-cache"), last.header("connection")),
+        ("HIT", "close")
+    );
+    assert!(closing.closed().await);
+}
+
+#[tokio::test]
+async fn draining_closes_idle_lane_connections_and_finishes_lent_exchanges() {
+    let gate = crate::support::origin::Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/p",
+            Route::html("<p>page</p>").header("cache-control", ISR),
+        );
+        o.route("/slow", Route::html("slow").gated(&gate));
+    })
+    .await;
+    let mut gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let mut idle = Conn::open(&gw).await;
+    idle.send(&get("/p", "")).await;
+    idle.response(false).await;
+    idle.send(&get("/p", "")).await;
+    assert_eq!(idle.response(false).await.header("x-cache"), "HIT");
+    let mut busy = Conn::open(&gw).await;
+    busy.send(&get("/slow", "")).await;
+    eventually!(5, origin.count("/slow") == 1, "slow request at the origin");
+
+    let stopped = gw.shutdown();
+    assert!(idle.closed().await, "an idle connection is closed at once");
+    gate.open();
+    let last = busy.response(false).await;
+    assert_eq!((last.status, &last.body[..]), (200, &b"slow"[..]));
+    assert_eq!(
+        last.header("connection"),
+        "close",
+        "the lent answer says it is the last"
+    );
+    assert!(busy.closed().await);
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("drained in time")
+        .expect("server task");
+}
