@@ -266,6 +266,7 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
         trust_forwarded_host: r.trust_forwarded_host,
         reject_internal_paths: r.reject_internal_paths,
         preserve_header_case: r.preserve_header_case,
+        hit_lane: r.hit_lane,
     }
 }
 

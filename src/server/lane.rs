@@ -23,8 +23,8 @@
 //! answers exactly as it does without the lane. The connection's watchdog (header read, idle,
 //! send) watches the lane's reads and writes as it watches hyper's.
 //!
-//! The lane runs when the cache has an L1 (in strict mode every hit reads Redis, and the
-//! driver's path is the one that does). A lent exchange costs a second parse of its head and
+//! The lane runs when the cache has an L1 and `listen.hit_lane` is on (the default; in strict
+//! mode every hit reads Redis, and the driver's path is the one that does). A lent exchange costs a second parse of its head and
 //! a hyper connection set-up: a few microseconds on a request that goes upstream anyway. A
 //! client that closes while its request is lent is noticed when the answer is written, not
 //! before (hyper does not read a lent socket).
@@ -56,9 +56,9 @@ pub(super) enum End {
     Handoff(Bytes),
 }
 
-/// Whether connections go through the lane: the cache is on and has an L1.
+/// Whether connections go through the lane: `listen.hit_lane`, and a cache with an L1.
 pub(super) fn enabled(app: &AppState) -> bool {
-    app.cache.as_ref().is_some_and(|c| c.cfg.l1_max_bytes > 0)
+    app.config.listen.hit_lane && app.cache.as_ref().is_some_and(|c| c.cfg.l1_max_bytes > 0)
 }
 
 /// The hyper HTTP/1.1 builder for lent exchanges: the listener's HTTP/1.1 settings, and
