@@ -5,8 +5,9 @@
 #
 #   benches/load.sh passthrough   isrgate as a plain proxy vs nginx-proxy, both in front of
 #                                 origin-fast (0 ms render); ratio to origin-fast served directly
-#   benches/load.sh hit           cache hits: isrgate with its L1 (8080) and in strict mode, every
-#                                 hit a Redis read (8085), next to nginx proxy_cache and Varnish,
+#   benches/load.sh hit           cache hits: isrgate with its L1 (8080), in strict mode, every
+#                                 hit a Redis read (8085), and with its L1 but the hit lane off
+#                                 (8088), next to nginx proxy_cache and Varnish,
 #                                 against `limit` (identity clients) then `limit-gzip` (gzip
 #                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391
 #   benches/load.sh stampede      coalescing: a fleet of 3 isrgate (8080, 8086, 8087, one Redis)
@@ -63,7 +64,7 @@ esac
 
 redis_pid=""
 cleanup() {
-    "$work/stop-peers.sh" gateway gw-strict gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
+    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -105,7 +106,13 @@ case "$mode" in
         start_redis
         start_gateway gateway 8080 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
         start_gateway gw-strict 8085 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__CACHE__L1_MAX_BYTES=0
-        targets=(gateway gw-strict=127.0.0.1:8085 nginx varnish)
+        # The same L1 gateway with the hit lane off (every hit through hyper's server): what
+        # the lane is worth, in the same run.
+        start_gateway gw-hyper 8088 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__LISTEN__HIT_LANE=false
+        # Hits, not refreshes: with the origin's default s-maxage=60 every cache re-renders its
+        # 100 pages in the middle of the later rounds (HIT_S_MAXAGE=60 measures that too).
+        curl -s -o /dev/null -X POST "http://127.0.0.1:3001/__config?s_maxage=${HIT_S_MAXAGE:-3600}"
+        targets=(gateway gw-strict=127.0.0.1:8085 gw-hyper=127.0.0.1:8088 nginx varnish)
         LIMIT=limit "$work/bench.sh" "${targets[@]}"
         ACCEPT_ENCODING=gzip "$work/bench.sh" "${targets[@]}"
         # Bytes at rest: one stored page vs its identity body.

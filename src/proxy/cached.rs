@@ -45,7 +45,12 @@ pub async fn serve(
         super::sanitize::forward(&app.policy, peer, &mut up);
         up
     };
-    let fallback = match lookup::lookup(app, cache, &key, vary_view, now).await {
+    // The hit lane lends what it did not answer with the lookup it made: one store read.
+    let found = match head.extensions.remove::<super::hit::Looked>() {
+        Some(looked) if looked.hash == key.hash => looked.found,
+        _ => lookup::lookup(app, cache, &key, vary_view, now).await,
+    };
+    let fallback = match found {
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();

@@ -1,28 +1,31 @@
 //! The hit lane's question to the request path (`server::lane`): can this request be answered
-//! from the L1 as it stands, with nothing else to do?
+//! from the cache as it stands, with nothing else to do?
 //!
-//! Receives a parsed HTTP/1.1 head; hands on a [`Hit`] (the entry, which representation, the
-//! `Age` and the request id) or `None`. It runs the same steps as the driver, in the same
-//! order and with the same functions ([`super::sanitize::request`], [`super::classify`], the
-//! key, [`super::lookup::l1_fresh`]), and says yes only where the driver would answer a plain
-//! `HIT` from the L1: a cache candidate, fresh and valid, no `If-None-Match` (a 304 is the
-//! driver's), no image negotiation, no `Location` to rewrite for this client. Everything else
-//! is `None`, and the lane lends the request to hyper and the driver, which decide it all
-//! again: saying no costs a second look, never a different answer.
+//! Receives a parsed HTTP/1.1 head; hands on an [`Answer`]: a [`Hit`] (the prepared head on
+//! the wire, the body, `Age`, the request id), or "lend it" with the lookup already made. It
+//! runs the driver's own steps in the driver's order ([`super::sanitize::request`],
+//! [`super::classify`], the key, [`super::lookup`]) and answers only a plain fresh hit: a cache
+//! candidate, no `If-None-Match` (a 304 is the driver's), no image negotiation, no `Location`
+//! to rewrite for this client. Everything else is lent to hyper and the driver, which decides
+//! it again, except the lookup: the lane's result rides along as a request extension
+//! ([`Looked`]), so a request still reads the store once, whoever answers it.
 //!
-//! It must not go upstream, touch the store, or change the cache; it counts only the requests
-//! it answers.
+//! It must not go upstream or change the cache beyond what a lookup does; it counts only the
+//! requests it answers. An L1 hit takes no permit of `listen.max_concurrent_requests` (it
+//! waits on nothing, so it cannot pile up); a lookup that reads the store does, and without
+//! one the request is lent (the driver sheds it).
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 
 use super::forwarded::Peer;
-use super::{cached, classify, lookup, sanitize, serve};
+use super::lookup::{self, Found};
+use super::{cached, classify, sanitize, serve};
 use crate::app::AppState;
 use crate::cache::key::Variant;
 
-/// A request the L1 answers.
+/// A request the cache answers in the lane.
 #[derive(Debug)]
 pub struct Hit {
     /// The representation's prepared head on the wire, without `Age`, `x-request-id`, `Date`
@@ -37,36 +40,86 @@ pub struct Hit {
     pub request_id: HeaderValue,
 }
 
-/// The L1's answer to `head`, if it is a plain hit (see the module docs).
-pub fn hit(app: &AppState, peer: &Peer, mut head: Parts) -> Option<Hit> {
-    let cache = app.cache.as_ref()?;
+/// The lookup the lane made for a request it lends, for the driver to use instead of looking
+/// again (a request extension; `hash` is the key it was made for).
+#[derive(Debug, Clone)]
+pub struct Looked {
+    /// The key's hash.
+    pub hash: u128,
+    /// What the cache held.
+    pub found: Found,
+}
+
+/// What the lane does with a request.
+#[derive(Debug)]
+pub enum Answer {
+    /// Write this hit.
+    Hit(Hit),
+    /// Lend the request to hyper and the driver, with the lookup made here, if any.
+    Lend(Option<Looked>),
+}
+
+/// The cache's answer to `head`: a plain fresh hit, or lend it (see the module docs).
+pub async fn answer(app: &AppState, peer: &Peer, mut head: Parts) -> Answer {
+    let Some(cache) = app.cache.as_ref() else {
+        return Answer::Lend(None);
+    };
     // Read before sanitizing, as the driver does; a new id is drawn only for an answer.
     let trusted_id = super::trusted_request_id(peer, &head);
-    let sanitized = sanitize::request(&app.policy, peer, &mut head).ok()?;
+    let Ok(sanitized) = sanitize::request(&app.policy, peer, &mut head) else {
+        return Answer::Lend(None);
+    };
     if sanitized.upgrade || head.uri.path() == crate::invalidate::PATH {
-        return None;
+        return Answer::Lend(None);
     }
-    let variant = classify::request(&cache.cfg, &head, false).ok()?;
-    if matches!(variant, Variant::Image(_)) || head.headers.contains_key(header::IF_NONE_MATCH) {
-        return None;
-    }
+    let variant = match classify::request(&cache.cfg, &head, false) {
+        Ok(Variant::Image(_)) | Err(_) => return Answer::Lend(None),
+        Ok(variant) => variant,
+    };
     let now = cache.clock.now_ms();
     let key = cached::key(cache, &head, &variant);
-    let entry = lookup::l1_fresh(cache, &key, &head.headers, now)?;
+    let found = match lookup::l1_fresh(cache, &key, &head.headers, now) {
+        Some(entry) => Found::Fresh {
+            entry,
+            from_l1: true,
+        },
+        None => {
+            let Ok(_permit) = app.concurrency.try_acquire() else {
+                return Answer::Lend(None);
+            };
+            lookup::lookup(app, cache, &key, &head.headers, now).await
+        }
+    };
+    let lend = |found| {
+        Answer::Lend(Some(Looked {
+            hash: key.hash,
+            found,
+        }))
+    };
+    let Found::Fresh { entry, from_l1 } = &found else {
+        return lend(found);
+    };
+    if head.headers.contains_key(header::IF_NONE_MATCH) {
+        return lend(found);
+    }
     let gzip = !entry.gzip.is_empty() && serve::accepts_gzip(&head.headers);
-    let (wire, mut body) = serve::wire(&entry, gzip)?;
+    let Some((wire, mut body)) = serve::wire(entry, gzip) else {
+        return lend(found);
+    };
     if head.method == http::Method::HEAD {
         body = Bytes::new();
     }
     let request_id = trusted_id.unwrap_or_else(|| app.request_ids.next());
     app.metrics.requests.inc();
     app.metrics.cache_hits.inc();
-    app.metrics.cache_l1_hits.inc();
+    if *from_l1 {
+        app.metrics.cache_l1_hits.inc();
+    }
     tracing::debug!(
         request_id = ?request_id, peer = %peer.addr, method = %head.method, uri = %head.uri,
         status = entry.meta.status, lane = true, "request"
     );
-    Some(Hit {
+    Answer::Hit(Hit {
         wire,
         body,
         age: now.saturating_sub(entry.meta.stored_at_ms) / 1000,

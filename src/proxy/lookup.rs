@@ -18,7 +18,7 @@ use crate::cache::key::{self, CacheKey};
 use crate::cache::policy::{self, State, Times};
 
 /// What the cache holds for a request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Found {
     /// Fresh; `from_l1` says no store read was needed.
     Fresh {

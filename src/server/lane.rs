@@ -1,4 +1,4 @@
-//! The HTTP/1.1 hit lane: fresh L1 hits answered straight from the socket, everything else
+//! The HTTP/1.1 hit lane: fresh cache hits answered straight from the socket, everything else
 //! lent to hyper one exchange at a time.
 //!
 //! A cache hit is a lookup and two writes, but through hyper's server it also pays for a
@@ -6,16 +6,18 @@
 //! than the lookup itself, and the reason hits stayed below the throughput of a bare hyper
 //! server answering fixed bytes. So, as in nginx, Varnish and pingora, the cache's own hot path
 //! owns the connection: the lane reads request heads with `httparse` (the parser hyper uses)
-//! into the `Parts` hyper would build, asks [`crate::proxy::hit`] whether the L1 answers it
-//! (the driver's own steps: sanitize, classify, key, L1), and writes the entry's head encoded
-//! once per entry, `Age`, `x-request-id`, `Date` and the body with one `writev`.
+//! into the `Parts` hyper would build, asks [`crate::proxy::hit`] whether the cache answers it
+//! (the driver's own steps: sanitize, classify, key, lookup: the L1, else the store), and
+//! writes the entry's head encoded once per entry, `Age`, `x-request-id`, `Date` and the body
+//! with one `writev`.
 //!
 //! Whatever is not such a hit is **lent**: a hyper HTTP/1.1 connection is made over a view of
 //! the socket that yields exactly that request's bytes (its head, then its `Content-Length`
 //! body) and then end-of-file, with `half_close` so that end is not a client gone. hyper runs
-//! the exchange through the usual service and driver and, once the response is written, sees
-//! the end, stops without shutting the socket down, and hands it back; the lane goes on with
-//! the next request. The client sees one keep-alive connection throughout.
+//! the exchange through the usual service and driver (handed the lane's lookup, so the store
+//! is read once) and, once the response is written, sees the end, stops without shutting the
+//! socket down, and hands it back; the lane goes on with the next request. The client sees one
+//! keep-alive connection throughout.
 //!
 //! What the lane does not parse or frame (HTTP/2, HTTP/1.0, `Connection: close` or upgrade,
 //! chunked request bodies, a head over `listen.max_header_bytes`, bytes that are not HTTP) is
@@ -23,11 +25,11 @@
 //! answers exactly as it does without the lane. The connection's watchdog (header read, idle,
 //! send) watches the lane's reads and writes as it watches hyper's.
 //!
-//! The lane runs when the cache has an L1 and `listen.hit_lane` is on (the default; in strict
-//! mode every hit reads Redis, and the driver's path is the one that does). A lent exchange costs a second parse of its head and
-//! a hyper connection set-up: a few microseconds on a request that goes upstream anyway. A
-//! client that closes while its request is lent is noticed when the answer is written, not
-//! before (hyper does not read a lent socket).
+//! The lane runs whenever the cache is on and `listen.hit_lane` is (the default). A lent
+//! exchange costs a second parse of its head and a hyper connection set-up: a few
+//! microseconds on a request that goes upstream or streams anyway. A client that closes while
+//! its request is lent is noticed when the answer is written, not before (hyper does not read
+//! a lent socket).
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -46,7 +48,7 @@ use super::conn::{Activity, Watched};
 use crate::app::AppState;
 use crate::http::wire::{self, Framing, Parsed};
 use crate::proxy::forwarded::Peer;
-use crate::proxy::hit::Hit;
+use crate::proxy::hit::{self, Answer, Hit, Looked};
 
 /// How the lane left a connection.
 pub(super) enum End {
@@ -56,9 +58,9 @@ pub(super) enum End {
     Handoff(Bytes),
 }
 
-/// Whether connections go through the lane: `listen.hit_lane`, and a cache with an L1.
+/// Whether connections go through the lane: `listen.hit_lane`, with the cache on.
 pub(super) fn enabled(app: &AppState) -> bool {
-    app.config.listen.hit_lane && app.cache.as_ref().is_some_and(|c| c.cfg.l1_max_bytes > 0)
+    app.config.listen.hit_lane && app.cache.is_some()
 }
 
 /// The hyper HTTP/1.1 builder for lent exchanges: the listener's HTTP/1.1 settings, and
@@ -107,23 +109,27 @@ impl Lane<'_> {
             };
             let (len, framing) = (head.len, head.framing);
             // `Content-Length: 0` is no body, as hyper reads it.
+            let mut looked = None;
             if matches!(framing, Framing::None | Framing::Length(0)) {
                 let guard = self.activity.enter();
-                if let Some(hit) = crate::proxy::hit::hit(self.app, self.peer, head.parts) {
-                    buf.advance(len);
-                    let written = write_hit(io, &mut tail, &hit).await;
-                    drop(guard);
-                    if written.is_err() {
-                        return End::Closed;
+                match hit::answer(self.app, self.peer, head.parts).await {
+                    Answer::Hit(hit) => {
+                        buf.advance(len);
+                        let written = write_hit(io, &mut tail, &hit).await;
+                        drop(guard);
+                        if written.is_err() {
+                            return End::Closed;
+                        }
+                        continue;
                     }
-                    continue;
+                    Answer::Lend(l) => looked = l,
                 }
             }
             let body = match framing {
                 Framing::None => 0,
                 Framing::Length(n) => n,
             };
-            let Some(rest) = self.lend(io, &mut buf, len as u64 + body).await else {
+            let Some(rest) = self.lend(io, &mut buf, len as u64 + body, looked).await else {
                 return End::Closed;
             };
             buf = rest;
@@ -138,6 +144,7 @@ impl Lane<'_> {
         io: &mut Watched<TcpStream>,
         buf: &mut BytesMut,
         len: u64,
+        looked: Option<Looked>,
     ) -> Option<BytesMut> {
         let held = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
         let prefix = buf.split_to(held).freeze();
@@ -148,10 +155,15 @@ impl Lane<'_> {
             budget: len - held as u64,
         };
         let (app, peer, activity) = (self.app, self.peer, self.activity);
-        // Boxed: the connection is polled by hand (`poll_without_shutdown`), which wants its
-        // service futures `Unpin`.
-        let svc =
-            hyper::service::service_fn(move |req| Box::pin(super::call(app, peer, activity, req)));
+        // The exchange is one request: it gets the lane's lookup. Boxed: the connection is
+        // polled by hand (`poll_without_shutdown`), which wants its service futures `Unpin`.
+        let looked = std::cell::Cell::new(looked);
+        let svc = hyper::service::service_fn(move |mut req| {
+            if let Some(l) = looked.take() {
+                req.extensions_mut().insert(l);
+            }
+            Box::pin(super::call(app, peer, activity, req))
+        });
         let mut conn = self.lender.serve_connection(TokioIo::new(lent), svc);
         let mut closing = false;
         let ended = loop {

@@ -208,8 +208,9 @@ async fn hits_misses_and_request_bodies_share_one_keep_alive_connection() {
     assert_eq!(gw.state.metrics.requests.get(), 7);
 }
 
-#[tokio::test]
-async fn a_lane_hit_is_the_answer_the_driver_gives() {
+/// Two gateways on one Redis, the same cache settings (`cache`), one with the lane and one
+/// without: every hit must be the same response, but for `Date`, `Age` and `x-request-id`.
+async fn lane_hits_equal_driver_hits(cache: &str) {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
         let html: String = (0..300).map(|i| format!("<li>item {i}</li>")).collect();
@@ -232,11 +233,9 @@ async fn a_lane_hit_is_the_answer_the_driver_gives() {
         );
     })
     .await;
-    let redis = format!("[redis]\nurl = \"{}\"\n", r.url());
-    let lane = Gateway::start(config(&[origin.url()], "", &redis)).await;
-    // Strict mode: no L1, so no lane; every hit is the driver's, read from the same Redis.
-    let strict_cfg = format!("{redis}[cache]\nl1_max_bytes = 0\n");
-    let driver = Gateway::start(config(&[origin.url()], "", &strict_cfg)).await;
+    let settings = format!("[redis]\nurl = \"{}\"\n[cache]\n{cache}\n", r.url());
+    let lane = Gateway::start(config(&[origin.url()], "", &settings)).await;
+    let driver = Gateway::start(config(&[origin.url()], "hit_lane = false", &settings)).await;
     eventually!(5, bus_live(&lane) && bus_live(&driver), "buses subscribed");
     let (mut a, mut b) = (Conn::open(&lane).await, Conn::open(&driver).await);
     // Rendered once through the lane gateway, then a hit on both.
@@ -257,7 +256,7 @@ async fn a_lane_hit_is_the_answer_the_driver_gives() {
             "{path} stored in Redis"
         );
     }
-    let l1_hits = lane.state.metrics.cache_l1_hits.get();
+    let hits = lane.state.metrics.cache_hits.get();
     for (request, head_only) in [
         (get("/p", ""), false),
         (get("/p", "Accept-Encoding: gzip, deflate, br\r\n"), false),
@@ -293,11 +292,7 @@ async fn a_lane_hit_is_the_answer_the_driver_gives() {
         2,
         "one render each"
     );
-    assert_eq!(
-        lane.state.metrics.cache_l1_hits.get(),
-        l1_hits + 4,
-        "the lane gateway's hits came from its L1"
-    );
+    assert_eq!(lane.state.metrics.cache_hits.get(), hits + 4);
 
     // A conditional request is the driver's (a 304), through the lane gateway too.
     a.send(&get("/p", "")).await;
@@ -309,6 +304,57 @@ async fn a_lane_hit_is_the_answer_the_driver_gives() {
         (revalidated.status, revalidated.header("x-cache")),
         (304, "HIT")
     );
+}
+
+#[tokio::test]
+async fn a_lane_hit_from_the_l1_is_the_answer_the_driver_gives() {
+    lane_hits_equal_driver_hits("").await;
+}
+
+#[tokio::test]
+async fn a_lane_hit_from_redis_in_strict_mode_is_the_answer_the_driver_gives() {
+    lane_hits_equal_driver_hits("l1_max_bytes = 0").await;
+}
+
+/// Strict mode reads Redis on every request: through the lane, a request the lane lends reads
+/// it no more often than without the lane (the driver uses the lane's lookup).
+#[tokio::test]
+async fn a_lent_request_reads_the_store_once() {
+    let mut reads = Vec::new();
+    for listen in ["", "hit_lane = false"] {
+        let r = RedisProcess::start();
+        let origin = origin().await;
+        let settings = format!(
+            "[redis]\nurl = \"{}\"\n[cache]\nl1_max_bytes = 0\n[coalesce]\nenabled = false\n",
+            r.url()
+        );
+        let gw = Gateway::start(config(&[origin.url()], listen, &settings)).await;
+        eventually!(5, bus_live(&gw), "bus subscribed");
+        let mut c = Conn::open(&gw).await;
+        c.send(&get("/p", "")).await;
+        let etag = c.response(false).await.header("etag").to_owned();
+        eventually!(
+            5,
+            {
+                c.send(&get("/p", "")).await;
+                c.response(false).await.header("x-cache") == "HIT"
+            },
+            "stored"
+        );
+        r.cli(&["CONFIG", "RESETSTAT"]);
+        for request in [
+            get("/p", ""),
+            get("/p", &format!("If-None-Match: {etag}\r\n")),
+            get("/nothing", ""),
+            get("/p", "Accept-Encoding: gzip\r\n"),
+        ] {
+            c.send(&request).await;
+            c.response(false).await;
+        }
+        reads.push(r.calls("hget") + r.calls("hmget") + r.calls("get"));
+    }
+    assert_eq!(reads[0], reads[1], "store reads with the lane, without it");
+    assert!(reads[0] >= 4, "strict mode reads every request: {reads:?}");
 }
 
 #[tokio::test]
