@@ -112,7 +112,9 @@ case "$mode" in
         # Hits, not refreshes: with the origin's default s-maxage=60 every cache re-renders its
         # 100 pages in the middle of the later rounds (HIT_S_MAXAGE=60 measures that too).
         curl -s -o /dev/null -X POST "http://127.0.0.1:3001/__config?s_maxage=${HIT_S_MAXAGE:-3600}"
-        targets=(gateway gw-strict=127.0.0.1:8085 gw-hyper=127.0.0.1:8088 nginx varnish)
+        # HIT_TARGETS picks a subset (e.g. "gateway gw-strict=127.0.0.1:8085" with RUNS=8
+        # DURATION=5: more, shorter pairs when the machine's speed drifts between minutes).
+        read -r -a targets <<<"${HIT_TARGETS:-gateway gw-strict=127.0.0.1:8085 gw-hyper=127.0.0.1:8088 nginx varnish}"
         LIMIT=limit "$work/bench.sh" "${targets[@]}"
         ACCEPT_ENCODING=gzip "$work/bench.sh" "${targets[@]}"
         # Bytes at rest: one stored page vs its identity body.

@@ -77,7 +77,9 @@ impl AppState {
                         .ok()
                 }),
             metrics: Arc::clone(&self.metrics),
-            request_ids: Arc::clone(&self.request_ids),
+            // Its own ids (a prefix of its own, a counter of its own): one shared counter
+            // would move between the workers' cores on every request.
+            request_ids: Arc::new(RequestIds::default()),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
             // Children, not clones: every connection polls these on each wake, and a token is

@@ -1,14 +1,33 @@
-//! Counters for every outcome, kept in one place. Plain relaxed atomics: the hot path pays one
-//! uncontended add per event. The Prometheus exposition reads these (admin listener).
+//! Counters for every outcome, kept in one place. Relaxed atomics, each counter spread over a
+//! few cache-line-sized slots with a slot per thread: the hot path pays one uncontended add per
+//! event even when every worker counts the same outcome (one shared word would move between
+//! the workers' cores on every hit). The Prometheus exposition reads these (admin listener).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::cache::policy::Skip;
 use crate::proxy::classify::Bypass;
 
+/// Slots a counter is spread over (threads beyond this share them, still correctly).
+const SLOTS: usize = 4;
+
+/// One slot, alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Slot(AtomicU64);
+
+/// This thread's slot: threads take slots in the order they first count something.
+fn slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Relaxed) % SLOTS;
+    }
+    SLOT.with(|s| *s)
+}
+
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub struct Counter([Slot; SLOTS]);
 
 impl Counter {
     /// Adds one to `counters[index]` when it exists (per-reason arrays; never panics).
@@ -20,12 +39,19 @@ impl Counter {
 
     /// Adds one.
     pub fn inc(&self) {
-        self.0.fetch_add(1, Relaxed);
+        self.add(1);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0[slot()].0.fetch_add(n, Relaxed);
     }
 
     /// The current value.
     pub fn get(&self) -> u64 {
-        self.0.load(Relaxed)
+        self.0
+            .iter()
+            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Relaxed)))
     }
 }
 
@@ -195,7 +221,7 @@ impl Histogram {
     pub fn observe(&self, value: u64) {
         let i = self.bounds.partition_point(|b| *b < value);
         Counter::inc_at(&self.buckets, i);
-        self.sum.0.fetch_add(value, Relaxed);
+        self.sum.add(value);
     }
 
     /// `(bound, count in that bucket)` pairs, `None` for `+Inf`, and the sum of values.
