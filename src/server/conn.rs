@@ -244,18 +244,39 @@ pub async fn watchdog(activity: Arc<Activity>, bounds: Bounds) -> Expiry {
 
 pin_project! {
     /// A socket whose first reads return bytes already read from it (by the hit lane) before
-    /// the socket's own: how hyper takes over a connection mid-stream.
+    /// the socket's own: how hyper takes over a connection mid-stream ([`Rewind::new`]), or is
+    /// lent one exchange of it ([`Rewind::bounded`]: at most that many more bytes from the
+    /// socket, then end-of-file).
     pub struct Rewind<IO> {
         prefix: bytes::Bytes,
         #[pin]
         io: IO,
+        budget: Option<u64>,
     }
 }
 
 impl<IO> Rewind<IO> {
     /// `io`, read from `prefix` first.
     pub fn new(prefix: bytes::Bytes, io: IO) -> Self {
-        Self { prefix, io }
+        Self {
+            prefix,
+            io,
+            budget: None,
+        }
+    }
+
+    /// `io`, read from `prefix` first, then at most `budget` bytes of its own, then EOF.
+    pub fn bounded(prefix: bytes::Bytes, io: IO, budget: u64) -> Self {
+        Self {
+            prefix,
+            io,
+            budget: Some(budget),
+        }
+    }
+
+    /// Whether a bounded view has yielded every byte it was given.
+    pub fn is_spent(&self) -> bool {
+        self.prefix.is_empty() && self.budget == Some(0)
     }
 }
 
@@ -272,7 +293,25 @@ impl<IO: AsyncRead> AsyncRead for Rewind<IO> {
             bytes::Buf::advance(this.prefix, n);
             return Poll::Ready(Ok(()));
         }
-        this.io.poll_read(cx, buf)
+        let Some(budget) = this.budget else {
+            return this.io.poll_read(cx, buf);
+        };
+        if *budget == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let room = usize::try_from(*budget)
+            .unwrap_or(usize::MAX)
+            .min(buf.remaining());
+        // Read into at most `room` bytes of `buf`'s unfilled part (initialized first, so this
+        // stays safe code), then count what arrived as filled.
+        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
+        let polled = this.io.poll_read(cx, &mut limited);
+        let n = limited.filled().len();
+        if let Poll::Ready(Ok(())) = polled {
+            buf.advance(n);
+            *budget -= n as u64;
+        }
+        polled
     }
 }
 

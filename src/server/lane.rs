@@ -33,18 +33,16 @@
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::conn::{Activity, Watched};
+use super::conn::{Activity, Rewind, Watched};
 use crate::app::AppState;
 use crate::http::wire::{self, Framing, Parsed};
 use crate::proxy::forwarded::Peer;
@@ -149,11 +147,8 @@ impl Lane<'_> {
         let held = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
         let prefix = buf.split_to(held).freeze();
         let rest = std::mem::take(buf);
-        let lent = Lent {
-            io,
-            prefix,
-            budget: len - held as u64,
-        };
+        // hyper sees exactly this exchange: its bytes, then end-of-file.
+        let lent = Rewind::bounded(prefix, &mut *io, len - held as u64);
         let (app, peer, activity) = (self.app, self.peer, self.activity);
         // The exchange is one request: it gets the lane's lookup. Boxed: the connection is
         // polled by hand (`poll_without_shutdown`), which wants its service futures `Unpin`.
@@ -172,7 +167,7 @@ impl Lane<'_> {
                 // The response then says `Connection: close`, and the lane closes after it.
                 () = self.drain.cancelled(), if !closing => {
                     closing = true;
-                    Pin::new(&mut conn).graceful_shutdown();
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
                 }
             }
         };
@@ -181,8 +176,7 @@ impl Lane<'_> {
             return None;
         }
         let parts = conn.into_parts();
-        let lent = parts.io.into_inner();
-        if lent.budget > 0 || !lent.prefix.is_empty() {
+        if !parts.io.inner().is_spent() {
             // hyper stopped before the whole request was read (it refused it): the rest of
             // the body is still on the socket, so the connection cannot go on.
             return None;
@@ -230,77 +224,4 @@ async fn write_hit(io: &mut Watched<TcpStream>, tail: &mut BytesMut, hit: &Hit) 
         IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
-}
-
-/// The socket as hyper sees it during a lent exchange: `prefix` (what the lane already read),
-/// then at most `budget` more bytes from the socket, then end-of-file. Writes go straight
-/// through.
-struct Lent<'a> {
-    io: &'a mut Watched<TcpStream>,
-    prefix: Bytes,
-    budget: u64,
-}
-
-impl AsyncRead for Lent<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        if this.budget == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        let room = usize::try_from(this.budget)
-            .unwrap_or(usize::MAX)
-            .min(buf.remaining());
-        // Read into at most `room` bytes of `buf`'s unfilled part (initialized first, so this
-        // stays safe code), then count what arrived as filled.
-        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(room));
-        let polled = Pin::new(&mut *this.io).poll_read(cx, &mut limited);
-        let n = limited.filled().len();
-        if let Poll::Ready(Ok(())) = polled {
-            buf.advance(n);
-            this.budget -= n as u64;
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Lent<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The socket outlives the exchange: hyper never shuts it down here
-        // (`poll_without_shutdown`), and if it tries, the lane closes it instead.
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
-    }
 }
