@@ -25,6 +25,9 @@
 # read-only; its setup.sh installs nginx, varnish and wrk from Debian when missing.
 # Env: PEER_BENCH=path/to/bench  WORKDIR=target/peer-bench  and the harness's own knobs:
 #      RUNS=3 DURATION=10 THREADS=2 CONNS=64 PAGES=100 ACCEPT_ENCODING=
+#      hit mode: HIT_S_MAXAGE=3600 (the origin's s-maxage while measuring; 60 = the harness
+#      default, every cache then re-renders its pages mid-run), HIT_TARGETS="gateway …" (a
+#      subset of gateway, gw-strict=127.0.0.1:8085, gw-hyper=127.0.0.1:8088, nginx, varnish)
 # Baseline and machine: see the issue notes (2 vCPU VM, wrk and servers share both cores; only
 # the ratios and CPU µs/request are comparable between runs).
 set -euo pipefail
