@@ -264,3 +264,66 @@ mod tests {
         assert!(skew <= 1, "{text}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A request head of a GET with `headers`, and the headers as the map should hold them.
+    fn request(path: &str, headers: &[(String, String)]) -> String {
+        let mut raw = format!("GET {path} HTTP/1.1\r\n");
+        for (name, value) in headers {
+            raw.push_str(&format!("{name}: {value}\r\n"));
+        }
+        raw.push_str("\r\n");
+        raw
+    }
+
+    fn header() -> impl Strategy<Value = (String, String)> {
+        // Names that are not framing or connection headers; values of visible ASCII.
+        ("x-[a-z0-9-]{1,12}", "[!-~]([ -~]{0,30}[!-~])?")
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&bytes);
+        }
+
+        #[test]
+        fn a_head_parses_whole_and_every_cut_of_it_asks_for_more(
+            path in "/[a-z0-9/._-]{0,20}(\\?[a-z0-9=&]{0,12})?",
+            headers in proptest::collection::vec(header(), 0..10),
+            next in "[A-Z]{0,8}",
+        ) {
+            let raw = request(&path, &headers);
+            for cut in 0..raw.len() {
+                prop_assert!(
+                    matches!(parse_request(&raw.as_bytes()[..cut]), Parsed::Partial),
+                    "cut at {cut} of {raw:?}"
+                );
+            }
+            // Bytes of a next request after the head are not part of it.
+            let pipelined = format!("{raw}{next}");
+            let Parsed::Head(head) = parse_request(pipelined.as_bytes()) else {
+                return Err(TestCaseError::fail(format!("not a head: {raw:?}")));
+            };
+            prop_assert_eq!(head.len, raw.len());
+            prop_assert_eq!(head.framing, Framing::None);
+            prop_assert_eq!(head.parts.uri.to_string(), path);
+            let got: Vec<(String, String)> = head
+                .parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            let mut want = headers.clone();
+            // The map groups a name's values together, in the order they came.
+            let mut got_sorted = got.clone();
+            got_sorted.sort();
+            want.sort();
+            prop_assert_eq!(got_sorted, want);
+        }
+    }
+}
