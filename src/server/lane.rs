@@ -90,9 +90,13 @@ impl Lane<'_> {
         let max_head = self.app.config.listen.max_header_bytes;
         let mut buf = BytesMut::with_capacity(4096);
         let mut tail = BytesMut::with_capacity(128);
+        let mut served = false;
         loop {
             let head = match wire::parse_request(&buf) {
                 Parsed::Head(head) => head,
+                // An HTTP/2 preface is a connection's first bytes or nothing (hyper alone
+                // would refuse it here too; its watchdog also took this for HTTP/1.1).
+                Parsed::Other if served && buf.starts_with(b"PRI ") => return End::Closed,
                 Parsed::Other => return End::Handoff(buf.freeze()),
                 Parsed::Partial if buf.len() >= max_head => return End::Handoff(buf.freeze()),
                 Parsed::Partial => {
@@ -105,7 +109,17 @@ impl Lane<'_> {
                     continue;
                 }
             };
+            served = true;
             let (len, framing) = (head.len, head.framing);
+            let body = match framing {
+                Framing::None => 0,
+                Framing::Length(n) => n,
+            };
+            // A `Content-Length` near 2^64 must not wrap the exchange's length (hyper then
+            // refuses it, and the connection ends).
+            let Some(exchange) = (len as u64).checked_add(body) else {
+                return End::Handoff(buf.freeze());
+            };
             // `Content-Length: 0` is no body, as hyper reads it.
             let mut looked = None;
             if matches!(framing, Framing::None | Framing::Length(0)) {
@@ -113,9 +127,11 @@ impl Lane<'_> {
                 match hit::answer(self.app, self.peer, head.parts).await {
                     Answer::Hit(hit) => {
                         buf.advance(len);
-                        let written = write_hit(io, &mut tail, &hit).await;
+                        // While draining, each answer is the connection's last.
+                        let last = self.activity.is_draining();
+                        let written = write_hit(io, &mut tail, &hit, last).await;
                         drop(guard);
-                        if written.is_err() {
+                        if written.is_err() || last {
                             return End::Closed;
                         }
                         continue;
@@ -123,11 +139,7 @@ impl Lane<'_> {
                     Answer::Lend(l) => looked = l,
                 }
             }
-            let body = match framing {
-                Framing::None => 0,
-                Framing::Length(n) => n,
-            };
-            let Some(rest) = self.lend(io, &mut buf, len as u64 + body, looked).await else {
+            let Some(rest) = self.lend(io, &mut buf, exchange, looked).await else {
                 return End::Closed;
             };
             buf = rest;
@@ -163,6 +175,10 @@ impl Lane<'_> {
         let mut closing = false;
         let ended = loop {
             tokio::select! {
+                // The connection first: its first poll reads the whole head from the prefix
+                // and starts the request, so a drain seen afterwards finishes the answer
+                // instead of closing a connection hyper still thinks idle.
+                biased;
                 r = poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
                 // The response then says `Connection: close`, and the lane closes after it.
                 () = self.drain.cancelled(), if !closing => {
@@ -176,16 +192,15 @@ impl Lane<'_> {
             return None;
         }
         let parts = conn.into_parts();
-        if !parts.io.inner().is_spent() {
-            // hyper stopped before the whole request was read (it refused it): the rest of
-            // the body is still on the socket, so the connection cannot go on.
+        // The connection goes on only when hyper read exactly this exchange and nothing is
+        // left of it anywhere: not on the socket (hyper refused the request before reading
+        // its body), not in hyper's buffer (it only ever saw this exchange's bytes, so
+        // anything there would be this request's, never the next one's), and the answer did
+        // not say `Connection: close` (draining).
+        if closing || !parts.io.inner().is_spent() || !parts.read_buf.is_empty() {
             return None;
         }
-        // hyper only ever saw this exchange's bytes, so it holds none of the next one.
-        debug_assert!(parts.read_buf.is_empty());
-        let mut next = BytesMut::from(&parts.read_buf[..]);
-        next.extend_from_slice(&rest);
-        Some(next)
+        Some(rest)
     }
 }
 
@@ -198,10 +213,18 @@ async fn read(io: &mut Watched<TcpStream>, buf: &mut BytesMut) -> bool {
     matches!(io.read_buf(buf).await, Ok(n) if n > 0)
 }
 
-/// Writes a hit: its prepared head, the per-response lines, the body; one `writev` when the
-/// socket takes it all.
-async fn write_hit(io: &mut Watched<TcpStream>, tail: &mut BytesMut, hit: &Hit) -> io::Result<()> {
+/// Writes a hit: its prepared head, the per-response lines (and `Connection: close` when it
+/// is the `last` on the connection), the body; one `writev` when the socket takes it all.
+async fn write_hit(
+    io: &mut Watched<TcpStream>,
+    tail: &mut BytesMut,
+    hit: &Hit,
+    last: bool,
+) -> io::Result<()> {
     tail.clear();
+    if last {
+        tail.put_slice(b"connection: close\r\n");
+    }
     tail.put_slice(b"age: ");
     tail.put_slice(itoa::Buffer::new().format(hit.age).as_bytes());
     tail.put_slice(b"\r\nx-request-id: ");

@@ -452,3 +452,58 @@ async fn draining_closes_idle_lane_connections_and_finishes_lent_exchanges() {
         .expect("drained in time")
         .expect("server task");
 }
+
+/// A `Content-Length` so large that head + body would wrap a `u64` is hyper's to refuse: the
+/// lane must neither loop on it (the worker would never yield again) nor read it as 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_that_wraps_is_refused_and_the_worker_goes_on() {
+    let origin = origin().await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let template =
+        "POST /api HTTP/1.1\r\nHost: site.test\r\nContent-Length: 00000000000000000000\r\n\r\n";
+    // head length + Content-Length == 2^64: the sum wraps to exactly 0.
+    let wraps = u64::MAX - template.len() as u64 + 1;
+    let raw = template.replace("00000000000000000000", &format!("{wraps:020}"));
+    assert_eq!(raw.len(), template.len());
+    let mut c = Conn::open(&gw).await;
+    c.send(&raw).await;
+    let refused = c.response(true).await;
+    assert_eq!(refused.status, 413, "{refused:?}");
+    assert!(c.closed().await);
+    let mut next = Conn::open(&gw).await;
+    next.send(&get("/p", "")).await;
+    assert_eq!(next.response(false).await.status, 200);
+    assert_eq!(origin.count("/api"), 0);
+}
+
+/// Draining with a second request pipelined behind a lent one: the lent answer says
+/// `Connection: close` and is the last; the second is left for the client to send again.
+#[tokio::test]
+async fn draining_ends_a_connection_after_its_answer_in_progress() {
+    let gate = crate::support::origin::Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/p",
+            Route::html("<p>page</p>").header("cache-control", ISR),
+        );
+        o.route("/slow", Route::html("slow").gated(&gate));
+    })
+    .await;
+    let mut gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let mut c = Conn::open(&gw).await;
+    c.send(&get("/p", "")).await;
+    c.response(false).await;
+    c.send(&format!("{}{}", get("/slow", ""), get("/p", "")))
+        .await;
+    eventually!(5, origin.count("/slow") == 1, "slow request at the origin");
+    let stopped = gw.shutdown();
+    gate.open();
+    let last = c.response(false).await;
+    assert_eq!((last.status, &last.body[..]), (200, &b"slow"[..]));
+    assert_eq!(last.header("connection"), "close");
+    assert!(c.closed().await, "the pipelined request is not answered");
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("drained in time")
+        .expect("server task");
+}
