@@ -10,7 +10,7 @@
 //!
 //! Module map:
 //! - [`config`]: TOML + env + flags → validated [`Config`]; all problems reported at once.
-//! - [`server`]: workers and listeners, the HTTP/1.1 hit lane (L1 hits written from the socket,
+//! - [`server`]: workers and listeners, the HTTP/1.1 hit lane (cache hits written from the socket,
 //!   other exchanges lent to hyper), per-connection bounds, load shedding, graceful drain.
 //! - [`proxy`]: the request driver and its steps (sanitize, classify, lookup, coalesce, fill,
 //!   serve, refresh, tunnel), and the hit lane's question (`hit`).

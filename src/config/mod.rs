@@ -110,7 +110,7 @@ pub struct Listen {
     pub trust_forwarded_host: bool,
     /// Keep header-name case as sent, both ways.
     pub preserve_header_case: bool,
-    /// Fresh L1 hits on HTTP/1.1 answered from the socket (`server::lane`).
+    /// Fresh cache hits on HTTP/1.1 answered from the socket (`server::lane`).
     pub hit_lane: bool,
     /// Answer 404 for Next.js-internal path suffixes.
     pub reject_internal_paths: bool,

@@ -122,7 +122,7 @@ section! {
         /// Keep the letter case of header names as sent, both ways (HTTP/1.1 only; names are
         /// case-insensitive, so this is fidelity, not meaning). Costs CPU per request.
         preserve_header_case: bool = true,
-        /// Answer fresh L1 hits on HTTP/1.1 connections straight from the socket (the hit
+        /// Answer fresh cache hits on HTTP/1.1 connections straight from the socket (the hit
         /// lane); `false` sends every request through hyper's server and the driver.
         hit_lane: bool = true,
         /// Answer 404 for paths ending `.rsc`, `.prefetch.rsc`, `.segment.rsc`, `.action`.

@@ -104,10 +104,7 @@ pub fn l1_fresh(
     now_ms: u64,
 ) -> Option<Arc<Entry>> {
     let entry = cache.l1.get(key.hash, now_ms)?;
-    let valid = cache.epochs.check(
-        entry.meta.render_epoch,
-        entry.meta.tags.iter().map(String::as_str),
-    ) == Validity::Valid;
+    let valid = epoch_validity(cache, &entry) == Validity::Valid;
     (valid && vary_matches(&entry, headers)).then_some(entry)
 }
 
@@ -164,12 +161,17 @@ async fn read(
     Some(entry)
 }
 
-/// What the invalidations say about an entry (counted when it is no longer valid).
-fn validity(app: &AppState, cache: &CacheState, entry: &Entry) -> Validity {
-    let v = cache.epochs.check(
+/// What the invalidations known to this gateway say of `entry` (nothing counted).
+fn epoch_validity(cache: &CacheState, entry: &Entry) -> Validity {
+    cache.epochs.check(
         entry.meta.render_epoch,
         entry.meta.tags.iter().map(String::as_str),
-    );
+    )
+}
+
+/// What the invalidations say about an entry (counted when it is no longer valid).
+fn validity(app: &AppState, cache: &CacheState, entry: &Entry) -> Validity {
+    let v = epoch_validity(cache, entry);
     if v != Validity::Valid {
         app.metrics.cache_invalidated.inc();
     }

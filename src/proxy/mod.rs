@@ -3,8 +3,8 @@
 //! [`cached`] (key → [`lookup`] → [`serve`] | [`fill`] → serve; [`refresh`] in the background)
 //! | everything else: upstream → respond.
 //!
-//! [`hit`] asks the same steps, without going upstream, whether the L1 answers a request as it
-//! stands (for the HTTP/1.1 hit lane, `server::lane`).
+//! [`hit`] asks the same steps, without going upstream, whether the cache answers a request as
+//! it stands (for the HTTP/1.1 hit lane, `server::lane`), and lends the driver its lookup.
 //!
 //! [`handle`] is the driver: it reads like the flow in `lib.rs` and calls one named step per
 //! stage. Errors become responses in one place (`crate::error`) and are logged once, here.

@@ -1,11 +1,11 @@
 //! Step 1 of the request flow: accept connections and run each one through the service stack,
 //! and the gateway's lifecycle: bind, serve, drain on shutdown.
 //!
-//! With an L1, an HTTP/1.1 connection starts in the hit lane (`lane.rs`): fresh L1 hits are
+//! With the cache on, an HTTP/1.1 connection starts in the hit lane (`lane.rs`): fresh hits are
 //! written straight from the socket, every other exchange is lent to hyper one at a time, and
 //! what the lane does not frame (HTTP/2, upgrades, chunked request bodies, HTTP/1.0) is handed
-//! to hyper for the rest of the connection. Without an L1 (strict mode) or a cache, hyper
-//! serves every connection from its first byte.
+//! to hyper for the rest of the connection. With the cache off or `listen.hit_lane = false`,
+//! hyper serves every connection from its first byte.
 //!
 //! Shutdown: when the token passed to [`Server::run`] is cancelled the listener closes at once
 //! (new connections are refused by the kernel, so the load balancer fails over), every

@@ -12,7 +12,7 @@ use isrgate::cache::key::{CacheKey, Variant};
 use isrgate::cache::lock::lock_key;
 
 use crate::eventually;
-use crate::support::origin::{FakeNext, Route};
+use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::redis::RedisProcess;
 use crate::support::{Gateway, bus_live, config};
 
@@ -415,9 +415,9 @@ async fn what_the_lane_does_not_frame_goes_to_hyper_for_the_rest_of_the_connecti
     assert!(closing.closed().await);
 }
 
-#[tokio::test]
-async fn draining_closes_idle_lane_connections_and_finishes_lent_exchanges() {
-    let gate = crate::support::origin::Gate::new();
+/// An origin with a cacheable `/p` and a `/slow` held at the returned gate, and a gateway.
+async fn slow_origin_and_gateway() -> (Gate, FakeNext, Gateway) {
+    let gate = Gate::new();
     let origin = FakeNext::start(|o| {
         o.route(
             "/p",
@@ -426,7 +426,21 @@ async fn draining_closes_idle_lane_connections_and_finishes_lent_exchanges() {
         o.route("/slow", Route::html("slow").gated(&gate));
     })
     .await;
-    let mut gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    (gate, origin, gw)
+}
+
+/// Waits (at most 5 s) for a gateway's drain to end.
+async fn drained(stopped: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("drained in time")
+        .expect("server task");
+}
+
+#[tokio::test]
+async fn draining_closes_idle_lane_connections_and_finishes_lent_exchanges() {
+    let (gate, origin, mut gw) = slow_origin_and_gateway().await;
     let mut idle = Conn::open(&gw).await;
     idle.send(&get("/p", "")).await;
     idle.response(false).await;
@@ -447,10 +461,7 @@ async fn draining_closes_idle_lane_connections_and_finishes_lent_exchanges() {
         "the lent answer says it is the last"
     );
     assert!(busy.closed().await);
-    tokio::time::timeout(Duration::from_secs(5), stopped)
-        .await
-        .expect("drained in time")
-        .expect("server task");
+    drained(stopped).await;
 }
 
 /// A `Content-Length` so large that head + body would wrap a `u64` is hyper's to refuse: the
@@ -480,16 +491,7 @@ async fn a_content_length_that_wraps_is_refused_and_the_worker_goes_on() {
 /// `Connection: close` and is the last; the second is left for the client to send again.
 #[tokio::test]
 async fn draining_ends_a_connection_after_its_answer_in_progress() {
-    let gate = crate::support::origin::Gate::new();
-    let origin = FakeNext::start(|o| {
-        o.route(
-            "/p",
-            Route::html("<p>page</p>").header("cache-control", ISR),
-        );
-        o.route("/slow", Route::html("slow").gated(&gate));
-    })
-    .await;
-    let mut gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let (gate, origin, mut gw) = slow_origin_and_gateway().await;
     let mut c = Conn::open(&gw).await;
     c.send(&get("/p", "")).await;
     c.response(false).await;
@@ -502,8 +504,5 @@ async fn draining_ends_a_connection_after_its_answer_in_progress() {
     assert_eq!((last.status, &last.body[..]), (200, &b"slow"[..]));
     assert_eq!(last.header("connection"), "close");
     assert!(c.closed().await, "the pipelined request is not answered");
-    tokio::time::timeout(Duration::from_secs(5), stopped)
-        .await
-        .expect("drained in time")
-        .expect("server task");
+    drained(stopped).await;
 }
