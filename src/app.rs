@@ -122,6 +122,8 @@ pub struct CacheState {
     pub log: crate::invalidate::log::Log,
     /// The wall clock entry deadlines are read against.
     pub clock: crate::clock::Clock,
+    /// Identity bodies are sealed when inflated (the hit lane runs and `sendfile`s them).
+    pub seal_bodies: bool,
     /// Paths recently stored per tag (re-warm after a purge by tag).
     pub recent: crate::cache::tags::RecentPaths,
     /// This gateway's id on the bus and in logs.
@@ -130,10 +132,12 @@ pub struct CacheState {
 
 impl CacheState {
     /// Builds the cache from its settings; the Redis pool is built here and connected by
-    /// [`CacheState::start`] inside a runtime.
+    /// [`CacheState::start`] inside a runtime. `seal_bodies`: the hit lane runs (see
+    /// [`crate::cache::sealed`]).
     pub fn new(
         cfg: crate::config::Cache,
         redis: Option<&crate::config::Redis>,
+        seal_bodies: bool,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
         let settings = redis.map(|r| RedisSettings {
             url: r.url.clone(),
@@ -175,6 +179,7 @@ impl CacheState {
             fleet: Arc::new(Fleet::default()),
             log: crate::invalidate::log::Log::default(),
             clock: crate::clock::Clock::default(),
+            seal_bodies,
             recent: crate::cache::tags::RecentPaths::default(),
             gateway_id,
             cfg,

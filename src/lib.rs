@@ -119,6 +119,7 @@ impl Server {
             Some(c) => Some(Arc::new(app::CacheState::new(
                 c.clone(),
                 config.redis.as_ref(),
+                config.listen.hit_lane,
             )?)),
             None => None,
         };

@@ -232,7 +232,30 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .name("isrgate-signals".into())
         .spawn(move || signals.block_on(signal_shutdown(token)))
         .context("cannot start the signal thread")?;
+    #[cfg(target_os = "linux")]
+    raise_descriptor_limit();
     isrgate::run(config, shutdown).context("cannot start")
+}
+
+/// Raises the soft limit on open descriptors to the hard one, as Go's runtime does and nginx's
+/// `worker_rlimit_nofile` is for: a proxy holds one per client connection, one per upstream
+/// connection and one per sealed body (`cache::sealed`, which takes at most a quarter of the
+/// limit), and the usual soft default of 1,024 is a few hundred clients.
+#[cfg(target_os = "linux")]
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    limit.current = Some(hard);
+    match setrlimit(Resource::Nofile, limit) {
+        Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-descriptor limit"),
+        Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-descriptor limit"),
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once (an operator

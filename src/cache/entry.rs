@@ -61,6 +61,8 @@ use flate2::write::GzEncoder;
 use http::{HeaderName, HeaderValue, StatusCode};
 use xxhash_rust::xxh3::xxh3_128;
 
+use super::sealed::Held;
+
 /// Version byte of the metadata layout in the module doc.
 pub const FORMAT_V1: u8 = 1;
 
@@ -107,15 +109,19 @@ pub struct Meta {
 }
 
 /// A stored response: its metadata and the gzip member of its identity body (level 1).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Equal entries have equal metadata and stored bytes; what is derived from those (the inflated
+/// body, the prepared heads) does not count.
+#[derive(Debug, Clone)]
 pub struct Entry {
     /// Status, headers, times, tags, ETag.
     pub meta: Meta,
     /// The body as stored and as served to gzip-capable clients.
     pub gzip: Bytes,
     /// The identity body, once inflated (or known from the fill): an entry shared through the
-    /// L1 is inflated at most once, not once per identity client.
-    identity: std::sync::OnceLock<Bytes>,
+    /// L1 is inflated at most once, not once per identity client. Sealed for the hit lane when
+    /// the caller asks ([`super::sealed`]).
+    identity: std::sync::OnceLock<Held>,
     /// The response heads of the two representations (`[gzip, identity]`), built on first use
     /// by the serve stage and cloned by every later hit of an entry held in the L1.
     heads: [std::sync::OnceLock<Head>; 2],
@@ -135,6 +141,14 @@ pub struct Head {
     /// lane; `None` when the head must be finished per client (a `Location`).
     pub wire: Option<bytes::Bytes>,
 }
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Entry) -> bool {
+        self.meta == other.meta && self.gzip == other.gzip
+    }
+}
+
+impl Eq for Entry {}
 
 impl Entry {
     /// An entry read from the store.
@@ -158,20 +172,20 @@ impl Entry {
         Some(slot.get_or_init(|| head))
     }
 
-    /// The identity body: inflated on first use (bounded by `identity_len`), then remembered.
-    pub fn identity(&self) -> Result<Bytes, InflateError> {
+    /// The identity body: inflated on first use (bounded by `identity_len`), then remembered,
+    /// sealed if `seal` (see [`Held::new`]; whoever inflates first decides).
+    pub fn identity(&self, seal: bool) -> Result<&Held, InflateError> {
         if let Some(b) = self.identity.get() {
-            return Ok(b.clone());
+            return Ok(b);
         }
         let limit = usize::try_from(self.meta.identity_len).unwrap_or(usize::MAX);
         let body = inflate(&self.gzip, limit)?;
-        let _ = self.identity.set(body.clone());
-        Ok(body)
+        Ok(self.identity.get_or_init(|| Held::new(body, seal)))
     }
 
-    /// Records the identity body when it is already at hand (after a fill).
-    pub fn remember_identity(&self, identity: Bytes) {
-        let _ = self.identity.set(identity);
+    /// Records the identity body when it is already at hand (after a fill), sealed if `seal`.
+    pub fn remember_identity(&self, identity: Bytes, seal: bool) {
+        self.identity.get_or_init(|| Held::new(identity, seal));
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
 //! - [`lock`] — fleet fill locks in Redis (one render per key across gateways).
 //! - [`l1`] — the in-process L1 of decoded entries in front of the store.
+//! - [`sealed`] — identity bodies in sealed memory files, which the hit lane `sendfile`s.
 //! - [`decoded`] — strict mode (no L1): entries as last decoded, reused on identical reads.
 
 pub mod control;
@@ -27,6 +28,7 @@ pub mod key;
 pub mod l1;
 pub mod lock;
 pub mod policy;
+pub mod sealed;
 pub mod store;
 pub mod tags;
 pub mod tls;

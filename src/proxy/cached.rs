@@ -33,6 +33,7 @@ pub async fn serve(
     let ask = Ask {
         headers: &head.headers,
         head: head.method == Method::HEAD,
+        seal: cache.seal_bodies,
     };
     // `Vary` is matched on what the replica is asked: for images that is the Accept of the
     // negotiated format, not the client's own (the fill computed its tag the same way).

@@ -223,8 +223,15 @@ impl Pending {
         Response::from_parts(self.parts, body)
     }
 
-    /// The entry for the identity body, rendered at `now_ms`, tagged as `cfg` says.
-    pub fn entry(&self, identity: Bytes, now_ms: u64, cfg: &crate::config::Cache) -> Arc<Entry> {
+    /// The entry for the identity body, rendered at `now_ms`, tagged as `cfg` says; the body
+    /// is sealed for the hit lane if `seal`.
+    pub fn entry(
+        &self,
+        identity: Bytes,
+        now_ms: u64,
+        cfg: &crate::config::Cache,
+        seal: bool,
+    ) -> Arc<Entry> {
         let stored_headers = self
             .stored_headers()
             .map(|(n, v)| (n.clone(), v.clone()))
@@ -254,7 +261,7 @@ impl Pending {
             meta.tags.push(format!("{VARY_TAG}{h:032x}"));
         }
         let entry = Arc::new(Entry::from_identity(meta, &identity));
-        entry.remember_identity(identity);
+        entry.remember_identity(identity, seal);
         entry
     }
 
@@ -472,7 +479,7 @@ pub async fn fill(
             }
         }
     }
-    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg);
+    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg, cache.seal_bodies);
     keep(app, cache, key, &entry, pending.ttl(), write).await;
     Ok(Filled::Stored(entry))
 }

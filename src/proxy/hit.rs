@@ -24,6 +24,7 @@ use super::lookup::{self, Found};
 use super::{cached, classify, sanitize, serve};
 use crate::app::AppState;
 use crate::cache::key::Variant;
+use crate::cache::sealed::Held;
 
 /// A request the cache answers in the lane.
 #[derive(Debug)]
@@ -32,8 +33,8 @@ pub struct Hit {
     /// and the final empty line ([`serve::wire`]).
     pub wire: Bytes,
     /// Its body: the stored gzip bytes for a client that accepts gzip, the identity body
-    /// otherwise; empty for HEAD.
-    pub body: Bytes,
+    /// otherwise (sealed when large: the lane `sendfile`s it); empty for HEAD.
+    pub body: Held,
     /// `Age`, in seconds.
     pub age: u64,
     /// The `x-request-id` to send.
@@ -107,7 +108,7 @@ pub async fn answer(app: &AppState, peer: &Peer, mut head: Parts) -> Answer {
         return lend(found);
     };
     if head.method == http::Method::HEAD {
-        body = Bytes::new();
+        body = Held::Heap(Bytes::new());
     }
     let request_id = trusted_id.unwrap_or_else(|| app.request_ids.next());
     app.metrics.requests.inc();

@@ -14,6 +14,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::cache::entry::{Entry, Head};
+use crate::cache::sealed::Held;
 use crate::http::body::{self, Body};
 use crate::http::{X_REQUEST_ID, wire};
 
@@ -84,6 +85,8 @@ pub struct Ask<'a> {
     pub headers: &'a HeaderMap,
     /// HEAD: no body.
     pub head: bool,
+    /// An identity body inflated now is sealed for the hit lane ([`crate::cache::sealed`]).
+    pub seal: bool,
 }
 
 /// The response for `entry`, or `None` when the client needs the identity body and the stored
@@ -100,7 +103,7 @@ pub fn response(
     now_ms: u64,
 ) -> Option<Response<Body>> {
     let gzip = !entry.gzip.is_empty() && accepts_gzip(ask.headers);
-    let (head, bytes) = representation(entry, gzip)?;
+    let (head, held) = representation(entry, gzip, ask.seal)?;
     let mut headers = head.headers.clone();
     let age = now_ms.saturating_sub(entry.meta.stored_at_ms) / 1000;
     headers.insert(header::AGE, HeaderValue::from(age));
@@ -124,7 +127,7 @@ pub fn response(
     let mut resp = Response::new(if ask.head {
         body::empty()
     } else {
-        body::full(bytes)
+        body::full(held.bytes().ok()?)
     });
     *resp.status_mut() = head.status;
     *resp.headers_mut() = headers;
@@ -132,27 +135,29 @@ pub fn response(
 }
 
 /// The gzip (`gzip == true`) or identity representation of `entry`: its prepared head and its
-/// body. `None` when the identity body does not inflate or the status is not one.
-fn representation(entry: &Entry, gzip: bool) -> Option<(&Head, Bytes)> {
+/// body (the identity body inflated and sealed if `seal`, when this is its first use). `None`
+/// when the identity body does not inflate or the status is not one.
+fn representation(entry: &Entry, gzip: bool, seal: bool) -> Option<(&Head, Held)> {
     if gzip {
         let head = entry.head(true, || prepare(entry, true, entry.gzip.len()))?;
-        return Some((head, entry.gzip.clone()));
+        return Some((head, Held::Heap(entry.gzip.clone())));
     }
-    let bytes = if entry.gzip.is_empty() {
-        Bytes::new()
+    let held = if entry.gzip.is_empty() {
+        Held::Heap(Bytes::new())
     } else {
-        entry.identity().ok()?
+        entry.identity(seal).ok()?.clone()
     };
-    let head = entry.head(false, || prepare(entry, false, bytes.len()))?;
-    Some((head, bytes))
+    let head = entry.head(false, || prepare(entry, false, held.len()))?;
+    Some((head, held))
 }
 
 /// A plain hit on the wire, for the hit lane: the representation's prepared head as HTTP/1.1
 /// bytes (no `Age`, `x-request-id`, `Date` or final empty line; the lane writes those) and its
 /// body. `None` where [`response`] must answer instead: the head has a `Location` (rewritten
-/// per client by the driver), or the identity body does not inflate.
-pub fn wire(entry: &Entry, gzip: bool) -> Option<(Bytes, Bytes)> {
-    let (head, body) = representation(entry, gzip)?;
+/// per client by the driver), or the identity body does not inflate. The lane seals what it
+/// inflates: it `sendfile`s sealed bodies.
+pub fn wire(entry: &Entry, gzip: bool) -> Option<(Bytes, Held)> {
+    let (head, body) = representation(entry, gzip, true)?;
     Some((head.wire.clone()?, body))
 }
 
@@ -320,6 +325,7 @@ mod tests {
         let ask = |hs| Ask {
             headers: hs,
             head: false,
+            seal: false,
         };
         let gz = h(&[("accept-encoding", "gzip, deflate, br")]);
         let r = response(&e, ask(&gz), Outcome::Hit, 12_500).expect("served");
@@ -352,6 +358,7 @@ mod tests {
             Ask {
                 headers: &inm,
                 head: false,
+                seal: false,
             },
             Outcome::Hit,
             0,
@@ -369,6 +376,7 @@ mod tests {
             Ask {
                 headers: &none,
                 head: true,
+                seal: false,
             },
             Outcome::Hit,
             0,
@@ -386,6 +394,7 @@ mod tests {
         let ask = Ask {
             headers: &gz,
             head: false,
+            seal: false,
         };
         let a = response(&e, ask, Outcome::Hit, 12_500).expect("served");
         let b = response(&e, ask, Outcome::Stale, 15_500).expect("served");
@@ -433,7 +442,8 @@ mod tests {
                 &e,
                 Ask {
                     headers: &h(&[]),
-                    head: false
+                    head: false,
+                    seal: false,
                 },
                 Outcome::Hit,
                 0

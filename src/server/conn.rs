@@ -124,6 +124,34 @@ impl<IO> Watched<IO> {
     }
 }
 
+#[cfg(target_os = "linux")]
+impl Watched<tokio::net::TcpStream> {
+    /// Runs `op`, a non-blocking write made on the socket's descriptor directly (`sendfile`,
+    /// `sendmsg` with flags), once the socket takes it, and records it as a `poll_write`.
+    pub async fn write_with(
+        &self,
+        mut op: impl FnMut(std::os::fd::BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        use std::os::fd::AsFd;
+        loop {
+            match self
+                .io
+                .try_io(tokio::io::Interest::WRITABLE, || op(self.io.as_fd()))
+            {
+                Ok(n) => {
+                    self.activity.on_write(&Poll::Ready(Ok(n)));
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.activity.on_write(&Poll::Pending);
+                    self.io.writable().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 impl<IO: AsyncRead> AsyncRead for Watched<IO> {
     fn poll_read(
         self: Pin<&mut Self>,

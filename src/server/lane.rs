@@ -44,6 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{Activity, Rewind, Watched};
 use crate::app::AppState;
+use crate::cache::sealed::Held;
+#[cfg(target_os = "linux")]
+use crate::cache::sealed::Sealed;
 use crate::http::wire::{self, Framing, Parsed};
 use crate::proxy::forwarded::Peer;
 use crate::proxy::hit::{self, Answer, Hit, Looked};
@@ -214,7 +217,8 @@ async fn read(io: &mut Watched<TcpStream>, buf: &mut BytesMut) -> bool {
 }
 
 /// Writes a hit: its prepared head, the per-response lines (and `Connection: close` when it
-/// is the `last` on the connection), the body; one `writev` when the socket takes it all.
+/// is the `last` on the connection), the body; one `writev` when the socket takes it all, or
+/// the head then `sendfile` for a sealed body.
 async fn write_hit(
     io: &mut Watched<TcpStream>,
     tail: &mut BytesMut,
@@ -232,10 +236,17 @@ async fn write_hit(
     tail.put_slice(b"\r\ndate: ");
     wire::put_date(tail);
     tail.put_slice(b"\r\n\r\n");
+    let body = match &hit.body {
+        Held::Heap(body) => body,
+        #[cfg(target_os = "linux")]
+        Held::Sealed(body) => return write_sealed(io, [&hit.wire, tail], body).await,
+        #[cfg(not(target_os = "linux"))]
+        Held::Sealed(body) => body.never(),
+    };
     let mut slices = [
         IoSlice::new(&hit.wire),
         IoSlice::new(tail),
-        IoSlice::new(&hit.body),
+        IoSlice::new(body),
     ];
     let mut bufs = &mut slices[..];
     IoSlice::advance_slices(&mut bufs, 0);
@@ -245,6 +256,53 @@ async fn write_hit(
             return Err(io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// Writes a head and a sealed body: the head with `MSG_MORE`, so that it leaves in the body's
+/// first segment as with `writev`, then the body by `sendfile` (the socket references the
+/// file's pages; see [`crate::cache::sealed`]).
+#[cfg(target_os = "linux")]
+async fn write_sealed(io: &Watched<TcpStream>, head: [&[u8]; 2], body: &Sealed) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendFlags};
+    let mut slices = head.map(IoSlice::new);
+    let mut bufs = &mut slices[..];
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = io
+            .write_with(|fd| {
+                let flags = SendFlags::MORE | SendFlags::NOSIGNAL;
+                Ok(rustix::net::sendmsg(
+                    fd,
+                    bufs,
+                    &mut SendAncillaryBuffer::default(),
+                    flags,
+                )?)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    let len = body.len() as u64;
+    let mut offset = 0u64;
+    while offset < len {
+        let left = usize::try_from(len - offset).unwrap_or(usize::MAX);
+        let n = io
+            .write_with(|fd| {
+                Ok(rustix::fs::sendfile(
+                    fd,
+                    body.fd(),
+                    Some(&mut offset),
+                    left,
+                )?)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
     }
     Ok(())
 }

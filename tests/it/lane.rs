@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use isrgate::cache::key::{CacheKey, Variant};
 use isrgate::cache::lock::lock_key;
+use isrgate::cache::sealed::Held;
 
 use crate::eventually;
 use crate::support::origin::{FakeNext, Gate, Route};
@@ -505,4 +506,150 @@ async fn draining_ends_a_connection_after_its_answer_in_progress() {
     assert_eq!(last.header("connection"), "close");
     assert!(c.closed().await, "the pipelined request is not answered");
     drained(stopped).await;
+}
+
+/// A page of `n` bytes where every position is told apart (an offset slip shows).
+fn large_page(n: usize) -> String {
+    let mut s = String::with_capacity(n + 32);
+    let mut i = 0;
+    while s.len() < n {
+        s.push_str(&format!("<i>{i:08}</i>"));
+        i += 1;
+    }
+    s.truncate(n);
+    s
+}
+
+/// Large identity bodies go out of sealed memory files by `sendfile` (`cache::sealed`): the
+/// miss reads its body back from the file, hits are byte-for-byte the page whether the client
+/// reads at once, pipelines, reads slowly (the socket fills and the send resumes) or leaves in
+/// the middle of one; and none of that changes the entry.
+#[tokio::test]
+async fn large_identity_bodies_are_sent_from_sealed_files_byte_for_byte() {
+    let page = large_page(1 << 20);
+    let origin = FakeNext::start(|o| {
+        o.route("/big", Route::html(&page).header("cache-control", ISR));
+        o.route(
+            "/p",
+            Route::html("<p>page</p>").header("cache-control", ISR),
+        );
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let mut c = Conn::open(&gw).await;
+    c.send(&get("/big", "")).await;
+    let miss = c.response(false).await;
+    assert_eq!(miss.header("x-cache"), "MISS");
+    assert!(miss.body == page.as_bytes(), "the miss's body");
+
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    let key = CacheKey::new("default", "site.test", "/big", None, &Variant::Html);
+    let entry = cache
+        .l1
+        .get(key.hash, cache.clock.now_ms())
+        .expect("in the L1");
+    assert!(
+        matches!(entry.identity(false), Ok(Held::Sealed(_))),
+        "the fill sealed the identity body"
+    );
+
+    c.send(&get("/big", "")).await;
+    let hit = c.response(false).await;
+    assert_eq!(hit.header("x-cache"), "HIT");
+    assert_eq!(hit.header("content-length"), (1 << 20).to_string());
+    assert!(hit.body == page.as_bytes(), "the hit's body");
+
+    // Pipelined: two sealed bodies and a small one, in order, nothing between them.
+    c.send(&get("/p", "")).await;
+    assert_eq!(c.response(false).await.header("x-cache"), "MISS");
+    c.send(&format!(
+        "{}{}{}",
+        get("/big", ""),
+        get("/p", ""),
+        get("/big", "")
+    ))
+    .await;
+    for expected in [page.as_bytes(), b"<p>page</p>", page.as_bytes()] {
+        let r = c.response(false).await;
+        assert_eq!(r.header("x-cache"), "HIT");
+        assert!(r.body == expected, "a pipelined body");
+    }
+    c.send("HEAD /big HTTP/1.1\r\nHost: site.test\r\n\r\n")
+        .await;
+    let head = c.response(true).await;
+    assert_eq!(head.header("content-length"), (1 << 20).to_string());
+    c.send(&get("/p", "")).await;
+    assert_eq!(
+        c.response(false).await.body,
+        "<p>page</p>",
+        "no stray body bytes"
+    );
+
+    // A slow reader with a small receive buffer: the socket fills, `sendfile` stops part way
+    // and goes on when it drains.
+    let slow = tokio::net::TcpSocket::new_v4().expect("socket");
+    slow.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut slow = Conn {
+        s: slow.connect(gw.addr).await.expect("connect"),
+        buf: Vec::new(),
+    };
+    slow.send(&get("/big", "")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        slow.response(false).await.body == page.as_bytes(),
+        "the slow reader's body"
+    );
+
+    // A client gone in the middle of a body: the next one still gets all of it.
+    let mut gone = Conn::open(&gw).await;
+    gone.send(&get("/big", "")).await;
+    gone.fill().await;
+    drop(gone);
+    let mut after = Conn::open(&gw).await;
+    after.send(&get("/big", "")).await;
+    assert!(
+        after.response(false).await.body == page.as_bytes(),
+        "after a client left"
+    );
+
+    // gzip clients get the stored gzip bytes (from the heap), which inflate to the page.
+    after.send(&get("/big", "Accept-Encoding: gzip\r\n")).await;
+    let gz = after.response(false).await;
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    let mut inflated = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&gz.body[..]),
+        &mut inflated,
+    )
+    .expect("gzip");
+    assert!(
+        inflated == page.as_bytes(),
+        "the gzip body inflates to the page"
+    );
+    assert_eq!(origin.count("/big"), 1, "one render");
+}
+
+/// A gateway without the lane keeps identity bodies on the heap: nothing sends them by file.
+#[tokio::test]
+async fn without_the_lane_identity_bodies_stay_on_the_heap() {
+    let page = large_page(64 * 1024);
+    let origin = FakeNext::start(|o| {
+        o.route("/big", Route::html(&page).header("cache-control", ISR));
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "hit_lane = false", "")).await;
+    let mut c = Conn::open(&gw).await;
+    for expected in ["MISS", "HIT"] {
+        c.send(&get("/big", "")).await;
+        let r = c.response(false).await;
+        assert_eq!(r.header("x-cache"), expected);
+        assert!(r.body == page.as_bytes());
+    }
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    let key = CacheKey::new("default", "site.test", "/big", None, &Variant::Html);
+    let entry = cache
+        .l1
+        .get(key.hash, cache.clock.now_ms())
+        .expect("in the L1");
+    assert!(matches!(entry.identity(false), Ok(Held::Heap(_))));
 }
