@@ -314,6 +314,13 @@ impl Collector for Scrape {
             )?;
             gauge(
                 &mut e,
+                "sealed_bodies",
+                "Identity bodies in sealed memory files, which the hit lane sendfile()s \
+                 (one open descriptor each; at most a quarter of the descriptor limit).",
+                crate::cache::sealed::Sealed::live() as i64,
+            )?;
+            gauge(
+                &mut e,
                 "fleet_gateways",
                 "Gateways alive on the bus, this one included.",
                 cache.fleet.live().len() as i64 + 1,
