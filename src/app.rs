@@ -131,6 +131,12 @@ pub struct CacheState {
 }
 
 impl CacheState {
+    /// Whether a fill seals its identity body: the lane runs and the L1 keeps the entry (in
+    /// strict mode a filled entry is dropped once answered, and hits decode their own).
+    pub fn seal_fills(&self) -> bool {
+        self.seal_bodies && self.l1.enabled()
+    }
+
     /// Builds the cache from its settings; the Redis pool is built here and connected by
     /// [`CacheState::start`] inside a runtime. `seal_bodies`: the hit lane runs (see
     /// [`crate::cache::sealed`]).

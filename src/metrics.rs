@@ -92,6 +92,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     /// Of those, answered from the L1 without a store read.
     pub cache_l1_hits: Counter,
+    /// Hits whose body the hit lane sent with `sendfile` (a sealed body).
+    pub cache_sendfile_hits: Counter,
     /// Answered stale while a background refresh runs.
     pub cache_stale: Counter,
     /// Answered stale because every replica failed (stale-if-error).

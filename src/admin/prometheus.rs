@@ -146,6 +146,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut e,
+            "cache_sendfile_hits",
+            "Hits whose body the hit lane sent with sendfile() from a sealed memory file.",
+            m.cache_sendfile_hits.get(),
+        )?;
+        counter(
+            &mut e,
             "cache_stores",
             "Entries stored.",
             m.cache_stores.get(),

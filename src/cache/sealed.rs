@@ -11,15 +11,17 @@
 //! writes, shrinking and growing (`F_SEAL_*`), so the pages a socket still references can never
 //! change under it; they outlive the file (the kernel holds them) when the entry is evicted in
 //! the middle of a send. The file *is* the body: no heap copy is kept (the L1 and the strict
-//! memo charge an entry's identity body once, and that stays true). The rare answer that needs
-//! the bytes themselves (HTTP/2, a stale or lent hit, a fill's own client) reads them back
-//! ([`Held::bytes`]).
+//! memo charge an entry's identity body once, and that stays true). An answer that needs the
+//! bytes themselves reads them back ([`Held::bytes`], one copy, as the heap body's own write
+//! would make): what the lane does not answer (a stale hit while its refresh runs, HTTP/2, a
+//! 304 needs none), and a fill's own identity client.
 //!
 //! What is sealed: identity bodies of at least [`MIN_BYTES`] (below that the copy costs less
-//! than the extra system call), of gateways whose hit lane runs. Each sealed body holds a file
-//! descriptor, so at most a quarter of the process's descriptor limit goes to them: past it,
-//! and wherever the kernel refuses, a body stays on the heap and is written with `writev`.
-//! Sealed bodies never starve `accept`. Linux only; elsewhere nothing is sealed.
+//! than the extra system call), on gateways whose hit lane runs: when the lane first inflates
+//! one, and when a fill stores one the L1 keeps. Each sealed body holds a file descriptor, so
+//! at most a quarter of the process's descriptor limit goes to them: past it, and wherever the
+//! kernel refuses, a body stays on the heap and is written with `writev`. Sealed bodies never
+//! starve `accept`. Linux only; elsewhere nothing is sealed.
 //!
 //! Memory files are shared memory: the container's memory limit counts them, the process's
 //! RSS does not (they are not mapped).
@@ -79,11 +81,11 @@ mod imp {
     use std::fs::File;
     use std::io::{self, Write};
     use std::os::fd::{AsFd, BorrowedFd};
-    use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, OnceLock};
 
     use bytes::Bytes;
+    use rustix::buffer::spare_capacity;
     use rustix::fs::{MemfdFlags, SealFlags};
     use rustix::process::{Resource, getrlimit};
 
@@ -153,10 +155,17 @@ mod imp {
             self.0.file.as_fd()
         }
 
-        /// The bytes, read back.
+        /// The bytes, read back (into memory not zeroed first).
         pub fn read(&self) -> io::Result<Bytes> {
-            let mut buf = vec![0; self.0.len];
-            self.0.file.read_exact_at(&mut buf, 0)?;
+            let len = self.0.len;
+            let mut buf = Vec::with_capacity(len);
+            while buf.len() < len {
+                let at = buf.len() as u64;
+                let n = rustix::io::pread(&self.0.file, spare_capacity(&mut buf), at)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
             Ok(Bytes::from(buf))
         }
 
@@ -167,10 +176,13 @@ mod imp {
     }
 
     fn make(body: &[u8]) -> io::Result<File> {
-        let fd = rustix::fs::memfd_create(
-            "isrgate-body",
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )?;
+        // Not executable, and sealed so (kernels from 6.3 warn about a memory file that does
+        // not say, and refuse one with `vm.memfd_noexec = 2`); older kernels refuse the flag.
+        let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+        let fd = match rustix::fs::memfd_create("isrgate-body", flags | MemfdFlags::NOEXEC_SEAL) {
+            Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create("isrgate-body", flags)?,
+            r => r?,
+        };
         let mut file = File::from(fd);
         file.write_all(body)?;
         rustix::fs::fcntl_add_seals(

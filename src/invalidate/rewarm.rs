@@ -176,7 +176,7 @@ async fn render(
     let max = cache.cfg.max_entry_bytes;
     match fill::copy(body, None, max, || {}).await? {
         fill::Copied::Whole(identity) => {
-            let entry = pending.entry(identity, now, &cache.cfg, cache.seal_bodies);
+            let entry = pending.entry(identity, now, &cache.cfg, cache.seal_fills());
             fill::keep(app, cache, key, &entry, pending.ttl(), fill::Write::Awaited).await;
             Ok(("stored", status))
         }

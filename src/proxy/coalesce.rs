@@ -605,7 +605,7 @@ async fn render(
         let leading = lock(&leading).take();
         match copied {
             Ok(Copied::Whole(identity)) => {
-                let entry = pending.entry(identity, now, &cache.cfg, cache.seal_bodies);
+                let entry = pending.entry(identity, now, &cache.cfg, cache.seal_fills());
                 if let Some(l) = leading {
                     l.finish(Done::Filled(Arc::clone(&entry)));
                 }

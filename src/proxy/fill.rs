@@ -479,7 +479,7 @@ pub async fn fill(
             }
         }
     }
-    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg, cache.seal_bodies);
+    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg, cache.seal_fills());
     keep(app, cache, key, &entry, pending.ttl(), write).await;
     Ok(Filled::Stored(entry))
 }

@@ -104,7 +104,7 @@ pub async fn answer(app: &AppState, peer: &Peer, mut head: Parts) -> Answer {
         return lend(found);
     }
     let gzip = !entry.gzip.is_empty() && serve::accepts_gzip(&head.headers);
-    let Some((wire, mut body)) = serve::wire(entry, gzip) else {
+    let Some((wire, mut body)) = serve::wire(entry, gzip, cache.seal_bodies) else {
         return lend(found);
     };
     if head.method == http::Method::HEAD {
@@ -115,6 +115,9 @@ pub async fn answer(app: &AppState, peer: &Peer, mut head: Parts) -> Answer {
     app.metrics.cache_hits.inc();
     if *from_l1 {
         app.metrics.cache_l1_hits.inc();
+    }
+    if matches!(body, Held::Sealed(_)) {
+        app.metrics.cache_sendfile_hits.inc();
     }
     tracing::debug!(
         request_id = ?request_id, peer = %peer.addr, method = %head.method, uri = %head.uri,

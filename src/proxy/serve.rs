@@ -90,7 +90,9 @@ pub struct Ask<'a> {
 }
 
 /// The response for `entry`, or `None` when the client needs the identity body and the stored
-/// gzip does not inflate (a corrupt entry).
+/// gzip does not inflate (a corrupt entry). An identity body sealed for the hit lane is read
+/// back from its file here (a copy: hits this path answers are the lane's exceptions, stale
+/// ones among them).
 ///
 /// The head of each representation is built once per entry ([`prepare`]) and cloned here: a
 /// response sets `Age`, `x-cache` and `Cache-Status` in slots the prepared map already has,
@@ -127,11 +129,24 @@ pub fn response(
     let mut resp = Response::new(if ask.head {
         body::empty()
     } else {
-        body::full(held.bytes().ok()?)
+        body::full(bytes(entry, &held)?)
     });
     *resp.status_mut() = head.status;
     *resp.headers_mut() = headers;
     Some(resp)
+}
+
+/// The bytes of `held`, a body of `entry`. A sealed body that cannot be read back (the kernel
+/// out of memory) is inflated again from the stored gzip: the entry is not at fault.
+fn bytes(entry: &Entry, held: &Held) -> Option<Bytes> {
+    match held.bytes() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "sealed body not read back; inflating it again");
+            let limit = usize::try_from(entry.meta.identity_len).unwrap_or(usize::MAX);
+            crate::cache::entry::inflate(&entry.gzip, limit).ok()
+        }
+    }
 }
 
 /// The gzip (`gzip == true`) or identity representation of `entry`: its prepared head and its
@@ -154,10 +169,10 @@ fn representation(entry: &Entry, gzip: bool, seal: bool) -> Option<(&Head, Held)
 /// A plain hit on the wire, for the hit lane: the representation's prepared head as HTTP/1.1
 /// bytes (no `Age`, `x-request-id`, `Date` or final empty line; the lane writes those) and its
 /// body. `None` where [`response`] must answer instead: the head has a `Location` (rewritten
-/// per client by the driver), or the identity body does not inflate. The lane seals what it
-/// inflates: it `sendfile`s sealed bodies.
-pub fn wire(entry: &Entry, gzip: bool) -> Option<(Bytes, Held)> {
-    let (head, body) = representation(entry, gzip, true)?;
+/// per client by the driver), or the identity body does not inflate. An identity body
+/// inflated here is sealed if `seal` (the lane `sendfile`s sealed bodies).
+pub fn wire(entry: &Entry, gzip: bool, seal: bool) -> Option<(Bytes, Held)> {
+    let (head, body) = representation(entry, gzip, seal)?;
     Some((head.wire.clone()?, body))
 }
 

@@ -9,7 +9,8 @@
 //! into the `Parts` hyper would build, asks [`crate::proxy::hit`] whether the cache answers it
 //! (the driver's own steps: sanitize, classify, key, lookup: the L1, else the store), and
 //! writes the entry's head encoded once per entry, `Age`, `x-request-id`, `Date` and the body
-//! with one `writev`.
+//! with one `writev`; or, for a body sealed in a memory file ([`crate::cache::sealed`]), the
+//! head with `MSG_MORE` and the body with `sendfile`, which copies nothing on this side.
 //!
 //! Whatever is not such a hit is **lent**: a hyper HTTP/1.1 connection is made over a view of
 //! the socket that yields exactly that request's bytes (its head, then its `Content-Length`

@@ -217,7 +217,8 @@ async fn hits_misses_and_request_bodies_share_one_keep_alive_connection() {
 async fn lane_hits_equal_driver_hits(cache: &str) {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
-        let html: String = (0..300).map(|i| format!("<li>item {i}</li>")).collect();
+        // Over `cache::sealed::MIN_BYTES`: the lane sends the identity body by file.
+        let html: String = (0..1500).map(|i| format!("<li>item {i}</li>")).collect();
         o.route(
             "/p",
             Route::html(&html)
@@ -297,6 +298,9 @@ async fn lane_hits_equal_driver_hits(cache: &str) {
         "one render each"
     );
     assert_eq!(lane.state.metrics.cache_hits.get(), hits + 4);
+    if cfg!(target_os = "linux") {
+        assert_eq!(lane.state.metrics.cache_sendfile_hits.get(), 1, "identity /p");
+    }
 
     // A conditional request is the driver's (a 304), through the lane gateway too.
     a.send(&get("/p", "")).await;
@@ -524,6 +528,7 @@ fn large_page(n: usize) -> String {
 /// miss reads its body back from the file, hits are byte-for-byte the page whether the client
 /// reads at once, pipelines, reads slowly (the socket fills and the send resumes) or leaves in
 /// the middle of one; and none of that changes the entry.
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn large_identity_bodies_are_sent_from_sealed_files_byte_for_byte() {
     let page = large_page(1 << 20);
@@ -558,6 +563,11 @@ async fn large_identity_bodies_are_sent_from_sealed_files_byte_for_byte() {
     assert_eq!(hit.header("x-cache"), "HIT");
     assert_eq!(hit.header("content-length"), (1 << 20).to_string());
     assert!(hit.body == page.as_bytes(), "the hit's body");
+    assert_eq!(
+        gw.state.metrics.cache_sendfile_hits.get(),
+        1,
+        "sent by file"
+    );
 
     // Pipelined: two sealed bodies and a small one, in order, nothing between them.
     c.send(&get("/p", "")).await;
@@ -627,6 +637,8 @@ async fn large_identity_bodies_are_sent_from_sealed_files_byte_for_byte() {
         "the gzip body inflates to the page"
     );
     assert_eq!(origin.count("/big"), 1, "one render");
+    // Every identity GET of /big after the miss went by file; HEAD and gzip did not.
+    assert_eq!(gw.state.metrics.cache_sendfile_hits.get(), 6);
 }
 
 /// A gateway without the lane keeps identity bodies on the heap: nothing sends them by file.
@@ -652,4 +664,5 @@ async fn without_the_lane_identity_bodies_stay_on_the_heap() {
         .get(key.hash, cache.clock.now_ms())
         .expect("in the L1");
     assert!(matches!(entry.identity(false), Ok(Held::Heap(_))));
+    assert_eq!(gw.state.metrics.cache_sendfile_hits.get(), 0);
 }
