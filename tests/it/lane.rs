@@ -299,7 +299,11 @@ async fn lane_hits_equal_driver_hits(cache: &str) {
     );
     assert_eq!(lane.state.metrics.cache_hits.get(), hits + 4);
     if cfg!(target_os = "linux") {
-        assert_eq!(lane.state.metrics.cache_sendfile_hits.get(), 1, "identity /p");
+        assert_eq!(
+            lane.state.metrics.cache_sendfile_hits.get(),
+            1,
+            "identity /p"
+        );
     }
 
     // A conditional request is the driver's (a 304), through the lane gateway too.
