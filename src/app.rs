@@ -163,6 +163,12 @@ impl CacheState {
                 max_bytes: cfg.memory_max_bytes,
             })),
         };
+        let epochs = Arc::new(Epochs::default());
+        if settings.is_some() {
+            // Empty in front of a shared store: complete once the bus's first connect loaded
+            // every invalidation (`BusListener`), and no shared entry is served before.
+            epochs.unsynced();
+        }
         Ok(CacheState {
             l1: L1::new(cfg.l1_max_bytes),
             // The L1 keeps decoded entries itself; only strict mode needs the memo.
@@ -181,7 +187,7 @@ impl CacheState {
             bus,
             store,
             coalesce: Arc::new(crate::proxy::coalesce::Coalescer::new(cfg.coalesce)),
-            epochs: Arc::new(Epochs::default()),
+            epochs,
             fleet: Arc::new(Fleet::default()),
             log: crate::invalidate::log::Log::default(),
             clock: crate::clock::Clock::default(),
@@ -277,15 +283,18 @@ impl BusListener {
                 self.acknowledge(*epoch);
             }
             Event::Message(m) => self.fleet.on_message(m),
-            // Invalidations may have been missed while disconnected: read them all again.
+            // Invalidations may have been missed while disconnected: read them all again, and
+            // serve no shared entry until then (`lookup`).
             Event::Reconnected => {
                 let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
+                let generation = epochs.unsynced();
                 tokio::spawn(async move {
                     // Until it succeeds: a missed invalidation would keep old pages valid.
                     let mut wait = std::time::Duration::from_millis(100);
                     loop {
                         match crate::invalidate::apply::load(&store, &epochs).await {
                             Ok(n) => {
+                                epochs.synced(generation);
                                 tracing::debug!(tags = n, "invalidations loaded");
                                 return;
                             }

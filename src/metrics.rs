@@ -94,6 +94,8 @@ pub struct Metrics {
     pub cache_l1_hits: Counter,
     /// Hits whose body the hit lane sent with `sendfile` (a sealed body).
     pub cache_sendfile_hits: Counter,
+    /// Lookups that did not read the store because invalidations were still being loaded.
+    pub cache_unsynced_misses: Counter,
     /// Answered stale while a background refresh runs.
     pub cache_stale: Counter,
     /// Answered stale because every replica failed (stale-if-error).

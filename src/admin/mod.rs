@@ -5,7 +5,7 @@
 //! | path | auth | what |
 //! |---|---|---|
 //! | `GET /healthz` | none | the process is up |
-//! | `GET /readyz` | none | ready for traffic: a healthy replica, not draining; `degraded` when Redis is down (still ready) |
+//! | `GET /readyz` | none | ready for traffic: a healthy replica, not draining, invalidations loaded once (with Redis up); `degraded` when Redis is down (still ready) |
 //! | `POST /_isrgate/revalidate` | webhook secret | the revalidation webhook, as on the public listener |
 //! | `GET /` | token | the dashboard ([`DASHBOARD`], embedded) |
 //! | `GET /metrics` | token | Prometheus ([`prometheus`]) |
@@ -191,16 +191,23 @@ fn readyz(app: &AppState) -> Response<Body> {
         .replicas()
         .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
     let draining = app.draining.is_cancelled();
-    let ready = healthy > 0 && !draining;
-    // Redis down is degraded, not unready: the gateway still serves (L1 and replicas).
-    let redis = match app.cache.as_ref().map(|c| &c.store) {
-        Some(crate::cache::store::Store::Redis(r)) => {
-            let down =
-                r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
-            if down { "degraded" } else { "ok" }
-        }
-        _ => "none",
+    // Redis down is degraded, not unready: the gateway still serves (L1 and replicas). Redis
+    // up but the invalidations not loaded yet (just started) is unready: until then no shared
+    // entry is served, and every request would be a render. Later reloads (a bus reconnect)
+    // do not take readiness away: a Redis blip must not empty the whole fleet's endpoints.
+    let (redis, loading) = match app.cache.as_ref() {
+        Some(cache) => match &cache.store {
+            crate::cache::store::Store::Redis(r) => {
+                let down =
+                    r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
+                let loading = !down && !cache.epochs.was_ever_synced();
+                (if down { "degraded" } else { "ok" }, loading)
+            }
+            crate::cache::store::Store::Memory(_) => ("none", false),
+        },
+        None => ("none", false),
     };
+    let ready = healthy > 0 && !draining && !loading;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -214,6 +221,7 @@ fn readyz(app: &AppState) -> Response<Body> {
             "replicas_healthy": healthy,
             "replicas": total,
             "redis": redis,
+            "invalidations": if loading { "loading" } else { "loaded" },
         }),
     )
 }

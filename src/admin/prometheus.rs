@@ -146,6 +146,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut e,
+            "cache_unsynced_misses",
+            "Lookups that skipped the store while invalidations were being loaded (start, bus reconnect).",
+            m.cache_unsynced_misses.get(),
+        )?;
+        counter(
+            &mut e,
             "cache_sendfile_hits",
             "Hits whose body the hit lane sent with sendfile() from a sealed memory file.",
             m.cache_sendfile_hits.get(),

@@ -65,6 +65,12 @@ pub struct Epochs {
     /// Per tag: the newest soft and the newest hard epoch (0: none). Kept apart, so a soft
     /// purge after a hard one never brings back entries the hard one removed.
     tags: RwLock<HashMap<String, Newest>>,
+    /// Bumped each time the map may have missed invalidations (a shared store at start, every
+    /// bus reconnect): see [`Epochs::unsynced`].
+    sync_wanted: AtomicU64,
+    /// The newest generation a complete load was made for: the map is complete when it is
+    /// `sync_wanted`.
+    sync_done: AtomicU64,
 }
 
 /// The newest invalidation epochs of one tag.
@@ -141,6 +147,31 @@ impl Epochs {
         self.len() == 0
     }
 
+    /// From now on the map may miss invalidations recorded elsewhere (it starts empty in front
+    /// of a shared store; the bus reconnected and messages may have been lost), until a load
+    /// of every invalidation begun after this call completes: pass the returned generation to
+    /// [`Epochs::synced`] then. Until then [`Epochs::is_synced`] is false, and an entry the
+    /// map cannot judge must not be served (the caller reads no shared entry).
+    pub fn unsynced(&self) -> u64 {
+        self.sync_wanted.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// A load begun after [`Epochs::unsynced`] returned `generation` completed. A load for an
+    /// older generation completing late changes nothing.
+    pub fn synced(&self, generation: u64) {
+        self.sync_done.fetch_max(generation, Ordering::AcqRel);
+    }
+
+    /// Whether the map holds every invalidation there is (always, until [`Epochs::unsynced`]).
+    pub fn is_synced(&self) -> bool {
+        self.sync_done.load(Ordering::Acquire) >= self.sync_wanted.load(Ordering::Acquire)
+    }
+
+    /// Whether a complete load was made at least once.
+    pub fn was_ever_synced(&self) -> bool {
+        self.sync_done.load(Ordering::Acquire) > 0 || self.sync_wanted.load(Ordering::Acquire) == 0
+    }
+
     /// Drops records older than `epoch` (entries rendered before it have expired).
     pub fn forget_before(&self, epoch: u64) {
         let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
@@ -193,5 +224,24 @@ mod tests {
         assert_eq!(e.current(), 9);
         e.forget_before(10);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn only_the_load_for_the_latest_gap_makes_the_map_complete_again() {
+        let e = Epochs::default();
+        assert!(e.is_synced() && e.was_ever_synced(), "nothing to miss yet");
+        let start = e.unsynced();
+        assert!(!e.is_synced() && !e.was_ever_synced());
+        let reconnect = e.unsynced();
+        e.synced(start);
+        assert!(
+            !e.is_synced(),
+            "a load begun before the second gap is not enough"
+        );
+        assert!(e.was_ever_synced());
+        e.synced(reconnect);
+        assert!(e.is_synced());
+        e.synced(start);
+        assert!(e.is_synced(), "a late, older load changes nothing");
     }
 }

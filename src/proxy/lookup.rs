@@ -4,7 +4,9 @@
 //! [`Found::Fresh`] (serve it), [`Found::Stale`] (serve it and refresh in the background),
 //! [`Found::StaleIfError`] (keep it in case the replicas fail) or [`Found::Miss`]. A store that
 //! fails or times out is a miss (counted, logged at most every few seconds): Redis never fails
-//! a request. Bytes that do not decode are a miss too, and the fill overwrites them.
+//! a request. Bytes that do not decode are a miss too, and the fill overwrites them. While the
+//! gateway's invalidations are incomplete (start, bus reconnect) the store is not read: an
+//! entry purged meanwhile would look valid.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -63,6 +65,13 @@ pub async fn lookup(
                 }
             }
         }
+    }
+    // Invalidations may be missing here (just started, or the bus reconnected and they are
+    // being read again): a shared entry cannot be judged, so none is read. The L1 holds only
+    // what was filled since (it is flushed on reconnect).
+    if !cache.epochs.is_synced() {
+        app.metrics.cache_unsynced_misses.inc();
+        return Found::Miss;
     }
     let Some(entry) = Box::pin(read(app, cache, key, now_ms)).await else {
         return Found::Miss;

@@ -217,11 +217,11 @@ impl Client {
     }
 }
 
-/// Whether `gw`'s bus subscription is live (Redis configured, connected and subscribed).
+/// Whether `gw`'s bus subscription is live (Redis configured, connected and subscribed) and
+/// the invalidations it loads on connecting are in (before that, Redis entries are not read).
 pub fn bus_live(gw: &Gateway) -> bool {
     gw.state
         .cache
         .as_ref()
-        .and_then(|c| c.bus.as_ref())
-        .is_some_and(|b| b.is_subscribed())
+        .is_some_and(|c| c.bus.as_ref().is_some_and(|b| b.is_subscribed()) && c.epochs.is_synced())
 }
