@@ -159,16 +159,22 @@ async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
     );
 }
 
-#[tokio::test]
-async fn a_hard_purge_is_a_miss_on_every_gateway() {
-    let r = RedisProcess::start();
+/// Two gateways on `r` that both hold `/a` as `a1`, and the origin now rendering `a2`.
+async fn warmed_then_changed(r: &RedisProcess) -> (FakeNext, Vec<Gateway>) {
     let origin = FakeNext::start(|o| {
         o.route("/a", page("a1"));
     })
     .await;
-    let gws = gateways(&origin, &r, 2).await;
+    let gws = gateways(&origin, r, 2).await;
     warm(&gws, "/a", "a1").await;
     origin.route("/a", page("a2"));
+    (origin, gws)
+}
+
+#[tokio::test]
+async fn a_hard_purge_is_a_miss_on_every_gateway() {
+    let r = RedisProcess::start();
+    let (_origin, gws) = warmed_then_changed(&r).await;
     let answer = revalidate(&gws[1], r#"{"paths":["/a"],"mode":"hard","rewarm":false}"#).await;
     assert_eq!(answer.status, 200);
     let first = get(&gws[0], "/a").await;
@@ -644,13 +650,7 @@ async fn a_tag_named_like_the_epoch_counter_breaks_nothing() {
 #[tokio::test]
 async fn a_purge_missed_while_the_bus_was_away_is_never_served() {
     let r = RedisProcess::start();
-    let origin = FakeNext::start(|o| {
-        o.route("/a", page("a1"));
-    })
-    .await;
-    let gws = gateways(&origin, &r, 2).await;
-    warm(&gws, "/a", "a1").await;
-    origin.route("/a", page("a2"));
+    let (origin, gws) = warmed_then_changed(&r).await;
 
     let cache = gws[1].state.cache.as_ref().expect("cache");
     cache.epochs.unsynced();

@@ -528,6 +528,16 @@ fn large_page(n: usize) -> String {
     s
 }
 
+/// The L1's copy of the HTML entry for `path` on `site.test`.
+fn l1_entry(gw: &Gateway, path: &str) -> std::sync::Arc<isrgate::cache::entry::Entry> {
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    let key = CacheKey::new("default", "site.test", path, None, &Variant::Html);
+    cache
+        .l1
+        .get(key.hash, cache.clock.now_ms())
+        .expect("in the L1")
+}
+
 /// Large identity bodies go out of sealed memory files by `sendfile` (`cache::sealed`): the
 /// miss reads its body back from the file, hits are byte-for-byte the page whether the client
 /// reads at once, pipelines, reads slowly (the socket fills and the send resumes) or leaves in
@@ -551,14 +561,8 @@ async fn large_identity_bodies_are_sent_from_sealed_files_byte_for_byte() {
     assert_eq!(miss.header("x-cache"), "MISS");
     assert!(miss.body == page.as_bytes(), "the miss's body");
 
-    let cache = gw.state.cache.as_ref().expect("cache on");
-    let key = CacheKey::new("default", "site.test", "/big", None, &Variant::Html);
-    let entry = cache
-        .l1
-        .get(key.hash, cache.clock.now_ms())
-        .expect("in the L1");
     assert!(
-        matches!(entry.identity(false), Ok(Held::Sealed(_))),
+        matches!(l1_entry(&gw, "/big").identity(false), Ok(Held::Sealed(_))),
         "the fill sealed the identity body"
     );
 
@@ -661,12 +665,9 @@ async fn without_the_lane_identity_bodies_stay_on_the_heap() {
         assert_eq!(r.header("x-cache"), expected);
         assert!(r.body == page.as_bytes());
     }
-    let cache = gw.state.cache.as_ref().expect("cache on");
-    let key = CacheKey::new("default", "site.test", "/big", None, &Variant::Html);
-    let entry = cache
-        .l1
-        .get(key.hash, cache.clock.now_ms())
-        .expect("in the L1");
-    assert!(matches!(entry.identity(false), Ok(Held::Heap(_))));
+    assert!(matches!(
+        l1_entry(&gw, "/big").identity(false),
+        Ok(Held::Heap(_))
+    ));
     assert_eq!(gw.state.metrics.cache_sendfile_hits.get(), 0);
 }
