@@ -178,9 +178,15 @@ impl Entry {
         if let Some(b) = self.identity.get() {
             return Ok(b);
         }
-        let limit = usize::try_from(self.meta.identity_len).unwrap_or(usize::MAX);
-        let body = inflate(&self.gzip, limit)?;
+        let body = self.inflate()?;
         Ok(self.identity.get_or_init(|| Held::new(body, seal)))
+    }
+
+    /// The identity body inflated from the stored gzip (bounded by `identity_len`), not
+    /// remembered.
+    pub fn inflate(&self) -> Result<Bytes, InflateError> {
+        let limit = usize::try_from(self.meta.identity_len).unwrap_or(usize::MAX);
+        inflate(&self.gzip, limit)
     }
 
     /// Records the identity body when it is already at hand (after a fill), sealed if `seal`.

@@ -143,8 +143,7 @@ fn bytes(entry: &Entry, held: &Held) -> Option<Bytes> {
         Ok(b) => Some(b),
         Err(e) => {
             tracing::warn!(error = %e, "sealed body not read back; inflating it again");
-            let limit = usize::try_from(entry.meta.identity_len).unwrap_or(usize::MAX);
-            crate::cache::entry::inflate(&entry.gzip, limit).ok()
+            entry.inflate().ok()
         }
     }
 }
