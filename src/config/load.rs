@@ -9,7 +9,7 @@ use toml::de::{DeTable, ValueDeserializer};
 
 use super::env::{self, Environment};
 use super::raw::{Raw, SetError};
-use super::{Config, validate};
+use super::{Config, preview, validate};
 
 /// The file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/isrgate.toml";
@@ -112,8 +112,12 @@ pub const WEBHOOK_HMAC_SECRET: &str = "ISRGATE_WEBHOOK_HMAC_SECRET";
 /// The admin listener's token (dashboard, `/metrics`, `/api`).
 pub const ADMIN_TOKEN: &str = "ISRGATE_ADMIN_TOKEN";
 
-/// The build's `previewModeId`, for on-demand revalidation when re-warming.
+/// The build's `previewModeId`, for on-demand revalidation on background refreshes and re-warms;
+/// wins over `upstream.prerender_manifest`.
 pub const PREVIEW_MODE_ID: &str = "ISRGATE_PREVIEW_MODE_ID";
+
+/// The key naming the build's prerender manifest, the other source of the `previewModeId`.
+const PRERENDER_MANIFEST: &str = "upstream.prerender_manifest";
 
 /// The secret sent to Next.js replicas with the fan-out call.
 pub const REPLICA_SECRET: &str = "ISRGATE_REPLICA_SECRET";
@@ -142,7 +146,23 @@ pub fn load(
     }
     layers.env(env);
     layers.flags(flags);
+    let manifest_source = layers
+        .sources
+        .get(PRERENDER_MANIFEST)
+        .cloned()
+        .unwrap_or(Source::Default);
     let mut config = layers.finish()?;
+    let problems = secrets(&mut config, env, manifest_source);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems));
+    }
+    Ok((config, file))
+}
+
+/// Puts the secrets from their own variables into `config` (the preview mode id from the
+/// prerender manifest when its variable is unset); returns what is wrong with them.
+fn secrets(config: &mut Config, env: &dyn Environment, manifest_source: Source) -> Vec<Problem> {
+    let mut problems = Vec::new();
     if let Some(bearer) = env.secret(WEBHOOK_SECRET) {
         let hmac = env
             .secret(WEBHOOK_HMAC_SECRET)
@@ -152,37 +172,56 @@ pub fn load(
     if let (Some(admin), Some(token)) = (config.admin.as_mut(), env.secret(ADMIN_TOKEN)) {
         admin.token = Some(token);
     }
-    if let Some(id) = env.secret(PREVIEW_MODE_ID) {
-        match http::HeaderValue::from_str(&id) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                config.webhook.preview_mode_id = Some(value);
-            }
-            Err(_) => {
-                return Err(ConfigError::Invalid(vec![Problem {
-                    source: Source::Env(PREVIEW_MODE_ID.into()),
-                    key: PREVIEW_MODE_ID.into(),
-                    message: "is not a valid header value (printable ASCII)".into(),
-                }]));
-            }
-        }
+    let manifest = config.upstream.prerender_manifest.as_deref();
+    match preview_mode_id(env, manifest, manifest_source) {
+        Ok(id) => config.webhook.preview_mode_id = id,
+        Err(problem) => problems.push(problem),
     }
-    if let Some(secret) = env.secret(REPLICA_SECRET) {
-        match http::HeaderValue::from_str(&secret) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                config.webhook.fanout.secret = Some(value);
-            }
-            Err(_) => {
-                return Err(ConfigError::Invalid(vec![Problem {
-                    source: Source::Env(REPLICA_SECRET.into()),
-                    key: REPLICA_SECRET.into(),
-                    message: "is not a valid header value (printable ASCII)".into(),
-                }]));
-            }
-        }
+    match sensitive_header(env, REPLICA_SECRET) {
+        Ok(secret) => config.webhook.fanout.secret = secret,
+        Err(problem) => problems.push(problem),
     }
-    Ok((config, file))
+    problems
+}
+
+/// `ISRGATE_PREVIEW_MODE_ID`, else the id in the build's prerender manifest, else none.
+fn preview_mode_id(
+    env: &dyn Environment,
+    manifest: Option<&Path>,
+    manifest_source: Source,
+) -> Result<Option<http::HeaderValue>, Problem> {
+    match (sensitive_header(env, PREVIEW_MODE_ID)?, manifest) {
+        (Some(id), _) => Ok(Some(id)),
+        (None, None) => Ok(None),
+        (None, Some(path)) => match preview::read_preview_mode_id(path) {
+            Ok(id) => Ok(Some(id)),
+            Err(e) => Err(Problem {
+                key: PRERENDER_MANIFEST.into(),
+                source: manifest_source,
+                message: format!(
+                    "{:?} {e}; point {PRERENDER_MANIFEST} at <build>/.next/prerender-manifest.json",
+                    path.display().to_string()
+                ),
+            }),
+        },
+    }
+}
+
+/// A secret variable as a header value, marked sensitive so `Debug` never prints it.
+fn sensitive_header(
+    env: &dyn Environment,
+    name: &str,
+) -> Result<Option<http::HeaderValue>, Problem> {
+    let Some(text) = env.secret(name) else {
+        return Ok(None);
+    };
+    let mut value = http::HeaderValue::from_str(&text).map_err(|_| Problem {
+        source: Source::Env(name.into()),
+        key: name.into(),
+        message: "is not a valid header value (printable ASCII)".into(),
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// Parses configuration text alone (no environment, no flags): for tests and `check-config`

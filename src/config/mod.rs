@@ -8,6 +8,7 @@
 
 mod env;
 mod load;
+mod preview;
 mod raw;
 mod validate;
 
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 
 pub use env::{Environment, MapEnv, PREFIX as ENV_PREFIX, ProcessEnv};
 pub use load::{ConfigError, DEFAULT_CONFIG_PATH, Override, Problem, Source, from_toml, load};
+pub use preview::{MAX_PREVIEW_MODE_ID_CHARS, ManifestError, read_preview_mode_id};
 pub use raw::Raw;
 
 /// The validated configuration.
@@ -57,8 +59,9 @@ pub struct Webhook {
     pub fanout: Fanout,
     /// Re-warm concurrency; 0 = off.
     pub rewarm_concurrency: usize,
-    /// The build's `previewModeId` (`ISRGATE_PREVIEW_MODE_ID`), sent as
-    /// `x-prerender-revalidate` when re-warming; marked sensitive.
+    /// The build's `previewModeId`: `ISRGATE_PREVIEW_MODE_ID`, else read from
+    /// `upstream.prerender_manifest`. Sent as `x-prerender-revalidate` on background refreshes
+    /// and re-warms; marked sensitive, so `Debug` prints `Sensitive`, never the id.
     pub preview_mode_id: Option<http::HeaderValue>,
 }
 
@@ -135,6 +138,9 @@ pub struct Upstream {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per replica.
     pub pool_max_idle_per_replica: usize,
+    /// The build's prerender manifest, read by [`load`] for the `previewModeId` when
+    /// `ISRGATE_PREVIEW_MODE_ID` is not set.
+    pub prerender_manifest: Option<std::path::PathBuf>,
 }
 
 /// A DNS name with the port the replicas listen on.
@@ -286,4 +292,26 @@ mod tests {
         assert_eq!(c.upstream.replicas.len(), 1);
         assert!(c.admin.is_some());
     }
+}
+
+/// How the request path treats a client's request head, fixed per listener (from
+/// `[listen]`): used by `proxy::sanitize`, defined here so the shared state (`app`) holds it
+/// without depending on the request path.
+#[derive(Debug, Clone)]
+pub struct SanitizePolicy {
+    /// Whom forwarding headers are believed from, and our public scheme.
+    pub forwarded: ForwardPolicy,
+    /// Refuse Next.js-internal path suffixes (`proxy::sanitize`).
+    pub reject_internal_paths: bool,
+}
+
+/// Whom forwarding headers are believed from (`proxy::forwarded`), from `[listen]`.
+#[derive(Debug, Clone)]
+pub struct ForwardPolicy {
+    /// Scheme clients use to reach us.
+    pub public_scheme: Scheme,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Keep `X-Forwarded-Host` from trusted proxies.
+    pub trust_forwarded_host: bool,
 }

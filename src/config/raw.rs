@@ -150,6 +150,10 @@ section! {
         pool_idle_timeout: String = "4s".into(),
         /// Idle pooled connections kept per replica.
         pool_max_idle_per_replica: u64 = 256,
+        /// The build's `.next/prerender-manifest.json` (or `.next/server/preview-props.json`),
+        /// read at start for its `previewModeId` when `ISRGATE_PREVIEW_MODE_ID` is not set;
+        /// empty = none.
+        prerender_manifest: String = String::new(),
     }
 }
 

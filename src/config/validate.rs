@@ -325,6 +325,10 @@ fn upstream(c: &mut Checker<'_>, raw: &Raw) -> Upstream {
             0,
             1 << 16,
         ) as usize,
+        prerender_manifest: match r.prerender_manifest.trim() {
+            "" => None,
+            path => Some(std::path::PathBuf::from(path)),
+        },
     }
 }
 

@@ -79,6 +79,37 @@ fn environment_overrides_are_checked_too() {
 }
 
 #[test]
+fn preview_mode_id_comes_from_the_prerender_manifest_and_is_never_printed() {
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+    let mut manifest = tempfile::Builder::new()
+        .suffix(".json")
+        .tempfile()
+        .expect("temp file");
+    let json = format!(r#"{{"version":4,"routes":{{}},"preview":{{"previewModeId":"{ID}"}}}}"#);
+    manifest.write_all(json.as_bytes()).expect("write");
+    let path = toml::Value::String(manifest.path().display().to_string());
+    let f = file(&format!("[upstream]\nprerender_manifest = {path}\n"));
+    let (ok, out, err) = check(f.path(), &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("configuration ok"), "{out}");
+    assert!(!out.contains(ID) && !err.contains(ID), "{out}{err}");
+
+    let var = "ISRGATE__UPSTREAM__PRERENDER_MANIFEST";
+    let (ok, _, err) = check(
+        f.path(),
+        &[(var, "/nonexistent/.next/prerender-manifest.json")],
+    );
+    assert!(!ok);
+    for needle in [
+        "env ISRGATE__UPSTREAM__PRERENDER_MANIFEST: upstream.prerender_manifest:",
+        "/nonexistent/.next/prerender-manifest.json",
+        "point upstream.prerender_manifest at <build>/.next/prerender-manifest.json",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
 fn missing_file_is_an_error() {
     let (ok, _, err) = check(std::path::Path::new("/nonexistent/isrgate.toml"), &[]);
     assert!(!ok);
