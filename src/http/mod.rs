@@ -3,6 +3,8 @@
 //! ([`reply`]), and HTTP/1.1 on the wire for the hit lane ([`wire`]).
 
 pub mod body;
+/// gzip on the way out for responses the cache does not store (streamed, flushed per frame).
+pub mod gzip;
 pub mod reply;
 pub mod wire;
 
