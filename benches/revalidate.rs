@@ -178,7 +178,7 @@ async fn tagged_entries(redis: &str, n: usize) {
             let key = format!("{i:032x}");
             for _ in 0..50 {
                 if store
-                    .put(&key, stored.clone(), Duration::from_secs(3_600))
+                    .put(&key, stored.clone(), 1, Duration::from_secs(3_600))
                     .await
                     .is_ok()
                 {

@@ -10,19 +10,16 @@ use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::collections::HashSet;
-use std::sync::Mutex;
-
-use crate::bus::{Bus, Event, Message};
+use crate::bus::{Bus, Message};
 use crate::cache::decoded::Decoded;
 use crate::cache::epochs::Epochs;
+use crate::cache::flight::Flights;
 use crate::cache::l1::L1;
 use crate::cache::policy;
 use crate::cache::store::{MemorySettings, MemoryStore, RedisSettings, RedisStore, Store};
 use crate::config::Config;
 use crate::invalidate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::proxy::sanitize;
 use crate::upstream::Upstream;
 
 /// State of one worker (see the module doc for what is shared).
@@ -31,7 +28,7 @@ pub struct AppState {
     /// The validated configuration.
     pub config: Config,
     /// Sanitizing policy derived from `config.listen`.
-    pub policy: sanitize::Policy,
+    pub policy: crate::config::SanitizePolicy,
     /// Replicas (shared) and this worker's client to reach them.
     pub upstream: Upstream,
     /// The cache (shared by all workers); `None` when disabled.
@@ -91,8 +88,8 @@ impl AppState {
     }
 }
 
-/// Everything the cache stages share: the store, the L1, the admission limits, and the keys
-/// being refreshed in the background.
+/// Everything the cache stages share: the store, the L1, the admission limits, the flights
+/// (who fills which key) and the background work filling them.
 #[derive(Debug)]
 pub struct CacheState {
     /// `[cache]` settings.
@@ -105,15 +102,15 @@ pub struct CacheState {
     pub decoded: Decoded,
     /// Admission caps.
     pub limits: policy::Limits,
-    /// Keys with a background refresh running on this gateway (local single-flight; the
-    /// fleet-wide lock comes with coalescing).
-    pub refreshing: Mutex<HashSet<u128>>,
     /// Bound on background refreshes at once.
     pub refresh_permits: Arc<tokio::sync::Semaphore>,
     /// The bus between gateways (with Redis only).
     pub bus: Option<Bus>,
-    /// Who renders a missed key (local flights, fleet-lock waiters, hit-for-miss).
-    pub coalesce: Arc<crate::proxy::coalesce::Coalescer>,
+    /// Who fills which key (local flights, fleet locks, hit-for-miss).
+    pub flights: Arc<Flights>,
+    /// Background fills (a leader's body copy and store write, refreshes) and lock releases:
+    /// shutdown waits for them (`lib::lifecycle`).
+    pub tasks: TaskTracker,
     /// Invalidations known to this gateway (tag → epoch).
     pub epochs: Arc<Epochs>,
     /// The other gateways (heartbeats, acknowledgements).
@@ -144,6 +141,7 @@ impl CacheState {
         cfg: crate::config::Cache,
         redis: Option<&crate::config::Redis>,
         seal_bodies: bool,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
         let settings = redis.map(|r| RedisSettings {
             url: r.url.clone(),
@@ -163,6 +161,7 @@ impl CacheState {
                 max_bytes: cfg.memory_max_bytes,
             })),
         };
+        let tasks = TaskTracker::new();
         let epochs = Arc::new(Epochs::default());
         if settings.is_some() {
             // Empty in front of a shared store: complete once the bus's first connect loaded
@@ -182,11 +181,11 @@ impl CacheState {
                 max_stale_while_revalidate: cfg.max_stale_while_revalidate,
                 max_ttl: cfg.max_ttl,
             },
-            refreshing: Mutex::new(HashSet::new()),
             refresh_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_background_refreshes)),
             bus,
             store,
-            coalesce: Arc::new(crate::proxy::coalesce::Coalescer::new(cfg.coalesce)),
+            flights: Arc::new(Flights::new(cfg.coalesce, metrics, tasks.clone())),
+            tasks,
             epochs,
             fleet: Arc::new(Fleet::default()),
             log: crate::invalidate::log::Log::default(),
@@ -228,102 +227,9 @@ impl CacheState {
     }
 
     /// Starts the store's connections (Redis), the bus and the heartbeat on the current
-    /// runtime.
-    pub fn start(&self) {
-        let (Some(bus), Store::Redis(redis)) = (&self.bus, &self.store) else {
-            return;
-        };
-        redis.start();
-        let listener = BusListener {
-            coalesce: Arc::clone(&self.coalesce),
-            epochs: Arc::clone(&self.epochs),
-            fleet: Arc::clone(&self.fleet),
-            store: self.store.clone(),
-            me: self.gateway_id.clone(),
-        };
-        bus.start(self.l1.clone(), Arc::new(move |event| listener.on(event)));
-        let (pool, me) = (redis.pool().clone(), self.gateway_id.clone());
-        tokio::spawn(async move {
-            let beat = Message::Heartbeat { gateway: me };
-            let mut every = tokio::time::interval(crate::bus::HEARTBEAT);
-            loop {
-                every.tick().await;
-                let _ = crate::bus::publish(&pool, &beat, crate::bus::HEARTBEAT).await;
-            }
-        });
-    }
-}
-
-/// What the bus's events do to this gateway.
-struct BusListener {
-    coalesce: Arc<crate::proxy::coalesce::Coalescer>,
-    epochs: Arc<Epochs>,
-    fleet: Arc<Fleet>,
-    store: Store,
-    me: String,
-}
-
-impl BusListener {
-    fn on(&self, event: Event<'_>) {
-        match event {
-            Event::Message(Message::Key { kind, key, .. }) => {
-                if let Ok(hash) = u128::from_str_radix(key, 16) {
-                    if *kind == crate::bus::Kind::Filled {
-                        // Cacheable again: no hit-for-miss for it here either.
-                        self.coalesce.stored(hash);
-                    }
-                    self.coalesce.on_message(*kind, hash);
-                }
-            }
-            Event::Message(Message::Invalidated {
-                epoch, mode, tags, ..
-            }) => {
-                self.epochs
-                    .record(*epoch, *mode, tags.iter().map(String::as_str));
-                self.acknowledge(*epoch);
-            }
-            Event::Message(m) => self.fleet.on_message(m),
-            // Invalidations may have been missed while disconnected: read them all again, and
-            // serve no shared entry until then (`lookup`).
-            Event::Reconnected => {
-                let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
-                let generation = epochs.unsynced();
-                tokio::spawn(async move {
-                    // Until it succeeds: a missed invalidation would keep old pages valid.
-                    let mut wait = std::time::Duration::from_millis(100);
-                    loop {
-                        match crate::invalidate::apply::load(&store, &epochs).await {
-                            Ok(n) => {
-                                epochs.synced(generation);
-                                tracing::debug!(tags = n, "invalidations loaded");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, retry_in = ?wait, "could not load invalidations; retrying")
-                            }
-                        }
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
-                    }
-                });
-            }
-        }
-    }
-
-    fn acknowledge(&self, epoch: u64) {
-        let Store::Redis(redis) = &self.store else {
-            return;
-        };
-        let (pool, ack) = (
-            redis.pool().clone(),
-            Message::Ack {
-                epoch,
-                gateway: self.me.clone(),
-            },
-        );
-        tokio::spawn(async move {
-            let _ = crate::bus::publish(&pool, &ack, std::time::Duration::from_secs(1)).await;
-        });
+    /// runtime (`invalidate::fleet`); the heartbeat stops with `stop`.
+    pub fn start(&self, stop: &CancellationToken) {
+        crate::invalidate::fleet::start(self, stop);
     }
 }
 

@@ -120,6 +120,7 @@ impl Server {
                 c.clone(),
                 config.redis.as_ref(),
                 config.listen.hit_lane,
+                Arc::clone(&metrics),
             )?)),
             None => None,
         };
@@ -234,7 +235,7 @@ async fn start_control(
 ) {
     let cfg = &app.config;
     if let Some(cache) = &app.cache {
-        cache.start();
+        cache.start(stop);
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
     if let Some(name) = cfg.upstream.dns_name.clone() {
@@ -280,14 +281,32 @@ async fn lifecycle(app: &AppState, shutdown: CancellationToken) {
         ?grace,
         "shutting down: draining"
     );
+    let deadline = tokio::time::Instant::now() + grace;
     app.tasks.close();
-    if tokio::time::timeout(grace, app.tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, app.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             remaining = app.tasks.len(),
             "shutdown grace over; cutting remaining connections"
         );
         app.hard_stop.cancel();
         app.tasks.wait().await;
+    }
+    // Fills still storing, refreshes, lock releases: what is left of the grace period. A fill
+    // cut here stores nothing; its fill lock expires by itself.
+    if let Some(cache) = &app.cache {
+        cache.tasks.close();
+        if tokio::time::timeout_at(deadline, cache.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = cache.tasks.len(),
+                "shutdown grace over; background fills cut"
+            );
+        }
     }
 }
 

@@ -121,6 +121,11 @@ pub struct Metrics {
     pub refreshes: Counter,
     /// Background refreshes not started because another gateway holds the key's fill lock.
     pub refreshes_elsewhere: Counter,
+    /// Fills replacing an entry that got a copy from the replica's own cache instead of a
+    /// render (`x-nextjs-cache: STALE`, or `HIT` where a regeneration was asked): not stored.
+    pub fills_not_rendered: Counter,
+    /// Fills not kept because a later render of the key was already held (never back in time).
+    pub fills_older: Counter,
     /// Misses served from another request's render on this gateway (local single-flight).
     pub coalesced_local: Counter,
     /// Misses served from another gateway's render (lost the fleet lock race and waited).

@@ -224,6 +224,18 @@ impl Collector for Scrape {
                 ("elsewhere", m.refreshes_elsewhere.get()),
             ],
         )?;
+        counter(
+            &mut e,
+            "fills_not_rendered",
+            "Fills replacing an entry that got the replica's cached copy instead of a render (not stored).",
+            m.fills_not_rendered.get(),
+        )?;
+        counter(
+            &mut e,
+            "fills_older",
+            "Fills not kept because a later render of the key was already stored.",
+            m.fills_older.get(),
+        )?;
         counters(
             &mut e,
             "upstream_errors",

@@ -234,6 +234,8 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             "leaders_abandoned": m.leaders_abandoned.get(),
             "lock_fallbacks": m.lock_fallbacks.get(),
             "refreshes": m.refreshes.get(),
+            "fills_not_rendered": m.fills_not_rendered.get(),
+            "fills_older": m.fills_older.get(),
         },
         "replicas": replicas,
         "redis": redis,

@@ -44,6 +44,9 @@ pub enum Variant {
     DataJson,
     /// An optimized image in the negotiated format.
     Image(ImageFormat),
+    /// A build asset (`/_next/static/…`): content-hashed, the same bytes on every replica of
+    /// a build and for every request header, whatever its type (NEXTJS.md §6).
+    Asset,
 }
 
 /// The format `/_next/image` will answer with, from the request's `Accept`.
@@ -69,6 +72,7 @@ impl Variant {
             Variant::Image(ImageFormat::Avif) => Cow::Borrowed("image:avif"),
             Variant::Image(ImageFormat::Webp) => Cow::Borrowed("image:webp"),
             Variant::Image(ImageFormat::Original) => Cow::Borrowed("image:original"),
+            Variant::Asset => Cow::Borrowed("asset"),
         }
     }
 
@@ -99,6 +103,9 @@ const KEYED_OR_IGNORED: &[&str] = &[
 /// The variant a sanitized request asks for. `avif` says whether the app enables avif images
 /// (`images.formats`); Next only negotiates it then.
 pub fn variant(path: &str, headers: &HeaderMap, avif: bool) -> Variant {
+    if path.starts_with("/_next/static/") {
+        return Variant::Asset;
+    }
     if path.starts_with("/_next/data/") && path.ends_with(".json") {
         return Variant::DataJson;
     }
@@ -368,6 +375,11 @@ mod tests {
             "prefetch without RSC is HTML"
         );
         assert_eq!(v(&[], "/_next/data/b1/p.json"), Variant::DataJson);
+        assert_eq!(
+            v(&[("rsc", "1")], "/_next/static/chunks/app.js"),
+            Variant::Asset,
+            "a build asset is one representation whatever the request says"
+        );
         assert_eq!(
             v(&[("accept", "image/avif,image/webp,*/*")], "/_next/image"),
             Variant::Image(ImageFormat::Webp)

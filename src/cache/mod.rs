@@ -16,6 +16,8 @@
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
 //! - [`lock`] — fleet fill locks in Redis (one render per key across gateways).
+//! - [`flight`] — who fills a key: one flight per key, the RAII [`flight::FillPermit`] covering
+//!   the local single-flight and the fleet lock.
 //! - [`l1`] — the in-process L1 of decoded entries in front of the store.
 //! - [`sealed`] — identity bodies in sealed memory files, which the hit lane `sendfile`s.
 //! - [`decoded`] — strict mode (no L1): entries as last decoded, reused on identical reads.
@@ -24,6 +26,7 @@ pub mod control;
 pub mod decoded;
 pub mod entry;
 pub mod epochs;
+pub mod flight;
 pub mod key;
 pub mod l1;
 pub mod lock;

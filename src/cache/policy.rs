@@ -195,7 +195,9 @@ pub fn admit(
     let lifetime = check_directives(&cc, status)?;
     check_headers(headers)?;
     // A redirect's body is an HTML stub at most; what matters is `Location`.
-    if !is_redirect(status) && !content_type_matches(headers, expect) {
+    // An immutable response is a content-addressed file (RFC 8246): whatever its type, it is
+    // the one representation of its URL.
+    if !is_redirect(status) && !cc.immutable && !content_type_matches(headers, expect) {
         return Err(Skip::ContentTypeMismatch);
     }
     let already_stale = headers
@@ -567,6 +569,16 @@ mod tests {
         ];
         let f = run(200, &pairs, Expect::Any).expect("admitted");
         assert_eq!(f.fresh, 7 * DAY);
+        let f = run(200, &pairs, Expect::Html).expect("immutable: any type is its URL's one");
+        assert_eq!(f.fresh, 7 * DAY);
+        let mutable = [
+            ("content-type", "application/javascript"),
+            ("cache-control", "public, max-age=60"),
+        ];
+        assert_eq!(
+            run(200, &mutable, Expect::Html),
+            Err(Skip::ContentTypeMismatch)
+        );
     }
 
     #[test]

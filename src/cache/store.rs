@@ -211,17 +211,31 @@ impl Store {
         }
     }
 
-    /// Stores an entry for `ttl` (replacing any previous one).
-    pub async fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) -> Result<(), StoreError> {
+    /// Stores an entry rendered at `rendered_at_ms` for `ttl`, replacing the entry there unless
+    /// that one was rendered later: `Ok(false)` when a newer render is kept (two fills that
+    /// raced, a copy from a replica's cache arriving after a render). One comparison in the
+    /// store, so no interleaving of gateways can put an older page over a newer one.
+    pub async fn put(
+        &self,
+        key_hex: &str,
+        entry: Stored,
+        rendered_at_ms: u64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         match self {
-            Store::Memory(m) => {
-                m.put(key_hex, entry, ttl);
-                Ok(())
-            }
-            Store::Redis(r) => r.put(key_hex, entry, ttl).await,
+            Store::Memory(m) => Ok(m.put(key_hex, entry, rendered_at_ms, ttl)),
+            Store::Redis(r) => r.put(key_hex, entry, rendered_at_ms, ttl).await,
         }
     }
 }
+
+/// Writes an entry (`m` metadata, `b` body, `r` render time in UNIX ms) and its TTL unless the
+/// entry there has a later render time. Entries written before `r` existed have none and are
+/// replaced.
+const PUT_UNLESS_NEWER: &str = "local r = redis.call('hget', KEYS[1], 'r') \
+if r and tonumber(r) > tonumber(ARGV[1]) then return 0 end \
+redis.call('hset', KEYS[1], 'm', ARGV[2], 'b', ARGV[3], 'r', ARGV[1]) \
+redis.call('pexpire', KEYS[1], ARGV[4]) return 1";
 
 /// The Redis key of an entry: a hash-tagged name, so its lock and everything else about the
 /// key live in the same Cluster slot.
@@ -232,16 +246,16 @@ pub fn entry_key(key_hex: &str) -> String {
 /// The in-process store.
 #[derive(Clone)]
 pub struct MemoryStore {
-    cache: moka::sync::Cache<String, (Stored, Duration)>,
+    cache: moka::sync::Cache<String, (Stored, Duration, u64)>,
 }
 
 struct PerEntryTtl;
 
-impl moka::Expiry<String, (Stored, Duration)> for PerEntryTtl {
+impl moka::Expiry<String, (Stored, Duration, u64)> for PerEntryTtl {
     fn expire_after_create(
         &self,
         _key: &String,
-        value: &(Stored, Duration),
+        value: &(Stored, Duration, u64),
         _created_at: Instant,
     ) -> Option<Duration> {
         Some(value.1)
@@ -250,7 +264,7 @@ impl moka::Expiry<String, (Stored, Duration)> for PerEntryTtl {
     fn expire_after_update(
         &self,
         _key: &String,
-        value: &(Stored, Duration),
+        value: &(Stored, Duration, u64),
         _updated_at: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
@@ -263,7 +277,7 @@ impl MemoryStore {
     pub fn new(settings: MemorySettings) -> MemoryStore {
         let cache = moka::sync::Cache::builder()
             .max_capacity(settings.max_bytes)
-            .weigher(|k: &String, v: &(Stored, Duration)| {
+            .weigher(|k: &String, v: &(Stored, Duration, u64)| {
                 v.0.weight()
                     .saturating_add(u32::try_from(k.len()).unwrap_or(u32::MAX))
             })
@@ -273,11 +287,19 @@ impl MemoryStore {
     }
 
     fn get(&self, key_hex: &str) -> Option<Stored> {
-        self.cache.get(key_hex).map(|(s, _)| s)
+        self.cache.get(key_hex).map(|(s, _, _)| s)
     }
 
-    fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) {
-        self.cache.insert(key_hex.to_owned(), (entry, ttl));
+    fn put(&self, key_hex: &str, entry: Stored, rendered_at_ms: u64, ttl: Duration) -> bool {
+        use moka::ops::compute::Op;
+        let done = self
+            .cache
+            .entry(key_hex.to_owned())
+            .and_compute_with(|held| match held {
+                Some(e) if e.value().2 > rendered_at_ms => Op::Nop,
+                _ => Op::Put((entry, ttl, rendered_at_ms)),
+            });
+        !matches!(done, moka::ops::compute::CompResult::Unchanged(_))
     }
 }
 
@@ -410,19 +432,24 @@ impl RedisStore {
         })
     }
 
-    async fn put(&self, key_hex: &str, entry: Stored, ttl: Duration) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        key_hex: &str,
+        entry: Stored,
+        rendered_at_ms: u64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         let key = entry_key(key_hex);
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let trx = self.pool.next().multi();
-        let queued = async {
-            let _: () = trx
-                .hset(&key, vec![("m", entry.meta), ("b", entry.body)])
-                .await?;
-            let _: () = trx.pexpire(&key, ttl_ms, None).await?;
-            let _: ((), ()) = trx.exec(true).await?;
-            Ok(())
-        };
-        self.bounded(queued).await
+        let args: Vec<fred::types::Value> = vec![
+            rendered_at_ms.to_string().into(),
+            entry.meta.into(),
+            entry.body.into(),
+            ttl_ms.into(),
+        ];
+        let put = self.pool.next().eval(PUT_UNLESS_NEWER, key.as_str(), args);
+        let n: i64 = self.bounded(put).await?;
+        Ok(n == 1)
     }
 }
 
@@ -461,7 +488,7 @@ mod tests {
     #[tokio::test]
     async fn memory_store_round_trips_and_expires() {
         let s = Store::Memory(MemoryStore::new(MemorySettings { max_bytes: 1 << 20 }));
-        s.put("k", stored(10), Duration::from_millis(80))
+        s.put("k", stored(10), 1, Duration::from_millis(80))
             .await
             .expect("put");
         assert_eq!(s.get("k").await.expect("get"), Some(stored(10)));
@@ -478,7 +505,7 @@ mod tests {
     async fn memory_store_is_bounded_by_bytes() {
         let m = MemoryStore::new(MemorySettings { max_bytes: 10_000 });
         for i in 0..50 {
-            m.put(&format!("k{i}"), stored(1_000), Duration::from_secs(60));
+            m.put(&format!("k{i}"), stored(1_000), 1, Duration::from_secs(60));
         }
         m.cache.run_pending_tasks();
         assert!(

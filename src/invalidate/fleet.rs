@@ -3,14 +3,26 @@
 //! (bounded) for the acknowledgements of every live gateway before it answers.
 //!
 //! Fed by the bus (`on_message`); read by the webhook (`wait_acks`) and the dashboard (`live`).
+//!
+//! [`start`] connects this gateway to the fleet: the bus listener (fill messages wake the
+//! key's flight, invalidations are recorded and acknowledged, a reconnect reloads every
+//! invalidation) and the heartbeat.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use std::sync::Arc;
 
-use crate::bus::{HEARTBEAT, Message};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::CacheState;
+use crate::bus::{Event, HEARTBEAT, Kind, Message};
+use crate::cache::epochs::Epochs;
+use crate::cache::flight::Flights;
+use crate::cache::store::Store;
 
 /// A gateway missing this many heartbeats is no longer counted as live.
 const MISSED_HEARTBEATS: u32 = 3;
@@ -101,6 +113,119 @@ impl Fleet {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the store's connections (Redis), the bus and the heartbeat on the current runtime;
+/// the heartbeat stops with `stop`. Nothing to start for the in-process store.
+pub fn start(cache: &CacheState, stop: &CancellationToken) {
+    let (Some(bus), Store::Redis(redis)) = (&cache.bus, &cache.store) else {
+        return;
+    };
+    redis.start();
+    let listener = BusListener {
+        flights: Arc::clone(&cache.flights),
+        epochs: Arc::clone(&cache.epochs),
+        fleet: Arc::clone(&cache.fleet),
+        store: cache.store.clone(),
+        me: cache.gateway_id().to_owned(),
+        tasks: cache.tasks.clone(),
+    };
+    bus.start(cache.l1.clone(), Arc::new(move |event| listener.on(event)));
+    let (pool, me, stop) = (
+        redis.pool().clone(),
+        cache.gateway_id().to_owned(),
+        stop.clone(),
+    );
+    tokio::spawn(async move {
+        let beat = Message::Heartbeat { gateway: me };
+        let mut every = tokio::time::interval(crate::bus::HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let _ = crate::bus::publish(&pool, &beat, crate::bus::HEARTBEAT).await;
+        }
+    });
+}
+
+/// What the bus's events do to this gateway.
+struct BusListener {
+    flights: Arc<Flights>,
+    epochs: Arc<Epochs>,
+    fleet: Arc<Fleet>,
+    store: Store,
+    me: String,
+    tasks: TaskTracker,
+}
+
+impl BusListener {
+    fn on(&self, event: Event<'_>) {
+        match event {
+            Event::Message(Message::Key { kind, key, .. }) => {
+                if let Ok(hash) = u128::from_str_radix(key, 16) {
+                    match kind {
+                        // Cacheable again: no hit-for-miss for it here either.
+                        Kind::Filled => self.flights.stored(hash),
+                        Kind::Pass => self.flights.remember_pass(hash),
+                        Kind::Released => {}
+                    }
+                    self.flights.notify(hash);
+                }
+            }
+            Event::Message(Message::Invalidated {
+                epoch, mode, tags, ..
+            }) => {
+                self.epochs
+                    .record(*epoch, *mode, tags.iter().map(String::as_str));
+                self.acknowledge(*epoch);
+            }
+            Event::Message(m) => self.fleet.on_message(m),
+            // Invalidations may have been missed while disconnected: read them all again, and
+            // serve no shared entry until then (`lookup`).
+            Event::Reconnected => self.reload(),
+        }
+    }
+
+    /// Reads every invalidation again, until it succeeds: a missed one would keep old pages
+    /// valid.
+    fn reload(&self) {
+        let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
+        let generation = epochs.unsynced();
+        self.tasks.spawn(async move {
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match crate::invalidate::apply::load(&store, &epochs).await {
+                    Ok(n) => {
+                        epochs.synced(generation);
+                        tracing::debug!(tags = n, "invalidations loaded");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "could not load invalidations; retrying")
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    fn acknowledge(&self, epoch: u64) {
+        let Store::Redis(redis) = &self.store else {
+            return;
+        };
+        let (pool, ack) = (
+            redis.pool().clone(),
+            Message::Ack {
+                epoch,
+                gateway: self.me.clone(),
+            },
+        );
+        self.tasks.spawn(async move {
+            let _ = crate::bus::publish(&pool, &ack, Duration::from_secs(1)).await;
+        });
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,13 @@
 //! Re-warm: after an invalidation, render the named paths again before a user asks, so the next
 //! request is a hit on the new version. Each path's HTML, then its RSC variant (one App Router
-//! render gives both; NEXTJS.md §9 rule 16), through the same fill as a background refresh:
-//! it takes the key's fleet lock, so a gateway already refreshing the key is not doubled
-//! (reported as `elsewhere`), and the write is awaited, so a 200 from the webhook means the
-//! entries are in the store.
+//! render gives both; NEXTJS.md §9 rule 16), through the fill pipeline like any other fill: it
+//! joins the key's flight (a fill already running is waited for, woken by its end, not
+//! polled; one that stored a valid entry meanwhile is reported as `elsewhere`), and the fill
+//! ends once the entry is in the store, so a 200 from the webhook means the entries are there.
 //!
-//! With `ISRGATE_PREVIEW_MODE_ID` (the build's `previewModeId`, from
-//! `.next/prerender-manifest.json`) the requests carry `x-prerender-revalidate`, so the
-//! replica renders afresh, and only an answer marked `x-nextjs-cache: REVALIDATED` is stored.
+//! A re-warm replaces: with the build's `previewModeId` known the replica is asked to
+//! regenerate (`x-prerender-revalidate`), and a copy from its own cache is never stored
+//! (`not-revalidated`).
 //!
 //! The key's host is the webhook request's `Host` (the public host when the CMS calls through
 //! the load balancer). Paths reached through a tag are re-warmed when this gateway stored
@@ -19,7 +19,8 @@ use http::{HeaderValue, Method, Request, header};
 
 use crate::app::{AppState, CacheState};
 use crate::cache::key::{CacheKey, Variant};
-use crate::proxy::{coalesce, fill};
+use crate::proxy::coalesce::{self, Turn, Wait};
+use crate::proxy::fill::{self, Client, Filled, Job};
 
 /// How re-warming one variant of a path ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -29,15 +30,12 @@ pub struct Rewarmed {
     /// `html` or `rsc`.
     pub variant: &'static str,
     /// `stored`, `not-stored` (the answer may not be cached), `not-revalidated` (the replica
-    /// answered from its own cache), `failed`, or `elsewhere` (another render held the key
-    /// for a whole lock lifetime).
+    /// answered from its own cache), `failed`, or `elsewhere` (a fill that started after the
+    /// purge stored it meanwhile).
     pub outcome: &'static str,
     /// The replica's status, when it answered.
     pub status: Option<u16>,
 }
-
-/// How often a re-warm retries a key whose lock another render holds.
-const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// Most paths re-warmed by one call.
 pub const MAX_PATHS: usize = 256;
@@ -121,65 +119,36 @@ async fn one(
     }
     let (head, ()) = req.into_parts();
     let key = CacheKey::new(&cache.cfg.namespace, host, path, None, &variant);
-    // A render holding the key's lock may have started before the purge (then its entry is
-    // already stale): wait for it, up to one lock lifetime, rather than skip.
-    let give_up = tokio::time::Instant::now() + cache.cfg.coalesce.lock_ttl;
-    let lease = loop {
-        if let Some(lease) = coalesce::refresh_lease(app, cache, &key).await {
-            break lease;
-        }
-        if tokio::time::Instant::now() >= give_up {
-            result.outcome = "elsewhere";
+    let head = fill::upstream_head(&head, &variant);
+    // A fill in progress may have started before the purge (then its entry is already stale,
+    // and this one fills after it): wait for it rather than skip.
+    let permit = match coalesce::turn(app, cache, &key, &head.headers, Wait::Follow).await {
+        Turn::Fill(permit) => permit,
+        Turn::Filled(entry) => {
+            (result.outcome, result.status) = ("elsewhere", Some(entry.meta.status));
             return result;
         }
-        tokio::time::sleep(LOCK_RETRY).await;
+        Turn::Pass | Turn::Busy => {
+            result.outcome = "not-stored";
+            return result;
+        }
     };
-    let mut up = fill::upstream_head(&head, &variant);
-    if let Some(id) = &app.config.webhook.preview_mode_id {
-        up.headers.insert(PRERENDER_REVALIDATE.clone(), id.clone());
-    }
-    let now = cache.clock.now_ms();
-    let outcome = render(app, cache, &key, up, &variant, now).await;
-    lease.end(app, cache, &key.hex(), None).await;
-    match outcome {
-        Ok((outcome, status)) => (result.outcome, result.status) = (outcome, Some(status)),
+    let job = Job {
+        key: &key,
+        variant: &variant,
+        head,
+        client: Client::Nobody,
+        replaces: true,
+    };
+    match fill::fill(app, cache, job, permit).await {
+        Ok(Filled::Stored(entry)) => {
+            (result.outcome, result.status) = ("stored", Some(entry.meta.status));
+        }
+        Ok(Filled::Passed { response, why }) => {
+            (result.outcome, result.status) = (why.as_str(), Some(response.status().as_u16()));
+        }
+        Ok(Filled::Streaming(_)) => {}
         Err(e) => tracing::debug!(path, error = %e, "re-warm failed"),
     }
     result
-}
-
-/// Next's on-demand revalidation header (NEXTJS.md §4): with the build's `previewModeId` the
-/// replica renders afresh instead of answering from its own (maybe stale) cache.
-static PRERENDER_REVALIDATE: http::HeaderName =
-    http::HeaderName::from_static("x-prerender-revalidate");
-
-/// Renders and stores one variant; with a preview mode id, only an answer the replica marks
-/// `x-nextjs-cache: REVALIDATED` (a fresh render, not its old copy) is stored.
-async fn render(
-    app: &Arc<AppState>,
-    cache: &Arc<CacheState>,
-    key: &CacheKey,
-    up: http::request::Parts,
-    variant: &Variant,
-    now: u64,
-) -> Result<(&'static str, u16), crate::error::ProxyError> {
-    let (pending, body) = match fill::request(app, cache, key, up, variant).await? {
-        fill::Answer::Storable(p, b) => (p, b),
-        fill::Answer::Pass { response, .. } => {
-            return Ok(("not-stored", response.status().as_u16()));
-        }
-    };
-    let status = pending.status().as_u16();
-    if app.config.webhook.preview_mode_id.is_some() && !pending.revalidated() {
-        return Ok(("not-revalidated", status));
-    }
-    let max = cache.cfg.max_entry_bytes;
-    match fill::copy(body, None, max, || {}).await? {
-        fill::Copied::Whole(identity) => {
-            let entry = pending.entry(identity, now, &cache.cfg, cache.seal_fills());
-            fill::keep(app, cache, key, &entry, pending.ttl(), fill::Write::Awaited).await;
-            Ok(("stored", status))
-        }
-        fill::Copied::TooLarge => Ok(("not-stored", status)),
-    }
 }

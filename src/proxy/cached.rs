@@ -7,8 +7,8 @@ use std::sync::Arc;
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, header};
 
-use super::coalesce::{self, Fetched};
-use super::fill;
+use super::coalesce::{self, Turn, Wait};
+use super::fill::{self, Client, Filled, Job};
 use super::forwarded::Peer;
 use super::lookup::{self, Found};
 use super::refresh;
@@ -18,6 +18,7 @@ use crate::cache::entry::Entry;
 use crate::cache::key::{CacheKey, Variant};
 use crate::error::{ProxyError, Side};
 use crate::http::body::{self, Body};
+use crate::http::gzip;
 use crate::upstream::UpstreamError;
 
 /// Answers a cache candidate.
@@ -83,14 +84,47 @@ pub async fn serve(
         let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
         return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
     }
-    let miss = coalesce::Miss {
+    let job = Job {
         key: &key,
-        head: upstream(&head),
         variant: &variant,
-        vary_view,
+        head: upstream(&head),
+        client: Client::Waiting,
+        replaces: fallback.is_some(),
     };
-    let fetched = Box::pin(coalesce::fetch(app, cache, miss)).await;
+    let fetched = Box::pin(miss(app, cache, job, vary_view)).await;
     answer_miss(app, fetched, fallback, ask, now)
+}
+
+/// A miss: serves the fill another request made meanwhile, or fills the key itself.
+async fn miss(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    job: Job<'_>,
+    vary_view: &HeaderMap,
+) -> Result<Fetched, ProxyError> {
+    let permit = match coalesce::turn(app, cache, job.key, vary_view, Wait::Follow).await {
+        Turn::Filled(entry) => return Ok(Fetched::Followed(entry)),
+        Turn::Fill(permit) => permit,
+        Turn::Pass | Turn::Busy => None,
+    };
+    Ok(match fill::fill(app, cache, job, permit).await? {
+        Filled::Streaming(response) => Fetched::Led(response),
+        Filled::Stored(entry) => Fetched::Stored(entry),
+        Filled::Passed { response, .. } => Fetched::Passed(response),
+    })
+}
+
+/// What a miss got.
+#[derive(Debug)]
+enum Fetched {
+    /// Rendered by another request (on this gateway or another): serve the entry.
+    Followed(Arc<Entry>),
+    /// Rendered and stored for this request.
+    Stored(Arc<Entry>),
+    /// Rendered for this request: the replica's response, streaming while a copy is stored.
+    Led(Response<Body>),
+    /// Not stored (uncacheable, a server error): pass it through.
+    Passed(Response<Body>),
 }
 
 /// The request's cache key (the host is the request's: `Host` or `:authority`).
@@ -127,7 +161,7 @@ fn answer_miss(
     match fetched {
         Ok(Fetched::Stored(e)) => entry(&e, Outcome::Miss { stored: true }),
         Ok(Fetched::Followed(e)) => entry(&e, Outcome::Collapsed),
-        Ok(Fetched::Led(resp)) => Ok((resp, Outcome::Miss { stored: true })),
+        Ok(Fetched::Led(resp)) => Ok((gzip_for(resp, ask), Outcome::Miss { stored: true })),
         Ok(Fetched::Passed(resp)) if resp.status().is_server_error() => match fallback {
             Some(stale) => stale_if_error(app, &stale, ask, now),
             None => Ok(passed(resp, ask.headers, ask.head)),
@@ -158,6 +192,8 @@ fn stale_if_error(
 /// A response that was not stored, as the client gets it. The replica was asked without the
 /// client's conditional headers (to get a storable whole body); when the answer is not stored,
 /// the client's `If-None-Match` is answered here as the replica would have: 304 on a match.
+/// It was also asked for identity encoding (we compress what we store ourselves): a client
+/// that accepts gzip gets it compressed on the way (level 1, streamed).
 fn passed(
     mut resp: Response<Body>,
     request: &http::HeaderMap,
@@ -177,10 +213,32 @@ fn passed(
         resp = resp.map(|_| body::empty());
     } else if head {
         resp = resp.map(|_| body::empty());
+    } else {
+        resp = gzip_for(
+            resp,
+            Ask {
+                headers: request,
+                head,
+                seal: false,
+            },
+        );
     }
     let outcome = Outcome::Miss { stored: false };
     serve::mark(resp.headers_mut(), outcome);
     (resp, outcome)
+}
+
+/// The response compressed on the way when the client accepts gzip and it is worth it (the
+/// replica was asked for identity).
+fn gzip_for(resp: Response<Body>, ask: Ask<'_>) -> Response<Body> {
+    if !ask.head
+        && serve::accepts_gzip(ask.headers)
+        && gzip::compressible(resp.status(), resp.headers())
+    {
+        gzip::encode(resp)
+    } else {
+        resp
+    }
 }
 
 fn corrupt(app: &AppState, cache: &CacheState, key: &CacheKey) {

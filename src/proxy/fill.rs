@@ -1,13 +1,15 @@
-//! Steps 8-10 of the request flow for a cache candidate: fetch from a replica, decide whether
-//! the answer may be stored (`cache::policy::admit`), and store it off the response path.
+//! Steps 8-10 of the request flow for a cache candidate: the fill pipeline. Every fill — a
+//! coalesced miss, a background refresh, a re-warm after a purge — is one call to [`fill`]:
+//! fetch from a replica, decide whether the answer may be stored (`cache::policy::admit`),
+//! read the body (streamed to the client if one waits, keeping a copy), make the entry, keep it
+//! in the L1 and the store, then wake the requests that waited and release the key's
+//! [`FillPermit`]. Which request fills is decided before, by `coalesce`.
 //!
-//! Receives the key, the request head prepared by [`upstream_head`] (GET, identity encoding,
-//! no conditional headers: the store needs a whole body, and conditionals are answered from the
-//! entry) and the variant. [`request`] sends it and judges the answer's head ([`Answer`]);
-//! [`copy`] reads a storable body (forwarding it to a streaming client, keeping a copy) and
-//! [`Pending::entry`] makes the entry; [`keep`] puts it in the L1 and the store. [`fill`] is
-//! all of it for a caller that waits for the whole body (refreshes, uncoalesced fetches).
-//! Which request fetches is decided before, by `coalesce`.
+//! Receives a [`Job`]: the key, the variant, the request head prepared by [`upstream_head`]
+//! (GET, identity encoding, no conditional headers: the store needs a whole body, and
+//! conditionals are answered from the entry) and who waits. Hands on [`Filled`]. There is no
+//! second copy of this sequence: [`request`], [`copy`], [`Pending::entry`] and [`keep`] are its
+//! steps, not alternatives to it.
 
 use std::sync::Arc;
 
@@ -18,8 +20,11 @@ use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 
 use super::lookup::VARY_TAG;
+use super::serve::{self, Outcome};
 use crate::app::{AppState, CacheState};
+use crate::bus::Kind;
 use crate::cache::entry::{Entry, Meta};
+use crate::cache::flight::{Done, FillPermit};
 use crate::cache::key::{self, CacheKey, Variant};
 use crate::cache::policy::{self, Expect, Times};
 use crate::cache::store::Stored;
@@ -82,16 +87,6 @@ pub fn upstream_head(head: &Parts, variant: &Variant) -> Parts {
     req.into_parts().0
 }
 
-/// How the store write of a fill runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Write {
-    /// In its own task: a client is waiting for the response, never for Redis.
-    Background,
-    /// Awaited: the caller holds its key (a refresh, a fill lock) until the new entry is
-    /// readable by every gateway, or the next request would find no entry and render again.
-    Awaited,
-}
-
 /// A replica's answer to a cache candidate, once its head is in.
 #[derive(Debug)]
 pub enum Answer {
@@ -101,11 +96,64 @@ pub enum Answer {
     Pass {
         /// The response.
         response: Response<Body>,
-        /// The answer says the key is not cacheable (private, Set-Cookie, too large…), as
-        /// opposed to a server error: remember it for a while (hit-for-miss).
-        uncacheable: bool,
+        /// Why it is not stored.
+        why: Pass,
     },
 }
+
+/// Why an answer is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The answer says the key is not cacheable (private, Set-Cookie, too large…): remembered
+    /// for a while (hit-for-miss), and a stale copy must not outlive it.
+    Uncacheable,
+    /// A server error: the key may be cacheable next time; a stale entry covers for it.
+    Failed,
+    /// The fill replaces an entry and the replica answered from its own cache
+    /// (`x-nextjs-cache: STALE`, or `HIT` where a regeneration was asked): not a render newer
+    /// than what is stored, so it must not replace it (never back in time).
+    Copy,
+}
+
+impl Pass {
+    /// Label for logs and re-warm reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pass::Uncacheable => "not-stored",
+            Pass::Failed => "failed",
+            Pass::Copy => "not-revalidated",
+        }
+    }
+}
+
+/// Where an answer's body comes from, by the replica's `x-nextjs-cache` (NEXTJS.md §1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Rendered for this request (`MISS`, `REVALIDATED`), or not from Next's ISR cache at all
+    /// (no header): newer than anything stored before the request went out.
+    Render,
+    /// The replica's cached copy, fresh by its clock (`HIT`): rendered at an unknown time.
+    Copy,
+    /// The replica's stale copy (`STALE`); it is rendering the next one in the background.
+    StaleCopy,
+}
+
+fn source(headers: &http::HeaderMap) -> Source {
+    match headers
+        .get(&X_NEXTJS_CACHE)
+        .map(|v| v.as_bytes().trim_ascii())
+    {
+        Some(v) if v.eq_ignore_ascii_case(b"HIT") => Source::Copy,
+        Some(v) if v.eq_ignore_ascii_case(b"STALE") => Source::StaleCopy,
+        _ => Source::Render,
+    }
+}
+
+/// Next's on-demand revalidation header (NEXTJS.md §4.1): with the build's `previewModeId` the
+/// replica regenerates the page (HTML and RSC together) instead of answering from its cache,
+/// and says `x-nextjs-cache: REVALIDATED`.
+static PRERENDER_REVALIDATE: HeaderName = HeaderName::from_static("x-prerender-revalidate");
+static X_NEXTJS_CACHE: HeaderName = HeaderName::from_static("x-nextjs-cache");
 
 /// What an entry needs besides its body: the response head, its freshness and the request
 /// headers its `Vary` is matched on.
@@ -119,27 +167,37 @@ pub struct Pending {
     /// The invalidation epoch read before the request went upstream: an invalidation that
     /// lands while the replica renders makes this entry stale at once.
     render_epoch: u64,
+    /// When the request went upstream (the gateway's clock, UNIX ms): a render the replica
+    /// made for it happened after this, so it is the entry's render time (the base of `Age`).
+    sent_at_ms: u64,
 }
 
-/// Sends `head` upstream and decides from the answer's head whether it may be stored.
+/// Sends `head` upstream and decides from the answer's head whether it may be stored. A fill
+/// that `replaces` an entry asks for a regeneration when the build's `previewModeId` is known,
+/// and never stores a copy from the replica's own cache (see [`Pass::Copy`]).
 pub async fn request(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,
-    head: Parts,
+    mut head: Parts,
     variant: &Variant,
+    replaces: bool,
 ) -> Result<Answer, ProxyError> {
+    let preview = app.config.webhook.preview_mode_id.as_ref();
+    let regenerate = replaces && preview.is_some();
+    if let (true, Some(id)) = (regenerate, preview) {
+        head.headers
+            .insert(PRERENDER_REVALIDATE.clone(), id.clone());
+    }
     let vary_request = head.headers.clone();
     let path = head.uri.path().to_owned();
     let render_epoch = cache.epochs.current();
+    let sent_at_ms = cache.clock.now_ms();
     let reply = app.upstream.send(head, body::empty()).await?;
     let response = reply.into_response();
-    let pass = |response, uncacheable| {
+    let pass = |response, why| {
         app.metrics.cache_not_stored.inc();
-        Ok(Answer::Pass {
-            response,
-            uncacheable,
-        })
+        Ok(Answer::Pass { response, why })
     };
     let freshness = match policy::admit(
         &Method::GET,
@@ -149,14 +207,28 @@ pub async fn request(
         &cache.limits,
     ) {
         Ok(f) if !f.ttl().is_zero() => f,
-        Ok(_) => return pass(response, true),
+        Ok(_) => return pass(response, Pass::Uncacheable),
         Err(skip) => {
             crate::metrics::Counter::inc_at(&app.metrics.cache_not_stored_by, skip as usize);
             tracing::debug!(key = %key.text, reason = skip.as_str(), "not stored");
-            let uncacheable = !response.status().is_server_error();
-            return pass(response, uncacheable);
+            let why = if response.status().is_server_error() {
+                Pass::Failed
+            } else {
+                Pass::Uncacheable
+            };
+            return pass(response, why);
         }
     };
+    let copy = match source(response.headers()) {
+        Source::Render => false,
+        Source::StaleCopy => replaces,
+        Source::Copy => regenerate,
+    };
+    if copy {
+        app.metrics.fills_not_rendered.inc();
+        tracing::debug!(key = %key.text, "the replica answered from its own cache; the stored entry stays");
+        return pass(response, Pass::Copy);
+    }
     // A replica that compressed anyway (our request asked for identity) is passed through:
     // its bytes are not the identity body this entry format stores.
     let encoded = response
@@ -164,7 +236,7 @@ pub async fn request(
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     if encoded {
-        return pass(response, true);
+        return pass(response, Pass::Uncacheable);
     }
     let (parts, body) = response.into_parts();
     let pending = Pending {
@@ -173,6 +245,7 @@ pub async fn request(
         vary_request,
         path,
         render_epoch,
+        sent_at_ms,
     };
     Ok(Answer::Storable(pending, body))
 }
@@ -209,34 +282,15 @@ impl Pending {
         self.parts.status
     }
 
-    /// Whether the replica says it rendered afresh for an on-demand revalidation
-    /// (`x-nextjs-cache: REVALIDATED`).
-    pub fn revalidated(&self) -> bool {
-        self.parts
-            .headers
-            .get("x-nextjs-cache")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"REVALIDATED"))
-    }
-
-    /// The answer, for a body that turned out too large to store.
-    pub fn into_response(self, body: Body) -> Response<Body> {
-        Response::from_parts(self.parts, body)
-    }
-
-    /// The entry for the identity body, rendered at `now_ms`, tagged as `cfg` says; the body
-    /// is sealed for the hit lane if `seal`.
-    pub fn entry(
-        &self,
-        identity: Bytes,
-        now_ms: u64,
-        cfg: &crate::config::Cache,
-        seal: bool,
-    ) -> Arc<Entry> {
+    /// The entry for the identity body, rendered when the request went upstream, tagged as
+    /// `cfg` says; the body is sealed for the hit lane if `seal`.
+    pub fn entry(&self, identity: Bytes, cfg: &crate::config::Cache, seal: bool) -> Arc<Entry> {
         let stored_headers = self
             .stored_headers()
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
+        let now_ms = self.sent_at_ms;
         meta.stored_at_ms = now_ms;
         meta.render_epoch = self.render_epoch;
         meta.tags = crate::cache::tags::entry_tags(
@@ -433,107 +487,279 @@ impl Forward {
     }
 }
 
+/// Who waits for a fill's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    /// A client: it gets the replica's response as it streams; the copy is stored by a
+    /// tracked task of its own (the client never waits for the store).
+    Waiting,
+    /// Nobody (a refresh, a re-warm): the fill ends once the entry is readable by every
+    /// gateway, or the next request would find no entry and render again.
+    Nobody,
+}
+
+/// What to fill.
+#[derive(Debug)]
+pub struct Job<'a> {
+    /// The key.
+    pub key: &'a CacheKey,
+    /// Its variant (what the body must be).
+    pub variant: &'a Variant,
+    /// The head to send upstream ([`upstream_head`], with the forwarding headers).
+    pub head: Parts,
+    /// Who waits for the answer.
+    pub client: Client,
+    /// The fill replaces an entry past its freshness (a refresh, a re-warm, a miss over an
+    /// entry kept for stale-if-error): the replica is asked to regenerate, and a copy from its
+    /// own cache never replaces the entry ([`Pass::Copy`]).
+    pub replaces: bool,
+}
+
 /// What a fill produced.
 #[derive(Debug)]
 pub enum Filled {
-    /// Stored; serve this entry.
+    /// For a waiting client: the replica's response, streaming while a copy is stored.
+    Streaming(Response<Body>),
+    /// For nobody: stored, and readable by every gateway.
     Stored(Arc<Entry>),
-    /// Not stored; serve this response as it is. `uncacheable` as in [`Answer::Pass`].
-    Passed(Response<Body>, bool),
+    /// Not stored: the answer as it came (a fill for nobody drops its body unread).
+    Passed {
+        /// The response.
+        response: Response<Body>,
+        /// Why it was not stored.
+        why: Pass,
+    },
 }
 
-/// Fetches `key` from a replica, reads the whole body and stores the answer when it may be
-/// stored (no coalescing: the caller decided this request fetches).
+/// The fill pipeline, the one sequence every fill goes through — a miss, a background
+/// refresh, a re-warm: request → admit → copy (to the client, if one waits) → entry → keep,
+/// then the permit's followers are woken and its fleet lock released. `permit` is `None` for a
+/// fill without coalescing.
 pub async fn fill(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    job: Job<'_>,
+    permit: Option<FillPermit>,
+) -> Result<Filled, ProxyError> {
+    let key = job.key;
+    let answer = request(app, cache, key, job.head, job.variant, job.replaces).await;
+    let (pending, body) = match answer {
+        Ok(Answer::Storable(p, b)) => (p, b),
+        Ok(Answer::Pass { response, why }) => {
+            end(app, cache, key, permit, Ended::Passed(why)).await;
+            return Ok(Filled::Passed { response, why });
+        }
+        Err(e) => {
+            end(app, cache, key, permit, Ended::Failed).await;
+            return Err(e);
+        }
+    };
+    match job.client {
+        Client::Waiting => Ok(Filled::Streaming(stream(
+            app,
+            cache,
+            key.clone(),
+            pending,
+            body,
+            permit,
+        ))),
+        Client::Nobody => {
+            let status = pending.status();
+            let copied = copy(body, None, cache.cfg.max_entry_bytes, || {}).await;
+            Ok(
+                match settle(app, cache, key, &pending, copied, permit).await? {
+                    Some(entry) => Filled::Stored(entry),
+                    // Larger than `cache.max_entry_bytes`: not kept, as if not storable.
+                    None => Filled::Passed {
+                        response: empty_response(status),
+                        why: Pass::Uncacheable,
+                    },
+                },
+            )
+        }
+    }
+}
+
+fn empty_response(status: http::StatusCode) -> Response<Body> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = status;
+    response
+}
+
+/// Starts copying a storable answer to a waiting client (and the store) in a tracked task;
+/// the client's response, whose body streams as the replica sends it.
+fn stream(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    key: CacheKey,
+    pending: Pending,
+    upstream_body: Body,
+    permit: Option<FillPermit>,
+) -> Response<Body> {
+    let (status, mut headers, len) = pending.client_head();
+    headers.insert(header::AGE, HeaderValue::from_static("0"));
+    serve::mark(&mut headers, Outcome::Miss { stored: true });
+    serve::add_vary_accept_encoding(&mut headers);
+    let (tx, client_body) = body::Channel::new(16, len);
+    let (app, cache) = (Arc::clone(app), Arc::clone(cache));
+    let tasks = cache.tasks.clone();
+    tasks.spawn(async move {
+        let max = cache.cfg.max_entry_bytes;
+        let copied = copy(upstream_body, Some(tx), max, || {
+            // Followers stop waiting now, not when the big body ends.
+            cache.flights.remember_pass(key.hash);
+            if let Some(p) = &permit {
+                p.wake(Done::Pass);
+            }
+        })
+        .await;
+        if let Err(e) = settle(&app, &cache, &key, &pending, copied, permit).await {
+            tracing::debug!(key = %key.text, error = %e, "render failed mid-body; a follower takes over");
+        }
+    });
+    let mut response = Response::new(body::boxed(client_body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Ends a fill once its body is read: the entry is made and kept, or the fill passes or
+/// fails; followers are woken and the permit released either way.
+async fn settle(
     app: &AppState,
     cache: &Arc<CacheState>,
     key: &CacheKey,
-    head: Parts,
-    variant: &Variant,
-    now_ms: u64,
-    write: Write,
-) -> Result<Filled, ProxyError> {
-    let (pending, mut body) = match request(app, cache, key, head, variant).await? {
-        Answer::Storable(p, b) => (p, b),
-        Answer::Pass {
-            response,
-            uncacheable,
-        } => return Ok(Filled::Passed(response, uncacheable)),
-    };
-    let max = cache.cfg.max_entry_bytes;
-    let mut collected = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ProxyError::Upstream(UpstreamError::Body(e.to_string())))?;
-        if let Ok(data) = frame.into_data() {
-            collected.extend_from_slice(&data);
-            if collected.len() > max {
-                // Too large to store: serve what was read, then the rest as it comes.
-                app.metrics.cache_not_stored.inc();
-                let head =
-                    http_body_util::Full::new(collected.freeze()).map_err(|never| match never {});
-                let rest = body::boxed(StreamAfter {
-                    first: Some(head),
-                    rest: body,
-                });
-                return Ok(Filled::Passed(pending.into_response(rest), true));
+    pending: &Pending,
+    copied: Result<Copied, ProxyError>,
+    permit: Option<FillPermit>,
+) -> Result<Option<Arc<Entry>>, ProxyError> {
+    match copied {
+        Ok(Copied::Whole(identity)) => {
+            let entry = pending.entry(identity, &cache.cfg, cache.seal_fills());
+            if let Some(p) = &permit {
+                p.wake(Done::Filled(Arc::clone(&entry)));
+            }
+            keep(app, cache, key, &entry, pending.ttl()).await;
+            end(app, cache, key, permit, Ended::Stored).await;
+            Ok(Some(entry))
+        }
+        Ok(Copied::TooLarge) => {
+            app.metrics.cache_not_stored.inc();
+            end(app, cache, key, permit, Ended::Passed(Pass::Uncacheable)).await;
+            Ok(None)
+        }
+        Err(e) => {
+            end(app, cache, key, permit, Ended::Failed).await;
+            Err(e)
+        }
+    }
+}
+
+/// How a fill ended, for its permit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Stored (and announced by the store write).
+    Stored,
+    /// Not stored, for this reason.
+    Passed(Pass),
+    /// Failed: one of the waiting requests fills instead.
+    Failed,
+}
+
+/// Wakes the permit's followers, says on the bus what happened and releases the fleet lock.
+/// An uncacheable answer is said before the release (every gateway's waiters fetch for
+/// themselves rather than take the lock); anything else that stored nothing is said after
+/// (waiters race for the lock). A copy from the replica's cache sends this gateway's waiters
+/// to fetch for themselves: what they get is the replica's answer, whoever asks.
+async fn end(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    permit: Option<FillPermit>,
+    ended: Ended,
+) {
+    if ended == Ended::Passed(Pass::Uncacheable) {
+        cache.flights.remember_pass(key.hash);
+    }
+    let Some(permit) = permit else { return };
+    let fleet = permit.holds_fleet_lock();
+    match ended {
+        Ended::Stored => permit.release().await,
+        Ended::Passed(Pass::Uncacheable) => {
+            permit.wake(Done::Pass);
+            if fleet {
+                cache.announce(Kind::Pass, key.hex(), &app.metrics).await;
+            }
+            permit.release().await;
+        }
+        Ended::Passed(Pass::Copy) => {
+            permit.wake(Done::Pass);
+            permit.release().await;
+            if fleet {
+                cache
+                    .announce(Kind::Released, key.hex(), &app.metrics)
+                    .await;
+            }
+        }
+        Ended::Passed(Pass::Failed) | Ended::Failed => {
+            if ended == Ended::Failed {
+                // The render went away without an answer (the replica failed mid-way).
+                app.metrics.leaders_abandoned.inc();
+            }
+            permit.wake(Done::Abandoned);
+            permit.release().await;
+            if fleet {
+                cache
+                    .announce(Kind::Released, key.hex(), &app.metrics)
+                    .await;
             }
         }
     }
-    let entry = pending.entry(collected.freeze(), now_ms, &cache.cfg, cache.seal_fills());
-    keep(app, cache, key, &entry, pending.ttl(), write).await;
-    Ok(Filled::Stored(entry))
 }
 
-/// Puts a new entry in the L1 and the store (awaited or in the background) and tells the other
-/// gateways.
+/// Puts a new entry in the L1 and the store, and tells the other gateways (they drop their L1
+/// copy and read the new entry). Never back in time: an entry rendered before the one already
+/// held (here or in the store) replaces neither. A store write that fails is counted; the
+/// entry stays in this gateway's L1.
 pub async fn keep(
     app: &AppState,
-    cache: &Arc<CacheState>,
+    cache: &CacheState,
     key: &CacheKey,
     entry: &Arc<Entry>,
     ttl: std::time::Duration,
-    write: Write,
 ) {
-    cache
+    let rendered_at = entry.meta.stored_at_ms;
+    let newer_here = cache
         .l1
-        .insert(key.hash, Arc::clone(entry), entry.meta.stored_at_ms);
-    cache.coalesce.stored(key.hash);
-    cache.recent.record(&entry.meta.tags);
-    app.metrics.cache_stores.inc();
-    let put = store(
-        Arc::clone(cache),
-        Arc::clone(&app.metrics),
-        key.hex(),
-        Arc::clone(entry),
-        ttl,
-    );
-    match write {
-        Write::Background => drop(tokio::spawn(put)),
-        Write::Awaited => put.await,
+        .get(key.hash, rendered_at)
+        .is_some_and(|held| held.meta.stored_at_ms > rendered_at);
+    if newer_here {
+        app.metrics.fills_older.inc();
+        return;
     }
-}
-
-/// Writes the entry to the store and tells the other gateways.
-async fn store(
-    cache: Arc<CacheState>,
-    metrics: Arc<crate::metrics::Metrics>,
-    hex: String,
-    entry: Arc<Entry>,
-    ttl: std::time::Duration,
-) {
+    cache.l1.insert(key.hash, Arc::clone(entry), rendered_at);
+    cache.flights.stored(key.hash);
+    cache.recent.record(&entry.meta.tags);
+    let hex = key.hex();
     let stored = Stored {
         meta: entry.meta.encode(),
         body: entry.gzip.clone(),
     };
-    if let Err(e) = cache.store.put(&hex, stored, ttl).await {
-        metrics.store_errors.inc();
-        tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
-        return;
+    match cache.store.put(&hex, stored, rendered_at, ttl).await {
+        Ok(true) => app.metrics.cache_stores.inc(),
+        Ok(false) => {
+            // A newer render got there first: drop ours here too, read theirs.
+            app.metrics.fills_older.inc();
+            cache.l1.remove(key.hash);
+            return;
+        }
+        Err(e) => {
+            app.metrics.store_errors.inc();
+            tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
+            return;
+        }
     }
-    // Other gateways drop their L1 copy of this key and read the new entry.
-    cache
-        .announce(crate::bus::Kind::Filled, hex, &metrics)
-        .await;
+    cache.announce(Kind::Filled, hex, &app.metrics).await;
 }
 
 /// What the variant's body must be (`cache::policy::admit` checks the content type).
@@ -542,6 +768,7 @@ pub fn expect(variant: &Variant) -> Expect {
         Variant::Html => Expect::Html,
         Variant::Rsc | Variant::RscPrefetch(_) | Variant::RscSegment(_) => Expect::Rsc,
         Variant::DataJson => Expect::Json,
+        Variant::Asset => Expect::Any,
         Variant::Image(_) => Expect::Image,
     }
 }
@@ -551,44 +778,5 @@ pub fn expect(variant: &Variant) -> Expect {
 pub fn strip_internal_response_headers(headers: &mut http::HeaderMap) {
     for name in ["x-nextjs-cache", "x-next-cache-tags"] {
         headers.remove(HeaderName::from_static(name));
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A body that yields `first` and then `rest`.
-    struct StreamAfter<A, B> {
-        #[pin]
-        first: Option<A>,
-        #[pin]
-        rest: B,
-    }
-}
-
-impl<A, B> http_body::Body for StreamAfter<A, B>
-where
-    A: http_body::Body<Data = Bytes>,
-    B: http_body::Body<Data = Bytes>,
-    A::Error: Into<body::BoxError>,
-    B::Error: Into<body::BoxError>,
-{
-    type Data = Bytes;
-    type Error = body::BoxError;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        use std::task::Poll;
-        let mut this = self.project();
-        if let Some(first) = this.first.as_mut().as_pin_mut() {
-            match first.poll_frame(cx) {
-                Poll::Ready(Some(f)) => return Poll::Ready(Some(f.map_err(Into::into))),
-                Poll::Ready(None) => this.first.set(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        this.rest
-            .poll_frame(cx)
-            .map(|o| o.map(|f| f.map_err(Into::into)))
     }
 }

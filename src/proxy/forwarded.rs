@@ -13,20 +13,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use ipnet::IpNet;
 
 use crate::http::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP};
 
-/// Forwarding policy, fixed per listener.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    /// Scheme clients use to reach us.
-    pub public_scheme: Scheme,
-    /// Peers whose forwarding headers are believed.
-    pub trusted_proxies: Vec<IpNet>,
-    /// Keep `X-Forwarded-Host` from trusted proxies.
-    pub trust_forwarded_host: bool,
-}
+/// Forwarding policy, fixed per listener (defined with the configuration it derives from).
+pub use crate::config::ForwardPolicy as Policy;
 
 impl Policy {
     fn trusts(&self, ip: IpAddr) -> bool {

@@ -75,14 +75,8 @@ const PROTECTED_FROM_CONNECTION: &[&str] = &[
     "x-request-id",
 ];
 
-/// Sanitizing policy, fixed per listener.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    /// Whom forwarding headers are believed from, and our public scheme.
-    pub forwarded: forwarded::Policy,
-    /// Refuse `INTERNAL_PATH_SUFFIXES`.
-    pub reject_internal_paths: bool,
-}
+/// Sanitizing policy, fixed per listener (defined with the configuration it derives from).
+pub use crate::config::SanitizePolicy as Policy;
 
 /// Why a request is refused before it reaches a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

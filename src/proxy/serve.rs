@@ -228,17 +228,7 @@ pub fn gzip_etag(identity: &str) -> String {
 
 /// The same entry is served gzip-encoded or not depending on `Accept-Encoding`: browsers'
 /// caches must know.
-pub fn add_vary_accept_encoding(headers: &mut HeaderMap) {
-    let listed = headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("accept-encoding") || t.trim() == "*");
-    if !listed {
-        headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    }
-}
+pub use crate::http::gzip::add_vary_accept_encoding;
 
 /// `If-None-Match` against an ETag (weak comparison, RFC 9110 §13.1.2; `*` matches).
 pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {

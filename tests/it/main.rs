@@ -16,5 +16,6 @@ mod invalidate;
 mod lane;
 mod limits;
 mod pool;
+mod refresh;
 mod sanitize;
 mod store;

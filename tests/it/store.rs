@@ -43,7 +43,7 @@ async fn entries_round_trip_with_the_documented_layout_and_ttl() {
     eventually!(
         5,
         store
-            .put(key, entry(b"\x1f\x8bgzip"), Duration::from_secs(60))
+            .put(key, entry(b"\x1f\x8bgzip"), 1, Duration::from_secs(60))
             .await
             .is_ok(),
         "put"
@@ -80,7 +80,7 @@ async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
     eventually!(
         5,
         store
-            .put(key, entry(b"v1"), Duration::from_secs(60))
+            .put(key, entry(b"v1"), 1, Duration::from_secs(60))
             .await
             .is_ok(),
         "put"
@@ -100,7 +100,7 @@ async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
     eventually!(
         10,
         store
-            .put(key, entry(b"v2"), Duration::from_secs(60))
+            .put(key, entry(b"v2"), 1, Duration::from_secs(60))
             .await
             .is_ok(),
         "reconnected: {}",
@@ -122,4 +122,57 @@ async fn a_store_built_while_redis_is_down_starts_working_when_it_comes_up() {
         store.get("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await.is_ok(),
         "connected later"
     );
+}
+
+/// Never back in time: a write carrying an earlier render time than the stored entry's is
+/// refused, in Redis and in the in-process store alike; an equal or later one replaces it.
+#[tokio::test]
+async fn an_older_render_never_replaces_a_newer_one() {
+    let r = RedisProcess::start();
+    let redis = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
+    let memory = Store::Memory(isrgate::cache::store::MemoryStore::new(
+        isrgate::cache::store::MemorySettings { max_bytes: 1 << 20 },
+    ));
+    let key = "cccccccccccccccccccccccccccccccc";
+    let ttl = Duration::from_secs(60);
+    eventually!(
+        5,
+        redis.put(key, entry(b"new"), 2_000, ttl).await.is_ok(),
+        "connected"
+    );
+    for store in [&redis, &memory] {
+        let kind = store.kind();
+        assert!(
+            store
+                .put(key, entry(b"new"), 2_000, ttl)
+                .await
+                .expect("put")
+        );
+        assert!(
+            !store
+                .put(key, entry(b"old"), 1_999, ttl)
+                .await
+                .expect("put"),
+            "{kind}: an older render is refused"
+        );
+        assert_eq!(
+            store.get(key).await.expect("get"),
+            Some(entry(b"new")),
+            "{kind}"
+        );
+        assert!(
+            store
+                .put(key, entry(b"newer"), 2_001, ttl)
+                .await
+                .expect("put")
+        );
+        assert_eq!(
+            store.get(key).await.expect("get"),
+            Some(entry(b"newer")),
+            "{kind}"
+        );
+    }
+    let raw = raw_client(&r).await;
+    let rendered: String = raw.hget(entry_key(key), "r").await.expect("hget");
+    assert_eq!(rendered, "2001", "the render time is kept beside the entry");
 }

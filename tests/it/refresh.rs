@@ -1,0 +1,245 @@
+//! The refresh contract with a replica (issue "One render per expiry"): a refresh asks for a
+//! regeneration, a replica's copy of its own cache never replaces a stored entry, responses
+//! that are not stored keep their compression, and build assets are cached once per fleet.
+//! Real `redis-server`, fake Next.js origin, gateways in-process, freshness in the gateway's
+//! controlled clock.
+
+use std::io::Read;
+use std::time::Duration;
+
+use http::HeaderValue;
+
+use crate::eventually;
+use crate::support::origin::{FakeNext, Route};
+use crate::support::redis::RedisProcess;
+use crate::support::{Client, Gateway, bus_live, config};
+
+const ISR: &str = "s-maxage=60, stale-while-revalidate=600";
+const PREVIEW_MODE_ID: &str = "0123456789abcdef0123456789abcdef";
+
+async fn gateway(origin: &FakeNext, r: &RedisProcess, preview: bool) -> Gateway {
+    let mut cfg = config(
+        &[origin.url()],
+        "",
+        &format!("[redis]\nurl = \"{}\"\n", r.url()),
+    );
+    if preview {
+        cfg.webhook.preview_mode_id = Some(HeaderValue::from_static(PREVIEW_MODE_ID));
+    }
+    let gw = Gateway::start(cfg).await;
+    eventually!(5, bus_live(&gw), "bus subscribed");
+    gw
+}
+
+fn isr(body: &str, x_nextjs_cache: &str) -> Route {
+    Route::html(body)
+        .header("cache-control", ISR)
+        .header("x-nextjs-cache", x_nextjs_cache)
+}
+
+/// Waits until `gw`'s background fills are over (the entry stored, the fill lock released).
+async fn settled(gw: &Gateway) {
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    eventually!(5, cache.tasks.is_empty(), "background fills done");
+}
+
+fn advance(gw: &Gateway, secs: u64) {
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    cache.clock.advance(Duration::from_secs(secs));
+}
+
+fn inflate(gz: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut out)
+        .expect("valid gzip");
+    out
+}
+
+#[tokio::test]
+async fn a_refresh_asks_for_a_regeneration_and_never_stores_the_replicas_stale_copy() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", isr("v1", "MISS"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let url = gw.url("/p");
+    assert_eq!(c.get(&url, &[]).await.header("x-cache"), "MISS");
+    settled(&gw).await;
+    let first = origin.last("/p").expect("seen");
+    assert!(
+        first.headers.get("x-prerender-revalidate").is_none(),
+        "a first fill replaces nothing: no regeneration asked"
+    );
+
+    // Expired. The replica still holds an old copy and answers with it (it ignored the id).
+    origin.route("/p", isr("v0-old", "STALE"));
+    advance(&gw, 61);
+    let stale = c.get(&url, &[]).await;
+    assert_eq!(
+        (stale.header("x-cache"), &stale.body[..]),
+        ("STALE", &b"v1"[..])
+    );
+    eventually!(
+        5,
+        gw.state.metrics.fills_not_rendered.get() == 1,
+        "the refresh got a copy and stored nothing"
+    );
+    let asked = origin.last("/p").expect("refresh seen");
+    assert_eq!(
+        asked.headers["x-prerender-revalidate"], PREVIEW_MODE_ID,
+        "a refresh asks the replica to regenerate"
+    );
+    let again = c.get(&url, &[]).await;
+    assert_eq!(
+        &again.body[..],
+        b"v1",
+        "never back in time: the replica's older copy did not replace v1"
+    );
+
+    // The replica regenerates: the next refresh stores the render.
+    origin.route("/p", isr("v2", "REVALIDATED"));
+    eventually!(
+        5,
+        {
+            let got = c.get(&url, &[]).await;
+            got.header("x-cache") == "HIT" && &got.body[..] == b"v2"
+        },
+        "the regenerated page is served"
+    );
+    assert_eq!(
+        c.get(&url, &[]).await.header("age"),
+        "0",
+        "Age counts from the render"
+    );
+}
+
+#[tokio::test]
+async fn without_the_preview_id_a_refresh_still_never_stores_a_stale_copy() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/q", isr("v1", "MISS"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, false).await;
+    let c = Client::default();
+    let url = gw.url("/q");
+    c.get(&url, &[]).await;
+    settled(&gw).await;
+    origin.route("/q", isr("v0-old", "STALE"));
+    advance(&gw, 61);
+    assert_eq!(&c.get(&url, &[]).await.body[..], b"v1");
+    eventually!(
+        5,
+        gw.state.metrics.fills_not_rendered.get() == 1,
+        "the stale copy was refused"
+    );
+    assert!(
+        origin
+            .last("/q")
+            .expect("seen")
+            .headers
+            .get("x-prerender-revalidate")
+            .is_none(),
+        "no id, no header"
+    );
+    assert_eq!(&c.get(&url, &[]).await.body[..], b"v1");
+    // The replica's background render landed: its fresh answer is a render we take.
+    origin.route("/q", isr("v2", "HIT"));
+    eventually!(
+        5,
+        &c.get(&url, &[]).await.body[..] == b"v2",
+        "the replica's new page is stored"
+    );
+}
+
+#[tokio::test]
+async fn responses_that_are_not_stored_reach_gzip_clients_compressed() {
+    let r = RedisProcess::start();
+    let script = "export function render(items){return items.map(i=>`<li>${i}</li>`).join('')}\n"
+        .repeat(300);
+    let body = script.clone();
+    let origin = FakeNext::start(move |o| {
+        o.route(
+            "/private.js",
+            Route::html(&body)
+                .content_type("application/javascript")
+                .header("cache-control", "private, no-cache, no-store"),
+        );
+    })
+    .await;
+    let gw = gateway(&origin, &r, false).await;
+    let c = Client::default();
+    let url = gw.url("/private.js");
+    let gz = c.get(&url, &[("accept-encoding", "gzip, br")]).await;
+    assert_eq!(gz.status, 200);
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    assert!(
+        gz.body.len() * 5 < script.len(),
+        "{} bytes for {}",
+        gz.body.len(),
+        script.len()
+    );
+    assert_eq!(inflate(&gz.body), script.as_bytes());
+    assert!(gz.header("vary").contains("Accept-Encoding"));
+    let plain = c.get(&url, &[]).await;
+    assert!(plain.headers.get("content-encoding").is_none());
+    assert_eq!(plain.body, script.as_bytes());
+}
+
+#[tokio::test]
+async fn build_assets_are_fetched_once_for_the_fleet_and_served_gzip() {
+    let r = RedisProcess::start();
+    let chunk =
+        "(self.webpackChunk=self.webpackChunk||[]).push([[255],{1:function(e){e.exports=1}}]);\n"
+            .repeat(200);
+    let body = chunk.clone();
+    let origin = FakeNext::start(move |o| {
+        o.route(
+            "/_next/static/chunks/255-abc.js",
+            Route::html(&body)
+                .content_type("application/javascript; charset=UTF-8")
+                .header("cache-control", "public, max-age=31536000, immutable"),
+        );
+    })
+    .await;
+    let g1 = gateway(&origin, &r, false).await;
+    let g2 = gateway(&origin, &r, false).await;
+    let c = Client::default();
+    let path = "/_next/static/chunks/255-abc.js";
+    // One public host, as behind a load balancer (the key includes it).
+    let gzip = [("accept-encoding", "gzip"), ("host", "site.test")];
+    let first = c.get(&g1.url(path), &gzip).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(inflate_if_gzip(&first), chunk.as_bytes());
+    eventually!(
+        5,
+        c.get(&g2.url(path), &gzip).await.header("x-cache") == "HIT",
+        "the second gateway serves the asset from the shared cache"
+    );
+    let hit = c.get(&g2.url(path), &gzip).await;
+    assert_eq!(hit.header("content-encoding"), "gzip");
+    assert_eq!(inflate(&hit.body), chunk.as_bytes());
+    assert_eq!(
+        hit.header("content-type"),
+        "application/javascript; charset=UTF-8"
+    );
+    assert_eq!(
+        c.get(&g1.url(path), &[("rsc", "1"), ("host", "site.test")])
+            .await
+            .header("x-cache"),
+        "HIT",
+        "one representation whatever the request says"
+    );
+    assert_eq!(origin.count(path), 1, "one fetch for the fleet");
+}
+
+fn inflate_if_gzip(got: &crate::support::Got) -> Vec<u8> {
+    if got.header("content-encoding") == "gzip" {
+        inflate(&got.body)
+    } else {
+        got.body.to_vec()
+    }
+}
