@@ -126,6 +126,8 @@ pub struct Metrics {
     pub fills_not_rendered: Counter,
     /// Fills not kept because a later render of the key was already held (never back in time).
     pub fills_older: Counter,
+    /// Other variants of a page stored from the render a refresh or re-warm just made.
+    pub fills_siblings: Counter,
     /// Misses served from another request's render on this gateway (local single-flight).
     pub coalesced_local: Counter,
     /// Misses served from another gateway's render (lost the fleet lock race and waited).

@@ -236,6 +236,12 @@ impl Collector for Scrape {
             "Fills not kept because a later render of the key was already stored.",
             m.fills_older.get(),
         )?;
+        counter(
+            &mut e,
+            "fills_siblings",
+            "Other variants of a page (RSC of an HTML refresh, and back) stored from the same render.",
+            m.fills_siblings.get(),
+        )?;
         counters(
             &mut e,
             "upstream_errors",

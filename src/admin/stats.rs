@@ -236,6 +236,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             "refreshes": m.refreshes.get(),
             "fills_not_rendered": m.fills_not_rendered.get(),
             "fills_older": m.fills_older.get(),
+            "fills_siblings": m.fills_siblings.get(),
         },
         "replicas": replicas,
         "redis": redis,

@@ -70,6 +70,11 @@ pub const FORMAT_V1: u8 = 1;
 /// rendered HTML several times over; the bytes are served to clients as they are.
 const GZIP_LEVEL: u32 = 1;
 
+/// gzip level of immutable bodies (build assets): compressed once for the whole fleet and
+/// served for as long as the build lives, so the bytes count more than the CPU. Level 6 is
+/// zlib's default, what `next start` itself sends a gzip client.
+pub const IMMUTABLE_GZIP_LEVEL: u32 = 6;
+
 /// Bytes every header takes at least in format 1: two `u32` lengths.
 const MIN_HEADER_BYTES: usize = 8;
 
@@ -450,9 +455,14 @@ impl<'a> Reader<'a> {
 /// gzip (RFC 1952) at level 1 of `identity`, as stored and as served to gzip-capable clients.
 /// One member, no file name, modification time 0: the same input always gives the same bytes.
 pub fn compress(identity: &[u8]) -> Bytes {
+    compress_at(identity, GZIP_LEVEL)
+}
+
+/// [`compress`] at gzip `level` (0-9).
+pub fn compress_at(identity: &[u8], level: u32) -> Bytes {
     // Rendered HTML shrinks to well under a quarter; anything larger grows the Vec once or twice.
     let out = Vec::with_capacity(identity.len() / 4 + 64);
-    let mut encoder = GzEncoder::new(out, Compression::new(GZIP_LEVEL));
+    let mut encoder = GzEncoder::new(out, Compression::new(level.min(9)));
     encoder
         .write_all(identity)
         .expect("invariant: writing to a Vec cannot fail");
@@ -509,10 +519,15 @@ pub fn etag(identity: &[u8]) -> String {
 impl Entry {
     /// Builds an entry from an identity body: compresses, computes etag and identity_len into
     /// `meta` (overwriting those two fields).
-    pub fn from_identity(mut meta: Meta, identity: &[u8]) -> Entry {
+    pub fn from_identity(meta: Meta, identity: &[u8]) -> Entry {
+        Entry::from_identity_at(meta, identity, GZIP_LEVEL)
+    }
+
+    /// [`Entry::from_identity`], compressed at gzip `level`.
+    pub fn from_identity_at(mut meta: Meta, identity: &[u8], level: u32) -> Entry {
         meta.etag = etag(identity);
         meta.identity_len = identity.len() as u64;
-        Entry::new(meta, compress(identity))
+        Entry::new(meta, compress_at(identity, level))
     }
 }
 

@@ -85,6 +85,15 @@ impl Variant {
     }
 }
 
+/// Whether `Vary` values name `RSC`: Next sets it on every App Router response (NEXTJS.md
+/// §1.8), so such a page has an RSC payload beside its HTML, from the same render.
+pub fn varies_on_rsc<'a>(vary: impl IntoIterator<Item = &'a http::HeaderValue>) -> bool {
+    vary.into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("rsc"))
+}
+
 /// `Next-Router-Segment-Prefetch`.
 static SEGMENT_PREFETCH: HeaderName = HeaderName::from_static("next-router-segment-prefetch");
 

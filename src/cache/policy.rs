@@ -159,6 +159,8 @@ pub struct Freshness {
     /// The origin answered with its own stale copy (`x-nextjs-cache: STALE`): the entry starts
     /// stale, `fresh` is not granted (NEXTJS.md §9 rule 15).
     pub already_stale: bool,
+    /// `Cache-Control: immutable` (RFC 8246): a content-addressed file, never changing.
+    pub immutable: bool,
 }
 
 impl Freshness {
@@ -349,6 +351,7 @@ fn freshness(cc: &CacheControl, lifetime: u32, already_stale: bool, limits: &Lim
         stale_while_revalidate: swr,
         stale_if_error: sie,
         already_stale,
+        immutable: cc.immutable,
     };
     let room = limits.max_ttl.saturating_sub(f.fresh_part());
     f.stale_while_revalidate = f.stale_while_revalidate.min(room);
@@ -518,6 +521,7 @@ mod tests {
                 stale_while_revalidate: DAY,
                 stale_if_error: secs(300),
                 already_stale: false,
+                immutable: false,
             }
         );
         assert_eq!(f.ttl(), secs(60) + DAY);
@@ -934,6 +938,7 @@ mod tests {
             stale_while_revalidate: secs(swr),
             stale_if_error: secs(sie),
             already_stale,
+            immutable: false,
         }
     }
 
@@ -1103,6 +1108,7 @@ mod properties {
                 stale_while_revalidate: Duration::from_secs(swr),
                 stale_if_error: Duration::from_secs(sie),
                 already_stale,
+                immutable: false,
             };
             let t = Times::new(stored_at, &f);
             let (early, late) = if a <= b { (a, b) } else { (b, a) };

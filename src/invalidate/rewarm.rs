@@ -20,7 +20,8 @@ use http::{HeaderValue, Method, Request, header};
 use crate::app::{AppState, CacheState};
 use crate::cache::key::{CacheKey, Variant};
 use crate::proxy::coalesce::{self, Turn, Wait};
-use crate::proxy::fill::{self, Client, Filled, Job};
+use crate::proxy::fill::{self, Client, Filled, Job, Sibling, SiblingFilled};
+use crate::proxy::refresh::as_variant;
 
 /// How re-warming one variant of a path ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -75,11 +76,7 @@ pub async fn rewarm(
         let (host, path) = (host.to_owned(), path.clone());
         jobs.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let mut done = Vec::with_capacity(2);
-            for variant in [Variant::Html, Variant::Rsc] {
-                done.push(one(&app, &cache, &host, &path, variant).await);
-            }
-            (i, done)
+            (i, page(&app, &cache, &host, &path).await)
         });
     }
     let mut all = jobs.join_all().await;
@@ -87,62 +84,106 @@ pub async fn rewarm(
     all.into_iter().flat_map(|(_, d)| d).collect()
 }
 
-async fn one(
+/// Re-warms one path: its HTML, and its RSC from the same render (`fill::Sibling`); the RSC on
+/// its own only when the HTML produced no render to take it from.
+async fn page(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
     host: &str,
     path: &str,
-    variant: Variant,
-) -> Rewarmed {
-    let name = if variant == Variant::Html {
-        "html"
-    } else {
-        "rsc"
+) -> Vec<Rewarmed> {
+    let Some(html_head) = head(host, path) else {
+        return vec![failed(path, "html"), failed(path, "rsc")];
     };
-    let mut result = Rewarmed {
+    let rsc_head = as_variant(&html_head, &Variant::Rsc);
+    let html_key = CacheKey::new(&cache.cfg.namespace, host, path, None, &Variant::Html);
+    let rsc_key = CacheKey::new(&cache.cfg.namespace, host, path, None, &Variant::Rsc);
+    let sibling = Sibling {
+        key: &rsc_key,
+        variant: &Variant::Rsc,
+        head: as_variant(&html_head, &Variant::Rsc),
+    };
+    let (html, rsc) = one(
+        app,
+        cache,
+        (&html_key, &Variant::Html, html_head),
+        path,
+        Some(sibling),
+    )
+    .await;
+    let rsc = match rsc {
+        Some(rsc) => rsc,
+        None => {
+            one(app, cache, (&rsc_key, &Variant::Rsc, rsc_head), path, None)
+                .await
+                .0
+        }
+    };
+    vec![html, rsc]
+}
+
+fn failed(path: &str, variant: &'static str) -> Rewarmed {
+    Rewarmed {
         path: path.to_owned(),
-        variant: name,
+        variant,
         outcome: "failed",
         status: None,
-    };
-    let Ok(mut req) = Request::builder().method(Method::GET).uri(path).body(()) else {
-        return result;
-    };
+    }
+}
+
+/// The upstream head of a re-warm of `path`'s HTML for `host`.
+fn head(host: &str, path: &str) -> Option<http::request::Parts> {
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .body(())
+        .ok()?;
     if let Ok(h) = HeaderValue::from_str(host) {
         req.headers_mut().insert(header::HOST, h);
     }
-    if variant == Variant::Rsc {
-        req.headers_mut().insert(
-            http::HeaderName::from_static("rsc"),
-            HeaderValue::from_static("1"),
-        );
-    }
     let (head, ()) = req.into_parts();
-    let key = CacheKey::new(&cache.cfg.namespace, host, path, None, &variant);
-    let head = fill::upstream_head(&head, &variant);
+    Some(fill::upstream_head(&head, &Variant::Html))
+}
+
+/// Re-warms one key through the fill pipeline; with the sibling's result when it had one.
+async fn one(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    (key, variant, head): (&CacheKey, &Variant, http::request::Parts),
+    path: &str,
+    sibling: Option<Sibling<'_>>,
+) -> (Rewarmed, Option<Rewarmed>) {
+    let name = |v: &Variant| if *v == Variant::Html { "html" } else { "rsc" };
+    let mut result = failed(path, name(variant));
     // A fill in progress may have started before the purge (then its entry is already stale,
     // and this one fills after it): wait for it rather than skip.
-    let permit = match coalesce::turn(app, cache, &key, &head.headers, Wait::Follow).await {
+    let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Follow).await {
         Turn::Fill(permit) => permit,
         Turn::Filled(entry) => {
             (result.outcome, result.status) = ("elsewhere", Some(entry.meta.status));
-            return result;
+            return (result, None);
         }
         Turn::Pass | Turn::Busy => {
             result.outcome = "not-stored";
-            return result;
+            return (result, None);
         }
     };
+    let sibling_variant = sibling.as_ref().map(|s| name(s.variant));
     let job = Job {
-        key: &key,
-        variant: &variant,
+        key,
+        variant,
         head,
         client: Client::Nobody,
         replaces: true,
+        sibling,
     };
+    let mut sibling_result = None;
     match fill::fill(app, cache, job, permit).await {
-        Ok(Filled::Stored(entry)) => {
+        Ok(Filled::Stored(entry, sibling)) => {
             (result.outcome, result.status) = ("stored", Some(entry.meta.status));
+            sibling_result = sibling
+                .zip(sibling_variant)
+                .map(|(s, v)| sibling_row(path, v, s));
         }
         Ok(Filled::Passed { response, why }) => {
             (result.outcome, result.status) = (why.as_str(), Some(response.status().as_u16()));
@@ -150,5 +191,19 @@ async fn one(
         Ok(Filled::Streaming(_)) => {}
         Err(e) => tracing::debug!(path, error = %e, "re-warm failed"),
     }
-    result
+    (result, sibling_result)
+}
+
+fn sibling_row(path: &str, variant: &'static str, filled: SiblingFilled) -> Rewarmed {
+    let (outcome, status) = match filled {
+        SiblingFilled::Stored(e) => ("stored", Some(e.meta.status)),
+        SiblingFilled::Passed { status, why } => (why.as_str(), Some(status.as_u16())),
+        SiblingFilled::Skipped => ("elsewhere", None),
+    };
+    Rewarmed {
+        path: path.to_owned(),
+        variant,
+        outcome,
+        status,
+    }
 }

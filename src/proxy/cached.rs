@@ -65,7 +65,14 @@ pub async fn serve(
             None
         }
         Found::Stale(entry) => {
-            refresh::spawn(app, cache, key.clone(), upstream(&head), variant.clone());
+            refresh::spawn(
+                app,
+                cache,
+                key.clone(),
+                upstream(&head),
+                variant.clone(),
+                &entry,
+            );
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
                 app.metrics.cache_stale.inc();
                 return Ok((r, Outcome::Stale));
@@ -90,6 +97,7 @@ pub async fn serve(
         head: upstream(&head),
         client: Client::Waiting,
         replaces: fallback.is_some(),
+        sibling: None,
     };
     let fetched = Box::pin(miss(app, cache, job, vary_view)).await;
     answer_miss(app, fetched, fallback, ask, now)
@@ -109,7 +117,7 @@ async fn miss(
     };
     Ok(match fill::fill(app, cache, job, permit).await? {
         Filled::Streaming(response) => Fetched::Led(response),
-        Filled::Stored(entry) => Fetched::Stored(entry),
+        Filled::Stored(entry, _) => Fetched::Stored(entry),
         Filled::Passed { response, .. } => Fetched::Passed(response),
     })
 }

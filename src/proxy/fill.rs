@@ -23,7 +23,7 @@ use super::lookup::VARY_TAG;
 use super::serve::{self, Outcome};
 use crate::app::{AppState, CacheState};
 use crate::bus::Kind;
-use crate::cache::entry::{Entry, Meta};
+use crate::cache::entry::{Entry, IMMUTABLE_GZIP_LEVEL, Meta};
 use crate::cache::flight::{Done, FillPermit};
 use crate::cache::key::{self, CacheKey, Variant};
 use crate::cache::policy::{self, Expect, Times};
@@ -31,6 +31,7 @@ use crate::cache::store::Stored;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::upstream::UpstreamError;
+use crate::upstream::replicas::Replica;
 
 /// Response headers not kept in an entry: framing and encoding (ours differ), validators and
 /// age (ours), and Next.js internals a client must not see (NEXTJS.md §9 rule 22).
@@ -89,9 +90,9 @@ pub fn upstream_head(head: &Parts, variant: &Variant) -> Parts {
 
 /// A replica's answer to a cache candidate, once its head is in.
 #[derive(Debug)]
-pub enum Answer {
+enum Answer {
     /// May be stored: read the body, then [`Pending::entry`].
-    Storable(Pending, Body),
+    Storable(Box<Pending>, Body),
     /// Not storable: pass it through as it came.
     Pass {
         /// The response.
@@ -170,18 +171,23 @@ pub struct Pending {
     /// When the request went upstream (the gateway's clock, UNIX ms): a render the replica
     /// made for it happened after this, so it is the entry's render time (the base of `Age`).
     sent_at_ms: u64,
+    /// The replica that answered.
+    replica: Arc<Replica>,
+    /// The replica rendered for this request (not a copy from its cache).
+    rendered: bool,
 }
 
 /// Sends `head` upstream and decides from the answer's head whether it may be stored. A fill
 /// that `replaces` an entry asks for a regeneration when the build's `previewModeId` is known,
 /// and never stores a copy from the replica's own cache (see [`Pass::Copy`]).
-pub async fn request(
+async fn request(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,
     mut head: Parts,
     variant: &Variant,
     replaces: bool,
+    to: Option<&Arc<Replica>>,
 ) -> Result<Answer, ProxyError> {
     let preview = app.config.webhook.preview_mode_id.as_ref();
     let regenerate = replaces && preview.is_some();
@@ -193,7 +199,11 @@ pub async fn request(
     let path = head.uri.path().to_owned();
     let render_epoch = cache.epochs.current();
     let sent_at_ms = cache.clock.now_ms();
-    let reply = app.upstream.send(head, body::empty()).await?;
+    let reply = match to {
+        Some(replica) => app.upstream.send_to(replica, head).await?,
+        None => app.upstream.send(head, body::empty()).await?,
+    };
+    let replica = Arc::clone(&reply.replica);
     let response = reply.into_response();
     let pass = |response, why| {
         app.metrics.cache_not_stored.inc();
@@ -219,7 +229,8 @@ pub async fn request(
             return pass(response, why);
         }
     };
-    let copy = match source(response.headers()) {
+    let source = source(response.headers());
+    let copy = match source {
         Source::Render => false,
         Source::StaleCopy => replaces,
         Source::Copy => regenerate,
@@ -246,8 +257,10 @@ pub async fn request(
         path,
         render_epoch,
         sent_at_ms,
+        replica,
+        rendered: source == Source::Render,
     };
-    Ok(Answer::Storable(pending, body))
+    Ok(Answer::Storable(Box::new(pending), body))
 }
 
 impl Pending {
@@ -314,7 +327,11 @@ impl Pending {
         if let Some(h) = key::vary_hash(vary, &self.vary_request) {
             meta.tags.push(format!("{VARY_TAG}{h:032x}"));
         }
-        let entry = Arc::new(Entry::from_identity(meta, &identity));
+        let entry = Arc::new(if self.freshness.immutable {
+            Entry::from_identity_at(meta, &identity, IMMUTABLE_GZIP_LEVEL)
+        } else {
+            Entry::from_identity(meta, &identity)
+        });
         entry.remember_identity(identity, seal);
         entry
     }
@@ -513,6 +530,37 @@ pub struct Job<'a> {
     /// entry kept for stale-if-error): the replica is asked to regenerate, and a copy from its
     /// own cache never replaces the entry ([`Pass::Copy`]).
     pub replaces: bool,
+    /// The page's other variant, stored from the same render (HTML and RSC of an App Router
+    /// page, told by its `Vary: RSC`): fetched from the replica that just rendered, before the
+    /// permit is released.
+    pub sibling: Option<Sibling<'a>>,
+}
+
+/// How filling a [`Sibling`] ended.
+#[derive(Debug)]
+pub enum SiblingFilled {
+    /// Stored, with the render's time.
+    Stored(Arc<Entry>),
+    /// Not stored.
+    Passed {
+        /// The replica's status.
+        status: http::StatusCode,
+        /// Why.
+        why: Pass,
+    },
+    /// Being filled on this gateway already, or the replica could not be asked.
+    Skipped,
+}
+
+/// The other variant of a page, filled from the render a [`Job`] just made.
+#[derive(Debug)]
+pub struct Sibling<'a> {
+    /// Its key.
+    pub key: &'a CacheKey,
+    /// Its variant.
+    pub variant: &'a Variant,
+    /// Its upstream head.
+    pub head: Parts,
 }
 
 /// What a fill produced.
@@ -520,8 +568,9 @@ pub struct Job<'a> {
 pub enum Filled {
     /// For a waiting client: the replica's response, streaming while a copy is stored.
     Streaming(Response<Body>),
-    /// For nobody: stored, and readable by every gateway.
-    Stored(Arc<Entry>),
+    /// For nobody: stored, and readable by every gateway; with how the job's sibling was
+    /// filled, when it had one and the replica rendered.
+    Stored(Arc<Entry>, Option<SiblingFilled>),
     /// Not stored: the answer as it came (a fill for nobody drops its body unread).
     Passed {
         /// The response.
@@ -542,7 +591,7 @@ pub async fn fill(
     permit: Option<FillPermit>,
 ) -> Result<Filled, ProxyError> {
     let key = job.key;
-    let answer = request(app, cache, key, job.head, job.variant, job.replaces).await;
+    let answer = request(app, cache, key, job.head, job.variant, job.replaces, None).await;
     let (pending, body) = match answer {
         Ok(Answer::Storable(p, b)) => (p, b),
         Ok(Answer::Pass { response, why }) => {
@@ -566,16 +615,23 @@ pub async fn fill(
         Client::Nobody => {
             let status = pending.status();
             let copied = copy(body, None, cache.cfg.max_entry_bytes, || {}).await;
-            Ok(
-                match settle(app, cache, key, &pending, copied, permit).await? {
-                    Some(entry) => Filled::Stored(entry),
-                    // Larger than `cache.max_entry_bytes`: not kept, as if not storable.
-                    None => Filled::Passed {
-                        response: empty_response(status),
-                        why: Pass::Uncacheable,
-                    },
+            let kept = made(app, cache, key, &pending, copied, permit.as_ref()).await;
+            let mut sibling = None;
+            let app_page = key::varies_on_rsc(pending.parts.headers.get_all(header::VARY));
+            if let (Ok(Some(_)), Some(job_sibling), true) =
+                (&kept, job.sibling, pending.rendered && app_page)
+            {
+                sibling = Some(fill_sibling(app, cache, job_sibling, &pending).await);
+            }
+            end(app, cache, key, permit, ended(&kept)).await;
+            Ok(match kept? {
+                Some(entry) => Filled::Stored(entry, sibling),
+                // Larger than `cache.max_entry_bytes`: not kept, as if not storable.
+                None => Filled::Passed {
+                    response: empty_response(status),
+                    why: Pass::Uncacheable,
                 },
-            )
+            })
         }
     }
 }
@@ -592,7 +648,7 @@ fn stream(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
     key: CacheKey,
-    pending: Pending,
+    pending: Box<Pending>,
     upstream_body: Body,
     permit: Option<FillPermit>,
 ) -> Response<Body> {
@@ -623,8 +679,8 @@ fn stream(
     response
 }
 
-/// Ends a fill once its body is read: the entry is made and kept, or the fill passes or
-/// fails; followers are woken and the permit released either way.
+/// Ends a fill once its body is read: the entry is made and kept (or the fill passes or
+/// fails), then followers are woken and the permit released either way.
 async fn settle(
     app: &AppState,
     cache: &Arc<CacheState>,
@@ -633,25 +689,92 @@ async fn settle(
     copied: Result<Copied, ProxyError>,
     permit: Option<FillPermit>,
 ) -> Result<Option<Arc<Entry>>, ProxyError> {
-    match copied {
-        Ok(Copied::Whole(identity)) => {
+    let kept = made(app, cache, key, pending, copied, permit.as_ref()).await;
+    end(app, cache, key, permit, ended(&kept)).await;
+    kept
+}
+
+/// The entry of a body read whole, woken to the permit's followers and kept; `None` when it
+/// was too large to keep.
+async fn made(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    pending: &Pending,
+    copied: Result<Copied, ProxyError>,
+    permit: Option<&FillPermit>,
+) -> Result<Option<Arc<Entry>>, ProxyError> {
+    match copied? {
+        Copied::Whole(identity) => {
             let entry = pending.entry(identity, &cache.cfg, cache.seal_fills());
-            if let Some(p) = &permit {
+            if let Some(p) = permit {
                 p.wake(Done::Filled(Arc::clone(&entry)));
             }
             keep(app, cache, key, &entry, pending.ttl()).await;
-            end(app, cache, key, permit, Ended::Stored).await;
             Ok(Some(entry))
         }
-        Ok(Copied::TooLarge) => {
+        Copied::TooLarge => {
             app.metrics.cache_not_stored.inc();
-            end(app, cache, key, permit, Ended::Passed(Pass::Uncacheable)).await;
             Ok(None)
         }
-        Err(e) => {
-            end(app, cache, key, permit, Ended::Failed).await;
-            Err(e)
+    }
+}
+
+fn ended(kept: &Result<Option<Arc<Entry>>, ProxyError>) -> Ended {
+    match kept {
+        Ok(Some(_)) => Ended::Stored,
+        Ok(None) => Ended::Passed(Pass::Uncacheable),
+        Err(_) => Ended::Failed,
+    }
+}
+
+/// Fills the page's other variant from the replica that just rendered it (it answers from the
+/// render it just made), with that render's time: HTML and RSC of one refresh are one render.
+/// Skipped when the sibling is being filled on this gateway; anything but a storable answer
+/// leaves its entry as it is (it refreshes on its own).
+async fn fill_sibling(
+    app: &AppState,
+    cache: &CacheState,
+    sibling: Sibling<'_>,
+    of: &Pending,
+) -> SiblingFilled {
+    let Some(permit) = cache.flights.try_lead(sibling.key.hash) else {
+        return SiblingFilled::Skipped;
+    };
+    let to = Some(&of.replica);
+    let answer = request(
+        app,
+        cache,
+        sibling.key,
+        sibling.head,
+        sibling.variant,
+        false,
+        to,
+    );
+    let (mut pending, body) = match answer.await {
+        Ok(Answer::Storable(p, b)) => (p, b),
+        Ok(Answer::Pass { response, why }) => {
+            let status = response.status();
+            return SiblingFilled::Passed { status, why };
         }
+        Err(_) => return SiblingFilled::Skipped,
+    };
+    pending.sent_at_ms = of.sent_at_ms;
+    pending.render_epoch = pending.render_epoch.min(of.render_epoch);
+    let status = pending.status();
+    let copied = copy(body, None, cache.cfg.max_entry_bytes, || {}).await;
+    let made = made(app, cache, sibling.key, &pending, copied, Some(&permit)).await;
+    permit.release().await;
+    match made {
+        Ok(Some(entry)) => {
+            app.metrics.fills_siblings.inc();
+            SiblingFilled::Stored(entry)
+        }
+        Ok(None) => SiblingFilled::Passed {
+            status,
+            why: Pass::Uncacheable,
+        },
+        Err(_) => SiblingFilled::Skipped,
     }
 }
 

@@ -1,47 +1,127 @@
 //! Stale-while-revalidate: a stale entry is served at once and refreshed in the background.
 //!
-//! Receives the key and the upstream head of the request that found the entry stale; runs one
-//! fill in a tracked task of its own, so no client waits for it. The refresh joins the key's
-//! flight like a miss (`coalesce::turn` with [`Wait::Skip`]): when the key is already being
-//! filled on this gateway or another (its fleet lock is held), it does nothing and the entry
-//! keeps being served stale until that fill lands. At most `cache.max_background_refreshes`
-//! run at once per gateway: past that, a stale entry is served without starting another
-//! refresh (a later request will).
+//! Receives the key, the upstream head of the request that found the entry stale and that
+//! entry; runs one fill in a tracked task of its own, so no client waits for it. The refresh
+//! joins the key's flight like a miss (`coalesce::turn` with [`Wait::Skip`]): when the key is
+//! already being filled on this gateway or another (its fleet lock is held), it does nothing
+//! and the entry keeps being served stale until that fill lands. At most
+//! `cache.max_background_refreshes` run at once per gateway: past that, a stale entry is served
+//! without starting another refresh (a later request will).
+//!
+//! **One render per page.** The HTML and the RSC payload of an App Router page are one render
+//! in Next (one ISR entry), and both expire together. So either one going stale refreshes the
+//! page: under the permit of its HTML key, the HTML is regenerated and the RSC payload is then
+//! fetched from the replica that rendered it ([`fill::Sibling`]), both with that render's time.
+//! An RSC refresh that finds the HTML already fresh refreshes the RSC alone only if the HTML is
+//! a later render than it (a miss filled it, without its sibling).
 
 use std::sync::Arc;
 
 use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Uri};
 
 use super::coalesce::{self, Turn, Wait};
-use super::fill::{self, Client, Filled, Job, Pass};
+use super::fill::{self, Client, Filled, Job, Pass, Sibling};
 use crate::app::{AppState, CacheState};
+use crate::cache::entry::Entry;
 use crate::cache::key::{CacheKey, Variant};
+use crate::http::{NEXT_ROUTER_PREFETCH, RSC};
 
-/// Starts a background refresh of `key` unless the bound is reached.
+/// Starts a background refresh of `key`, whose `stale` entry was just served, unless the bound
+/// is reached.
 pub fn spawn(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
     key: CacheKey,
     head: Parts,
     variant: Variant,
+    stale: &Entry,
 ) {
     let Ok(permit) = Arc::clone(&cache.refresh_permits).try_acquire_owned() else {
         return;
     };
     let (app, cache) = (Arc::clone(app), Arc::clone(cache));
+    let page = is_app_page(stale) && matches!(variant, Variant::Html | Variant::Rsc);
+    let rendered_at = stale.meta.stored_at_ms;
     let tasks = cache.tasks.clone();
     tasks.spawn(async move {
         let _permit = permit;
-        refresh(&app, &cache, &key, head, &variant).await;
+        if page {
+            refresh_page(&app, &cache, key, head, variant, rendered_at).await;
+        } else {
+            refresh(&app, &cache, &key, head, &variant, None).await;
+        }
     });
 }
 
+/// Whether an entry is an App Router page: it varies on `RSC` (Next sets `Vary: RSC, …` on
+/// every App Router response, NEXTJS.md §1.8), so an RSC variant exists beside the HTML.
+fn is_app_page(entry: &Entry) -> bool {
+    let vary = entry
+        .meta
+        .headers
+        .iter()
+        .filter(|(n, _)| n == http::header::VARY);
+    crate::cache::key::varies_on_rsc(vary.map(|(_, v)| v))
+}
+
+/// Refreshes the page whose `variant` went stale: its HTML, then its RSC from the same render.
+async fn refresh_page(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    key: CacheKey,
+    head: Parts,
+    variant: Variant,
+    stale_rendered_at: u64,
+) {
+    let (html_head, rsc_head) = (
+        as_variant(&head, &Variant::Html),
+        as_variant(&head, &Variant::Rsc),
+    );
+    let html_key = super::cached::key(cache, &html_head, &Variant::Html);
+    let rsc_key = super::cached::key(cache, &rsc_head, &Variant::Rsc);
+    let turn = coalesce::turn(app, cache, &html_key, &html_head.headers, Wait::Skip).await;
+    let permit = match turn {
+        Turn::Fill(permit) => permit,
+        // The HTML is a newer render than this stale RSC: a miss filled it without its
+        // sibling. Refresh the RSC on its own.
+        Turn::Filled(html)
+            if variant == Variant::Rsc && html.meta.stored_at_ms > stale_rendered_at =>
+        {
+            return refresh(app, cache, &key, rsc_head, &variant, None).await;
+        }
+        Turn::Filled(_) | Turn::Pass => return,
+        Turn::Busy => {
+            app.metrics.refreshes_elsewhere.inc();
+            return;
+        }
+    };
+    let sibling = Sibling {
+        key: &rsc_key,
+        variant: &Variant::Rsc,
+        head: rsc_head,
+    };
+    fill_refresh(
+        app,
+        cache,
+        &html_key,
+        html_head,
+        &Variant::Html,
+        permit,
+        Some(sibling),
+    )
+    .await;
+}
+
+/// Refreshes one key on its own.
 async fn refresh(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
     key: &CacheKey,
     head: Parts,
     variant: &Variant,
+    sibling: Option<Sibling<'_>>,
 ) {
     let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Skip).await {
         Turn::Fill(permit) => permit,
@@ -52,6 +132,18 @@ async fn refresh(
             return;
         }
     };
+    fill_refresh(app, cache, key, head, variant, permit, sibling).await;
+}
+
+async fn fill_refresh(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    key: &CacheKey,
+    head: Parts,
+    variant: &Variant,
+    permit: Option<crate::cache::flight::FillPermit>,
+    sibling: Option<Sibling<'_>>,
+) {
     app.metrics.refreshes.inc();
     let job = Job {
         key,
@@ -59,9 +151,10 @@ async fn refresh(
         head,
         client: Client::Nobody,
         replaces: true,
+        sibling,
     };
     match fill::fill(app, cache, job, permit).await {
-        Ok(Filled::Stored(_) | Filled::Streaming(_)) => {}
+        Ok(Filled::Stored(..) | Filled::Streaming(_)) => {}
         // A definitive answer that may not be stored (unpublished: a private 404; made
         // personal: Set-Cookie): the stale copy must not outlive it.
         Ok(Filled::Passed {
@@ -77,6 +170,64 @@ async fn refresh(
     }
 }
 
+/// Headers of an RSC request that choose among RSC variants (prefetch, segment, router state):
+/// a page's plain RSC payload is asked without them.
+const RSC_REQUEST_HEADERS: [&str; 4] = [
+    "next-router-state-tree",
+    "next-router-prefetch",
+    "next-router-segment-prefetch",
+    "next-url",
+];
+
+/// The upstream head asking for `variant` (HTML or the plain RSC payload) of the page `head`
+/// asks for. An RSC request carries an empty `_rsc` (the value Next 16.3+ expects of a request
+/// with no prefetch, segment, router state or URL header, NEXTJS.md §2.2; older versions
+/// ignore it); an HTML request carries none.
+pub fn as_variant(head: &Parts, variant: &Variant) -> Parts {
+    let mut req = http::Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.version_mut() = head.version;
+    let mut headers = head.headers.clone();
+    for name in RSC_REQUEST_HEADERS {
+        headers.remove(name);
+    }
+    headers.remove(&NEXT_ROUTER_PREFETCH);
+    let rsc = *variant == Variant::Rsc;
+    if rsc {
+        headers.insert(RSC.clone(), HeaderValue::from_static("1"));
+    } else {
+        headers.remove(&RSC);
+    }
+    *req.headers_mut() = headers;
+    *req.uri_mut() = with_rsc_query(&head.uri, rsc);
+    req.into_parts().0
+}
+
+/// `uri` without its `_rsc` query parameter, and with an empty one when `rsc`.
+fn with_rsc_query(uri: &Uri, rsc: bool) -> Uri {
+    let kept: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty() && *p != "_rsc" && !p.starts_with("_rsc="))
+        .collect();
+    let mut query = kept.join("&");
+    if rsc {
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str("_rsc");
+    }
+    let pq = if query.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{query}", uri.path())
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(pq).ok().or(parts.path_and_query);
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
 /// Removes `key` everywhere: this gateway's L1, the store, and (through the bus) every other
 /// gateway's L1.
 async fn forget(app: &AppState, cache: &CacheState, key: &CacheKey) {
@@ -90,4 +241,43 @@ async fn forget(app: &AppState, cache: &CacheState, key: &CacheKey) {
     cache
         .announce(crate::bus::Kind::Filled, hex, &app.metrics)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn a_page_head_becomes_its_other_variant() {
+        let html = head("/p?x=1", &[("host", "site.test"), ("accept", "text/html")]);
+        let rsc = as_variant(&html, &Variant::Rsc);
+        assert_eq!(rsc.uri, "/p?x=1&_rsc");
+        assert_eq!(rsc.headers["rsc"], "1");
+        assert_eq!(rsc.headers["host"], "site.test");
+        let back = as_variant(
+            &head(
+                "/p?_rsc=abc12&x=1",
+                &[
+                    ("rsc", "1"),
+                    ("next-router-state-tree", "%5B%5D"),
+                    ("next-url", "/q"),
+                    ("host", "site.test"),
+                ],
+            ),
+            &Variant::Html,
+        );
+        assert_eq!(back.uri, "/p?x=1");
+        for gone in ["rsc", "next-router-state-tree", "next-url"] {
+            assert!(back.headers.get(gone).is_none(), "{gone}");
+        }
+        assert_eq!(as_variant(&head("/", &[]), &Variant::Rsc).uri, "/?_rsc");
+    }
 }

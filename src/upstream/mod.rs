@@ -192,6 +192,18 @@ impl Upstream {
         self.attempt(&second, head, body::empty(), deadline).await
     }
 
+    /// Sends a bodiless `head` to `replica` itself, not retried elsewhere: a question only that
+    /// replica can answer (the other variant of the page it just rendered, from its own
+    /// cache).
+    pub async fn send_to(
+        &self,
+        replica: &Arc<Replica>,
+        head: Parts,
+    ) -> Result<Reply, UpstreamError> {
+        let deadline = Instant::now() + self.cfg.total_timeout;
+        self.attempt(replica, head, body::empty(), deadline).await
+    }
+
     fn pick(&self, avoid: Option<&Replica>) -> Result<Arc<Replica>, UpstreamError> {
         self.replicas
             .with(|list| balance::pick(list, avoid))

@@ -243,3 +243,80 @@ fn inflate_if_gzip(got: &crate::support::Got) -> Vec<u8> {
         got.body.to_vec()
     }
 }
+
+/// An App Router page: HTML and RSC vary on `RSC`, one ISR entry in Next.
+fn app_page(html: &str, rsc: &str, html_cache: &str, rsc_cache: &str) -> Route {
+    const VARY: &str =
+        "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
+    isr(html, html_cache).header("vary", VARY).with_rsc(
+        isr(rsc, rsc_cache)
+            .content_type("text/x-component")
+            .header("vary", VARY),
+    )
+}
+
+#[tokio::test]
+async fn html_and_rsc_of_a_page_are_refreshed_by_one_render() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/app", app_page("h1", "r1", "MISS", "MISS"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let url = gw.url("/app");
+    let rsc = [("rsc", "1")];
+    assert_eq!(&c.get(&url, &[]).await.body[..], b"h1");
+    assert_eq!(&c.get(&url, &rsc).await.body[..], b"r1");
+    settled(&gw).await;
+    assert_eq!(origin.count("/app"), 2);
+
+    // Expired. Regenerated, the replica renders h2; its RSC is then a HIT of that render.
+    origin.route("/app", app_page("h2", "r2", "REVALIDATED", "HIT"));
+    advance(&gw, 61);
+    let (html, flight) = futures_util::join!(c.get(&url, &[]), c.get(&url, &rsc));
+    assert_eq!(
+        (html.header("x-cache"), &html.body[..]),
+        ("STALE", &b"h1"[..])
+    );
+    assert_eq!(
+        (flight.header("x-cache"), &flight.body[..]),
+        ("STALE", &b"r1"[..])
+    );
+    settled(&gw).await;
+    let html = c.get(&url, &[]).await;
+    let flight = c.get(&url, &rsc).await;
+    assert_eq!(
+        (html.header("x-cache"), &html.body[..]),
+        ("HIT", &b"h2"[..])
+    );
+    assert_eq!(
+        (flight.header("x-cache"), &flight.body[..]),
+        ("HIT", &b"r2"[..])
+    );
+    assert_eq!(
+        origin.count("/app"),
+        4,
+        "one regeneration and one read of its RSC, whichever variant went stale first"
+    );
+    let m = &gw.state.metrics;
+    assert_eq!((m.refreshes.get(), m.fills_siblings.get()), (1, 1));
+    let sibling = origin.last("/app").expect("seen");
+    assert!(
+        sibling.headers.get("x-prerender-revalidate").is_none(),
+        "the RSC is read from the render just made, not regenerated"
+    );
+    assert_eq!(sibling.target, "/app?_rsc");
+    let cache = gw.state.cache.as_ref().expect("cache");
+    let host = gw.addr.to_string();
+    let at = |v| {
+        let key = isrgate::cache::key::CacheKey::new("default", &host, "/app", None, &v);
+        let now = cache.clock.now_ms();
+        cache.l1.get(key.hash, now).expect("held").meta.stored_at_ms
+    };
+    assert_eq!(
+        at(isrgate::cache::key::Variant::Html),
+        at(isrgate::cache::key::Variant::Rsc),
+        "one render time for both"
+    );
+}

@@ -37,6 +37,8 @@ pub struct Route {
     body: RouteBody,
     delay: Duration,
     gate: Option<Gate>,
+    /// What an RSC request (`RSC: 1`) of the same path gets instead, as an App Router page.
+    rsc: Option<Arc<Route>>,
 }
 
 /// Holds a route's answers back until [`Gate::open`]: a render that lasts exactly as long as
@@ -93,6 +95,7 @@ impl Route {
             body: RouteBody::Bytes(Bytes::copy_from_slice(body.as_bytes())),
             delay: Duration::ZERO,
             gate: None,
+            rsc: None,
         }
     }
 
@@ -104,6 +107,7 @@ impl Route {
             body: RouteBody::Bytes(Bytes::new()),
             delay: Duration::ZERO,
             gate: None,
+            rsc: None,
         }
     }
 
@@ -186,6 +190,13 @@ impl Route {
     /// Waits before answering (a slow render).
     pub fn delay(mut self, d: Duration) -> Route {
         self.delay = d;
+        self
+    }
+
+    /// Answers RSC requests (`RSC: 1`) of the path with `rsc`, as an App Router page answers
+    /// its flight payload.
+    pub fn with_rsc(mut self, rsc: Route) -> Route {
+        self.rsc = Some(Arc::new(rsc));
         self
     }
 
@@ -355,6 +366,11 @@ async fn answer(
         },
     );
     let route = state.routes.lock().expect("lock").get(&path).cloned();
+    let is_rsc = req.headers().get("rsc").is_some_and(|v| v == "1");
+    let route = match route {
+        Some(r) if is_rsc && r.rsc.is_some() => r.rsc.as_deref().cloned(),
+        other => other,
+    };
     let Some(route) = route else {
         return Ok(plain(
             StatusCode::NOT_FOUND,
