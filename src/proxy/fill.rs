@@ -24,10 +24,10 @@ use super::serve::{self, Outcome};
 use crate::app::{AppState, CacheState};
 use crate::bus::Kind;
 use crate::cache::entry::{Entry, IMMUTABLE_GZIP_LEVEL, Meta};
-use crate::cache::flight::{Done, FillPermit};
+use crate::cache::flight::{Done, FillPermit, Fleet};
 use crate::cache::key::{self, CacheKey, Variant};
 use crate::cache::policy::{self, Expect, Times};
-use crate::cache::store::Stored;
+use crate::cache::store::{Store, Stored};
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::upstream::UpstreamError;
@@ -613,27 +613,61 @@ pub async fn fill(
             permit,
         ))),
         Client::Nobody => {
-            let status = pending.status();
-            let copied = copy(body, None, cache.cfg.max_entry_bytes, || {}).await;
-            let kept = made(app, cache, key, &pending, copied, permit.as_ref()).await;
-            let mut sibling = None;
-            let app_page = key::varies_on_rsc(pending.parts.headers.get_all(header::VARY));
-            if let (Ok(Some(_)), Some(job_sibling), true) =
-                (&kept, job.sibling, pending.rendered && app_page)
-            {
-                sibling = Some(fill_sibling(app, cache, job_sibling, &pending).await);
-            }
-            end(app, cache, key, permit, ended(&kept)).await;
-            Ok(match kept? {
-                Some(entry) => Filled::Stored(entry, sibling),
-                // Larger than `cache.max_entry_bytes`: not kept, as if not storable.
-                None => Filled::Passed {
-                    response: empty_response(status),
-                    why: Pass::Uncacheable,
-                },
-            })
+            Ok(fill_for_nobody(app, cache, key, pending, body, permit, job.sibling).await?)
         }
     }
+}
+
+/// The rest of a fill nobody waits for: the body read whole, the page's other variant read
+/// from the same render when there is one, both kept together, then the permit released.
+async fn fill_for_nobody(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    pending: Box<Pending>,
+    body: Body,
+    permit: Option<FillPermit>,
+    sibling: Option<Sibling<'_>>,
+) -> Result<Filled, ProxyError> {
+    let status = pending.status();
+    let entry = match copy(body, None, cache.cfg.max_entry_bytes, || {}).await {
+        Ok(Copied::Whole(identity)) => pending.entry(identity, &cache.cfg, cache.seal_fills()),
+        Ok(Copied::TooLarge) => {
+            app.metrics.cache_not_stored.inc();
+            end(app, cache, key, permit, Ended::Passed(Pass::Uncacheable)).await;
+            // Larger than `cache.max_entry_bytes`: not kept, as if not storable.
+            return Ok(Filled::Passed {
+                response: empty_response(status),
+                why: Pass::Uncacheable,
+            });
+        }
+        Err(e) => {
+            end(app, cache, key, permit, Ended::Failed).await;
+            return Err(e);
+        }
+    };
+    let app_page = key::varies_on_rsc(pending.parts.headers.get_all(header::VARY));
+    let mut read = None;
+    if let (Some(sibling), true) = (sibling, pending.rendered && app_page) {
+        read = Some(read_sibling(app, cache, sibling, &pending).await);
+    }
+    let mut kept = vec![(key, &entry, pending.ttl())];
+    if let Some(SiblingRead::Read {
+        key, entry, ttl, ..
+    }) = &read
+    {
+        kept.push((*key, entry, *ttl));
+    }
+    keep_all(app, cache, &kept).await;
+    if let Some(p) = &permit {
+        p.wake(Done::Filled(Arc::clone(&entry)));
+    }
+    end(app, cache, key, permit, Ended::Stored).await;
+    let sibling = match read {
+        None => None,
+        Some(read) => Some(read.finish(app).await),
+    };
+    Ok(Filled::Stored(entry, sibling))
 }
 
 fn empty_response(status: http::StatusCode) -> Response<Body> {
@@ -728,19 +762,55 @@ fn ended(kept: &Result<Option<Arc<Entry>>, ProxyError>) -> Ended {
     }
 }
 
-/// Fills the page's other variant from the replica that just rendered it (it answers from the
-/// render it just made), with that render's time: HTML and RSC of one refresh are one render.
-/// Skipped when the sibling is being filled on this gateway; anything but a storable answer
-/// leaves its entry as it is (it refreshes on its own).
-async fn fill_sibling(
+/// A page's other variant, read from the replica that just rendered the page.
+enum SiblingRead<'a> {
+    /// Read whole, with the render's time; kept together with the page's entry, then its
+    /// permit is released.
+    Read {
+        key: &'a CacheKey,
+        entry: Arc<Entry>,
+        ttl: std::time::Duration,
+        permit: FillPermit,
+    },
+    /// Nothing to keep.
+    Done(SiblingFilled),
+}
+
+impl SiblingRead<'_> {
+    /// Wakes and releases the sibling's permit once it is kept.
+    async fn finish(self, app: &AppState) -> SiblingFilled {
+        match self {
+            SiblingRead::Read { entry, permit, .. } => {
+                app.metrics.fills_siblings.inc();
+                permit.wake(Done::Filled(Arc::clone(&entry)));
+                permit.release().await;
+                SiblingFilled::Stored(entry)
+            }
+            SiblingRead::Done(filled) => filled,
+        }
+    }
+}
+
+/// Reads the page's other variant from the replica that just rendered it (it answers from the
+/// render it just made), with that render's time, under a permit of its own (local and fleet):
+/// a refresh of that variant elsewhere waits for this one instead of rendering again. Skipped
+/// when the sibling is being filled already; anything but a storable answer leaves its entry
+/// as it is (it refreshes on its own).
+async fn read_sibling<'a>(
     app: &AppState,
     cache: &CacheState,
-    sibling: Sibling<'_>,
+    sibling: Sibling<'a>,
     of: &Pending,
-) -> SiblingFilled {
-    let Some(permit) = cache.flights.try_lead(sibling.key.hash) else {
-        return SiblingFilled::Skipped;
+) -> SiblingRead<'a> {
+    let skipped = SiblingRead::Done(SiblingFilled::Skipped);
+    let Some(mut permit) = cache.flights.try_lead(sibling.key.hash) else {
+        return skipped;
     };
+    if let Store::Redis(redis) = &cache.store {
+        if let Ok(Fleet::Contended) = permit.lock_fleet(redis, &sibling.key.hex()).await {
+            return skipped;
+        }
+    }
     let to = Some(&of.replica);
     let answer = request(
         app,
@@ -755,26 +825,24 @@ async fn fill_sibling(
         Ok(Answer::Storable(p, b)) => (p, b),
         Ok(Answer::Pass { response, why }) => {
             let status = response.status();
-            return SiblingFilled::Passed { status, why };
+            return SiblingRead::Done(SiblingFilled::Passed { status, why });
         }
-        Err(_) => return SiblingFilled::Skipped,
+        Err(_) => return skipped,
     };
     pending.sent_at_ms = of.sent_at_ms;
     pending.render_epoch = pending.render_epoch.min(of.render_epoch);
-    let status = pending.status();
-    let copied = copy(body, None, cache.cfg.max_entry_bytes, || {}).await;
-    let made = made(app, cache, sibling.key, &pending, copied, Some(&permit)).await;
-    permit.release().await;
-    match made {
-        Ok(Some(entry)) => {
-            app.metrics.fills_siblings.inc();
-            SiblingFilled::Stored(entry)
-        }
-        Ok(None) => SiblingFilled::Passed {
-            status,
-            why: Pass::Uncacheable,
+    match copy(body, None, cache.cfg.max_entry_bytes, || {}).await {
+        Ok(Copied::Whole(identity)) => SiblingRead::Read {
+            key: sibling.key,
+            entry: pending.entry(identity, &cache.cfg, cache.seal_fills()),
+            ttl: pending.ttl(),
+            permit,
         },
-        Err(_) => SiblingFilled::Skipped,
+        Ok(Copied::TooLarge) => SiblingRead::Done(SiblingFilled::Passed {
+            status: pending.status(),
+            why: Pass::Uncacheable,
+        }),
+        Err(_) => skipped,
     }
 }
 
@@ -851,6 +919,52 @@ pub async fn keep(
     entry: &Arc<Entry>,
     ttl: std::time::Duration,
 ) {
+    keep_all(app, cache, &[(key, entry, ttl)]).await;
+}
+
+/// [`keep`] for entries of one render (a page's HTML and RSC), as nearly together as the
+/// store allows: every L1 copy first, then every store write, then every announcement, so
+/// no gateway holds one of them new and the other old for longer than those writes take.
+async fn keep_all(
+    app: &AppState,
+    cache: &CacheState,
+    entries: &[(&CacheKey, &Arc<Entry>, std::time::Duration)],
+) {
+    let held: Vec<_> = entries
+        .iter()
+        .filter(|(key, entry, _)| hold(app, cache, key, entry))
+        .collect();
+    let mut stored = Vec::with_capacity(held.len());
+    for (key, entry, ttl) in held {
+        let rendered_at = entry.meta.stored_at_ms;
+        let hex = key.hex();
+        let bytes = Stored {
+            meta: entry.meta.encode(),
+            body: entry.gzip.clone(),
+        };
+        match cache.store.put(&hex, bytes, rendered_at, *ttl).await {
+            Ok(true) => {
+                app.metrics.cache_stores.inc();
+                stored.push(hex);
+            }
+            Ok(false) => {
+                // A newer render got there first: drop ours here too, read theirs.
+                app.metrics.fills_older.inc();
+                cache.l1.remove(key.hash);
+            }
+            Err(e) => {
+                app.metrics.store_errors.inc();
+                tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
+            }
+        }
+    }
+    for hex in stored {
+        cache.announce(Kind::Filled, hex, &app.metrics).await;
+    }
+}
+
+/// Puts `entry` in the L1 unless it holds a later render of the key; `false` then.
+fn hold(app: &AppState, cache: &CacheState, key: &CacheKey, entry: &Arc<Entry>) -> bool {
     let rendered_at = entry.meta.stored_at_ms;
     let newer_here = cache
         .l1
@@ -858,31 +972,12 @@ pub async fn keep(
         .is_some_and(|held| held.meta.stored_at_ms > rendered_at);
     if newer_here {
         app.metrics.fills_older.inc();
-        return;
+        return false;
     }
     cache.l1.insert(key.hash, Arc::clone(entry), rendered_at);
     cache.flights.stored(key.hash);
     cache.recent.record(&entry.meta.tags);
-    let hex = key.hex();
-    let stored = Stored {
-        meta: entry.meta.encode(),
-        body: entry.gzip.clone(),
-    };
-    match cache.store.put(&hex, stored, rendered_at, ttl).await {
-        Ok(true) => app.metrics.cache_stores.inc(),
-        Ok(false) => {
-            // A newer render got there first: drop ours here too, read theirs.
-            app.metrics.fills_older.inc();
-            cache.l1.remove(key.hash);
-            return;
-        }
-        Err(e) => {
-            app.metrics.store_errors.inc();
-            tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
-            return;
-        }
-    }
-    cache.announce(Kind::Filled, hex, &app.metrics).await;
+    true
 }
 
 /// What the variant's body must be (`cache::policy::admit` checks the content type).

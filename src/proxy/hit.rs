@@ -4,9 +4,10 @@
 //! Receives a parsed HTTP/1.1 head; hands on an [`Answer`]: a [`Hit`] (the prepared head on
 //! the wire, the body, `Age`, the request id), or "lend it" with the lookup already made. It
 //! runs the driver's own steps in the driver's order ([`super::sanitize::request`],
-//! [`super::classify`], the key, [`super::lookup`]) and answers only a plain fresh hit: a cache
-//! candidate, no `If-None-Match` (a 304 is the driver's), no image negotiation, no `Location`
-//! to rewrite for this client. Everything else is lent to hyper and the driver, which decides
+//! [`super::classify`], the key, [`super::lookup`]) and answers only a plain hit, fresh or
+//! stale within stale-while-revalidate (then it starts the refresh, as the driver would): a
+//! cache candidate, no `If-None-Match` (a 304 is the driver's), no image negotiation, no
+//! `Location` to rewrite for this client. Everything else is lent to hyper and the driver, which decides
 //! it again, except the lookup: the lane's result rides along as a request extension
 //! ([`Looked`]), so a request still reads the store once, whoever answers it.
 //!
@@ -15,13 +16,15 @@
 //! waits on nothing, so it cannot pile up); a lookup that reads the store does, and without
 //! one the request is lent (the driver sheds it).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 
 use super::forwarded::Peer;
 use super::lookup::{self, Found};
-use super::{cached, classify, sanitize, serve};
+use super::{cached, classify, fill, refresh, sanitize, serve};
 use crate::app::AppState;
 use crate::cache::key::Variant;
 use crate::cache::sealed::Held;
@@ -61,7 +64,7 @@ pub enum Answer {
 }
 
 /// The cache's answer to `head`: a plain fresh hit, or lend it (see the module docs).
-pub async fn answer(app: &AppState, peer: &Peer, mut head: Parts) -> Answer {
+pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer {
     let Some(cache) = app.cache.as_ref() else {
         return Answer::Lend(None);
     };
@@ -97,23 +100,40 @@ pub async fn answer(app: &AppState, peer: &Peer, mut head: Parts) -> Answer {
             found,
         }))
     };
-    let Found::Fresh { entry, from_l1 } = &found else {
-        return lend(found);
+    let (entry, from_l1, stale) = match &found {
+        Found::Fresh { entry, from_l1 } => (entry, *from_l1, false),
+        Found::Stale(entry) => (entry, false, true),
+        Found::StaleIfError(_) | Found::Miss => return lend(found),
     };
     if head.headers.contains_key(header::IF_NONE_MATCH) {
         return lend(found);
     }
     let gzip = !entry.gzip.is_empty() && serve::accepts_gzip(&head.headers);
-    let Some((wire, mut body)) = serve::wire(entry, gzip, cache.seal_bodies) else {
+    let written = if stale {
+        serve::stale_wire(entry, gzip, cache.seal_bodies)
+    } else {
+        serve::wire(entry, gzip, cache.seal_bodies)
+    };
+    let Some((wire, mut body)) = written else {
         return lend(found);
     };
+    if stale {
+        // Served stale while one refresh runs, as the driver does (`cached::serve`).
+        let mut up = fill::upstream_head(&head, &variant);
+        sanitize::forward(&app.policy, peer, &mut up);
+        refresh::spawn(app, cache, key.clone(), up, variant.clone(), entry);
+    }
     if head.method == http::Method::HEAD {
         body = Held::Heap(Bytes::new());
     }
     let request_id = trusted_id.unwrap_or_else(|| app.request_ids.next());
     app.metrics.requests.inc();
-    app.metrics.cache_hits.inc();
-    if *from_l1 {
+    if stale {
+        app.metrics.cache_stale.inc();
+    } else {
+        app.metrics.cache_hits.inc();
+    }
+    if from_l1 {
         app.metrics.cache_l1_hits.inc();
     }
     if matches!(body, Held::Sealed(_)) {

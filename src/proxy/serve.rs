@@ -175,6 +175,18 @@ pub fn wire(entry: &Entry, gzip: bool, seal: bool) -> Option<(Bytes, Held)> {
     Some((head.wire.clone()?, body))
 }
 
+/// A stale hit on the wire, for the hit lane: as [`wire`], with the prepared head re-marked
+/// `STALE` (encoded per response: stale hits last one refresh, the prepared heads are the
+/// fresh ones).
+pub fn stale_wire(entry: &Entry, gzip: bool, seal: bool) -> Option<(Bytes, Held)> {
+    let (head, body) = representation(entry, gzip, seal)?;
+    head.wire.as_ref()?;
+    let mut headers = head.headers.clone();
+    mark(&mut headers, Outcome::Stale);
+    let wire = wire::encode_head(head.status, &headers, &[&header::AGE, &X_REQUEST_ID]);
+    Some((wire, body))
+}
+
 /// The head of one representation of `entry` whose body is `len` bytes: the stored status and
 /// headers, the representation's strong ETag (two encodings of one entry are two
 /// representations, RFC 9110 §8.8.3), `Vary: Accept-Encoding`, `Content-Length`, `gzip`'s

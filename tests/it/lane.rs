@@ -671,3 +671,86 @@ async fn without_the_lane_identity_bodies_stay_on_the_heap() {
     ));
     assert_eq!(gw.state.metrics.cache_sendfile_hits.get(), 0);
 }
+
+/// A stale hit within stale-while-revalidate is answered in the lane too, byte for byte as the
+/// driver answers it, and starts the one refresh of the key (the fleet's, through its lock).
+#[tokio::test]
+async fn a_stale_hit_is_answered_in_the_lane_as_the_driver_answers_it_and_starts_one_refresh() {
+    let r = RedisProcess::start();
+    let html: String = (0..1500).map(|i| format!("<li>item {i}</li>")).collect();
+    let page = Route::html(&html)
+        .header("cache-control", ISR)
+        .header("vary", "Accept")
+        .header("x-nextjs-cache", "MISS");
+    let first = page.clone();
+    let origin = FakeNext::start(move |o| {
+        o.route("/p", first);
+    })
+    .await;
+    let settings = format!("[redis]\nurl = \"{}\"\n", r.url());
+    let lane = Gateway::start(config(&[origin.url()], "", &settings)).await;
+    let driver = Gateway::start(config(&[origin.url()], "hit_lane = false", &settings)).await;
+    eventually!(5, bus_live(&lane) && bus_live(&driver), "buses subscribed");
+    let (mut a, mut b) = (Conn::open(&lane).await, Conn::open(&driver).await);
+    a.send(&get("/p", "")).await;
+    assert_eq!(a.response(false).await.header("x-cache"), "MISS");
+    eventually!(
+        5,
+        {
+            b.send(&get("/p", "")).await;
+            b.response(false).await.header("x-cache") == "HIT"
+        },
+        "/p stored in Redis"
+    );
+    let cache = lane.state.cache.as_ref().expect("cache");
+    eventually!(5, cache.tasks.is_empty(), "the fill is over");
+
+    // Past s-maxage; the refresh is held at the origin until the comparisons are done.
+    let gate = Gate::new();
+    origin.route("/p", page.gated(&gate));
+    for gw in [&lane, &driver] {
+        let c = gw.state.cache.as_ref().expect("cache");
+        c.clock.advance(Duration::from_secs(61));
+    }
+    let stale_before = lane.state.metrics.cache_stale.get();
+    let sendfile_before = lane.state.metrics.cache_sendfile_hits.get();
+    for (request, head_only) in [
+        (get("/p", ""), false),
+        (get("/p", "Accept-Encoding: gzip\r\n"), false),
+        (
+            "HEAD /p HTTP/1.1\r\nHost: site.test\r\n\r\n".to_owned(),
+            true,
+        ),
+    ] {
+        a.send(&request).await;
+        b.send(&request).await;
+        let (ours, theirs) = (a.response(head_only).await, b.response(head_only).await);
+        assert_eq!(
+            (ours.status, ours.header("x-cache")),
+            (200, "STALE"),
+            "{request}"
+        );
+        assert_eq!(ours.stable_headers(), theirs.stable_headers(), "{request}");
+        assert_eq!(ours.body, theirs.body, "{request}");
+        assert_eq!(ours.header("age"), "61");
+    }
+    assert_eq!(lane.state.metrics.cache_stale.get(), stale_before + 3);
+    if cfg!(target_os = "linux") {
+        assert_eq!(
+            lane.state.metrics.cache_sendfile_hits.get(),
+            sendfile_before + 1,
+            "the lane wrote the stale identity body itself"
+        );
+    }
+    eventually!(5, origin.count("/p") == 2, "one refresh reached the origin");
+    gate.open();
+    eventually!(
+        5,
+        {
+            a.send(&get("/p", "")).await;
+            a.response(false).await.header("x-cache") == "HIT"
+        },
+        "the refreshed page is a fresh hit"
+    );
+    assert_eq!(origin.count("/p"), 2, "one refresh for both gateways");
+}
