@@ -1,6 +1,8 @@
 //! End to end against real Next.js (issue 7): `examples/nextjs` built once (`npm ci`,
-//! `next build`), three `next start` replicas on free ports, a real `redis-server`, two
-//! gateways in-process. Every process started here is stopped by PID on drop.
+//! `next build`), three `next start` replicas on free ports (each in its own copy of the
+//! build, so each has its own on-disk ISR cache), a real `redis-server`, two gateways
+//! in-process. Every process started here is stopped by PID on drop; one stack runs at a time.
+//! `isr_expiry` holds the "one render per ISR expiry, never back in time" tests.
 //!
 //! Ignored by default (it needs `node`, `npm` and about a minute): `.ci/run` runs it with
 //! `cargo test --test e2e -- --ignored` when `node` is present. `NEXT_DIR` picks another copy
@@ -10,12 +12,15 @@
 #[path = "../it/support/mod.rs"]
 mod support;
 
+mod isr_expiry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use isrgate::config::Config;
 use isrgate::invalidate::webhook::Secrets;
 use serde_json::Value;
 use support::redis::RedisProcess;
@@ -67,11 +72,56 @@ fn build() -> &'static PathBuf {
     })
 }
 
-/// One `next start` replica.
+/// A private copy of the built app (`node_modules` linked, `.next/cache` left out): like a
+/// container, a replica has its own on-disk ISR cache, starting from the build's pages.
+fn replica_dir() -> tempfile::TempDir {
+    let built = build();
+    let dir = tempfile::Builder::new()
+        .prefix("isrgate-e2e-replica-")
+        .tempdir()
+        .expect("temp dir");
+    for entry in std::fs::read_dir(built).expect("app dir") {
+        let entry = entry.expect("app dir entry");
+        let to = dir.path().join(entry.file_name());
+        let copied = if entry.file_name() == "node_modules" {
+            std::os::unix::fs::symlink(entry.path(), &to)
+        } else {
+            copy_tree(&entry.path(), &to)
+        };
+        copied.unwrap_or_else(|e| panic!("copy {}: {e}", entry.path().display()));
+    }
+    dir
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.is_dir() {
+        // Build caches, and ISR entries a replica may have written there before.
+        if from.ends_with(".next/cache") || from.ends_with(".next/server/route-cache") {
+            return Ok(());
+        }
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+    } else {
+        // Dated now: Next dates a prerendered page by its file's mtime, so the build's pages
+        // start fresh, as right after a deploy, however long ago `next build` ran.
+        std::fs::copy(from, to).map(drop)
+    }
+}
+
+/// One `next start` replica, in its own copy of the app.
 struct Replica {
     port: u16,
     child: Option<Child>,
     id: String,
+    // Removed after `Drop` has stopped the process.
+    dir: tempfile::TempDir,
 }
 
 impl Replica {
@@ -84,13 +134,13 @@ impl Replica {
             port,
             child: None,
             id: id.into(),
+            dir: replica_dir(),
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        let dir = build();
         // `next start` itself, not through npx, so the PID we hold is the server's.
         let child = Command::new("node")
             .args([
@@ -101,7 +151,7 @@ impl Replica {
                 "-H",
                 "127.0.0.1",
             ])
-            .current_dir(dir)
+            .current_dir(self.dir.path())
             .env("REPLICA_ID", &self.id)
             .env("REVALIDATE_SECRET", REPLICA_SECRET)
             .env("NEXT_TELEMETRY_DISABLED", "1")
@@ -147,15 +197,42 @@ impl Drop for Replica {
     }
 }
 
+/// The build's `previewModeId`, read as the gateway reads it from `upstream.prerender_manifest`
+/// (NEXTJS.md §4.1): with it in `x-prerender-revalidate`, a replica renders afresh.
+fn preview_mode_id() -> http::HeaderValue {
+    let path = build().join(".next/prerender-manifest.json");
+    isrgate::config::read_preview_mode_id(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 struct Stack {
     replicas: Vec<Replica>,
     gateways: Vec<Gateway>,
     _redis: RedisProcess,
+    // Dropped last, after the replicas are stopped.
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 const HOST: &str = "shop.example";
 
+/// One stack at a time: three `next start` per stack on a machine of a few cores, and the ISR
+/// tests count renders per 3 s window; concurrent stacks would skew each other's timing.
+static ONE_STACK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn stack() -> Stack {
+    stack_with(|_| {}).await
+}
+
+/// The stack with gateways that refresh by on-demand revalidation: the build's
+/// `previewModeId` in `webhook.preview_mode_id` (NEXTJS.md §4.1).
+async fn stack_revalidating() -> Stack {
+    let id = preview_mode_id();
+    stack_with(move |cfg| cfg.webhook.preview_mode_id = Some(id.clone())).await
+}
+
+/// Redis, three replicas and two gateways on the bus; `configure` edits each gateway's config.
+async fn stack_with(configure: impl Fn(&mut Config)) -> Stack {
+    let serial = ONE_STACK_AT_A_TIME.lock().await;
     build();
     let redis = RedisProcess::start();
     let replicas: Vec<Replica> = ["a", "b", "c"]
@@ -178,6 +255,7 @@ async fn stack() -> Stack {
             hmac: WEBHOOK_SECRET.into(),
         });
         cfg.webhook.fanout.secret = Some(http::HeaderValue::from_static(REPLICA_SECRET));
+        configure(&mut cfg);
         gateways.push(Gateway::start(cfg).await);
     }
     for gw in &gateways {
@@ -200,26 +278,37 @@ async fn stack() -> Stack {
         replicas,
         gateways,
         _redis: redis,
+        _serial: serial,
     }
 }
 
 async fn get(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
+    get_with(&Client::default(), gw, path, headers).await
+}
+
+/// [`get`] on a client the caller keeps (its connections are reused).
+async fn get_with(client: &Client, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
     let mut all = vec![("host", HOST)];
     all.extend_from_slice(headers);
-    Client::default().get(&gw.url(path), &all).await
+    client.get(&gw.url(path), &all).await
 }
 
 /// An RSC request as a browser makes it. Next 16 answers one without the `_rsc` value it
 /// expects with a 307 to the URL carrying it (`nextjs-observed.md` §6); a browser follows it,
 /// and so does this. Next 15 answers at once.
 async fn rsc_get(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
-    let first = get(gw, path, headers).await;
+    rsc_get_with(&Client::default(), gw, path, headers).await
+}
+
+/// [`rsc_get`] on a client the caller keeps.
+async fn rsc_get_with(client: &Client, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
+    let first = get_with(client, gw, path, headers).await;
     match first.header("location") {
         loc if first.status == 307 && loc.contains("_rsc") => {
             let target = loc
                 .split_once("://")
                 .map_or(loc, |(_, rest)| rest.find('/').map_or("/", |i| &rest[i..]));
-            get(gw, target, headers).await
+            get_with(client, gw, target, headers).await
         }
         _ => first,
     }
