@@ -2,9 +2,12 @@
 # isrgate in front of real Next.js (examples/nextjs, issue 7): three `next start` replicas, a
 # redis-server and two gateways, all on 127.0.0.1 and stopped by PID at the end.
 #   1. TTFB, cold and warm, direct to a replica vs through isrgate (medians of N requests);
-#   2. renders per 1 000 requests over DURATION s of mixed traffic on 20 pages revalidating
-#      every 5 s, direct (spread over the replicas) vs through the gateways;
-#   3. Redis bytes per cached page vs the identity body.
+#   2. renders per 1 000 requests, and per page per revalidate window, over DURATION s of mixed
+#      traffic (HTML and RSC) on 20 pages revalidating every 5 s, direct (spread over the
+#      replicas) vs through the gateways (which refresh with the build's previewModeId, read
+#      from its prerender manifest: one render per page per window is the target);
+#   3. Redis bytes per cached page vs the identity body;
+#   4. bytes a gzip client gets for the largest /_next/static chunk, replica vs gateway.
 # Env: DURATION=60 N=20 CONNS=8
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +30,7 @@ redis-server --port 6394 --bind 127.0.0.1 --save "" --appendonly no --logfile /d
 pids+=($!)
 for i in 1 2; do
     env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn ISRGATE__CACHE__NAMESPACE=isrgate-example \
+        ISRGATE__UPSTREAM__PRERENDER_MANIFEST="$app/.next/prerender-manifest.json" \
         "$root/target/release/isrgate" serve --config /dev/null --listen 127.0.0.1:820$i --admin-listen "" \
         --redis redis://127.0.0.1:6394 \
         --upstream http://127.0.0.1:3201 --upstream http://127.0.0.1:3202 --upstream http://127.0.0.1:3203 \
@@ -51,7 +55,10 @@ echo "| warm (the same page again) | $warm_d | $warm_g |"
 cat >/tmp/isrgate-mixed.lua <<'LUA'
 math.randomseed(os.time() + (tonumber(os.getenv("SEED") or "0")))
 request = function()
-  return wrk.format("GET", "/isr5/" .. math.random(1, 20), { ["Host"] = "bench.local" })
+  local headers = { ["Host"] = "bench.local" }
+  -- Half the requests are client-side navigations: the page's RSC payload.
+  if math.random(1, 2) == 1 then headers["RSC"] = "1" end
+  return wrk.format("GET", "/isr5/" .. math.random(1, 20), headers)
 end
 done = function(summary) io.write(string.format("REQUESTS %d\n", summary.requests)) end
 LUA
@@ -77,12 +84,12 @@ mixed() {  # mixed LABEL PORT…
     local after; after=$(renders)
     local reqs; reqs=$(cat "${outs[@]}" | awk '/^REQUESTS/ {s += $2} END {print s}')
     rm -f "${outs[@]}"
-    awk -v l="$label" -v r="$((after - before))" -v q="$reqs" \
-        'BEGIN { printf "| %s | %d | %d | %.2f |\n", l, q, r, 1000 * r / q }'
+    awk -v l="$label" -v r="$((after - before))" -v q="$reqs" -v w="$(( (DURATION + 4) / 5 ))" \
+        'BEGIN { printf "| %s | %d | %d | %.2f | %.2f |\n", l, q, r, 1000 * r / q, r / (20 * w) }'
 }
 echo
-echo "| ${DURATION} s of mixed traffic, 20 pages with revalidate 5 | requests | renders | renders per 1 000 requests |"
-echo "|---|---:|---:|---:|"
+echo "| ${DURATION} s of mixed traffic (HTML and RSC), 20 pages with revalidate 5 | requests | renders | renders per 1 000 requests | renders per page per window |"
+echo "|---|---:|---:|---:|---:|"
 mixed "direct (spread over 3 replicas)" 3201 3202 3203
 mixed "through 2 isrgate (one Redis)" 8201 8202
 
@@ -101,3 +108,11 @@ for path in / /isr/one /tagged/1 /legacy/1 /isr5/1 /products; do
     [ "$stored" -gt 0 ] || { echo "| $path | $identity | not cached | - |"; continue; }
     awk -v p="$path" -v i="$identity" -v s="$stored" 'BEGIN { printf "| %s | %d | %d | %.1f %% |\n", p, i, s, 100 - 100 * s / i }'
 done
+
+echo
+echo "| largest /_next/static chunk, gzip client | identity bytes | replica's gzip | through isrgate (miss) | through isrgate (hit) |"
+echo "|---|---:|---:|---:|---:|"
+chunk=$(ls -S "$app"/.next/static/chunks/*.js | head -1 | sed "s|$app/.next|/_next|")
+size() { curl -s -o /dev/null -w '%{size_download}' -H 'Host: bench.local' -H 'Accept-Encoding: gzip' "$1"; }
+identity=$(curl -s -o /dev/null -w '%{size_download}' "http://127.0.0.1:3201$chunk")
+echo "| $chunk | $identity | $(size "http://127.0.0.1:3201$chunk") | $(size "http://127.0.0.1:8202$chunk") | $(size "http://127.0.0.1:8201$chunk") |"

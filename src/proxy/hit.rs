@@ -11,7 +11,8 @@
 //! it again, except the lookup: the lane's result rides along as a request extension
 //! ([`Looked`]), so a request still reads the store once, whoever answers it.
 //!
-//! It must not go upstream or change the cache beyond what a lookup does; it counts only the
+//! It must not go upstream itself or change the cache beyond what a lookup does (a stale hit
+//! hands its refresh to `refresh`, in the background, as the driver does); it counts only the
 //! requests it answers. An L1 hit takes no permit of `listen.max_concurrent_requests` (it
 //! waits on nothing, so it cannot pile up); a lookup that reads the store does, and without
 //! one the request is lent (the driver sheds it).

@@ -1,5 +1,5 @@
-//! The HTTP/1.1 hit lane: fresh cache hits answered straight from the socket, everything else
-//! lent to hyper one exchange at a time.
+//! The HTTP/1.1 hit lane: cache hits (fresh, or stale while one refresh runs) answered straight
+//! from the socket, everything else lent to hyper one exchange at a time.
 //!
 //! A cache hit is a lookup and two writes, but through hyper's server it also pays for a
 //! dispatcher, a service future, a `Response`, a body and the encoding of a header map: more

@@ -320,3 +320,41 @@ async fn html_and_rsc_of_a_page_are_refreshed_by_one_render() {
         "one render time for both"
     );
 }
+
+/// A first fill that gets the replica's stale copy serves it as stale (it is what the replica
+/// has) and refreshes once, by a regeneration: one render, not one per replica asked.
+#[tokio::test]
+async fn a_first_fill_of_a_stale_copy_is_served_stale_and_regenerated_once() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/s", isr("old copy", "STALE"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let url = gw.url("/s");
+    let first = c.get(&url, &[]).await;
+    assert_eq!(
+        (first.status.as_u16(), &first.body[..]),
+        (200, &b"old copy"[..])
+    );
+    settled(&gw).await;
+    origin.route("/s", isr("rendered", "REVALIDATED"));
+    let stale = c.get(&url, &[]).await;
+    assert_eq!(
+        (stale.header("x-cache"), &stale.body[..]),
+        ("STALE", &b"old copy"[..]),
+        "stored as already stale"
+    );
+    settled(&gw).await;
+    let fresh = c.get(&url, &[]).await;
+    assert_eq!(
+        (fresh.header("x-cache"), &fresh.body[..]),
+        ("HIT", &b"rendered"[..])
+    );
+    assert_eq!(origin.count("/s"), 2, "the copy, then one regeneration");
+    assert_eq!(
+        origin.last("/s").expect("seen").headers["x-prerender-revalidate"],
+        PREVIEW_MODE_ID
+    );
+}
