@@ -1,9 +1,9 @@
-//! HTTP vocabulary shared by every stage: header-name constants (built once, `from_static`) and
-//! the body types the gateway moves around ([`body`]), the small answers it writes itself
-//! ([`reply`]), and HTTP/1.1 on the wire for the hit lane ([`wire`]).
+//! HTTP vocabulary shared by every stage: header-name constants (built once, `from_static`),
+//! the body types the gateway moves around ([`body`]), gzip on the way out for what is not
+//! stored ([`gzip`]), the small answers it writes itself ([`reply`]), and HTTP/1.1 on the wire
+//! for the hit lane ([`wire`]).
 
 pub mod body;
-/// gzip on the way out for responses the cache does not store (streamed, flushed per frame).
 pub mod gzip;
 pub mod reply;
 pub mod wire;

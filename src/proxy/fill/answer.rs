@@ -1,0 +1,369 @@
+//! The fill's question to a replica and the verdict on its answer's head: the upstream head
+//! of a candidate ([`upstream_head`]), the request (a regeneration when the fill replaces an
+//! entry and the build's `previewModeId` is known), and whether the answer may be stored
+//! ([`Pass`] says why not) — admission (`cache::policy::admit`), the content type the variant
+//! expects, and never a copy from the replica's own cache where a render is needed. Hands on
+//! a [`Pending`] entry: everything but the body.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response};
+
+use crate::app::{AppState, CacheState};
+use crate::cache::entry::{Entry, IMMUTABLE_GZIP_LEVEL, Meta};
+use crate::cache::key::{self, CacheKey, Variant};
+use crate::cache::policy::{self, Expect, Times};
+use crate::error::ProxyError;
+use crate::http::body::{self, Body};
+use crate::upstream::replicas::Replica;
+
+use super::super::lookup::VARY_TAG;
+
+/// Response headers not kept in an entry: framing and encoding (ours differ), validators and
+/// age (ours), and Next.js internals a client must not see (NEXTJS.md §9 rule 22).
+const NOT_STORED: &[&str] = &[
+    "date",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "etag",
+    "age",
+    "x-nextjs-cache",
+    "x-next-cache-tags",
+    "x-cache",
+    "cache-status",
+];
+
+/// The head to send upstream for a candidate: GET whatever the client used (HEAD is served from
+/// the GET entry), identity encoding (we compress ourselves), no conditional or range headers.
+pub fn upstream_head(head: &Parts, variant: &Variant) -> Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    let mut headers = head.headers.clone();
+    for name in [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ] {
+        headers.remove(name);
+    }
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    // An image is keyed on the negotiated format: ask the optimizer for exactly that one, or
+    // a client's wider Accept could store a format other clients cannot read (rule 5).
+    if let Variant::Image(format) = variant {
+        let accept = match format {
+            key::ImageFormat::Avif => "image/avif,image/webp,*/*",
+            key::ImageFormat::Webp => "image/webp,*/*",
+            key::ImageFormat::Original => "*/*",
+        };
+        headers.insert(header::ACCEPT, HeaderValue::from_static(accept));
+    }
+    *req.headers_mut() = headers;
+    // Extensions carry hyper's header-case map: the replica sees the client's header case.
+    *req.extensions_mut() = head.extensions.clone();
+    req.into_parts().0
+}
+
+/// A replica's answer to a cache candidate, once its head is in.
+#[derive(Debug)]
+pub(super) enum Answer {
+    /// May be stored: read the body, then [`Pending::entry`].
+    Storable(Box<Pending>, Body),
+    /// Not storable: pass it through as it came.
+    Pass {
+        /// The response.
+        response: Response<Body>,
+        /// Why it is not stored.
+        why: Pass,
+    },
+}
+
+/// Why an answer is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The answer says the key is not cacheable (private, Set-Cookie, too large…): remembered
+    /// for a while (hit-for-miss), and a stale copy must not outlive it.
+    Uncacheable,
+    /// A server error: the key may be cacheable next time; a stale entry covers for it.
+    Failed,
+    /// The fill replaces an entry and the replica answered from its own cache
+    /// (`x-nextjs-cache: STALE`, or `HIT` where a regeneration was asked): not a render newer
+    /// than what is stored, so it must not replace it (never back in time).
+    Copy,
+}
+
+impl Pass {
+    /// Label for logs and re-warm reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pass::Uncacheable => "not-stored",
+            Pass::Failed => "failed",
+            Pass::Copy => "not-revalidated",
+        }
+    }
+}
+
+/// Where an answer's body comes from, by the replica's `x-nextjs-cache` (NEXTJS.md §1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Rendered for this request (`MISS`, `REVALIDATED`), or not from Next's ISR cache at all
+    /// (no header): newer than anything stored before the request went out.
+    Render,
+    /// The replica's cached copy, fresh by its clock (`HIT`): rendered at an unknown time.
+    Copy,
+    /// The replica's stale copy (`STALE`); it is rendering the next one in the background.
+    StaleCopy,
+}
+
+fn source(headers: &http::HeaderMap) -> Source {
+    match headers
+        .get(&X_NEXTJS_CACHE)
+        .map(|v| v.as_bytes().trim_ascii())
+    {
+        Some(v) if v.eq_ignore_ascii_case(b"HIT") => Source::Copy,
+        Some(v) if v.eq_ignore_ascii_case(b"STALE") => Source::StaleCopy,
+        _ => Source::Render,
+    }
+}
+
+/// Next's on-demand revalidation header (NEXTJS.md §4.1): with the build's `previewModeId` the
+/// replica regenerates the page (HTML and RSC together) instead of answering from its cache,
+/// and says `x-nextjs-cache: REVALIDATED`.
+static PRERENDER_REVALIDATE: HeaderName = HeaderName::from_static("x-prerender-revalidate");
+static X_NEXTJS_CACHE: HeaderName = HeaderName::from_static("x-nextjs-cache");
+
+/// What an entry needs besides its body: the response head, its freshness and the request
+/// headers its `Vary` is matched on.
+#[derive(Debug)]
+pub struct Pending {
+    parts: http::response::Parts,
+    freshness: policy::Freshness,
+    vary_request: http::HeaderMap,
+    /// The request's path (the entry's tags derive from it).
+    path: String,
+    /// The invalidation epoch read before the request went upstream: an invalidation that
+    /// lands while the replica renders makes this entry stale at once.
+    render_epoch: u64,
+    /// When the request went upstream (the gateway's clock, UNIX ms): a render the replica
+    /// made for it happened after this, so it is the entry's render time (the base of `Age`).
+    sent_at_ms: u64,
+    /// The replica that answered.
+    replica: Arc<Replica>,
+    /// The replica rendered for this request (not a copy from its cache).
+    rendered: bool,
+}
+
+/// Sends `head` upstream and decides from the answer's head whether it may be stored. A fill
+/// that `replaces` an entry asks for a regeneration when the build's `previewModeId` is known,
+/// and never stores a copy from the replica's own cache (see [`Pass::Copy`]).
+pub(super) async fn request(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    mut head: Parts,
+    variant: &Variant,
+    replaces: bool,
+    to: Option<&Arc<Replica>>,
+) -> Result<Answer, ProxyError> {
+    let preview = app.config.webhook.preview_mode_id.as_ref();
+    let regenerate = replaces && preview.is_some();
+    if let (true, Some(id)) = (regenerate, preview) {
+        head.headers
+            .insert(PRERENDER_REVALIDATE.clone(), id.clone());
+    }
+    let vary_request = head.headers.clone();
+    let path = head.uri.path().to_owned();
+    let render_epoch = cache.epochs.current();
+    let sent_at_ms = cache.clock.now_ms();
+    let reply = match to {
+        Some(replica) => app.upstream.send_to(replica, head).await?,
+        None => app.upstream.send(head, body::empty()).await?,
+    };
+    let replica = Arc::clone(&reply.replica);
+    let response = reply.into_response();
+    let pass = |response, why| {
+        app.metrics.cache_not_stored.inc();
+        Ok(Answer::Pass { response, why })
+    };
+    let freshness = match policy::admit(
+        &Method::GET,
+        response.status(),
+        response.headers(),
+        expect(variant),
+        &cache.limits,
+    ) {
+        Ok(f) if !f.ttl().is_zero() => f,
+        Ok(_) => return pass(response, Pass::Uncacheable),
+        Err(skip) => {
+            crate::metrics::Counter::inc_at(&app.metrics.cache_not_stored_by, skip as usize);
+            tracing::debug!(key = %key.text, reason = skip.as_str(), "not stored");
+            let why = if response.status().is_server_error() {
+                Pass::Failed
+            } else {
+                Pass::Uncacheable
+            };
+            return pass(response, why);
+        }
+    };
+    let source = source(response.headers());
+    let copy = match source {
+        Source::Render => false,
+        Source::StaleCopy => replaces,
+        Source::Copy => regenerate,
+    };
+    if copy {
+        app.metrics.fills_not_rendered.inc();
+        tracing::debug!(key = %key.text, "the replica answered from its own cache; the stored entry stays");
+        return pass(response, Pass::Copy);
+    }
+    // A replica that compressed anyway (our request asked for identity) is passed through:
+    // its bytes are not the identity body this entry format stores.
+    let encoded = response
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return pass(response, Pass::Uncacheable);
+    }
+    let (parts, body) = response.into_parts();
+    let pending = Pending {
+        parts,
+        freshness,
+        vary_request,
+        path,
+        render_epoch,
+        sent_at_ms,
+        replica,
+        rendered: source == Source::Render,
+    };
+    Ok(Answer::Storable(Box::new(pending), body))
+}
+
+impl Pending {
+    /// The head a client gets while the body streams (the leader of a fill): the headers the
+    /// entry will hold and the replica's Content-Length; no ETag yet (it is the body's hash).
+    pub fn client_head(&self) -> (http::StatusCode, http::HeaderMap, Option<u64>) {
+        let mut headers = http::HeaderMap::with_capacity(self.parts.headers.len() + 4);
+        for (n, v) in self.stored_headers() {
+            headers.append(n.clone(), v.clone());
+        }
+        let len = self
+            .parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(len) = len {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        (self.parts.status, headers, len)
+    }
+
+    fn stored_headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.parts
+            .headers
+            .iter()
+            .filter(|(n, _)| !NOT_STORED.contains(&n.as_str()))
+    }
+
+    /// The answer's status.
+    pub fn status(&self) -> http::StatusCode {
+        self.parts.status
+    }
+
+    /// The entry for the identity body, rendered when the request went upstream, tagged as
+    /// `cfg` says; the body is sealed for the hit lane if `seal`.
+    pub fn entry(&self, identity: Bytes, cfg: &crate::config::Cache, seal: bool) -> Arc<Entry> {
+        let stored_headers = self
+            .stored_headers()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
+        let now_ms = self.sent_at_ms;
+        meta.stored_at_ms = now_ms;
+        meta.render_epoch = self.render_epoch;
+        meta.tags = crate::cache::tags::entry_tags(
+            &self.path,
+            &self.parts.headers,
+            &cfg.tag_headers,
+            &cfg.tag_rules,
+        );
+        let t = Times::new(now_ms, &self.freshness);
+        (
+            meta.fresh_until_ms,
+            meta.stale_until_ms,
+            meta.stale_if_error_until_ms,
+        ) = (t.fresh_until, t.stale_until, t.stale_if_error_until);
+        let vary = self
+            .parts
+            .headers
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        if let Some(h) = key::vary_hash(vary, &self.vary_request) {
+            meta.tags.push(format!("{VARY_TAG}{h:032x}"));
+        }
+        let entry = Arc::new(if self.freshness.immutable {
+            Entry::from_identity_at(meta, &identity, IMMUTABLE_GZIP_LEVEL)
+        } else {
+            Entry::from_identity(meta, &identity)
+        });
+        entry.remember_identity(identity, seal);
+        entry
+    }
+
+    /// Whether the replica rendered this answer for the request and it is an App Router page
+    /// (`Vary: RSC`): the page's other variant can then be read from the same render.
+    pub(super) fn renders_a_page(&self) -> bool {
+        self.rendered && key::varies_on_rsc(self.parts.headers.get_all(header::VARY))
+    }
+
+    /// The replica that answered.
+    pub(super) fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// Makes this the other variant of `page`'s render: its render time, and the invalidation
+    /// epoch read before that render.
+    pub(super) fn same_render_as(&mut self, page: &Pending) {
+        self.sent_at_ms = page.sent_at_ms;
+        self.render_epoch = self.render_epoch.min(page.render_epoch);
+    }
+
+    /// How long the store keeps the entry.
+    pub fn ttl(&self) -> std::time::Duration {
+        self.freshness.ttl()
+    }
+}
+
+/// What the variant's body must be (`cache::policy::admit` checks the content type).
+pub fn expect(variant: &Variant) -> Expect {
+    match variant {
+        Variant::Html => Expect::Html,
+        Variant::Rsc | Variant::RscPrefetch(_) | Variant::RscSegment(_) => Expect::Rsc,
+        Variant::DataJson => Expect::Json,
+        Variant::Asset => Expect::Any,
+        Variant::Image(_) => Expect::Image,
+    }
+}
+
+/// Names of headers clients get on a passed-through candidate response that they must not
+/// see (rule 22): the same internals an entry drops.
+pub fn strip_internal_response_headers(headers: &mut http::HeaderMap) {
+    for name in ["x-nextjs-cache", "x-next-cache-tags"] {
+        headers.remove(HeaderName::from_static(name));
+    }
+}
