@@ -128,6 +128,8 @@ pub struct Metrics {
     pub fills_older: Counter,
     /// Other variants of a page stored from the render a refresh or re-warm just made.
     pub fills_siblings: Counter,
+    /// L1 entries written to the store again after their first write failed (Redis was down).
+    pub store_write_backs: Counter,
     /// Misses served from another request's render on this gateway (local single-flight).
     pub coalesced_local: Counter,
     /// Misses served from another gateway's render (lost the fleet lock race and waited).

@@ -242,6 +242,12 @@ impl Collector for Scrape {
             "Other variants of a page (RSC of an HTML refresh, and back) stored from the same render.",
             m.fills_siblings.get(),
         )?;
+        counter(
+            &mut e,
+            "store_write_backs",
+            "Entries written to Redis again, on a hit, after their first write failed.",
+            m.store_write_backs.get(),
+        )?;
         counters(
             &mut e,
             "upstream_errors",

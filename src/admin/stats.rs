@@ -237,6 +237,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             "fills_not_rendered": m.fills_not_rendered.get(),
             "fills_older": m.fills_older.get(),
             "fills_siblings": m.fills_siblings.get(),
+            "store_write_backs": m.store_write_backs.get(),
         },
         "replicas": replicas,
         "redis": redis,

@@ -54,6 +54,48 @@ pub struct L1 {
     /// `invalidate_all` is lazy and timestamp-based; a flush after a bus reconnect must be
     /// exact.
     generation: Arc<AtomicU64>,
+    /// Keys whose entry this L1 holds but the store write failed (Redis down): written again
+    /// on a later hit, once the store answers (`proxy::fill::write_back`).
+    unstored: Arc<Unstored>,
+}
+
+/// Most keys remembered as unstored; past it, the oldest failures are simply not retried
+/// (their entries still serve here, and refill when they expire).
+const MAX_UNSTORED: usize = 10_000;
+
+#[derive(Default)]
+struct Unstored {
+    /// `keys.len()`, read without the lock on every hit.
+    count: std::sync::atomic::AtomicUsize,
+    keys: std::sync::Mutex<std::collections::HashSet<u128>>,
+}
+
+impl Unstored {
+    fn keys(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u128>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark(&self, key: u128) {
+        let mut keys = self.keys();
+        if keys.len() < MAX_UNSTORED && keys.insert(key) {
+            self.count.store(keys.len(), Ordering::Release);
+        }
+    }
+
+    fn take(&self, key: u128) -> bool {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut keys = self.keys();
+        let taken = keys.remove(&key);
+        self.count.store(keys.len(), Ordering::Release);
+        taken
+    }
+
+    fn clear(&self) {
+        self.keys().clear();
+        self.count.store(0, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for L1 {
@@ -77,6 +119,7 @@ impl L1 {
             return L1 {
                 cache: None,
                 generation,
+                unstored: Arc::default(),
             };
         }
         let cache = moka::sync::Cache::builder()
@@ -93,6 +136,7 @@ impl L1 {
         L1 {
             cache: Some(cache),
             generation,
+            unstored: Arc::default(),
         }
     }
 
@@ -125,6 +169,20 @@ impl L1 {
         if let Some(c) = &self.cache {
             c.invalidate(&key);
         }
+        self.unstored.take(key);
+    }
+
+    /// Remembers that the store write of `key`'s entry failed (only while this L1 holds it).
+    pub fn mark_unstored(&self, key: u128) {
+        if self.cache.is_some() {
+            self.unstored.mark(key);
+        }
+    }
+
+    /// Whether `key`'s entry still has to be written to the store; forgotten by this call (the
+    /// caller writes it, or marks it again). One atomic load when nothing is pending.
+    pub fn take_unstored(&self, key: u128) -> bool {
+        self.unstored.take(key)
     }
 
     /// Drops everything (after a reconnect that may have missed invalidations): from this
@@ -134,6 +192,7 @@ impl L1 {
         if let Some(c) = &self.cache {
             c.invalidate_all();
         }
+        self.unstored.clear();
     }
 
     /// `(entries, bytes)` held, for the dashboard.
@@ -200,6 +259,33 @@ mod tests {
         assert!(!off.enabled());
         off.insert(1, entry(10_000, 10), 0);
         assert!(off.get(1, 1).is_none());
+    }
+
+    #[test]
+    fn unstored_keys_are_taken_once_and_forgotten_with_their_entry() {
+        let l1 = L1::new(1 << 20);
+        assert!(!l1.take_unstored(1), "nothing pending");
+        l1.mark_unstored(1);
+        l1.mark_unstored(2);
+        assert!(l1.take_unstored(1));
+        assert!(
+            !l1.take_unstored(1),
+            "taken once: the taker writes it or marks it again"
+        );
+        l1.remove(2);
+        assert!(
+            !l1.take_unstored(2),
+            "an entry gone from the L1 has nothing to write back"
+        );
+        l1.mark_unstored(3);
+        l1.clear();
+        assert!(!l1.take_unstored(3));
+        let off = L1::new(0);
+        off.mark_unstored(1);
+        assert!(
+            !off.take_unstored(1),
+            "strict mode holds no entry to write back"
+        );
     }
 
     #[test]

@@ -177,6 +177,15 @@ impl Store {
         }
     }
 
+    /// Whether the store answers at all now (the Redis circuit breaker is closed): a write
+    /// retried while it is open would fail at once.
+    pub fn is_available(&self) -> bool {
+        match self {
+            Store::Memory(_) => true,
+            Store::Redis(r) => !r.breaker().is_open(crate::upstream::replicas::now_ms()),
+        }
+    }
+
     /// The entry under `key_hex`, if any.
     pub async fn get(&self, key_hex: &str) -> Result<Option<Stored>, StoreError> {
         match self {

@@ -57,6 +57,7 @@ pub async fn serve(
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();
                 if from_l1 {
+                    fill::write_back(app, cache, &key, &entry);
                     app.metrics.cache_l1_hits.inc();
                 }
                 return Ok((r, Outcome::Hit));

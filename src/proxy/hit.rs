@@ -84,10 +84,13 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     let now = cache.clock.now_ms();
     let key = cached::key(cache, &head, &variant);
     let found = match lookup::l1_fresh(cache, &key, &head.headers, now) {
-        Some(entry) => Found::Fresh {
-            entry,
-            from_l1: true,
-        },
+        Some(entry) => {
+            fill::write_back(app, cache, &key, &entry);
+            Found::Fresh {
+                entry,
+                from_l1: true,
+            }
+        }
         None => {
             let Ok(_permit) = app.concurrency.try_acquire() else {
                 return Answer::Lend(None);

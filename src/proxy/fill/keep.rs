@@ -3,6 +3,7 @@
 //! neither).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::app::{AppState, CacheState};
 use crate::bus::Kind;
@@ -30,7 +31,7 @@ pub async fn keep(
 pub(super) async fn keep_all(
     app: &AppState,
     cache: &CacheState,
-    entries: &[(&CacheKey, &Arc<Entry>, std::time::Duration)],
+    entries: &[(&CacheKey, &Arc<Entry>, Duration)],
 ) {
     let held: Vec<_> = entries
         .iter()
@@ -38,31 +39,90 @@ pub(super) async fn keep_all(
         .collect();
     let mut stored = Vec::with_capacity(held.len());
     for (key, entry, ttl) in held {
-        let rendered_at = entry.meta.stored_at_ms;
-        let hex = key.hex();
-        let bytes = Stored {
-            meta: entry.meta.encode(),
-            body: entry.gzip.clone(),
-        };
-        match cache.store.put(&hex, bytes, rendered_at, *ttl).await {
-            Ok(true) => {
-                app.metrics.cache_stores.inc();
-                stored.push(hex);
-            }
-            Ok(false) => {
-                // A newer render got there first: drop ours here too, read theirs.
-                app.metrics.fills_older.inc();
-                cache.l1.remove(key.hash);
-            }
-            Err(e) => {
-                app.metrics.store_errors.inc();
-                tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1");
-            }
+        if put(app, cache, key, entry, *ttl).await {
+            stored.push(key.hex());
         }
     }
     for hex in stored {
         cache.announce(Kind::Filled, hex, &app.metrics).await;
     }
+}
+
+/// Writes `entry` to the store; `true` when it is there now. A newer render already there
+/// wins (ours leaves the L1 too); a failed write is remembered so a later hit writes it again
+/// ([`write_back`]).
+async fn put(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    entry: &Arc<Entry>,
+    ttl: Duration,
+) -> bool {
+    let bytes = Stored {
+        meta: entry.meta.encode(),
+        body: entry.gzip.clone(),
+    };
+    match cache
+        .store
+        .put(&key.hex(), bytes, entry.meta.stored_at_ms, ttl)
+        .await
+    {
+        Ok(true) => {
+            app.metrics.cache_stores.inc();
+            true
+        }
+        Ok(false) => {
+            // A newer render got there first: drop ours here too, read theirs.
+            app.metrics.fills_older.inc();
+            cache.l1.remove(key.hash);
+            false
+        }
+        Err(e) => {
+            app.metrics.store_errors.inc();
+            cache.l1.mark_unstored(key.hash);
+            tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1 and is written again when the store answers");
+            false
+        }
+    }
+}
+
+/// Writes an L1 entry whose store write failed (Redis was down) once the store answers
+/// again, on one of its hits: nothing this gateway rendered is lost to the fleet, and the
+/// other gateways stop rendering it for themselves. In a tracked task; one at a time per key.
+pub fn write_back(
+    app: &Arc<AppState>,
+    cache: &Arc<CacheState>,
+    key: &CacheKey,
+    entry: &Arc<Entry>,
+) {
+    if !cache.l1.take_unstored(key.hash) {
+        return;
+    }
+    if !cache.store.is_available() {
+        cache.l1.mark_unstored(key.hash);
+        return;
+    }
+    let until = entry
+        .meta
+        .stale_until_ms
+        .max(entry.meta.stale_if_error_until_ms);
+    let ttl = Duration::from_millis(until.saturating_sub(cache.clock.now_ms()));
+    if ttl.is_zero() {
+        return;
+    }
+    let (app, cache, key, entry) = (
+        Arc::clone(app),
+        Arc::clone(cache),
+        key.clone(),
+        Arc::clone(entry),
+    );
+    let tasks = cache.tasks.clone();
+    tasks.spawn(async move {
+        if put(&app, &cache, &key, &entry, ttl).await {
+            app.metrics.store_write_backs.inc();
+            cache.announce(Kind::Filled, key.hex(), &app.metrics).await;
+        }
+    });
 }
 
 /// Puts `entry` in the L1 unless it holds a later render of the key; `false` then.

@@ -35,8 +35,8 @@ mod sibling;
 use answer::{Answer, request};
 pub use answer::{Pass, Pending, expect, strip_internal_response_headers, upstream_head};
 pub use copy::{Copied, copy};
-pub use keep::keep;
 use keep::keep_all;
+pub use keep::{keep, write_back};
 pub use sibling::{Sibling, SiblingFilled};
 use sibling::{SiblingRead, read_sibling};
 
