@@ -27,7 +27,8 @@
 #      RUNS=3 DURATION=10 THREADS=2 CONNS=64 PAGES=100 ACCEPT_ENCODING=
 #      hit mode: HIT_S_MAXAGE=3600 (the origin's s-maxage while measuring; 60 = the harness
 #      default, every cache then re-renders its pages mid-run), HIT_TARGETS="gateway …" (a
-#      subset of gateway, gw-strict=127.0.0.1:8085, gw-hyper=127.0.0.1:8088, nginx, varnish)
+#      subset of gateway, gw-strict=127.0.0.1:8085, gw-hyper=127.0.0.1:8088, nginx, varnish),
+#      HIT_BASELINE_BIN=path (another build as gw-base=127.0.0.1:8089: A/B in one run)
 # Baseline and machine: see the issue notes (2 vCPU VM, wrk and servers share both cores; only
 # the ratios and CPU µs/request are comparable between runs).
 set -euo pipefail
@@ -67,7 +68,7 @@ esac
 
 redis_pid=""
 cleanup() {
-    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
+    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-base gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -75,11 +76,12 @@ trap cleanup EXIT
 "$work/start-peers.sh" "${peers[@]}"
 mkdir -p "$work/run"
 
-# start_gateway NAME PORT [ENV=VALUE…]: an isrgate on 127.0.0.1:PORT, PID in run/NAME.pid.
+# start_gateway NAME PORT [ENV=VALUE…]: an isrgate on 127.0.0.1:PORT, PID in run/NAME.pid
+# (the binary: $BIN, default this tree's release build).
 start_gateway() {
     local name=$1 port=$2; shift 2
     env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn "$@" \
-        "$root/target/release/isrgate" serve --config /dev/null \
+        "${BIN:-$root/target/release/isrgate}" serve --config /dev/null \
         --listen "127.0.0.1:$port" --admin-listen "${ADMIN_LISTEN:-}" --upstream "http://$upstream" \
         >"$work/run/$name.log" 2>&1 &
     echo $! >"$work/run/$name.pid"
@@ -112,6 +114,11 @@ case "$mode" in
         # The same L1 gateway with the hit lane off (every hit through hyper's server): what
         # the lane is worth, in the same run.
         start_gateway gw-hyper 8088 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__LISTEN__HIT_LANE=false
+        # HIT_BASELINE_BIN=path/to/older/isrgate: that build as gw-base (8089, L1), to compare
+        # two builds in one run (add gw-base=127.0.0.1:8089 to HIT_TARGETS).
+        if [ -n "${HIT_BASELINE_BIN:-}" ]; then
+            BIN=$HIT_BASELINE_BIN start_gateway gw-base 8089 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
+        fi
         # Hits, not refreshes: with the origin's default s-maxage=60 every cache re-renders its
         # 100 pages in the middle of the later rounds (HIT_S_MAXAGE=60 measures that too).
         curl -s -o /dev/null -X POST "http://127.0.0.1:3001/__config?s_maxage=${HIT_S_MAXAGE:-3600}"

@@ -127,7 +127,9 @@ async fn lead(
     if let Some(entry) = ended {
         return filled(app, permit, entry, false).await;
     }
-    let Store::Redis(redis) = &cache.store else {
+    // This worker's own connections when it has them: the lock is on the miss's path, and the
+    // shared pool's connections live on the control thread (a hop there and back per command).
+    let Store::Redis(redis) = app.reads(cache) else {
         return Turn::Fill(Some(permit));
     };
     let redis = redis.clone();
