@@ -63,7 +63,9 @@ cold_g=$(median </tmp/isrgate-cold-g)
 warm_d=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:3201/isr/one"; done | median)
 warm_g=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:8203/isr/one"; done | median)
 echo "| cold (a page never rendered) | $cold_d | $cold_g |"
+cold_diff=$(paste /tmp/isrgate-cold-d /tmp/isrgate-cold-g | awk '{print $2 - $1}' | median)
 echo "| warm (the same page again) | $warm_d | $warm_g |"
+echo "cold overhead through isrgate, median of the $N paired differences: $cold_diff ms"
 
 cat >/tmp/isrgate-mixed.lua <<'LUA'
 math.randomseed(os.time() + (tonumber(os.getenv("SEED") or "0")))

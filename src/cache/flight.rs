@@ -27,7 +27,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::task::TaskTracker;
 
 use super::entry::Entry;
-use super::lock::Held;
+use super::lock::{Held, Locked};
 use super::store::{RedisStore, StoreError};
 use crate::config;
 use crate::metrics::Metrics;
@@ -190,6 +190,9 @@ pub enum Fleet {
     Held,
     /// Another gateway holds it: it is filling the key.
     Contended,
+    /// Not taken: the store holds a render newer than the one the caller saw (a fill landed
+    /// since its lookup).
+    Newer,
 }
 
 impl FillPermit {
@@ -204,19 +207,29 @@ impl FillPermit {
     }
 
     /// Takes the key's fleet lock (`key_hex`) for `coalesce.lock_ttl`, extended every third of
-    /// it while the permit lives. An error means Redis did not answer in time: fill with local
-    /// single-flight only.
+    /// it while the permit lives; with `unless_newer_than`, only if the store holds no render of
+    /// the key newer than that (the caller's lookup saw that one; 0 for none). An error means
+    /// Redis did not answer in time: fill with local single-flight only.
     pub async fn lock_fleet(
         &mut self,
         redis: &RedisStore,
         key_hex: &str,
+        unless_newer_than: Option<u64>,
     ) -> Result<Fleet, StoreError> {
         if self.fleet.is_some() {
             return Ok(Fleet::Held);
         }
         let ttl = self.flights.cfg.lock_ttl;
-        let Some(held) = redis.try_lock(key_hex, ttl).await? else {
-            return Ok(Fleet::Contended);
+        let held = match unless_newer_than {
+            Some(seen) => match redis.try_lock_unless_newer(key_hex, ttl, seen).await? {
+                Locked::Held(held) => held,
+                Locked::Contended => return Ok(Fleet::Contended),
+                Locked::Newer => return Ok(Fleet::Newer),
+            },
+            None => match redis.try_lock(key_hex, ttl).await? {
+                Some(held) => held,
+                None => return Ok(Fleet::Contended),
+            },
         };
         let extender =
             self.flights

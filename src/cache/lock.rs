@@ -25,6 +25,24 @@ const RELEASE: &str =
 /// Extends the lock only if it still holds our token.
 const EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0";
 
+/// Takes the lock (KEYS[2]) unless the entry (KEYS[1]) holds a render newer than ARGV[3]: -1
+/// then, 1 when taken, 0 when another holder has it. The two keys share a hash tag (one Cluster
+/// slot), so a miss learns in one round trip whether a fill landed since its lookup.
+const LOCK_UNLESS_NEWER: &str = "local r = redis.call('hget', KEYS[1], 'r') \
+if r and tonumber(r) > tonumber(ARGV[3]) then return -1 end \
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end return 0";
+
+/// What [`RedisStore::try_lock_unless_newer`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locked {
+    /// Ours.
+    Held(Held),
+    /// Another gateway holds it.
+    Contended,
+    /// The store holds a render newer than the caller saw: read it instead.
+    Newer,
+}
+
 /// The Redis key of the fill lock of `key_hex`.
 pub fn lock_key(key_hex: &str) -> String {
     format!("isr:{{{key_hex}}}:l")
@@ -56,6 +74,36 @@ impl RedisStore {
             ))
             .await?;
         Ok(set.map(|_| held))
+    }
+
+    /// Takes the fill lock of `key_hex` for `ttl` unless the store already holds a render of
+    /// the key newer than `seen_rendered_at_ms` (the render the caller's lookup saw; 0 for
+    /// none): one round trip for "lock, or read what was filled meanwhile".
+    pub async fn try_lock_unless_newer(
+        &self,
+        key_hex: &str,
+        ttl: Duration,
+        seen_rendered_at_ms: u64,
+    ) -> Result<Locked, StoreError> {
+        let token = format!("{:032x}", fastrand::u128(..));
+        let held = Held {
+            key: lock_key(key_hex),
+            token,
+        };
+        let keys = vec![super::store::entry_key(key_hex), held.key.clone()];
+        let args = vec![
+            held.token.clone(),
+            millis(ttl).to_string(),
+            seen_rendered_at_ms.to_string(),
+        ];
+        let n: i64 = self
+            .bounded(self.pool().next().eval(LOCK_UNLESS_NEWER, keys, args))
+            .await?;
+        Ok(match n {
+            1 => Locked::Held(held),
+            -1 => Locked::Newer,
+            _ => Locked::Contended,
+        })
     }
 
     /// Extends a lock we hold to `ttl` from now; `false` when it is no longer ours (it expired,

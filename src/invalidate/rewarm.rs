@@ -157,7 +157,7 @@ async fn one(
     let mut result = failed(path, name(variant));
     // A fill in progress may have started before the purge (then its entry is already stale,
     // and this one fills after it): wait for it rather than skip.
-    let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Follow).await {
+    let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Follow, 0).await {
         Turn::Fill(permit) => permit,
         Turn::Filled(entry) => {
             (result.outcome, result.status) = ("elsewhere", Some(entry.meta.status));

@@ -100,7 +100,8 @@ pub async fn serve(
         replaces: fallback.is_some(),
         sibling: None,
     };
-    let fetched = Box::pin(miss(app, cache, job, vary_view)).await;
+    let seen = fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms);
+    let fetched = Box::pin(miss(app, cache, job, vary_view, seen)).await;
     answer_miss(app, fetched, fallback, ask, now)
 }
 
@@ -110,8 +111,9 @@ async fn miss(
     cache: &Arc<CacheState>,
     job: Job<'_>,
     vary_view: &HeaderMap,
+    seen: u64,
 ) -> Result<Fetched, ProxyError> {
-    let permit = match coalesce::turn(app, cache, job.key, vary_view, Wait::Follow).await {
+    let permit = match coalesce::turn(app, cache, job.key, vary_view, Wait::Follow, seen).await {
         Turn::Filled(entry) => return Ok(Fetched::Followed(entry)),
         Turn::Fill(permit) => permit,
         Turn::Pass | Turn::Busy => None,

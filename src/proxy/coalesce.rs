@@ -57,13 +57,16 @@ pub enum Turn {
 }
 
 /// Decides whose turn it is to fill `key` for a request with `vary_view` (the headers its
-/// `Vary` is matched on).
+/// `Vary` is matched on). `seen` is the render time of the entry the caller's lookup found
+/// (stale, or kept for stale-if-error; 0 for none): a fill that landed after it is served
+/// instead of filling again.
 pub async fn turn(
     app: &AppState,
     cache: &Arc<CacheState>,
     key: &CacheKey,
     vary_view: &HeaderMap,
     wait: Wait,
+    seen: u64,
 ) -> Turn {
     let flights = &cache.flights;
     let cfg = flights.cfg();
@@ -77,7 +80,12 @@ pub async fn turn(
     loop {
         let follower = match (flights.join(key.hash), wait) {
             (Joined::Lead(permit), _) => {
-                return lead(app, cache, key, vary_view, permit, wait, deadline).await;
+                let lead = Lead {
+                    wait,
+                    deadline,
+                    seen,
+                };
+                return lead.run(app, cache, key, vary_view, permit).await;
             }
             (Joined::Follow(_), Wait::Skip) => return Turn::Busy,
             (Joined::Follow(f), Wait::Follow) => f,
@@ -104,79 +112,104 @@ pub async fn turn(
     }
 }
 
-/// This gateway's leader: serves what a fill that just ended stored, or wins the fleet lock,
-/// or waits for the gateway holding it.
-async fn lead(
-    app: &AppState,
-    cache: &Arc<CacheState>,
-    key: &CacheKey,
-    vary_view: &HeaderMap,
-    mut permit: FillPermit,
+/// This gateway's leader of a key's flight.
+struct Lead {
     wait: Wait,
     deadline: Instant,
-) -> Turn {
-    // A fill that ended between this request's lookup and its join left its entry in the L1
-    // or the in-process store (with Redis, the re-read after the fleet lock covers the rest).
-    let ended = match &cache.store {
-        Store::Memory(_) => reread(app, cache, key, vary_view).await,
-        Store::Redis(_) => cache
-            .l1
-            .get(key.hash, cache.clock.now_ms())
-            .filter(|e| usable(cache, e, vary_view) && fresh(cache, e)),
-    };
-    if let Some(entry) = ended {
-        return filled(app, permit, entry, false).await;
-    }
-    // This worker's own connections when it has them: the lock is on the miss's path, and the
-    // shared pool's connections live on the control thread (a hop there and back per command).
-    let Store::Redis(redis) = app.reads(cache) else {
-        return Turn::Fill(Some(permit));
-    };
-    let redis = redis.clone();
-    let hex = key.hex();
-    // Registered before the first attempt, so no message slips between a lost race and the
-    // wait.
-    let notify = permit.listen();
-    let started = Instant::now();
-    let mut contended = false;
-    loop {
-        match permit.lock_fleet(&redis, &hex).await {
-            Ok(Fleet::Held) => {
-                // Whoever held it before may have just stored the entry.
-                return match reread(app, cache, key, vary_view).await {
-                    Some(entry) => filled(app, permit, entry, true).await,
-                    None => Turn::Fill(Some(permit)),
+    seen: u64,
+}
+
+impl Lead {
+    /// Serves what a fill that just ended stored, or wins the fleet lock, or waits for the
+    /// gateway holding it.
+    async fn run(
+        self,
+        app: &AppState,
+        cache: &Arc<CacheState>,
+        key: &CacheKey,
+        vary_view: &HeaderMap,
+        mut permit: FillPermit,
+    ) -> Turn {
+        let Lead {
+            wait,
+            deadline,
+            seen,
+        } = self;
+        // A fill that ended between this request's lookup and its join left its entry in the L1
+        // or the in-process store (with Redis, the re-read after the fleet lock covers the rest).
+        let ended = match &cache.store {
+            Store::Memory(_) => reread(app, cache, key, vary_view).await,
+            Store::Redis(_) => cache
+                .l1
+                .get(key.hash, cache.clock.now_ms())
+                .filter(|e| usable(cache, e, vary_view) && fresh(cache, e)),
+        };
+        if let Some(entry) = ended {
+            return filled(app, permit, entry, false).await;
+        }
+        // This worker's own connections when it has them: the lock is on the miss's path, and the
+        // shared pool's connections live on the control thread (a hop there and back per command).
+        let Store::Redis(redis) = app.reads(cache) else {
+            return Turn::Fill(Some(permit));
+        };
+        let redis = redis.clone();
+        let hex = key.hex();
+        // Registered before the first attempt, so no message slips between a lost race and the
+        // wait.
+        let notify = permit.listen();
+        let started = Instant::now();
+        let mut contended = false;
+        // The lock is taken only while no render newer than `seen` is stored (one round trip, no
+        // re-read after it); once a re-read found such a render unusable here (another `Vary`, a
+        // purge), it is taken whatever is stored, and re-read after.
+        let mut unless_newer_than = Some(seen);
+        loop {
+            match permit.lock_fleet(&redis, &hex, unless_newer_than).await {
+                Ok(Fleet::Held) if unless_newer_than.is_some() => return Turn::Fill(Some(permit)),
+                Ok(Fleet::Held) => {
+                    // Whoever held it before may have just stored the entry.
+                    return match reread(app, cache, key, vary_view).await {
+                        Some(entry) => filled(app, permit, entry, true).await,
+                        None => Turn::Fill(Some(permit)),
+                    };
+                }
+                Ok(Fleet::Newer) => {
+                    if let Some(entry) = reread(app, cache, key, vary_view).await {
+                        return filled(app, permit, entry, true).await;
+                    }
+                    unless_newer_than = None;
+                    continue;
+                }
+                Ok(Fleet::Contended) if wait == Wait::Skip => {
+                    permit.release().await;
+                    return Turn::Busy;
+                }
+                Ok(Fleet::Contended) => {}
+                Err(e) => {
+                    app.metrics.lock_fallbacks.inc();
+                    tracing::debug!(error = %e, "fill lock unavailable; coalescing on this gateway only");
+                    return Turn::Fill(Some(permit));
+                }
+            }
+            if !contended {
+                contended = true;
+                app.metrics.lock_contended.inc();
+            }
+            if let Some(turn) = wait_fleet(app, cache, key, vary_view, &notify, deadline).await {
+                observe_wait(&app.metrics, started);
+                return match turn {
+                    Waited::Entry(entry) => filled(app, permit, entry, true).await,
+                    Waited::Pass => {
+                        permit.wake(Done::Pass);
+                        permit.release().await;
+                        Turn::Pass
+                    }
+                    Waited::TimedOut => {
+                        app.metrics.follower_timeouts.inc();
+                        Turn::Fill(Some(permit))
+                    }
                 };
             }
-            Ok(Fleet::Contended) if wait == Wait::Skip => {
-                permit.release().await;
-                return Turn::Busy;
-            }
-            Ok(Fleet::Contended) => {}
-            Err(e) => {
-                app.metrics.lock_fallbacks.inc();
-                tracing::debug!(error = %e, "fill lock unavailable; coalescing on this gateway only");
-                return Turn::Fill(Some(permit));
-            }
-        }
-        if !contended {
-            contended = true;
-            app.metrics.lock_contended.inc();
-        }
-        if let Some(turn) = wait_fleet(app, cache, key, vary_view, &notify, deadline).await {
-            observe_wait(&app.metrics, started);
-            return match turn {
-                Waited::Entry(entry) => filled(app, permit, entry, true).await,
-                Waited::Pass => {
-                    permit.wake(Done::Pass);
-                    permit.release().await;
-                    Turn::Pass
-                }
-                Waited::TimedOut => {
-                    app.metrics.follower_timeouts.inc();
-                    Turn::Fill(Some(permit))
-                }
-            };
         }
     }
 }

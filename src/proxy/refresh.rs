@@ -50,7 +50,7 @@ pub fn spawn(
         if page {
             refresh_page(&app, &cache, key, head, variant, rendered_at).await;
         } else {
-            refresh(&app, &cache, &key, head, &variant, None).await;
+            refresh(&app, &cache, &key, head, &variant, rendered_at).await;
         }
     });
 }
@@ -81,7 +81,15 @@ async fn refresh_page(
     );
     let html_key = super::cached::key(cache, &html_head, &Variant::Html);
     let rsc_key = super::cached::key(cache, &rsc_head, &Variant::Rsc);
-    let turn = coalesce::turn(app, cache, &html_key, &html_head.headers, Wait::Skip).await;
+    let turn = coalesce::turn(
+        app,
+        cache,
+        &html_key,
+        &html_head.headers,
+        Wait::Skip,
+        stale_rendered_at,
+    )
+    .await;
     let permit = match turn {
         Turn::Fill(permit) => permit,
         // The HTML is a newer render than this stale RSC: a miss filled it without its
@@ -89,7 +97,7 @@ async fn refresh_page(
         Turn::Filled(html)
             if variant == Variant::Rsc && html.meta.stored_at_ms > stale_rendered_at =>
         {
-            return refresh(app, cache, &key, rsc_head, &variant, None).await;
+            return refresh(app, cache, &key, rsc_head, &variant, stale_rendered_at).await;
         }
         Turn::Filled(_) | Turn::Pass => return,
         Turn::Busy => {
@@ -121,9 +129,10 @@ async fn refresh(
     key: &CacheKey,
     head: Parts,
     variant: &Variant,
-    sibling: Option<Sibling<'_>>,
+    stale_rendered_at: u64,
 ) {
-    let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Skip).await {
+    let seen = stale_rendered_at;
+    let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Skip, seen).await {
         Turn::Fill(permit) => permit,
         // Refreshed just before by another request, here or on another gateway.
         Turn::Filled(_) | Turn::Pass => return,
@@ -132,7 +141,7 @@ async fn refresh(
             return;
         }
     };
-    fill_refresh(app, cache, key, head, variant, permit, sibling).await;
+    fill_refresh(app, cache, key, head, variant, permit, None).await;
 }
 
 async fn fill_refresh(

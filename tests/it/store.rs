@@ -176,3 +176,53 @@ async fn an_older_render_never_replaces_a_newer_one() {
     let rendered: String = raw.hget(entry_key(key), "r").await.expect("hget");
     assert_eq!(rendered, "2001", "the render time is kept beside the entry");
 }
+
+/// The miss's one round trip: the fill lock is taken only while no render newer than the one
+/// the lookup saw is stored.
+#[tokio::test]
+async fn the_fill_lock_is_refused_when_a_newer_render_landed() {
+    use isrgate::cache::lock::Locked;
+    let r = RedisProcess::start();
+    let redis = RedisStore::connect(&settings(&r)).expect("store");
+    let store = Store::Redis(redis.clone());
+    let key = "dddddddddddddddddddddddddddddddd";
+    let ttl = Duration::from_secs(5);
+    eventually!(
+        5,
+        store
+            .put(key, entry(b"v"), 1_000, Duration::from_secs(60))
+            .await
+            .is_ok(),
+        "connected"
+    );
+    assert_eq!(
+        redis
+            .try_lock_unless_newer(key, ttl, 999)
+            .await
+            .expect("eval"),
+        Locked::Newer,
+        "a render newer than the one seen is stored: read it"
+    );
+    let Locked::Held(held) = redis
+        .try_lock_unless_newer(key, ttl, 1_000)
+        .await
+        .expect("eval")
+    else {
+        panic!("the stored render is the one seen: the lock is ours")
+    };
+    assert_eq!(
+        redis
+            .try_lock_unless_newer(key, ttl, 1_000)
+            .await
+            .expect("eval"),
+        Locked::Contended
+    );
+    assert!(redis.unlock(&held).await.expect("unlock"));
+    assert!(matches!(
+        redis
+            .try_lock_unless_newer("eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee", ttl, 0)
+            .await
+            .expect("eval"),
+        Locked::Held(_)
+    ));
+}

@@ -87,7 +87,7 @@ pub(super) async fn read_sibling<'a>(
         return skipped;
     };
     if let Store::Redis(redis) = &cache.store {
-        if let Ok(Fleet::Contended) = permit.lock_fleet(redis, &sibling.key.hex()).await {
+        if let Ok(Fleet::Contended) = permit.lock_fleet(redis, &sibling.key.hex(), None).await {
             return skipped;
         }
     }
