@@ -29,7 +29,7 @@ use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::flight::{Done, FillPermit, Fleet, Joined};
 use crate::cache::key::CacheKey;
-use crate::cache::store::Store;
+use crate::cache::store::{RedisStore, Store};
 use crate::metrics::Metrics;
 
 /// Whether a request waits for a fill in progress.
@@ -128,15 +128,10 @@ impl Lead {
         cache: &Arc<CacheState>,
         key: &CacheKey,
         vary_view: &HeaderMap,
-        mut permit: FillPermit,
+        permit: FillPermit,
     ) -> Turn {
-        let Lead {
-            wait,
-            deadline,
-            seen,
-        } = self;
         // A fill that ended between this request's lookup and its join left its entry in the L1
-        // or the in-process store (with Redis, the re-read after the fleet lock covers the rest).
+        // or the in-process store (with Redis, the fleet lock's check covers the rest).
         let ended = match &cache.store {
             Store::Memory(_) => reread(app, cache, key, vary_view).await,
             Store::Redis(_) => cache
@@ -153,18 +148,32 @@ impl Lead {
             return Turn::Fill(Some(permit));
         };
         let redis = redis.clone();
+        self.fleet(app, cache, key, vary_view, permit, &redis).await
+    }
+
+    /// Takes the key's fleet lock, or waits (bus messages, bounded polls) for the gateway that
+    /// holds it. The lock is taken only while no render newer than the one the lookup saw is
+    /// stored (one round trip, no re-read after it); once a re-read found such a render
+    /// unusable here (another `Vary`, a purge), it is taken whatever is stored, and re-read
+    /// after.
+    async fn fleet(
+        self,
+        app: &AppState,
+        cache: &CacheState,
+        key: &CacheKey,
+        vary_view: &HeaderMap,
+        mut permit: FillPermit,
+        redis: &RedisStore,
+    ) -> Turn {
         let hex = key.hex();
         // Registered before the first attempt, so no message slips between a lost race and the
         // wait.
         let notify = permit.listen();
         let started = Instant::now();
         let mut contended = false;
-        // The lock is taken only while no render newer than `seen` is stored (one round trip, no
-        // re-read after it); once a re-read found such a render unusable here (another `Vary`, a
-        // purge), it is taken whatever is stored, and re-read after.
-        let mut unless_newer_than = Some(seen);
+        let mut unless_newer_than = Some(self.seen);
         loop {
-            match permit.lock_fleet(&redis, &hex, unless_newer_than).await {
+            match permit.lock_fleet(redis, &hex, unless_newer_than).await {
                 Ok(Fleet::Held) if unless_newer_than.is_some() => return Turn::Fill(Some(permit)),
                 Ok(Fleet::Held) => {
                     // Whoever held it before may have just stored the entry.
@@ -180,7 +189,7 @@ impl Lead {
                     unless_newer_than = None;
                     continue;
                 }
-                Ok(Fleet::Contended) if wait == Wait::Skip => {
+                Ok(Fleet::Contended) if self.wait == Wait::Skip => {
                     permit.release().await;
                     return Turn::Busy;
                 }
@@ -195,21 +204,27 @@ impl Lead {
                 contended = true;
                 app.metrics.lock_contended.inc();
             }
-            if let Some(turn) = wait_fleet(app, cache, key, vary_view, &notify, deadline).await {
+            let waited = wait_fleet(app, cache, key, vary_view, &notify, self.deadline).await;
+            if let Some(waited) = waited {
                 observe_wait(&app.metrics, started);
-                return match turn {
-                    Waited::Entry(entry) => filled(app, permit, entry, true).await,
-                    Waited::Pass => {
-                        permit.wake(Done::Pass);
-                        permit.release().await;
-                        Turn::Pass
-                    }
-                    Waited::TimedOut => {
-                        app.metrics.follower_timeouts.inc();
-                        Turn::Fill(Some(permit))
-                    }
-                };
+                return after_wait(app, permit, waited).await;
             }
+        }
+    }
+}
+
+/// The leader's turn after the gateway holding the fleet lock ended (or the wait did).
+async fn after_wait(app: &AppState, permit: FillPermit, waited: Waited) -> Turn {
+    match waited {
+        Waited::Entry(entry) => filled(app, permit, entry, true).await,
+        Waited::Pass => {
+            permit.wake(Done::Pass);
+            permit.release().await;
+            Turn::Pass
+        }
+        Waited::TimedOut => {
+            app.metrics.follower_timeouts.inc();
+            Turn::Fill(Some(permit))
         }
     }
 }
