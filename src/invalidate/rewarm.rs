@@ -20,7 +20,7 @@ use http::{HeaderValue, Method, Request, header};
 use crate::app::{AppState, CacheState};
 use crate::cache::key::{CacheKey, Variant};
 use crate::proxy::coalesce::{self, Turn, Wait};
-use crate::proxy::fill::{self, Client, Filled, Job, Sibling, SiblingFilled};
+use crate::proxy::fill::{self, Filled, Job, Sibling, SiblingFilled};
 use crate::proxy::refresh::as_variant;
 
 /// How re-warming one variant of a path ended.
@@ -169,14 +169,7 @@ async fn one(
         }
     };
     let sibling_variant = sibling.as_ref().map(|s| name(s.variant));
-    let job = Job {
-        key,
-        variant,
-        head,
-        client: Client::Nobody,
-        replaces: true,
-        sibling,
-    };
+    let job = Job::replacing(key, variant, head, sibling);
     let mut sibling_result = None;
     match fill::fill(app, cache, job, permit).await {
         Ok(Filled::Stored(entry, sibling)) => {

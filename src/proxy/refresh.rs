@@ -22,11 +22,11 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Uri};
 
 use super::coalesce::{self, Turn, Wait};
-use super::fill::{self, Client, Filled, Job, Pass, Sibling};
+use super::fill::{self, Filled, Job, Pass, Sibling};
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::key::{CacheKey, Variant};
-use crate::http::{NEXT_ROUTER_PREFETCH, RSC};
+use crate::http::RSC;
 
 /// Starts a background refresh of `key`, whose `stale` entry was just served, unless the bound
 /// is reached.
@@ -154,14 +154,7 @@ async fn fill_refresh(
     sibling: Option<Sibling<'_>>,
 ) {
     app.metrics.refreshes.inc();
-    let job = Job {
-        key,
-        variant,
-        head,
-        client: Client::Nobody,
-        replaces: true,
-        sibling,
-    };
+    let job = Job::replacing(key, variant, head, sibling);
     match fill::fill(app, cache, job, permit).await {
         Ok(Filled::Stored(..) | Filled::Streaming(_)) => {}
         // A definitive answer that may not be stored (unpublished: a private 404; made
@@ -200,7 +193,6 @@ pub fn as_variant(head: &Parts, variant: &Variant) -> Parts {
     for name in RSC_REQUEST_HEADERS {
         headers.remove(name);
     }
-    headers.remove(&NEXT_ROUTER_PREFETCH);
     let rsc = *variant == Variant::Rsc;
     if rsc {
         headers.insert(RSC.clone(), HeaderValue::from_static("1"));

@@ -72,6 +72,26 @@ pub struct Job<'a> {
     pub sibling: Option<Sibling<'a>>,
 }
 
+impl<'a> Job<'a> {
+    /// A fill nobody waits for that replaces an entry (a background refresh, a re-warm), with
+    /// the page's other variant from the same render when `sibling` is given.
+    pub fn replacing(
+        key: &'a CacheKey,
+        variant: &'a Variant,
+        head: Parts,
+        sibling: Option<Sibling<'a>>,
+    ) -> Job<'a> {
+        Job {
+            key,
+            variant,
+            head,
+            client: Client::Nobody,
+            replaces: true,
+            sibling,
+        }
+    }
+}
+
 /// What a fill produced.
 #[derive(Debug)]
 pub enum Filled {
