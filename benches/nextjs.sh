@@ -8,11 +8,12 @@
 #      from its prerender manifest: one render per page per window is the target);
 #   3. Redis bytes per cached page vs the identity body;
 #   4. bytes a gzip client gets for the largest /_next/static chunk, replica vs gateway.
-# Env: DURATION=60 N=20 CONNS=8
+# Env: DURATION=60 N=20 (warm TTFB samples) COLD_N=300 (cold pairs: the replica's render time
+# varies by milliseconds, so the median of a few hundred differences is what is steady) CONNS=8
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 app=${NEXT_DIR:-$root/examples/nextjs}
-DURATION=${DURATION:-60}; N=${N:-20}; CONNS=${CONNS:-8}
+DURATION=${DURATION:-60}; N=${N:-20}; COLD_N=${COLD_N:-300}; CONNS=${CONNS:-8}
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
@@ -49,14 +50,19 @@ done
 
 ttfb() { curl -s -o /dev/null -w '%{time_starttransfer}\n' -H 'Host: bench.local' "$1"; }
 median() { sort -n | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)] * 1000}'; }
-echo "| TTFB ms (median of $N) | direct to a replica | through isrgate |"
+echo "| TTFB ms (median; cold: $COLD_N pages each, warm: $N requests) | direct to a replica | through isrgate |"
 echo "|---|---:|---:|"
-# Cold pages interleaved (direct, then through the gateway, page after page, both to replica
-# 3201): its render time drifts over a run, and an alternating pair sees the same drift.
+# Cold pages in pairs (direct and through the gateway, both to replica 3201), COLD_N of them:
+# the replica's render time drifts over a run, and a pair sees the same drift. The order within
+# a pair is drawn at random: whichever request follows the other pays for the replica's
+# background work after the first render (writing its ISR cache), a bias of a few tenths of a
+# millisecond that a fixed order would put on one side.
 : >/tmp/isrgate-cold-d; : >/tmp/isrgate-cold-g
-for i in $(seq 1 "$N"); do
-    ttfb "http://127.0.0.1:3201/isr/cold-d-$i" >>/tmp/isrgate-cold-d
-    ttfb "http://127.0.0.1:8203/isr/cold-g-$i" >>/tmp/isrgate-cold-g
+for i in $(seq 1 "$COLD_N"); do
+    for side in $(printf 'd\ng\n' | shuf); do
+        case $side in d) port=3201 ;; g) port=8203 ;; esac
+        ttfb "http://127.0.0.1:$port/isr/cold-$side-$RANDOM-$i" >>/tmp/isrgate-cold-$side
+    done
 done
 cold_d=$(median </tmp/isrgate-cold-d)
 cold_g=$(median </tmp/isrgate-cold-g)
@@ -65,7 +71,7 @@ warm_g=$(for i in $(seq 1 "$N"); do ttfb "http://127.0.0.1:8203/isr/one"; done |
 echo "| cold (a page never rendered) | $cold_d | $cold_g |"
 cold_diff=$(paste /tmp/isrgate-cold-d /tmp/isrgate-cold-g | awk '{print $2 - $1}' | median)
 echo "| warm (the same page again) | $warm_d | $warm_g |"
-echo "cold overhead through isrgate, median of the $N paired differences: $cold_diff ms"
+echo "cold overhead through isrgate, median of the $COLD_N paired differences: $cold_diff ms"
 
 cat >/tmp/isrgate-mixed.lua <<'LUA'
 math.randomseed(os.time() + (tonumber(os.getenv("SEED") or "0")))

@@ -231,16 +231,25 @@ impl FillPermit {
                 None => return Ok(Fleet::Contended),
             },
         };
+        self.hold_fleet(redis, held, key_hex);
+        Ok(Fleet::Held)
+    }
+
+    /// Keeps the key's fleet lock, taken by the caller for `coalesce.lock_ttl` (a cold miss's
+    /// read-or-lock), on a permit that holds none yet: extended while the permit lives, released
+    /// with it.
+    pub fn hold_fleet(&mut self, redis: &RedisStore, held: Held, key_hex: &str) {
+        let ttl = self.flights.cfg.lock_ttl;
         let extender =
             self.flights
                 .tasks
                 .spawn(extend(redis.clone(), held.clone(), ttl, key_hex.to_owned()));
+        debug_assert!(self.fleet.is_none(), "one fleet lock per permit");
         self.fleet = Some(FleetLock {
             redis: redis.clone(),
             held,
             extender,
         });
-        Ok(Fleet::Held)
     }
 
     /// Registers for bus messages about this key (unregistered when the permit goes): waits

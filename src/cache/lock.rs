@@ -16,7 +16,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 
-use super::store::{RedisStore, StoreError};
+use super::store::{RedisStore, StoreError, Stored};
 
 /// Deletes the lock only if it still holds our token.
 const RELEASE: &str =
@@ -31,6 +31,24 @@ const EXTEND: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis
 const LOCK_UNLESS_NEWER: &str = "local r = redis.call('hget', KEYS[1], 'r') \
 if r and tonumber(r) > tonumber(ARGV[3]) then return -1 end \
 if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end return 0";
+
+/// Reads the entry (KEYS[1]), and takes the lock (KEYS[2]) when there is none: the entry's two
+/// fields, or 1 when the lock was taken, 0 when another holder has it. A cold miss learns
+/// "nothing stored" and "yours to fill" in one round trip.
+const READ_OR_LOCK: &str = "local v = redis.call('hmget', KEYS[1], 'm', 'b') \
+if v[1] and v[2] then return v end \
+if redis.call('set', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end return 0";
+
+/// What [`RedisStore::read_or_lock`] found.
+#[derive(Debug)]
+pub enum ReadOrLock {
+    /// The stored entry (no lock taken).
+    Entry(Stored),
+    /// Nothing stored, and the lock is ours.
+    Locked(Held),
+    /// Nothing stored, and another gateway holds the lock.
+    Contended,
+}
 
 /// What [`RedisStore::try_lock_unless_newer`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +121,35 @@ impl RedisStore {
             1 => Locked::Held(held),
             -1 => Locked::Newer,
             _ => Locked::Contended,
+        })
+    }
+
+    /// Reads the entry of `key_hex` and, when there is none, takes its fill lock for `ttl` (see
+    /// [`READ_OR_LOCK`]). For a miss that will fill the key whatever it finds missing.
+    pub async fn read_or_lock(
+        &self,
+        key_hex: &str,
+        ttl: Duration,
+    ) -> Result<ReadOrLock, StoreError> {
+        let held = Held {
+            key: lock_key(key_hex),
+            token: format!("{:032x}", fastrand::u128(..)),
+        };
+        let keys = vec![super::store::entry_key(key_hex), held.key.clone()];
+        let args = vec![held.token.clone(), millis(ttl).to_string()];
+        let v: fred::types::Value = self
+            .bounded(self.pool().next().eval(READ_OR_LOCK, keys, args))
+            .await?;
+        Ok(match v {
+            fred::types::Value::Array(fields) => {
+                let mut fields = fields.into_iter().map(fred::types::Value::into_bytes);
+                match (fields.next().flatten(), fields.next().flatten()) {
+                    (Some(meta), Some(body)) => ReadOrLock::Entry(Stored { meta, body }),
+                    _ => return Err(StoreError::Unexpected("an entry without its two fields")),
+                }
+            }
+            v if v.as_i64() == Some(1) => ReadOrLock::Locked(held),
+            _ => ReadOrLock::Contended,
         })
     }
 

@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The task doing the work ended abnormally.
     #[error("aborted: {0}")]
     Aborted(String),
+    /// Redis answered with something no command of ours returns.
+    #[error("redis answered unexpectedly: {0}")]
+    Unexpected(&'static str),
     /// Skipped: Redis failed repeatedly just now (the circuit breaker is open).
     #[error("redis skipped: circuit breaker open")]
     CircuitOpen,

@@ -15,6 +15,7 @@ use super::refresh;
 use super::serve::{self, Ask, Outcome};
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
+use crate::cache::flight::FillPermit;
 use crate::cache::key::{CacheKey, Variant};
 use crate::error::{ProxyError, Side};
 use crate::http::body::{self, Body};
@@ -48,9 +49,15 @@ pub async fn serve(
         up
     };
     // The hit lane lends what it did not answer with the lookup it made: one store read.
-    let found = match head.extensions.remove::<super::hit::Looked>() {
-        Some(looked) if looked.hash == key.hash => looked.found,
-        _ => lookup::lookup(app, cache, &key, vary_view, now).await,
+    let (found, permit) = match head.extensions.remove::<super::hit::Looked>() {
+        Some(looked) if looked.hash == key.hash => {
+            let permit = looked.permit.take();
+            (looked.found, permit)
+        }
+        _ if head.method == Method::GET => {
+            lookup::lookup_to_fill(app, cache, &key, vary_view, now).await
+        }
+        _ => (lookup::lookup(app, cache, &key, vary_view, now).await, None),
     };
     let fallback = match found {
         Found::Fresh { entry, from_l1 } => {
@@ -101,7 +108,7 @@ pub async fn serve(
         sibling: None,
     };
     let seen = fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms);
-    let fetched = Box::pin(miss(app, cache, job, vary_view, seen)).await;
+    let fetched = Box::pin(miss(app, cache, job, vary_view, seen, permit)).await;
     answer_miss(app, fetched, fallback, ask, now)
 }
 
@@ -112,8 +119,13 @@ async fn miss(
     job: Job<'_>,
     vary_view: &HeaderMap,
     seen: u64,
+    led: Option<FillPermit>,
 ) -> Result<Fetched, ProxyError> {
-    let permit = match coalesce::turn(app, cache, job.key, vary_view, Wait::Follow, seen).await {
+    let turn = match led {
+        Some(permit) => coalesce::turn_led(app, cache, job.key, vary_view, seen, permit).await,
+        None => coalesce::turn(app, cache, job.key, vary_view, Wait::Follow, seen).await,
+    };
+    let permit = match turn {
         Turn::Filled(entry) => return Ok(Fetched::Followed(entry)),
         Turn::Fill(permit) => permit,
         Turn::Pass | Turn::Busy => None,

@@ -112,6 +112,24 @@ pub async fn turn(
     }
 }
 
+/// [`turn`] for a miss that already leads the key's flight (its lookup took the permit, and
+/// maybe the fleet lock with it: [`lookup::lookup_to_fill`]).
+pub async fn turn_led(
+    app: &AppState,
+    cache: &Arc<CacheState>,
+    key: &CacheKey,
+    vary_view: &HeaderMap,
+    seen: u64,
+    permit: FillPermit,
+) -> Turn {
+    let lead = Lead {
+        wait: Wait::Follow,
+        deadline: Instant::now() + cache.flights.cfg().wait_timeout,
+        seen,
+    };
+    lead.run(app, cache, key, vary_view, permit).await
+}
+
 /// This gateway's leader of a key's flight.
 struct Lead {
     wait: Wait,

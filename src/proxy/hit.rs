@@ -27,6 +27,7 @@ use super::forwarded::Peer;
 use super::lookup::{self, Found};
 use super::{cached, classify, fill, refresh, sanitize, serve};
 use crate::app::AppState;
+use crate::cache::flight::FillPermit;
 use crate::cache::key::Variant;
 use crate::cache::sealed::Held;
 
@@ -53,6 +54,27 @@ pub struct Looked {
     pub hash: u128,
     /// What the cache held.
     pub found: Found,
+    /// The key's flight, when the lookup of a miss took the lead ([`lookup::lookup_to_fill`]).
+    pub permit: Lent,
+}
+
+/// A fill permit handed from the lane to the driver (an extension must be `Clone`; the permit
+/// has one holder, so the driver takes it out). Dropped untaken, it lets the key go.
+#[derive(Debug, Clone, Default)]
+pub struct Lent(Arc<std::sync::Mutex<Option<FillPermit>>>);
+
+impl Lent {
+    fn new(permit: Option<FillPermit>) -> Lent {
+        Lent(Arc::new(std::sync::Mutex::new(permit)))
+    }
+
+    /// The permit, once.
+    pub fn take(&self) -> Option<FillPermit> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// What the lane does with a request.
@@ -83,25 +105,35 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     };
     let now = cache.clock.now_ms();
     let key = cached::key(cache, &head, &variant);
-    let found = match lookup::l1_fresh(cache, &key, &head.headers, now) {
+    let (found, permit) = match lookup::l1_fresh(cache, &key, &head.headers, now) {
         Some(entry) => {
             fill::write_back(app, cache, &key, &entry);
-            Found::Fresh {
+            let found = Found::Fresh {
                 entry,
                 from_l1: true,
-            }
+            };
+            (found, None)
         }
         None => {
             let Ok(_permit) = app.concurrency.try_acquire() else {
                 return Answer::Lend(None);
             };
-            lookup::lookup(app, cache, &key, &head.headers, now).await
+            if head.method == http::Method::GET {
+                lookup::lookup_to_fill(app, cache, &key, &head.headers, now).await
+            } else {
+                (
+                    lookup::lookup(app, cache, &key, &head.headers, now).await,
+                    None,
+                )
+            }
         }
     };
+    let permit = Lent::new(permit);
     let lend = |found| {
         Answer::Lend(Some(Looked {
             hash: key.hash,
             found,
+            permit: permit.clone(),
         }))
     };
     let (entry, from_l1, stale) = match &found {

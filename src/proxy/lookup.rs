@@ -7,6 +7,10 @@
 //! a request. Bytes that do not decode are a miss too, and the fill overwrites them. While the
 //! gateway's invalidations are incomplete (start, bus reconnect) the store is not read: an
 //! entry purged meanwhile would look valid.
+//!
+//! A GET that would fill the key on a miss looks up with [`lookup_to_fill`]: it leads the key's
+//! flight from the start and reads Redis with a script that also takes the fill lock when
+//! nothing is stored, so a cold miss reaches the replica after one round trip to Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -16,8 +20,11 @@ use http::HeaderMap;
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::{Entry, Meta};
 use crate::cache::epochs::Validity;
+use crate::cache::flight::{Done, FillPermit};
 use crate::cache::key::{self, CacheKey};
+use crate::cache::lock::ReadOrLock;
 use crate::cache::policy::{self, State, Times};
+use crate::cache::store::{Store, StoreError, Stored};
 
 /// What the cache holds for a request.
 #[derive(Debug, Clone)]
@@ -48,34 +55,130 @@ pub async fn lookup(
     headers: &HeaderMap,
     now_ms: u64,
 ) -> Found {
-    if let Some(entry) = cache.l1.get(key.hash, now_ms) {
-        if vary_matches(&entry, headers) {
-            match validity(app, cache, &entry) {
-                Validity::Valid => {
-                    return Found::Fresh {
-                        entry,
-                        from_l1: true,
-                    };
-                }
-                // The store holds the same render: the same verdict.
-                Validity::Stale => return Found::Stale(entry),
-                Validity::Invalid => {
-                    cache.l1.remove(key.hash);
-                    return Found::Miss;
-                }
-            }
+    if let Some(found) = from_l1(app, cache, key, headers, now_ms) {
+        return found;
+    }
+    if !synced(app, cache) {
+        return Found::Miss;
+    }
+    match Box::pin(read(app, cache, key, now_ms)).await {
+        Some(entry) => judge(app, cache, key, entry, headers, now_ms),
+        None => Found::Miss,
+    }
+}
+
+/// A lookup by a request that fills the key when nothing usable is found (a GET miss). With
+/// Redis, and no flight of the key on this gateway, the request leads the key's flight from
+/// here and its store read also takes the key's fill lock when nothing is stored: a cold miss
+/// costs one round trip to Redis, not two (a read, then a lock). The permit comes back with a
+/// miss (or a stale-if-error entry) for [`super::coalesce::turn_led`]; with anything else it
+/// is let go at once.
+pub async fn lookup_to_fill(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> (Found, Option<FillPermit>) {
+    if let Some(found) = from_l1(app, cache, key, headers, now_ms) {
+        return (found, None);
+    }
+    if !synced(app, cache) {
+        return (Found::Miss, None);
+    }
+    let flights = &cache.flights;
+    let lead = match app.reads(cache) {
+        Store::Redis(redis)
+            if flights.cfg().enabled && !cache.decoded.enabled() && !flights.is_pass(key.hash) =>
+        {
+            flights.try_lead(key.hash).map(|p| (p, redis))
+        }
+        _ => None,
+    };
+    let Some((mut permit, redis)) = lead else {
+        return (
+            Box::pin(read(app, cache, key, now_ms))
+                .await
+                .map_or(Found::Miss, |e| judge(app, cache, key, e, headers, now_ms)),
+            None,
+        );
+    };
+    let hex = key.hex();
+    let entry = match redis.read_or_lock(&hex, flights.cfg().lock_ttl).await {
+        Ok(ReadOrLock::Entry(stored)) => decode(app, cache, key, stored),
+        Ok(ReadOrLock::Locked(held)) => {
+            permit.hold_fleet(redis, held, &hex);
+            None
+        }
+        Ok(ReadOrLock::Contended) => None,
+        Err(e) => {
+            failed(app, now_ms, &e);
+            None
+        }
+    };
+    let Some(entry) = entry else {
+        return (Found::Miss, Some(permit));
+    };
+    match judge(app, cache, key, entry, headers, now_ms) {
+        found @ (Found::Miss | Found::StaleIfError(_)) => (found, Some(permit)),
+        found => {
+            // Requests that joined meanwhile take the lead in turn; a fresh entry answers them.
+            permit.wake(match &found {
+                Found::Fresh { entry, .. } => Done::Filled(Arc::clone(entry)),
+                _ => Done::Abandoned,
+            });
+            (found, None)
         }
     }
-    // Invalidations may be missing here (just started, or the bus reconnected and they are
-    // being read again): a shared entry cannot be judged, so none is read. The L1 holds only
-    // what was filled since (it is flushed on reconnect).
-    if !cache.epochs.is_synced() {
-        app.metrics.cache_unsynced_misses.inc();
-        return Found::Miss;
+}
+
+/// The L1's answer, if it holds the key for these `Vary` values.
+fn from_l1(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Option<Found> {
+    let entry = cache.l1.get(key.hash, now_ms)?;
+    if !vary_matches(&entry, headers) {
+        return None;
     }
-    let Some(entry) = Box::pin(read(app, cache, key, now_ms)).await else {
-        return Found::Miss;
-    };
+    Some(match validity(app, cache, &entry) {
+        Validity::Valid => Found::Fresh {
+            entry,
+            from_l1: true,
+        },
+        // The store holds the same render: the same verdict.
+        Validity::Stale => Found::Stale(entry),
+        Validity::Invalid => {
+            cache.l1.remove(key.hash);
+            Found::Miss
+        }
+    })
+}
+
+/// Whether the store may be read: while invalidations may be missing (just started, or the bus
+/// reconnected and they are being read again) a shared entry cannot be judged, so none is
+/// read. The L1 holds only what was filled since (it is flushed on reconnect).
+fn synced(app: &AppState, cache: &CacheState) -> bool {
+    let synced = cache.epochs.is_synced();
+    if !synced {
+        app.metrics.cache_unsynced_misses.inc();
+    }
+    synced
+}
+
+/// What a stored entry is worth to a request with `headers` at `now_ms` (a fresh one is kept
+/// in the L1).
+fn judge(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    entry: Arc<Entry>,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Found {
     if !vary_matches(&entry, headers) {
         return Found::Miss;
     }
@@ -130,10 +233,6 @@ async fn read(
     now_ms: u64,
 ) -> Option<Arc<Entry>> {
     let store = app.reads(cache);
-    let failed = |e: crate::cache::store::StoreError| {
-        app.metrics.store_errors.inc();
-        warn_rate_limited(now_ms, &e);
-    };
     let hex = key.hex();
     if cache.decoded.enabled() {
         match store.get_meta(&hex).await {
@@ -144,19 +243,29 @@ async fn read(
             }
             Ok(None) => return None,
             Err(e) => {
-                failed(e);
+                failed(app, now_ms, &e);
                 return None;
             }
         }
     }
-    let stored = match store.get(&hex).await {
-        Ok(Some(s)) => s,
-        Ok(None) => return None,
+    match store.get(&hex).await {
+        Ok(Some(stored)) => decode(app, cache, key, stored),
+        Ok(None) => None,
         Err(e) => {
-            failed(e);
-            return None;
+            failed(app, now_ms, &e);
+            None
         }
-    };
+    }
+}
+
+/// A stored entry decoded (and remembered for strict mode); `None`, counted and logged, when
+/// its bytes do not decode (the fill overwrites them).
+fn decode(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    stored: Stored,
+) -> Option<Arc<Entry>> {
     let meta = match Meta::decode(&stored.meta) {
         Ok(m) => m,
         Err(e) => {
@@ -168,6 +277,12 @@ async fn read(
     let entry = Arc::new(Entry::new(meta, stored.body));
     cache.decoded.insert(key.hash, stored.meta, &entry);
     Some(entry)
+}
+
+/// A store read that failed: counted, logged at most every few seconds.
+fn failed(app: &AppState, now_ms: u64, e: &StoreError) {
+    app.metrics.store_errors.inc();
+    warn_rate_limited(now_ms, e);
 }
 
 /// What the invalidations known to this gateway say of `entry` (nothing counted).

@@ -11,7 +11,7 @@ use isrgate::cache::key::{CacheKey, Variant};
 use isrgate::cache::lock::lock_key;
 
 use crate::eventually;
-use crate::support::origin::{FakeNext, Route};
+use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::redis::RedisProcess;
 use crate::support::{Client, Gateway, Got, bus_live, config};
 
@@ -449,4 +449,49 @@ async fn a_slow_leader_client_does_not_hold_the_followers() {
     );
     assert_eq!(origin.count("/big"), 1);
     drop(leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_miss_reads_and_locks_in_one_round_trip_before_the_render() {
+    let r = RedisProcess::start();
+    let gate = Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/cold",
+            Route::html("<p>cold</p>")
+                .header("cache-control", ISR)
+                .gated(&gate),
+        );
+    })
+    .await;
+    // A lock TTL far beyond the test, so no extension runs while it counts.
+    let gws = fleet(1, &origin, &r, "[coalesce]\nlock_ttl = \"120s\"\n").await;
+    // INFO commandstats counts the commands a script runs too: one EVAL running one HMGET and
+    // one SET, and no HGET (the lock script of a separate round trip) is one round trip.
+    let counted = ["eval", "hmget", "hget", "set"];
+    let calls = || counted.map(|c| r.calls(c));
+    let before = calls();
+    let url = gws[0].url("/cold");
+    let request = tokio::spawn(async move { Client::default().get(&url, &[("host", HOST)]).await });
+    eventually!(10, origin.count("/cold") == 1, "the render started");
+    let during = calls();
+    let sent: Vec<u64> = during.iter().zip(before).map(|(d, b)| d - b).collect();
+    assert_eq!(
+        sent,
+        [1, 1, 0, 1],
+        "before the render: one script that read the entry and took the fill lock, nothing else"
+    );
+    assert!(
+        r.cli(&["KEYS", "isr:*:l"]).contains(":l"),
+        "the fill lock is held while the replica renders"
+    );
+    gate.open();
+    let got = request.await.expect("request");
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("cache-status"), "isrgate; fwd=miss; stored");
+    eventually!(
+        5,
+        r.cli(&["KEYS", "isr:*:l"]).trim().is_empty(),
+        "lock released"
+    );
 }

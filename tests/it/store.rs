@@ -226,3 +226,47 @@ async fn the_fill_lock_is_refused_when_a_newer_render_landed() {
         Locked::Held(_)
     ));
 }
+
+#[tokio::test]
+async fn a_read_takes_the_fill_lock_only_when_nothing_is_stored() {
+    use isrgate::cache::lock::ReadOrLock;
+    let r = RedisProcess::start();
+    let redis = RedisStore::connect(&settings(&r)).expect("store");
+    let store = Store::Redis(redis.clone());
+    let (stored, empty) = (
+        "abababababababababababababababab",
+        "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+    );
+    let ttl = Duration::from_secs(5);
+    eventually!(
+        5,
+        store
+            .put(stored, entry(b"body"), 1_000, Duration::from_secs(60))
+            .await
+            .is_ok(),
+        "connected"
+    );
+    let ReadOrLock::Entry(read) = redis.read_or_lock(stored, ttl).await.expect("eval") else {
+        panic!("an entry is stored: it is the answer")
+    };
+    assert_eq!(
+        (&read.meta[..], &read.body[..]),
+        (&b"\x01meta"[..], &b"body"[..])
+    );
+    assert!(
+        redis.try_lock(stored, ttl).await.expect("set").is_some(),
+        "reading a stored entry took no lock"
+    );
+    let ReadOrLock::Locked(held) = redis.read_or_lock(empty, ttl).await.expect("eval") else {
+        panic!("nothing stored, nobody filling: the lock is ours")
+    };
+    assert!(matches!(
+        redis.read_or_lock(empty, ttl).await.expect("eval"),
+        ReadOrLock::Contended
+    ));
+    assert!(redis.unlock(&held).await.expect("unlock"));
+    assert!(matches!(
+        redis.read_or_lock(empty, ttl).await.expect("eval"),
+        ReadOrLock::Locked(_)
+    ));
+}
