@@ -75,6 +75,10 @@ impl ProxyError {
             ProxyError::Rejected(Rejection::AmbiguousPath) => {
                 (StatusCode::BAD_REQUEST, "Bad Request: ambiguous path\n")
             }
+            ProxyError::Rejected(Rejection::BadHost) => (
+                StatusCode::BAD_REQUEST,
+                "Bad Request: one Host header, host[:port], is required\n",
+            ),
             ProxyError::Rejected(Rejection::Connect) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
             }

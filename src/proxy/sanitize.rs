@@ -88,6 +88,10 @@ pub enum Rejection {
     AmbiguousPath,
     /// `CONNECT`: the gateway is not a forward proxy (405).
     Connect,
+    /// No `Host` on HTTP/1.1, more than one, or one that is not `host[:port]` (400, RFC 9112
+    /// §3.2): the host is part of the cache key and of what the replica renders, so a request
+    /// whose host two parsers could read differently is never forwarded.
+    BadHost,
 }
 
 impl Rejection {
@@ -97,6 +101,7 @@ impl Rejection {
             Rejection::InternalPath => "internal_path",
             Rejection::AmbiguousPath => "ambiguous_path",
             Rejection::Connect => "connect",
+            Rejection::BadHost => "bad_host",
         }
     }
 }
@@ -158,6 +163,7 @@ pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitiz
     {
         head.headers.insert(header::HOST, v);
     }
+    check_host(&head.headers, head.version)?;
     if head.version == Version::HTTP_2 {
         join_cookies(&mut head.headers);
     }
@@ -167,6 +173,59 @@ pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitiz
         upgrade,
         public_host,
     })
+}
+
+/// RFC 9112 §3.2: exactly one `Host` (none is allowed only before HTTP/1.1), whose value is
+/// `uri-host [ ":" port ]` (RFC 3986 §3.2.2: a reg-name, an IPv4 address or an IP literal) —
+/// no user info, path, spaces or second host.
+fn check_host(headers: &HeaderMap, version: Version) -> Result<(), Rejection> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version < Version::HTTP_11 => Ok(()),
+        (Some(host), None) if valid_host(host.as_bytes()) => Ok(()),
+        _ => Err(Rejection::BadHost),
+    }
+}
+
+/// Whether `v` is `uri-host [ ":" port ]`.
+pub fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = match v.iter().rposition(|&b| b == b':') {
+        // The colon of an IPv6 literal is not a port separator.
+        Some(i) if !v[i..].contains(&b']') => (&v[..i], Some(&v[i + 1..])),
+        _ => (v, None),
+    };
+    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit));
+    let host_ok = match host {
+        [] => false,
+        [b'[', literal @ .., b']'] => {
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        }
+        reg_name => reg_name.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        }),
+    };
+    host_ok && port_ok
 }
 
 /// What one pass over the header names found: what to remove, and which headers need a closer
@@ -393,6 +452,65 @@ mod tests {
             },
             reject_internal_paths: true,
         }
+    }
+
+    #[test]
+    fn hosts_are_host_and_port_and_nothing_else() {
+        for ok in [
+            "site.test",
+            "site.test:8080",
+            "site.test:",
+            "127.0.0.1:3000",
+            "[::1]",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "a%2Db.test",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "site.test evil",
+            "site.test/evil",
+            "site.test@evil.test",
+            "site.test:80:80",
+            "site.test:123456",
+            "site.test:8o",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "site.test\\evil",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn one_host_is_required_on_http_1_1() {
+        let p = policy();
+        let peer = Peer::new(SocketAddr::from(([1, 2, 3, 4], 5)), &p.forwarded);
+        let mut two = head("/", &[("host", "evil.test")]);
+        assert_eq!(request(&p, &peer, &mut two), Err(Rejection::BadHost));
+        let mut none = Request::get("/").body(()).expect("request").into_parts().0;
+        assert_eq!(request(&p, &peer, &mut none), Err(Rejection::BadHost));
+        none.version = Version::HTTP_10;
+        assert!(
+            request(&p, &peer, &mut none).is_ok(),
+            "HTTP/1.0 may omit it"
+        );
+        let mut bad = Request::get("/")
+            .header("host", "site.test@evil.test")
+            .body(())
+            .expect("request")
+            .into_parts()
+            .0;
+        assert_eq!(request(&p, &peer, &mut bad), Err(Rejection::BadHost));
+        // An absolute-form target's authority replaces every Host line (RFC 9112 §3.2.2).
+        let mut absolute = head("http://site.test/p", &[("host", "evil.test")]);
+        assert!(request(&p, &peer, &mut absolute).is_ok());
+        assert_eq!(absolute.headers.get_all(header::HOST).iter().count(), 1);
+        assert_eq!(absolute.headers[header::HOST], "site.test");
     }
 
     fn head(uri: &str, headers: &[(&str, &str)]) -> Parts {

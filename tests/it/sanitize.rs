@@ -352,3 +352,52 @@ async fn hop_by_hop_headers_do_not_cross() {
     assert!(got.headers.get("keep-alive").is_none());
     assert_eq!(got.header("x-out"), "1");
 }
+
+/// One raw HTTP/1.1 exchange on a new connection (`Connection: close` is added).
+async fn raw(addr: std::net::SocketAddr, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("{head}Connection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 9112 §3.2: a request with no Host (HTTP/1.1), two, or one that is not `host[:port]` is
+/// a 400 that reaches no replica and caches nothing — so a second Host line can never make a
+/// replica render a page that is then cached under an innocent host.
+#[tokio::test]
+async fn requests_without_exactly_one_valid_host_are_refused() {
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/p",
+            Route::html("p").header("cache-control", "s-maxage=600"),
+        );
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    for head in [
+        "GET /p HTTP/1.1\r\n",
+        "GET /p HTTP/1.1\r\nHost: site.test\r\nHost: evil.test\r\n",
+        "GET /p HTTP/1.1\r\nHost: site.test evil\r\n",
+        "GET /p HTTP/1.1\r\nHost: site.test/evil\r\n",
+        "GET /p HTTP/1.1\r\nHost: site.test@evil.test\r\n",
+        "GET /p HTTP/1.1\r\nHost: \r\n",
+    ] {
+        let answer = raw(gw.addr, head).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{head:?} → {answer}");
+    }
+    assert_eq!(
+        origin.count("/p"),
+        0,
+        "no refused request reached the replica"
+    );
+    let innocent = raw(gw.addr, "GET /p HTTP/1.1\r\nHost: site.test\r\n").await;
+    assert!(innocent.starts_with("HTTP/1.1 200"), "{innocent}");
+    assert!(
+        innocent.contains("x-cache: MISS"),
+        "nothing was cached by the refused ones: {innocent}"
+    );
+    assert_eq!(origin.count("/p"), 1);
+}
