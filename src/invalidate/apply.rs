@@ -1,5 +1,5 @@
 //! Applying an invalidation (DESIGN.md "Invalidation: epochs, not deletes"): one Redis script
-//! increments the epoch, records the tag's newest soft or hard epoch in the hash `isr:inv`
+//! moves the epoch forward (never back, even in a Redis that lost its data: see [`APPLY`]), records the tag's newest soft or hard epoch in the hash `isr:inv`
 //! (fields `s:<tag>` and `h:<tag>`, so no tag can collide with the counter field `_epoch` and a
 //! soft purge never overwrites a hard one) and publishes the `inv` message on the bus,
 //! atomically, so a gateway never sees the record without the
@@ -20,12 +20,27 @@ pub const INV_KEY: &str = "isr:inv";
 
 const EPOCH_FIELD: &str = "_epoch";
 
-/// KEYS[1] = isr:inv; ARGV = gateway, mode, channel, tags…
+/// KEYS[1] = isr:inv; ARGV = gateway, mode, channel, the caller's newest known epoch, tags…
+///
+/// The new epoch is the greatest of: the stored counter + 1, the server's clock in
+/// milliseconds, and the caller's newest known epoch + 1. The clock is what survives a Redis
+/// that comes back empty (restarted without persistence, failed over to an empty replica,
+/// FLUSHALL): the counter would start again at 1 while running gateways keep stamping entries
+/// with the epoch they knew, and every purge would be older than the pages it should remove.
+/// The caller's epoch covers a new primary whose clock is behind the old one's.
 const APPLY: &str = r"
-local e = redis.call('HINCRBY', KEYS[1], '_epoch', 1)
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local e = tonumber(redis.call('HGET', KEYS[1], '_epoch') or '0') + 1
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > e then e = now end
+local known = tonumber(ARGV[4]) + 1
+if known > e then e = known end
+e = string.format('%.0f', e)
+redis.call('HSET', KEYS[1], '_epoch', e)
 local prefix = (ARGV[2] == 'hard') and 'h:' or 's:'
-for i = 4, #ARGV do redis.call('HSET', KEYS[1], prefix .. ARGV[i], e) end
-redis.call('PUBLISH', ARGV[3], 'inv ' .. e .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. table.concat(ARGV, ' ', 4))
+for i = 5, #ARGV do redis.call('HSET', KEYS[1], prefix .. ARGV[i], e) end
+redis.call('PUBLISH', ARGV[3], 'inv ' .. e .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. table.concat(ARGV, ' ', 5))
 return e
 ";
 
@@ -45,12 +60,14 @@ pub async fn apply(
                 gateway.to_owned(),
                 mode.as_str().to_owned(),
                 CHANNEL.to_owned(),
+                epochs.current().to_string(),
             ];
             args.extend(tags.iter().cloned());
-            let e: u64 = redis
+            let e: String = redis
                 .bounded(redis.pool().next().eval(APPLY, INV_KEY, args))
                 .await?;
-            e
+            e.parse()
+                .map_err(|_| StoreError::Unexpected("an epoch that is not a number"))?
         }
     };
     epochs.record(epoch, mode, tags.iter().map(String::as_str));
