@@ -5,7 +5,8 @@
 //! the same in every process and on every machine, so every gateway finds the same Redis
 //! entry). Rules, from NEXTJS.md §9 rules 1-5 and §2.5:
 //!
-//! - key = namespace (deployment) + host + normalized path + sorted query without `_rsc`,
+//! - key = namespace (deployment) + host + normalized path + query ordered by name (repeated
+//!   names in request order) without `_rsc`,
 //!   `__nextDataReq`, `nxtP*`, `nxtI*` + [`Variant`];
 //! - the variant is what Next.js would answer: HTML, an RSC payload (`RSC: 1`), an RSC prefetch
 //!   (`Next-Router-Prefetch: 1|2|3`), an RSC segment (`Next-Router-Segment-Prefetch`), Pages
@@ -173,7 +174,7 @@ impl CacheKey {
         } else {
             Cow::Borrowed(host)
         };
-        let path = normalize_component(path);
+        let path = canonical_path(path);
         let query = query.map(normalize_query).unwrap_or_default();
         let variant = variant.as_str();
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -262,8 +263,12 @@ fn ignored_query_key(raw_key: &str) -> bool {
     key == "_rsc" || key == "__nextDataReq" || key.starts_with("nxtP") || key.starts_with("nxtI")
 }
 
-/// The query with ignored keys removed, every pair percent-normalized, sorted bytewise: two
-/// requests that differ only in pair order or percent-encoding case share a key.
+/// The query with ignored keys removed, every pair percent-normalized, ordered by key name:
+/// two requests that differ only in the order of their keys or in percent-encoding case share
+/// a key. Pairs with the same name keep the order they came in: `?a=1&a=2` and `?a=2&a=1` are
+/// different pages (the replica gets the query as sent, and `searchParams.get('a')` answers
+/// the first value), so sorting them together would let one request's render answer the
+/// other (a cache-poisoning vector).
 pub fn normalize_query(query: &str) -> String {
     let mut pairs: Vec<Cow<'_, str>> = query
         .split('&')
@@ -271,8 +276,34 @@ pub fn normalize_query(query: &str) -> String {
         .filter(|p| !ignored_query_key(p.split('=').next().unwrap_or("")))
         .map(normalize_component)
         .collect();
-    pairs.sort_unstable();
+    // Stable: equal names stay in request order.
+    pairs.sort_by(|a, b| query_name(a).cmp(query_name(b)));
     pairs.join("&")
+}
+
+/// The name of a query pair (all of it when it has no `=`).
+fn query_name(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(name, _)| name)
+}
+
+/// The one form of a URL path that keys, entry tags, webhook paths and CLI purges all use, so
+/// a purge reaches a page whatever spelling filled it: bytes a URL cannot carry as they are
+/// (non-ASCII, spaces, controls) percent-encoded as a browser or Next.js's URL parser would,
+/// then [`normalize_component`]. `/caf%c3%a9`, `/caf%C3%A9` and `/café` are one path; so are
+/// `/%78` and `/x`.
+pub fn canonical_path(path: &str) -> Cow<'_, str> {
+    if path.bytes().all(|b| b.is_ascii_graphic()) {
+        return normalize_component(path);
+    }
+    let mut encoded = String::with_capacity(path.len() * 3);
+    for b in path.bytes() {
+        if b.is_ascii_graphic() {
+            encoded.push(char::from(b));
+        } else {
+            let _ = write!(encoded, "%{b:02X}");
+        }
+    }
+    Cow::Owned(normalize_component(&encoded).into_owned())
 }
 
 /// RFC 3986 §6.2.2 normalization of one path or query component: percent-encoded unreserved
@@ -552,10 +583,16 @@ mod properties {
         }
 
         #[test]
-        fn query_normalization_is_order_insensitive_and_idempotent(
-            mut pairs in proptest::collection::vec(pair(), 0..6),
+        fn query_normalization_is_insensitive_to_the_order_of_names_and_idempotent(
+            pairs in proptest::collection::vec(pair(), 0..6),
             seed in any::<u64>()
         ) {
+            // One pair per name: reordering distinct names never changes the key.
+            let mut seen = std::collections::HashSet::new();
+            let mut pairs: Vec<String> = pairs
+                .into_iter()
+                .filter(|p| seen.insert(normalize_component(query_name(p)).into_owned()))
+                .collect();
             let a = normalize_query(&pairs.join("&"));
             // A deterministic shuffle.
             let n = pairs.len().max(1);
@@ -564,6 +601,16 @@ mod properties {
             let b = normalize_query(&pairs.join("&"));
             prop_assert_eq!(&a, &b);
             prop_assert_eq!(normalize_query(&a), a);
+        }
+
+        #[test]
+        fn repeated_names_in_another_order_never_share_a_key(
+            name in "[a-z]{1,3}", x in "[a-z0-9]{1,4}", y in "[a-z0-9]{1,4}", other in "[a-z]{1,3}=[0-9]"
+        ) {
+            prop_assume!(x != y);
+            let a = normalize_query(&format!("{name}={x}&{other}&{name}={y}"));
+            let b = normalize_query(&format!("{name}={y}&{name}={x}&{other}"));
+            prop_assert_ne!(a, b);
         }
 
         #[test]

@@ -16,7 +16,11 @@
 //! Bounded like Next's own (`NEXT_CACHE_TAG_MAX_ITEMS`, `NEXT_CACHE_TAG_MAX_LENGTH`): tags
 //! past the count or over the length are dropped, never an error.
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
+
+use super::key::canonical_path;
 
 /// Most tags kept from response headers.
 pub const MAX_HEADER_TAGS: usize = 128;
@@ -30,14 +34,30 @@ pub fn path_tag(pathname: &str) -> String {
     format!("path:{}", page_path(pathname))
 }
 
-/// The page a request path belongs to: trailing slash removed (but `/`), and a Pages Router
-/// data request (`/_next/data/<build>/<page>.json`) mapped to its page.
-pub fn page_path(path: &str) -> &str {
+/// The page a request path belongs to, in the keys' canonical form ([`canonical_path`]):
+/// trailing slash removed (but `/`), and a Pages Router data request
+/// (`/_next/data/<build>/<page>.json`) mapped to its page.
+pub fn page_path(path: &str) -> Cow<'_, str> {
     let path = data_page(path).unwrap_or(path);
-    match path.strip_suffix('/') {
+    let path = match path.strip_suffix('/') {
         Some(p) if !p.is_empty() => p,
         _ => path,
+    };
+    canonical_path(path)
+}
+
+/// A tag named by a webhook or the CLI, in the form entries carry: the path inside `path:`
+/// and Next.js's implicit `_N_T_` tags made canonical ([`canonical_path`]), any other tag
+/// as it is.
+pub fn canonical_tag(tag: &str) -> Cow<'_, str> {
+    for prefix in ["path:", "_N_T_"] {
+        if let Some(path) = tag.strip_prefix(prefix) {
+            if let Cow::Owned(p) = canonical_path(path) {
+                return Cow::Owned(format!("{prefix}{p}"));
+            }
+        }
     }
+    Cow::Borrowed(tag)
 }
 
 fn data_page(path: &str) -> Option<&str> {
@@ -144,9 +164,9 @@ pub fn entry_tags(
 ) -> Vec<String> {
     let page = page_path(path);
     let mut tags = vec![ALL.to_owned(), format!("path:{page}")];
-    implicit(page, &mut tags);
+    implicit(&page, &mut tags);
     for rule in rules {
-        rule.apply(page, &mut tags);
+        rule.apply(&page, &mut tags);
     }
     let mut from_headers = 0;
     for name in tag_headers {
@@ -263,6 +283,36 @@ impl RecentPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_spelling_of_a_path_gives_the_tags_its_purge_names() {
+        for spelling in ["/page/%78-ev1", "/page/x-ev1", "/page/%78-ev1/"] {
+            assert_eq!(path_tag(spelling), "path:/page/x-ev1", "{spelling}");
+        }
+        for spelling in ["/caf%c3%a9", "/caf%C3%A9", "/café"] {
+            let tags = entry_tags(spelling, &HeaderMap::new(), &[], &[]);
+            assert!(
+                tags.contains(&"path:/caf%C3%A9".to_owned()),
+                "{spelling}: {tags:?}"
+            );
+            assert!(
+                tags.contains(&"_N_T_/caf%C3%A9/page".to_owned()),
+                "{spelling}: {tags:?}"
+            );
+            assert_eq!(path_tag(spelling), "path:/caf%C3%A9");
+        }
+        assert_eq!(
+            canonical_tag("_N_T_/caf%c3%a9/page"),
+            "_N_T_/caf%C3%A9/page"
+        );
+        assert_eq!(canonical_tag("_N_T_/café/layout"), "_N_T_/caf%C3%A9/layout");
+        assert_eq!(canonical_tag("path:/%78"), "path:/x");
+        assert_eq!(
+            canonical_tag("product-%78"),
+            "product-%78",
+            "other tags are names"
+        );
+    }
 
     #[test]
     fn implicit_tags_follow_next_for_a_nested_page() {

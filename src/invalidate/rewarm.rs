@@ -45,12 +45,12 @@ pub const MAX_PATHS: usize = 256;
 /// gateway's index), at most [`MAX_PATHS`].
 pub fn targets(cache: &CacheState, r: &crate::invalidate::webhook::Revalidation) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
-    let from_tags = r
-        .tags
-        .iter()
-        .flat_map(|t| cache.recent.paths(t).into_iter().rev());
+    let from_tags = r.tags.iter().flat_map(|t| {
+        let t = crate::cache::tags::canonical_tag(t);
+        cache.recent.paths(&t).into_iter().rev()
+    });
     for p in r.paths.iter().cloned().chain(from_tags) {
-        let p = crate::cache::tags::page_path(&p).to_owned();
+        let p = crate::cache::tags::page_path(&p).into_owned();
         if paths.len() == MAX_PATHS {
             break;
         }

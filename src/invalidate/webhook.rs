@@ -84,12 +84,14 @@ pub struct Revalidation {
 }
 
 impl Revalidation {
-    /// The tags to record: each path's `path:` tag, then the tags.
+    /// The tags to record: each path's `path:` tag, then the tags, in the form entries carry
+    /// (paths canonical, as in keys: `tags::canonical_tag`).
     pub fn all_tags(&self) -> Vec<String> {
         let mut all: Vec<String> = self.paths.iter().map(|p| tags::path_tag(p)).collect();
         for t in &self.tags {
-            if !all.contains(t) {
-                all.push(t.clone());
+            let t = tags::canonical_tag(t);
+            if !all.iter().any(|a| *a == *t) {
+                all.push(t.into_owned());
             }
         }
         all

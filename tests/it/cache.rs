@@ -890,3 +890,33 @@ async fn an_untrusted_redis_certificate_is_refused_and_requests_still_succeed() 
         "each lookup failed"
     );
 }
+
+/// Keys are ordered by name, but repeated names keep their order: `searchParams.get('a')` is
+/// the first value, so `?a=evil&a=good` and `?a=good&a=evil` are two pages and must never
+/// answer each other (a poisoning vector when both were sorted into one key).
+#[tokio::test]
+async fn repeated_query_names_in_another_order_never_share_an_answer() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/q", page("q", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    let get = |q: &'static str| {
+        let (c, url) = (c.clone(), gw.url(&format!("/q?{q}")));
+        async move { c.get(&url, &[("host", "site.test")]).await }
+    };
+    assert_eq!(get("a=evil&a=good").await.header("x-cache"), "MISS");
+    assert_eq!(get("a=good&a=evil").await.header("x-cache"), "MISS");
+    assert_eq!(origin.count("/q"), 2, "one render each");
+    let sent = origin.last("/q").expect("seen").target;
+    assert_eq!(
+        sent, "/q?a=good&a=evil",
+        "the replica gets the query as asked"
+    );
+    // Other names may move: the order of the repeated ones is what counts.
+    assert_eq!(get("b=1&a=good&a=evil").await.header("x-cache"), "MISS");
+    assert_eq!(get("a=good&b=1&a=evil").await.header("x-cache"), "HIT");
+    assert_eq!(get("a=evil&a=good").await.header("x-cache"), "HIT");
+}

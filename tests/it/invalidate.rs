@@ -737,3 +737,87 @@ async fn the_first_purge_after_redis_comes_back_empty_is_applied() {
         );
     }
 }
+
+/// The key folds percent-encoding (`%78` is `x`, hex case does not matter), so the tags and a
+/// purge's paths must too: a page filled through any spelling is reached by a purge of any
+/// other, by its path, by Next's `_N_T_` tags, and in every variant (HTML, RSC, prefetch).
+#[tokio::test]
+async fn a_purge_reaches_a_page_whatever_spelling_filled_it() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|_| {}).await;
+    // The replica sees each spelling as sent (and a re-warm's canonical one): one page.
+    let serve = |html: &str, rsc: &str| {
+        for spelling in ["/page/%78-ev1", "/page/x-ev1"] {
+            let rsc = Route::html(rsc)
+                .content_type("text/x-component")
+                .header("cache-control", ISR);
+            origin.route(spelling, page(html).with_rsc(rsc));
+        }
+    };
+    let gws = gateways(&origin, &r, 1).await;
+    let gw = &gws[0];
+    let c = Client::default();
+    let html = [("host", HOST)];
+    let rsc = [("host", HOST), ("rsc", "1")];
+    let prefetch = [("host", HOST), ("rsc", "1"), ("next-router-prefetch", "1")];
+    for (name, body) in [
+        (
+            "path",
+            r#"{"paths":["/page/x-ev1"],"mode":"hard","rewarm":false}"#,
+        ),
+        (
+            "_N_T_ tag",
+            r#"{"tags":["_N_T_/page/x-ev1/page"],"mode":"hard","rewarm":false}"#,
+        ),
+        (
+            "soft purge of another spelling",
+            r#"{"paths":["/page/%78-ev1"]}"#,
+        ),
+    ] {
+        serve("v1", "r1");
+        for headers in [&html[..], &rsc, &prefetch] {
+            eventually!(
+                10,
+                c.get(&gw.url("/page/%78-ev1"), headers)
+                    .await
+                    .header("x-cache")
+                    == "HIT",
+                "{name}: {headers:?} filled"
+            );
+        }
+        serve("v2", "r2");
+        assert_eq!(revalidate(gw, body).await.status, 200, "{name}");
+        for (headers, fresh) in [(&html[..], "v2"), (&rsc, "r2"), (&prefetch, "r2")] {
+            let got = c.get(&gw.url("/page/%78-ev1"), headers).await;
+            // A soft purge re-warms (a HIT on the new page) or answers the old one once while
+            // it refreshes; after a hard one the old page is never answered.
+            if body.contains("hard") {
+                assert_eq!(
+                    &got.body[..],
+                    fresh.as_bytes(),
+                    "{name}: {headers:?} was purged"
+                );
+            }
+            eventually!(
+                10,
+                &c.get(&gw.url("/page/%78-ev1"), headers).await.body[..] == fresh.as_bytes(),
+                "{name}: {headers:?} renders again"
+            );
+        }
+    }
+    // Non-ASCII: filled through lower-case escapes, purged as a CMS writes it (raw UTF-8).
+    for spelling in ["/caf%c3%a9", "/caf%C3%A9"] {
+        origin.route(spelling, page("c1"));
+    }
+    c.get(&gw.url("/caf%c3%a9"), &html).await;
+    assert_eq!(
+        c.get(&gw.url("/caf%C3%A9"), &html).await.header("x-cache"),
+        "HIT"
+    );
+    for spelling in ["/caf%c3%a9", "/caf%C3%A9"] {
+        origin.route(spelling, page("c2"));
+    }
+    let purge = revalidate(gw, r#"{"paths":["/café"],"mode":"hard","rewarm":false}"#).await;
+    assert_eq!(purge.status, 200);
+    assert_eq!(&c.get(&gw.url("/caf%c3%a9"), &html).await.body[..], b"c2");
+}
