@@ -57,6 +57,18 @@ pub enum StoreError {
     CircuitOpen,
 }
 
+impl StoreError {
+    /// Whether the command may still run in Redis: it was sent, or queued by the client to be
+    /// sent on reconnect, and no answer came (a timeout, a dropped connection), or it ran and
+    /// its answer made no sense. A command the breaker or a TLS setup refused never left.
+    pub fn may_run_later(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Redis(_) | StoreError::Timeout(_) | StoreError::Unexpected(_)
+        )
+    }
+}
+
 /// Consecutive failures that open the breaker.
 pub const BREAKER_FAILURES: u32 = 5;
 /// How long an open breaker skips Redis before letting calls through again.

@@ -5,7 +5,10 @@
 //!
 //! `POST /_isrgate/revalidate` on the public listener (the CMS reaches it through the load
 //! balancer) and on the admin listener. Every refusal (401, 400, 413, 422) happens before
-//! anything is applied; a Redis failure while applying is a 503 and nothing is recorded.
+//! anything is applied. A Redis that fails while applying is a 503: "nothing was invalidated"
+//! when the script cannot have been sent (the circuit breaker is open); otherwise Redis may
+//! still run it, so this gateway applies it at once and retries until Redis confirms
+//! ([`provisional`]), and the fleet converges on the invalidation rather than disagreeing.
 //! After a 200, no gateway that acknowledged serves the old version as fresh.
 
 pub mod apply;
@@ -84,6 +87,14 @@ where
         .unwrap_or("");
     match run(app, cache, &revalidation, host, &source(&head)).await {
         Ok(report) => json(StatusCode::OK, &report),
+        Err(e) if e.may_run_later() => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "Redis did not confirm the invalidation ({e}): this gateway applied it and retries \
+                 it until Redis takes it, other gateways get it then; retry the call (it is \
+                 safe to apply twice)"
+            ),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "revalidation not applied: the store failed");
             answer(
@@ -132,14 +143,23 @@ async fn steps(
     let tags = revalidation.all_tags();
     let gateway = cache.gateway_id();
     let expected = cache.fleet.live();
-    let epoch = apply::apply(
+    let applied = apply::apply(
         &cache.store,
         &cache.epochs,
         gateway,
         revalidation.mode,
         &tags,
     )
-    .await?;
+    .await;
+    let epoch = match applied {
+        Ok(epoch) => epoch,
+        Err(e) => {
+            if e.may_run_later() {
+                provisional(app, cache, revalidation.mode, tags);
+            }
+            return Err(e);
+        }
+    };
     app.metrics.invalidations.inc();
     let acks = cache
         .fleet
@@ -235,6 +255,49 @@ pub enum PurgeError {
     #[error("{0}; nothing was invalidated")]
     Store(#[from] crate::cache::store::StoreError),
 }
+
+/// Redis did not say whether it ran the apply script (a timeout, a dropped connection): the
+/// command may still be queued and run when Redis answers again, and then every other gateway
+/// applies it while this one, which answered 503, would not. So this gateway records it at
+/// once under a local epoch (newer than anything it has stamped) and retries the script in a
+/// tracked task until Redis takes it, with backoff, for at most [`RETRY_FOR`] or until
+/// shutdown. Applying an invalidation twice changes nothing: the fleet ends up agreeing.
+fn provisional(
+    app: &Arc<AppState>,
+    cache: &Arc<crate::app::CacheState>,
+    mode: crate::cache::epochs::Mode,
+    tags: Vec<String>,
+) {
+    let local = cache.epochs.current() + 1;
+    cache
+        .epochs
+        .record(local, mode, tags.iter().map(String::as_str));
+    tracing::warn!(tags = ?tags, "Redis did not confirm an invalidation; applied on this gateway, retrying until Redis takes it");
+    let (cache, stop) = (Arc::clone(cache), app.draining.clone());
+    cache.tasks.clone().spawn(async move {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(250);
+        while started.elapsed() < RETRY_FOR {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            let gateway = cache.gateway_id();
+            match apply::apply(&cache.store, &cache.epochs, gateway, mode, &tags).await {
+                Ok(epoch) => {
+                    tracing::info!(epoch, tags = ?tags, "invalidation applied after Redis recovered");
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "invalidation retry failed"),
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        tracing::error!(tags = ?tags, "invalidation never confirmed by Redis: other gateways may not have it; purge again");
+    });
+}
+
+/// How long an unconfirmed invalidation is retried.
+const RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// `isrgate purge`: applies an invalidation straight to Redis (the same script as the webhook,
 /// so every running gateway gets it on the bus). Returns the epoch and the tags recorded.

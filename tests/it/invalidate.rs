@@ -456,24 +456,59 @@ async fn refused_calls_change_nothing() {
     );
 }
 
+/// Redis gone while a purge is applied: the script may still be queued and run when Redis is
+/// back, so the 503 says so, the calling gateway applies it at once, and it retries until
+/// Redis takes it; nothing is left for the fleet to disagree on.
 #[tokio::test]
-async fn redis_down_is_a_503_and_nothing_is_applied() {
+async fn redis_down_is_a_503_the_caller_applies_it_and_retries_until_redis_takes_it() {
     let mut r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
-        o.route("/x", page("x"));
+        o.route("/x", page("x1"));
     })
     .await;
     let gws = gateways(&origin, &r, 1).await;
     get(&gws[0], "/x").await;
+    origin.route("/x", page("x2"));
     r.kill();
-    let got = revalidate(&gws[0], r#"{"paths":["/x"]}"#).await;
+    let got = revalidate(&gws[0], r#"{"paths":["/x"],"mode":"hard","rewarm":false}"#).await;
     assert_eq!(got.status, 503, "{:?}", got.body);
-    assert!(String::from_utf8_lossy(&got.body).contains("nothing was invalidated"));
-    assert_eq!(
-        get(&gws[0], "/x").await.header("x-cache"),
-        "HIT",
-        "not applied locally either"
+    let text = String::from_utf8_lossy(&got.body).into_owned();
+    assert!(
+        text.contains("did not confirm") && text.contains("retry"),
+        "{text}"
     );
+    assert_eq!(
+        &get(&gws[0], "/x").await.body[..],
+        b"x2",
+        "applied here at once"
+    );
+    r.restart();
+    eventually!(
+        15,
+        epoch_in_redis(&r).await.is_some(),
+        "the retry reached Redis"
+    );
+}
+
+/// A purge refused while Redis is frozen used to be applied later by the other gateways (the
+/// queued script ran on SIGCONT) but never by the one that answered 503: for seconds the fleet
+/// disagreed. Now the caller applies it at once and the others get it when Redis answers.
+#[tokio::test]
+async fn a_purge_during_a_redis_freeze_ends_applied_on_every_gateway() {
+    let r = RedisProcess::start();
+    let (origin, gws) = warmed_then_changed(&r).await;
+    r.pause();
+    let got = revalidate(&gws[0], r#"{"paths":["/a"],"mode":"hard","rewarm":false}"#).await;
+    r.resume();
+    assert_eq!(got.status, 503, "{:?}", got.body);
+    for gw in &gws {
+        eventually!(
+            10,
+            &get(gw, "/a").await.body[..] == b"a2",
+            "every gateway has the purge"
+        );
+    }
+    assert!(origin.count("/a") >= 2);
 }
 
 #[tokio::test]
