@@ -59,9 +59,11 @@ impl ProxyError {
             ProxyError::Rejected(_)
             | ProxyError::BodyTooLarge
             | ProxyError::UpgradeUnsupported
-            | ProxyError::Upstream(UpstreamError::BodyTooLarge | UpstreamError::ClientBody(_)) => {
-                Side::Client
-            }
+            | ProxyError::Upstream(
+                UpstreamError::BodyTooLarge
+                | UpstreamError::ClientBody(_)
+                | UpstreamError::ClientBodyStalled,
+            ) => Side::Client,
             ProxyError::Overloaded => Side::Gateway,
             ProxyError::Upstream(_) => Side::Upstream,
         }
@@ -79,12 +81,26 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST,
                 "Bad Request: one Host header, host[:port], is required\n",
             ),
+            ProxyError::Rejected(Rejection::Trace) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "TRACE is not supported\n")
+            }
+            ProxyError::Rejected(Rejection::UnknownMethod) => {
+                (StatusCode::NOT_IMPLEMENTED, "Method not implemented\n")
+            }
+            ProxyError::Rejected(Rejection::AsteriskForm) => (
+                StatusCode::BAD_REQUEST,
+                "Bad Request: OPTIONS * is not forwarded\n",
+            ),
             ProxyError::Rejected(Rejection::Connect) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
             }
             ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n")
             }
+            ProxyError::Upstream(U::ClientBodyStalled) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "Request Timeout: the request body stalled\n",
+            ),
             ProxyError::Upstream(U::ClientBody(_)) => {
                 (StatusCode::BAD_REQUEST, "Bad Request: request body\n")
             }

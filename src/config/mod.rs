@@ -95,6 +95,8 @@ pub struct Listen {
     pub public_scheme: Scheme,
     /// Time allowed for a whole request head from its first byte.
     pub header_read_timeout: Duration,
+    /// Longest a request body may send nothing (between two reads) before it is cut.
+    pub body_read_timeout: Duration,
     /// Idle connections (nothing in flight, no bytes) are closed after this.
     pub idle_timeout: Duration,
     /// Largest accepted request head in bytes.

@@ -101,6 +101,8 @@ section! {
         public_scheme: String = "http".into(),
         /// Time allowed to receive a whole request head, counted from its first byte.
         header_read_timeout: String = "10s".into(),
+        /// A request body that sends nothing for this long is cut (408).
+        body_read_timeout: String = "30s".into(),
         /// A connection with no request in flight and no bytes for this long is closed.
         idle_timeout: String = "75s".into(),
         /// Largest request head accepted (bytes); larger gets 431.

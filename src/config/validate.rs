@@ -246,6 +246,7 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
             &r.header_read_timeout,
             false,
         ),
+        body_read_timeout: c.duration("listen.body_read_timeout", &r.body_read_timeout, false),
         idle_timeout: c.duration("listen.idle_timeout", &r.idle_timeout, false),
         max_header_bytes: c.in_range(
             "listen.max_header_bytes",

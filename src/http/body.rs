@@ -4,7 +4,8 @@
 //!
 //! Two wrappers add lifetime-bound behaviour to a streaming body without copying it:
 //! [`Guarded`] keeps a guard alive until the body is finished or dropped (in-flight counters),
-//! and [`Deadline`] fails the body when an absolute deadline passes (the total upstream timeout).
+//! [`Deadline`] fails the body when an absolute deadline passes (the total upstream timeout),
+//! and [`Stalled`] fails a client's upload that sends nothing for too long.
 //! [`Channel`] is a body fed frame by frame by another task (the streaming fill leader).
 
 use std::pin::Pin;
@@ -84,6 +85,77 @@ impl<B: HttpBody, G> HttpBody for Guarded<B, G> {
 #[derive(Debug, thiserror::Error)]
 #[error("client request body: {0}")]
 pub struct ClientBodyError(pub BoxError);
+
+/// The client's request body sent nothing for this long (`listen.body_read_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("client request body sent nothing for {0:?}")]
+pub struct BodyStalled(pub std::time::Duration);
+
+pin_project! {
+    /// A client's request body that fails with [`BodyStalled`] when no frame comes for `idle`:
+    /// a client trickling (or never sending) its upload must not hold a concurrency permit and
+    /// a replica connection for the whole upstream timeout (nginx's `client_body_timeout`).
+    pub struct Stalled<B> {
+        #[pin]
+        inner: B,
+        idle: std::time::Duration,
+        sleep: Option<Pin<Box<Sleep>>>,
+        waiting: bool,
+    }
+}
+
+impl<B> Stalled<B> {
+    /// Wraps `inner`: at most `idle` between two frames.
+    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            sleep: None,
+            waiting: false,
+        }
+    }
+}
+
+impl<B> HttpBody for Stalled<B>
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        // The bound counts from the first wait after a frame (or the start).
+        let until = Instant::now() + *this.idle;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if !*this.waiting {
+            *this.waiting = true;
+            sleep.as_mut().reset(until);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyStalled(*this.idle).into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The body did not finish before its deadline.
 #[derive(Debug, thiserror::Error)]

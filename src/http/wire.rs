@@ -52,6 +52,9 @@ pub enum Parsed {
     /// Anything else (invalid, HTTP/1.0, `Connection: close` or `upgrade`, a chunked body,
     /// too many headers): hyper takes the connection from these bytes on.
     Other,
+    /// A `Content-Length` hyper cannot represent (2^64 − 2 and up: it would answer 431, a
+    /// header-size status, for what is a body too large).
+    HugeBody,
 }
 
 /// Parses the request head at the start of `buf`.
@@ -77,6 +80,8 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut framing = Framing::None;
+    // Handed to hyper, but only once the whole head is read: a body too large is ours to refuse.
+    let mut other = false;
     for line in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(line.name.as_bytes()) else {
             return Parsed::Other;
@@ -88,7 +93,7 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
             return Parsed::Other;
         }
         if name == header::CONNECTION && !value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
-            return Parsed::Other;
+            other = true;
         }
         if name == header::CONTENT_LENGTH {
             // One value, digits only; anything else is hyper's to refuse.
@@ -97,11 +102,15 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok());
             match (framing, length) {
+                (Framing::None, Some(n)) if n >= u64::MAX - 1 => return Parsed::HugeBody,
                 (Framing::None, Some(n)) => framing = Framing::Length(n),
                 _ => return Parsed::Other,
             }
         }
         headers.append(name, value);
+    }
+    if other {
+        return Parsed::Other;
     }
     let mut request = Request::new(());
     *request.method_mut() = method;

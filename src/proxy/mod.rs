@@ -78,7 +78,8 @@ async fn route(
         sanitize::forward(&app.policy, peer, &mut head);
         return Ok(Box::pin(crate::invalidate::handle(app, head, body)).await);
     }
-    let body = limit_body(&head, body, app.config.listen.max_body_bytes)?;
+    let listen = &app.config.listen;
+    let body = limit_body(&head, body, listen.max_body_bytes, listen.body_read_timeout)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {
         sanitize::forward(&app.policy, peer, &mut head);
@@ -128,8 +129,14 @@ fn trusted_request_id(peer: &Peer, head: &Parts) -> Option<HeaderValue> {
 }
 
 /// Refuses a declared `Content-Length` over the limit at once; otherwise streams the body
-/// through a counting limit that fails the exchange (413) if it goes over.
-fn limit_body(head: &Parts, body: Incoming, max: u64) -> Result<Body, ProxyError> {
+/// through a counting limit that fails the exchange (413) if it goes over, and a stall bound
+/// that fails it (408) when the client sends nothing for `stall`.
+fn limit_body(
+    head: &Parts,
+    body: Incoming,
+    max: u64,
+    stall: std::time::Duration,
+) -> Result<Body, ProxyError> {
     let declared = head
         .headers
         .get(header::CONTENT_LENGTH)
@@ -142,10 +149,11 @@ fn limit_body(head: &Parts, body: Incoming, max: u64) -> Result<Body, ProxyError
         return Ok(body::empty());
     }
     let max = usize::try_from(max).unwrap_or(usize::MAX);
-    // Over the limit stays a `LengthLimitError` (413); any other failure is the client's.
-    Ok(Limited::new(body, max)
+    // Over the limit stays a `LengthLimitError` (413), a stall a `BodyStalled` (408); any
+    // other failure is the client's.
+    Ok(Limited::new(body::Stalled::new(body, stall), max)
         .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
+            if e.is::<http_body_util::LengthLimitError>() || e.is::<body::BodyStalled>() {
                 e
             } else {
                 Box::new(body::ClientBodyError(e)) as body::BoxError
@@ -178,7 +186,7 @@ fn count(app: &AppState, e: &ProxyError) {
     let m = &app.metrics;
     match e {
         ProxyError::Rejected(_) => m.rejected.inc(),
-        ProxyError::Upstream(U::ClientBody(_)) => m.client_body_errors.inc(),
+        ProxyError::Upstream(U::ClientBody(_) | U::ClientBodyStalled) => m.client_body_errors.inc(),
         ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => m.body_too_large.inc(),
         ProxyError::Overloaded => m.shed.inc(),
         ProxyError::UpgradeUnsupported => {}

@@ -88,6 +88,13 @@ pub enum Rejection {
     AmbiguousPath,
     /// `CONNECT`: the gateway is not a forward proxy (405).
     Connect,
+    /// `TRACE` or `TRACK`: a replica would echo the request, cookies and all, back (405).
+    Trace,
+    /// A method HTTP does not define, or not in upper case (methods are case-sensitive): no
+    /// replica serves it, and one that lower-cases methods would take `get` for GET (501).
+    UnknownMethod,
+    /// `OPTIONS *` (asterisk-form): a question about the gateway, not a page (400).
+    AsteriskForm,
     /// No `Host` on HTTP/1.1, more than one, or one that is not `host[:port]` (400, RFC 9112
     /// §3.2): the host is part of the cache key and of what the replica renders, so a request
     /// whose host two parsers could read differently is never forwarded.
@@ -101,6 +108,9 @@ impl Rejection {
             Rejection::InternalPath => "internal_path",
             Rejection::AmbiguousPath => "ambiguous_path",
             Rejection::Connect => "connect",
+            Rejection::Trace => "trace",
+            Rejection::UnknownMethod => "unknown_method",
+            Rejection::AsteriskForm => "asterisk_form",
             Rejection::BadHost => "bad_host",
         }
     }
@@ -129,8 +139,9 @@ pub fn forward(policy: &Policy, peer: &Peer, head: &mut Parts) {
 
 /// Sanitizes `head` in place (the forwarding headers are [`forward`]'s).
 pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitized, Rejection> {
-    if head.method == Method::CONNECT {
-        return Err(Rejection::Connect);
+    check_method(&head.method)?;
+    if head.uri.path() == "*" {
+        return Err(Rejection::AsteriskForm);
     }
     check_path(policy, head.uri.path())?;
     let found = scan(&head.headers, Some((head.uri.path(), !peer.trusted)));
@@ -173,6 +184,23 @@ pub fn request(policy: &Policy, peer: &Peer, head: &mut Parts) -> Result<Sanitiz
         upgrade,
         public_host,
     })
+}
+
+/// The methods replicas are asked: what Next.js serves (RFC 9110's, without CONNECT and TRACE).
+fn check_method(method: &Method) -> Result<(), Rejection> {
+    match *method {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::OPTIONS => Ok(()),
+        Method::CONNECT => Err(Rejection::Connect),
+        Method::TRACE => Err(Rejection::Trace),
+        _ if method.as_str() == "TRACK" => Err(Rejection::Trace),
+        _ => Err(Rejection::UnknownMethod),
+    }
 }
 
 /// RFC 9112 §3.2: exactly one `Host` (none is allowed only before HTTP/1.1), whose value is

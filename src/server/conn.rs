@@ -3,7 +3,8 @@
 //! hyper cannot express separately:
 //!
 //! - **header read**: a request head must arrive within `header_read_timeout` of its first byte
-//!   (slowloris); the connection is dropped otherwise;
+//!   (slowloris), and a new connection's first byte within `header_read_timeout` of the accept
+//!   (a silent socket); the connection is dropped otherwise;
 //! - **idle**: a connection with nothing in flight and no bytes for `idle_timeout` is closed
 //!   gracefully (h1: close; h2: GOAWAY);
 //! - **send**: a client that accepts none of a pending response for `send_timeout` (its socket
@@ -246,9 +247,16 @@ pub async fn watchdog(activity: Arc<Activity>, bounds: Bounds) -> Expiry {
     let ms = |d: Duration| d.as_millis() as u64;
     let (header_ms, idle_ms, send_ms) = (ms(bounds.header_read), ms(bounds.idle), ms(bounds.send));
     let mut quiet_since = now_ms();
+    let accepted = quiet_since;
     loop {
         interval.tick().await;
         let now = now_ms();
+        // A connection that never sent a byte is a head that has not started: it gets the
+        // header bound, not the idle one (thousands of silent sockets would otherwise hold
+        // descriptors for `idle_timeout`).
+        if !activity.sniffed.load(Relaxed) && now.saturating_sub(accepted) > header_ms {
+            return Expiry::HeaderTimeout;
+        }
         let blocked = activity.write_blocked_ms.load(Relaxed);
         if blocked != 0 && now.saturating_sub(blocked) > send_ms {
             return Expiry::SendTimeout;

@@ -60,6 +60,10 @@ pub(super) enum End {
     Handoff(Bytes),
 }
 
+/// The answer to a declared request body over `listen.max_body_bytes` (the driver's text); the
+/// connection closes after it, its body unread.
+const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 23\r\nconnection: close\r\n\r\nRequest body too large\n";
+
 /// Whether connections go through the lane: `listen.hit_lane`, with the cache on.
 pub(super) fn enabled(app: &AppState) -> bool {
     app.config.listen.hit_lane && app.cache.is_some()
@@ -101,6 +105,11 @@ impl Lane<'_> {
                 // An HTTP/2 preface is a connection's first bytes or nothing (hyper alone
                 // would refuse it here too; its watchdog also took this for HTTP/1.1).
                 Parsed::Other if served && buf.starts_with(b"PRI ") => return End::Closed,
+                Parsed::HugeBody => {
+                    self.app.metrics.body_too_large.inc();
+                    let _ = io.write_all(TOO_LARGE).await;
+                    return End::Closed;
+                }
                 Parsed::Other => return End::Handoff(buf.freeze()),
                 Parsed::Partial if buf.len() >= max_head => return End::Handoff(buf.freeze()),
                 Parsed::Partial => {
@@ -119,8 +128,13 @@ impl Lane<'_> {
                 Framing::None => 0,
                 Framing::Length(n) => n,
             };
-            // A `Content-Length` near 2^64 must not wrap the exchange's length (hyper then
-            // refuses it, and the connection ends).
+            // A declared body over the limit is refused here, before anything is read of it,
+            // as the driver would (hyper would refuse a `Content-Length` near 2^64 with 431).
+            if body > self.app.config.listen.max_body_bytes {
+                self.app.metrics.body_too_large.inc();
+                let _ = io.write_all(TOO_LARGE).await;
+                return End::Closed;
+            }
             let Some(exchange) = (len as u64).checked_add(body) else {
                 return End::Handoff(buf.freeze());
             };

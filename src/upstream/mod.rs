@@ -59,6 +59,9 @@ pub enum UpstreamError {
     /// The client's request body failed while streaming (the client went away).
     #[error("client request body failed: {0}")]
     ClientBody(String),
+    /// The client's request body sent nothing for `listen.body_read_timeout`.
+    #[error("client request body stalled")]
+    ClientBodyStalled,
     /// The response body failed while it was being read for the cache.
     #[error("response body failed: {0}")]
     Body(String),
@@ -311,6 +314,8 @@ fn origin_form(uri: &Uri) -> Uri {
 fn classify(replica: String, source: hyper::Error) -> UpstreamError {
     if caused_by::<http_body_util::LengthLimitError>(&source) {
         UpstreamError::BodyTooLarge
+    } else if caused_by::<body::BodyStalled>(&source) {
+        UpstreamError::ClientBodyStalled
     } else if caused_by::<body::ClientBodyError>(&source) {
         UpstreamError::ClientBody(source.to_string())
     } else {

@@ -119,6 +119,27 @@ async fn slow_request_head_is_cut_but_idle_keep_alive_is_not() {
     assert_eq!(origin.count("/p"), 2);
 }
 
+/// A connection that never sends a byte is cut at `header_read_timeout`, not held for
+/// `idle_timeout`: silent sockets must not pile up to the descriptor limit.
+#[tokio::test]
+async fn a_silent_connection_is_cut_at_the_header_timeout() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"120s\"",
+        "",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut [0u8; 64]))
+        .await
+        .expect("closed long before the idle timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    assert_eq!(gw.state.metrics.header_timeouts.get(), 1);
+    assert_eq!(origin.count("/p"), 0);
+}
+
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let origin = echo_origin().await;
@@ -323,4 +344,44 @@ async fn h2_connections_are_not_cut_by_the_header_timeout_between_requests() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(gw.state.metrics.header_timeouts.get(), 0);
+}
+
+/// An upload that stops sending is cut at `body_read_timeout` with 408: it must not hold a
+/// concurrency permit and a replica connection for the whole upstream timeout.
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_with_408() {
+    let origin = echo_origin().await;
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "body_read_timeout = \"1s\"\nidle_timeout = \"120s\"",
+        "",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nten bytes.")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(gw.state.metrics.client_body_errors.get(), 1);
+    // A body that keeps coming, however slowly, is not cut.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    for b in [b"a", b"b", b"c", b"d"] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b).await.expect("write");
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("abcd"),
+        "{text}"
+    );
 }

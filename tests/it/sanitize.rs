@@ -401,3 +401,37 @@ async fn requests_without_exactly_one_valid_host_are_refused() {
     );
     assert_eq!(origin.count("/p"), 1);
 }
+
+/// Methods no replica should be asked, the asterisk form, and a body declared larger than any
+/// limit are answered by the gateway, never forwarded.
+#[tokio::test]
+async fn trace_unknown_methods_asterisk_and_huge_bodies_stop_at_the_gateway() {
+    let origin = FakeNext::start(|o| {
+        o.route("/p", Route::html("p"));
+        o.route("*", Route::html("star"));
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    for (head, status) in [
+        ("TRACE /p HTTP/1.1\r\nHost: site.test\r\n", "405"),
+        ("TRACK /p HTTP/1.1\r\nHost: site.test\r\n", "405"),
+        ("get /p HTTP/1.1\r\nHost: site.test\r\n", "501"),
+        ("PROPFIND /p HTTP/1.1\r\nHost: site.test\r\n", "501"),
+        ("OPTIONS * HTTP/1.1\r\nHost: site.test\r\n", "400"),
+        (
+            "POST /p HTTP/1.1\r\nHost: site.test\r\nContent-Length: 18446744073709551615\r\n",
+            "413",
+        ),
+    ] {
+        let answer = raw(gw.addr, head).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{head:?} → {answer}"
+        );
+    }
+    assert_eq!(
+        (origin.count("/p"), origin.count("*")),
+        (0, 0),
+        "nothing reached the replica"
+    );
+}
