@@ -76,38 +76,95 @@ pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(2);
 
 /// A circuit breaker for the store: a Redis that times out (a black hole drops packets and
 /// answers nothing) would otherwise cost every L1 miss the full `command_timeout`. After
-/// [`BREAKER_FAILURES`] consecutive failures, calls fail at once for [`BREAKER_COOLDOWN`];
-/// then they go through again, and one failure re-opens it (half-open), one success closes it.
+/// [`BREAKER_FAILURES`] consecutive failures it opens: calls fail at once. Once
+/// [`BREAKER_COOLDOWN`] has passed, one call — the probe — goes through while every other
+/// still fails at once; the probe's success closes the breaker, its failure opens it for
+/// another cooldown. So a frozen Redis costs one `command_timeout` per cooldown, not one per
+/// request that arrived meanwhile, and the log says so once per opening, not once per failure.
 #[derive(Debug, Default)]
 pub struct Breaker {
     failures: std::sync::atomic::AtomicU32,
+    /// 0 while closed; otherwise when the next probe may go.
     open_until_ms: std::sync::atomic::AtomicU64,
+    probing: std::sync::atomic::AtomicBool,
+}
+
+/// Lets another call probe when the probe's future is dropped before it ended (after it
+/// ended, `success` / `failure` already did).
+struct ProbeGuard<'a>(&'a Breaker);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .probing
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Whether a call may go, by [`Breaker::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Closed: go.
+    Go,
+    /// Open and cooled down: this call is the probe.
+    Probe,
+    /// Open: fail at once.
+    Refuse,
 }
 
 impl Breaker {
-    /// Whether calls are being skipped at `now_ms`.
+    /// Whether a call at `now_ms` would be refused: open and cooling down, or its probe in
+    /// flight. (Cooled down with no probe yet, the next call is the probe: it may go.)
     pub fn is_open(&self, now_ms: u64) -> bool {
-        self.open_until_ms
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > now_ms
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let until = self.open_until_ms.load(Relaxed);
+        until != 0 && (now_ms < until || self.probing.load(Acquire))
     }
 
-    fn success(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
+    fn admit(&self, now_ms: u64) -> Admit {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        let until = self.open_until_ms.load(Relaxed);
+        if until == 0 {
+            return Admit::Go;
+        }
+        if now_ms < until {
+            return Admit::Refuse;
+        }
+        match self.probing.compare_exchange(false, true, AcqRel, Acquire) {
+            Ok(_) => Admit::Probe,
+            Err(_) => Admit::Refuse,
+        }
+    }
+
+    /// A call succeeded; `true` when it was the probe that closed the breaker.
+    fn success(&self, admitted: Admit) -> bool {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
         if self.failures.load(Relaxed) != 0 {
             self.failures.store(0, Relaxed);
         }
+        if admitted != Admit::Probe {
+            return false;
+        }
+        self.open_until_ms.store(0, Relaxed);
+        self.probing.store(false, Release);
+        true
     }
 
-    /// Returns `true` when this failure opened the breaker.
-    fn failure(&self, now_ms: u64) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.failures.fetch_add(1, Relaxed) + 1 >= BREAKER_FAILURES {
-            let until = now_ms + BREAKER_COOLDOWN.as_millis() as u64;
+    /// A call failed at `now_ms`; `true` when this failure opened the breaker (a failed probe
+    /// only keeps it open).
+    fn failure(&self, now_ms: u64, admitted: Admit) -> bool {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let until = now_ms + BREAKER_COOLDOWN.as_millis() as u64;
+        if admitted == Admit::Probe {
             self.open_until_ms.store(until, Relaxed);
-            return true;
+            self.probing.store(false, Release);
+            return false;
         }
-        false
+        self.failures.fetch_add(1, Relaxed) + 1 >= BREAKER_FAILURES
+            && self
+                .open_until_ms
+                .compare_exchange(0, until, Relaxed, Relaxed)
+                .is_ok()
     }
 }
 
@@ -423,9 +480,13 @@ impl RedisStore {
         fut: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
         let now = crate::upstream::replicas::now_ms();
-        if self.breaker.is_open(now) {
+        let admitted = self.breaker.admit(now);
+        if admitted == Admit::Refuse {
             return Err(StoreError::CircuitOpen);
         }
+        // A probe whose caller goes away (a cancelled request) must not leave the breaker
+        // waiting for an answer that never comes: the next call probes instead.
+        let _probe = (admitted == Admit::Probe).then(|| ProbeGuard(&self.breaker));
         // fred bounds commands itself; this also bounds the wait for a connection.
         let started = Instant::now();
         let limit = self.settings.command_timeout;
@@ -436,10 +497,17 @@ impl RedisStore {
         self.latency_ms
             .observe(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => {
+                if self.breaker.success(admitted) {
+                    tracing::info!("Redis answers again (circuit breaker closed)");
+                }
+            }
             Err(e) => {
-                if self.breaker.failure(crate::upstream::replicas::now_ms()) {
-                    tracing::warn!(error = %e, cooldown = ?BREAKER_COOLDOWN, "Redis failing; skipping it for a while (circuit breaker open)");
+                if self
+                    .breaker
+                    .failure(crate::upstream::replicas::now_ms(), admitted)
+                {
+                    tracing::warn!(error = %e, cooldown = ?BREAKER_COOLDOWN, "Redis failing; skipping it, probing with one command every cooldown (circuit breaker open)");
                 }
             }
         }
@@ -489,19 +557,41 @@ mod tests {
     }
 
     #[test]
-    fn breaker_opens_after_consecutive_failures_and_recovers() {
+    fn breaker_opens_after_consecutive_failures_and_probes_with_one_call() {
         let b = Breaker::default();
+        let cooled = 1_000 + BREAKER_COOLDOWN.as_millis() as u64;
         for _ in 0..BREAKER_FAILURES - 1 {
-            assert!(!b.failure(1_000));
+            assert!(!b.failure(1_000, b.admit(1_000)));
         }
-        b.success();
+        b.success(Admit::Go);
         for _ in 0..BREAKER_FAILURES - 1 {
-            assert!(!b.failure(1_000), "the count restarted after a success");
+            assert!(
+                !b.failure(1_000, Admit::Go),
+                "the count restarted after a success"
+            );
         }
-        assert!(b.failure(1_000), "the fifth consecutive failure opens it");
-        assert!(b.is_open(1_000 + BREAKER_COOLDOWN.as_millis() as u64 - 1));
-        assert!(!b.is_open(1_000 + BREAKER_COOLDOWN.as_millis() as u64));
-        assert!(b.failure(5_000), "half-open: one failure re-opens");
+        assert!(
+            b.failure(1_000, Admit::Go),
+            "the fifth consecutive failure opens it"
+        );
+        assert!(
+            !b.failure(1_000, Admit::Go),
+            "opened once, not once per failure"
+        );
+        assert_eq!(b.admit(cooled - 1), Admit::Refuse);
+        assert_eq!(b.admit(cooled), Admit::Probe, "cooled down: one probe");
+        assert_eq!(b.admit(cooled), Admit::Refuse, "and only one");
+        assert!(
+            !b.failure(cooled, Admit::Probe),
+            "a failed probe keeps it open"
+        );
+        assert_eq!(b.admit(cooled + 1), Admit::Refuse, "for another cooldown");
+        let later = cooled + BREAKER_COOLDOWN.as_millis() as u64;
+        assert_eq!(b.admit(later), Admit::Probe);
+        assert!(b.success(Admit::Probe), "the probe's success closes it");
+        assert_eq!(b.admit(later), Admit::Go);
+        assert!(!b.is_open(later));
+        assert!(!b.is_open(0), "closed");
     }
 
     #[test]

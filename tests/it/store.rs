@@ -270,3 +270,52 @@ async fn a_read_takes_the_fill_lock_only_when_nothing_is_stored() {
         ReadOrLock::Locked(_)
     ));
 }
+
+/// A frozen Redis costs one command timeout per breaker cooldown (the probe), not one per
+/// call that arrives when the cooldown ends: before, every call of the half-open moment went
+/// through and waited the whole timeout (a p99 spike every cooldown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_probed_with_one_command_per_cooldown() {
+    use isrgate::cache::store::{BREAKER_COOLDOWN, StoreError};
+    let r = RedisProcess::start();
+    let redis = RedisStore::connect(&settings(&r)).expect("store");
+    let store = Store::Redis(redis.clone());
+    eventually!(5, store.get("ab").await.is_ok(), "connected");
+    r.pause();
+    let wave = || {
+        let store = store.clone();
+        async move {
+            let calls: Vec<_> = (0..20)
+                .map(|_| {
+                    let store = store.clone();
+                    tokio::spawn(async move { store.get("ab").await })
+                })
+                .collect();
+            let mut timeouts = 0;
+            for c in calls {
+                // Anything but "skipped" waited for a Redis that does not answer.
+                match c.await.expect("call") {
+                    Err(StoreError::CircuitOpen) | Ok(_) => {}
+                    Err(_) => timeouts += 1,
+                }
+            }
+            timeouts
+        }
+    };
+    assert!(wave().await >= 5, "the first failures open the breaker");
+    let (mut timeouts, started) = (0, Instant::now());
+    while started.elapsed() < BREAKER_COOLDOWN * 5 / 2 {
+        timeouts += wave().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.resume();
+    assert!(
+        (1..=4).contains(&timeouts),
+        "one probe per cooldown, not a wave of timeouts: {timeouts}"
+    );
+    eventually!(
+        10,
+        store.get("ab").await.is_ok(),
+        "the probe closes it once Redis answers"
+    );
+}
