@@ -130,6 +130,9 @@ pub struct Metrics {
     pub fills_siblings: Counter,
     /// L1 entries written to the store again after their first write failed (Redis was down).
     pub store_write_backs: Counter,
+    /// Requests answered with their stale-if-error entry because the replica took longer than
+    /// `cache.stale_if_error_wait` (the render went on in the background).
+    pub stale_if_error_waits: Counter,
     /// Misses served from another request's render on this gateway (local single-flight).
     pub coalesced_local: Counter,
     /// Misses served from another gateway's render (lost the fleet lock race and waited).

@@ -232,6 +232,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut e,
+            "stale_if_error_waits",
+            "Requests answered stale (stale-if-error) because the replica took longer than cache.stale_if_error_wait.",
+            m.stale_if_error_waits.get(),
+        )?;
+        counter(
+            &mut e,
             "fills_older",
             "Fills not kept because a later render of the key was already stored.",
             m.fills_older.get(),

@@ -188,6 +188,8 @@ pub struct Cache {
     pub max_entry_bytes: usize,
     /// Default stale-if-error window.
     pub default_stale_if_error: Duration,
+    /// Longest wait for a replica before an entry within stale-if-error answers (0: no bound).
+    pub stale_if_error_wait: Duration,
     /// Cap on stale-while-revalidate.
     pub max_stale_while_revalidate: Duration,
     /// Cap on an entry's store TTL.

@@ -200,6 +200,10 @@ section! {
         /// How long past freshness an entry may be served when every replica fails, when the
         /// response does not say (`stale-if-error`).
         default_stale_if_error: String = "1h".into(),
+        /// How long a request with an entry kept for stale-if-error waits for the replica
+        /// before that entry answers it (the render goes on and is stored); 0 waits for the
+        /// replica's own timeouts.
+        stale_if_error_wait: String = "2s".into(),
         /// Cap on `stale-while-revalidate` (a bare directive from Next 13.4/14 means unbounded).
         max_stale_while_revalidate: String = "1d".into(),
         /// Cap on how long an entry is kept in the store (fresh + stale windows).

@@ -384,6 +384,7 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
         max_entry_bytes: c.in_range("cache.max_entry_bytes", r.max_entry_bytes, 1, 1 << 30)
             as usize,
         default_stale_if_error: long(c, "cache.default_stale_if_error", &r.default_stale_if_error),
+        stale_if_error_wait: c.duration("cache.stale_if_error_wait", &r.stale_if_error_wait, true),
         max_stale_while_revalidate: long(
             c,
             "cache.max_stale_while_revalidate",

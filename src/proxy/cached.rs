@@ -99,17 +99,79 @@ pub async fn serve(
         let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
         return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
     }
-    let job = Job {
-        key: &key,
-        variant: &variant,
-        head: upstream(&head),
-        client: Client::Waiting,
-        replaces: fallback.is_some(),
-        sibling: None,
-    };
     let seen = fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms);
-    let fetched = Box::pin(miss(app, cache, job, vary_view, seen, permit)).await;
+    let wait = cache.cfg.stale_if_error_wait;
+    let fetched = match &fallback {
+        Some(stale) if !wait.is_zero() => {
+            let fill = Fill {
+                key: key.clone(),
+                variant: variant.clone(),
+                head: upstream(&head),
+                vary: vary_view.clone(),
+                seen,
+                permit,
+            };
+            match fill.bounded(app, cache, wait).await {
+                Some(fetched) => fetched,
+                None => {
+                    app.metrics.stale_if_error_waits.inc();
+                    return stale_if_error(app, stale, ask, now);
+                }
+            }
+        }
+        _ => {
+            let job = Job {
+                key: &key,
+                variant: &variant,
+                head: upstream(&head),
+                client: Client::Waiting,
+                replaces: fallback.is_some(),
+                sibling: None,
+            };
+            Box::pin(miss(app, cache, job, vary_view, seen, permit)).await
+        }
+    };
     answer_miss(app, fetched, fallback, ask, now)
+}
+
+/// A miss with an entry kept for stale-if-error, owned so it can outlive its request.
+struct Fill {
+    key: CacheKey,
+    variant: Variant,
+    head: Parts,
+    vary: HeaderMap,
+    seen: u64,
+    permit: Option<FillPermit>,
+}
+
+impl Fill {
+    /// Runs the miss in a tracked task and waits for it at most `wait`: `None` when the
+    /// replica did not answer in time. The task goes on (and stores the render); the caller
+    /// answers with its stale entry (Varnish's grace, nginx's `proxy_cache_use_stale timeout`).
+    async fn bounded(
+        self,
+        app: &Arc<AppState>,
+        cache: &Arc<CacheState>,
+        wait: std::time::Duration,
+    ) -> Option<Result<Fetched, ProxyError>> {
+        let (app, cache) = (Arc::clone(app), Arc::clone(cache));
+        let task = cache.tasks.clone().spawn(async move {
+            let job = Job {
+                key: &self.key,
+                variant: &self.variant,
+                head: self.head,
+                client: Client::Waiting,
+                replaces: true,
+                sibling: None,
+            };
+            Box::pin(miss(&app, &cache, job, &self.vary, self.seen, self.permit)).await
+        });
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(fetched)) => Some(fetched),
+            // A panicked fill: the stale entry answers.
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
 }
 
 /// A miss: serves the fill another request made meanwhile, or fills the key itself.

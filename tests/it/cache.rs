@@ -920,3 +920,46 @@ async fn repeated_query_names_in_another_order_never_share_an_answer() {
     assert_eq!(get("a=good&b=1&a=evil").await.header("x-cache"), "HIT");
     assert_eq!(get("a=evil&a=good").await.header("x-cache"), "HIT");
 }
+
+/// A replica that hangs (accepts, never answers) costs a request with a stale-if-error entry
+/// `cache.stale_if_error_wait`, not the response header timeout; the render it started goes
+/// on and is stored when the replica answers.
+#[tokio::test]
+async fn a_hung_replica_costs_the_stale_wait_then_its_render_still_lands() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("old", "s-maxage=60, stale-if-error=600"));
+    })
+    .await;
+    let gw = gateway(
+        &origin,
+        &r,
+        "[cache]\nstale_if_error_wait = \"200ms\"\n[upstream]\nresponse_header_timeout = \"60s\"",
+    )
+    .await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    stored(&r, &gw, "/p").await;
+    advance(&gw, 61);
+    let gate = Gate::new();
+    origin.route("/p", page("new", ISR).gated(&gate));
+    let got = c.get(&gw.url("/p"), &[]).await;
+    assert_eq!((got.status.as_u16(), &got.body[..]), (200, &b"old"[..]));
+    assert_eq!(
+        got.header("cache-status"),
+        "isrgate; hit; detail=stale-if-error"
+    );
+    assert_eq!(gw.state.metrics.stale_if_error_waits.get(), 1);
+    // The replica answers at last: the render started for that request is stored.
+    gate.open();
+    eventually!(
+        10,
+        &c.get(&gw.url("/p"), &[]).await.body[..] == b"new",
+        "the background render landed"
+    );
+    assert_eq!(
+        origin.count("/p"),
+        2,
+        "one render for the stale answer and what followed"
+    );
+}
