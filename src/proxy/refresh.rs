@@ -34,13 +34,14 @@ pub fn spawn(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
     key: CacheKey,
-    head: Parts,
+    mut head: Parts,
     variant: Variant,
     stale: &Entry,
 ) {
     let Ok(permit) = Arc::clone(&cache.refresh_permits).try_acquire_owned() else {
         return;
     };
+    anonymous(&mut head.headers);
     let (app, cache) = (Arc::clone(app), Arc::clone(cache));
     let page = is_app_page(stale) && matches!(variant, Variant::Html | Variant::Rsc);
     let rendered_at = stale.meta.stored_at_ms;
@@ -53,6 +54,20 @@ pub fn spawn(
             refresh(&app, &cache, &key, head, &variant, rendered_at).await;
         }
     });
+}
+
+/// A refresh renders the shared entry for everyone, on nobody's behalf: it goes without the
+/// credentials of the client whose request found the entry stale (`Cookie`, `Authorization`),
+/// so that client's session can never shape, or leak into, what every other client is served
+/// next (middleware rewriting by cookie, a page that reads one by mistake).
+fn anonymous(headers: &mut http::HeaderMap) {
+    for name in [
+        http::header::COOKIE,
+        http::header::AUTHORIZATION,
+        http::header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// Whether an entry is an App Router page: it varies on `RSC` (Next sets `Vary: RSC, …` on

@@ -963,3 +963,37 @@ async fn a_hung_replica_costs_the_stale_wait_then_its_render_still_lands() {
         "one render for the stale answer and what followed"
     );
 }
+
+/// A background refresh renders the shared entry on nobody's behalf: the credentials of the
+/// client whose request found the entry stale never reach the replica with it.
+#[tokio::test]
+async fn a_refresh_carries_no_credentials_of_the_client_that_triggered_it() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/p", page("v1", "s-maxage=60, stale-while-revalidate=600"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    c.get(&gw.url("/p"), &[]).await;
+    stored(&r, &gw, "/p").await;
+    advance(&gw, 61);
+    // (`Authorization` is never answered from the cache at all: such a request bypasses it.)
+    let private = [("cookie", "session=alice"), ("accept-language", "fr")];
+    let stale = c.get(&gw.url("/p"), &private).await;
+    assert_eq!(stale.header("x-cache"), "STALE");
+    eventually!(
+        5,
+        origin.count("/p") == 2,
+        "the refresh reached the replica"
+    );
+    let seen = origin.last("/p").expect("seen").headers;
+    assert!(
+        seen.get("cookie").is_none() && seen.get("authorization").is_none(),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen["accept-language"], "fr",
+        "other headers go as they came"
+    );
+}
