@@ -8,9 +8,9 @@
 //! gateway's invalidations are incomplete (start, bus reconnect) the store is not read: an
 //! entry purged meanwhile would look valid.
 //!
-//! A GET that would fill the key on a miss looks up with [`lookup_to_fill`]: it leads the key's
-//! flight from the start and reads Redis with a script that also takes the fill lock when
-//! nothing is stored, so a cold miss reaches the replica after one round trip to Redis.
+//! A GET that would fill the key on a miss looks up with [`lookup_to_fill`]: it reads Redis
+//! with a script that also takes the fill lock when nothing is stored, and then leads the
+//! key's flight, so a cold miss reaches the replica after one round trip to Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,7 +20,7 @@ use http::HeaderMap;
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::{Entry, Meta};
 use crate::cache::epochs::Validity;
-use crate::cache::flight::{Done, FillPermit};
+use crate::cache::flight::FillPermit;
 use crate::cache::key::{self, CacheKey};
 use crate::cache::lock::ReadOrLock;
 use crate::cache::policy::{self, State, Times};
@@ -68,11 +68,12 @@ pub async fn lookup(
 }
 
 /// A lookup by a request that fills the key when nothing usable is found (a GET miss). With
-/// Redis, and no flight of the key on this gateway, the request leads the key's flight from
-/// here and its store read also takes the key's fill lock when nothing is stored: a cold miss
-/// costs one round trip to Redis, not two (a read, then a lock). The permit comes back with a
-/// miss (or a stale-if-error entry) for [`super::coalesce::turn_led`]; with anything else it
-/// is let go at once.
+/// Redis, the store read also takes the key's fill lock when nothing is stored: a cold miss
+/// costs one round trip to Redis, not two (a read, then a lock). The request then leads the
+/// key's flight on this gateway, holding that lock: the permit comes back with the miss, for
+/// [`super::coalesce::turn_led`]. A read that finds an entry (fresh, stale or anything else)
+/// takes nothing, so reading never stands in the way of a refresh or a sibling fill; a lock
+/// taken while another flight of the key is in progress here is given back at once.
 pub async fn lookup_to_fill(
     app: &AppState,
     cache: &CacheState,
@@ -87,47 +88,46 @@ pub async fn lookup_to_fill(
         return (Found::Miss, None);
     }
     let flights = &cache.flights;
-    let lead = match app.reads(cache) {
+    let redis = match app.reads(cache) {
         Store::Redis(redis)
             if flights.cfg().enabled && !cache.decoded.enabled() && !flights.is_pass(key.hash) =>
         {
-            flights.try_lead(key.hash).map(|p| (p, redis))
+            redis
         }
-        _ => None,
-    };
-    let Some((mut permit, redis)) = lead else {
-        return (
-            Box::pin(read(app, cache, key, now_ms))
-                .await
-                .map_or(Found::Miss, |e| judge(app, cache, key, e, headers, now_ms)),
-            None,
-        );
+        _ => {
+            let found = match Box::pin(read(app, cache, key, now_ms)).await {
+                Some(entry) => judge(app, cache, key, entry, headers, now_ms),
+                None => Found::Miss,
+            };
+            return (found, None);
+        }
     };
     let hex = key.hex();
-    let entry = match redis.read_or_lock(&hex, flights.cfg().lock_ttl).await {
-        Ok(ReadOrLock::Entry(stored)) => decode(app, cache, key, stored),
-        Ok(ReadOrLock::Locked(held)) => {
-            permit.hold_fleet(redis, held, &hex);
-            None
+    match redis.read_or_lock(&hex, flights.cfg().lock_ttl).await {
+        Ok(ReadOrLock::Entry(stored)) => {
+            let found = match decode(app, cache, key, stored) {
+                Some(entry) => judge(app, cache, key, entry, headers, now_ms),
+                None => Found::Miss,
+            };
+            (found, None)
         }
-        Ok(ReadOrLock::Contended) => None,
+        Ok(ReadOrLock::Locked(held)) => match flights.try_lead(key.hash) {
+            Some(mut permit) => {
+                permit.hold_fleet(redis, held, &hex);
+                (Found::Miss, Some(permit))
+            }
+            None => {
+                let redis = redis.clone();
+                cache.tasks.spawn(async move {
+                    let _ = redis.unlock(&held).await;
+                });
+                (Found::Miss, None)
+            }
+        },
+        Ok(ReadOrLock::Contended) => (Found::Miss, None),
         Err(e) => {
             failed(app, now_ms, &e);
-            None
-        }
-    };
-    let Some(entry) = entry else {
-        return (Found::Miss, Some(permit));
-    };
-    match judge(app, cache, key, entry, headers, now_ms) {
-        found @ (Found::Miss | Found::StaleIfError(_)) => (found, Some(permit)),
-        found => {
-            // Requests that joined meanwhile take the lead in turn; a fresh entry answers them.
-            permit.wake(match &found {
-                Found::Fresh { entry, .. } => Done::Filled(Arc::clone(entry)),
-                _ => Done::Abandoned,
-            });
-            (found, None)
+            (Found::Miss, None)
         }
     }
 }
@@ -274,8 +274,17 @@ fn decode(
             return None;
         }
     };
-    let entry = Arc::new(Entry::new(meta, stored.body));
-    cache.decoded.insert(key.hash, stored.meta, &entry);
+    // The body is a slice of the Redis client's read buffer: kept as it is, one small entry
+    // in the L1 would hold that whole buffer alive (many times its own size). The L1 is sized
+    // by what entries weigh, so an entry owns exactly its bytes.
+    let entry = Arc::new(Entry::new(
+        meta,
+        bytes::Bytes::copy_from_slice(&stored.body),
+    ));
+    if cache.decoded.enabled() {
+        let meta = bytes::Bytes::copy_from_slice(&stored.meta);
+        cache.decoded.insert(key.hash, meta, &entry);
+    }
     Some(entry)
 }
 
