@@ -166,6 +166,38 @@ impl Entry {
         }
     }
 
+    /// What holding this entry costs in memory, bytes, as the L1 charges it: the stored gzip
+    /// body, the identity body (inflated for identity clients, or kept from the fill), the
+    /// metadata as it lives on the heap, and the two response heads prepared from it on first
+    /// use (a header map and its wire bytes each). An estimate from sizes, not a measurement:
+    /// per-allocation overhead is folded into the per-item constants.
+    pub fn footprint(&self) -> usize {
+        // Arc + Entry + the cache's node and bookkeeping.
+        const FIXED: usize = 640;
+        // A header line on the heap: its `(HeaderName, HeaderValue)` slot and allocations.
+        const PER_HEADER: usize = 96;
+        // A tag: a `String` slot and its allocation.
+        const PER_TAG: usize = 48;
+        let header_bytes: usize = self
+            .meta
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + PER_HEADER)
+            .sum();
+        let tag_bytes: usize = self.meta.tags.iter().map(|t| t.len() + PER_TAG).sum();
+        // Each prepared head: a header map (the headers again, plus a few we add) and the
+        // same headers as wire bytes.
+        let heads = 2 * (2 * header_bytes + 512);
+        let identity = usize::try_from(self.meta.identity_len).unwrap_or(usize::MAX);
+        FIXED
+            .saturating_add(self.gzip.len())
+            .saturating_add(identity)
+            .saturating_add(header_bytes)
+            .saturating_add(tag_bytes)
+            .saturating_add(self.meta.etag.len())
+            .saturating_add(heads)
+    }
+
     /// The prepared head of the gzip (`gzip == true`) or identity representation, built by
     /// `build` on first use; `None` when `build` refuses (nothing is remembered then).
     pub fn head(&self, gzip: bool, build: impl FnOnce() -> Option<Head>) -> Option<&Head> {

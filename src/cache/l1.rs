@@ -1,10 +1,10 @@
 //! The in-process L1 in front of the shared store (DESIGN.md request flow step 5).
 //!
 //! Receives decoded entries after a store read or a fill; hands back `Arc<Entry>` so a hit
-//! copies no body (STYLE rule 8). Bounded by bytes (metadata estimate + gzip body), not by
-//! count. An L1 copy never outlives its freshness: it expires at the entry's `fresh_until`, and
-//! [`L1::get`] refuses anything past it, so staleness is always decided from the shared store,
-//! the same way on every gateway. It can be disabled ("strict mode": every hit reads the store).
+//! copies no body (STYLE rule 8). Bounded by bytes (each entry's [`Entry::footprint`]: both
+//! bodies, metadata, prepared heads), not by count. An L1 copy never outlives its freshness: it
+//! expires at the entry's `fresh_until`, and [`L1::get`] refuses anything past it, so staleness
+//! is always decided from the shared store, the same way on every gateway. It can be disabled ("strict mode": every hit reads the store).
 //!
 //! Invalidation of L1 copies (another gateway filled the key, a purge, a reconnect that may have
 //! missed messages) goes through [`L1::remove`] and [`L1::clear`]; the bus that calls them is a
@@ -15,9 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::entry::Entry;
-
-/// Bytes charged per entry on top of its body, for metadata and bookkeeping.
-const OVERHEAD_BYTES: u32 = 512;
 
 /// What the L1 holds per key: the entry, how long it stays fresh, and the generation it was
 /// inserted under.
@@ -124,13 +121,9 @@ impl L1 {
         }
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
-            // Both forms count: an L1 entry may hold its inflated body too (identity clients).
-            .weigher(|_k: &u128, v: &Held| {
-                let identity = usize::try_from(v.0.meta.identity_len).unwrap_or(usize::MAX);
-                u32::try_from(v.0.gzip.len().saturating_add(identity))
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(OVERHEAD_BYTES)
-            })
+            // What an entry really holds, metadata and prepared heads included: the bound is on
+            // memory, not on body bytes.
+            .weigher(|_k: &u128, v: &Held| u32::try_from(v.0.footprint()).unwrap_or(u32::MAX))
             .expire_after(UntilFresh)
             .build();
         L1 {

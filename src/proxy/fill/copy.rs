@@ -1,5 +1,5 @@
 //! Reading a storable body: the whole identity body kept for the entry (up to
-//! `cache.max_entry_bytes`), every frame forwarded to a waiting client as it comes, a slow
+//! `cache.max_entry_bytes`, in one allocation of exactly its size), every frame forwarded to a waiting client as it comes, a slow
 //! client never slowing the copy.
 
 use bytes::{Bytes, BytesMut};
@@ -60,9 +60,8 @@ pub async fn copy(
     }
     out.finish();
     Ok(match kept {
-        Some(chunks) if chunks.len() == 1 => {
-            Copied::Whole(chunks.into_iter().next().unwrap_or_default())
-        }
+        // Frames are slices of hyper's read buffer; the copy is kept (in the L1, as the
+        // entry's identity body), so it owns exactly its bytes, never the buffer around them.
         Some(chunks) => {
             let mut whole = BytesMut::with_capacity(len);
             for c in chunks {
