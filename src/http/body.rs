@@ -4,8 +4,8 @@
 //!
 //! Two wrappers add lifetime-bound behaviour to a streaming body without copying it:
 //! [`Guarded`] keeps a guard alive until the body is finished or dropped (in-flight counters),
-//! [`Deadline`] fails the body when an absolute deadline passes (the total upstream timeout),
-//! and [`Stalled`] fails a client's upload that sends nothing for too long.
+//! [`Deadline`] fails the body when an absolute deadline passes (the total upstream timeout) or
+//! when a client's upload sends nothing for too long.
 //! [`Channel`] is a body fed frame by frame by another task (the streaming fill leader).
 
 use std::pin::Pin;
@@ -91,96 +91,51 @@ pub struct ClientBodyError(pub BoxError);
 #[error("client request body sent nothing for {0:?}")]
 pub struct BodyStalled(pub std::time::Duration);
 
-pin_project! {
-    /// A client's request body that fails with [`BodyStalled`] when no frame comes for `idle`:
-    /// a client trickling (or never sending) its upload must not hold a concurrency permit and
-    /// a replica connection for the whole upstream timeout (nginx's `client_body_timeout`).
-    pub struct Stalled<B> {
-        #[pin]
-        inner: B,
-        idle: std::time::Duration,
-        sleep: Option<Pin<Box<Sleep>>>,
-        waiting: bool,
-    }
-}
-
-impl<B> Stalled<B> {
-    /// Wraps `inner`: at most `idle` between two frames.
-    pub fn new(inner: B, idle: std::time::Duration) -> Self {
-        Self {
-            inner,
-            idle,
-            sleep: None,
-            waiting: false,
-        }
-    }
-}
-
-impl<B> HttpBody for Stalled<B>
-where
-    B: HttpBody,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            *this.waiting = false;
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        // The bound counts from the first wait after a frame (or the start).
-        let until = Instant::now() + *this.idle;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-        if !*this.waiting {
-            *this.waiting = true;
-            sleep.as_mut().reset(until);
-        }
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(BodyStalled(*this.idle).into()))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The body did not finish before its deadline.
 #[derive(Debug, thiserror::Error)]
 #[error("body not finished before the total timeout")]
 pub struct DeadlineExceeded;
 
 pin_project! {
-    /// A body that fails with [`DeadlineExceeded`] once `deadline` passes. The timer is armed
-    /// only when the body first has to wait: a response that is already buffered (most pages)
-    /// never touches the timer wheel.
+    /// A body that fails once its time bound passes: an absolute deadline ([`Deadline::new`]:
+    /// [`DeadlineExceeded`], the total upstream timeout), or a gap between two frames
+    /// ([`Deadline::idle`]: [`BodyStalled`], a client's upload that stopped; nginx's
+    /// `client_body_timeout`). The timer is armed only when the body first has to wait: a
+    /// response that is already buffered (most pages) never touches the timer wheel.
     pub struct Deadline<B> {
         #[pin]
         inner: B,
-        deadline: Instant,
+        bound: Bound,
         sleep: Option<Pin<Box<Sleep>>>,
+        // Waiting since the last frame (an idle bound counts from the first wait after one).
+        waiting: bool,
     }
+}
+
+/// What a [`Deadline`] bounds.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    At(Instant),
+    Idle(std::time::Duration),
 }
 
 impl<B> Deadline<B> {
     /// Wraps `inner` with an absolute deadline.
     pub fn new(inner: B, deadline: Instant) -> Self {
+        Self::bounded(inner, Bound::At(deadline))
+    }
+
+    /// Wraps `inner`: at most `idle` without a frame.
+    pub fn idle(inner: B, idle: std::time::Duration) -> Self {
+        Self::bounded(inner, Bound::Idle(idle))
+    }
+
+    fn bounded(inner: B, bound: Bound) -> Self {
         Self {
             inner,
-            deadline,
+            bound,
             sleep: None,
+            waiting: false,
         }
     }
 }
@@ -199,15 +154,28 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.waiting = false;
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let deadline = *this.deadline;
+        let until = match *this.bound {
+            Bound::At(at) => at,
+            Bound::Idle(idle) => Instant::now() + idle,
+        };
         let sleep = this
             .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(DeadlineExceeded.into()))),
-            Poll::Pending => Poll::Pending,
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if !*this.waiting {
+            *this.waiting = true;
+            if matches!(this.bound, Bound::Idle(_)) {
+                sleep.as_mut().reset(until);
+            }
+        }
+        match (sleep.as_mut().poll(cx), *this.bound) {
+            (Poll::Ready(()), Bound::At(_)) => Poll::Ready(Some(Err(DeadlineExceeded.into()))),
+            (Poll::Ready(()), Bound::Idle(idle)) => {
+                Poll::Ready(Some(Err(BodyStalled(idle).into())))
+            }
+            (Poll::Pending, _) => Poll::Pending,
         }
     }
 

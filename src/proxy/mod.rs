@@ -151,7 +151,7 @@ fn limit_body(
     let max = usize::try_from(max).unwrap_or(usize::MAX);
     // Over the limit stays a `LengthLimitError` (413), a stall a `BodyStalled` (408); any
     // other failure is the client's.
-    Ok(Limited::new(body::Stalled::new(body, stall), max)
+    Ok(Limited::new(body::Deadline::idle(body, stall), max)
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() || e.is::<body::BodyStalled>() {
                 e
