@@ -111,19 +111,68 @@ pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpList
     }
 }
 
+/// Descriptor pressure at accept (EMFILE, ENFILE): a client left in the kernel's queue hangs
+/// until it gives up, and the accept loop would spin on the same error. So a descriptor is
+/// kept in reserve (libuv's trick): on EMFILE it is given up, the waiting connection accepted
+/// and closed at once (the client sees the connection end, not a hang), and the reserve taken
+/// again. The warning is logged once per [`Pressure::WARN_EVERY`], with the count refused.
+struct Pressure {
+    spare: Option<std::fs::File>,
+    refused: u64,
+    warned_at: Option<std::time::Instant>,
+}
+
+impl Pressure {
+    const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn new() -> Pressure {
+        Pressure {
+            spare: std::fs::File::open("/dev/null").ok(),
+            refused: 0,
+            warned_at: None,
+        }
+    }
+
+    async fn refuse_one(&mut self, listener: &TcpListener, e: &std::io::Error) {
+        // EMFILE (this process) and ENFILE (the system), as Linux numbers them.
+        let out_of_descriptors = matches!(e.raw_os_error(), Some(24 | 23));
+        if out_of_descriptors && self.spare.take().is_some() {
+            if let Ok(Ok((stream, _))) =
+                tokio::time::timeout(std::time::Duration::from_millis(1), listener.accept()).await
+            {
+                drop(stream);
+                self.refused += 1;
+            }
+            self.spare = std::fs::File::open("/dev/null").ok();
+        } else {
+            // Anything else (or no reserve to give up): back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if self
+            .warned_at
+            .is_none_or(|t| t.elapsed() >= Self::WARN_EVERY)
+        {
+            self.warned_at = Some(std::time::Instant::now());
+            tracing::warn!(
+                error = %e, refused = self.refused,
+                "accept failed; connections refused at once while descriptors run out (logged at most every 10 s)"
+            );
+        }
+    }
+}
+
 /// Accepts on `listener` until `drain` is cancelled.
 async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: CancellationToken) {
     let builder = Arc::new(builder(&app));
     let lender = Arc::new(lane::lender(&app));
+    let mut pressure = Pressure::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = drain.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    pressure.refuse_one(&listener, &e).await;
                     continue;
                 }
             },

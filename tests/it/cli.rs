@@ -180,3 +180,71 @@ fn serve_drains_and_exits_zero_on_sigterm() {
     };
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Out of descriptors, a new client is refused at once (its connection closes) instead of
+/// hanging in the kernel's queue, and the warning is not repeated for every attempt.
+#[test]
+fn out_of_descriptors_new_clients_are_refused_not_left_hanging() {
+    use std::io::Read;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    // Silent connections are not cut for a minute here: a closed one below was refused.
+    let script = format!(
+        "ulimit -n 48 && exec {BIN} serve --config /dev/null --listen 127.0.0.1:{port} \
+         --admin-listen '' --upstream http://127.0.0.1:9"
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .env("ISRGATE__LISTEN__HEADER_READ_TIMEOUT", "60s")
+        .env("ISRGATE__LISTEN__WORKERS", "1")
+        .env("ISRGATE__HEALTH__INTERVAL", "0s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                held.push(s);
+                break;
+            }
+            Err(_) => {
+                assert!(Instant::now() < deadline, "gateway did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // Far more connections than descriptors; each is held open and silent.
+    for _ in 0..120 {
+        held.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+    }
+    // The last ones came after the descriptors ran out: each ends at once (a hanging one
+    // would time out instead).
+    let refused = held
+        .iter()
+        .rev()
+        .take(10)
+        .filter(|s| {
+            let mut s: &std::net::TcpStream = s;
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            match s.read(&mut [0u8; 16]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        })
+        .count();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().expect("wait");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(refused > 0, "some clients were refused at once:\n{log}");
+    let warnings = log.matches("accept failed").count();
+    assert!((1..=3).contains(&warnings), "{warnings} warnings:\n{log}");
+}
