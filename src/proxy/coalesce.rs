@@ -149,14 +149,17 @@ impl Lead {
         permit: FillPermit,
     ) -> Turn {
         // A fill that ended between this request's lookup and its join left its entry in the L1
-        // or the in-process store (with Redis, the fleet lock's check covers the rest).
+        // or the in-process store (with Redis, the fleet lock's check covers the rest). Only a
+        // render newer than the one the caller saw counts: a caller that asks to replace a
+        // fresh entry (a page refresh bringing HTML and RSC back to one render) gets its turn.
         let ended = match &cache.store {
             Store::Memory(_) => reread(app, cache, key, vary_view).await,
             Store::Redis(_) => cache
                 .l1
                 .get(key.hash, cache.clock.now_ms())
                 .filter(|e| usable(cache, e, vary_view) && fresh(cache, e)),
-        };
+        }
+        .filter(|e| e.meta.stored_at_ms > self.seen);
         if let Some(entry) = ended {
             return filled(app, permit, entry, false).await;
         }

@@ -49,7 +49,7 @@ pub fn spawn(
     tasks.spawn(async move {
         let _permit = permit;
         if page {
-            refresh_page(&app, &cache, key, head, variant, rendered_at).await;
+            refresh_page(&app, &cache, head, variant, rendered_at).await;
         } else {
             refresh(&app, &cache, &key, head, &variant, rendered_at).await;
         }
@@ -85,7 +85,6 @@ fn is_app_page(entry: &Entry) -> bool {
 async fn refresh_page(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
-    key: CacheKey,
     head: Parts,
     variant: Variant,
     stale_rendered_at: u64,
@@ -107,12 +106,24 @@ async fn refresh_page(
     .await;
     let permit = match turn {
         Turn::Fill(permit) => permit,
-        // The HTML is a newer render than this stale RSC: a miss filled it without its
-        // sibling. Refresh the RSC on its own.
+        // The HTML is fresh and a later render than this stale RSC (two first fills, or a miss
+        // that filled the HTML without its sibling). Refreshing the RSC alone would serve the
+        // two variants from two renders for good: refresh the page as a whole instead, one
+        // render for both, replacing that HTML a little early.
         Turn::Filled(html)
             if variant == Variant::Rsc && html.meta.stored_at_ms > stale_rendered_at =>
         {
-            return refresh(app, cache, &key, rsc_head, &variant, stale_rendered_at).await;
+            let seen = html.meta.stored_at_ms;
+            let again =
+                coalesce::turn(app, cache, &html_key, &html_head.headers, Wait::Skip, seen).await;
+            match again {
+                Turn::Fill(permit) => permit,
+                Turn::Busy => {
+                    app.metrics.refreshes_elsewhere.inc();
+                    return;
+                }
+                Turn::Filled(_) | Turn::Pass => return,
+            }
         }
         Turn::Filled(_) | Turn::Pass => return,
         Turn::Busy => {
