@@ -74,14 +74,21 @@ pub struct Held {
     token: String,
 }
 
+impl Held {
+    /// The lock of `key_hex` with a fresh random token (held once a `SET NX` with it succeeds).
+    fn new(key_hex: &str) -> Held {
+        Held {
+            key: lock_key(key_hex),
+            token: format!("{:032x}", fastrand::u128(..)),
+        }
+    }
+}
+
 impl RedisStore {
     /// Tries to take the fill lock of `key_hex` for `ttl`: `Some` when we hold it, `None` when
     /// another gateway does.
     pub async fn try_lock(&self, key_hex: &str, ttl: Duration) -> Result<Option<Held>, StoreError> {
-        let held = Held {
-            key: lock_key(key_hex),
-            token: format!("{:032x}", fastrand::u128(..)),
-        };
+        let held = Held::new(key_hex);
         let set: Option<String> = self
             .bounded(self.pool().set(
                 &held.key,
@@ -103,11 +110,7 @@ impl RedisStore {
         ttl: Duration,
         seen_rendered_at_ms: u64,
     ) -> Result<Locked, StoreError> {
-        let token = format!("{:032x}", fastrand::u128(..));
-        let held = Held {
-            key: lock_key(key_hex),
-            token,
-        };
+        let held = Held::new(key_hex);
         let keys = vec![super::store::entry_key(key_hex), held.key.clone()];
         let args = vec![
             held.token.clone(),
@@ -131,10 +134,7 @@ impl RedisStore {
         key_hex: &str,
         ttl: Duration,
     ) -> Result<ReadOrLock, StoreError> {
-        let held = Held {
-            key: lock_key(key_hex),
-            token: format!("{:032x}", fastrand::u128(..)),
-        };
+        let held = Held::new(key_hex);
         let keys = vec![super::store::entry_key(key_hex), held.key.clone()];
         let args = vec![held.token.clone(), millis(ttl).to_string()];
         let v: fred::types::Value = self

@@ -8,7 +8,7 @@ use http::request::Parts;
 use http::{HeaderMap, Method, Response, header};
 
 use super::coalesce::{self, Turn, Wait};
-use super::fill::{self, Client, Filled, Job};
+use super::fill::{self, Filled, Job};
 use super::forwarded::Peer;
 use super::lookup::{self, Found};
 use super::refresh;
@@ -120,14 +120,7 @@ pub async fn serve(
             }
         }
         _ => {
-            let job = Job {
-                key: &key,
-                variant: &variant,
-                head: upstream(&head),
-                client: Client::Waiting,
-                replaces: fallback.is_some(),
-                sibling: None,
-            };
+            let job = Job::waiting(&key, &variant, upstream(&head), fallback.is_some());
             Box::pin(miss(app, cache, job, vary_view, seen, permit)).await
         }
     };
@@ -156,14 +149,7 @@ impl Fill {
     ) -> Option<Result<Fetched, ProxyError>> {
         let (app, cache) = (Arc::clone(app), Arc::clone(cache));
         let task = cache.tasks.clone().spawn(async move {
-            let job = Job {
-                key: &self.key,
-                variant: &self.variant,
-                head: self.head,
-                client: Client::Waiting,
-                replaces: true,
-                sibling: None,
-            };
+            let job = Job::waiting(&self.key, &self.variant, self.head, true);
             Box::pin(miss(&app, &cache, job, &self.vary, self.seen, self.permit)).await
         });
         match tokio::time::timeout(wait, task).await {

@@ -61,6 +61,17 @@ pub async fn lookup(
     if !synced(app, cache) {
         return Found::Miss;
     }
+    from_store(app, cache, key, headers, now_ms).await
+}
+
+/// What the store holds for `key`, judged for a request with `headers`.
+async fn from_store(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Found {
     match Box::pin(read(app, cache, key, now_ms)).await {
         Some(entry) => judge(app, cache, key, entry, headers, now_ms),
         None => Found::Miss,
@@ -94,13 +105,7 @@ pub async fn lookup_to_fill(
         {
             redis
         }
-        _ => {
-            let found = match Box::pin(read(app, cache, key, now_ms)).await {
-                Some(entry) => judge(app, cache, key, entry, headers, now_ms),
-                None => Found::Miss,
-            };
-            return (found, None);
-        }
+        _ => return (from_store(app, cache, key, headers, now_ms).await, None),
     };
     let hex = key.hex();
     match redis.read_or_lock(&hex, flights.cfg().lock_ttl).await {

@@ -105,11 +105,7 @@ impl Lane<'_> {
                 // An HTTP/2 preface is a connection's first bytes or nothing (hyper alone
                 // would refuse it here too; its watchdog also took this for HTTP/1.1).
                 Parsed::Other if served && buf.starts_with(b"PRI ") => return End::Closed,
-                Parsed::HugeBody => {
-                    self.app.metrics.body_too_large.inc();
-                    let _ = io.write_all(TOO_LARGE).await;
-                    return End::Closed;
-                }
+                Parsed::HugeBody => return self.too_large(io).await,
                 Parsed::Other => return End::Handoff(buf.freeze()),
                 Parsed::Partial if buf.len() >= max_head => return End::Handoff(buf.freeze()),
                 Parsed::Partial => {
@@ -131,9 +127,7 @@ impl Lane<'_> {
             // A declared body over the limit is refused here, before anything is read of it,
             // as the driver would (hyper would refuse a `Content-Length` near 2^64 with 431).
             if body > self.app.config.listen.max_body_bytes {
-                self.app.metrics.body_too_large.inc();
-                let _ = io.write_all(TOO_LARGE).await;
-                return End::Closed;
+                return self.too_large(io).await;
             }
             let Some(exchange) = (len as u64).checked_add(body) else {
                 return End::Handoff(buf.freeze());
@@ -162,6 +156,14 @@ impl Lane<'_> {
             };
             buf = rest;
         }
+    }
+
+    /// Refuses a request whose declared body is over `listen.max_body_bytes` (413), its body
+    /// unread, and ends the connection.
+    async fn too_large(&self, io: &mut Watched<TcpStream>) -> End {
+        self.app.metrics.body_too_large.inc();
+        let _ = io.write_all(TOO_LARGE).await;
+        End::Closed
     }
 
     /// Runs one exchange of `len` bytes (head and body, `buf` holding their start) through

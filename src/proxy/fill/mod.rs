@@ -73,6 +73,24 @@ pub struct Job<'a> {
 }
 
 impl<'a> Job<'a> {
+    /// A miss's fill: its client waits for the answer; `replaces` when the lookup found an
+    /// entry it keeps for stale-if-error.
+    pub fn waiting(
+        key: &'a CacheKey,
+        variant: &'a Variant,
+        head: Parts,
+        replaces: bool,
+    ) -> Job<'a> {
+        Job {
+            key,
+            variant,
+            head,
+            client: Client::Waiting,
+            replaces,
+            sibling: None,
+        }
+    }
+
     /// A fill nobody waits for that replaces an entry (a background refresh, a re-warm), with
     /// the page's other variant from the same render when `sibling` is given.
     pub fn replacing(
