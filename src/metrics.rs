@@ -133,6 +133,8 @@ pub struct Metrics {
     /// Requests answered with their stale-if-error entry because the replica took longer than
     /// `cache.stale_if_error_wait` (the render went on in the background).
     pub stale_if_error_waits: Counter,
+    /// `Vary` slots dropped because their URL had `cache.max_variants` more recently filled.
+    pub cache_variants_dropped: Counter,
     /// Misses served from another request's render on this gateway (local single-flight).
     pub coalesced_local: Counter,
     /// Misses served from another gateway's render (lost the fleet lock race and waited).

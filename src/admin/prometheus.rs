@@ -238,6 +238,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut e,
+            "cache_variants_dropped",
+            "Vary slots dropped because their URL had cache.max_variants more recently filled ones.",
+            m.cache_variants_dropped.get(),
+        )?;
+        counter(
+            &mut e,
             "fills_older",
             "Fills not kept because a later render of the key was already stored.",
             m.fills_older.get(),

@@ -239,6 +239,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             "fills_siblings": m.fills_siblings.get(),
             "store_write_backs": m.store_write_backs.get(),
             "stale_if_error_waits": m.stale_if_error_waits.get(),
+            "cache_variants_dropped": m.cache_variants_dropped.get(),
         },
         "replicas": replicas,
         "redis": redis,

@@ -134,6 +134,13 @@ impl Flights {
         }
     }
 
+    /// How many requests on this gateway wait for the key's flight in progress (0 for none).
+    pub fn followers(&self, hash: u128) -> usize {
+        lock(&self.local)
+            .get(&hash)
+            .map_or(0, |flight| flight.receiver_count())
+    }
+
     /// Another gateway said something about the key (bus): wake this gateway's listener.
     pub fn notify(&self, hash: u128) {
         let listener = lock(&self.listeners).get(&hash).cloned();

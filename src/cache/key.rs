@@ -152,12 +152,24 @@ pub fn variant(path: &str, headers: &HeaderMap, avif: bool) -> Variant {
 }
 
 /// A cache key: its canonical text and the stable hash every gateway derives from it.
+///
+/// A key is *primary* (what the request's URL and variant name) or a *`Vary` slot* of a
+/// primary ([`CacheKey::with_vary`]): where the answer for one set of values of the headers a
+/// response varies on lives. The primary slot always holds the latest render, whichever its
+/// values (so a gateway learns the `Vary` names from it); each set of values has its own slot,
+/// so variants do not evict each other (see `proxy::lookup`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey {
-    /// `namespace host path?query variant`, for logs and the dashboard.
+    /// `namespace host path?query variant`, then ` vary:<hash>` for a slot; for logs and the
+    /// dashboard.
     pub text: String,
-    /// xxh3-128 of the length-prefixed parts.
+    /// xxh3-128 of the length-prefixed parts (and, for a slot, of the primary's hash and the
+    /// values' hash).
     pub hash: u128,
+    /// The primary key's hash (`hash` itself for a primary key).
+    pub primary: u128,
+    /// Length of the primary key's text, a prefix of `text`.
+    primary_len: usize,
 }
 
 impl CacheKey {
@@ -198,19 +210,41 @@ impl CacheKey {
         }
         text.push(' ');
         text.push_str(&variant);
+        let hash = hasher.digest128();
         CacheKey {
+            primary_len: text.len(),
             text,
-            hash: hasher.digest128(),
+            hash,
+            primary: hash,
         }
     }
 
-    /// The key refined by the request's values of the headers a stored response varies on.
+    /// The slot of the primary key for the values hashed to `vary` ([`vary_hash`]).
     pub fn with_vary(&self, vary: u128) -> CacheKey {
-        let mut bytes = self.hash.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&vary.to_le_bytes());
+        let base = &self.text[..self.primary_len];
+        let mut bytes = [0u8; 32];
+        bytes[..16].copy_from_slice(&self.primary.to_le_bytes());
+        bytes[16..].copy_from_slice(&vary.to_le_bytes());
         CacheKey {
-            text: format!("{} vary:{vary:032x}", self.text),
+            text: format!("{base} vary:{vary:032x}"),
             hash: xxhash_rust::xxh3::xxh3_128(&bytes),
+            primary: self.primary,
+            primary_len: self.primary_len,
+        }
+    }
+
+    /// Whether this is a `Vary` slot, not the primary key.
+    pub fn is_slot(&self) -> bool {
+        self.hash != self.primary
+    }
+
+    /// The primary key of this key (itself, for a primary key).
+    pub fn primary_key(&self) -> CacheKey {
+        CacheKey {
+            text: self.text[..self.primary_len].to_owned(),
+            hash: self.primary,
+            primary: self.primary,
+            primary_len: self.primary_len,
         }
     }
 
@@ -550,6 +584,15 @@ mod tests {
         );
         let base = key("/p", None, &Variant::Rsc);
         assert_ne!(base.with_vary(a).hash, base.with_vary(b).hash);
+        let slot = base.with_vary(a);
+        assert!(slot.is_slot() && !base.is_slot());
+        assert_eq!(slot.primary_key(), base);
+        assert_eq!(slot.primary, base.hash);
+        assert_eq!(
+            slot.primary_key().with_vary(a),
+            slot,
+            "a slot of a slot is its own"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   Cluster slot. Every command is bounded by `command_timeout`; a lost connection is retried
 //!   in the background with exponential backoff, and commands fail fast meanwhile.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -308,6 +309,48 @@ impl Store {
             Store::Redis(r) => r.put(key_hex, entry, rendered_at_ms, ttl).await,
         }
     }
+
+    /// Records that `slot_hex`, a `Vary` slot of `primary_hex`, was just filled for `ttl`, and
+    /// keeps at most `max` slots per primary key (the most recently filled): the slots dropped,
+    /// for the caller to delete (Varnish and Fastly bound variants per object the same way, so
+    /// one odd header value cannot fill the cache with copies of a page).
+    pub async fn track_slot(
+        &self,
+        primary_hex: &str,
+        slot_hex: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.track_slot(primary_hex, slot_hex, max)),
+            Store::Redis(r) => {
+                let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+                let args: Vec<fred::types::Value> = vec![
+                    slot_hex.into(),
+                    i64::try_from(max).unwrap_or(i64::MAX).into(),
+                    ttl_ms.into(),
+                ];
+                let track = r.pool.next().eval(TRACK_SLOT, slots_key(primary_hex), args);
+                r.bounded(track).await
+            }
+        }
+    }
+}
+
+/// Records that the `Vary` slot `ARGV[1]` of a primary key was just filled, in the primary's
+/// list of slots `KEYS[1]` (most recent first), keeps the list to `ARGV[2]` slots and its TTL
+/// at least `ARGV[3]` ms; returns the slots dropped from it (their entries are deleted by the
+/// caller: they hash to other Cluster slots).
+const TRACK_SLOT: &str = "redis.call('lrem', KEYS[1], 0, ARGV[1]) \
+redis.call('lpush', KEYS[1], ARGV[1]) \
+local out = {} \
+while redis.call('llen', KEYS[1]) > tonumber(ARGV[2]) do table.insert(out, redis.call('rpop', KEYS[1])) end \
+if redis.call('pttl', KEYS[1]) < tonumber(ARGV[3]) then redis.call('pexpire', KEYS[1], ARGV[3]) end \
+return out";
+
+/// The Redis key of a primary key's list of `Vary` slots (in the primary's Cluster slot).
+pub fn slots_key(primary_hex: &str) -> String {
+    format!("isr:{{{primary_hex}}}:v")
 }
 
 /// Writes an entry (`m` metadata, `b` body, `r` render time in UNIX ms) and its TTL unless the
@@ -324,10 +367,16 @@ pub fn entry_key(key_hex: &str) -> String {
     format!("isr:{{{key_hex}}}:e")
 }
 
+/// Primary keys whose `Vary` slots the in-process store keeps track of.
+const SLOT_LISTS: u64 = 100_000;
+
 /// The in-process store.
 #[derive(Clone)]
 pub struct MemoryStore {
     cache: moka::sync::Cache<String, (Stored, Duration, u64)>,
+    /// Each primary key's `Vary` slots, most recently filled first (see [`Store::track_slot`]);
+    /// bookkeeping only: the entries themselves are bounded by `cache`'s bytes.
+    slots: moka::sync::Cache<String, Arc<[String]>>,
 }
 
 struct PerEntryTtl;
@@ -364,7 +413,27 @@ impl MemoryStore {
             })
             .expire_after(PerEntryTtl)
             .build();
-        MemoryStore { cache }
+        let slots = moka::sync::Cache::builder()
+            .max_capacity(SLOT_LISTS)
+            .time_to_idle(Duration::from_secs(24 * 3600))
+            .build();
+        MemoryStore { cache, slots }
+    }
+
+    fn track_slot(&self, primary_hex: &str, slot_hex: &str, max: usize) -> Vec<String> {
+        use moka::ops::compute::Op;
+        let mut dropped = Vec::new();
+        self.slots
+            .entry(primary_hex.to_owned())
+            .and_compute_with(|held| {
+                let mut list = vec![slot_hex.to_owned()];
+                if let Some(held) = held {
+                    list.extend(held.value().iter().filter(|s| *s != slot_hex).cloned());
+                }
+                dropped = list.split_off(max.max(1).min(list.len()));
+                Op::Put(Arc::from(list))
+            });
+        dropped
     }
 
     fn get(&self, key_hex: &str) -> Option<Stored> {
@@ -613,6 +682,20 @@ mod tests {
             None,
             "expired after its TTL"
         );
+    }
+
+    #[test]
+    fn memory_store_keeps_the_most_recently_filled_slots() {
+        let m = MemoryStore::new(MemorySettings { max_bytes: 10_000 });
+        assert!(m.track_slot("p", "a", 2).is_empty());
+        assert!(m.track_slot("p", "b", 2).is_empty());
+        assert!(
+            m.track_slot("p", "a", 2).is_empty(),
+            "a again: the most recent"
+        );
+        assert_eq!(m.track_slot("p", "c", 2), ["b"]);
+        assert!(m.track_slot("q", "b", 2).is_empty(), "per primary key");
+        assert_eq!(m.track_slot("p", "d", 1), ["c", "a"]);
     }
 
     #[tokio::test]

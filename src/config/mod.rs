@@ -196,6 +196,8 @@ pub struct Cache {
     pub max_ttl: Duration,
     /// Background refreshes at once.
     pub max_background_refreshes: usize,
+    /// `Vary` slots kept per URL and variant.
+    pub max_variants: usize,
     /// Path prefixes never cached.
     pub bypass_paths: Vec<String>,
     /// Cookie names that bypass the cache.

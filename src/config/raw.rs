@@ -210,6 +210,9 @@ section! {
         max_ttl: String = "7d".into(),
         /// Background refreshes (stale-while-revalidate) running at once per gateway.
         max_background_refreshes: u64 = 64,
+        /// Answers kept per URL for a response that varies on request headers beyond the
+        /// key (`Vary: Accept-Language`, `Next-Url`): the most recently filled ones.
+        max_variants: u64 = 16,
         /// Path prefixes never cached (always proxied).
         bypass_paths: StringList = StringList::default(),
         /// Cookie names whose presence bypasses the cache (draft mode's are built in).

@@ -397,6 +397,7 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
             1,
             100_000,
         ) as usize,
+        max_variants: c.in_range("cache.max_variants", r.max_variants, 1, 1_000) as usize,
         bypass_paths: r
             .bypass_paths
             .0

@@ -159,6 +159,8 @@ async fn one(
     // and this one fills after it): wait for it rather than skip.
     let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Follow, 0).await {
         Turn::Fill(permit) => permit,
+        // The fill waited for rendered for other `Vary` values: render this one too.
+        Turn::Elsewhere(_) => None,
         Turn::Filled(entry) => {
             (result.outcome, result.status) = ("elsewhere", Some(entry.meta.status));
             return (result, None);

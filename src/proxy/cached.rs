@@ -10,7 +10,7 @@ use http::{HeaderMap, Method, Response, header};
 use super::coalesce::{self, Turn, Wait};
 use super::fill::{self, Filled, Job};
 use super::forwarded::Peer;
-use super::lookup::{self, Found};
+use super::lookup::{self, Found, Lookup};
 use super::refresh;
 use super::serve::{self, Ask, Outcome};
 use crate::app::{AppState, CacheState};
@@ -49,16 +49,20 @@ pub async fn serve(
         up
     };
     // The hit lane lends what it did not answer with the lookup it made: one store read.
-    let (found, permit) = match head.extensions.remove::<super::hit::Looked>() {
-        Some(looked) if looked.hash == key.hash => {
-            let permit = looked.permit.take();
-            (looked.found, permit)
-        }
+    let looked = match head.extensions.remove::<super::hit::Looked>() {
+        Some(looked) if looked.hash == key.hash => looked.into_lookup(),
         _ if head.method == Method::GET => {
             lookup::lookup_to_fill(app, cache, &key, vary_view, now).await
         }
-        _ => (lookup::lookup(app, cache, &key, vary_view, now).await, None),
+        _ => lookup::lookup(app, cache, &key, vary_view, now).await,
     };
+    let Lookup {
+        found,
+        slot,
+        permit,
+    } = looked;
+    // Where the answer belongs: the request's `Vary` slot when the key's entry varies.
+    let key = slot.unwrap_or(key);
     let fallback = match found {
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
@@ -99,41 +103,42 @@ pub async fn serve(
         let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
         return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
     }
-    let seen = fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms);
+    let up = upstream(&head);
+    let fill = Fill {
+        key,
+        variant,
+        head: up,
+        vary: vary_view.clone(),
+        seen: fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms),
+        replaces: fallback.is_some(),
+        permit,
+    };
     let wait = cache.cfg.stale_if_error_wait;
     let fetched = match &fallback {
-        Some(stale) if !wait.is_zero() => {
-            let fill = Fill {
-                key: key.clone(),
-                variant: variant.clone(),
-                head: upstream(&head),
-                vary: vary_view.clone(),
-                seen,
-                permit,
-            };
-            match fill.bounded(app, cache, wait).await {
-                Some(fetched) => fetched,
-                None => {
-                    app.metrics.stale_if_error_waits.inc();
-                    return stale_if_error(app, stale, ask, now);
-                }
+        Some(stale) if !wait.is_zero() => match fill.bounded(app, cache, wait).await {
+            Some(fetched) => fetched,
+            None => {
+                app.metrics.stale_if_error_waits.inc();
+                return stale_if_error(app, stale, ask, now);
             }
-        }
-        _ => {
-            let job = Job::waiting(&key, &variant, upstream(&head), fallback.is_some());
-            Box::pin(miss(app, cache, job, vary_view, seen, permit)).await
-        }
+        },
+        _ => Box::pin(fill.run(app, cache)).await,
     };
     answer_miss(app, fetched, fallback, ask, now)
 }
 
-/// A miss with an entry kept for stale-if-error, owned so it can outlive its request.
+/// A miss, owned so it can outlive its request (a fill bounded by `stale_if_error_wait`).
 struct Fill {
+    /// The key the answer belongs to (a `Vary` slot, when the lookup found one).
     key: CacheKey,
     variant: Variant,
     head: Parts,
+    /// The headers `Vary` is matched on.
     vary: HeaderMap,
+    /// Render time of the entry the lookup found (0 for none).
     seen: u64,
+    /// The lookup found an entry it keeps for stale-if-error.
+    replaces: bool,
     permit: Option<FillPermit>,
 }
 
@@ -148,41 +153,54 @@ impl Fill {
         wait: std::time::Duration,
     ) -> Option<Result<Fetched, ProxyError>> {
         let (app, cache) = (Arc::clone(app), Arc::clone(cache));
-        let task = cache.tasks.clone().spawn(async move {
-            let job = Job::waiting(&self.key, &self.variant, self.head, true);
-            Box::pin(miss(&app, &cache, job, &self.vary, self.seen, self.permit)).await
-        });
+        let task = cache
+            .tasks
+            .clone()
+            .spawn(async move { Box::pin(self.run(&app, &cache)).await });
         match tokio::time::timeout(wait, task).await {
             Ok(Ok(fetched)) => Some(fetched),
             // A panicked fill: the stale entry answers.
             Ok(Err(_)) | Err(_) => None,
         }
     }
-}
 
-/// A miss: serves the fill another request made meanwhile, or fills the key itself.
-async fn miss(
-    app: &Arc<AppState>,
-    cache: &Arc<CacheState>,
-    job: Job<'_>,
-    vary_view: &HeaderMap,
-    seen: u64,
-    led: Option<FillPermit>,
-) -> Result<Fetched, ProxyError> {
-    let turn = match led {
-        Some(permit) => coalesce::turn_led(app, cache, job.key, vary_view, seen, permit).await,
-        None => coalesce::turn(app, cache, job.key, vary_view, Wait::Follow, seen).await,
-    };
-    let permit = match turn {
-        Turn::Filled(entry) => return Ok(Fetched::Followed(entry)),
-        Turn::Fill(permit) => permit,
-        Turn::Pass | Turn::Busy => None,
-    };
-    Ok(match fill::fill(app, cache, job, permit).await? {
-        Filled::Streaming(response) => Fetched::Led(response),
-        Filled::Stored(entry, _) => Fetched::Stored(entry),
-        Filled::Passed { response, .. } => Fetched::Passed(response),
-    })
+    /// Serves the fill another request made meanwhile, or fills the key itself. A request
+    /// that waited for a render made for other `Vary` values takes its turn in its own slot.
+    async fn run(
+        self,
+        app: &Arc<AppState>,
+        cache: &Arc<CacheState>,
+    ) -> Result<Fetched, ProxyError> {
+        let Fill {
+            mut key,
+            variant,
+            head,
+            vary,
+            seen,
+            replaces,
+            permit,
+        } = self;
+        let mut turn = match permit {
+            Some(permit) => coalesce::turn_led(app, cache, &key, &vary, seen, permit).await,
+            None => coalesce::turn(app, cache, &key, &vary, Wait::Follow, seen).await,
+        };
+        if let Turn::Elsewhere(slot) = turn {
+            // Only a primary key sends elsewhere: this turn ends with a render.
+            key = slot;
+            turn = coalesce::turn(app, cache, &key, &vary, Wait::Follow, seen).await;
+        }
+        let permit = match turn {
+            Turn::Filled(entry) => return Ok(Fetched::Followed(entry)),
+            Turn::Fill(permit) => permit,
+            Turn::Pass | Turn::Busy | Turn::Elsewhere(_) => None,
+        };
+        let job = Job::waiting(&key, &variant, head, replaces);
+        Ok(match fill::fill(app, cache, job, permit).await? {
+            Filled::Streaming(response) => Fetched::Led(response),
+            Filled::Stored(entry, _) => Fetched::Stored(entry),
+            Filled::Passed { response, .. } => Fetched::Passed(response),
+        })
+    }
 }
 
 /// What a miss got.

@@ -54,6 +54,10 @@ pub enum Turn {
     Pass,
     /// Being filled elsewhere and the caller does not wait ([`Wait::Skip`]).
     Busy,
+    /// The fill this request waited for rendered for other values of the headers the answer
+    /// varies on: the request's answer belongs to this `Vary` slot; take a turn there (so the
+    /// requests with the same values share one render).
+    Elsewhere(CacheKey),
 }
 
 /// Decides whose turn it is to fill `key` for a request with `vary_view` (the headers its
@@ -104,7 +108,12 @@ pub async fn turn(
                 observe_wait(&app.metrics, started);
                 return Turn::Filled(entry);
             }
-            Done::Filled(_) => return Turn::Fill(None),
+            Done::Filled(entry) => {
+                return match lookup::slot_for(key, &entry, vary_view) {
+                    Some(slot) => Turn::Elsewhere(slot),
+                    None => Turn::Fill(None),
+                };
+            }
             Done::Pass => return Turn::Pass,
             // Take over: the first to join again leads.
             Done::Abandoned => continue,
@@ -316,7 +325,10 @@ async fn reread(
     key: &CacheKey,
     vary_view: &HeaderMap,
 ) -> Option<Arc<Entry>> {
-    match lookup::lookup(app, cache, key, vary_view, cache.clock.now_ms()).await {
+    match lookup::lookup(app, cache, key, vary_view, cache.clock.now_ms())
+        .await
+        .found
+    {
         Found::Fresh { entry, .. } => Some(entry),
         Found::Stale(_) | Found::StaleIfError(_) | Found::Miss => None,
     }

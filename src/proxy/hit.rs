@@ -24,11 +24,11 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 
 use super::forwarded::Peer;
-use super::lookup::{self, Found};
+use super::lookup::{self, Found, Lookup};
 use super::{cached, classify, fill, refresh, sanitize, serve};
 use crate::app::AppState;
 use crate::cache::flight::FillPermit;
-use crate::cache::key::Variant;
+use crate::cache::key::{CacheKey, Variant};
 use crate::cache::sealed::Held;
 
 /// A request the cache answers in the lane.
@@ -54,8 +54,21 @@ pub struct Looked {
     pub hash: u128,
     /// What the cache held.
     pub found: Found,
+    /// The `Vary` slot the answer belongs to, when not the key itself.
+    pub slot: Option<CacheKey>,
     /// The key's flight, when the lookup of a miss took the lead ([`lookup::lookup_to_fill`]).
     pub permit: Lent,
+}
+
+impl Looked {
+    /// The lookup as the driver continues with it (the permit taken out).
+    pub fn into_lookup(self) -> Lookup {
+        Lookup {
+            found: self.found,
+            slot: self.slot,
+            permit: self.permit.take(),
+        }
+    }
 }
 
 /// A fill permit handed from the lane to the driver (an extension must be `Clone`; the permit
@@ -105,14 +118,22 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     };
     let now = cache.clock.now_ms();
     let key = cached::key(cache, &head, &variant);
-    let (found, permit) = match lookup::l1_fresh(cache, &key, &head.headers, now) {
-        Some(entry) => {
-            fill::write_back(app, cache, &key, &entry);
+    let Lookup {
+        found,
+        slot,
+        permit,
+    } = match lookup::l1_fresh(cache, &key, &head.headers, now) {
+        Some((entry, slot)) => {
+            fill::write_back(app, cache, slot.as_ref().unwrap_or(&key), &entry);
             let found = Found::Fresh {
                 entry,
                 from_l1: true,
             };
-            (found, None)
+            Lookup {
+                found,
+                slot,
+                permit: None,
+            }
         }
         None => {
             let Ok(_permit) = app.concurrency.try_acquire() else {
@@ -121,10 +142,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
             if head.method == http::Method::GET {
                 lookup::lookup_to_fill(app, cache, &key, &head.headers, now).await
             } else {
-                (
-                    lookup::lookup(app, cache, &key, &head.headers, now).await,
-                    None,
-                )
+                lookup::lookup(app, cache, &key, &head.headers, now).await
             }
         }
     };
@@ -133,6 +151,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
         Answer::Lend(Some(Looked {
             hash: key.hash,
             found,
+            slot: slot.clone(),
             permit: permit.clone(),
         }))
     };
@@ -157,7 +176,8 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
         // Served stale while one refresh runs, as the driver does (`cached::serve`).
         let mut up = fill::upstream_head(&head, &variant);
         sanitize::forward(&app.policy, peer, &mut up);
-        refresh::spawn(app, cache, key.clone(), up, variant.clone(), entry);
+        let key = slot.clone().unwrap_or_else(|| key.clone());
+        refresh::spawn(app, cache, key, up, variant.clone(), entry);
     }
     if head.method == http::Method::HEAD {
         body = Held::Heap(Bytes::new());

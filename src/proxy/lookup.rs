@@ -8,6 +8,19 @@
 //! gateway's invalidations are incomplete (start, bus reconnect) the store is not read: an
 //! entry purged meanwhile would look valid.
 //!
+//! **`Vary` slots** (design note). A response that varies on request headers beyond the key
+//! (`Vary: Accept-Language`; Next's `Vary: Next-Url` on interception routes) is kept under two
+//! keys: the URL's primary key, which always holds the latest render whichever values it was
+//! made for, and the slot of its values (`CacheKey::with_vary`). A lookup reads the primary
+//! key; when its entry was made for other values, the entry's `Vary` names say which slot is
+//! the request's, and that slot is read (one more read, only for such URLs; a fresh primary
+//! entry stays in the L1, so on a warm gateway both reads are in memory). So variants never
+//! evict each other, an odd value costs its own slot and nothing else, fills and refreshes of
+//! a slot coalesce on the slot's own flight, and a gateway that never saw the URL finds every
+//! variant from Redis. Each URL keeps at most `cache.max_variants` slots, the most recently
+//! filled (`fill::keep`); invalidation needs nothing more: every copy carries its tags and
+//! render epoch.
+//!
 //! A GET that would fill the key on a miss looks up with [`lookup_to_fill`]: it reads Redis
 //! with a script that also takes the fill lock when nothing is stored, and then leads the
 //! key's flight, so a cold miss reaches the replica after one round trip to Redis.
@@ -47,19 +60,84 @@ pub enum Found {
 /// Prefix of the tag recording which `Vary` values an entry was stored for.
 pub const VARY_TAG: &str = "vary:";
 
-/// Looks `key` up at `now_ms` for a request with `headers`.
+/// What a lookup found, and where.
+#[derive(Debug)]
+pub struct Lookup {
+    /// What the cache holds for the request.
+    pub found: Found,
+    /// The `Vary` slot the request's answer belongs to, when the primary key's entry varies
+    /// on headers whose values differ from the request's: what fills and refreshes use.
+    pub slot: Option<CacheKey>,
+    /// The flight of the key the answer belongs to, when a miss's lookup took the lead
+    /// ([`lookup_to_fill`]).
+    pub permit: Option<FillPermit>,
+}
+
+/// One slot's verdict: an answer, or "it lives in this other slot".
+enum Judged {
+    Found(Found),
+    Elsewhere(CacheKey),
+}
+
+impl Judged {
+    fn miss() -> Judged {
+        Judged::Found(Found::Miss)
+    }
+}
+
+/// Looks `key` up at `now_ms` for a request with `headers`. When the primary slot holds a
+/// render for other values of the headers it varies on, the request's own slot is looked up
+/// (one more read, only then).
 pub async fn lookup(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,
     headers: &HeaderMap,
     now_ms: u64,
-) -> Found {
-    if let Some(found) = from_l1(app, cache, key, headers, now_ms) {
-        return found;
+) -> Lookup {
+    let slot = match one(app, cache, key, headers, now_ms).await {
+        Judged::Found(found) => return Lookup::found(found),
+        Judged::Elsewhere(slot) => slot,
+    };
+    let found = match one(app, cache, &slot, headers, now_ms).await {
+        Judged::Found(found) => found,
+        Judged::Elsewhere(_) => Found::Miss,
+    };
+    Lookup {
+        found,
+        slot: Some(slot),
+        permit: None,
+    }
+}
+
+impl Lookup {
+    fn found(found: Found) -> Lookup {
+        Lookup {
+            found,
+            slot: None,
+            permit: None,
+        }
+    }
+
+    /// The key the request's answer belongs to: its slot, or `primary`.
+    pub fn key<'a>(&'a self, primary: &'a CacheKey) -> &'a CacheKey {
+        self.slot.as_ref().unwrap_or(primary)
+    }
+}
+
+/// One slot looked up: the L1, then the store.
+async fn one(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Judged {
+    if let Some(judged) = from_l1(app, cache, key, headers, now_ms) {
+        return judged;
     }
     if !synced(app, cache) {
-        return Found::Miss;
+        return Judged::miss();
     }
     from_store(app, cache, key, headers, now_ms).await
 }
@@ -71,10 +149,10 @@ async fn from_store(
     key: &CacheKey,
     headers: &HeaderMap,
     now_ms: u64,
-) -> Found {
+) -> Judged {
     match Box::pin(read(app, cache, key, now_ms)).await {
         Some(entry) => judge(app, cache, key, entry, headers, now_ms),
-        None => Found::Miss,
+        None => Judged::miss(),
     }
 }
 
@@ -84,19 +162,49 @@ async fn from_store(
 /// key's flight on this gateway, holding that lock: the permit comes back with the miss, for
 /// [`super::coalesce::turn_led`]. A read that finds an entry (fresh, stale or anything else)
 /// takes nothing, so reading never stands in the way of a refresh or a sibling fill; a lock
-/// taken while another flight of the key is in progress here is given back at once.
+/// taken while another flight of the key is in progress here is given back at once. A
+/// request whose answer lives in a `Vary` slot reads (and locks) that slot the same way.
 pub async fn lookup_to_fill(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,
     headers: &HeaderMap,
     now_ms: u64,
-) -> (Found, Option<FillPermit>) {
-    if let Some(found) = from_l1(app, cache, key, headers, now_ms) {
-        return (found, None);
+) -> Lookup {
+    let slot = match one_to_fill(app, cache, key, headers, now_ms).await {
+        (Judged::Found(found), permit) => {
+            return Lookup {
+                found,
+                slot: None,
+                permit,
+            };
+        }
+        (Judged::Elsewhere(slot), _) => slot,
+    };
+    let (found, permit) = match one_to_fill(app, cache, &slot, headers, now_ms).await {
+        (Judged::Found(found), permit) => (found, permit),
+        (Judged::Elsewhere(_), _) => (Found::Miss, None),
+    };
+    Lookup {
+        found,
+        slot: Some(slot),
+        permit,
+    }
+}
+
+/// [`lookup_to_fill`] of one slot.
+async fn one_to_fill(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> (Judged, Option<FillPermit>) {
+    if let Some(judged) = from_l1(app, cache, key, headers, now_ms) {
+        return (judged, None);
     }
     if !synced(app, cache) {
-        return (Found::Miss, None);
+        return (Judged::miss(), None);
     }
     let flights = &cache.flights;
     let redis = match app.reads(cache) {
@@ -110,46 +218,51 @@ pub async fn lookup_to_fill(
     let hex = key.hex();
     match redis.read_or_lock(&hex, flights.cfg().lock_ttl).await {
         Ok(ReadOrLock::Entry(stored)) => {
-            let found = match decode(app, cache, key, stored) {
+            let judged = match decode(app, cache, key, stored) {
                 Some(entry) => judge(app, cache, key, entry, headers, now_ms),
-                None => Found::Miss,
+                None => Judged::miss(),
             };
-            (found, None)
+            (judged, None)
         }
         Ok(ReadOrLock::Locked(held)) => match flights.try_lead(key.hash) {
             Some(mut permit) => {
                 permit.hold_fleet(redis, held, &hex);
-                (Found::Miss, Some(permit))
+                (Judged::miss(), Some(permit))
             }
             None => {
                 let redis = redis.clone();
                 cache.tasks.spawn(async move {
                     let _ = redis.unlock(&held).await;
                 });
-                (Found::Miss, None)
+                (Judged::miss(), None)
             }
         },
-        Ok(ReadOrLock::Contended) => (Found::Miss, None),
+        Ok(ReadOrLock::Contended) => (Judged::miss(), None),
         Err(e) => {
             failed(app, now_ms, &e);
-            (Found::Miss, None)
+            (Judged::miss(), None)
         }
     }
 }
 
-/// The L1's answer, if it holds the key for these `Vary` values.
+/// The L1's answer, if it holds the key: for these `Vary` values, or the slot that has them.
 fn from_l1(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,
     headers: &HeaderMap,
     now_ms: u64,
-) -> Option<Found> {
+) -> Option<Judged> {
     let entry = cache.l1.get(key.hash, now_ms)?;
     if !vary_matches(&entry, headers) {
-        return None;
+        // Another slot's render (or, in a slot, a render that varies on other names now:
+        // the store is read, and the fill fixes it).
+        return match elsewhere(key, &entry, headers) {
+            Judged::Elsewhere(slot) => Some(Judged::Elsewhere(slot)),
+            Judged::Found(_) => None,
+        };
     }
-    Some(match validity(app, cache, &entry) {
+    Some(Judged::Found(match validity(app, cache, &entry) {
         Validity::Valid => Found::Fresh {
             entry,
             from_l1: true,
@@ -160,7 +273,36 @@ fn from_l1(
             cache.l1.remove(key.hash);
             Found::Miss
         }
-    })
+    }))
+}
+
+/// Where the answer to a request lives when `entry`, stored under `key`, was rendered for
+/// other values of the headers it varies on: the primary key's slot for the request's values
+/// (a slot's own entry that does not match is a miss: the names it varies on changed).
+fn elsewhere(key: &CacheKey, entry: &Entry, headers: &HeaderMap) -> Judged {
+    match slot_for(key, entry, headers) {
+        Some(slot) => Judged::Elsewhere(slot),
+        None => Judged::miss(),
+    }
+}
+
+/// The slot of primary `key` for the request's values of the headers `entry` varies on;
+/// `None` for a slot key or an entry that varies on nothing beyond the key.
+pub fn slot_for(key: &CacheKey, entry: &Entry, headers: &HeaderMap) -> Option<CacheKey> {
+    if key.is_slot() {
+        return None;
+    }
+    key::vary_hash(vary_names(entry), headers).map(|h| key.with_vary(h))
+}
+
+/// The `Vary` values stored with an entry.
+fn vary_names(entry: &Entry) -> impl Iterator<Item = &str> {
+    entry
+        .meta
+        .headers
+        .iter()
+        .filter(|(n, _)| n == http::header::VARY)
+        .filter_map(|(_, v)| v.to_str().ok())
 }
 
 /// Whether the store may be read: while invalidations may be missing (just started, or the bus
@@ -175,7 +317,7 @@ fn synced(app: &AppState, cache: &CacheState) -> bool {
 }
 
 /// What a stored entry is worth to a request with `headers` at `now_ms` (a fresh one is kept
-/// in the L1).
+/// in the L1, even when it answers other `Vary` values: it tells where the request's slot is).
 fn judge(
     app: &AppState,
     cache: &CacheState,
@@ -183,21 +325,26 @@ fn judge(
     entry: Arc<Entry>,
     headers: &HeaderMap,
     now_ms: u64,
-) -> Found {
+) -> Judged {
     if !vary_matches(&entry, headers) {
-        return Found::Miss;
+        let fresh = policy::state(&times(&entry.meta), now_ms) == State::Fresh
+            && epoch_validity(cache, &entry) == Validity::Valid;
+        if fresh {
+            cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
+        }
+        return elsewhere(key, &entry, headers);
     }
     let state = match (
         policy::state(&times(&entry.meta), now_ms),
         validity(app, cache, &entry),
     ) {
-        (_, Validity::Invalid) | (State::Expired, _) => return Found::Miss,
+        (_, Validity::Invalid) | (State::Expired, _) => return Judged::miss(),
         // Invalidated softly: at most stale, whatever its own deadlines say; past its
         // stale-while-revalidate window it stays usable only for stale-if-error.
         (State::Fresh, Validity::Stale) => State::Stale,
         (state, _) => state,
     };
-    match state {
+    Judged::Found(match state {
         State::Fresh => {
             cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
             Found::Fresh {
@@ -208,21 +355,32 @@ fn judge(
         State::Stale => Found::Stale(entry),
         State::StaleIfError => Found::StaleIfError(entry),
         State::Expired => Found::Miss,
-    }
+    })
 }
 
 /// The L1's fresh, valid copy for `key` that matches the request's `Vary` values, if it holds
-/// one; no store read, no side effects (nothing counted, nothing evicted). The hit lane asks
-/// this first; anything short of a plain hit goes through [`lookup`], which decides again.
+/// one (with the `Vary` slot it was found in, when not the primary key); no store read, no
+/// side effects (nothing counted, nothing evicted). The hit lane asks this first; anything
+/// short of a plain hit goes through [`lookup`], which decides again.
 pub fn l1_fresh(
     cache: &CacheState,
     key: &CacheKey,
     headers: &HeaderMap,
     now_ms: u64,
-) -> Option<Arc<Entry>> {
-    let entry = cache.l1.get(key.hash, now_ms)?;
-    let valid = epoch_validity(cache, &entry) == Validity::Valid;
-    (valid && vary_matches(&entry, headers)).then_some(entry)
+) -> Option<(Arc<Entry>, Option<CacheKey>)> {
+    let mut entry = cache.l1.get(key.hash, now_ms)?;
+    let mut slot = None;
+    if !vary_matches(&entry, headers) {
+        let Judged::Elsewhere(other) = elsewhere(key, &entry, headers) else {
+            return None;
+        };
+        entry = cache.l1.get(other.hash, now_ms)?;
+        if !vary_matches(&entry, headers) {
+            return None;
+        }
+        slot = Some(other);
+    }
+    (epoch_validity(cache, &entry) == Validity::Valid).then_some((entry, slot))
 }
 
 /// The entry the store holds for `key`, decoded; `None` for none, a store failure (counted,
@@ -333,13 +491,7 @@ pub fn vary_matches(entry: &Entry, headers: &HeaderMap) -> bool {
     let Some(tag) = entry.meta.tags.iter().find(|t| t.starts_with(VARY_TAG)) else {
         return true;
     };
-    let vary = entry
-        .meta
-        .headers
-        .iter()
-        .filter(|(n, _)| n == http::header::VARY)
-        .filter_map(|(_, v)| v.to_str().ok());
-    match key::vary_hash(vary, headers) {
+    match key::vary_hash(vary_names(entry), headers) {
         Some(h) => *tag == format!("{VARY_TAG}{h:032x}"),
         // The stored Vary no longer names an extra header: the tag is stale; refetch.
         None => false,

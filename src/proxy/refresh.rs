@@ -44,12 +44,13 @@ pub fn spawn(
     anonymous(&mut head.headers);
     let (app, cache) = (Arc::clone(app), Arc::clone(cache));
     let page = is_app_page(stale) && matches!(variant, Variant::Html | Variant::Rsc);
+    let page = page.then(|| Page::of(&cache, &head, stale));
     let rendered_at = stale.meta.stored_at_ms;
     let tasks = cache.tasks.clone();
     tasks.spawn(async move {
         let _permit = permit;
-        if page {
-            refresh_page(&app, &cache, head, variant, rendered_at).await;
+        if let Some(page) = page {
+            refresh_page(&app, &cache, page, variant, rendered_at).await;
         } else {
             refresh(&app, &cache, &key, head, &variant, rendered_at).await;
         }
@@ -81,20 +82,48 @@ fn is_app_page(entry: &Entry) -> bool {
     crate::cache::key::varies_on_rsc(vary.map(|(_, v)| v))
 }
 
+/// A page to refresh: the heads and keys of its HTML and RSC payload (the `Vary` slots of the
+/// stale entry's values, when it varies beyond the key).
+struct Page {
+    html_head: Parts,
+    rsc_head: Parts,
+    html_key: CacheKey,
+    rsc_key: CacheKey,
+}
+
+impl Page {
+    fn of(cache: &CacheState, head: &Parts, stale: &Entry) -> Page {
+        let (html_head, rsc_head) = (
+            as_variant(head, &Variant::Html),
+            as_variant(head, &Variant::Rsc),
+        );
+        let key = |head: &Parts, variant| {
+            let primary = super::cached::key(cache, head, variant);
+            super::lookup::slot_for(&primary, stale, &head.headers).unwrap_or(primary)
+        };
+        Page {
+            html_key: key(&html_head, &Variant::Html),
+            rsc_key: key(&rsc_head, &Variant::Rsc),
+            html_head,
+            rsc_head,
+        }
+    }
+}
+
 /// Refreshes the page whose `variant` went stale: its HTML, then its RSC from the same render.
 async fn refresh_page(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
-    head: Parts,
+    page: Page,
     variant: Variant,
     stale_rendered_at: u64,
 ) {
-    let (html_head, rsc_head) = (
-        as_variant(&head, &Variant::Html),
-        as_variant(&head, &Variant::Rsc),
-    );
-    let html_key = super::cached::key(cache, &html_head, &Variant::Html);
-    let rsc_key = super::cached::key(cache, &rsc_head, &Variant::Rsc);
+    let Page {
+        html_head,
+        rsc_head,
+        html_key,
+        rsc_key,
+    } = page;
     let turn = coalesce::turn(
         app,
         cache,
@@ -122,10 +151,10 @@ async fn refresh_page(
                     app.metrics.refreshes_elsewhere.inc();
                     return;
                 }
-                Turn::Filled(_) | Turn::Pass => return,
+                Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return,
             }
         }
-        Turn::Filled(_) | Turn::Pass => return,
+        Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return,
         Turn::Busy => {
             app.metrics.refreshes_elsewhere.inc();
             return;
@@ -161,7 +190,7 @@ async fn refresh(
     let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Skip, seen).await {
         Turn::Fill(permit) => permit,
         // Refreshed just before by another request, here or on another gateway.
-        Turn::Filled(_) | Turn::Pass => return,
+        Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return,
         Turn::Busy => {
             app.metrics.refreshes_elsewhere.inc();
             return;
@@ -256,18 +285,21 @@ fn with_rsc_query(uri: &Uri, rsc: bool) -> Uri {
 }
 
 /// Removes `key` everywhere: this gateway's L1, the store, and (through the bus) every other
-/// gateway's L1.
+/// gateway's L1. A `Vary` slot's primary key goes too: it may hold the same render.
 async fn forget(app: &AppState, cache: &CacheState, key: &CacheKey) {
-    cache.l1.remove(key.hash);
-    let hex = key.hex();
-    if let Err(e) = cache.store.delete(&hex).await {
-        app.metrics.store_errors.inc();
-        tracing::debug!(error = %e, "could not delete an entry that may no longer be stored");
-        return;
+    let primary = key.is_slot().then(|| key.primary_key());
+    for key in std::iter::once(key).chain(primary.as_ref()) {
+        cache.l1.remove(key.hash);
+        let hex = key.hex();
+        if let Err(e) = cache.store.delete(&hex).await {
+            app.metrics.store_errors.inc();
+            tracing::debug!(error = %e, "could not delete an entry that may no longer be stored");
+            return;
+        }
+        cache
+            .announce(crate::bus::Kind::Filled, hex, &app.metrics)
+            .await;
     }
-    cache
-        .announce(crate::bus::Kind::Filled, hex, &app.metrics)
-        .await;
 }
 
 #[cfg(test)]

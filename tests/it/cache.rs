@@ -997,3 +997,148 @@ async fn a_refresh_carries_no_credentials_of_the_client_that_triggered_it() {
         "other headers go as they came"
     );
 }
+
+/// A page that varies on `Accept-Language`, saying the value it was rendered for.
+fn by_language() -> Route {
+    Route::says_header("accept-language")
+        .header("cache-control", ISR)
+        .header("vary", "Accept-Language")
+}
+
+fn lang(l: &str) -> [(&str, &str); 1] {
+    [("accept-language", l)]
+}
+
+#[tokio::test]
+async fn two_vary_values_alternating_render_once_each_then_both_hit_on_every_gateway() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/lang", by_language());
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    let mut seen = Vec::new();
+    for i in 0..10 {
+        let l = if i % 2 == 0 { "en" } else { "fr" };
+        let got = c.get(&gw.url("/lang"), &lang(l)).await;
+        assert_eq!(got.body, format!("<p>{l}</p>"), "request {i}");
+        seen.push(got.header("x-cache").to_owned());
+        if i == 1 {
+            // Both renders stored (primary key and slot each) before they are asked again.
+            eventually!(5, gw.state.metrics.cache_stores.get() == 4, "both stored");
+        }
+    }
+    assert_eq!(seen[..2], ["MISS", "MISS"]);
+    assert!(seen[2..].iter().all(|s| s == "HIT"), "{seen:?}");
+    assert_eq!(origin.count("/lang"), 2, "one render per value");
+    // Another gateway (its L1 empty) finds each value's own render in Redis.
+    let other = Gateway::start(config(&[origin.url()], "", &with_redis(&r, ""))).await;
+    eventually!(5, bus_live(&other), "bus subscribed");
+    let host = [("host", gw.addr.to_string())];
+    for l in ["en", "fr", "en"] {
+        let headers = [("accept-language", l), ("host", host[0].1.as_str())];
+        let got = c.get(&other.url("/lang"), &headers).await;
+        assert_eq!(
+            (got.header("x-cache"), got.body.as_ref()),
+            ("HIT", format!("<p>{l}</p>").as_bytes()),
+            "{l}"
+        );
+    }
+    assert_eq!(origin.count("/lang"), 2);
+}
+
+#[tokio::test]
+async fn an_odd_vary_value_does_not_evict_the_page_for_everyone() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/lang", by_language());
+    })
+    .await;
+    let gw = gateway(&origin, &r, "").await;
+    let c = Client::default();
+    assert_eq!(
+        c.get(&gw.url("/lang"), &lang("en")).await.header("x-cache"),
+        "MISS"
+    );
+    eventually!(5, gw.state.metrics.cache_stores.get() == 2, "en stored");
+    for odd in ["xx-evil", "zz, qq;q=0.1", ""] {
+        let got = c.get(&gw.url("/lang"), &lang(odd)).await;
+        assert_eq!(got.header("x-cache"), "MISS", "{odd:?}");
+    }
+    let got = c.get(&gw.url("/lang"), &lang("en")).await;
+    assert_eq!(
+        (got.header("x-cache"), got.body.as_ref()),
+        ("HIT", b"<p>en</p>".as_slice())
+    );
+    assert_eq!(origin.count("/lang"), 4);
+}
+
+#[tokio::test]
+async fn past_max_variants_the_least_recently_filled_slot_is_dropped_everywhere() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/lang", by_language());
+    })
+    .await;
+    let gw = gateway(&origin, &r, "[cache]\nmax_variants = 2\n").await;
+    let c = Client::default();
+    for (i, l) in ["a", "b", "c"].into_iter().enumerate() {
+        assert_eq!(
+            c.get(&gw.url("/lang"), &lang(l)).await.header("x-cache"),
+            "MISS"
+        );
+        // Stored (the primary key and the slot) before the next value is filled: the slots
+        // are ranked by when their store write landed.
+        let stores = 2 * (i as u64 + 1);
+        eventually!(
+            5,
+            gw.state.metrics.cache_stores.get() == stores,
+            "{l} stored"
+        );
+    }
+    eventually!(
+        5,
+        gw.state.metrics.cache_variants_dropped.get() == 1,
+        "one slot dropped"
+    );
+    // The primary entry and two slots are left in Redis.
+    let entries = r.cli(&["KEYS", "isr:*:e"]);
+    assert_eq!(entries.lines().count(), 3, "{entries}");
+    for l in ["b", "c"] {
+        assert_eq!(
+            c.get(&gw.url("/lang"), &lang(l)).await.header("x-cache"),
+            "HIT",
+            "{l}"
+        );
+    }
+    assert_eq!(
+        c.get(&gw.url("/lang"), &lang("a")).await.header("x-cache"),
+        "MISS"
+    );
+    assert_eq!(origin.count("/lang"), 4);
+}
+
+#[tokio::test]
+async fn vary_slots_work_in_the_embedded_store_too() {
+    let origin = FakeNext::start(|o| {
+        o.route("/lang", by_language());
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let c = Client::default();
+    for (i, (l, want)) in [("en", "MISS"), ("fr", "MISS"), ("en", "HIT"), ("fr", "HIT")]
+        .into_iter()
+        .enumerate()
+    {
+        if i == 2 {
+            eventually!(5, gw.state.metrics.cache_stores.get() == 4, "both stored");
+        }
+        let got = c.get(&gw.url("/lang"), &lang(l)).await;
+        assert_eq!(
+            (got.header("x-cache"), got.body.as_ref()),
+            (want, format!("<p>{l}</p>").as_bytes())
+        );
+    }
+    assert_eq!(origin.count("/lang"), 2);
+}

@@ -495,3 +495,46 @@ async fn a_cold_miss_reads_and_locks_in_one_round_trip_before_the_render() {
         "lock released"
     );
 }
+
+/// Requests waiting for a render made for another `Vary` value share one render of their own
+/// value (its slot's flight), not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_with_another_vary_value_share_one_render_of_theirs() {
+    let r = RedisProcess::start();
+    let gate = Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/lang",
+            Route::says_header("accept-language")
+                .header("cache-control", ISR)
+                .header("vary", "Accept-Language")
+                .gated(&gate),
+        );
+    })
+    .await;
+    let gws = fleet(1, &origin, &r, "").await;
+    let get = |l: &'static str| {
+        let url = gws[0].url("/lang");
+        tokio::spawn(async move {
+            Client::default()
+                .get(&url, &[("host", HOST), ("accept-language", l)])
+                .await
+        })
+    };
+    let leader = get("en");
+    eventually!(10, origin.count("/lang") == 1, "the en render started");
+    let waiters: Vec<_> = (0..5).map(|_| get("fr")).collect();
+    let primary = CacheKey::new("default", HOST, "/lang", None, &Variant::Html).hash;
+    let flights = &gws[0].state.cache.as_ref().expect("cache").flights;
+    eventually!(
+        10,
+        flights.followers(primary) == 5,
+        "the fr requests wait for the en render"
+    );
+    gate.open();
+    assert_eq!(leader.await.expect("leader").body, "<p>en</p>");
+    for w in waiters {
+        assert_eq!(w.await.expect("waiter").body, "<p>fr</p>");
+    }
+    assert_eq!(origin.count("/lang"), 2, "one render per value");
+}

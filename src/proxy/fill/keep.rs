@@ -2,6 +2,7 @@
 //! never back in time (an entry rendered before the one held, here or in the store, replaces
 //! neither).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use crate::bus::Kind;
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
 use crate::cache::store::Stored;
+use crate::proxy::lookup::VARY_TAG;
 
 /// Puts a new entry in the L1 and the store, and tells the other gateways (they drop their L1
 /// copy and read the new entry). Never back in time: an entry rendered before the one already
@@ -28,24 +30,93 @@ pub async fn keep(
 /// [`keep`] for entries of one render (a page's HTML and RSC), as nearly together as the
 /// store allows: every L1 copy first, then every store write, then every announcement, so
 /// no gateway holds one of them new and the other old for longer than those writes take.
+/// Each entry is kept under its [`homes`].
 pub(super) async fn keep_all(
     app: &AppState,
     cache: &CacheState,
     entries: &[(&CacheKey, &Arc<Entry>, Duration)],
 ) {
-    let held: Vec<_> = entries
+    let mut all = Vec::with_capacity(entries.len() * 2);
+    for (key, entry, ttl) in entries {
+        let (primary, slot) = homes(key, entry);
+        all.push((primary, *entry, *ttl));
+        if let Some(slot) = slot {
+            all.push((Cow::Owned(slot), *entry, *ttl));
+        }
+    }
+    let held: Vec<_> = all
         .iter()
         .filter(|(key, entry, _)| hold(app, cache, key, entry))
         .collect();
     let mut stored = Vec::with_capacity(held.len());
+    let mut dropped = Vec::new();
     for (key, entry, ttl) in held {
         if put(app, cache, key, entry, *ttl).await {
             stored.push(key.hex());
+            if key.is_slot() {
+                dropped.extend(track(app, cache, key, *ttl).await);
+            }
         }
     }
     for hex in stored {
         cache.announce(Kind::Filled, hex, &app.metrics).await;
     }
+    for hex in dropped {
+        drop_slot(app, cache, hex).await;
+    }
+}
+
+/// Where an entry is kept: under its URL's primary key (which holds the latest render,
+/// whichever `Vary` values it was made for: every gateway learns the names from it) and, when
+/// it varies on request headers beyond the key, also under the slot of its values, where
+/// requests with those values find it whatever was rendered after it for others.
+fn homes<'k>(key: &'k CacheKey, entry: &Entry) -> (Cow<'k, CacheKey>, Option<CacheKey>) {
+    let vary = entry
+        .meta
+        .tags
+        .iter()
+        .find_map(|t| t.strip_prefix(VARY_TAG))
+        .and_then(|h| u128::from_str_radix(h, 16).ok());
+    let primary = if key.is_slot() {
+        Cow::Owned(key.primary_key())
+    } else {
+        Cow::Borrowed(key)
+    };
+    let slot = vary.map(|h| primary.with_vary(h));
+    (primary, slot)
+}
+
+/// Records a slot just stored in its primary key's list; the slots past `cache.max_variants`
+/// that it pushed out.
+async fn track(app: &AppState, cache: &CacheState, slot: &CacheKey, ttl: Duration) -> Vec<String> {
+    let primary = format!("{:032x}", slot.primary);
+    let max = cache.cfg.max_variants;
+    match cache
+        .store
+        .track_slot(&primary, &slot.hex(), max, ttl)
+        .await
+    {
+        Ok(dropped) => dropped,
+        Err(e) => {
+            app.metrics.store_errors.inc();
+            tracing::debug!(error = %e, "could not record a Vary slot; it lives until its TTL");
+            Vec::new()
+        }
+    }
+}
+
+/// Removes a slot pushed out of its URL's list: here, in the store, and (through the bus)
+/// from every gateway's L1.
+async fn drop_slot(app: &AppState, cache: &CacheState, hex: String) {
+    if let Ok(hash) = u128::from_str_radix(&hex, 16) {
+        cache.l1.remove(hash);
+    }
+    if let Err(e) = cache.store.delete(&hex).await {
+        app.metrics.store_errors.inc();
+        tracing::debug!(error = %e, "could not delete a dropped Vary slot; it lives until its TTL");
+    }
+    cache.announce(Kind::Filled, hex, &app.metrics).await;
+    app.metrics.cache_variants_dropped.inc();
 }
 
 /// Writes `entry` to the store; `true` when it is there now. A newer render already there

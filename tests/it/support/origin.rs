@@ -82,6 +82,8 @@ enum RouteBody {
     WithTrailers(Bytes, Vec<(String, String)>),
     /// Echo the request body back.
     Echo,
+    /// `<p>` + the request's value of this header (`-` when absent) + `</p>`.
+    HeaderValue(String),
     /// WebSocket-style upgrade; after 101 the connection echoes bytes.
     UpgradeEcho,
 }
@@ -156,6 +158,14 @@ impl Route {
         Route {
             body: RouteBody::Echo,
             ..Route::status(200)
+        }
+    }
+
+    /// An HTML page that says the request's value of `name`: a render for that value.
+    pub fn says_header(name: &str) -> Route {
+        Route {
+            body: RouteBody::HeaderValue(name.to_owned()),
+            ..Route::html("")
         }
     }
 
@@ -385,6 +395,15 @@ async fn answer(
     }
     let body: Body = match route.body {
         RouteBody::Bytes(b) => Full::new(b).boxed(),
+        RouteBody::HeaderValue(name) => {
+            let value = req
+                .headers()
+                .get(name.as_str())
+                .map_or("-".to_owned(), |v| {
+                    String::from_utf8_lossy(v.as_bytes()).into_owned()
+                });
+            Full::new(Bytes::from(format!("<p>{value}</p>"))).boxed()
+        }
         RouteBody::Stream { chunks, size } => {
             let frames = futures_util::stream::iter((0..chunks).map(move |c| {
                 let start = c * size;
