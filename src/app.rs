@@ -230,6 +230,8 @@ impl CacheState {
     /// runtime (`invalidate::fleet`); the heartbeat stops with `stop`.
     pub fn start(&self, stop: &CancellationToken) {
         crate::invalidate::fleet::start(self, stop);
+        self.l1
+            .maintain_every(std::time::Duration::from_secs(1), stop);
     }
 }
 

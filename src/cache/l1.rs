@@ -188,6 +188,25 @@ impl L1 {
         self.unstored.clear();
     }
 
+    /// Runs the L1's upkeep every `every` until `stop`: moka drops evicted and expired
+    /// entries only when its upkeep runs, which traffic triggers; without it, what the last
+    /// burst evicted (sealed bodies included) would stay in memory until the next requests.
+    pub fn maintain_every(&self, every: Duration, stop: &tokio_util::sync::CancellationToken) {
+        let Some(cache) = self.cache.clone() else {
+            return;
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => cache.run_pending_tasks(),
+                }
+            }
+        });
+    }
+
     /// `(entries, bytes)` held, for the dashboard.
     pub fn size(&self) -> (u64, u64) {
         self.cache.as_ref().map_or((0, 0), |c| {

@@ -15,6 +15,7 @@ mod harness;
 mod invalidate;
 mod lane;
 mod limits;
+mod memory;
 mod pool;
 mod refresh;
 mod sanitize;

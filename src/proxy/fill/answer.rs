@@ -287,9 +287,12 @@ impl Pending {
     /// The entry for the identity body, rendered when the request went upstream, tagged as
     /// `cfg` says; the body is sealed for the hit lane if `seal`.
     pub fn entry(&self, identity: Bytes, cfg: &crate::config::Cache, seal: bool) -> Arc<Entry> {
+        // Each value copied into its own allocation: the replica's values are slices of the
+        // connection's read buffer (8 KiB and up, grown to the size of large bodies), and an
+        // entry holding them would keep that whole buffer alive for as long as it is cached.
         let stored_headers = self
             .stored_headers()
-            .map(|(n, v)| (n.clone(), v.clone()))
+            .map(|(n, v)| (n.clone(), owned(v)))
             .collect();
         let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
         let now_ms = self.sent_at_ms;
@@ -347,6 +350,13 @@ impl Pending {
     pub fn ttl(&self) -> std::time::Duration {
         self.freshness.ttl()
     }
+}
+
+/// `value` in an allocation of its own, not a slice of a larger buffer.
+fn owned(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
 }
 
 /// What the variant's body must be (`cache::policy::admit` checks the content type).

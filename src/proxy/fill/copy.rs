@@ -32,8 +32,14 @@ pub async fn copy(
     max: usize,
     too_large: impl FnOnce(),
 ) -> Result<Copied, ProxyError> {
-    let mut kept: Option<Vec<Bytes>> = Some(Vec::new());
-    let mut len = 0usize;
+    // Frames are slices of the replica connection's read buffer: each is copied out as it
+    // comes (holding them until the end would hold those buffers, for every fill at once),
+    // into one allocation of the announced length when there is one.
+    let announced = http_body::Body::size_hint(&body)
+        .exact()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| *n <= max);
+    let mut kept = Some(BytesMut::with_capacity(announced.unwrap_or(0)));
     let mut too_large = Some(too_large);
     let mut out = Forward::new(client, max);
     while let Some(frame) = body.frame().await {
@@ -45,30 +51,26 @@ pub async fn copy(
                 return Err(ProxyError::Upstream(UpstreamError::Body(message)));
             }
         };
-        if let (Some(chunks), Some(data)) = (kept.as_mut(), frame.data_ref()) {
-            len += data.len();
-            if len > max {
+        if let (Some(whole), Some(data)) = (kept.as_mut(), frame.data_ref()) {
+            if whole.len() + data.len() > max {
                 kept = None;
                 if let Some(f) = too_large.take() {
                     f();
                 }
             } else {
-                chunks.push(data.clone());
+                whole.extend_from_slice(data);
             }
         }
         out.push(frame).await;
     }
     out.finish();
     Ok(match kept {
-        // Frames are slices of hyper's read buffer; the copy is kept (in the L1, as the
-        // entry's identity body), so it owns exactly its bytes, never the buffer around them.
-        Some(chunks) => {
-            let mut whole = BytesMut::with_capacity(len);
-            for c in chunks {
-                whole.extend_from_slice(&c);
-            }
-            Copied::Whole(whole.freeze())
+        // The copy is kept (in the L1, as the entry's identity body): it owns exactly its
+        // bytes, not the spare capacity a body of unannounced length grew.
+        Some(whole) if whole.capacity() - whole.len() > whole.len() / 8 => {
+            Copied::Whole(Bytes::copy_from_slice(&whole))
         }
+        Some(whole) => Copied::Whole(whole.freeze()),
         None => Copied::TooLarge,
     })
 }

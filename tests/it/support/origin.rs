@@ -239,7 +239,8 @@ struct State {
 pub struct Routes<'a>(&'a State);
 
 impl Routes<'_> {
-    /// Declares `path` (exact match on the path, query ignored).
+    /// Declares `path` (exact match on the path, query ignored; `*` answers every path not
+    /// declared).
     pub fn route(&self, path: &str, route: Route) -> &Self {
         self.0
             .routes
@@ -375,7 +376,10 @@ async fn answer(
             headers: req.headers().clone(),
         },
     );
-    let route = state.routes.lock().expect("lock").get(&path).cloned();
+    let route = {
+        let routes = state.routes.lock().expect("lock");
+        routes.get(&path).or_else(|| routes.get("*")).cloned()
+    };
     let is_rsc = req.headers().get("rsc").is_some_and(|v| v == "1");
     let route = match route {
         Some(r) if is_rsc && r.rsc.is_some() => r.rsc.as_deref().cloned(),
