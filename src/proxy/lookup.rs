@@ -118,11 +118,6 @@ impl Lookup {
             permit: None,
         }
     }
-
-    /// The key the request's answer belongs to: its slot, or `primary`.
-    pub fn key<'a>(&'a self, primary: &'a CacheKey) -> &'a CacheKey {
-        self.slot.as_ref().unwrap_or(primary)
-    }
 }
 
 /// One slot looked up: the L1, then the store.

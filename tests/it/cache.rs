@@ -1005,18 +1005,24 @@ fn by_language() -> Route {
         .header("vary", "Accept-Language")
 }
 
+/// A gateway on its own Redis in front of a [`by_language`] page at `/lang`.
+async fn language_page(extra: &str) -> (RedisProcess, FakeNext, Gateway) {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/lang", by_language());
+    })
+    .await;
+    let gw = gateway(&origin, &r, extra).await;
+    (r, origin, gw)
+}
+
 fn lang(l: &str) -> [(&str, &str); 1] {
     [("accept-language", l)]
 }
 
 #[tokio::test]
 async fn two_vary_values_alternating_render_once_each_then_both_hit_on_every_gateway() {
-    let r = RedisProcess::start();
-    let origin = FakeNext::start(|o| {
-        o.route("/lang", by_language());
-    })
-    .await;
-    let gw = gateway(&origin, &r, "").await;
+    let (r, origin, gw) = language_page("").await;
     let c = Client::default();
     let mut seen = Vec::new();
     for i in 0..10 {
@@ -1050,12 +1056,7 @@ async fn two_vary_values_alternating_render_once_each_then_both_hit_on_every_gat
 
 #[tokio::test]
 async fn an_odd_vary_value_does_not_evict_the_page_for_everyone() {
-    let r = RedisProcess::start();
-    let origin = FakeNext::start(|o| {
-        o.route("/lang", by_language());
-    })
-    .await;
-    let gw = gateway(&origin, &r, "").await;
+    let (_r, origin, gw) = language_page("").await;
     let c = Client::default();
     assert_eq!(
         c.get(&gw.url("/lang"), &lang("en")).await.header("x-cache"),
@@ -1076,12 +1077,7 @@ async fn an_odd_vary_value_does_not_evict_the_page_for_everyone() {
 
 #[tokio::test]
 async fn past_max_variants_the_least_recently_filled_slot_is_dropped_everywhere() {
-    let r = RedisProcess::start();
-    let origin = FakeNext::start(|o| {
-        o.route("/lang", by_language());
-    })
-    .await;
-    let gw = gateway(&origin, &r, "[cache]\nmax_variants = 2\n").await;
+    let (r, origin, gw) = language_page("[cache]\nmax_variants = 2\n").await;
     let c = Client::default();
     for (i, l) in ["a", "b", "c"].into_iter().enumerate() {
         assert_eq!(

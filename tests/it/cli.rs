@@ -141,11 +141,7 @@ fn serve_refuses_a_bad_flag_and_names_it() {
 
 #[test]
 fn serve_drains_and_exits_zero_on_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = crate::support::free_port();
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -186,11 +182,7 @@ fn serve_drains_and_exits_zero_on_sigterm() {
 #[test]
 fn out_of_descriptors_new_clients_are_refused_not_left_hanging() {
     use std::io::Read;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = crate::support::free_port();
     // Silent connections are not cut for a minute here: a closed one below was refused.
     let script = format!(
         "ulimit -n 48 && exec {BIN} serve --config /dev/null --listen 127.0.0.1:{port} \

@@ -24,11 +24,7 @@ struct Process {
 
 impl Process {
     fn start(l1_bytes: u64, redis: &RedisProcess, origin: &FakeNext) -> Process {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let port = crate::support::free_port();
         let child = Command::new(BIN)
             .args([
                 "serve",

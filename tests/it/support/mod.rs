@@ -159,6 +159,15 @@ impl Got {
     }
 }
 
+/// A loopback port free now (for a process the test starts, which binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// A pooled HTTP/1.1 client.
 #[derive(Clone)]
 pub struct Client(HyperClient<HttpConnector, Full<Bytes>>);
