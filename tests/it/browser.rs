@@ -42,6 +42,13 @@ struct Page {
 
 impl Page {
     async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// [`Page::call`], with DevTools' error answer returned.
+    async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         self.next += 1;
         let id = self.next;
         let msg = json!({ "id": id, "method": method, "params": params }).to_string();
@@ -58,8 +65,10 @@ impl Page {
             let Message::Text(text) = frame else { continue };
             let v: Value = serde_json::from_str(&text).expect("devtools JSON");
             if v["id"] == id {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
+                return match v.get("error") {
+                    Some(_) => Err(v),
+                    None => Ok(v["result"].clone()),
+                };
             }
         }
     }
@@ -79,7 +88,14 @@ impl Page {
     async fn until(&mut self, expr: &str, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if self.eval(&format!("Boolean({expr})")).await == true {
+            // An evaluation the page's navigation interrupted (a form just submitted) is
+            // "not yet", not a failure.
+            let asked = json!({
+                "expression": format!("Boolean({expr})"),
+                "returnByValue": true,
+            });
+            let r = self.try_call("Runtime.evaluate", asked).await;
+            if r.is_ok_and(|r| r["result"]["value"] == true) {
                 return;
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
