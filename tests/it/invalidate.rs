@@ -90,13 +90,20 @@ async fn epoch_in_redis(r: &RedisProcess) -> Option<String> {
         .expect("hget")
 }
 
-/// Both gateways have the page cached (gateway 1 rendered it, gateway 2 read it).
-async fn warm(gws: &[Gateway], path: &str, body: &str) {
+/// Both gateways have the page cached (gateway 1 rendered it, gateway 2 read it), and the
+/// fill is over: its fleet lock is released (a refresh that found it held would leave the key
+/// to its holder, whose fill has ended).
+async fn warm(r: &RedisProcess, gws: &[Gateway], path: &str, body: &str) {
     assert_eq!(&get(&gws[0], path).await.body[..], body.as_bytes());
     eventually!(
         5,
         get(&gws[1], path).await.header("x-cache") == "HIT",
         "gateway 2 hits"
+    );
+    eventually!(
+        5,
+        r.cli(&["KEYS", "isr:*:l"]).trim().is_empty(),
+        "fill lock released"
     );
 }
 
@@ -108,7 +115,7 @@ async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
     })
     .await;
     let gws = gateways(&origin, &r, 2).await;
-    warm(&gws, "/news", "v1").await;
+    warm(&r, &gws, "/news", "v1").await;
     assert_eq!(origin.count("/news"), 1);
     origin.route("/news", page("v2"));
 
@@ -166,7 +173,7 @@ async fn warmed_then_changed(r: &RedisProcess) -> (FakeNext, Vec<Gateway>) {
     })
     .await;
     let gws = gateways(&origin, r, 2).await;
-    warm(&gws, "/a", "a1").await;
+    warm(r, &gws, "/a", "a1").await;
     origin.route("/a", page("a2"));
     (origin, gws)
 }
@@ -291,7 +298,7 @@ async fn rewarm_makes_the_next_request_a_hit_on_the_new_page() {
     })
     .await;
     let gws = gateways(&origin, &r, 2).await;
-    warm(&gws, "/home", "old").await;
+    warm(&r, &gws, "/home", "old").await;
     origin.route("/home", page("new"));
     let answer = revalidate(&gws[0], r#"{"paths":["/home"],"mode":"hard"}"#).await;
     assert_eq!(answer.status, 200);
@@ -758,7 +765,7 @@ async fn the_first_purge_after_redis_comes_back_empty_is_applied() {
         );
     }
     // Rendered after the restart by gateways that stayed up: stamped with the old epoch.
-    warm(&gws, "/a", "a1").await;
+    warm(&r, &gws, "/a", "a1").await;
     origin.route("/a", page("a2"));
 
     let answer = revalidate(&gws[1], r#"{"paths":["/a"],"mode":"hard","rewarm":false}"#).await;
