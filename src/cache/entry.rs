@@ -498,12 +498,14 @@ pub fn compress_at(identity: &[u8], level: u32) -> Bytes {
     encoder
         .write_all(identity)
         .expect("invariant: writing to a Vec cannot fail");
-    let mut gzip = encoder
+    let gzip = encoder
         .finish()
         .expect("invariant: writing to a Vec cannot fail");
-    // The L1 weighs entries by their length: do not keep much more memory than that.
+    // The L1 weighs entries by their length: do not keep much more memory than that. A copy,
+    // not `shrink_to_fit`: allocators (mimalloc among them) keep a block in place when it
+    // shrinks by less than half, so the spare capacity would stay allocated.
     if gzip.capacity() - gzip.len() > gzip.len() / 8 {
-        gzip.shrink_to_fit();
+        return Bytes::copy_from_slice(&gzip);
     }
     Bytes::from(gzip)
 }
