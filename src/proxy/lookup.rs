@@ -483,14 +483,27 @@ pub fn times(meta: &Meta) -> Times {
 /// those already in the key): the fill records them as a `vary:<hash>` tag exactly when there
 /// are any, so an entry without the tag matches at once (the hit path does no `Vary` parsing).
 pub fn vary_matches(entry: &Entry, headers: &HeaderMap) -> bool {
-    let Some(tag) = entry.meta.tags.iter().find(|t| t.starts_with(VARY_TAG)) else {
+    let Some(tag) = vary_tag(entry) else {
         return true;
     };
-    match key::vary_hash(vary_names(entry), headers) {
-        Some(h) => *tag == format!("{VARY_TAG}{h:032x}"),
-        // The stored Vary no longer names an extra header: the tag is stale; refetch.
-        None => false,
-    }
+    // A stored Vary that no longer names an extra header (or a tag that does not parse)
+    // matches nothing: refetch.
+    let stored = u128::from_str_radix(tag, 16).ok();
+    stored.is_some() && key::vary_hash(vary_names(entry), headers) == stored
+}
+
+/// The hash of the `Vary` values an entry was stored for; `None` when it varies on nothing
+/// beyond the key.
+pub fn stored_vary(entry: &Entry) -> Option<u128> {
+    vary_tag(entry).and_then(|h| u128::from_str_radix(h, 16).ok())
+}
+
+fn vary_tag(entry: &Entry) -> Option<&str> {
+    entry
+        .meta
+        .tags
+        .iter()
+        .find_map(|t| t.strip_prefix(VARY_TAG))
 }
 
 fn warn_rate_limited(now_ms: u64, e: &dyn std::fmt::Display) {

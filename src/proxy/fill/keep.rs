@@ -11,7 +11,7 @@ use crate::bus::Kind;
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
 use crate::cache::store::Stored;
-use crate::proxy::lookup::VARY_TAG;
+use crate::proxy::lookup::stored_vary;
 
 /// Puts a new entry in the L1 and the store, and tells the other gateways (they drop their L1
 /// copy and read the new entry). Never back in time: an entry rendered before the one already
@@ -71,12 +71,7 @@ pub(super) async fn keep_all(
 /// it varies on request headers beyond the key, also under the slot of its values, where
 /// requests with those values find it whatever was rendered after it for others.
 fn homes<'k>(key: &'k CacheKey, entry: &Entry) -> (Cow<'k, CacheKey>, Option<CacheKey>) {
-    let vary = entry
-        .meta
-        .tags
-        .iter()
-        .find_map(|t| t.strip_prefix(VARY_TAG))
-        .and_then(|h| u128::from_str_radix(h, 16).ok());
+    let vary = stored_vary(entry);
     let primary = if key.is_slot() {
         Cow::Owned(key.primary_key())
     } else {
