@@ -1084,13 +1084,13 @@ async fn past_max_variants_the_least_recently_filled_slot_is_dropped_everywhere(
             c.get(&gw.url("/lang"), &lang(l)).await.header("x-cache"),
             "MISS"
         );
-        // Stored (the primary key and the slot) before the next value is filled: the slots
-        // are ranked by when their store write landed.
+        // Stored (the primary key and the slot) and the slot recorded in its URL's list
+        // before the next value is filled: the slots are ranked by when they were recorded.
         let stores = 2 * (i as u64 + 1);
         eventually!(
             5,
-            gw.state.metrics.cache_stores.get() == stores,
-            "{l} stored"
+            gw.state.metrics.cache_stores.get() == stores && slots_listed(&r) == (i + 1).min(2),
+            "{l} stored and listed"
         );
     }
     eventually!(
@@ -1113,6 +1113,14 @@ async fn past_max_variants_the_least_recently_filled_slot_is_dropped_everywhere(
         "MISS"
     );
     assert_eq!(origin.count("/lang"), 4);
+}
+
+/// How many `Vary` slots the one URL in `r` has in its list.
+fn slots_listed(r: &RedisProcess) -> usize {
+    match r.cli(&["KEYS", "isr:*:v"]).lines().next() {
+        Some(list) => r.cli(&["LLEN", list]).trim().parse().unwrap_or(0),
+        None => 0,
+    }
 }
 
 #[tokio::test]
