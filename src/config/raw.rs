@@ -224,6 +224,7 @@ section! {
             "cache-tag".into(),
             "surrogate-key".into(),
             "x-next-cache-tags".into(),
+            "x-isrgate-tags".into(),
         ]),
     }
 }

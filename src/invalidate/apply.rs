@@ -1,48 +1,35 @@
-//! Applying an invalidation (DESIGN.md "Invalidation: epochs, not deletes"): one Redis script
-//! moves the epoch forward (never back, even in a Redis that lost its data: see [`APPLY`]), records the tag's newest soft or hard epoch in the hash `isr:inv`
-//! (fields `s:<tag>` and `h:<tag>`, so no tag can collide with the counter field `_epoch` and a
-//! soft purge never overwrites a hard one) and publishes the `inv` message on the bus,
-//! atomically, so a gateway never sees the record without the
-//! message or the other way round. O(1) in the number of entries: nothing is deleted.
+//! Applying an invalidation (DESIGN.md "Invalidation: epochs, not deletes"): one Redis function,
+//! `isrgate_invalidate_v1` of the library in `invalidate.lua`, moves the epoch forward (never
+//! back, even in a Redis that lost its data), records the tag's newest soft or hard epoch in the
+//! hash `isr:inv` (fields `s:<tag>` and `h:<tag>`, so no tag can collide with the counter field
+//! `_epoch` and a soft purge never overwrites a hard one) and publishes the `inv` message on
+//! the bus, atomically, so a gateway never sees the record without the message or the other
+//! way round. O(1) in the number of entries: nothing is deleted.
+//!
+//! The library is the fleet's one implementation of that step: the Next.js replicas running
+//! `@isrgate/next` call the same function for their in-app revalidations. [`load`] loads it
+//! (at start and after every bus reconnect, when Redis may have come back empty) before it
+//! reads the whole hash into the map; a Redis without Functions (< 7) gets the same text as a
+//! script.
 //!
 //! With the in-process store the invalidation is recorded in this gateway's map only.
-//! `load` reads the whole hash into the map (at start and after every bus reconnect, when
-//! messages may have been missed).
 
 use fred::prelude::*;
 
 use crate::bus::CHANNEL;
 use crate::cache::epochs::{Epochs, Mode};
-use crate::cache::store::{Store, StoreError};
+use crate::cache::store::{RedisStore, Store, StoreError};
 
 /// The Redis hash of invalidations; field `_epoch` is the global counter.
 pub const INV_KEY: &str = "isr:inv";
 
 const EPOCH_FIELD: &str = "_epoch";
 
-/// KEYS[1] = isr:inv; ARGV = gateway, mode, channel, the caller's newest known epoch, tags…
-///
-/// The new epoch is the greatest of: the stored counter + 1, the server's clock in
-/// milliseconds, and the caller's newest known epoch + 1. The clock is what survives a Redis
-/// that comes back empty (restarted without persistence, failed over to an empty replica,
-/// FLUSHALL): the counter would start again at 1 while running gateways keep stamping entries
-/// with the epoch they knew, and every purge would be older than the pages it should remove.
-/// The caller's epoch covers a new primary whose clock is behind the old one's.
-const APPLY: &str = r"
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local e = tonumber(redis.call('HGET', KEYS[1], '_epoch') or '0') + 1
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now > e then e = now end
-local known = tonumber(ARGV[4]) + 1
-if known > e then e = known end
-e = string.format('%.0f', e)
-redis.call('HSET', KEYS[1], '_epoch', e)
-local prefix = (ARGV[2] == 'hard') and 'h:' or 's:'
-for i = 5, #ARGV do redis.call('HSET', KEYS[1], prefix .. ARGV[i], e) end
-redis.call('PUBLISH', ARGV[3], 'inv ' .. e .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. table.concat(ARGV, ' ', 5))
-return e
-";
+/// The library (`#!lua name=isrgate`): see the file for the arguments and the epoch rule.
+pub const LIBRARY: &str = include_str!("invalidate.lua");
+
+/// The function the library registers; the version is the argument list's.
+pub const FUNCTION: &str = "isrgate_invalidate_v1";
 
 /// Records the invalidation of `tags` in the store (and so on every gateway) and in `epochs`;
 /// returns its epoch. On error nothing was recorded anywhere.
@@ -63,9 +50,7 @@ pub async fn apply(
                 epochs.current().to_string(),
             ];
             args.extend(tags.iter().cloned());
-            let e: String = redis
-                .bounded(redis.pool().next().eval(APPLY, INV_KEY, args))
-                .await?;
+            let e = call(redis, args).await?;
             e.parse()
                 .map_err(|_| StoreError::Unexpected("an epoch that is not a number"))?
         }
@@ -74,11 +59,64 @@ pub async fn apply(
     Ok(epoch)
 }
 
-/// Loads every recorded invalidation from the store into `epochs`.
+/// Calls the function; loads the library first when Redis lost it (restarted empty), and sends
+/// it as a script where Redis has no Functions.
+async fn call(redis: &RedisStore, args: Vec<String>) -> Result<String, StoreError> {
+    let pool = redis.pool();
+    match redis
+        .bounded(pool.next().fcall(FUNCTION, INV_KEY, args.clone()))
+        .await
+    {
+        Err(StoreError::Redis(e)) if e.details().contains("Function not found") => {
+            if load_library(redis).await? {
+                redis
+                    .bounded(pool.next().fcall(FUNCTION, INV_KEY, args))
+                    .await
+            } else {
+                redis
+                    .bounded(pool.next().eval(script(), INV_KEY, args))
+                    .await
+            }
+        }
+        other => other,
+    }
+}
+
+/// The library as a script (`EVAL`): without the `#!lua` line, which only `FUNCTION LOAD`
+/// reads.
+fn script() -> &'static str {
+    LIBRARY.split_once('\n').map_or(LIBRARY, |(_, rest)| rest)
+}
+
+/// Loads the library (replacing an older copy); `false` when this Redis has no Functions.
+async fn load_library(redis: &RedisStore) -> Result<bool, StoreError> {
+    let client = redis.pool().next();
+    let loaded: Result<String, _> = if client.is_clustered() {
+        redis
+            .bounded(client.function_load_cluster(true, LIBRARY))
+            .await
+    } else {
+        redis.bounded(client.function_load(true, LIBRARY)).await
+    };
+    match loaded {
+        Ok(_) => Ok(true),
+        Err(StoreError::Redis(e)) if e.details().to_ascii_lowercase().contains("unknown") => {
+            tracing::debug!(
+                "this Redis has no Functions (< 7): invalidations go as scripts, and @isrgate/next cannot reach the fleet"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Loads the library (so replicas can call it) and every recorded invalidation from the store
+/// into `epochs`.
 pub async fn load(store: &Store, epochs: &Epochs) -> Result<usize, StoreError> {
     let Store::Redis(redis) = store else {
         return Ok(0);
     };
+    load_library(redis).await?;
     let all: std::collections::HashMap<String, String> =
         redis.bounded(redis.pool().hgetall(INV_KEY)).await?;
     let mut n = 0;

@@ -52,6 +52,9 @@ const INTERNAL_HEADERS: &[&str] = &[
     "x-nextjs-stale-time",
     "x-nextjs-deployment-id",
     "next-hmr-refresh",
+    // @isrgate/next: the tags it reports and the mark of the gateway's own refreshes.
+    "x-isrgate-tags",
+    "x-isrgate-refresh",
 ];
 
 /// Request headers stripped by prefix (rule 6: whole internal families).

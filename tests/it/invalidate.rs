@@ -863,3 +863,43 @@ async fn a_purge_reaches_a_page_whatever_spelling_filled_it() {
     assert_eq!(purge.status, 200);
     assert_eq!(&c.get(&gw.url("/caf%c3%a9"), &html).await.body[..], b"c2");
 }
+
+/// What `@isrgate/next` does for an in-app `revalidateTag`: it calls the gateways' Redis
+/// function itself (`FCALL`), and every gateway treats the tag as purged. The library is
+/// loaded again when Redis comes back empty, so a replica's call works after the restart.
+#[tokio::test]
+async fn a_replica_calling_the_fleet_function_purges_every_gateway() {
+    use isrgate::invalidate::apply::{FUNCTION, INV_KEY};
+    let mut r = RedisProcess::start();
+    let (_origin, gws) = warmed_then_changed(&r).await;
+    let fcall = |r: &RedisProcess, mode: &str| {
+        r.cli(&[
+            "FCALL",
+            FUNCTION,
+            "1",
+            INV_KEY,
+            "next:replica-b:42",
+            mode,
+            "isr:bus",
+            "0",
+            "_N_T_/a",
+        ])
+    };
+    let epoch = fcall(&r, "hard");
+    assert!(epoch.trim().parse::<u64>().is_ok(), "{epoch}");
+    for gw in &gws {
+        eventually!(
+            5,
+            &get(gw, "/a").await.body[..] == b"a2",
+            "the replica's purge reached every gateway"
+        );
+    }
+
+    r.restart();
+    // The gateways see the bus come back and load the library again.
+    eventually!(
+        10,
+        fcall(&r, "soft").trim().parse::<u64>().is_ok(),
+        "the library is loaded again"
+    );
+}

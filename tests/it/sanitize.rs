@@ -38,6 +38,8 @@ const STRIPPED: &[(&str, &str)] = &[
     ("x-vercel-id", "x"),
     ("x-vercel-sc-headers", "x"),
     ("next-hmr-refresh", "1"),
+    ("x-isrgate-tags", "t"),
+    ("x-isrgate-refresh", "1"),
     ("x-nextjs-data", "1"),
     ("rsc", "0"),
     ("next-router-prefetch", "x"),

@@ -35,6 +35,7 @@ const NOT_STORED: &[&str] = &[
     "age",
     "x-nextjs-cache",
     "x-next-cache-tags",
+    "x-isrgate-tags",
     "x-cache",
     "cache-status",
 ];
@@ -143,6 +144,9 @@ fn source(headers: &http::HeaderMap) -> Source {
 /// replica regenerates the page (HTML and RSC together) instead of answering from its cache,
 /// and says `x-nextjs-cache: REVALIDATED`.
 static PRERENDER_REVALIDATE: HeaderName = HeaderName::from_static("x-prerender-revalidate");
+/// Sent with it: the regeneration is the gateway's own refresh, which `@isrgate/next` must not
+/// report back to the fleet as an in-app `res.revalidate` (that would purge what it refreshes).
+static ISRGATE_REFRESH: HeaderName = HeaderName::from_static("x-isrgate-refresh");
 static X_NEXTJS_CACHE: HeaderName = HeaderName::from_static("x-nextjs-cache");
 
 /// What an entry needs besides its body: the response head, its freshness and the request
@@ -183,6 +187,8 @@ pub(super) async fn request(
     if let (true, Some(id)) = (regenerate, preview) {
         head.headers
             .insert(PRERENDER_REVALIDATE.clone(), id.clone());
+        head.headers
+            .insert(ISRGATE_REFRESH.clone(), HeaderValue::from_static("1"));
     }
     let vary_request = head.headers.clone();
     let path = head.uri.path().to_owned();
@@ -373,7 +379,7 @@ pub fn expect(variant: &Variant) -> Expect {
 /// Names of headers clients get on a passed-through candidate response that they must not
 /// see (rule 22): the same internals an entry drops.
 pub fn strip_internal_response_headers(headers: &mut http::HeaderMap) {
-    for name in ["x-nextjs-cache", "x-next-cache-tags"] {
+    for name in ["x-nextjs-cache", "x-next-cache-tags", "x-isrgate-tags"] {
         headers.remove(HeaderName::from_static(name));
     }
 }
