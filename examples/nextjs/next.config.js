@@ -1,12 +1,11 @@
+// @isrgate/next: with ISRGATE_REDIS_URL set (the fleet's Redis), revalidations made in this app
+// reach every isrgate gateway and replica, and the gateways learn each page's tags. Unset, the
+// config is unchanged.
+const { withIsrgate } = require("@isrgate/next");
+
 /** @type {import('next').NextConfig} */
-module.exports = {
+module.exports = withIsrgate({
   poweredByHeader: false,
   // One build, several replicas: the same id everywhere (isrgate's cache.namespace).
   generateBuildId: async () => process.env.BUILD_ID || "isrgate-example",
-  // Tags the gateway can purge by (Next itself never sends its tags from `next start`).
-  async headers() {
-    return [
-      { source: "/tagged/:id", headers: [{ key: "Cache-Tag", value: "product-:id, products" }] },
-    ];
-  },
-};
+});

@@ -12,6 +12,7 @@
 #[path = "../it/support/mod.rs"]
 mod support;
 
+mod app_revalidation;
 mod isr_expiry;
 
 use std::path::{Path, PathBuf};
@@ -120,12 +121,16 @@ struct Replica {
     port: u16,
     child: Option<Child>,
     id: String,
+    /// The fleet's Redis (`ISRGATE_REDIS_URL`: `@isrgate/next` is on) and the product data
+    /// every replica shares (`PRODUCTS_DIR`, as a database would be).
+    redis_url: String,
+    products_dir: PathBuf,
     // Removed after `Drop` has stopped the process.
     dir: tempfile::TempDir,
 }
 
 impl Replica {
-    fn start(id: &str) -> Replica {
+    fn start(id: &str, redis_url: &str, products_dir: &Path) -> Replica {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -134,6 +139,8 @@ impl Replica {
             port,
             child: None,
             id: id.into(),
+            redis_url: redis_url.into(),
+            products_dir: products_dir.into(),
             dir: replica_dir(),
         };
         r.spawn();
@@ -154,6 +161,8 @@ impl Replica {
             .current_dir(self.dir.path())
             .env("REPLICA_ID", &self.id)
             .env("REVALIDATE_SECRET", REPLICA_SECRET)
+            .env("ISRGATE_REDIS_URL", &self.redis_url)
+            .env("PRODUCTS_DIR", &self.products_dir)
             .env("NEXT_TELEMETRY_DISABLED", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -208,7 +217,8 @@ fn preview_mode_id() -> http::HeaderValue {
 struct Stack {
     replicas: Vec<Replica>,
     gateways: Vec<Gateway>,
-    _redis: RedisProcess,
+    redis: RedisProcess,
+    _products: tempfile::TempDir,
     // Dropped last, after the replicas are stopped.
     _serial: tokio::sync::MutexGuard<'static, ()>,
 }
@@ -235,9 +245,10 @@ async fn stack_with(configure: impl Fn(&mut Config)) -> Stack {
     let serial = ONE_STACK_AT_A_TIME.lock().await;
     build();
     let redis = RedisProcess::start();
+    let products = tempfile::tempdir().expect("products dir");
     let replicas: Vec<Replica> = ["a", "b", "c"]
         .iter()
-        .map(|id| Replica::start(id))
+        .map(|id| Replica::start(id, &redis.url(), products.path()))
         .collect();
     let urls: Vec<String> = replicas.iter().map(Replica::url).collect();
     let mut gateways = Vec::new();
@@ -246,7 +257,7 @@ async fn stack_with(configure: impl Fn(&mut Config)) -> Stack {
             &urls,
             "",
             &format!(
-                "[redis]\nurl = \"{}\"\n[health]\ninterval = \"0s\"\n[webhook]\nreplica_path = \"/api/revalidate\"\n[cache]\nnamespace = \"isrgate-example\"\n",
+                "[redis]\nurl = \"{}\"\n[health]\ninterval = \"0s\"\n[cache]\nnamespace = \"isrgate-example\"\n",
                 redis.url()
             ),
         );
@@ -254,7 +265,6 @@ async fn stack_with(configure: impl Fn(&mut Config)) -> Stack {
             bearer: WEBHOOK_SECRET.into(),
             hmac: WEBHOOK_SECRET.into(),
         });
-        cfg.webhook.fanout.secret = Some(http::HeaderValue::from_static(REPLICA_SECRET));
         configure(&mut cfg);
         gateways.push(Gateway::start(cfg).await);
     }
@@ -277,7 +287,8 @@ async fn stack_with(configure: impl Fn(&mut Config)) -> Stack {
     Stack {
         replicas,
         gateways,
-        _redis: redis,
+        redis,
+        _products: products,
         _serial: serial,
     }
 }
@@ -322,6 +333,18 @@ fn marker(got: &Got) -> String {
         .and_then(|rest| rest.split("</p>").next())
         .map(str::to_owned)
         .unwrap_or_default()
+}
+
+/// A request straight to one replica, past the gateways.
+async fn direct_get(r: &Replica, path: &str) -> Got {
+    Client::default()
+        .get(&format!("{}{path}", r.url()), &[("host", HOST)])
+        .await
+}
+
+/// How many times `r` rendered `path`.
+async fn renders_of(r: &Replica, path: &str) -> u64 {
+    r.renders().await["renders"][path].as_u64().unwrap_or(0)
 }
 
 async fn total_renders(stack: &Stack, path: &str) -> u64 {
@@ -399,24 +422,32 @@ async fn real_nextjs_behind_two_gateways() {
     assert_eq!(prefetch.status, 200);
     assert_eq!(prefetch.header("content-type"), "text/x-component");
 
-    // Split brain gone: a path revalidation reaches every replica and both gateways.
-    let before = marker(&get(g1, "/isr/one", &[]).await);
-    let report = webhook(g1, r#"{"paths":["/isr/one"]}"#).await;
-    let replicas = report["replicas"].as_array().expect("fan-out results");
-    assert_eq!(replicas.len(), 3);
-    assert!(replicas.iter().all(|r| r["ok"] == true), "{report}");
+    // Split brain gone: a path revalidation reaches every replica and both gateways. Each
+    // replica holds the page first; afterwards each renders it again when asked.
     for r in &s.replicas {
-        let seen = r.renders().await["revalidations"].clone();
-        assert!(
-            seen.to_string().contains("/isr/one"),
-            "replica {} was told: {seen}",
-            r.id
-        );
+        assert_eq!(direct_get(r, "/isr/one").await.status, 200);
     }
+    let mut held = Vec::new();
+    for r in &s.replicas {
+        held.push(renders_of(r, "/isr/one").await);
+    }
+    let before = marker(&get(g1, "/isr/one", &[]).await);
+    webhook(g1, r#"{"paths":["/isr/one"]}"#).await;
     let after1 = marker(&get(g1, "/isr/one", &[]).await);
     let after2 = marker(&get(g2, "/isr/one", &[]).await);
     assert_ne!(after1, before, "a new render after the webhook");
     assert_eq!(after1, after2, "both gateways show the same new render");
+    for (r, held) in s.replicas.iter().zip(held) {
+        eventually!(
+            10,
+            {
+                direct_get(r, "/isr/one").await;
+                renders_of(r, "/isr/one").await > held
+            },
+            "replica {} dropped its copy",
+            r.id
+        );
+    }
 
     // Tag revalidation through the webhook, with the tag the page's data uses.
     let t1 = marker(&get(g2, "/tagged/1", &[]).await);

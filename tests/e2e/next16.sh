@@ -10,6 +10,8 @@ rm -rf "$dir" && mkdir -p "$dir"
 cd "$dir"
 rm -f package-lock.json
 sed -i 's/"next": "15.5.28"/"next": "16.4.6"/' package.json
+# @isrgate/next from this repository, wherever the copy lives.
+sed -i "s#\"file:../../packages/next\"#\"file:$root/packages/next\"#" package.json
 npm install --no-audit --no-fund
 cd "$root"
 NEXT_DIR="$dir" cargo test --test e2e -- --ignored

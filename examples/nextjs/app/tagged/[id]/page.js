@@ -1,4 +1,5 @@
 import { unstable_cache } from "next/cache";
+import { readProduct } from "../../../lib/products";
 import { rendered, replicaId } from "../../../lib/renders";
 
 export const revalidate = 3600;
@@ -7,8 +8,11 @@ export function generateStaticParams() {
   return [{ id: "1" }];
 }
 
+// Next's data cache, tagged: an in-app revalidateTag('product-1') (the server action in
+// app/admin) or a webhook {"tags":["product-1"]} reaches this page on every replica and
+// gateway through @isrgate/next, with no [tag_rules] and no header of the app's own.
 const product = (id) =>
-  unstable_cache(async () => ({ id, price: Math.round(Math.random() * 1000) }), ["product", id], {
+  unstable_cache(async () => readProduct(id), ["product", id], {
     tags: [`product-${id}`, "products"],
   })();
 
@@ -19,7 +23,7 @@ export default async function Tagged({ params }) {
   return (
     <main>
       <h1>Product {p.id}</h1>
-      <p id="render" data-replica={replicaId} data-count={n}>
+      <p id="render" data-replica={replicaId} data-count={n} data-price={p.price}>
         price {p.price}, rendered by {replicaId}, render {n}
       </p>
     </main>

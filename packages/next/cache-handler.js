@@ -1,0 +1,213 @@
+'use strict';
+// The `cacheHandler` that `withIsrgate` installs. It is Next's own FileSystemCache (the memory
+// LRU bounded by `cacheMaxMemorySize`, the build's prerendered pages, the disk), with four
+// additions, so nothing about how a replica caches changes except what the fleet needs:
+//
+// 1. `revalidateTag` (what revalidateTag / updateTag / revalidatePath / unstable_expire* turn
+//    into, with Next 16's profile as `durations`) also records the tags for the whole fleet.
+// 2. A page regenerated on demand by `res.revalidate(path)` (Next's in-process request with
+//    `x-prerender-revalidate: <previewModeId>`) records `path:<path>` for the fleet; the
+//    gateways' own refreshes say `x-isrgate-refresh` and are not reported back.
+// 3. Revalidations made elsewhere (another replica, a gateway's webhook) are applied to this
+//    replica's cache as Next would apply its own: Next's tags manifest for App Router pages,
+//    route handlers and the data cache, a bounded map of paths for Pages Router pages.
+// 4. Each page entry carries its tags in `x-isrgate-tags`, a header the gateway reads into its
+//    entry (`cache.tag_headers`) and never passes to clients: a webhook or an in-app
+//    revalidateTag('product-1') reaches the gateway's copy without `[tag_rules]`.
+//
+// Next constructs one handler per request; the process-wide state lives in `state` below.
+
+const fs = require('node:fs');
+const path = require('node:path');
+const { createRequire } = require('node:module');
+const { fleetFromEnv } = require('./lib/fleet');
+
+const NEXT_TAGS = 'x-next-cache-tags';
+const REPORTED_TAGS = 'x-isrgate-tags';
+const PRERENDER_REVALIDATE = 'x-prerender-revalidate';
+const GATEWAY_REFRESH = 'x-isrgate-refresh';
+/** Value kinds of whole pages and route handlers (15+; 14.x stores App pages as PAGE too). */
+const PAGE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES', 'PAGE', 'ROUTE']);
+/** Pages Router entries, which carry no tags: reached through `state.paths`. */
+const PAGES_KINDS = new Set(['PAGES', 'PAGE']);
+/** Paths remembered as invalidated; past this the oldest is folded into `state.floorAt`. */
+const MAX_PATHS = 10000;
+/** A soft revalidation from elsewhere, for Next 16: stale now, expired after a year ('max'). */
+const SOFT = { expire: 31536000 };
+
+const state = (globalThis[Symbol.for('@isrgate/next.handler')] ??= {
+  next: null,
+  local: null,
+  distDir: null,
+  previewModeId: undefined,
+  paths: new Map(),
+  floorAt: 0,
+});
+
+/** Next's FileSystemCache and tags manifest, from the `next` this app runs. */
+function nextInternals(serverDistDir) {
+  if (state.next) return state.next;
+  const base = serverDistDir ? path.join(serverDistDir, 'isrgate.js') : path.join(process.cwd(), 'isrgate.js');
+  const load = createRequire(base);
+  const fsCache = load('next/dist/server/lib/incremental-cache/file-system-cache.js');
+  let manifest = null;
+  try {
+    // 15.x/16.x: one Map per process, shared with Next's `'use cache'` handler.
+    manifest = load('next/dist/server/lib/incremental-cache/tags-manifest.external.js').tagsManifest;
+  } catch {
+    // 14.x keeps its manifest inside the FileSystemCache instance.
+  }
+  state.next = { FileSystemCache: fsCache.default || fsCache, manifest };
+  return state.next;
+}
+
+/** The build's `previewModeId` (what `res.revalidate` sends), read once; never logged. */
+function previewModeId(serverDistDir) {
+  if (state.previewModeId === undefined) {
+    state.previewModeId = null;
+    try {
+      const manifest = JSON.parse(fs.readFileSync(path.join(serverDistDir, '..', 'prerender-manifest.json'), 'utf8'));
+      state.previewModeId = manifest?.preview?.previewModeId || null;
+    } catch {
+      // No manifest (dev): no on-demand revalidation to report.
+    }
+  }
+  return state.previewModeId;
+}
+
+/** When this build was made (UNIX ms): invalidations older than that cannot concern its pages. */
+function builtAt(serverDistDir) {
+  try {
+    return fs.statSync(path.join(serverDistDir, '..', 'BUILD_ID')).mtimeMs;
+  } catch {
+    return 0;
+  }
+}
+
+/** The page path of an incremental-cache key (`/route-cache/<KIND>/<hash>/$/blog/a` on 15.5+/16, the path itself before); `null` for data-cache keys. */
+function pageOfKey(key) {
+  if (typeof key !== 'string' || !key.startsWith('/')) return null;
+  let page = key;
+  if (key.startsWith('/route-cache/')) {
+    const at = key.indexOf('/$/');
+    if (at < 0) return null;
+    page = key.slice(at + 2);
+  }
+  if (page === '/index') return '/';
+  return page.length > 1 && page.endsWith('/') ? page.slice(0, -1) : page;
+}
+
+/** Applies a revalidation made elsewhere to this replica's cache. */
+function applyFromFleet(tags, mode) {
+  const now = Date.now();
+  const nextTags = [];
+  for (const tag of tags) {
+    if (tag === '*') {
+      state.floorAt = now;
+      nextTags.push('_N_T_/layout');
+    } else if (tag.startsWith('path:')) {
+      const page = tag.slice('path:'.length);
+      rememberPath(page, now);
+      nextTags.push(`_N_T_${page}`);
+    } else {
+      nextTags.push(tag);
+    }
+  }
+  if (state.local) markTags(state.local, nextTags, mode === 'soft' ? SOFT : undefined);
+}
+
+function rememberPath(page, at) {
+  state.paths.delete(page);
+  state.paths.set(page, at);
+  if (state.paths.size > MAX_PATHS) {
+    const [oldest, when] = state.paths.entries().next().value;
+    state.paths.delete(oldest);
+    // Conservative: a page older than a forgotten invalidation counts as invalidated.
+    state.floorAt = Math.max(state.floorAt, when);
+  }
+}
+
+/**
+ * Marks `tags` revalidated in Next's own manifest, as Next does for a local call. On 15.x
+ * FileSystemCache only records a tag's first revalidation; the time is moved forward here so a
+ * second revalidateTag of the same tag works too.
+ */
+function markTags(fsCache, tags, durations) {
+  const done = fsCache.revalidateTag(tags, durations);
+  const { manifest } = state.next || {};
+  if (manifest) {
+    const now = Date.now();
+    for (const tag of tags) if (typeof manifest.get(tag) === 'number') manifest.set(tag, now);
+  }
+  return done;
+}
+
+/** Whether a Pages Router entry was invalidated by path (or by a purge of everything) after it was made. */
+function invalidatedByPath(key, entry) {
+  if (!entry || !entry.value || !PAGES_KINDS.has(entry.value.kind)) return false;
+  const page = pageOfKey(key);
+  const at = Math.max(state.floorAt, (page && state.paths.get(page)) || 0);
+  return at > 0 && (entry.lastModified || 0) <= at;
+}
+
+/** Copies a page's tags into the header the gateway reads (Next sends its own only on Vercel). */
+function reportTags(value) {
+  const headers = value && value.headers;
+  if (headers && typeof headers[NEXT_TAGS] === 'string' && headers[REPORTED_TAGS] === undefined) {
+    headers[REPORTED_TAGS] = headers[NEXT_TAGS];
+  }
+}
+
+class IsrgateCacheHandler {
+  constructor(ctx) {
+    const { FileSystemCache } = nextInternals(ctx.serverDistDir);
+    this.inner = new FileSystemCache(ctx);
+    this.fleet = fleetFromEnv();
+    if (!state.local) {
+      state.local = this.inner;
+      state.distDir = ctx.serverDistDir;
+    }
+    if (this.fleet && !ctx.dev) {
+      const dist = ctx.serverDistDir;
+      this.fleet.follow(applyFromFleet, () => builtAt(dist));
+    }
+    const headers = ctx._requestHeaders || {};
+    const id = headers[PRERENDER_REVALIDATE] && previewModeId(ctx.serverDistDir);
+    this.onDemand = Boolean(id) && headers[PRERENDER_REVALIDATE] === id && !headers[GATEWAY_REFRESH];
+  }
+
+  async get(key, ctx) {
+    const entry = await this.inner.get(key, ctx);
+    if (invalidatedByPath(key, entry)) return null;
+    // Pages prerendered by `next build` were stored without the header.
+    if (entry) reportTags(entry.value);
+    return entry;
+  }
+
+  async set(key, data, ctx) {
+    // Next sends the headers of the value it stores with the response it renders it for.
+    reportTags(data);
+    await this.inner.set(key, data, ctx);
+    if (this.onDemand && this.fleet && data && PAGE_KINDS.has(data.kind)) {
+      const page = pageOfKey(key);
+      if (page) await this.fleet.invalidate([`path:${page}`], 'hard');
+    }
+  }
+
+  async revalidateTag(tags, durations) {
+    const list = (Array.isArray(tags) ? tags : [tags]).filter((t) => typeof t === 'string');
+    await markTags(this.inner, list, durations);
+    // Next 16: a profile with an expiry marks stale (SWR); none, or `expire: 0`, expires now.
+    const mode = durations && durations.expire !== 0 ? 'soft' : 'hard';
+    if (this.fleet) await this.fleet.invalidate(list, mode);
+  }
+
+  resetRequestCache() {
+    if (this.inner.resetRequestCache) this.inner.resetRequestCache();
+  }
+}
+
+module.exports = IsrgateCacheHandler;
+module.exports.default = IsrgateCacheHandler;
+module.exports.pageOfKey = pageOfKey;
+module.exports.applyFromFleet = applyFromFleet;

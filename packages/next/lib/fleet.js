@@ -1,0 +1,253 @@
+'use strict';
+// This replica's link to the isrgate fleet, one per process (every handler Next constructs, one
+// per request, shares it): it records the app's revalidations for every gateway and replica by
+// calling the gateways' own Redis function (`isrgate_invalidate_v1`, which every gateway loads;
+// the fleet has one implementation of that step), and hands the revalidations made elsewhere,
+// read from the gateways' bus (`isr:bus`), to this replica's cache.
+//
+// Redis down never stops the app: a revalidation waits for one attempt (bounded by the command
+// timeout), then is retried in the background for `retryForMs` and logged as lost after that.
+
+const os = require('node:os');
+const { parseUrl, redactUrl, connect, Client, ReplyError } = require('./redis');
+
+const FUNCTION = 'isrgate_invalidate_v1';
+const INV_KEY = 'isr:inv';
+const CHANNEL = 'isr:bus';
+/** Next's own limits (`NEXT_CACHE_TAG_MAX_ITEMS`, `NEXT_CACHE_TAG_MAX_LENGTH`); the gateway's too. */
+const MAX_TAGS = 128;
+const MAX_TAG_BYTES = 256;
+/** More invalidations than this to catch up on at once: everything is treated as invalidated. */
+const MAX_CATCH_UP = 10000;
+
+/** A pause; `keepAlive: false` lets the process exit meanwhile (no server, e.g. `next build`). */
+const sleep = (ms, keepAlive = true) =>
+  new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    if (!keepAlive) t.unref();
+  });
+
+/**
+ * Tags as the fleet can carry them: strings without whitespace (the bus separates by spaces),
+ * at most 256 bytes, at most 128, no duplicates. The others are reported once and skipped.
+ */
+function cleanTags(tags, warn) {
+  const out = [];
+  for (const raw of tags) {
+    const tag = typeof raw === 'string' ? raw.trim() : '';
+    if (tag === '') continue;
+    if (/\s/.test(tag) || Buffer.byteLength(tag) > MAX_TAG_BYTES) {
+      warn(`[isrgate] tag ${JSON.stringify(tag.slice(0, 80))} cannot reach the fleet (whitespace, or over ${MAX_TAG_BYTES} bytes); it stays local to this replica`);
+      continue;
+    }
+    if (!out.includes(tag)) out.push(tag);
+  }
+  if (out.length > MAX_TAGS) {
+    warn(`[isrgate] ${out.length} tags in one revalidation; the fleet takes the first ${MAX_TAGS}`);
+    out.length = MAX_TAGS;
+  }
+  return out;
+}
+
+class Fleet {
+  /**
+   * `url`: the fleet's Redis (ISRGATE_REDIS_URL). `apply(tags, mode)` is called with every
+   * revalidation made by another replica or a gateway; `since()` is the epoch (UNIX ms) from
+   * which to catch up on invalidations recorded before this process subscribed.
+   */
+  constructor(url, { timeoutMs = 1000, retryForMs = 60000, log = console, origin } = {}) {
+    this.target = parseUrl(url);
+    this.url = redactUrl(url);
+    this.timeoutMs = timeoutMs;
+    this.retryForMs = retryForMs;
+    this.log = log;
+    this.client = new Client(this.target, { timeoutMs });
+    this.origin = origin || `next:${os.hostname().replace(/\s+/g, '-')}:${process.pid}`;
+    this.knownEpoch = 0;
+    this.apply = null;
+    this.since = () => 0;
+    this.subscribed = false;
+    this.stopped = false;
+    this.background = new Set();
+    this.warned = new Set();
+    this.listeners = new Set();
+  }
+
+  /** Starts following the bus (once); `apply` and `since` as in the constructor. */
+  follow(apply, since) {
+    if (this.apply) return;
+    this.apply = apply;
+    if (since) this.since = since;
+    this.#track(this.#subscribe());
+  }
+
+  /**
+   * Records that `tags` are invalidated (`mode` 'soft': stale, served while re-rendered;
+   * 'hard': gone) on every gateway and replica. Resolves `true` once Redis recorded it, `false`
+   * when it is being retried in the background; never rejects.
+   */
+  async invalidate(tags, mode) {
+    const clean = cleanTags(tags, (m) => this.#warnOnce(m));
+    if (clean.length === 0) return true;
+    try {
+      await this.#call(clean, mode);
+      return true;
+    } catch (e) {
+      this.#track(this.#retry(clean, mode, e));
+      return false;
+    }
+  }
+
+  /** Waits for the background work (retries) to end; for tests and shutdown. */
+  async settled() {
+    while (this.background.size > 0) await Promise.allSettled([...this.background]);
+  }
+
+  /** Stops following the bus and retrying. */
+  stop() {
+    this.stopped = true;
+    this.client.close();
+    if (this.subscriber) this.subscriber.close(new Error('stopped'));
+  }
+
+  /** Calls `fn` with every bus event: `{ type: 'subscribed' }`, `{ type: 'inv', … }`. */
+  on(fn) {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  async #call(tags, mode) {
+    const epoch = await this.client.command(['FCALL', FUNCTION, '1', INV_KEY, this.origin, mode, CHANNEL, String(this.knownEpoch), ...tags]);
+    this.#observe(Number(epoch));
+  }
+
+  async #retry(tags, mode, first) {
+    const what = `revalidation of ${tags.join(' ')}`;
+    this.log.warn(`[isrgate] could not record the ${what} in ${this.url}: ${explain(first)}; retrying for ${Math.round(this.retryForMs / 1000)} s`);
+    const deadline = Date.now() + this.retryForMs;
+    let wait = 200;
+    for (;;) {
+      await sleep(wait);
+      if (this.stopped) return;
+      try {
+        await this.#call(tags, mode);
+        this.log.warn(`[isrgate] the ${what} reached the fleet after a retry`);
+        return;
+      } catch (e) {
+        if (Date.now() + wait >= deadline) {
+          this.log.error(`[isrgate] LOST the ${what}: ${explain(e)} for ${Math.round(this.retryForMs / 1000)} s; other replicas and the gateways keep their copies until they expire or are purged again`);
+          return;
+        }
+        wait = Math.min(wait * 2, 5000);
+      }
+    }
+  }
+
+  async #subscribe() {
+    let caughtUpTo = null;
+    let wait = 200;
+    while (!this.stopped) {
+      let conn;
+      try {
+        conn = await connect(this.target, this.timeoutMs);
+        this.subscriber = conn;
+        const closed = new Promise((resolve) => {
+          conn.onClose = resolve;
+        });
+        conn.onPush = (m) => this.#onMessage(m[2]);
+        await conn.send(['SUBSCRIBE', CHANNEL], this.timeoutMs);
+        // Messages from now on arrive; what was recorded before (while away) is read once.
+        await this.#catchUp(caughtUpTo === null ? this.since() : caughtUpTo);
+        this.subscribed = true;
+        wait = 200;
+        this.#emit({ type: 'subscribed' });
+        await closed;
+      } catch (e) {
+        this.#warnOnce(`[isrgate] cannot follow revalidations on ${this.url}: ${explain(e)}; retrying`);
+      }
+      if (this.subscribed) caughtUpTo = this.knownEpoch;
+      this.subscribed = false;
+      if (conn) conn.close(new Error('resubscribing'));
+      if (this.stopped) return;
+      await sleep(wait, false);
+      wait = Math.min(wait * 2, 5000);
+    }
+  }
+
+  /** Applies the invalidations recorded after epoch `since` (ms), all at once. */
+  async #catchUp(since) {
+    const flat = await this.client.command(['HGETALL', INV_KEY]);
+    const byMode = { soft: [], hard: [] };
+    let n = 0;
+    for (let i = 0; i + 1 < flat.length; i += 2) {
+      const [field, epoch] = [flat[i], Number(flat[i + 1])];
+      if (field === '_epoch') {
+        this.#observe(epoch);
+        continue;
+      }
+      const mode = field.startsWith('h:') ? 'hard' : field.startsWith('s:') ? 'soft' : null;
+      if (!mode || !(epoch > since)) continue;
+      byMode[mode].push(field.slice(2));
+      n++;
+    }
+    if (n > MAX_CATCH_UP) {
+      this.apply(['*'], 'hard');
+      return;
+    }
+    for (const mode of ['hard', 'soft']) if (byMode[mode].length) this.apply(byMode[mode], mode);
+  }
+
+  #onMessage(text) {
+    if (typeof text !== 'string' || !text.startsWith('inv ')) return;
+    const [, epoch, origin, mode, ...tags] = text.split(' ');
+    this.#observe(Number(epoch));
+    if (origin === this.origin || (mode !== 'soft' && mode !== 'hard') || tags.length === 0) return;
+    try {
+      this.apply(tags, mode);
+    } catch (e) {
+      this.log.error(`[isrgate] could not apply a revalidation from ${origin}: ${e.message}`);
+    }
+    this.#emit({ type: 'inv', epoch: Number(epoch), origin, mode, tags });
+  }
+
+  #observe(epoch) {
+    if (Number.isFinite(epoch) && epoch > this.knownEpoch) this.knownEpoch = epoch;
+  }
+
+  #track(promise) {
+    this.background.add(promise);
+    promise.finally(() => this.background.delete(promise)).catch(() => {});
+  }
+
+  #emit(event) {
+    for (const fn of this.listeners) fn(event);
+  }
+
+  #warnOnce(message) {
+    if (this.warned.has(message)) return;
+    if (this.warned.size > 100) this.warned.clear();
+    this.warned.add(message);
+    this.log.warn(message);
+  }
+}
+
+function explain(e) {
+  if (e instanceof ReplyError && /Function not found/i.test(e.message)) {
+    return 'no isrgate gateway has loaded its function into this Redis yet (start a gateway whose redis.url is this Redis; it needs Redis 7 or Valkey)';
+  }
+  return e.message;
+}
+
+/** The process's fleet link when ISRGATE_REDIS_URL is set, else `null`. */
+function fleetFromEnv() {
+  const url = process.env.ISRGATE_REDIS_URL;
+  if (!url) return null;
+  const key = Symbol.for('@isrgate/next.fleet');
+  const held = globalThis[key];
+  if (held && held.rawUrl === url) return held.fleet;
+  const fleet = new Fleet(url);
+  globalThis[key] = { rawUrl: url, fleet };
+  return fleet;
+}
+
+module.exports = { Fleet, fleetFromEnv, cleanTags, FUNCTION, INV_KEY, CHANNEL };

@@ -1,0 +1,103 @@
+'use strict';
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const { Fleet, cleanTags } = require('../lib/fleet');
+const { RedisServer, until, memoryLog } = require('./support');
+
+/** A replica's fleet link that records what it is told to apply. */
+function replica(r, origin, opts = {}) {
+  const applied = [];
+  const fleet = new Fleet(r.url, { origin, timeoutMs: 300, log: memoryLog(), ...opts });
+  fleet.follow((tags, mode) => applied.push({ tags, mode }));
+  return { fleet, applied };
+}
+
+async function subscribed(fleet) {
+  await until('subscribed', () => fleet.subscribed);
+}
+
+test('a revalidation reaches every other replica, through the gateways\' function', async (t) => {
+  const r = await RedisServer.start();
+  t.after(() => r.stop());
+  await r.loadLibrary();
+  const a = replica(r, 'next:a:1');
+  const b = replica(r, 'next:b:1');
+  t.after(() => [a, b].forEach((x) => x.fleet.stop()));
+  await Promise.all([subscribed(a.fleet), subscribed(b.fleet)]);
+
+  assert.equal(await a.fleet.invalidate(['product-1', '_N_T_/isr/one'], 'hard'), true);
+  await until('b applied it', () => b.applied.length === 1);
+  assert.deepEqual(b.applied[0], { tags: ['product-1', '_N_T_/isr/one'], mode: 'hard' });
+  // Recorded as the gateways record a webhook, under the epoch the function chose.
+  const epoch = await r.cmd(['HGET', 'isr:inv', 'h:product-1']);
+  assert.equal(await r.cmd(['HGET', 'isr:inv', '_epoch']), epoch);
+  assert.equal(a.fleet.knownEpoch, Number(epoch));
+  // Its own message is not applied again.
+  assert.equal(a.applied.length, 0);
+
+  await b.fleet.invalidate(['products'], 'soft');
+  await until('a applied the soft one', () => a.applied.length === 1);
+  assert.deepEqual(a.applied[0], { tags: ['products'], mode: 'soft' });
+});
+
+test('tags the bus cannot carry are skipped and reported, the rest go', () => {
+  const warned = [];
+  const many = Array.from({ length: 130 }, (_, i) => `t${i}`);
+  assert.deepEqual(cleanTags(['a', ' b ', 'has space', '', 'a', 'x'.repeat(257), 7], (m) => warned.push(m)), ['a', 'b']);
+  assert.equal(warned.length, 2);
+  assert.equal(cleanTags(many, (m) => warned.push(m)).length, 128);
+});
+
+test('Redis down: the call returns at once, is retried, and lands when Redis is back', async (t) => {
+  const r = await RedisServer.start();
+  t.after(() => r.stop());
+  await r.loadLibrary();
+  const log = memoryLog();
+  const fleet = new Fleet(r.url, { origin: 'next:a:1', timeoutMs: 300, retryForMs: 30000, log });
+  t.after(() => fleet.stop());
+  await r.stop();
+
+  assert.equal(await fleet.invalidate(['product-1'], 'hard'), false, 'not recorded yet');
+  assert.match(log.lines[0], /could not record the revalidation of product-1 .*retrying for 30 s/);
+  await r.spawn();
+  // Redis came back empty: the gateways load their function again when they reconnect.
+  await r.loadLibrary();
+  await fleet.settled();
+  assert.ok(await r.cmd(['HGET', 'isr:inv', 'h:product-1']), 'recorded after the retry');
+  assert.match(log.lines.at(-1), /reached the fleet after a retry/);
+});
+
+test('a revalidation that cannot be recorded in time is logged as lost', async (t) => {
+  const r = await RedisServer.start();
+  t.after(() => r.stop());
+  const log = memoryLog();
+  // No gateway loaded the function into this Redis.
+  const fleet = new Fleet(r.url, { origin: 'next:a:1', timeoutMs: 300, retryForMs: 500, log });
+  t.after(() => fleet.stop());
+  assert.equal(await fleet.invalidate(['product-1'], 'hard'), false);
+  await fleet.settled();
+  assert.match(log.lines[0], /no isrgate gateway has loaded its function/);
+  assert.match(log.lines.at(-1), /^error \[isrgate\] LOST the revalidation of product-1/);
+});
+
+test('revalidations missed while the bus was away are applied on reconnect', async (t) => {
+  const r = await RedisServer.start();
+  t.after(() => r.stop());
+  await r.loadLibrary();
+  const a = replica(r, 'next:a:1');
+  const b = replica(r, 'next:b:1');
+  t.after(() => [a, b].forEach((x) => x.fleet.stop()));
+  await Promise.all([subscribed(a.fleet), subscribed(b.fleet)]);
+  await a.fleet.invalidate(['before'], 'hard');
+  await until('b saw the first', () => b.applied.length === 1);
+
+  // b's subscription drops; a revalidates meanwhile.
+  await r.cmd(['CLIENT', 'KILL', 'TYPE', 'pubsub']);
+  await until('b noticed', () => !b.fleet.subscribed);
+  await a.fleet.invalidate(['while-away'], 'soft');
+  await until('b back', () => b.fleet.subscribed);
+  await until('b caught up', () => b.applied.some((x) => x.tags.includes('while-away')));
+  const caught = b.applied.find((x) => x.tags.includes('while-away'));
+  assert.equal(caught.mode, 'soft');
+  assert.ok(!caught.tags.includes('before'), 'only what was missed');
+});
