@@ -123,6 +123,8 @@ pub struct CacheState {
     pub seal_bodies: bool,
     /// Paths recently stored per tag (re-warm after a purge by tag).
     pub recent: crate::cache::tags::RecentPaths,
+    /// The builds the replicas report (`@isrgate/next`), with their `previewModeId`.
+    pub builds: Arc<crate::builds::Builds>,
     /// This gateway's id on the bus and in logs.
     gateway_id: String,
 }
@@ -192,6 +194,7 @@ impl CacheState {
             clock: crate::clock::Clock::default(),
             seal_bodies,
             recent: crate::cache::tags::RecentPaths::default(),
+            builds: Arc::default(),
             gateway_id,
             cfg,
         })
@@ -221,15 +224,25 @@ impl CacheState {
         }
     }
 
+    /// The `previewModeId` refreshes send: `webhook.preview_mode_id` when configured, else the
+    /// one the replicas' current build reported.
+    pub fn preview_mode_id(&self, configured: Option<&HeaderValue>) -> Option<HeaderValue> {
+        configured
+            .cloned()
+            .or_else(|| self.builds.preview_mode_id())
+    }
+
     /// This gateway's id (on the bus, in webhook reports).
     pub fn gateway_id(&self) -> &str {
         &self.gateway_id
     }
 
     /// Starts the store's connections (Redis), the bus and the heartbeat on the current
-    /// runtime (`invalidate::fleet`); the heartbeat stops with `stop`.
+    /// runtime (`invalidate::fleet`), and the reading of the replicas' builds; they stop with
+    /// `stop`.
     pub fn start(&self, stop: &CancellationToken) {
         crate::invalidate::fleet::start(self, stop);
+        self.builds.follow(self.store.clone(), stop);
         self.l1
             .maintain_every(std::time::Duration::from_secs(1), stop);
     }

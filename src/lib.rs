@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod builds;
 pub mod bus;
 pub mod cache;
 pub mod clock;

@@ -8,9 +8,9 @@
 // 2. A page regenerated on demand by `res.revalidate(path)` (Next's in-process request with
 //    `x-prerender-revalidate: <previewModeId>`) records `path:<path>` for the fleet; the
 //    gateways' own refreshes say `x-isrgate-refresh` and are not reported back.
-// 3. Revalidations made elsewhere (another replica, a gateway's webhook) are applied to this
-//    replica's cache as Next would apply its own: Next's tags manifest for App Router pages,
-//    route handlers and the data cache, a bounded map of paths for Pages Router pages.
+// 3. Revalidations made elsewhere (another replica, a gateway's webhook) drop this replica's
+//    copies as Next's own immediate expiration would: Next's tags manifest for App Router
+//    pages, route handlers and the data cache, a bounded map of paths for Pages Router pages.
 // 4. Each page entry carries its tags in `x-isrgate-tags`, a header the gateway reads into its
 //    entry (`cache.tag_headers`) and never passes to clients: a webhook or an in-app
 //    revalidateTag('product-1') reaches the gateway's copy without `[tag_rules]`.
@@ -32,8 +32,6 @@ const PAGE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES', 'PAGE', 'ROUTE']);
 const PAGES_KINDS = new Set(['PAGES', 'PAGE']);
 /** Paths remembered as invalidated; past this the oldest is folded into `state.floorAt`. */
 const MAX_PATHS = 10000;
-/** A soft revalidation from elsewhere, for Next 16: stale now, expired after a year ('max'). */
-const SOFT = { expire: 31536000 };
 
 const state = (globalThis[Symbol.for('@isrgate/next.handler')] ??= {
   next: null,
@@ -42,6 +40,8 @@ const state = (globalThis[Symbol.for('@isrgate/next.handler')] ??= {
   previewModeId: undefined,
   paths: new Map(),
   floorAt: 0,
+  // Tags for Next's manifest received before the first handler existed (see `joinAtStart`).
+  pending: [],
 });
 
 /** Next's FileSystemCache and tags manifest, from the `next` this app runs. */
@@ -75,6 +75,32 @@ function previewModeId(serverDistDir) {
   return state.previewModeId;
 }
 
+/** This build's identity, as the gateways read it from `isr:builds`. */
+function buildInfo(serverDistDir) {
+  const dist = path.join(serverDistDir, '..');
+  const read = (file) => {
+    try {
+      return fs.readFileSync(path.join(dist, file), 'utf8');
+    } catch {
+      return null;
+    }
+  };
+  const id = (read('BUILD_ID') || '').trim();
+  let deploymentId = process.env.NEXT_DEPLOYMENT_ID || null;
+  try {
+    deploymentId = deploymentId || JSON.parse(read('required-server-files.json')).config.deploymentId || null;
+  } catch {
+    // Older layouts: no deployment id.
+  }
+  let next = null;
+  try {
+    next = createRequire(path.join(serverDistDir, 'isrgate.js'))('next/package.json').version;
+  } catch {
+    // Unknown version: reported as null.
+  }
+  return { id, deployment_id: deploymentId, next, preview_mode_id: previewModeId(serverDistDir) };
+}
+
 /** When this build was made (UNIX ms): invalidations older than that cannot concern its pages. */
 function builtAt(serverDistDir) {
   try {
@@ -97,8 +123,13 @@ function pageOfKey(key) {
   return page.length > 1 && page.endsWith('/') ? page.slice(0, -1) : page;
 }
 
-/** Applies a revalidation made elsewhere to this replica's cache. */
-function applyFromFleet(tags, mode) {
+/**
+ * Applies a revalidation made elsewhere to this replica's cache. Soft or hard, the replica's
+ * copy is dropped (Next's immediate expiration): the gateways in front serve their stale copy
+ * while they refresh a soft one, and that refresh must get a new render, not this replica's old
+ * copy served stale.
+ */
+function applyFromFleet(tags) {
   const now = Date.now();
   const nextTags = [];
   for (const tag of tags) {
@@ -113,7 +144,13 @@ function applyFromFleet(tags, mode) {
       nextTags.push(tag);
     }
   }
-  if (state.local) markTags(state.local, nextTags, mode === 'soft' ? SOFT : undefined);
+  if (state.local) {
+    markTags(state.local, nextTags, undefined);
+  } else if (state.pending.length + nextTags.length <= MAX_PATHS) {
+    state.pending.push(...nextTags);
+  } else {
+    state.pending = ['_N_T_/layout'];
+  }
 }
 
 function rememberPath(page, at) {
@@ -150,6 +187,29 @@ function invalidatedByPath(key, entry) {
   return at > 0 && (entry.lastModified || 0) <= at;
 }
 
+/** Follows the fleet's revalidations and reports the build (once per process). */
+function join(fleet, serverDistDir) {
+  fleet.follow(applyFromFleet, () => builtAt(serverDistDir));
+  fleet.reportBuild(buildInfo(serverDistDir));
+}
+
+/**
+ * Joins the fleet as `next start` loads the config, before the first request constructs a
+ * handler, so the gateways know the build at once. Best effort: the first handler does it
+ * otherwise.
+ */
+function joinAtStart(distDir) {
+  const fleet = fleetFromEnv();
+  const serverDistDir = path.join(distDir, 'server');
+  if (!fleet || !fs.existsSync(path.join(distDir, 'BUILD_ID'))) return;
+  try {
+    nextInternals(serverDistDir);
+  } catch {
+    return;
+  }
+  join(fleet, serverDistDir);
+}
+
 /** Copies a page's tags into the header the gateway reads (Next sends its own only on Vercel). */
 function reportTags(value) {
   const headers = value && value.headers;
@@ -166,11 +226,9 @@ class IsrgateCacheHandler {
     if (!state.local) {
       state.local = this.inner;
       state.distDir = ctx.serverDistDir;
+      if (state.pending.length) markTags(this.inner, state.pending.splice(0), undefined);
     }
-    if (this.fleet && !ctx.dev) {
-      const dist = ctx.serverDistDir;
-      this.fleet.follow(applyFromFleet, () => builtAt(dist));
-    }
+    if (this.fleet && !ctx.dev) join(this.fleet, ctx.serverDistDir);
     const headers = ctx._requestHeaders || {};
     const id = headers[PRERENDER_REVALIDATE] && previewModeId(ctx.serverDistDir);
     this.onDemand = Boolean(id) && headers[PRERENDER_REVALIDATE] === id && !headers[GATEWAY_REFRESH];
@@ -211,3 +269,4 @@ module.exports = IsrgateCacheHandler;
 module.exports.default = IsrgateCacheHandler;
 module.exports.pageOfKey = pageOfKey;
 module.exports.applyFromFleet = applyFromFleet;
+module.exports.joinAtStart = joinAtStart;

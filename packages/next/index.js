@@ -26,6 +26,11 @@ function configure(config) {
       `withIsrgate: next.config already sets cacheHandler (${own}); isrgate's handler is Next's own file-system cache plus the fleet link, and cannot be combined with another. Remove cacheHandler, or unset ISRGATE_REDIS_URL to run without isrgate.`,
     );
   }
+  if (process.argv.slice(2).includes('start')) {
+    // `next start`: join the fleet now rather than at the first request.
+    const distDir = require('node:path').resolve(config.distDir || '.next');
+    setImmediate(() => require('./cache-handler.js').joinAtStart(distDir));
+  }
   return { ...config, cacheHandler: HANDLER };
 }
 

@@ -189,7 +189,17 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
                     "invalidated_tags": c.epochs.len(),
                 }),
                 redis,
-                json!({ "gateways": live, "this": c.gateway_id() }),
+                json!({
+                    "gateways": live,
+                    "this": c.gateway_id(),
+                    // What @isrgate/next reports; never the previewModeId.
+                    "builds": c.builds.all().iter().map(|b| json!({
+                        "id": b.id,
+                        "deployment_id": b.deployment_id,
+                        "next": b.next,
+                        "seen_ms": b.seen_ms,
+                    })).collect::<Vec<_>>(),
+                }),
                 log,
             )
         }

@@ -20,7 +20,9 @@ use ipnet::IpNet;
 
 pub use env::{Environment, MapEnv, PREFIX as ENV_PREFIX, ProcessEnv};
 pub use load::{ConfigError, DEFAULT_CONFIG_PATH, Override, Problem, Source, from_toml, load};
-pub use preview::{MAX_PREVIEW_MODE_ID_CHARS, ManifestError, read_preview_mode_id};
+pub use preview::{
+    MAX_PREVIEW_MODE_ID_CHARS, ManifestError, preview_mode_id_value, read_preview_mode_id,
+};
 pub use raw::Raw;
 
 /// The validated configuration.

@@ -53,6 +53,12 @@ fn parse_preview_mode_id(bytes: &[u8]) -> Result<HeaderValue, ManifestError> {
                 .and_then(Value::as_str)
         })
         .ok_or(ManifestError::NoId)?;
+    preview_mode_id_value(id)
+}
+
+/// `id` as the header value sent upstream, marked sensitive (so it is never printed), or why
+/// it cannot be one. Also for the ids `@isrgate/next` reports (`crate::builds`).
+pub fn preview_mode_id_value(id: &str) -> Result<HeaderValue, ManifestError> {
     if id.trim().is_empty() {
         return Err(ManifestError::Invalid("is empty"));
     }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    HOST, REPLICA_SECRET, Replica, Stack, direct_get, get, marker, rsc_get, stack,
-    stack_revalidating, webhook,
+    HOST, REPLICA_SECRET, Replica, Stack, direct_get, get, marker, rsc_get, stack, webhook,
 };
 use crate::eventually;
 use crate::support::{Client, Gateway, Got};
@@ -194,17 +193,30 @@ async fn in_app_revalidations_reach_every_gateway_and_replica() {
 }
 
 /// `res.revalidate('/legacy/1')` in a Pages API route on replica b: the gateways' HTML and
-/// `/_next/data` entries, and the other replicas' copies, go too. The gateways here refresh by
-/// on-demand revalidation themselves, which the package must not report back.
+/// `/_next/data` entries, and the other replicas' copies, go too. No `previewModeId` is
+/// configured: the gateways learn it from the replicas' report, and their own regenerations
+/// (a webhook's re-warm) are not reported back by the package as in-app revalidations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs node/npm and a Next.js build; .ci/run runs it when node is present"]
 async fn res_revalidate_in_a_pages_api_route_reaches_the_fleet() {
-    let s = stack_revalidating().await;
+    let s = stack().await;
+    let want = super::preview_mode_id();
+    for gw in &s.gateways {
+        let cache = gw.state.cache.as_ref().expect("cache");
+        eventually!(
+            15,
+            cache.builds.preview_mode_id().as_ref() == Some(&want),
+            "the gateway learned the build and its previewModeId"
+        );
+        let build = cache.builds.current().expect("a build");
+        assert_eq!(build.id, "isrgate-example");
+        assert!(build.next.is_some());
+    }
+
     let data = "/_next/data/isrgate-example/legacy/1.json";
     warm(&s, &["/legacy/1", data]).await;
     let html_before = marker(&get(&s.gateways[0], "/legacy/1", &[]).await);
     let data_before = get(&s.gateways[0], data, &[]).await.body;
-
     let got = Client::default()
         .get(
             &format!(
@@ -223,8 +235,17 @@ async fn res_revalidate_in_a_pages_api_route_reaches_the_fleet() {
             "a new /legacy/1 and data JSON"
         );
     }
-    // Settled: the gateways' own refreshes are not reported as in-app revalidations, so the
-    // page stays cached instead of being purged by every refresh.
+    let reported = s.redis.cli(&["HGET", "isr:inv", "h:path:/legacy/1"]);
+    assert!(reported.trim().parse::<u64>().is_ok(), "{reported}");
+
+    // A webhook's re-warm regenerates the page with the learned previewModeId: not reported
+    // back (no newer record of the path), and the re-warmed page stays cached.
+    let answer = webhook(&s.gateways[0], r#"{"paths":["/legacy/1"]}"#).await;
+    assert_eq!(
+        s.redis.cli(&["HGET", "isr:inv", "h:path:/legacy/1"]),
+        reported,
+        "the re-warm was not reported as an in-app revalidation: {answer}"
+    );
     warm(&s, &["/legacy/1"]).await;
     let settled = marker(&get(&s.gateways[0], "/legacy/1", &[]).await);
     for gw in &s.gateways {

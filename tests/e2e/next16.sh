@@ -14,4 +14,4 @@ sed -i 's/"next": "15.5.28"/"next": "16.4.6"/' package.json
 sed -i "s#\"file:../../packages/next\"#\"file:$root/packages/next\"#" package.json
 npm install --no-audit --no-fund
 cd "$root"
-NEXT_DIR="$dir" cargo test --test e2e -- --ignored
+NEXT_DIR="$dir" cargo test --test e2e --locked -- --ignored

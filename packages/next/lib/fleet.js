@@ -13,6 +13,11 @@ const { parseUrl, redactUrl, connect, Client, ReplyError } = require('./redis');
 
 const FUNCTION = 'isrgate_invalidate_v1';
 const INV_KEY = 'isr:inv';
+const BUILDS_KEY = 'isr:builds';
+/** How often a replica reports its build (the gateways forget one unseen for 5 minutes). */
+const REPORT_EVERY_MS = 30000;
+/** Builds unseen this long are removed from the hash by whichever replica reports next. */
+const FORGET_BUILD_AFTER_MS = 24 * 3600 * 1000;
 const CHANNEL = 'isr:bus';
 /** Next's own limits (`NEXT_CACHE_TAG_MAX_ITEMS`, `NEXT_CACHE_TAG_MAX_LENGTH`); the gateway's too. */
 const MAX_TAGS = 128;
@@ -98,6 +103,37 @@ class Fleet {
     }
   }
 
+  /**
+   * Reports this replica's build in `isr:builds` now and every 30 s (`build`: `{ id,
+   * deployment_id, next, preview_mode_id }`), so the gateways know the builds and their
+   * `previewModeId` without configuration. Builds unseen for a day are removed.
+   */
+  reportBuild(build) {
+    if (this.reporting || !build || !build.id) return;
+    const write = async () => {
+      const value = JSON.stringify({ ...build, id: undefined, seen_ms: Date.now() });
+      try {
+        await this.client.command(['HSET', BUILDS_KEY, build.id, value]);
+        const all = await this.client.command(['HGETALL', BUILDS_KEY]);
+        for (let i = 0; i + 1 < all.length; i += 2) {
+          let seen = 0;
+          try {
+            seen = JSON.parse(all[i + 1]).seen_ms || 0;
+          } catch {
+            // Not ours to read: leave it.
+            continue;
+          }
+          if (seen + FORGET_BUILD_AFTER_MS < Date.now()) await this.client.command(['HDEL', BUILDS_KEY, all[i]]);
+        }
+      } catch (e) {
+        this.#warnOnce(`[isrgate] could not report this replica's build to ${this.url}: ${explain(e)}; retrying`);
+      }
+    };
+    this.#track(write());
+    this.reporting = setInterval(write, REPORT_EVERY_MS);
+    this.reporting.unref();
+  }
+
   /** Waits for the background work (retries) to end; for tests and shutdown. */
   async settled() {
     while (this.background.size > 0) await Promise.allSettled([...this.background]);
@@ -106,6 +142,7 @@ class Fleet {
   /** Stops following the bus and retrying. */
   stop() {
     this.stopped = true;
+    if (this.reporting) clearInterval(this.reporting);
     this.client.close();
     if (this.subscriber) this.subscriber.close(new Error('stopped'));
   }
@@ -250,4 +287,4 @@ function fleetFromEnv() {
   return fleet;
 }
 
-module.exports = { Fleet, fleetFromEnv, cleanTags, FUNCTION, INV_KEY, CHANNEL };
+module.exports = { Fleet, fleetFromEnv, cleanTags, FUNCTION, INV_KEY, CHANNEL, BUILDS_KEY };

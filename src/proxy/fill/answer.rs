@@ -182,11 +182,14 @@ pub(super) async fn request(
     replaces: bool,
     to: Option<&Arc<Replica>>,
 ) -> Result<Answer, ProxyError> {
-    let preview = app.config.webhook.preview_mode_id.as_ref();
-    let regenerate = replaces && preview.is_some();
-    if let (true, Some(id)) = (regenerate, preview) {
-        head.headers
-            .insert(PRERENDER_REVALIDATE.clone(), id.clone());
+    let preview = if replaces {
+        cache.preview_mode_id(app.config.webhook.preview_mode_id.as_ref())
+    } else {
+        None
+    };
+    let regenerate = preview.is_some();
+    if let Some(id) = preview {
+        head.headers.insert(PRERENDER_REVALIDATE.clone(), id);
         head.headers
             .insert(ISRGATE_REFRESH.clone(), HeaderValue::from_static("1"));
     }
