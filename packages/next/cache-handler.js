@@ -32,6 +32,12 @@ const PAGE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES', 'PAGE', 'ROUTE']);
 const PAGES_KINDS = new Set(['PAGES', 'PAGE']);
 /** Paths remembered as invalidated; past this the oldest is folded into `state.floorAt`. */
 const MAX_PATHS = 10000;
+/**
+ * Tags in Next's own manifest (one per tag ever revalidated, in this process or anywhere in the
+ * fleet); past this it is folded into one "everything revalidated now", so it never grows
+ * without bound (each page renders once more instead).
+ */
+const MAX_MANIFEST_TAGS = 50000;
 
 const state = (globalThis[Symbol.for('@isrgate/next.handler')] ??= {
   next: null,
@@ -170,8 +176,14 @@ function rememberPath(page, at) {
  * second revalidateTag of the same tag works too.
  */
 function markTags(fsCache, tags, durations) {
-  const done = fsCache.revalidateTag(tags, durations);
   const { manifest } = state.next || {};
+  if (manifest && manifest.size + tags.length > MAX_MANIFEST_TAGS) {
+    manifest.clear();
+    state.floorAt = Date.now();
+    tags = ['_N_T_/layout'];
+    durations = undefined;
+  }
+  const done = fsCache.revalidateTag(tags, durations);
   if (manifest) {
     const now = Date.now();
     for (const tag of tags) if (typeof manifest.get(tag) === 'number') manifest.set(tag, now);

@@ -217,6 +217,12 @@ async fn res_revalidate_in_a_pages_api_route_reaches_the_fleet() {
     warm(&s, &["/legacy/1", data]).await;
     let html_before = marker(&get(&s.gateways[0], "/legacy/1", &[]).await);
     let data_before = get(&s.gateways[0], data, &[]).await.body;
+    // Every replica holds a copy of its own.
+    let mut held = Vec::new();
+    for r in &s.replicas {
+        direct_get(r, "/legacy/1").await;
+        held.push(marker(&direct_get(r, "/legacy/1").await));
+    }
     let got = Client::default()
         .get(
             &format!(
@@ -233,6 +239,14 @@ async fn res_revalidate_in_a_pages_api_route_reaches_the_fleet() {
             marker(&get(gw, "/legacy/1", &[]).await) != html_before
                 && get(gw, data, &[]).await.body != data_before,
             "a new /legacy/1 and data JSON"
+        );
+    }
+    for (r, held) in s.replicas.iter().zip(&held) {
+        eventually!(
+            10,
+            marker(&direct_get(r, "/legacy/1").await) != *held,
+            "replica {} dropped its copy",
+            r.id
         );
     }
     let reported = s.redis.cli(&["HGET", "isr:inv", "h:path:/legacy/1"]);
