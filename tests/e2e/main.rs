@@ -6,7 +6,8 @@
 //!
 //! Ignored by default (it needs `node`, `npm` and about a minute): `.ci/run` runs it with
 //! `cargo test --test e2e -- --ignored` when `node` is present. `NEXT_DIR` picks another copy
-//! of the app: `tests/e2e/next16.sh` makes one on Next 16.4.6 and runs this test against it.
+//! of the app: `tests/e2e/next16.sh` makes one on Next 16.4.6 and runs these tests against it
+//! (`next_version.sh` for any version; `.ci/run` runs the package's tests on 14.2 too).
 
 #[allow(unused_macros, unused_imports)]
 #[path = "../it/support/mod.rs"]
