@@ -60,26 +60,38 @@ pub async fn apply(
 }
 
 /// Calls the function; loads the library first when Redis lost it (restarted empty), and sends
-/// it as a script where Redis has no Functions.
+/// it as a script where this Redis has no Functions (< 7) or the gateway's user may not use
+/// them.
 async fn call(redis: &RedisStore, args: Vec<String>) -> Result<String, StoreError> {
     let pool = redis.pool();
-    match redis
+    let first = redis
         .bounded(pool.next().fcall(FUNCTION, INV_KEY, args.clone()))
-        .await
-    {
-        Err(StoreError::Redis(e)) if e.details().contains("Function not found") => {
-            if load_library(redis).await? {
-                redis
-                    .bounded(pool.next().fcall(FUNCTION, INV_KEY, args))
-                    .await
-            } else {
-                redis
-                    .bounded(pool.next().eval(script(), INV_KEY, args))
-                    .await
-            }
-        }
-        other => other,
+        .await;
+    let Err(StoreError::Redis(e)) = &first else {
+        return first;
+    };
+    let usable = if e.details().contains("Function not found") {
+        load_library(redis).await?
+    } else if unsupported(e) {
+        false
+    } else {
+        return first;
+    };
+    if usable {
+        redis
+            .bounded(pool.next().fcall(FUNCTION, INV_KEY, args))
+            .await
+    } else {
+        redis
+            .bounded(pool.next().eval(script(), INV_KEY, args))
+            .await
     }
+}
+
+/// Redis refused a Functions command as such: too old (< 7), or not allowed by the ACL.
+fn unsupported(e: &fred::error::Error) -> bool {
+    let details = e.details().to_ascii_lowercase();
+    details.contains("unknown command") || details.contains("noperm")
 }
 
 /// The library as a script (`EVAL`): without the `#!lua` line, which only `FUNCTION LOAD`
@@ -88,7 +100,7 @@ fn script() -> &'static str {
     LIBRARY.split_once('\n').map_or(LIBRARY, |(_, rest)| rest)
 }
 
-/// Loads the library (replacing an older copy); `false` when this Redis has no Functions.
+/// Loads the library (replacing an older copy); `false` when this Redis refuses Functions.
 async fn load_library(redis: &RedisStore) -> Result<bool, StoreError> {
     let client = redis.pool().next();
     let loaded: Result<String, _> = if client.is_clustered() {
@@ -100,9 +112,10 @@ async fn load_library(redis: &RedisStore) -> Result<bool, StoreError> {
     };
     match loaded {
         Ok(_) => Ok(true),
-        Err(StoreError::Redis(e)) if e.details().to_ascii_lowercase().contains("unknown") => {
-            tracing::debug!(
-                "this Redis has no Functions (< 7): invalidations go as scripts, and @isrgate/next cannot reach the fleet"
+        Err(StoreError::Redis(e)) if unsupported(&e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot load the isrgate Redis function (Redis 7 or Valkey, and FUNCTION allowed for this user): invalidations still work, but @isrgate/next replicas cannot record theirs"
             );
             Ok(false)
         }

@@ -903,3 +903,55 @@ async fn a_replica_calling_the_fleet_function_purges_every_gateway() {
         "the library is loaded again"
     );
 }
+
+/// A Redis whose ACL refuses Functions to the gateway's user (or a Redis older than 7): purges
+/// still work, sent as the same script.
+#[tokio::test]
+async fn without_functions_a_purge_goes_as_a_script() {
+    let r = RedisProcess::start();
+    r.cli(&[
+        "ACL",
+        "SETUSER",
+        "gw",
+        "on",
+        ">pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-function",
+        "-fcall",
+    ]);
+    let origin = FakeNext::start(|o| {
+        o.route("/a", page("a1"));
+    })
+    .await;
+    let url = r.url().replacen("redis://", "redis://gw:pw@", 1);
+    let mut cfg = config(&[origin.url()], "", &format!("[redis]\nurl = \"{url}\"\n"));
+    cfg.webhook.secrets = Some(Secrets {
+        bearer: SECRET.into(),
+        hmac: SECRET.into(),
+    });
+    let gw = Gateway::start(cfg).await;
+    eventually!(
+        5,
+        bus_live(&gw)
+            && gw
+                .state
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.epochs.is_synced()),
+        "on the bus, invalidations loaded"
+    );
+    assert_eq!(get(&gw, "/a").await.header("x-cache"), "MISS");
+    eventually!(5, get(&gw, "/a").await.header("x-cache") == "HIT", "cached");
+    origin.route("/a", page("a2"));
+    let answer = revalidate(&gw, r#"{"paths":["/a"],"mode":"hard","rewarm":false}"#).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(&get(&gw, "/a").await.body[..], b"a2");
+    assert!(
+        r.cli(&["HGET", "isr:inv", "h:path:/a"])
+            .trim()
+            .parse::<u64>()
+            .is_ok()
+    );
+}

@@ -16,7 +16,8 @@ async function subscribed(fleet) {
   await until('subscribed', () => fleet.subscribed);
 }
 
-test('a revalidation reaches every other replica, through the gateways\' function', async (t) => {
+/** A Redis with the gateways' function, and replicas a and b following its bus. */
+async function twoReplicas(t) {
   const r = await RedisServer.start();
   t.after(() => r.stop());
   await r.loadLibrary();
@@ -24,6 +25,11 @@ test('a revalidation reaches every other replica, through the gateways\' functio
   const b = replica(r, 'next:b:1');
   t.after(() => [a, b].forEach((x) => x.fleet.stop()));
   await Promise.all([subscribed(a.fleet), subscribed(b.fleet)]);
+  return { r, a, b };
+}
+
+test('a revalidation reaches every other replica, through the gateways\' function', async (t) => {
+  const { r, a, b } = await twoReplicas(t);
 
   assert.equal(await a.fleet.invalidate(['product-1', '_N_T_/isr/one'], 'hard'), true);
   await until('b applied it', () => b.applied.length === 1);
@@ -81,13 +87,7 @@ test('a revalidation that cannot be recorded in time is logged as lost', async (
 });
 
 test('revalidations missed while the bus was away are applied on reconnect', async (t) => {
-  const r = await RedisServer.start();
-  t.after(() => r.stop());
-  await r.loadLibrary();
-  const a = replica(r, 'next:a:1');
-  const b = replica(r, 'next:b:1');
-  t.after(() => [a, b].forEach((x) => x.fleet.stop()));
-  await Promise.all([subscribed(a.fleet), subscribed(b.fleet)]);
+  const { r, a, b } = await twoReplicas(t);
   await a.fleet.invalidate(['before'], 'hard');
   await until('b saw the first', () => b.applied.length === 1);
 
