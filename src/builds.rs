@@ -85,6 +85,16 @@ impl Builds {
             redis.bounded(redis.pool().hgetall(BUILDS_KEY)).await?;
         let builds = parse(all);
         let n = builds.len();
+        let before = self.current().map(|b| b.id);
+        if let Some(now) = builds.first().filter(|b| before.as_ref() != Some(&b.id)) {
+            tracing::info!(
+                build = %now.id,
+                deployment_id = now.deployment_id.as_deref().unwrap_or("-"),
+                next = now.next.as_deref().unwrap_or("-"),
+                preview_mode_id = if now.preview_mode_id.is_some() { "reported" } else { "none" },
+                "replicas report a new current build"
+            );
+        }
         *self.known.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(builds);
         Ok(n)
     }
