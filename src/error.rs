@@ -112,7 +112,7 @@ impl ProxyError {
                 StatusCode::NOT_IMPLEMENTED,
                 "Upgrade not supported on this connection\n",
             ),
-            ProxyError::Upstream(U::Timeout { .. }) => {
+            ProxyError::Upstream(U::Timeout { .. } | U::Stalled { .. }) => {
                 (StatusCode::GATEWAY_TIMEOUT, "Upstream timed out\n")
             }
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "Upstream unavailable\n"),

@@ -173,6 +173,8 @@ pub struct Health {
     pub passive_failures: Option<u32>,
     /// How long an ejected replica stays out.
     pub ejection: Duration,
+    /// A request with no response head after this probes the replica (`None`: never).
+    pub stall_after: Option<Duration>,
 }
 
 /// `[cache]`

@@ -176,6 +176,9 @@ section! {
         passive_failures: u64 = 3,
         /// How long a passively ejected replica stays out before it is tried again.
         ejection: String = "10s".into(),
+        /// A request with no response head after this sends one probe of `path` (same wait);
+        /// no answer to it either ejects the replica at once. `0s` disables.
+        stall_after: String = "1s".into(),
     }
 }
 

@@ -359,6 +359,10 @@ fn health(c: &mut Checker<'_>, raw: &Raw) -> Health {
             n => Some(n as u32),
         },
         ejection: c.duration("health.ejection", &r.ejection, false),
+        stall_after: {
+            let d = c.duration("health.stall_after", &r.stall_after, true);
+            (!d.is_zero()).then_some(d)
+        },
     }
 }
 

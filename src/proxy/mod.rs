@@ -190,7 +190,7 @@ fn count(app: &AppState, e: &ProxyError) {
         ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => m.body_too_large.inc(),
         ProxyError::Overloaded => m.shed.inc(),
         ProxyError::UpgradeUnsupported => {}
-        ProxyError::Upstream(U::Timeout { .. }) => m.upstream_timeouts.inc(),
+        ProxyError::Upstream(U::Timeout { .. } | U::Stalled { .. }) => m.upstream_timeouts.inc(),
         ProxyError::Upstream(U::Connect { .. } | U::NoReplica) => m.upstream_unreachable.inc(),
         ProxyError::Upstream(U::Exchange { .. } | U::Body(_)) => m.upstream_errors.inc(),
     }

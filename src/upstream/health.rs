@@ -2,8 +2,9 @@
 //! parallel, each with its own timeout) and feed the verdicts to [`Replica::record_check`].
 //! Any answer below 500 counts as alive: the check asks "does it serve", not "is this page OK".
 //!
-//! Passive ejection lives with the request path (`Replica::record_failure`); a passing active
-//! check also re-admits a passively ejected replica early.
+//! Passive ejection lives with the request path (`Replica::record_failure`, and the stall
+//! probe of `super::Upstream`, which uses [`probe`]); a passing active check also re-admits a
+//! passively ejected replica early.
 
 use std::sync::Arc;
 
@@ -18,7 +19,17 @@ use crate::http::body;
 
 /// Checks one replica once.
 pub async fn check(pool: &Arc<Pool>, cfg: &Health, replica: &Replica) -> bool {
-    let Ok(req) = Request::get(cfg.path.as_str())
+    probe(pool, &cfg.path, cfg.timeout, replica).await
+}
+
+/// Asks `replica` for `path` once; `true` when it answered below 500 within `timeout`.
+pub async fn probe(
+    pool: &Arc<Pool>,
+    path: &http::uri::PathAndQuery,
+    timeout: std::time::Duration,
+    replica: &Replica,
+) -> bool {
+    let Ok(req) = Request::get(path.as_str())
         .header(header::HOST, replica.authority.as_str())
         .header(header::USER_AGENT, "isrgate-health")
         .body(body::empty())
@@ -27,7 +38,7 @@ pub async fn check(pool: &Arc<Pool>, cfg: &Health, replica: &Replica) -> bool {
     };
     // The response body is not read: the connection is not reused, each check opens its own
     // (a few per interval, and it also proves the replica still accepts connections).
-    match tokio::time::timeout(cfg.timeout, pool.send(&replica.authority, req)).await {
+    match tokio::time::timeout(timeout, pool.send(&replica.authority, req)).await {
         Ok(Ok((resp, _lease))) => resp.status().as_u16() < 500,
         _ => false,
     }

@@ -45,6 +45,13 @@ pub enum UpstreamError {
         #[source]
         source: body::BoxError,
     },
+    /// The replica stopped answering while this request waited: no response head, no
+    /// answer to a probe either; it was ejected.
+    #[error("{replica} stopped answering (no response head, no answer to a probe)")]
+    Stalled {
+        /// The replica.
+        replica: String,
+    },
     /// The response head did not arrive in time.
     #[error("{replica} sent no response head within {after:?}")]
     Timeout {
@@ -115,8 +122,16 @@ pub struct Upstream {
     cfg: config::Upstream,
     passive_failures: Option<u32>,
     ejection: Duration,
+    stall: Option<Stall>,
     preserve_header_case: bool,
     metrics: Arc<Metrics>,
+}
+
+/// When and how a request that waits probes its replica (`health.stall_after`).
+#[derive(Debug, Clone)]
+struct Stall {
+    after: Duration,
+    path: http::uri::PathAndQuery,
 }
 
 /// A keep-alive pool for one worker.
@@ -143,6 +158,10 @@ impl Upstream {
             cfg: cfg.upstream.clone(),
             passive_failures: cfg.health.passive_failures,
             ejection: cfg.health.ejection,
+            stall: cfg.health.stall_after.map(|after| Stall {
+                after,
+                path: cfg.health.path.clone(),
+            }),
             preserve_header_case: cfg.listen.preserve_header_case,
             metrics,
         }
@@ -156,6 +175,7 @@ impl Upstream {
             cfg: self.cfg.clone(),
             passive_failures: self.passive_failures,
             ejection: self.ejection,
+            stall: self.stall.clone(),
             preserve_header_case: self.preserve_header_case,
             metrics: Arc::clone(&self.metrics),
         }
@@ -174,15 +194,23 @@ impl Upstream {
     /// Sends `head` + `body` to a replica. A bodiless GET/HEAD is retried once on another
     /// replica when the first could not be connected to, or its connection failed before a
     /// response head came back (a pooled connection the replica was closing, a replica that
-    /// died mid-request): idempotent, so safe, as nginx's `proxy_next_upstream error`. Timeouts
-    /// are not retried: a replica that is slow to render would only be asked to render twice.
+    /// died mid-request), or it stopped answering altogether (see [`Upstream::attempt`]):
+    /// idempotent, so safe, as nginx's `proxy_next_upstream error`. Timeouts are not retried: a
+    /// replica that is slow to render would only be asked to render twice.
     pub async fn send(&self, head: Parts, body: Body) -> Result<Reply, UpstreamError> {
         let deadline = Instant::now() + self.cfg.total_timeout;
         let retry = (matches!(head.method, Method::GET | Method::HEAD) && body.is_end_stream())
             .then(|| copy_head(&head));
         let first = self.pick(None)?;
-        let err = match self.attempt(&first, head, body, deadline).await {
-            Err(e @ (UpstreamError::Connect { .. } | UpstreamError::Exchange { .. })) => e,
+        let err = match self
+            .attempt(&first, head, body, deadline, retry.is_some())
+            .await
+        {
+            Err(
+                e @ (UpstreamError::Connect { .. }
+                | UpstreamError::Exchange { .. }
+                | UpstreamError::Stalled { .. }),
+            ) => e,
             other => return other,
         };
         let Some(head) = retry else { return Err(err) };
@@ -192,7 +220,8 @@ impl Upstream {
         }
         self.metrics.upstream_retries.inc();
         tracing::debug!(error = %err, retry = %second.authority, "retrying on another replica");
-        self.attempt(&second, head, body::empty(), deadline).await
+        self.attempt(&second, head, body::empty(), deadline, true)
+            .await
     }
 
     /// Sends a bodiless `head` to `replica` itself, not retried elsewhere: a question only that
@@ -204,7 +233,8 @@ impl Upstream {
         head: Parts,
     ) -> Result<Reply, UpstreamError> {
         let deadline = Instant::now() + self.cfg.total_timeout;
-        self.attempt(replica, head, body::empty(), deadline).await
+        self.attempt(replica, head, body::empty(), deadline, true)
+            .await
     }
 
     fn pick(&self, avoid: Option<&Replica>) -> Result<Arc<Replica>, UpstreamError> {
@@ -213,12 +243,17 @@ impl Upstream {
             .ok_or(UpstreamError::NoReplica)
     }
 
+    /// One exchange with `replica`. While it waits for the response head, a stall watch runs
+    /// ([`Upstream::watch_stall`]): when the replica is found not answering at all, it is
+    /// ejected, and this request gives up (`Stalled`) if it may be sent elsewhere
+    /// (`abandon_on_stall`: bodiless GET/HEAD), else keeps waiting.
     async fn attempt(
         &self,
         replica: &Arc<Replica>,
         mut head: Parts,
         body: Body,
         deadline: Instant,
+        abandon_on_stall: bool,
     ) -> Result<Reply, UpstreamError> {
         // HTTP/1.1 origin form; the Host header stays the client's (Next.js builds URLs from it).
         head.uri = origin_form(&head.uri);
@@ -237,7 +272,21 @@ impl Upstream {
             .pool
             .send(&replica.authority, Request::from_parts(head, body));
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(wait, exchange).await;
+        let exchange = tokio::time::timeout(wait, exchange);
+        tokio::pin!(exchange);
+        let result = match &self.stall {
+            None => exchange.await,
+            Some(stall) => tokio::select! {
+                r = &mut exchange => r,
+                () = self.watch_stall(replica, stall) => {
+                    if abandon_on_stall {
+                        replica.set_last_error("stopped answering".into());
+                        return Err(UpstreamError::Stalled { replica: replica.authority.to_string() });
+                    }
+                    exchange.await
+                }
+            },
+        };
         if result.as_ref().is_ok_and(Result::is_ok) {
             let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             replica.latency_ms.observe(ms);
@@ -253,6 +302,41 @@ impl Upstream {
             lease,
             deadline,
         })
+    }
+
+    /// Resolves when `replica` is ejected for not answering while a request waits on it. After
+    /// `stall.after` without a response head, one request per replica probes `health.path`
+    /// with the same wait: a replica busy with a slow render still answers that (Next.js
+    /// renders do not block its server), a frozen or wedged one does not and is ejected, so
+    /// new requests avoid it within about two `stall_after` instead of after health checks
+    /// or `response_header_timeout`. Never resolves otherwise.
+    async fn watch_stall(&self, replica: &Replica, stall: &Stall) {
+        let mut ejected = replica.stalls();
+        tokio::time::sleep(stall.after).await;
+        let found_out = |ejected: &tokio::sync::watch::Receiver<u64>| {
+            ejected.has_changed().unwrap_or(false) || !replica.is_healthy()
+        };
+        if let Some(_probe) = replica.claim_probe() {
+            // Found out meanwhile by another request's probe: no second one.
+            if found_out(&ejected) {
+                return;
+            }
+            if !health::probe(&self.pool, &stall.path, stall.after, replica).await {
+                replica.eject_stalled(self.ejection);
+                self.metrics.replica_ejections.inc();
+                tracing::warn!(
+                    replica = %replica.authority,
+                    waited = ?stall.after,
+                    for_ = ?self.ejection,
+                    "replica stopped answering (no response head, no answer to a probe); ejected"
+                );
+                return;
+            }
+        }
+        // Alive, or another request is asking: wait for a verdict of ejection, if any.
+        if ejected.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The outcome of one exchange with `replica`, counted.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
+use tokio::sync::watch;
 
 /// Milliseconds since the first call in this process: a cheap monotonic clock for atomics.
 pub fn now_ms() -> u64 {
@@ -33,6 +34,10 @@ pub struct Replica {
     /// Time to the response head of live traffic, ms.
     pub latency_ms: crate::metrics::Histogram,
     last_error: std::sync::Mutex<Option<String>>,
+    /// Counts ejections for not answering at all: requests waiting on the replica watch it.
+    stalls: watch::Sender<u64>,
+    /// A stall probe is in flight (one at a time per replica).
+    probing: AtomicBool,
 }
 
 impl Replica {
@@ -49,7 +54,37 @@ impl Replica {
             check_failures: AtomicU32::new(0),
             latency_ms: crate::metrics::Histogram::default(),
             last_error: std::sync::Mutex::new(None),
+            stalls: watch::Sender::new(0),
+            probing: AtomicBool::new(false),
         }
+    }
+
+    /// Tells when the replica is next ejected for not answering (`changed()` resolves).
+    pub fn stalls(&self) -> watch::Receiver<u64> {
+        self.stalls.subscribe()
+    }
+
+    /// The right to probe this replica for a stall, unless another request holds it.
+    pub fn claim_probe(&self) -> Option<ProbeClaim<'_>> {
+        // Built only when won: a claim dropped unwon would release the winner's.
+        if self
+            .probing
+            .compare_exchange(false, true, Relaxed, Relaxed)
+            .is_ok()
+        {
+            Some(ProbeClaim(self))
+        } else {
+            None
+        }
+    }
+
+    /// Ejects the replica for `ejection`: it accepted a request and then answered neither it
+    /// nor a probe. Requests waiting on it hear of it through [`Replica::stalls`].
+    pub fn eject_stalled(&self, ejection: Duration) {
+        self.check_passes.store(0, Relaxed);
+        self.ejected_until_ms
+            .store(now_ms() + ejection.as_millis() as u64, Relaxed);
+        self.stalls.send_modify(|n| *n += 1);
     }
 
     /// Eligible for traffic: active checks pass and not passively ejected.
@@ -136,6 +171,16 @@ impl Replica {
             }
         }
         None
+    }
+}
+
+/// The one stall probe of a replica in flight; released on drop.
+#[derive(Debug)]
+pub struct ProbeClaim<'a>(&'a Replica);
+
+impl Drop for ProbeClaim<'_> {
+    fn drop(&mut self) {
+        self.0.probing.store(false, Relaxed);
     }
 }
 

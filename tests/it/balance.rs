@@ -268,3 +268,77 @@ async fn a_connection_dropped_before_the_response_is_retried_for_idempotent_requ
         "non-idempotent requests fail instead of being replayed"
     );
 }
+
+/// A replica that accepts connections and then answers nothing (a frozen process, a wedged
+/// event loop) is found out by one probe after `health.stall_after` and ejected: the GETs
+/// waiting on it go to the other replica, and new requests avoid it, long before
+/// `response_header_timeout` (here 120 s) or an active health check (off here).
+#[tokio::test]
+async fn a_replica_that_stops_answering_is_avoided_and_its_gets_go_elsewhere() {
+    use crate::support::origin::Gate;
+    let frozen_gate = Gate::new();
+    let frozen = FakeNext::start(|o| {
+        o.route("*", Route::html("frozen").gated(&frozen_gate));
+    })
+    .await;
+    let alive = FakeNext::start(|o| {
+        o.route("*", Route::html("alive"));
+    })
+    .await;
+    let gw = Gateway::start(config(
+        &[frozen.url(), alive.url()],
+        "",
+        "[upstream]\nresponse_header_timeout = \"120s\"\n[health]\ninterval = \"0s\"\nstall_after = \"300ms\"\n[cache]\nenabled = false\n",
+    ))
+    .await;
+    let client = Client::default();
+    let started = std::time::Instant::now();
+    // Both replicas get some of these at once; every one is answered by the live replica.
+    let all = (0..6).map(|i| {
+        let (c, u) = (client.clone(), gw.url(&format!("/page-{i}")));
+        tokio::spawn(async move { c.get(&u, &[]).await })
+    });
+    for got in futures_util::future::join_all(all).await {
+        let got = got.expect("task");
+        assert_eq!((got.status.as_u16(), &got.body[..]), (200, &b"alive"[..]));
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "answered long before response_header_timeout"
+    );
+    assert_eq!(gw.state.metrics.replica_ejections.get(), 1);
+    assert!(gw.state.metrics.upstream_retries.get() >= 1);
+    let sent_to_frozen = frozen.total();
+    for i in 0..6 {
+        let got = client.get(&gw.url(&format!("/later-{i}")), &[]).await;
+        assert_eq!(&got.body[..], b"alive");
+    }
+    assert_eq!(
+        frozen.total(),
+        sent_to_frozen,
+        "the frozen replica is avoided"
+    );
+}
+
+/// A replica busy with a slow render still answers a probe: nothing is ejected, the slow
+/// request gets its answer.
+#[tokio::test]
+async fn a_slow_render_is_not_a_stall() {
+    let origin = FakeNext::start(|o| {
+        o.route(
+            "/slow",
+            Route::html("slow").delay(std::time::Duration::from_millis(900)),
+        );
+        o.route("*", Route::status(200));
+    })
+    .await;
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "",
+        "[health]\ninterval = \"0s\"\nstall_after = \"200ms\"\n[cache]\nenabled = false\n",
+    ))
+    .await;
+    let got = Client::default().get(&gw.url("/slow"), &[]).await;
+    assert_eq!((got.status.as_u16(), &got.body[..]), (200, &b"slow"[..]));
+    assert_eq!(gw.state.metrics.replica_ejections.get(), 0);
+}

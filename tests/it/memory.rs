@@ -180,11 +180,12 @@ async fn growth(l1: u64, pages: usize, len: usize, concurrency: usize) -> f64 {
     grown as f64 / l1 as f64
 }
 
-/// 50,000 pages (the L1 holds about 2,000): the test binary is a debug build, 200,000 take
+/// 50,000 pages (the L1 of 32 MiB holds about 4,000; a smaller one lets a few MiB of the
+/// process's own variance decide the ratio): the test binary is a debug build, 200,000 take
 /// minutes there; `benches/memory.sh` measures 200,000 against the release build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_under_50000_distinct_small_pages_stays_within_the_l1_bound() {
-    let ratio = growth(16 * MIB, 50_000, 2048, 8).await;
+    let ratio = growth(32 * MIB, 50_000, 2048, 8).await;
     assert!(ratio <= 1.25, "RSS grew {ratio:.2}x cache.l1_max_bytes");
 }
 
