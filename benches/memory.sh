@@ -24,7 +24,7 @@ cargo build --release --quiet --manifest-path "$root/Cargo.toml"
 pids+=($!)
 redis-server --port 6391 --bind 127.0.0.1 --save "" --appendonly no --logfile /dev/null &
 pids+=($!)
-env ISRGATE__LOG__LEVEL=warn ISRGATE__CACHE__L1_MAX_BYTES=$((L1_MB * 1024 * 1024)) \
+env ${GW_ENV:-} ISRGATE__LOG__LEVEL=warn ISRGATE__CACHE__L1_MAX_BYTES=$((L1_MB * 1024 * 1024)) \
     "$root/target/release/isrgate" serve --config /dev/null --listen 127.0.0.1:8391 --admin-listen "" \
     --redis redis://127.0.0.1:6391 --upstream http://127.0.0.1:3391 >/dev/null 2>&1 &
 gw=$!; pids+=($gw)
@@ -44,10 +44,10 @@ request = function()
 end
 LUA
 # wrk stops on time, not count: long enough for PAGES pages, bounded.
-timeout 600 wrk -t1 -c"$CONNS" -d"${DURATION:-60}s" -s /tmp/isrgate-memory.lua http://127.0.0.1:8391 >/dev/null 2>&1 || true
+rate=$(timeout 600 wrk -t1 -c"$CONNS" -d"${DURATION:-60}s" -s /tmp/isrgate-memory.lua http://127.0.0.1:8391 2>/dev/null | awk '/Requests\/sec/ {print $2}' || true)
 sleep 2
 rss=$(kib VmRSS); shm=$(sys_shmem)
 entries=$(redis-cli -p 6391 dbsize)
-awk -v b="$BYTES" -v l1="$L1_MB" -v r="$((rss - base_rss))" -v s="$((shm - base_shm))" -v e="$entries" 'BEGIN {
-    printf "| %d B pages | %d MiB L1 | %d keys in Redis | RSS +%.1f MiB, sealed (system Shmem) +%.1f MiB | %.2fx the bound |\n",
-        b, l1, e, r / 1024, s / 1024, (l1 > 0) ? ((r + s) / 1024) / l1 : 0 }'
+awk -v b="$BYTES" -v l1="$L1_MB" -v r="$((rss - base_rss))" -v s="$((shm - base_shm))" -v e="$entries" -v q="${rate:-?}" 'BEGIN {
+    printf "| %d B pages | %d MiB L1 | %d keys in Redis | RSS +%.1f MiB, sealed (system Shmem) +%.1f MiB | %.2fx the bound | %s req/s |\n",
+        b, l1, e, r / 1024, s / 1024, (l1 > 0) ? ((r + s) / 1024) / l1 : 0, q }'
