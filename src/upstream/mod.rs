@@ -132,6 +132,10 @@ pub struct Upstream {
 struct Stall {
     after: Duration,
     path: http::uri::PathAndQuery,
+    /// How long the probe waits: `health.timeout` or `after`, the longer. A replica whose
+    /// event loop a heavy render holds for a moment is not taken for a frozen one (that would
+    /// send its page to another replica to render again).
+    probe_wait: Duration,
 }
 
 /// A keep-alive pool for one worker.
@@ -161,6 +165,7 @@ impl Upstream {
             stall: cfg.health.stall_after.map(|after| Stall {
                 after,
                 path: cfg.health.path.clone(),
+                probe_wait: after.max(cfg.health.timeout),
             }),
             preserve_header_case: cfg.listen.preserve_header_case,
             metrics,
@@ -306,10 +311,10 @@ impl Upstream {
 
     /// Resolves when `replica` is ejected for not answering while a request waits on it. After
     /// `stall.after` without a response head, one request per replica probes `health.path`
-    /// with the same wait: a replica busy with a slow render still answers that (Next.js
-    /// renders do not block its server), a frozen or wedged one does not and is ejected, so
-    /// new requests avoid it within about two `stall_after` instead of after health checks
-    /// or `response_header_timeout`. Never resolves otherwise.
+    /// (waiting `stall.probe_wait`): a replica busy with a slow render still answers that, a
+    /// frozen or wedged one does not and is ejected, so new requests avoid it within
+    /// `stall_after` + `health.timeout` (3 s by default) instead of after three failed health
+    /// checks or `response_header_timeout`. Never resolves otherwise.
     async fn watch_stall(&self, replica: &Replica, stall: &Stall) {
         let mut ejected = replica.stalls();
         tokio::time::sleep(stall.after).await;
@@ -321,12 +326,12 @@ impl Upstream {
             if found_out(&ejected) {
                 return;
             }
-            if !health::probe(&self.pool, &stall.path, stall.after, replica).await {
+            if !health::probe(&self.pool, &stall.path, stall.probe_wait, replica).await {
                 replica.eject_stalled(self.ejection);
                 self.metrics.replica_ejections.inc();
                 tracing::warn!(
                     replica = %replica.authority,
-                    waited = ?stall.after,
+                    waited = ?(stall.after + stall.probe_wait),
                     for_ = ?self.ejection,
                     "replica stopped answering (no response head, no answer to a probe); ejected"
                 );

@@ -829,9 +829,22 @@ async fn isr_expiry_one_render_per_window_never_back_in_time() {
 
     check_gzip_static(&mut s, &mut problems).await;
 
+    let upstream: Vec<String> = s
+        .gateways
+        .iter()
+        .map(|g| {
+            let m = &g.state.metrics;
+            format!(
+                "ejections {}, retries {}, timeouts {}",
+                m.replica_ejections.get(),
+                m.upstream_retries.get(),
+                m.upstream_timeouts.get()
+            )
+        })
+        .collect();
     assert!(
         problems.is_empty(),
-        "{} rule(s) broken:\n\n{}",
+        "{} rule(s) broken:\n\n{}\n\nupstream per gateway: {upstream:?}",
         problems.len(),
         problems.join("\n")
     );

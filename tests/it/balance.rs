@@ -288,7 +288,7 @@ async fn a_replica_that_stops_answering_is_avoided_and_its_gets_go_elsewhere() {
     let gw = Gateway::start(config(
         &[frozen.url(), alive.url()],
         "",
-        "[upstream]\nresponse_header_timeout = \"120s\"\n[health]\ninterval = \"0s\"\nstall_after = \"300ms\"\n[cache]\nenabled = false\n",
+        "[upstream]\nresponse_header_timeout = \"120s\"\n[health]\ninterval = \"0s\"\nstall_after = \"300ms\"\ntimeout = \"300ms\"\n[cache]\nenabled = false\n",
     ))
     .await;
     let client = Client::default();
