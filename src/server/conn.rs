@@ -85,6 +85,11 @@ impl Activity {
         self.draining.load(Relaxed)
     }
 
+    /// The client has sent something since it connected.
+    pub fn has_spoken(&self) -> bool {
+        self.sniffed.load(Relaxed)
+    }
+
     /// Nothing in flight and no part of a request head read: closing now cuts nothing.
     pub fn is_idle(&self) -> bool {
         self.in_flight.load(Relaxed) == 0 && self.head_started_ms.load(Relaxed) == 0

@@ -112,30 +112,75 @@ pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpList
 }
 
 /// Descriptor pressure at accept (EMFILE, ENFILE): a client left in the kernel's queue hangs
-/// until it gives up, and the accept loop would spin on the same error. So a descriptor is
-/// kept in reserve (libuv's trick): on EMFILE it is given up, the waiting connection accepted
-/// and closed at once (the client sees the connection end, not a hang), and the reserve taken
-/// again. The warning is logged once per [`Pressure::WARN_EVERY`], with the count refused.
+/// until it gives up, and the accept loop would spin on the same error. First, idle
+/// connections (keep-alive between requests, or silent since they connected) are told to close
+/// ([`Pressure::shed`]: again as long as the last time closed some, else at most once per
+/// [`Pressure::SHED_EVERY`]), as nginx reuses its idle keep-alive connections when it runs
+/// out: the waiting client is then accepted and served.
+/// When that freed nothing, a descriptor kept in reserve (libuv's trick) is given up, the
+/// waiting connection accepted and closed at once (the client sees the connection end, not a
+/// hang), and the reserve taken again. The warning is logged once per
+/// [`Pressure::WARN_EVERY`], with the count refused.
 struct Pressure {
     spare: Option<std::fs::File>,
     refused: u64,
     warned_at: Option<std::time::Instant>,
+    /// Bumped to make every idle connection close (`serve` watches it).
+    shed: tokio::sync::watch::Sender<u64>,
+    /// When idle connections were last told to close, and `idle_closes` then.
+    shed_at: Option<(std::time::Instant, u64)>,
 }
 
 impl Pressure {
     const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    const SHED_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
     fn new() -> Pressure {
         Pressure {
             spare: std::fs::File::open("/dev/null").ok(),
             refused: 0,
             warned_at: None,
+            shed: tokio::sync::watch::Sender::new(0),
+            shed_at: None,
         }
     }
 
-    async fn refuse_one(&mut self, listener: &TcpListener, e: &std::io::Error) {
+    /// What each connection watches to learn that idle connections must close.
+    fn shedding(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shed.subscribe()
+    }
+
+    /// Tells idle connections to close, unless the last time closed none and was within
+    /// [`Pressure::SHED_EVERY`]; `true` when it was done now (the caller lets them close, then
+    /// accepts again). `closed` is the count of idle connections closed so far.
+    fn shed(&mut self, closed: u64) -> bool {
+        let freed_some = self
+            .shed_at
+            .is_none_or(|(at, before)| closed > before || at.elapsed() >= Self::SHED_EVERY);
+        if !freed_some {
+            return false;
+        }
+        if self
+            .shed_at
+            .is_none_or(|(at, _)| at.elapsed() >= Self::WARN_EVERY)
+        {
+            tracing::warn!(
+                "out of descriptors: idle client connections closed to serve new ones (logged at most every 10 s)"
+            );
+        }
+        self.shed_at = Some((std::time::Instant::now(), closed));
+        self.shed.send_modify(|n| *n += 1);
+        true
+    }
+
+    async fn refuse_one(&mut self, listener: &TcpListener, e: &std::io::Error, closed: u64) {
         // EMFILE (this process) and ENFILE (the system), as Linux numbers them.
         let out_of_descriptors = matches!(e.raw_os_error(), Some(24 | 23));
+        if out_of_descriptors && self.shed(closed) {
+            // A moment for the idle connections' tasks to close their sockets.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            return;
+        }
         if out_of_descriptors && self.spare.take().is_some() {
             if let Ok(Ok((stream, _))) =
                 tokio::time::timeout(std::time::Duration::from_millis(1), listener.accept()).await
@@ -172,7 +217,7 @@ async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: Cancellat
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    pressure.refuse_one(&listener, &e).await;
+                    pressure.refuse_one(&listener, &e, app.metrics.idle_closes.get()).await;
                     continue;
                 }
             },
@@ -185,6 +230,7 @@ async fn accept_loop(app: Arc<AppState>, listener: TcpListener, drain: Cancellat
             stream,
             peer,
             drain.clone(),
+            pressure.shedding(),
         );
         app.tasks.spawn(task);
     }
@@ -200,8 +246,18 @@ async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     drain: CancellationToken,
+    shedding: tokio::sync::watch::Receiver<u64>,
 ) {
     let activity = Arc::new(conn::Activity::default());
+    // Idle connections close when the accept loop runs out of descriptors (`Pressure`). One
+    // future for the connection's life (re-armed only after it fires): a `changed()` made
+    // afresh on every wake would register and drop a waiter each time.
+    let mut shed = shed_signal(shedding);
+    let connected = std::time::Instant::now();
+    // Closed to make room: idle, and either kept alive after a request or silent for a while
+    // (a client that just connected has its request on the way, likely unread yet).
+    let sheddable =
+        |a: &conn::Activity| a.is_idle() && (a.has_spoken() || connected.elapsed() >= SILENT_GRACE);
     let peer_info = Arc::new(Peer::new(peer, &app.policy.forwarded));
     let listen = &app.config.listen;
     let bounds = conn::Bounds {
@@ -228,6 +284,7 @@ async fn serve(
         let drained = drain.cancelled();
         tokio::pin!(drained);
         let mut draining = false;
+
         let ended = loop {
             tokio::select! {
                 ended = &mut run => break ended,
@@ -237,6 +294,17 @@ async fn serve(
                     if activity.is_idle() {
                         return;
                     }
+                }
+                (alive, rx) = &mut shed => {
+                    if sheddable(&activity) {
+                        app.metrics.idle_closes.inc();
+                        return;
+                    }
+                    shed = if alive {
+                        shed_signal(rx)
+                    } else {
+                        Box::pin(std::future::pending())
+                    };
                 }
                 expiry = &mut watchdog => {
                     expired(&app, peer, expiry);
@@ -251,7 +319,7 @@ async fn serve(
         }
     }
     let svc = {
-        let app = Arc::clone(&app);
+        let (app, activity) = (Arc::clone(&app), Arc::clone(&activity));
         service_fn(move |req| call(&app, &peer_info, &activity, req))
     };
     let io = TokioIo::new(conn::Rewind::new(read, io));
@@ -270,6 +338,17 @@ async fn serve(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            (alive, rx) = &mut shed, if !closing => {
+                if sheddable(&activity) {
+                    app.metrics.idle_closes.inc();
+                    return;
+                }
+                shed = if alive {
+                    shed_signal(rx)
+                } else {
+                    Box::pin(std::future::pending())
+                };
+            }
             expiry = &mut watchdog, if !closing => {
                 if expiry == Expiry::Idle {
                     app.metrics.idle_closes.inc();
@@ -283,6 +362,21 @@ async fn serve(
             _ = app.hard_stop.cancelled() => return,
         }
     }
+}
+
+/// How long a connection that has sent nothing yet is spared when idle ones are shed.
+const SILENT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves at the next [`Pressure::shed`] with whether the accept loop still runs (when it
+/// ended, the caller waits on `pending()` instead), and hands the receiver back for the next
+/// one.
+fn shed_signal(
+    mut rx: tokio::sync::watch::Receiver<u64>,
+) -> std::pin::Pin<Box<dyn Future<Output = (bool, tokio::sync::watch::Receiver<u64>)> + Send>> {
+    Box::pin(async move {
+        let alive = rx.changed().await.is_ok();
+        (alive, rx)
+    })
 }
 
 /// Counts and logs a connection the watchdog ends (the caller closes it).
