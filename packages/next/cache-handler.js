@@ -26,6 +26,7 @@ const NEXT_TAGS = 'x-next-cache-tags';
 const REPORTED_TAGS = 'x-isrgate-tags';
 const PRERENDER_REVALIDATE = 'x-prerender-revalidate';
 const GATEWAY_REFRESH = 'x-isrgate-refresh';
+const BUILD_PHASE = 'phase-production-build';
 /** Value kinds of whole pages and route handlers (15+; 14.x stores App pages as PAGE too). */
 const PAGE_KINDS = new Set(['APP_PAGE', 'APP_ROUTE', 'PAGES', 'PAGE', 'ROUTE']);
 /** Pages Router entries, which carry no tags: reached through `state.paths`. */
@@ -234,7 +235,9 @@ class IsrgateCacheHandler {
   constructor(ctx) {
     const { FileSystemCache } = nextInternals(ctx.serverDistDir);
     this.inner = new FileSystemCache(ctx);
-    this.fleet = fleetFromEnv();
+    // `next build` (prerendering) is not a replica: it neither follows nor reports to the fleet,
+    // so a build made with ISRGATE_REDIS_URL set is never announced before it serves.
+    this.fleet = process.env.NEXT_PHASE === BUILD_PHASE ? null : fleetFromEnv();
     if (!state.local) {
       state.local = this.inner;
       state.distDir = ctx.serverDistDir;

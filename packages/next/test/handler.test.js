@@ -67,3 +67,16 @@ test('remembered paths and Next\'s manifest stay bounded; what is forgotten coun
   Handler.applyFromFleet(['one-more'], 'hard');
   assert.deepEqual([...manifest.keys()], ['_N_T_/layout'], 'folded into everything-revalidated-now');
 });
+
+test('during next build the handler stays off the fleet', (t) => {
+  const old = { url: process.env.ISRGATE_REDIS_URL, phase: process.env.NEXT_PHASE };
+  process.env.ISRGATE_REDIS_URL = 'redis://127.0.0.1:1';
+  process.env.NEXT_PHASE = 'phase-production-build';
+  t.after(() => {
+    for (const [k, v] of [['ISRGATE_REDIS_URL', old.url], ['NEXT_PHASE', old.phase]]) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  });
+  assert.equal(new Handler({ serverDistDir: '/nowhere/.next/server' }).fleet, null);
+});
