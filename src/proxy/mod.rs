@@ -107,6 +107,9 @@ async fn route(
     let reply = Box::pin(app.upstream.send(head, body)).await?;
     app.metrics.proxied.inc();
     let mut resp = reply.into_response();
+    // Next's cache headers and @isrgate/next's tags are for the gateway only, whatever path
+    // the response took.
+    fill::strip_internal_response_headers(resp.headers_mut());
     finish(app, &mut resp, &sanitized, true);
     if bypassed {
         serve::mark(resp.headers_mut(), serve::Outcome::Bypass);

@@ -437,3 +437,44 @@ async fn trace_unknown_methods_asterisk_and_huge_bodies_stop_at_the_gateway() {
         "nothing reached the replica"
     );
 }
+
+/// Next's cache headers and `@isrgate/next`'s tags never reach a client, whichever path the
+/// response takes: stored, passed (not storable) or bypassed (a POST here).
+#[tokio::test]
+async fn internal_response_headers_never_reach_clients() {
+    let internal = [
+        ("x-nextjs-cache", "HIT"),
+        ("x-next-cache-tags", "_N_T_/p,secret-tag"),
+        ("x-isrgate-tags", "_N_T_/p,secret-tag"),
+    ];
+    let origin = FakeNext::start(|o| {
+        let mut stored = Route::html("p").header("cache-control", "s-maxage=60");
+        let mut passed = Route::html("q").header("cache-control", "private");
+        for (n, v) in internal {
+            stored = stored.header(n, v);
+            passed = passed.header(n, v);
+        }
+        o.route("/p", stored);
+        o.route("/q", passed);
+    })
+    .await;
+    let gw = Gateway::start(config(&[origin.url()], "", "")).await;
+    let c = Client::default();
+    let mut got = vec![
+        c.get(&gw.url("/p"), &[]).await,
+        c.get(&gw.url("/p"), &[]).await,
+        c.get(&gw.url("/q"), &[]).await,
+    ];
+    got.push(
+        c.send("POST", &gw.url("/p"), &[], bytes::Bytes::from_static(b"x"))
+            .await,
+    );
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r.status, 200, "response {i}");
+        for (n, _) in internal {
+            assert!(r.headers.get(n).is_none(), "response {i} carries {n}");
+        }
+    }
+    assert_eq!(got[1].header("x-cache"), "HIT");
+    assert_eq!(got[3].header("x-cache"), "BYPASS");
+}
