@@ -43,7 +43,6 @@ const MAX_MANIFEST_TAGS = 50000;
 const state = (globalThis[Symbol.for('@isrgate/next.handler')] ??= {
   next: null,
   local: null,
-  distDir: null,
   previewModeId: undefined,
   paths: new Map(),
   floorAt: 0,
@@ -240,7 +239,6 @@ class IsrgateCacheHandler {
     this.fleet = process.env.NEXT_PHASE === BUILD_PHASE ? null : fleetFromEnv();
     if (!state.local) {
       state.local = this.inner;
-      state.distDir = ctx.serverDistDir;
       if (state.pending.length) markTags(this.inner, state.pending.splice(0), undefined);
     }
     if (this.fleet && !ctx.dev) join(this.fleet, ctx.serverDistDir);
