@@ -254,10 +254,15 @@ async fn serve(
     // afresh on every wake would register and drop a waiter each time.
     let mut shed = shed_signal(shedding);
     let connected = std::time::Instant::now();
-    // Closed to make room: idle, and either kept alive after a request or silent for a while
-    // (a client that just connected has its request on the way, likely unread yet).
-    let sheddable =
-        |a: &conn::Activity| a.is_idle() && (a.has_spoken() || connected.elapsed() >= SILENT_GRACE);
+    // Closed to make room (counted): idle, and either kept alive after a request or silent for
+    // a while (a client that just connected has its request on the way, likely unread yet).
+    let close_for_room = |a: &conn::Activity| {
+        let close = a.is_idle() && (a.has_spoken() || connected.elapsed() >= SILENT_GRACE);
+        if close {
+            app.metrics.idle_closes.inc();
+        }
+        close
+    };
     let peer_info = Arc::new(Peer::new(peer, &app.policy.forwarded));
     let listen = &app.config.listen;
     let bounds = conn::Bounds {
@@ -295,16 +300,11 @@ async fn serve(
                         return;
                     }
                 }
-                (alive, rx) = &mut shed => {
-                    if sheddable(&activity) {
-                        app.metrics.idle_closes.inc();
+                rx = &mut shed => {
+                    if close_for_room(&activity) {
                         return;
                     }
-                    shed = if alive {
-                        shed_signal(rx)
-                    } else {
-                        Box::pin(std::future::pending())
-                    };
+                    shed = shed_signal(rx);
                 }
                 expiry = &mut watchdog => {
                     expired(&app, peer, expiry);
@@ -338,16 +338,11 @@ async fn serve(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            (alive, rx) = &mut shed, if !closing => {
-                if sheddable(&activity) {
-                    app.metrics.idle_closes.inc();
+            rx = &mut shed, if !closing => {
+                if close_for_room(&activity) {
                     return;
                 }
-                shed = if alive {
-                    shed_signal(rx)
-                } else {
-                    Box::pin(std::future::pending())
-                };
+                shed = shed_signal(rx);
             }
             expiry = &mut watchdog, if !closing => {
                 if expiry == Expiry::Idle {
@@ -367,15 +362,16 @@ async fn serve(
 /// How long a connection that has sent nothing yet is spared when idle ones are shed.
 const SILENT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Resolves at the next [`Pressure::shed`] with whether the accept loop still runs (when it
-/// ended, the caller waits on `pending()` instead), and hands the receiver back for the next
-/// one.
+/// Resolves at the next [`Pressure::shed`], handing the receiver back for the one after;
+/// never, once the accept loop has ended.
 fn shed_signal(
     mut rx: tokio::sync::watch::Receiver<u64>,
-) -> std::pin::Pin<Box<dyn Future<Output = (bool, tokio::sync::watch::Receiver<u64>)> + Send>> {
+) -> std::pin::Pin<Box<dyn Future<Output = tokio::sync::watch::Receiver<u64>> + Send>> {
     Box::pin(async move {
-        let alive = rx.changed().await.is_ok();
-        (alive, rx)
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        rx
     })
 }
 

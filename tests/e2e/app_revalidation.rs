@@ -271,7 +271,7 @@ async fn res_revalidate_in_a_pages_api_route_reaches_the_fleet() {
 /// serving the new page, HTML and RSC: `MEASURE_REVALIDATION=50 cargo test --test e2e --
 /// --ignored measure` prints p50 and p99 over that many runs (the note of issue 16).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check: run it by hand"]
+#[ignore = "a measurement, not a check: MEASURE_REVALIDATION=50 cargo test --test e2e -- --ignored measure --nocapture"]
 async fn measure_in_app_revalidation_latency() {
     let Some(runs) = std::env::var("MEASURE_REVALIDATION")
         .ok()
