@@ -54,7 +54,15 @@ pub struct L1 {
     /// Keys whose entry this L1 holds but the store write failed (Redis down): written again
     /// on a later hit, once the store answers (`proxy::fill::write_back`).
     unstored: Arc<Unstored>,
+    /// Bytes inserted since the cache last ran its upkeep (see [`L1::insert`]).
+    unkept: Arc<AtomicU64>,
+    /// Past this many [`L1::unkept`] bytes an insert runs the upkeep itself.
+    keep_every: u64,
 }
+
+/// Share of the capacity that may be inserted before an insert runs the upkeep: the most the
+/// L1 overshoots its bound between two upkeeps.
+const OVERSHOOT_DIVISOR: u64 = 32;
 
 /// Most keys remembered as unstored; past it, the oldest failures are simply not retried
 /// (their entries still serve here, and refill when they expire).
@@ -117,6 +125,8 @@ impl L1 {
                 cache: None,
                 generation,
                 unstored: Arc::default(),
+                unkept: Arc::default(),
+                keep_every: u64::MAX,
             };
         }
         let cache = moka::sync::Cache::builder()
@@ -130,6 +140,8 @@ impl L1 {
             cache: Some(cache),
             generation,
             unstored: Arc::default(),
+            unkept: Arc::default(),
+            keep_every: (max_bytes / OVERSHOOT_DIVISOR).max(1),
         }
     }
 
@@ -146,6 +158,11 @@ impl L1 {
     }
 
     /// Holds `entry` until its freshness ends; an entry already stale at `now_ms` is not held.
+    ///
+    /// moka applies inserts and evicts only when its upkeep runs, which it schedules by the
+    /// number of operations, not their weight: a burst of 300 KB fills overshot a 64 MiB bound
+    /// by tens of MiB (issue 15). So every `capacity / 32` bytes inserted, the inserting
+    /// request runs the upkeep itself; it is a miss, already paying for a render.
     pub fn insert(&self, key: u128, entry: Arc<Entry>, now_ms: u64) {
         let Some(cache) = &self.cache else { return };
         let fresh_for = entry.meta.fresh_until_ms.saturating_sub(now_ms);
@@ -153,8 +170,13 @@ impl L1 {
             cache.invalidate(&key);
             return;
         }
+        let bytes = entry.footprint() as u64;
         let generation = self.generation.load(Ordering::Acquire);
         cache.insert(key, (entry, Duration::from_millis(fresh_for), generation));
+        let unkept = self.unkept.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if unkept >= self.keep_every && self.unkept.swap(0, Ordering::AcqRel) > 0 {
+            cache.run_pending_tasks();
+        }
     }
 
     /// Drops `key` (another gateway replaced it, or it was purged).
@@ -255,6 +277,23 @@ mod tests {
         l1.insert(1, entry(10_000, 10), 1_000);
         l1.insert(1, entry(5_000, 10), 6_000);
         assert!(l1.get(1, 6_001).is_none());
+    }
+
+    #[test]
+    fn a_burst_of_large_fills_never_holds_much_past_the_bound() {
+        let cap = 4 << 20;
+        let l1 = L1::new(cap);
+        let one = entry(10_000, 300 << 10).footprint() as u64;
+        for key in 0..200 {
+            l1.insert(key, entry(10_000, 300 << 10), 0);
+        }
+        // What the map really holds, upkeep or not (no `run_pending_tasks` here).
+        let cache = l1.cache.as_ref().expect("enabled");
+        let held: u64 = cache.iter().map(|(_, v)| v.0.footprint() as u64).sum();
+        assert!(
+            held <= cap + cap / OVERSHOOT_DIVISOR + one,
+            "{held} bytes held for a {cap}-byte bound"
+        );
     }
 
     #[test]
