@@ -31,6 +31,8 @@ pub struct AppState {
     pub policy: crate::config::SanitizePolicy,
     /// Replicas (shared) and this worker's client to reach them.
     pub upstream: Upstream,
+    /// The builds the replicas run, the current one, and which one each request goes to.
+    pub deploy: Arc<crate::deploy::Deploy>,
     /// The cache (shared by all workers); `None` when disabled.
     pub cache: Option<Arc<CacheState>>,
     /// This worker's own Redis connections for the hit path's reads (see
@@ -64,6 +66,7 @@ impl AppState {
             config: self.config.clone(),
             policy: self.policy.clone(),
             upstream: self.upstream.with_own_pool(),
+            deploy: Arc::clone(&self.deploy),
             cache: self.cache.clone(),
             reads: self
                 .cache
@@ -123,8 +126,6 @@ pub struct CacheState {
     pub seal_bodies: bool,
     /// Paths recently stored per tag (re-warm after a purge by tag).
     pub recent: crate::cache::tags::RecentPaths,
-    /// The builds the replicas report (`@isrgate/next`), with their `previewModeId`.
-    pub builds: Arc<crate::builds::Builds>,
     /// This gateway's id on the bus and in logs.
     gateway_id: String,
 }
@@ -194,7 +195,6 @@ impl CacheState {
             clock: crate::clock::Clock::default(),
             seal_bodies,
             recent: crate::cache::tags::RecentPaths::default(),
-            builds: Arc::default(),
             gateway_id,
             cfg,
         })
@@ -224,25 +224,15 @@ impl CacheState {
         }
     }
 
-    /// The `previewModeId` refreshes send: `webhook.preview_mode_id` when configured, else the
-    /// one the replicas' current build reported.
-    pub fn preview_mode_id(&self, configured: Option<&HeaderValue>) -> Option<HeaderValue> {
-        configured
-            .cloned()
-            .or_else(|| self.builds.preview_mode_id())
-    }
-
     /// This gateway's id (on the bus, in webhook reports).
     pub fn gateway_id(&self) -> &str {
         &self.gateway_id
     }
 
     /// Starts the store's connections (Redis), the bus and the heartbeat on the current
-    /// runtime (`invalidate::fleet`), and the reading of the replicas' builds; they stop with
-    /// `stop`.
+    /// runtime (`invalidate::fleet`); they stop with `stop`.
     pub fn start(&self, stop: &CancellationToken) {
         crate::invalidate::fleet::start(self, stop);
-        self.builds.follow(self.store.clone(), stop);
         self.l1
             .maintain_every(std::time::Duration::from_secs(1), stop);
     }

@@ -25,11 +25,11 @@
 
 pub mod admin;
 pub mod app;
-pub mod builds;
 pub mod bus;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod http;
 pub mod invalidate;
@@ -107,15 +107,6 @@ impl Server {
         let metrics = Arc::new(metrics::Metrics::default());
         let replicas = Arc::new(ReplicaSet::new(config.upstream.replicas.clone()));
         let pool = upstream::pool(&config.upstream, config.listen.preserve_header_case);
-        let upstream = upstream::Upstream::new(&config, pool, replicas, Arc::clone(&metrics));
-        let policy = proxy::sanitize::Policy {
-            forwarded: proxy::forwarded::Policy {
-                public_scheme: config.listen.public_scheme.clone(),
-                trusted_proxies: config.listen.trusted_proxies.clone(),
-                trust_forwarded_host: config.listen.trust_forwarded_host,
-            },
-            reject_internal_paths: config.listen.reject_internal_paths,
-        };
         let cache = match &config.cache {
             Some(c) => Some(Arc::new(app::CacheState::new(
                 c.clone(),
@@ -124,6 +115,24 @@ impl Server {
                 Arc::clone(&metrics),
             )?)),
             None => None,
+        };
+        let deploy = Arc::new(deploy::Deploy::new(
+            config.deploy.clone(),
+            config
+                .cache
+                .as_ref()
+                .map_or("default", |c| c.namespace.as_str()),
+            Arc::clone(&replicas),
+            deploy::rollout::Ledger::of(cache.as_ref().map(|c| &c.store)),
+        ));
+        let upstream = upstream::Upstream::new(&config, pool, replicas, Arc::clone(&metrics));
+        let policy = proxy::sanitize::Policy {
+            forwarded: proxy::forwarded::Policy {
+                public_scheme: config.listen.public_scheme.clone(),
+                trusted_proxies: config.listen.trusted_proxies.clone(),
+                trust_forwarded_host: config.listen.trust_forwarded_host,
+            },
+            reject_internal_paths: config.listen.reject_internal_paths,
         };
         let concurrency = Arc::new(tokio::sync::Semaphore::new(
             config.listen.max_concurrent_requests,
@@ -135,6 +144,7 @@ impl Server {
             config,
             policy,
             upstream,
+            deploy,
             metrics,
             request_ids: Default::default(),
             tasks: TaskTracker::new(),
@@ -239,6 +249,12 @@ async fn start_control(
         cache.start(stop);
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
+    deploy::rollout::spawn(
+        Arc::clone(&app.deploy),
+        app.cache.as_ref().map(|c| c.store.clone()),
+        None,
+        stop.clone(),
+    );
     if let Some(name) = cfg.upstream.dns_name.clone() {
         let set = Arc::clone(app.upstream.replicas());
         // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).

@@ -82,6 +82,10 @@ pub struct Metrics {
     pub upstream_errors: Counter,
     /// Retries on another replica after a connect failure.
     pub upstream_retries: Counter,
+    /// Build assets one build did not have, answered by another build's replica.
+    pub asset_fallbacks: Counter,
+    /// Fills not stored: the replica answered for another build than the request's.
+    pub fills_other_build: Counter,
     /// Passive ejections of replicas.
     pub replica_ejections: Counter,
     /// Connections closed for a slow request head.

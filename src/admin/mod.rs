@@ -12,6 +12,7 @@
 //! | `GET /api/stats` | token | the dashboard's data ([`stats`]) |
 //! | `GET /api/log` | token | the revalidation log |
 //! | `POST /api/purge` | token | the dashboard's purge form: the webhook's path, authenticated by the token |
+//! | `POST /api/deploy` | token | `{"current":"<build>"}` makes a build current on every gateway and keeps it so; `{"auto":true}` hands the choice back to the rollout |
 //! | `POST /login` | form | exchanges the token for a session cookie (browsers) |
 //!
 //! The token is `ISRGATE_ADMIN_TOKEN`: `Authorization: Bearer <token>` or the `isrgate_admin`
@@ -139,7 +140,8 @@ async fn route(
         (&Method::GET, "/api/stats") => json(StatusCode::OK, &stats::stats(app, history).await),
         (&Method::GET, "/api/log") => revalidation_log(app).await,
         (&Method::POST, "/api/purge") => purge(app, req).await,
-        (_, "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge") => {
+        (&Method::POST, "/api/deploy") => choose_build(app, req).await,
+        (_, "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -272,6 +274,51 @@ fn form_value(form: &[u8], name: &str) -> Option<String> {
 
 /// `POST /api/purge` (the dashboard's form): JSON like the webhook's, checked by the same
 /// rules and applied by the same code.
+/// `POST /api/deploy`: an operator's choice of the current build (`crate::deploy`).
+async fn choose_build(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Choice {
+        current: Option<String>,
+        #[serde(default)]
+        auto: bool,
+    }
+    let error = |status, message: String| json(status, &serde_json::json!({ "error": message }));
+    let raw = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 4 KiB".into()),
+    };
+    let choice: Choice = match serde_json::from_slice(&raw) {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"current\":\"<build>\"}} or {{\"auto\":true}}: {e}"),
+            );
+        }
+    };
+    let done = match (choice.current, choice.auto) {
+        (Some(build), false) => app.deploy.choose(&build, true).await,
+        (None, true) => app.deploy.release().await,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "send exactly one of \"current\" and \"auto\": true".into(),
+            );
+        }
+    };
+    match done {
+        Ok(()) => json(
+            StatusCode::OK,
+            &serde_json::to_value(app.deploy.status.snapshot()).unwrap_or_default(),
+        ),
+        Err(e @ crate::deploy::ChoiceError::NotLive { .. }) => {
+            error(StatusCode::CONFLICT, e.to_string())
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let Some(cache) = &app.cache else {
         return text(StatusCode::NOT_FOUND, "the cache is disabled\n");

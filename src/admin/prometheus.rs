@@ -279,6 +279,18 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut e,
+            "asset_fallbacks",
+            "Build assets (/_next/static) one build answered 404 for, served by another build's replica.",
+            m.asset_fallbacks.get(),
+        )?;
+        counter(
+            &mut e,
+            "fills_other_build",
+            "Fills not stored: the replica answered for another build than the request was pinned to.",
+            m.fills_other_build.get(),
+        )?;
+        counter(
+            &mut e,
             "replica_ejections",
             "Replicas ejected after consecutive failures.",
             m.replica_ejections.get(),

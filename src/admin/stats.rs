@@ -135,6 +135,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             json!({
                 "address": r.authority.to_string(),
                 "healthy": r.is_healthy(),
+                "build": r.build().map(|b| b.as_ref().clone()),
                 "in_flight": r.in_flight(),
                 "sent": r.sent(),
                 "p50_ms": ms(&r.latency_ms, 0.5),
@@ -193,8 +194,10 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
                     "gateways": live,
                     "this": c.gateway_id(),
                     // What @isrgate/next reports; never the previewModeId.
-                    "builds": c.builds.all().iter().map(|b| json!({
+                    "builds": app.deploy.builds.all().iter().map(|b| json!({
                         "id": b.id,
+                        "build_id": b.build_id,
+                        "built_ms": b.built_ms,
                         "deployment_id": b.deployment_id,
                         "next": b.next,
                         "seen_ms": b.seen_ms,
@@ -254,9 +257,30 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
         "replicas": replicas,
         "redis": redis,
         "fleet": fleet,
+        "deploy": deploy(app),
         "top_missed": m.missed_paths.top(10).into_iter().map(|(p, n)| json!({ "path": p, "misses": n })).collect::<Vec<_>>(),
         "revalidations": log,
         "series": series,
+    })
+}
+
+/// The builds this gateway's replicas run, the current one and the rollout.
+fn deploy(app: &AppState) -> Value {
+    let (tally, healthy) = app.deploy.tally();
+    let status = app.deploy.status.snapshot();
+    json!({
+        "current": status.current,
+        "pinned": status.pinned,
+        "switched_ms": status.switched_ms,
+        "pending": status.pending,
+        "prewarm": status.prewarm,
+        "healthy_replicas": healthy,
+        "builds": tally.iter().map(|(pin, n)| json!({
+            "build": pin.build,
+            "healthy_replicas": n,
+            "current": status.current.as_deref() == Some(pin.build.as_str()),
+            "namespace": pin.namespace,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -290,11 +290,17 @@ pub fn vary_hash<'a>(vary: impl IntoIterator<Item = &'a str>, request: &HeaderMa
 }
 
 /// Query keys that never reach the key: `_rsc` (a cache-buster Next adds to RSC requests; the
-/// variant comes from headers), and the internal keys sanitize already strips from the
-/// forwarded request (`__nextDataReq`, `nxtP*`, `nxtI*`), compared percent-decoded.
+/// variant comes from headers), `dpl` (Next's deployment token on asset URLs: it picks the
+/// build, which the key's namespace already names, and does not change the body: NEXTJS.md
+/// §5), and the internal keys sanitize already strips from the forwarded request
+/// (`__nextDataReq`, `nxtP*`, `nxtI*`), compared percent-decoded.
 fn ignored_query_key(raw_key: &str) -> bool {
     let key = normalize_component(raw_key);
-    key == "_rsc" || key == "__nextDataReq" || key.starts_with("nxtP") || key.starts_with("nxtI")
+    key == "_rsc"
+        || key == "dpl"
+        || key == "__nextDataReq"
+        || key.starts_with("nxtP")
+        || key.starts_with("nxtI")
 }
 
 /// The query with ignored keys removed, every pair percent-normalized, ordered by key name:

@@ -44,6 +44,23 @@ pub struct Config {
     pub log: Log,
     /// The revalidation webhook.
     pub webhook: Webhook,
+    /// Rollouts.
+    pub deploy: Deploy,
+}
+
+/// `[deploy]`: how a new build takes over (`crate::deploy`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deploy {
+    /// Share of the healthy replicas, in percent, the newest build needs to become current.
+    pub switch_percent: u32,
+    /// Hot paths pre-rendered on a new build before the switch; 0 = none.
+    pub prewarm_paths: usize,
+    /// Pre-warm renders at once.
+    pub prewarm_concurrency: usize,
+    /// Pre-warm renders started per second; `None` = no limit.
+    pub prewarm_rate: Option<u32>,
+    /// Longest a switch waits for its pre-warm.
+    pub prewarm_timeout: Duration,
 }
 
 /// `[webhook]`, plus its secrets from the environment.

@@ -261,6 +261,24 @@ section! {
 }
 
 section! {
+    /// `[deploy]`: builds side by side during a rollout (`crate::deploy`).
+    pub struct DeployRaw {
+        /// The newest build becomes current once it has at least this share of the healthy
+        /// replicas, in percent (and its hot set is pre-warmed).
+        switch_percent: u64 = 50,
+        /// Most requested paths pre-rendered on a new build before it becomes current (HTML
+        /// and RSC); 0 = no pre-warm.
+        prewarm_paths: u64 = 200,
+        /// Pre-warm renders at once.
+        prewarm_concurrency: u64 = 4,
+        /// Pre-warm renders started per second; 0 = no limit.
+        prewarm_rate: u64 = 20,
+        /// Longest a switch waits for its pre-warm; then it switches anyway.
+        prewarm_timeout: String = "2m".into(),
+    }
+}
+
+section! {
     /// `[coalesce]`: one upstream render per key across the fleet.
     pub struct CoalesceRaw {
         /// Coalesce concurrent misses and refreshes of a key (locally and, with Redis, across
@@ -334,6 +352,8 @@ pub struct Raw {
     pub coalesce: CoalesceRaw,
     /// `[webhook]`
     pub webhook: WebhookRaw,
+    /// `[deploy]`
+    pub deploy: DeployRaw,
     /// `[redis]`
     pub redis: RedisRaw,
     /// `[admin]`
@@ -353,6 +373,7 @@ impl Raw {
         "cache",
         "coalesce",
         "webhook",
+        "deploy",
         "redis",
         "admin",
         "log",
@@ -379,6 +400,7 @@ impl Raw {
                 Ok(())
             }
             "webhook" => self.webhook.set(key, value),
+            "deploy" => self.deploy.set(key, value),
             "redis" => self.redis.set(key, value),
             "admin" => self.admin.set(key, value),
             "log" => self.log.set(key, value),
@@ -395,6 +417,7 @@ impl Raw {
             "cache" => CacheRaw::KEYS,
             "coalesce" => CoalesceRaw::KEYS,
             "webhook" => WebhookRaw::KEYS,
+            "deploy" => DeployRaw::KEYS,
             "redis" => RedisRaw::KEYS,
             "admin" => AdminRaw::KEYS,
             "log" => LogRaw::KEYS,

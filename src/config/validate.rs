@@ -186,6 +186,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
             1_000,
         ) as usize,
     };
+    let deploy = deploy(&mut c, &raw.deploy);
     if c.problems.is_empty() {
         Ok(Config {
             listen,
@@ -196,6 +197,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
             admin,
             log,
             webhook,
+            deploy,
         })
     } else {
         Err(c.problems)
@@ -450,6 +452,20 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
         c.fail("cache.max_ttl", "must be greater than zero");
     }
     r.enabled.then_some(cache)
+}
+
+fn deploy(c: &mut Checker<'_>, r: &super::raw::DeployRaw) -> super::Deploy {
+    super::Deploy {
+        switch_percent: c.in_range("deploy.switch_percent", r.switch_percent, 1, 100) as u32,
+        prewarm_paths: c.in_range("deploy.prewarm_paths", r.prewarm_paths, 0, 100_000) as usize,
+        prewarm_concurrency: c.in_range("deploy.prewarm_concurrency", r.prewarm_concurrency, 1, 256)
+            as usize,
+        prewarm_rate: match c.in_range("deploy.prewarm_rate", r.prewarm_rate, 0, 100_000) {
+            0 => None,
+            n => Some(n as u32),
+        },
+        prewarm_timeout: c.duration("deploy.prewarm_timeout", &r.prewarm_timeout, true),
+    }
 }
 
 fn fanout(c: &mut Checker<'_>, w: &super::raw::WebhookRaw) -> super::Fanout {

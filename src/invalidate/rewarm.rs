@@ -92,12 +92,14 @@ async fn page(
     host: &str,
     path: &str,
 ) -> Vec<Rewarmed> {
-    let Some(html_head) = head(host, path) else {
+    let Some(mut html_head) = head(host, path) else {
         return vec![failed(path, "html"), failed(path, "rsc")];
     };
+    // Into the current build's namespace, from its replicas.
+    app.deploy.pin(&mut html_head);
     let rsc_head = as_variant(&html_head, &Variant::Rsc);
-    let html_key = CacheKey::new(&cache.cfg.namespace, host, path, None, &Variant::Html);
-    let rsc_key = CacheKey::new(&cache.cfg.namespace, host, path, None, &Variant::Rsc);
+    let html_key = crate::proxy::cached::key(cache, &html_head, &Variant::Html);
+    let rsc_key = crate::proxy::cached::key(cache, &rsc_head, &Variant::Rsc);
     let sibling = Sibling {
         key: &rsc_key,
         variant: &Variant::Rsc,

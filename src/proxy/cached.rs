@@ -21,6 +21,7 @@ use crate::error::{ProxyError, Side};
 use crate::http::body::{self, Body};
 use crate::http::gzip;
 use crate::upstream::UpstreamError;
+use crate::upstream::pin::{Pin, is_build_asset};
 
 /// Answers a cache candidate.
 pub async fn serve(
@@ -32,6 +33,7 @@ pub async fn serve(
 ) -> Result<(Response<Body>, Outcome), ProxyError> {
     let now = cache.clock.now_ms();
     let key = key(cache, &head, &variant);
+    count_hot(app, &head, &variant);
     let ask = Ask {
         headers: &head.headers,
         head: head.method == Method::HEAD,
@@ -203,6 +205,22 @@ impl Fill {
     }
 }
 
+/// Counts a page request for the hot set a new build pre-renders (`deploy::hot`).
+fn count_hot(app: &AppState, head: &Parts, variant: &Variant) {
+    let query = match variant {
+        Variant::Html => head.uri.query(),
+        Variant::Rsc => None,
+        _ => return,
+    };
+    if head.method != Method::GET {
+        return;
+    }
+    let host = head.headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    if let Some(host) = host {
+        app.deploy.hot.count(host, head.uri.path(), query);
+    }
+}
+
 /// What a miss got.
 #[derive(Debug)]
 enum Fetched {
@@ -216,20 +234,20 @@ enum Fetched {
     Passed(Response<Body>),
 }
 
-/// The request's cache key (the host is the request's: `Host` or `:authority`).
+/// The request's cache key (the host is the request's: `Host` or `:authority`), in the
+/// namespace of the build it is pinned to (`crate::deploy`); build assets are keyed without
+/// one (content-hashed: the same bytes in every build that has them).
 pub(crate) fn key(cache: &CacheState, head: &Parts, variant: &Variant) -> CacheKey {
     let host = head
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    CacheKey::new(
-        &cache.cfg.namespace,
-        host,
-        head.uri.path(),
-        head.uri.query(),
-        variant,
-    )
+    let namespace = match head.extensions.get::<Arc<Pin>>() {
+        Some(pin) if !is_build_asset(head.uri.path()) => pin.namespace.as_str(),
+        _ => cache.cfg.namespace.as_str(),
+    };
+    CacheKey::new(namespace, host, head.uri.path(), head.uri.query(), variant)
 }
 
 /// The client's answer to a miss: the fetched entry or response, or the stale entry kept in

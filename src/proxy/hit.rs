@@ -116,6 +116,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
         Ok(Variant::Image(_)) | Err(_) => return Answer::Lend(None),
         Ok(variant) => variant,
     };
+    app.deploy.pin(&mut head);
     let now = cache.clock.now_ms();
     let key = cached::key(cache, &head, &variant);
     let Lookup {

@@ -78,6 +78,7 @@ async fn route(
         sanitize::forward(&app.policy, peer, &mut head);
         return Ok(Box::pin(crate::invalidate::handle(app, head, body)).await);
     }
+    app.deploy.pin(&mut head);
     let listen = &app.config.listen;
     let body = limit_body(&head, body, listen.max_body_bytes, listen.body_read_timeout)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());

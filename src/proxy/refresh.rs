@@ -256,6 +256,10 @@ pub fn as_variant(head: &Parts, variant: &Variant) -> Parts {
     }
     *req.headers_mut() = headers;
     *req.uri_mut() = with_rsc_query(&head.uri, rsc);
+    // The other variant of the page comes from the same build.
+    if let Some(pin) = head.extensions.get::<Arc<crate::upstream::pin::Pin>>() {
+        req.extensions_mut().insert(Arc::clone(pin));
+    }
     req.into_parts().0
 }
 

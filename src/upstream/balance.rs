@@ -13,14 +13,35 @@ use std::sync::Arc;
 
 use super::replicas::Replica;
 
-/// Picks a replica, avoiding `avoid` when there is any other.
-pub fn pick(list: &[Arc<Replica>], avoid: Option<&Replica>) -> Option<Arc<Replica>> {
+/// Picks a replica, avoiding `avoid` when there is any other. With a `build`
+/// (`crate::deploy::Pin`), a healthy replica of that build when there is one; a replica of
+/// another build only when none is (the fill does not store what it answers).
+pub fn pick(
+    list: &[Arc<Replica>],
+    avoid: Option<&Replica>,
+    build: Option<&str>,
+) -> Option<Arc<Replica>> {
     let not_avoided = |r: &Arc<Replica>| avoid.is_none_or(|a| !std::ptr::eq(a, r.as_ref()));
     let healthy = |r: &Arc<Replica>| not_avoided(r) && r.is_healthy();
+    if let Some(build) = build {
+        if let Some(r) = p2c(list, |r| healthy(r) && r.runs(build)) {
+            return Some(r);
+        }
+    }
     if let Some(r) = p2c(list, healthy) {
         return Some(r);
     }
     p2c(list, not_avoided).or_else(|| p2c(list, |_| true))
+}
+
+/// A healthy replica that does not run `build` and is not in `tried` (a build asset another
+/// build may have).
+pub fn pick_other(list: &[Arc<Replica>], build: &str, tried: &[String]) -> Option<Arc<Replica>> {
+    p2c(list, |r| {
+        r.is_healthy()
+            && r.build()
+                .is_some_and(|b| *b != build && !tried.contains(&b))
+    })
 }
 
 fn p2c(list: &[Arc<Replica>], eligible: impl Fn(&Arc<Replica>) -> bool) -> Option<Arc<Replica>> {
@@ -62,7 +83,7 @@ mod tests {
         let list = replicas(2);
         let _busy: Vec<_> = (0..5).map(|_| list[0].begin()).collect();
         for _ in 0..50 {
-            let r = pick(&list, None).expect("some");
+            let r = pick(&list, None, None).expect("some");
             assert!(Arc::ptr_eq(&r, &list[1]));
         }
     }
@@ -72,13 +93,38 @@ mod tests {
         let list = replicas(3);
         list[0].record_failure(Some(1), Duration::from_secs(60));
         for _ in 0..50 {
-            let r = pick(&list, Some(&list[1])).expect("some");
+            let r = pick(&list, Some(&list[1]), None).expect("some");
             assert!(Arc::ptr_eq(&r, &list[2]));
         }
         list[2].record_failure(Some(1), Duration::from_secs(60));
         list[1].record_failure(Some(1), Duration::from_secs(60));
-        assert!(pick(&list, None).is_some(), "all unhealthy still picks one");
-        assert!(pick(&[], None).is_none());
+        assert!(
+            pick(&list, None, None).is_some(),
+            "all unhealthy still picks one"
+        );
+        assert!(pick(&[], None, None).is_none());
+    }
+
+    #[test]
+    fn a_build_gets_its_own_replicas_and_others_only_when_it_has_none() {
+        let list = replicas(3);
+        let mark = |r: &Replica, b: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-isrgate-build", b.parse().expect("value"));
+            r.note_build(&h);
+        };
+        mark(&list[0], "A");
+        mark(&list[1], "B");
+        mark(&list[2], "B");
+        for _ in 0..50 {
+            let r = pick(&list, None, Some("A")).expect("some");
+            assert!(Arc::ptr_eq(&r, &list[0]));
+            let other = pick_other(&list, "A", &[]).expect("a B");
+            assert!(other.runs("B"));
+        }
+        assert!(pick_other(&list, "A", &["B".into()]).is_none());
+        list[0].record_failure(Some(1), Duration::from_secs(60));
+        assert!(pick(&list, None, Some("A")).expect("fails over").runs("B"));
     }
 
     #[test]
@@ -86,7 +132,7 @@ mod tests {
         let list = replicas(3);
         let mut counts = [0usize; 3];
         for _ in 0..3000 {
-            let r = pick(&list, None).expect("some");
+            let r = pick(&list, None, None).expect("some");
             let i = list
                 .iter()
                 .position(|x| Arc::ptr_eq(x, &r))

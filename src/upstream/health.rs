@@ -39,7 +39,10 @@ pub async fn probe(
     // The response body is not read: the connection is not reused, each check opens its own
     // (a few per interval, and it also proves the replica still accepts connections).
     match tokio::time::timeout(timeout, pool.send(&replica.authority, req)).await {
-        Ok(Ok((resp, _lease))) => resp.status().as_u16() < 500,
+        Ok(Ok((resp, _lease))) => {
+            replica.note_build(resp.headers());
+            resp.status().as_u16() < 500
+        }
         _ => false,
     }
 }

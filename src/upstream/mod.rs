@@ -13,6 +13,7 @@
 pub mod balance;
 pub mod discovery;
 pub mod health;
+pub mod pin;
 pub mod pool;
 pub mod replicas;
 
@@ -202,11 +203,61 @@ impl Upstream {
     /// died mid-request), or it stopped answering altogether (see [`Upstream::attempt`]):
     /// idempotent, so safe, as nginx's `proxy_next_upstream error`. Timeouts are not retried: a
     /// replica that is slow to render would only be asked to render twice.
+    ///
+    /// A request pinned to a build ([`pin::Pin`]) goes to a replica of that build; a build
+    /// asset that build answers 404 for is asked of each other build's replicas, and the
+    /// client gets the first answer that is not a 404 (a tab of build A still fetches A's
+    /// chunks after build B took over).
     pub async fn send(&self, head: Parts, body: Body) -> Result<Reply, UpstreamError> {
+        let pin = head.extensions.get::<Arc<pin::Pin>>().cloned();
+        let asset = match &pin {
+            Some(pin) if head.method == Method::GET && pin::is_build_asset(head.uri.path()) => {
+                Some((copy_head(&head), Arc::clone(pin)))
+            }
+            _ => None,
+        };
+        let reply = self.send_pinned(head, body, pin.as_deref()).await?;
+        match asset {
+            Some((head, pin)) if reply.response.status() == http::StatusCode::NOT_FOUND => {
+                Ok(self.asset_elsewhere(head, &pin.build, reply).await)
+            }
+            _ => Ok(reply),
+        }
+    }
+
+    /// Asks replicas of the other builds for an asset `build` does not have, one per build;
+    /// `not_found` when none has it.
+    async fn asset_elsewhere(&self, head: Parts, build: &str, not_found: Reply) -> Reply {
+        let mut tried = vec![build.to_owned()];
+        while let Some(replica) = self
+            .replicas
+            .with(|list| balance::pick_other(list, build, &tried))
+        {
+            let Some(other) = replica.build() else { break };
+            tried.push(other.as_ref().clone());
+            let deadline = Instant::now() + self.cfg.total_timeout;
+            let attempt = self.attempt(&replica, copy_head(&head), body::empty(), deadline, true);
+            if let Ok(reply) = attempt.await {
+                if reply.response.status() != http::StatusCode::NOT_FOUND {
+                    self.metrics.asset_fallbacks.inc();
+                    return reply;
+                }
+            }
+        }
+        not_found
+    }
+
+    async fn send_pinned(
+        &self,
+        head: Parts,
+        body: Body,
+        pin: Option<&pin::Pin>,
+    ) -> Result<Reply, UpstreamError> {
+        let build = pin.map(|p| p.build.as_str());
         let deadline = Instant::now() + self.cfg.total_timeout;
         let retry = (matches!(head.method, Method::GET | Method::HEAD) && body.is_end_stream())
             .then(|| copy_head(&head));
-        let first = self.pick(None)?;
+        let first = self.pick(None, build)?;
         let err = match self
             .attempt(&first, head, body, deadline, retry.is_some())
             .await
@@ -219,7 +270,7 @@ impl Upstream {
             other => return other,
         };
         let Some(head) = retry else { return Err(err) };
-        let second = self.pick(Some(&first))?;
+        let second = self.pick(Some(&first), build)?;
         if Arc::ptr_eq(&first, &second) {
             return Err(err);
         }
@@ -242,9 +293,13 @@ impl Upstream {
             .await
     }
 
-    fn pick(&self, avoid: Option<&Replica>) -> Result<Arc<Replica>, UpstreamError> {
+    fn pick(
+        &self,
+        avoid: Option<&Replica>,
+        build: Option<&str>,
+    ) -> Result<Arc<Replica>, UpstreamError> {
         self.replicas
-            .with(|list| balance::pick(list, avoid))
+            .with(|list| balance::pick(list, avoid, build))
             .ok_or(UpstreamError::NoReplica)
     }
 
@@ -358,6 +413,7 @@ impl Upstream {
         match result {
             Ok(Ok((response, lease))) => {
                 replica.record_success();
+                replica.note_build(response.headers());
                 Ok((response, lease))
             }
             Ok(Err(pool::PoolError::Connect(source))) => {
@@ -421,6 +477,9 @@ fn copy_head(head: &Parts) -> Parts {
     *req.uri_mut() = head.uri.clone();
     *req.version_mut() = head.version;
     *req.headers_mut() = head.headers.clone();
+    if let Some(pin) = head.extensions.get::<Arc<pin::Pin>>() {
+        req.extensions_mut().insert(Arc::clone(pin));
+    }
     req.into_parts().0
 }
 

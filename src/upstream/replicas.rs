@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::Authority;
 use tokio::sync::watch;
 
@@ -38,6 +38,8 @@ pub struct Replica {
     stalls: watch::Sender<u64>,
     /// A stall probe is in flight (one at a time per replica).
     probing: AtomicBool,
+    /// The build it runs, as its last response said (`crate::deploy`); `None` until one did.
+    build: ArcSwapOption<String>,
 }
 
 impl Replica {
@@ -56,7 +58,33 @@ impl Replica {
             last_error: std::sync::Mutex::new(None),
             stalls: watch::Sender::new(0),
             probing: AtomicBool::new(false),
+            build: ArcSwapOption::empty(),
         }
+    }
+
+    /// The build it runs, as its last response said.
+    pub fn build(&self) -> Option<Arc<String>> {
+        self.build.load_full()
+    }
+
+    /// Whether its last response said it runs `build` (no refcount traffic: the balancer asks
+    /// this of every candidate).
+    pub fn runs(&self, build: &str) -> bool {
+        self.build.load().as_deref().is_some_and(|b| b == build)
+    }
+
+    /// Records the build a response of this replica names, if any ([`build_of`]); a change
+    /// (a first answer, or a replica restarted on another build behind the same address) is
+    /// logged.
+    pub fn note_build(&self, headers: &http::HeaderMap) {
+        let Some(build) = build_of(headers) else {
+            return;
+        };
+        if self.runs(build) {
+            return;
+        }
+        self.build.store(Some(Arc::new(build.to_owned())));
+        tracing::info!(replica = %self.authority, build, "replica runs build");
     }
 
     /// Tells when the replica is next ejected for not answering (`changed()` resolves).
@@ -172,6 +200,29 @@ impl Replica {
         }
         None
     }
+}
+
+/// The response header `@isrgate/next` adds to every response of a replica: its build
+/// (the deployment id when set, else the `BUILD_ID`).
+pub static BUILD_HEADER: http::HeaderName = http::HeaderName::from_static("x-isrgate-build");
+
+/// Next.js's own: the deployment id, on RSC and data responses of 16.x with `deploymentId` set
+/// (NEXTJS.md §5).
+static DEPLOYMENT_ID_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-nextjs-deployment-id");
+
+/// Longest build name taken from a response; anything longer is not a build name.
+const MAX_BUILD_LEN: usize = 128;
+
+/// The build a replica's response names: `x-isrgate-build`, else `x-nextjs-deployment-id`;
+/// printable ASCII without spaces, at most 128 bytes.
+pub fn build_of(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(&BUILD_HEADER)
+        .or_else(|| headers.get(&DEPLOYMENT_ID_HEADER))?;
+    let b = v.as_bytes();
+    let ok = !b.is_empty() && b.len() <= MAX_BUILD_LEN && b.iter().all(|c| c.is_ascii_graphic());
+    ok.then(|| v.to_str().ok()).flatten()
 }
 
 /// The one stall probe of a replica in flight; released on drop.

@@ -202,14 +202,14 @@ async fn res_revalidate_in_a_pages_api_route_reaches_the_fleet() {
     let s = stack().await;
     let want = super::preview_mode_id();
     for gw in &s.gateways {
-        let cache = gw.state.cache.as_ref().expect("cache");
+        let builds = &gw.state.deploy.builds;
         eventually!(
             15,
-            cache.builds.preview_mode_id().as_ref() == Some(&want),
+            builds.preview_mode_id(Some("isrgate-example")).as_ref() == Some(&want),
             "the gateway learned the build and its previewModeId"
         );
-        let build = cache.builds.current().expect("a build");
-        assert_eq!(build.id, "isrgate-example");
+        let build = builds.get("isrgate-example").expect("a build");
+        assert_eq!(build.build_id, "isrgate-example");
         assert!(build.next.is_some());
     }
 

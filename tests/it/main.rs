@@ -10,6 +10,7 @@ mod browser;
 mod cache;
 mod cli;
 mod coalesce;
+mod deploy;
 mod fidelity;
 mod harness;
 mod invalidate;

@@ -18,6 +18,7 @@ use crate::cache::key::{self, CacheKey, Variant};
 use crate::cache::policy::{self, Expect, Times};
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
+use crate::upstream::pin::Pin;
 use crate::upstream::replicas::Replica;
 
 use super::super::lookup::VARY_TAG;
@@ -36,6 +37,7 @@ const NOT_STORED: &[&str] = &[
     "x-nextjs-cache",
     "x-next-cache-tags",
     "x-isrgate-tags",
+    "x-isrgate-build",
     "x-cache",
     "cache-status",
 ];
@@ -104,6 +106,10 @@ pub enum Pass {
     /// (`x-nextjs-cache: STALE`, or `HIT` where a regeneration was asked): not a render newer
     /// than what is stored, so it must not replace it (never back in time).
     Copy,
+    /// The replica answered for another build than the request is pinned to (it restarted
+    /// on a new build, or no replica of the pinned build was up): the client gets it, the
+    /// pinned build's namespace does not (`crate::deploy`).
+    OtherBuild,
 }
 
 impl Pass {
@@ -113,6 +119,7 @@ impl Pass {
             Pass::Uncacheable => "not-stored",
             Pass::Failed => "failed",
             Pass::Copy => "not-revalidated",
+            Pass::OtherBuild => "other-build",
         }
     }
 }
@@ -182,8 +189,10 @@ pub(super) async fn request(
     replaces: bool,
     to: Option<&Arc<Replica>>,
 ) -> Result<Answer, ProxyError> {
+    let pin = head.extensions.get::<Arc<Pin>>().cloned();
     let preview = if replaces {
-        cache.preview_mode_id(app.config.webhook.preview_mode_id.as_ref())
+        app.deploy
+            .preview_mode_id(pin.as_deref(), app.config.webhook.preview_mode_id.as_ref())
     } else {
         None
     };
@@ -207,6 +216,14 @@ pub(super) async fn request(
         app.metrics.cache_not_stored.inc();
         Ok(Answer::Pass { response, why })
     };
+    // Assets are keyed without a build: whichever build had it answered right.
+    let other_build = pin.as_ref().is_some_and(|p| !replica.runs(&p.build))
+        && !crate::upstream::pin::is_build_asset(&path);
+    if other_build {
+        app.metrics.fills_other_build.inc();
+        tracing::debug!(key = %key.text, replica = %replica.authority, "answered for another build; not stored");
+        return pass(response, Pass::OtherBuild);
+    }
     let freshness = match policy::admit(
         &Method::GET,
         response.status(),
@@ -382,7 +399,12 @@ pub fn expect(variant: &Variant) -> Expect {
 /// Names of headers clients get on a passed-through candidate response that they must not
 /// see (rule 22): the same internals an entry drops.
 pub fn strip_internal_response_headers(headers: &mut http::HeaderMap) {
-    for name in ["x-nextjs-cache", "x-next-cache-tags", "x-isrgate-tags"] {
+    for name in [
+        "x-nextjs-cache",
+        "x-next-cache-tags",
+        "x-isrgate-tags",
+        "x-isrgate-build",
+    ] {
         headers.remove(HeaderName::from_static(name));
     }
 }

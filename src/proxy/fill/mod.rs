@@ -345,7 +345,7 @@ async fn end(
             }
             permit.release().await;
         }
-        Ended::Passed(Pass::Copy) => {
+        Ended::Passed(Pass::Copy | Pass::OtherBuild) => {
             permit.wake(Done::Pass);
             permit.release().await;
             if fleet {

@@ -233,6 +233,8 @@ struct State {
     last: Mutex<HashMap<String, Seen>>,
     total: AtomicUsize,
     connections: AtomicUsize,
+    /// Sent as `x-isrgate-build` on every response, as `@isrgate/next` makes a replica do.
+    build: Mutex<Option<String>>,
 }
 
 /// Route declarations, passed to the closure of [`FakeNext::start`].
@@ -273,6 +275,12 @@ impl FakeNext {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Marks every later response with `x-isrgate-build: build` (a replica of that build), or
+    /// stops marking them.
+    pub fn set_build(&self, build: Option<&str>) {
+        *self.state.build.lock().expect("lock") = build.map(str::to_owned);
     }
 
     /// Changes or adds a route while running.
@@ -342,7 +350,17 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
         state.connections.fetch_add(1, Ordering::SeqCst);
         let state = Arc::clone(&state);
         conns.spawn(async move {
-            let svc = service_fn(move |req| answer(Arc::clone(&state), req));
+            let svc = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move {
+                    let mut resp = answer(Arc::clone(&state), req).await?;
+                    if let Some(b) = state.build.lock().expect("lock").as_deref() {
+                        resp.headers_mut()
+                            .insert("x-isrgate-build", b.parse().expect("build name"));
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
+            });
             let _ = hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(TokioIo::new(stream), svc)

@@ -1,20 +1,21 @@
 //! The builds the replicas run, as `@isrgate/next` reports them (README "Revalidating from
 //! inside your app"): every replica with the package writes its build into the Redis hash
-//! `isr:builds` (field: the build id; value: JSON with the deployment id, the Next.js version,
-//! the build's `previewModeId` and when it was last seen) and again every 30 s.
+//! `isr:builds` (field: the build's identity, the deployment id when set, else the
+//! `BUILD_ID`, the same name its responses carry in `x-isrgate-build`; value: JSON with the
+//! `BUILD_ID`, the deployment id, the Next.js version, the build's `previewModeId`, when it was
+//! built and when it was last seen) and again every 30 s.
 //!
-//! Owns what the gateway knows of them: [`Builds::current`] (the build seen most recently) and
-//! its `previewModeId`, which background refreshes and re-warms send as
-//! `x-prerender-revalidate` when `webhook.preview_mode_id` is not configured. The id is a
-//! secret: it is kept as a sensitive header value, never logged and never in `/api/stats`.
+//! Owns what the gateway knows of them: each build's other names (a client's `/_next/data/<BUILD_ID>/`
+//! or `?dpl=` names it by those) and its `previewModeId`, which background refreshes and
+//! re-warms of that build's pages send as `x-prerender-revalidate` when
+//! `webhook.preview_mode_id` is not configured. The id is a secret: it is kept as a sensitive
+//! header value, never logged and never in `/api/stats`.
 
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use fred::prelude::*;
 use http::HeaderValue;
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::store::{Store, StoreError};
 
@@ -24,17 +25,18 @@ pub const BUILDS_KEY: &str = "isr:builds";
 /// A build not reported for this long is gone (its replicas write every 30 s).
 const GONE_AFTER_MS: u64 = 5 * 60 * 1000;
 
-/// How often the hash is read.
-const READ_EVERY: Duration = Duration::from_secs(10);
-
 /// Longest build or deployment id accepted, bytes.
 const MAX_ID_BYTES: usize = 256;
 
 /// One build, as its replicas report it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Build {
-    /// `BUILD_ID` of `.next`.
+    /// Its identity: the deployment id when set, else the `BUILD_ID`.
     pub id: String,
+    /// `BUILD_ID` of `.next` (older packages: the identity).
+    pub build_id: String,
+    /// When `next build` wrote it (UNIX ms), when reported.
+    pub built_ms: Option<u64>,
     /// `deploymentId` of next.config, when set.
     pub deployment_id: Option<String>,
     /// The Next.js version.
@@ -48,6 +50,8 @@ pub struct Build {
 /// The JSON a replica writes.
 #[derive(Deserialize)]
 struct Reported {
+    build_id: Option<String>,
+    built_ms: Option<u64>,
     deployment_id: Option<String>,
     next: Option<String>,
     preview_mode_id: Option<String>,
@@ -66,17 +70,36 @@ impl Builds {
         Arc::clone(&self.known.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The build seen most recently.
-    pub fn current(&self) -> Option<Build> {
-        self.all().first().cloned()
+    /// The report of the build named `id`.
+    pub fn get(&self, id: &str) -> Option<Build> {
+        self.all().iter().find(|b| b.id == id).cloned()
     }
 
-    /// The `previewModeId` of the current build.
-    pub fn preview_mode_id(&self) -> Option<HeaderValue> {
-        self.current().and_then(|b| b.preview_mode_id)
+    /// The identity of the build a client names by `name`: its identity, its `BUILD_ID` or
+    /// its deployment id.
+    pub fn identity_of(&self, name: &str) -> Option<String> {
+        self.all()
+            .iter()
+            .find(|b| {
+                b.id == name || b.build_id == name || b.deployment_id.as_deref() == Some(name)
+            })
+            .map(|b| b.id.clone())
+    }
+
+    /// The `previewModeId` of the build named `id`; without one, of the build reported most
+    /// recently (replicas of packages older than `x-isrgate-build` report no identity their
+    /// responses name).
+    pub fn preview_mode_id(&self, id: Option<&str>) -> Option<HeaderValue> {
+        let all = self.all();
+        let build = match id {
+            Some(id) => all.iter().find(|b| b.id == id),
+            None => all.first(),
+        };
+        build.and_then(|b| b.preview_mode_id.clone())
     }
 
     /// Reads the hash once; builds not seen within five minutes of the newest are left out.
+    /// Logs builds it did not know.
     pub async fn read(&self, store: &Store) -> Result<usize, StoreError> {
         let Store::Redis(redis) = store else {
             return Ok(0);
@@ -84,38 +107,23 @@ impl Builds {
         let all: std::collections::HashMap<String, String> =
             redis.bounded(redis.pool().hgetall(BUILDS_KEY)).await?;
         let builds = parse(all);
-        let n = builds.len();
-        let before = self.current().map(|b| b.id);
-        if let Some(now) = builds.first().filter(|b| before.as_ref() != Some(&b.id)) {
+        let before = self.all();
+        for new in builds
+            .iter()
+            .filter(|b| !before.iter().any(|o| o.id == b.id))
+        {
             tracing::info!(
-                build = %now.id,
-                deployment_id = now.deployment_id.as_deref().unwrap_or("-"),
-                next = now.next.as_deref().unwrap_or("-"),
-                preview_mode_id = if now.preview_mode_id.is_some() { "reported" } else { "none" },
-                "replicas report a new current build"
+                build = %new.id,
+                build_id = %new.build_id,
+                deployment_id = new.deployment_id.as_deref().unwrap_or("-"),
+                next = new.next.as_deref().unwrap_or("-"),
+                preview_mode_id = if new.preview_mode_id.is_some() { "reported" } else { "none" },
+                "replicas report a build"
             );
         }
+        let n = builds.len();
         *self.known.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(builds);
         Ok(n)
-    }
-
-    /// Reads the hash now and every 10 s until `stop`.
-    pub fn follow(self: &Arc<Self>, store: Store, stop: &CancellationToken) {
-        if !matches!(store, Store::Redis(_)) {
-            return;
-        }
-        let (builds, stop) = (Arc::clone(self), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = builds.read(&store).await {
-                    tracing::debug!(error = %e, "could not read the replicas' builds");
-                }
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(READ_EVERY) => {}
-                }
-            }
-        });
     }
 }
 
@@ -128,6 +136,11 @@ fn parse(fields: std::collections::HashMap<String, String>) -> Vec<Build> {
         .filter_map(|(id, json)| {
             let r: Reported = serde_json::from_str(&json).ok()?;
             Some(Build {
+                build_id: r
+                    .build_id
+                    .filter(|b| !b.is_empty() && b.len() <= MAX_ID_BYTES)
+                    .unwrap_or_else(|| id.clone()),
+                built_ms: r.built_ms,
                 id,
                 deployment_id: r.deployment_id.filter(|d| d.len() <= MAX_ID_BYTES),
                 next: r.next.filter(|n| n.len() <= MAX_ID_BYTES),

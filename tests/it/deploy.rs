@@ -1,0 +1,309 @@
+//! Two builds side by side (issue 17), with fake replicas that mark their responses with their
+//! build (`x-isrgate-build`, as `@isrgate/next` makes a replica do): builds are discovered,
+//! each has its own namespace, requests go to the build they name, assets a build lacks come
+//! from another, the current build is switched once a new build has its share and agreed by
+//! every gateway through Redis, the hot set is pre-rendered before the switch, and a purge
+//! reaches every build.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::eventually;
+use crate::support::origin::{FakeNext, Route};
+use crate::support::redis::RedisProcess;
+use crate::support::{Client, Gateway, Got, config};
+
+const HOST: &str = "shop.example";
+const ISR: &str = "s-maxage=600, stale-while-revalidate=600";
+const TOKEN: &str = "test-admin-token";
+
+/// A replica of `build` whose pages say which build rendered them.
+async fn replica(build: &str, pages: &[&str]) -> FakeNext {
+    let b = build.to_owned();
+    let pages: Vec<String> = pages.iter().map(|p| (*p).to_owned()).collect();
+    let r = FakeNext::start(move |o| {
+        for p in &pages {
+            o.route(
+                p,
+                Route::html(&format!("<p>{p} of build {b}</p>")).header("cache-control", ISR),
+            );
+        }
+        o.route("/", Route::html("ok"));
+    })
+    .await;
+    r.set_build(Some(build));
+    r
+}
+
+/// A gateway over `replicas`, checking them every 100 ms unless `extra` says otherwise.
+async fn gateway(replicas: &[&FakeNext], redis: Option<&RedisProcess>, deploy: &str) -> Gateway {
+    gateway_with(replicas, redis, "[health]\ninterval = \"100ms\"\n", deploy).await
+}
+
+async fn gateway_with(
+    replicas: &[&FakeNext],
+    redis: Option<&RedisProcess>,
+    extra: &str,
+    deploy: &str,
+) -> Gateway {
+    let urls: Vec<String> = replicas.iter().map(|r| r.url()).collect();
+    let redis = redis.map_or_else(String::new, |r| format!("[redis]\nurl = \"{}\"\n", r.url()));
+    let mut cfg = config(&urls, "", &format!("{redis}{extra}[deploy]\n{deploy}\n"));
+    if let Some(admin) = cfg.admin.as_mut() {
+        admin.token = Some(TOKEN.into());
+    }
+    Gateway::start(cfg).await
+}
+
+async fn get(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
+    let mut all = vec![("host", HOST)];
+    all.extend_from_slice(headers);
+    Client::default().get(&gw.url(path), &all).await
+}
+
+fn body(got: &Got) -> String {
+    String::from_utf8_lossy(&got.body).into_owned()
+}
+
+async fn stats(gw: &Gateway) -> Value {
+    let got = Client::default()
+        .get(
+            &format!("http://{}/api/stats", gw.admin.expect("admin")),
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+        )
+        .await;
+    serde_json::from_slice(&got.body).expect("stats JSON")
+}
+
+fn current(gw: &Gateway) -> Option<String> {
+    gw.state.deploy.current().map(|p| p.build.clone())
+}
+
+#[tokio::test]
+async fn builds_are_discovered_namespaced_and_routed_by_every_signal() {
+    let a = replica("A", &["/p", "/_next/data/A/p.json"]).await;
+    let mut b = replica("B", &["/p", "/_next/data/B/p.json"]).await;
+    b.stop().await;
+    let gw = gateway(&[&a, &b], None, "prewarm_paths = 0").await;
+    eventually!(
+        10,
+        current(&gw).as_deref() == Some("A"),
+        "build A discovered and current"
+    );
+
+    assert_eq!(body(&get(&gw, "/p", &[]).await), "<p>/p of build A</p>");
+    let hit = get(&gw, "/p", &[]).await;
+    assert_eq!(hit.header("x-cache"), "HIT");
+    assert_eq!(
+        hit.header("x-isrgate-build"),
+        "",
+        "the build mark stays internal"
+    );
+    // A build that has no replica is no destination: the current build answers.
+    assert_eq!(
+        get(&gw, "/p", &[("x-deployment-id", "B")])
+            .await
+            .header("x-cache"),
+        "HIT"
+    );
+
+    // B comes up: one of two healthy replicas is its share (50 %), so it becomes current.
+    b.restart().await;
+    eventually!(10, current(&gw).as_deref() == Some("B"), "build B current");
+    let fresh = get(&gw, "/p", &[]).await;
+    assert_eq!(body(&fresh), "<p>/p of build B</p>", "B's own namespace");
+    assert_eq!(fresh.header("x-cache"), "MISS");
+    assert_eq!(a.count("/p"), 1);
+
+    // An A client still gets A, from A's namespace, by each signal.
+    for (path, headers) in [("/p", vec![("x-deployment-id", "A")]), ("/p?dpl=A", vec![])] {
+        let got = get(&gw, path, &headers).await;
+        assert_eq!(body(&got), "<p>/p of build A</p>", "{path} {headers:?}");
+    }
+    let data = get(&gw, "/_next/data/A/p.json", &[]).await;
+    assert_eq!(body(&data), "<p>/_next/data/A/p.json of build A</p>");
+    assert_eq!(b.count("/_next/data/A/p.json"), 0, "never asked of B");
+    assert_eq!(a.count("/p"), 1, "A's entry served from A's namespace");
+
+    let s = stats(&gw).await;
+    assert_eq!(s["deploy"]["current"], "B");
+    let builds: Vec<&str> = s["deploy"]["builds"]
+        .as_array()
+        .expect("builds")
+        .iter()
+        .filter_map(|b| b["build"].as_str())
+        .collect();
+    assert_eq!(builds, ["B", "A"], "newest first");
+}
+
+#[tokio::test]
+async fn an_asset_one_build_lacks_comes_from_the_other_and_is_cached_once() {
+    let a = FakeNext::start(|o| {
+        o.route("/", Route::html("ok"));
+        o.route(
+            "/_next/static/chunks/a1.js",
+            Route::html("a1()")
+                .content_type("application/javascript")
+                .header("cache-control", "public, max-age=31536000, immutable"),
+        );
+    })
+    .await;
+    a.set_build(Some("A"));
+    let b = replica("B", &[]).await;
+    let gw = gateway(&[&a, &b], None, "prewarm_paths = 0\nswitch_percent = 50").await;
+    eventually!(10, gw.state.deploy.tally().0.len() == 2, "both builds seen");
+    gw.state.deploy.choose("B", true).await.expect("B chosen");
+
+    for _ in 0..3 {
+        let got = get(&gw, "/_next/static/chunks/a1.js", &[]).await;
+        assert_eq!(got.status, 200, "A's chunk through a B-current gateway");
+        assert_eq!(body(&got), "a1()");
+    }
+    assert_eq!(
+        a.count("/_next/static/chunks/a1.js"),
+        1,
+        "stored once, build-independent"
+    );
+    assert!(b.count("/_next/static/chunks/a1.js") <= 1);
+    let missing = get(&gw, "/_next/static/chunks/none.js", &[]).await;
+    assert_eq!(missing.status, 404, "no build has it");
+}
+
+#[tokio::test]
+async fn the_switch_is_agreed_by_every_gateway_and_an_operator_can_hold_it() {
+    let r = RedisProcess::start();
+    let a = replica("A", &["/p"]).await;
+    let mut b = replica("B", &["/p"]).await;
+    b.stop().await;
+    let gw1 = gateway(&[&a, &b], Some(&r), "prewarm_paths = 0").await;
+    let gw2 = gateway(&[&a, &b], Some(&r), "prewarm_paths = 0").await;
+    eventually!(
+        10,
+        current(&gw1).as_deref() == Some("A") && current(&gw2).as_deref() == Some("A"),
+        "A agreed"
+    );
+
+    // An operator holds A: B's replicas come up, nothing switches.
+    let admin = |gw: &Gateway, body: &str| {
+        let url = format!("http://{}/api/deploy", gw.admin.expect("admin"));
+        let body = Bytes::from(body.to_owned());
+        async move {
+            Client::default()
+                .send(
+                    "POST",
+                    &url,
+                    &[("authorization", &format!("Bearer {TOKEN}"))],
+                    body,
+                )
+                .await
+        }
+    };
+    assert_eq!(admin(&gw1, r#"{"current":"A"}"#).await.status, 200);
+    let refused = admin(&gw1, r#"{"current":"Z"}"#).await;
+    assert_eq!(refused.status, 409);
+    let error: Value = serde_json::from_slice(&refused.body).expect("JSON");
+    assert_eq!(
+        error["error"],
+        "no healthy replica runs build \"Z\" (builds with healthy replicas: A)"
+    );
+    assert_eq!(
+        admin(&gw1, r#"{"current":"A","auto":true}"#).await.status,
+        400
+    );
+    b.restart().await;
+    eventually!(
+        10,
+        gw2.state
+            .deploy
+            .tally()
+            .0
+            .iter()
+            .any(|(p, n)| p.build == "B" && *n == 1),
+        "B seen"
+    );
+    // Seen, healthy, half the replicas, but held: a few rollout ticks later A is still current.
+    let seen = gw1.state.deploy.status.snapshot().switched_ms;
+    for gw in [&gw1, &gw2] {
+        eventually!(
+            10,
+            gw.state.deploy.tally().0.len() == 2,
+            "both builds on each gateway"
+        );
+    }
+    assert_eq!(current(&gw1).as_deref(), Some("A"));
+    assert_eq!(current(&gw2).as_deref(), Some("A"));
+
+    // Handed back: both gateways move to B, with one switch between them.
+    assert_eq!(admin(&gw2, r#"{"auto":true}"#).await.status, 200);
+    eventually!(
+        10,
+        current(&gw1).as_deref() == Some("B") && current(&gw2).as_deref() == Some("B"),
+        "B agreed"
+    );
+    let switched = r.cli(&["HGET", "isr:deploy", "switched_ms"]);
+    assert!(switched.trim().parse::<u64>().expect("ms") >= seen);
+    assert_eq!(body(&get(&gw1, "/p", &[]).await), "<p>/p of build B</p>");
+    assert_eq!(body(&get(&gw2, "/p", &[]).await), "<p>/p of build B</p>");
+    assert_eq!(
+        get(&gw2, "/p", &[]).await.header("x-cache"),
+        "HIT",
+        "one namespace for the fleet"
+    );
+}
+
+#[tokio::test]
+async fn a_purge_reaches_every_build() {
+    let r = RedisProcess::start();
+    let a = replica("A", &["/p"]).await;
+    let b = replica("B", &["/p"]).await;
+    let gw = gateway(&[&a, &b], Some(&r), "prewarm_paths = 0").await;
+    eventually!(10, gw.state.deploy.tally().0.len() == 2, "both builds seen");
+    for build in ["A", "B"] {
+        get(&gw, "/p", &[("x-deployment-id", build)]).await;
+        let hit = get(&gw, "/p", &[("x-deployment-id", build)]).await;
+        assert_eq!(hit.header("x-cache"), "HIT", "{build}");
+    }
+    let cache = gw.state.cache.as_ref().expect("cache");
+    let purge = isrgate::invalidate::webhook::parse(
+        br#"{"paths":["/p"],"mode":"hard","rewarm":false}"#,
+        None,
+    )
+    .expect("purge");
+    isrgate::invalidate::run(&gw.state, cache, &purge, HOST, "test")
+        .await
+        .expect("purged");
+    for (build, replica) in [("A", &a), ("B", &b)] {
+        let got = get(&gw, "/p", &[("x-deployment-id", build)]).await;
+        assert_eq!(got.header("x-cache"), "MISS", "{build} purged");
+        assert_eq!(replica.count("/p"), 2, "{build} rendered again");
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_answers_for_another_build_is_not_stored_under_the_pinned_one() {
+    let a = replica("A", &["/p"]).await;
+    // No active checks: only live traffic tells the gateway what the replica runs.
+    let gw = gateway_with(
+        &[&a],
+        None,
+        "[health]\ninterval = \"0s\"\n",
+        "prewarm_paths = 0",
+    )
+    .await;
+    get(&gw, "/", &[]).await;
+    eventually!(10, current(&gw).as_deref() == Some("A"), "A current");
+    // Restarted in place on build B: the next request still goes to it as an A replica.
+    a.set_build(Some("B"));
+    let got = get(&gw, "/p", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("x-cache"), "MISS");
+    assert_eq!(gw.state.metrics.fills_other_build.get(), 1);
+    eventually!(
+        10,
+        current(&gw).as_deref() == Some("B"),
+        "B current: A has no replica"
+    );
+    let again = get(&gw, "/p", &[]).await;
+    assert_eq!(again.header("x-cache"), "MISS", "B's namespace was empty");
+    assert_eq!(get(&gw, "/p", &[]).await.header("x-cache"), "HIT");
+}
