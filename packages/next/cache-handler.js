@@ -81,7 +81,11 @@ function previewModeId(serverDistDir) {
   return state.previewModeId;
 }
 
-/** This build's identity, as the gateways read it from `isr:builds`. */
+/**
+ * This build as the gateways read it from `isr:builds`: `id`, its identity (the field), is the
+ * `x-isrgate-build` value its responses carry, as `next build` wrote it into routes-manifest.json
+ * (`withIsrgate`); a build made without it is named by its deployment id, else its BUILD_ID.
+ */
 function buildInfo(serverDistDir) {
   const dist = path.join(serverDistDir, '..');
   const read = (file) => {
@@ -91,7 +95,7 @@ function buildInfo(serverDistDir) {
       return null;
     }
   };
-  const id = (read('BUILD_ID') || '').trim();
+  const buildId = (read('BUILD_ID') || '').trim();
   let deploymentId = process.env.NEXT_DEPLOYMENT_ID || null;
   try {
     deploymentId = deploymentId || JSON.parse(read('required-server-files.json')).config.deploymentId || null;
@@ -104,7 +108,30 @@ function buildInfo(serverDistDir) {
   } catch {
     // Unknown version: reported as null.
   }
-  return { id, deployment_id: deploymentId, next, preview_mode_id: previewModeId(serverDistDir) };
+  const built = builtAt(serverDistDir);
+  return {
+    id: markedIdentity(read('routes-manifest.json')) || deploymentId || buildId,
+    build_id: buildId,
+    built_ms: built ? Math.floor(built) : null,
+    deployment_id: deploymentId,
+    next,
+    preview_mode_id: previewModeId(serverDistDir),
+  };
+}
+
+/** The `x-isrgate-build` value of the build's header rules (the last one, as Next applies them). */
+function markedIdentity(routesManifest) {
+  let found = null;
+  try {
+    for (const rule of JSON.parse(routesManifest).headers || []) {
+      for (const h of rule.headers || []) {
+        if (typeof h.key === 'string' && h.key.toLowerCase() === 'x-isrgate-build' && typeof h.value === 'string' && h.value) found = h.value;
+      }
+    }
+  } catch {
+    // No manifest (dev) or another layout: not marked.
+  }
+  return found;
 }
 
 /** When this build was made (UNIX ms): invalidations older than that cannot concern its pages. */
@@ -199,10 +226,18 @@ function invalidatedByPath(key, entry) {
   return at > 0 && (entry.lastModified || 0) <= at;
 }
 
-/** Follows the fleet's revalidations and reports the build (once per process). */
+/**
+ * Follows the fleet's revalidations and reports the build (once per process). Best effort: a
+ * failure here is logged, never thrown into `next start` or a request.
+ */
 function join(fleet, serverDistDir) {
-  fleet.follow(applyFromFleet, () => builtAt(serverDistDir));
-  fleet.reportBuild(buildInfo(serverDistDir));
+  try {
+    fleet.follow(applyFromFleet, () => builtAt(serverDistDir));
+    fleet.reportBuild(buildInfo(serverDistDir));
+  } catch (e) {
+    if (!state.joinFailed) console.warn(`[isrgate] could not join the fleet: ${e && e.message}`);
+    state.joinFailed = true;
+  }
 }
 
 /**
@@ -283,3 +318,4 @@ module.exports.default = IsrgateCacheHandler;
 module.exports.pageOfKey = pageOfKey;
 module.exports.applyFromFleet = applyFromFleet;
 module.exports.joinAtStart = joinAtStart;
+module.exports.buildInfo = buildInfo;

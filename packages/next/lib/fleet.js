@@ -104,9 +104,11 @@ class Fleet {
   }
 
   /**
-   * Reports this replica's build in `isr:builds` now and every 30 s (`build`: `{ id,
-   * deployment_id, next, preview_mode_id }`), so the gateways know the builds and their
-   * `previewModeId` without configuration. Builds unseen for a day are removed.
+   * Reports this replica's build in `isr:builds` now and every 30 s, so the gateways know the
+   * builds and their `previewModeId` without configuration. `build`: `{ id, build_id, built_ms,
+   * deployment_id, next, preview_mode_id }`; `id`, the build's identity (what its responses carry
+   * in `x-isrgate-build`), is the hash field, the rest plus `seen_ms` its JSON value. Builds
+   * unseen for a day are removed.
    */
   reportBuild(build) {
     if (this.reporting || !build || !build.id) return;
