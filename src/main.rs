@@ -36,6 +36,33 @@ enum Command {
     /// Invalidate paths and tags on every gateway, through Redis (the webhook's apply path).
     /// Exits 0 with the epoch, or 1 with the reason (nothing is invalidated then).
     Purge(PurgeArgs),
+    /// The rollout of builds, through Redis: which build is current on every gateway.
+    Deploy(DeployArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeployArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Shared store, redis://… (overrides redis.url).
+    #[arg(long, global = true, value_name = "URL")]
+    redis: Option<String>,
+    #[command(subcommand)]
+    action: DeployAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeployAction {
+    /// The current build, whether an operator holds it, and the builds the fleet knows.
+    Status,
+    /// Make BUILD current on every gateway now and hold it there (the rollout stops choosing
+    /// until `isrgate deploy auto`): a rollback, or a switch without waiting.
+    Switch {
+        /// The build (as the replicas' x-isrgate-build names it).
+        build: String,
+    },
+    /// Hand the choice of the current build back to the rollout.
+    Auto,
 }
 
 #[derive(Args, Debug)]
@@ -136,6 +163,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Purge(args) => purge(args),
+        Command::Deploy(args) => deploy(args),
         Command::Serve(args) => {
             let (config, file) = match config::load(
                 args.config.config.as_deref(),
@@ -204,6 +232,61 @@ fn purge(args: PurgeArgs) -> ExitCode {
                 mode.as_str(),
                 tags.join(" ")
             );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config with `--redis` applied, and a runtime for one command-line call.
+fn cli_setup(
+    config: Option<&std::path::Path>,
+    redis: Option<&String>,
+) -> Result<(Config, tokio::runtime::Runtime), String> {
+    let overrides: Vec<Override> = redis
+        .iter()
+        .map(|v| Override {
+            key: "redis.url",
+            flag: "--redis",
+            value: toml::Value::String((*v).clone()),
+        })
+        .collect();
+    let (config, _) = config::load(config, &ProcessEnv, &overrides).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("error: {e}"))?;
+    Ok((config, runtime))
+}
+
+fn deploy(args: DeployArgs) -> ExitCode {
+    use isrgate::deploy::operator;
+    let (config, runtime) = match cli_setup(args.config.config.as_deref(), args.redis.as_ref()) {
+        Ok(setup) => setup,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let done = runtime.block_on(async {
+        match &args.action {
+            DeployAction::Status => operator::status(&config).await,
+            DeployAction::Switch { build } => operator::switch(&config, build).await.map(|()| {
+                format!(
+                    "build {build} is current on every gateway, held until `isrgate deploy auto`\n"
+                )
+            }),
+            DeployAction::Auto => operator::auto(&config)
+                .await
+                .map(|()| "the rollout chooses the current build again\n".to_owned()),
+        }
+    });
+    match done {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {

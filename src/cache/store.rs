@@ -191,6 +191,18 @@ pub struct RedisSettings {
 }
 
 impl RedisSettings {
+    /// One connection for a command-line call (`isrgate purge`, `isrgate deploy`): its
+    /// commands may wait as long as a connection may take to open.
+    pub fn for_cli(redis: &crate::config::Redis) -> RedisSettings {
+        RedisSettings {
+            url: redis.url.clone(),
+            pool_size: 1,
+            command_timeout: redis.connect_timeout.max(redis.command_timeout),
+            connect_timeout: redis.connect_timeout,
+            tls: redis.tls.clone(),
+        }
+    }
+
     /// The fred configuration: the URL, with our TLS settings when it asks for TLS.
     pub fn fred_config(&self) -> Result<Config, StoreError> {
         let mut config = Config::from_url(&self.url)?;

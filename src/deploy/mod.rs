@@ -28,6 +28,7 @@
 
 pub mod builds;
 pub mod hot;
+pub mod operator;
 pub mod rollout;
 pub mod route;
 

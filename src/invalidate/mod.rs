@@ -309,13 +309,7 @@ pub async fn purge(
 ) -> Result<(u64, Vec<String>), PurgeError> {
     let revalidation = webhook::Revalidation::new(paths, tags, mode, false)?;
     let redis = config.redis.as_ref().ok_or(PurgeError::NoRedis)?;
-    let settings = crate::cache::store::RedisSettings {
-        url: redis.url.clone(),
-        pool_size: 1,
-        command_timeout: redis.connect_timeout.max(redis.command_timeout),
-        connect_timeout: redis.connect_timeout,
-        tls: redis.tls.clone(),
-    };
+    let settings = crate::cache::store::RedisSettings::for_cli(redis);
     let store =
         crate::cache::store::Store::Redis(crate::cache::store::RedisStore::connect(&settings)?);
     let all = revalidation.all_tags();

@@ -307,3 +307,64 @@ async fn a_replica_that_answers_for_another_build_is_not_stored_under_the_pinned
     assert_eq!(again.header("x-cache"), "MISS", "B's namespace was empty");
     assert_eq!(get(&gw, "/p", &[]).await.header("x-cache"), "HIT");
 }
+
+#[tokio::test]
+async fn isrgate_deploy_switches_holds_and_releases_from_a_shell() {
+    let r = RedisProcess::start();
+    let a = replica("A", &["/p"]).await;
+    let b = replica("B", &["/p"]).await;
+    let gw = gateway(&[&a, &b], Some(&r), "prewarm_paths = 0").await;
+    eventually!(
+        10,
+        gw.state.deploy.tally().0.len() == 2 && current(&gw).is_some(),
+        "both builds seen, one current"
+    );
+    let isrgate = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_isrgate"))
+            .args(["deploy", "--config", "/dev/null", "--redis", &r.url()])
+            .args(args)
+            .output()
+            .expect("isrgate runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let other = if current(&gw).as_deref() == Some("A") {
+        "B"
+    } else {
+        "A"
+    };
+    let (code, text) = isrgate(&["switch", other]);
+    assert_eq!(code, Some(0), "{text}");
+    eventually!(
+        10,
+        current(&gw).as_deref() == Some(other),
+        "the gateway adopts the operator's build"
+    );
+    let (code, text) = isrgate(&["status"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("current build: {other} (held by an operator")),
+        "{text}"
+    );
+    assert!(
+        text.contains("  A  first seen at") && text.contains("  B  first seen at"),
+        "{text}"
+    );
+
+    let (code, text) = isrgate(&["switch", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        text.contains("no gateway has seen build \"nope\""),
+        "{text}"
+    );
+    assert_eq!(
+        current(&gw).as_deref(),
+        Some(other),
+        "a refused switch changes nothing"
+    );
+
+    let (code, text) = isrgate(&["auto"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(r.cli(&["HGET", "isr:deploy", "pinned"]).trim(), "0");
+}
