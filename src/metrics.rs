@@ -84,6 +84,8 @@ pub struct Metrics {
     pub upstream_retries: Counter,
     /// Build assets one build did not have, answered by another build's replica.
     pub asset_fallbacks: Counter,
+    /// Server actions another build did not know, answered by the build that did.
+    pub action_fallbacks: Counter,
     /// Fills not stored: the replica answered for another build than the request's.
     pub fills_other_build: Counter,
     /// Passive ejections of replicas.

@@ -285,6 +285,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut e,
+            "action_fallbacks",
+            "Server actions (Next-Action) the pinned build did not know, answered by another build's replica.",
+            m.action_fallbacks.get(),
+        )?;
+        counter(
+            &mut e,
             "fills_other_build",
             "Fills not stored: the replica answered for another build than the request was pinned to.",
             m.fills_other_build.get(),

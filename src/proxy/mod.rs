@@ -105,7 +105,11 @@ async fn route(
         }
     }
     sanitize::forward(&app.policy, peer, &mut head);
-    let reply = Box::pin(app.upstream.send(head, body)).await?;
+    let reply = if head.method == http::Method::POST && head.headers.contains_key("next-action") {
+        Box::pin(app.upstream.send_action(head, body)).await?
+    } else {
+        Box::pin(app.upstream.send(head, body)).await?
+    };
     app.metrics.proxied.inc();
     let mut resp = reply.into_response();
     // Next's cache headers and @isrgate/next's tags are for the gateway only, whatever path

@@ -219,32 +219,87 @@ impl Upstream {
         let reply = self.send_pinned(head, body, pin.as_deref()).await?;
         match asset {
             Some((head, pin)) if reply.response.status() == http::StatusCode::NOT_FOUND => {
-                Ok(self.asset_elsewhere(head, &pin.build, reply).await)
+                let missing = |r: &Response<Incoming>| r.status() == http::StatusCode::NOT_FOUND;
+                let found = self.elsewhere(&head, &pin.build, None, missing).await;
+                if found.is_some() {
+                    self.metrics.asset_fallbacks.inc();
+                }
+                Ok(found.unwrap_or(reply))
             }
             _ => Ok(reply),
         }
     }
 
-    /// Asks replicas of the other builds for an asset `build` does not have, one per build;
-    /// `not_found` when none has it.
-    async fn asset_elsewhere(&self, head: Parts, build: &str, not_found: Reply) -> Reply {
+    /// Sends a server action (a POST with `Next-Action`). While another build has healthy
+    /// replicas, its body is kept (when it declares a length of at most 1 MiB, as browsers'
+    /// action fetches do) so that, when the pinned build does not know the action (Next
+    /// answers `x-nextjs-action-not-found`: a tab of another build), it goes to the other
+    /// builds' replicas, one per build: an old tab's action reaches the build it came from.
+    pub async fn send_action(&self, head: Parts, body: Body) -> Result<Reply, UpstreamError> {
+        const MAX_KEPT: u64 = 1 << 20;
+        let pin = head.extensions.get::<Arc<pin::Pin>>().cloned();
+        let declared = head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let Some(pin) =
+            pin.filter(|p| declared.is_some_and(|n| n <= MAX_KEPT) && self.others(&p.build))
+        else {
+            return self.send(head, body).await;
+        };
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map_err(|e| UpstreamError::ClientBody(e.to_string()))?
+            .to_bytes();
+        let copy = copy_head(&head);
+        let reply = self
+            .send_pinned(head, body::full(bytes.clone()), Some(&pin))
+            .await?;
+        if !action_not_found(&reply.response) {
+            return Ok(reply);
+        }
+        let found = self
+            .elsewhere(&copy, &pin.build, Some(bytes), action_not_found)
+            .await;
+        if found.is_some() {
+            self.metrics.action_fallbacks.inc();
+        }
+        Ok(found.unwrap_or(reply))
+    }
+
+    /// Whether a healthy replica runs another build than `build`.
+    fn others(&self, build: &str) -> bool {
+        self.replicas
+            .with(|list| balance::pick_other(list, build, &[]).is_some())
+    }
+
+    /// Asks one replica of each other build than `build` (not retried, never stalled out);
+    /// the first answer `missing` does not refuse, if any.
+    async fn elsewhere(
+        &self,
+        head: &Parts,
+        build: &str,
+        body: Option<bytes::Bytes>,
+        missing: fn(&Response<Incoming>) -> bool,
+    ) -> Option<Reply> {
         let mut tried = vec![build.to_owned()];
         while let Some(replica) = self
             .replicas
             .with(|list| balance::pick_other(list, build, &tried))
         {
-            let Some(other) = replica.build() else { break };
+            let other = replica.build()?;
             tried.push(other.as_ref().clone());
             let deadline = Instant::now() + self.cfg.total_timeout;
-            let attempt = self.attempt(&replica, copy_head(&head), body::empty(), deadline, true);
+            let body = body.clone().map_or_else(body::empty, body::full);
+            let attempt = self.attempt(&replica, copy_head(head), body, deadline, false);
             if let Ok(reply) = attempt.await {
-                if reply.response.status() != http::StatusCode::NOT_FOUND {
-                    self.metrics.asset_fallbacks.inc();
-                    return reply;
+                if !missing(&reply.response) {
+                    return Some(reply);
                 }
             }
         }
-        not_found
+        None
     }
 
     async fn send_pinned(
@@ -440,6 +495,11 @@ impl Upstream {
             tracing::warn!(replica = %replica.authority, for_ = ?self.ejection, "replica ejected after consecutive failures");
         }
     }
+}
+
+/// Next's answer to a server action this build does not know (404 or 409, by version).
+fn action_not_found(response: &Response<Incoming>) -> bool {
+    response.headers().contains_key("x-nextjs-action-not-found")
 }
 
 /// The request target in origin form (path and query), as HTTP/1.1 sends it to a server.

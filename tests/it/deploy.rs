@@ -368,3 +368,43 @@ async fn isrgate_deploy_switches_holds_and_releases_from_a_shell() {
     assert_eq!(code, Some(0), "{text}");
     assert_eq!(r.cli(&["HGET", "isr:deploy", "pinned"]).trim(), "0");
 }
+
+#[tokio::test]
+async fn a_server_action_of_the_other_build_reaches_the_build_that_knows_it() {
+    let a = FakeNext::start(|o| {
+        o.route("/", Route::html("ok"));
+        o.route(
+            "/form",
+            Route::status(404).header("x-nextjs-action-not-found", "1"),
+        );
+    })
+    .await;
+    a.set_build(Some("A"));
+    let b = FakeNext::start(|o| {
+        o.route("/", Route::html("ok"));
+        o.route("/form", Route::echo());
+    })
+    .await;
+    b.set_build(Some("B"));
+    let gw = gateway(&[&a, &b], None, "prewarm_paths = 0").await;
+    eventually!(10, gw.state.deploy.tally().0.len() == 2, "both builds seen");
+    gw.state.deploy.choose("A", true).await.expect("A current");
+
+    let action = Bytes::from_static(br#"["$K1"]"#);
+    let got = Client::default()
+        .send(
+            "POST",
+            &gw.url("/form"),
+            &[
+                ("host", HOST),
+                ("next-action", "7f00b4"),
+                ("content-type", "text/plain"),
+            ],
+            action.clone(),
+        )
+        .await;
+    assert_eq!(got.status, 200, "B knew the action");
+    assert_eq!(got.body, action, "the same body, sent again");
+    assert_eq!((a.count("/form"), b.count("/form")), (1, 1));
+    assert_eq!(gw.state.metrics.action_fallbacks.get(), 1);
+}
