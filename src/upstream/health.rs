@@ -13,13 +13,55 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::Pool;
-use super::replicas::{Replica, ReplicaSet};
+use super::replicas::{Replica, ReplicaSet, build_of, sniff_build};
 use crate::config::Health;
 use crate::http::body;
 
-/// Checks one replica once.
+/// Checks one replica once. A page whose response names no build (no `@isrgate/next`) is
+/// read (up to 512 KiB) for the build id Next writes into it (`replicas::sniff_build`).
 pub async fn check(pool: &Arc<Pool>, cfg: &Health, replica: &Replica) -> bool {
-    probe(pool, &cfg.path, cfg.timeout, replica).await
+    let ask = probe_answer(pool, &cfg.path, cfg.timeout, replica);
+    let Ok(Ok((resp, _lease))) = tokio::time::timeout(cfg.timeout, ask).await else {
+        return false;
+    };
+    let alive = resp.status().as_u16() < 500;
+    if alive && build_of(resp.headers()).is_none() {
+        let read = http_body_util::Limited::new(resp.into_body(), SNIFF_MAX_BYTES);
+        let body = tokio::time::timeout(cfg.timeout, http_body_util::BodyExt::collect(read)).await;
+        if let Some(build) = body
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| b.to_bytes())
+            .as_deref()
+            .and_then(sniff_build)
+        {
+            replica.note_sniffed_build(build);
+        }
+    }
+    alive
+}
+
+/// Most of a page a health check reads looking for its build id.
+const SNIFF_MAX_BYTES: usize = 512 * 1024;
+
+async fn probe_answer(
+    pool: &Arc<Pool>,
+    path: &http::uri::PathAndQuery,
+    timeout: std::time::Duration,
+    replica: &Replica,
+) -> Result<(http::Response<hyper::body::Incoming>, super::pool::Lease), ()> {
+    let req = Request::get(path.as_str())
+        .header(header::HOST, replica.authority.as_str())
+        .header(header::USER_AGENT, "isrgate-health")
+        .body(body::empty())
+        .map_err(drop)?;
+    match tokio::time::timeout(timeout, pool.send(&replica.authority, req)).await {
+        Ok(Ok((resp, lease))) => {
+            replica.note_build(resp.headers());
+            Ok((resp, lease))
+        }
+        _ => Err(()),
+    }
 }
 
 /// Asks `replica` for `path` once; `true` when it answered below 500 within `timeout`.
@@ -29,22 +71,11 @@ pub async fn probe(
     timeout: std::time::Duration,
     replica: &Replica,
 ) -> bool {
-    let Ok(req) = Request::get(path.as_str())
-        .header(header::HOST, replica.authority.as_str())
-        .header(header::USER_AGENT, "isrgate-health")
-        .body(body::empty())
-    else {
-        return false;
-    };
-    // The response body is not read: the connection is not reused, each check opens its own
-    // (a few per interval, and it also proves the replica still accepts connections).
-    match tokio::time::timeout(timeout, pool.send(&replica.authority, req)).await {
-        Ok(Ok((resp, _lease))) => {
-            replica.note_build(resp.headers());
-            resp.status().as_u16() < 500
-        }
-        _ => false,
-    }
+    // The response body is not read: the connection is not reused, each probe opens its own
+    // (it also proves the replica still accepts connections).
+    probe_answer(pool, path, timeout, replica)
+        .await
+        .is_ok_and(|(resp, _)| resp.status().as_u16() < 500)
 }
 
 /// Runs checks on every replica each `cfg.interval` until `stop`.

@@ -73,6 +73,15 @@ impl Replica {
         self.build.load().as_deref().is_some_and(|b| b == build)
     }
 
+    /// Records `build` as what the replica runs, when its responses carry no build header
+    /// (found in a page's body by [`sniff_build`]).
+    pub fn note_sniffed_build(&self, build: &str) {
+        if !self.runs(build) {
+            self.build.store(Some(Arc::new(build.to_owned())));
+            tracing::info!(replica = %self.authority, build, "replica runs build (from its page)");
+        }
+    }
+
     /// Records the build a response of this replica names, if any ([`build_of`]); a change
     /// (a first answer, or a replica restarted on another build behind the same address) is
     /// logged.
@@ -225,6 +234,44 @@ pub fn build_of(headers: &http::HeaderMap) -> Option<&str> {
     ok.then(|| v.to_str().ok()).flatten()
 }
 
+/// The build id Next writes into a page (NEXTJS.md §5), for replicas without `@isrgate/next`
+/// whose responses name no build: `"buildId":"…"` (Pages Router, `__NEXT_DATA__`), the `b` of
+/// the first Flight row (App Router: `0:{"b":"…"` in an RSC payload, escaped in the HTML's
+/// inline script; 14.x: `0:["…"`), or `data-dpl-id="…"` (16.x with a deployment id).
+pub fn sniff_build(body: &[u8]) -> Option<&str> {
+    let after = |needle: &[u8], end: &[u8]| -> Option<&[u8]> {
+        let at = find(body, needle)? + needle.len();
+        let rest = &body[at..];
+        let len = find(rest, end)?;
+        Some(&rest[..len])
+    };
+    let row0 = |flight: &[u8], quote: &[u8]| -> Option<&[u8]> {
+        let at = find(body, flight)? + flight.len();
+        // Row 0's `b` comes within its first few keys.
+        let window = &body[at..body.len().min(at + 64)];
+        let key = [quote, b"b", quote, b":", quote].concat();
+        let from = find(window, &key)? + key.len();
+        let rest = &body[at + from..];
+        Some(&rest[..find(rest, quote)?])
+    };
+    let found = after(b"\"buildId\":\"", b"\"")
+        .or_else(|| after(b"data-dpl-id=\"", b"\""))
+        .or_else(|| row0(b"0:{", b"\\\""))
+        .or_else(|| row0(b"0:{", b"\""))?;
+    let ok = !found.is_empty()
+        && found.len() <= MAX_BUILD_LEN
+        && found
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c));
+    ok.then(|| std::str::from_utf8(found).ok()).flatten()
+}
+
+/// Where `needle` first occurs in `hay` (a health check's page, every few seconds: a plain
+/// scan is enough).
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
 /// The one stall probe of a replica in flight; released on drop.
 #[derive(Debug)]
 pub struct ProbeClaim<'a>(&'a Replica);
@@ -363,6 +410,21 @@ mod tests {
         );
         assert!(!r.is_healthy());
         assert_eq!(r.record_check(true, 2, 3), Some(true));
+    }
+
+    #[test]
+    fn the_build_a_page_names() {
+        let pages: [(&[u8], Option<&str>); 6] = [
+            (br#"<script id="__NEXT_DATA__">{"props":{},"page":"/","buildId":"B-1_x","isFallback":false}</script>"#, Some("B-1_x")),
+            (br#"0:{"P":null,"b":"isrgate-example","p":"","c":["",""]}"#, Some("isrgate-example")),
+            (br#"self.__next_f.push([1,"0:{"P":null,"b":"Abc123","p":""}"])"#, Some("Abc123")),
+            (br#"<html lang="en" data-dpl-id="dep-7">"#, Some("dep-7")),
+            (br#"{"data":{"b":"not a build"}}"#, None),
+            (br#"<p>"buildId":"</p>"#, None),
+        ];
+        for (page, want) in pages {
+            assert_eq!(sniff_build(page), want, "{}", String::from_utf8_lossy(page));
+        }
     }
 
     #[test]

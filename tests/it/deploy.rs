@@ -5,7 +5,13 @@
 //! every gateway through Redis, the hot set is pre-rendered before the switch, and a purge
 //! reaches every build.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
+use isrgate::config::DnsName;
+use isrgate::upstream::discovery::Resolve;
 use serde_json::Value;
 
 use crate::eventually;
@@ -35,9 +41,51 @@ async fn replica(build: &str, pages: &[&str]) -> FakeNext {
     r
 }
 
+/// The replicas' Service, as DNS discovery sees it (a Kubernetes headless service): replicas
+/// join it as a rollout starts them, without reusing anyone's port.
+#[derive(Default)]
+struct Service(Mutex<Vec<SocketAddr>>);
+
+impl Service {
+    fn add(&self, r: &FakeNext) {
+        self.0.lock().expect("lock").push(r.addr);
+    }
+}
+
+impl Resolve for Service {
+    fn resolve<'a>(
+        &'a self,
+        _name: &'a DnsName,
+    ) -> Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>
+    {
+        let addrs = self.0.lock().expect("lock").clone();
+        Box::pin(async move { Ok(addrs) })
+    }
+}
+
 /// A gateway over `replicas`, checking them every 100 ms unless `extra` says otherwise.
 async fn gateway(replicas: &[&FakeNext], redis: Option<&RedisProcess>, deploy: &str) -> Gateway {
     gateway_with(replicas, redis, "[health]\ninterval = \"100ms\"\n", deploy).await
+}
+
+/// A gateway over the replicas `service` lists, found by DNS every 50 ms.
+async fn gateway_over(
+    service: &Arc<Service>,
+    redis: Option<&RedisProcess>,
+    deploy: &str,
+) -> Gateway {
+    let redis = redis.map_or_else(String::new, |r| format!("[redis]\nurl = \"{}\"\n", r.url()));
+    let mut cfg = config(
+        &[],
+        "",
+        &format!(
+            "{redis}[upstream]\ndns_name = \"next.svc:3000\"\ndns_refresh = \"50ms\"\n[health]\ninterval = \"100ms\"\n[deploy]\n{deploy}\n"
+        ),
+    );
+    if let Some(admin) = cfg.admin.as_mut() {
+        admin.token = Some(TOKEN.into());
+    }
+    Gateway::start_resolving(cfg, Arc::clone(service) as Arc<dyn Resolve>).await
 }
 
 async fn gateway_with(
@@ -82,9 +130,10 @@ fn current(gw: &Gateway) -> Option<String> {
 #[tokio::test]
 async fn builds_are_discovered_namespaced_and_routed_by_every_signal() {
     let a = replica("A", &["/p", "/_next/data/A/p.json"]).await;
-    let mut b = replica("B", &["/p", "/_next/data/B/p.json"]).await;
-    b.stop().await;
-    let gw = gateway(&[&a, &b], None, "prewarm_paths = 0").await;
+    let b = replica("B", &["/p", "/_next/data/B/p.json"]).await;
+    let service = Arc::new(Service::default());
+    service.add(&a);
+    let gw = gateway_over(&service, None, "prewarm_paths = 0").await;
     eventually!(
         10,
         current(&gw).as_deref() == Some("A"),
@@ -108,7 +157,7 @@ async fn builds_are_discovered_namespaced_and_routed_by_every_signal() {
     );
 
     // B comes up: one of two healthy replicas is its share (50 %), so it becomes current.
-    b.restart().await;
+    service.add(&b);
     eventually!(10, current(&gw).as_deref() == Some("B"), "build B current");
     let fresh = get(&gw, "/p", &[]).await;
     assert_eq!(body(&fresh), "<p>/p of build B</p>", "B's own namespace");
@@ -173,10 +222,11 @@ async fn an_asset_one_build_lacks_comes_from_the_other_and_is_cached_once() {
 async fn the_switch_is_agreed_by_every_gateway_and_an_operator_can_hold_it() {
     let r = RedisProcess::start();
     let a = replica("A", &["/p"]).await;
-    let mut b = replica("B", &["/p"]).await;
-    b.stop().await;
-    let gw1 = gateway(&[&a, &b], Some(&r), "prewarm_paths = 0").await;
-    let gw2 = gateway(&[&a, &b], Some(&r), "prewarm_paths = 0").await;
+    let b = replica("B", &["/p"]).await;
+    let service = Arc::new(Service::default());
+    service.add(&a);
+    let gw1 = gateway_over(&service, Some(&r), "prewarm_paths = 0").await;
+    let gw2 = gateway_over(&service, Some(&r), "prewarm_paths = 0").await;
     eventually!(
         10,
         current(&gw1).as_deref() == Some("A") && current(&gw2).as_deref() == Some("A"),
@@ -210,7 +260,7 @@ async fn the_switch_is_agreed_by_every_gateway_and_an_operator_can_hold_it() {
         admin(&gw1, r#"{"current":"A","auto":true}"#).await.status,
         400
     );
-    b.restart().await;
+    service.add(&b);
     eventually!(
         10,
         gw2.state
@@ -407,4 +457,28 @@ async fn a_server_action_of_the_other_build_reaches_the_build_that_knows_it() {
     assert_eq!(got.body, action, "the same body, sent again");
     assert_eq!((a.count("/form"), b.count("/form")), (1, 1));
     assert_eq!(gw.state.metrics.action_fallbacks.get(), 1);
+}
+
+#[tokio::test]
+async fn without_the_package_the_build_is_read_from_the_page_next_wrote() {
+    let pages = FakeNext::start(|o| {
+        o.route(
+            "/",
+            Route::html(r#"<script id="__NEXT_DATA__" type="application/json">{"page":"/","buildId":"pages-7"}</script>"#),
+        );
+        o.route("/p", Route::html("<p>p</p>").header("cache-control", ISR));
+    })
+    .await;
+    let gw = gateway(&[&pages], None, "prewarm_paths = 0").await;
+    eventually!(
+        10,
+        current(&gw).as_deref() == Some("pages-7"),
+        "the build id in the health check's page"
+    );
+    get(&gw, "/p", &[]).await;
+    assert_eq!(
+        get(&gw, "/p", &[]).await.header("x-cache"),
+        "HIT",
+        "its namespace serves"
+    );
 }
