@@ -252,10 +252,12 @@ async fn start_control(
         cache.start(stop);
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
+    let prewarm: Arc<dyn deploy::Prewarmer> =
+        Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));
     deploy::rollout::spawn(
         Arc::clone(&app.deploy),
         app.cache.as_ref().map(|c| c.store.clone()),
-        None,
+        Some(prewarm),
         stop.clone(),
     );
     if let Some(name) = cfg.upstream.dns_name.clone() {

@@ -165,6 +165,11 @@ impl Status {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Records a pre-warm's progress.
+    pub fn set_prewarm(&self, prewarm: Prewarm) {
+        self.update(|s| s.prewarm = Some(prewarm));
+    }
+
     pub(super) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
         f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -357,6 +362,7 @@ pub fn spawn(
             ticks: 0,
             warming: None,
             stop: stop.clone(),
+            me: format!("{:016x}", fastrand::u64(..)),
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -384,6 +390,8 @@ struct Rollout {
     /// The pre-warm running here: its build, when it started, and its task.
     warming: Option<(String, tokio::time::Instant, tokio::task::JoinHandle<()>)>,
     stop: CancellationToken,
+    /// This gateway, as the pre-warm lock's holder.
+    me: String,
 }
 
 impl Rollout {
@@ -525,6 +533,12 @@ impl Rollout {
         let b = build.clone();
         let task = tokio::spawn(async move {
             let now = crate::clock::system_ms();
+            if let Some(redis) = ledger_store(&ledger) {
+                // This gateway's latest counts join the fleet's before the set is read.
+                if let Err(e) = deploy.hot.flush(redis, now).await {
+                    tracing::warn!(error = %e, "could not add this gateway's counts to the hot set");
+                }
+            }
             let paths = deploy
                 .hot
                 .top(ledger_store(&ledger), deploy.cfg.prewarm_paths, now)
@@ -541,7 +555,7 @@ impl Rollout {
     }
 
     fn lock_owner(&self, build: &str) -> String {
-        format!("{}:{build}", std::process::id())
+        format!("{}:{build}", self.me)
     }
 }
 

@@ -205,8 +205,9 @@ impl Fill {
     }
 }
 
-/// Counts a page request for the hot set a new build pre-renders (`deploy::hot`).
-fn count_hot(app: &AppState, head: &Parts, variant: &Variant) {
+/// Counts a page request for the hot set a new build pre-renders (`deploy::hot`): here for
+/// what the driver answers, in `hit` for what the lane answers.
+pub(crate) fn count_hot(app: &AppState, head: &Parts, variant: &Variant) {
     let query = match variant {
         Variant::Html => head.uri.query(),
         Variant::Rsc => None,

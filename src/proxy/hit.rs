@@ -185,6 +185,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     }
     let request_id = trusted_id.unwrap_or_else(|| app.request_ids.next());
     app.metrics.requests.inc();
+    cached::count_hot(app, &head, &variant);
     if stale {
         app.metrics.cache_stale.inc();
     } else {

@@ -13,6 +13,7 @@
 //! the command prints is [`report`]'s.
 
 pub mod gateway;
+pub mod prewarm;
 pub mod report;
 pub mod sitemap;
 

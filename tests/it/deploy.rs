@@ -482,3 +482,73 @@ async fn without_the_package_the_build_is_read_from_the_page_next_wrote() {
         "its namespace serves"
     );
 }
+
+/// A replica of `build` whose pages are App Router pages (HTML and RSC).
+async fn app_replica(build: &str, pages: &[&str]) -> FakeNext {
+    let b = build.to_owned();
+    let pages: Vec<String> = pages.iter().map(|p| (*p).to_owned()).collect();
+    let r = FakeNext::start(move |o| {
+        for p in &pages {
+            let rsc = Route::html(&format!("0:{{\"b\":\"{b}\",\"p\":\"{p}\"}}"))
+                .content_type("text/x-component")
+                .header("cache-control", ISR)
+                .header("vary", "RSC, Next-Router-State-Tree, Next-Router-Prefetch");
+            o.route(
+                p,
+                Route::html(&format!("<p>{p} of build {b}</p>"))
+                    .header("cache-control", ISR)
+                    .header("vary", "RSC, Next-Router-State-Tree, Next-Router-Prefetch")
+                    .with_rsc(rsc),
+            );
+        }
+        o.route("/", Route::html("ok"));
+    })
+    .await;
+    r.set_build(Some(build));
+    r
+}
+
+#[tokio::test]
+async fn the_hot_set_is_rendered_on_the_new_build_before_it_becomes_current() {
+    let r = RedisProcess::start();
+    let hot = ["/h1", "/h2", "/h3", "/h4", "/h5"];
+    let a = app_replica("A", &hot).await;
+    let b = app_replica("B", &hot).await;
+    let service = Arc::new(Service::default());
+    service.add(&a);
+    let gw = gateway_over(&service, Some(&r), "prewarm_paths = 10\nprewarm_rate = 0").await;
+    eventually!(10, current(&gw).as_deref() == Some("A"), "A current");
+    // Traffic on A: one request in 16 is counted, so 640 each is plenty.
+    for path in hot {
+        for _ in 0..640 {
+            get(&gw, path, &[]).await;
+        }
+    }
+    for path in hot {
+        assert_eq!(a.count(path), 1, "A rendered {path} once");
+    }
+
+    service.add(&b);
+    eventually!(
+        20,
+        current(&gw).as_deref() == Some("B"),
+        "B current after its pre-warm"
+    );
+    let prewarm = gw
+        .state
+        .deploy
+        .status
+        .snapshot()
+        .prewarm
+        .expect("a pre-warm ran");
+    assert!(prewarm.finished, "{prewarm:?}");
+    assert_eq!((prewarm.total, prewarm.failed), (10, 0), "{prewarm:?}");
+    for path in hot {
+        let html = get(&gw, path, &[]).await;
+        assert_eq!(html.header("x-cache"), "HIT", "{path} at the switch");
+        assert_eq!(body(&html), format!("<p>{path} of build B</p>"));
+        let rsc = get(&gw, path, &[("rsc", "1")]).await;
+        assert_eq!(rsc.header("x-cache"), "HIT", "{path} RSC at the switch");
+        assert_eq!(b.count(path), 2, "{path}: one HTML and one RSC render on B");
+    }
+}
