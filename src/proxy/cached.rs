@@ -239,12 +239,23 @@ enum Fetched {
 /// namespace of the build it is pinned to (`crate::deploy`); build assets are keyed without
 /// one (content-hashed: the same bytes in every build that has them).
 pub(crate) fn key(cache: &CacheState, head: &Parts, variant: &Variant) -> CacheKey {
+    key_pinned(cache, head, variant, head.extensions.get::<Arc<Pin>>())
+}
+
+/// [`key`] for a head whose pin is not in its extensions (the hit lane keeps it aside: an
+/// extension map is an allocation per request).
+pub(crate) fn key_pinned(
+    cache: &CacheState,
+    head: &Parts,
+    variant: &Variant,
+    pin: Option<&Arc<Pin>>,
+) -> CacheKey {
     let host = head
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    let namespace = match head.extensions.get::<Arc<Pin>>() {
+    let namespace = match pin {
         Some(pin) if !is_build_asset(head.uri.path()) => pin.namespace.as_str(),
         _ => cache.cfg.namespace.as_str(),
     };

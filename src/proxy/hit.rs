@@ -116,9 +116,9 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
         Ok(Variant::Image(_)) | Err(_) => return Answer::Lend(None),
         Ok(variant) => variant,
     };
-    app.deploy.pin(&mut head);
+    let pin = app.deploy.route(&head);
     let now = cache.clock.now_ms();
-    let key = cached::key(cache, &head, &variant);
+    let key = cached::key_pinned(cache, &head, &variant, pin.as_ref());
     let Lookup {
         found,
         slot,
@@ -176,6 +176,9 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     if stale {
         // Served stale while one refresh runs, as the driver does (`cached::serve`).
         let mut up = fill::upstream_head(&head, &variant);
+        if let Some(pin) = pin {
+            up.extensions.insert(pin);
+        }
         sanitize::forward(&app.policy, peer, &mut up);
         let key = slot.clone().unwrap_or_else(|| key.clone());
         refresh::spawn(app, cache, key, up, variant.clone(), entry);
