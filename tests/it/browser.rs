@@ -210,7 +210,14 @@ async fn the_dashboard_in_a_real_browser() {
     if let Some(admin) = cfg.admin.as_mut() {
         admin.token = Some(TOKEN.into());
     }
+    // A replica of a build (as with @isrgate/next): the builds panel shows it.
+    origin.set_build(Some("build-7"));
     let gw = Gateway::start(cfg).await;
+    crate::eventually!(
+        10,
+        gw.state.deploy.current().is_some(),
+        "the replica's build is current"
+    );
     let c = Client::default();
     for p in ["/a", "/a", "/a", "/b"] {
         c.get(&gw.url(p), &[]).await;
@@ -256,6 +263,15 @@ async fn the_dashboard_in_a_real_browser() {
         replica
             .as_str()
             .is_some_and(|t| t.contains(&origin.addr.to_string()) && t.contains("healthy"))
+    );
+    let builds = page
+        .eval("document.getElementById('builds').textContent")
+        .await;
+    assert!(
+        builds.as_str().is_some_and(|t| t.contains("build-7")
+            && t.contains("1 of 1")
+            && t.contains("current")),
+        "{builds}"
     );
     page.screenshot("dashboard.png").await;
 
