@@ -35,6 +35,9 @@ pub const SEEN_KEY: &str = "isr:deploy:seen";
 /// Held by the gateway pre-warming a build.
 const LOCK_KEY: &str = "isr:deploy:lock";
 
+/// Most builds `isr:deploy:seen` remembers.
+const MAX_SEEN: usize = 64;
+
 /// How often a gateway looks.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -244,10 +247,19 @@ impl Ledger {
                 .await?;
         }
         let all: HashMap<String, String> = redis.bounded(redis.pool().hgetall(SEEN_KEY)).await?;
-        Ok(all
+        let mut seen: Vec<(String, u64)> = all
             .into_iter()
             .filter_map(|(b, ms)| Some((b, ms.parse().ok()?)))
-            .collect())
+            .collect();
+        if seen.len() > MAX_SEEN {
+            // Bounded: the oldest sightings go (a build seen that long ago is not coming back
+            // as "newest"; if it does, it is seen again).
+            seen.sort_by(|a, b| b.1.cmp(&a.1));
+            for (b, _) in seen.drain(MAX_SEEN..) {
+                let _: i64 = redis.bounded(redis.pool().hdel(SEEN_KEY, b)).await?;
+            }
+        }
+        Ok(seen.into_iter().collect())
     }
 
     /// Sets `current` from `from` to `to` unless an operator holds it; `operator`: the
