@@ -22,6 +22,8 @@
 //! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters. [`http`]: header names, bodies.
 //! - [`app`]: the shared state built once at start.
+//! - [`warm`]: render a list of pages ahead of users (`isrgate warm`, from a sitemap or a list
+//!   of paths, through a gateway; the engine is generic over who renders).
 
 pub mod admin;
 pub mod app;
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod upstream;
+pub mod warm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
