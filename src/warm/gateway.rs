@@ -23,10 +23,6 @@ use super::{Rendered, Renderer, Target, Variant};
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// The build a request is for; the gateway routes it to that build's replicas.
 pub static X_DEPLOYMENT_ID: HeaderName = HeaderName::from_static("x-deployment-id");
-/// Where `isrgate warm` sends its requests when neither `--gateway` nor a configuration says.
-pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";
-/// How long one render may take by default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The settings of a [`GatewayRenderer`], as the command line gives them.
 #[derive(Debug, Clone)]

@@ -10,8 +10,9 @@
 //! Who renders is the caller's choice: `isrgate warm` sends each target through a gateway over
 //! HTTP ([`gateway`]), a gateway's own pre-warm renders in process. Where the targets come
 //! from is [`sitemap`]'s job (a sitemap, a sitemap index, or a plain list of paths), and what
-//! the command prints is [`report`]'s.
+//! the command prints is [`report`]'s; [`command`] strings them together for `isrgate warm`.
 
+pub mod command;
 pub mod gateway;
 pub mod report;
 pub mod sitemap;
