@@ -20,3 +20,4 @@ mod pool;
 mod refresh;
 mod sanitize;
 mod store;
+mod warm;
