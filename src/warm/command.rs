@@ -81,7 +81,7 @@ pub async fn run(w: Warm, stop: CancellationToken) -> Exit {
         Err(e) => return unusable(&e),
     };
     let plan = Plan {
-        targets: Plan::pages(pages, &w.variants),
+        targets: super::targets(pages, &w.variants),
         concurrency: w.concurrency,
         rate: w.rate,
     };

@@ -18,9 +18,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::{Rendered, Renderer, Target, Variant};
+use crate::proxy::serve::X_CACHE;
 
-/// The gateway's cache outcome header (`HIT`, `STALE`, `MISS`, `BYPASS`).
-static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// The build a request is for; the gateway routes it to that build's replicas.
 pub static X_DEPLOYMENT_ID: HeaderName = HeaderName::from_static("x-deployment-id");
 
