@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use isrgate::config::{self, Config, LogFormat, Override, ProcessEnv};
+use isrgate::warm::Variant;
+use isrgate::warm::report::MaxFailed;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of glibc malloc: the proxy allocates and frees a response-sized read buffer
@@ -38,6 +40,10 @@ enum Command {
     Purge(PurgeArgs),
     /// The rollout of builds, through Redis: which build is current on every gateway.
     Deploy(DeployArgs),
+    /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
+    /// they are cached before users ask. Exits 0 when warmed, 1 when more targets failed than
+    /// --max-failed allows, 2 when a flag or the source is unusable (nothing warmed).
+    Warm(WarmArgs),
 }
 
 #[derive(Args, Debug)]
@@ -63,6 +69,58 @@ enum DeployAction {
     },
     /// Hand the choice of the current build back to the rollout.
     Auto,
+}
+
+#[derive(Args, Debug)]
+struct WarmArgs {
+    /// sitemap.xml, a sitemap index, or a list of paths (one a line, # comments): a file or
+    /// an http:// URL; gzip or not.
+    #[arg(value_name = "SOURCE")]
+    source: String,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The gateway to render through, http://HOST:PORT. Default: the configuration's
+    /// listen.addr (127.0.0.1 when it listens on all addresses), else http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL")]
+    gateway: Option<String>,
+    /// Host header for every page. Default: the host of each page's URL in the sitemap.
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Warm this build's replicas: sent as x-deployment-id.
+    #[arg(long, value_name = "ID")]
+    build: Option<String>,
+    /// Renders in flight at most.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Renders started per second at most (e.g. 20, 0.5). Default: no limit.
+    #[arg(long, value_name = "PER_SECOND", value_parser = positive_rate)]
+    rate: Option<f64>,
+    /// Which answers of each page: html, rsc or html,rsc.
+    #[arg(long, value_name = "LIST", default_value = "html,rsc", value_parser = variants)]
+    variants: Variants,
+    /// Failures allowed before exiting 1: a count (0, 3) or a share of the targets (5%).
+    #[arg(long, value_name = "N|P%", default_value = "0")]
+    max_failed: MaxFailed,
+    /// Most time one render (or one sitemap download) may take.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+}
+
+/// `--variants`, parsed (a newtype so clap takes the list as one value).
+#[derive(Debug, Clone)]
+struct Variants(Vec<Variant>);
+
+fn variants(s: &str) -> Result<Variants, String> {
+    Variant::parse_list(s).map(Variants)
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{s:?}: expected a number of renders per second above 0"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +222,7 @@ fn main() -> ExitCode {
         }
         Command::Purge(args) => purge(args),
         Command::Deploy(args) => deploy(args),
+        Command::Warm(args) => warm(args),
         Command::Serve(args) => {
             let (config, file) = match config::load(
                 args.config.config.as_deref(),
@@ -294,6 +353,57 @@ fn deploy(args: DeployArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn warm(args: WarmArgs) -> ExitCode {
+    let unusable = ExitCode::from(isrgate::warm::command::Exit::Unusable.code());
+    let gateway = match args.gateway {
+        Some(g) => g,
+        None => match config::load(args.config.config.as_deref(), &ProcessEnv, &[]) {
+            Ok((c, _)) => gateway_of(c.listen.addr),
+            Err(e) => {
+                eprintln!("{e}");
+                return unusable;
+            }
+        },
+    };
+    let command = isrgate::warm::command::Warm {
+        source: args.source,
+        gateway,
+        host: args.host,
+        build: args.build,
+        variants: args.variants.0,
+        concurrency: usize::from(args.concurrency),
+        rate: args.rate,
+        max_failed: args.max_failed,
+        timeout: args.timeout,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return unusable;
+        }
+    };
+    let stop = CancellationToken::new();
+    runtime.spawn(signal_shutdown(stop.clone()));
+    let exit = runtime.block_on(isrgate::warm::command::run(command, stop));
+    ExitCode::from(exit.code())
+}
+
+/// `http://` + the gateway's listen address, on loopback when it listens on every address.
+fn gateway_of(listen: std::net::SocketAddr) -> String {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{addr}")
 }
 
 fn describe(file: Option<&std::path::Path>) -> String {

@@ -254,7 +254,7 @@ impl Ledger {
         if seen.len() > MAX_SEEN {
             // Bounded: the oldest sightings go (a build seen that long ago is not coming back
             // as "newest"; if it does, it is seen again).
-            seen.sort_by(|a, b| b.1.cmp(&a.1));
+            seen.sort_by_key(|s| std::cmp::Reverse(s.1));
             for (b, _) in seen.drain(MAX_SEEN..) {
                 let _: i64 = redis.bounded(redis.pool().hdel(SEEN_KEY, b)).await?;
             }

@@ -18,15 +18,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::{Rendered, Renderer, Target, Variant};
+use crate::proxy::serve::X_CACHE;
 
-/// The gateway's cache outcome header (`HIT`, `STALE`, `MISS`, `BYPASS`).
-static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 /// The build a request is for; the gateway routes it to that build's replicas.
 pub static X_DEPLOYMENT_ID: HeaderName = HeaderName::from_static("x-deployment-id");
-/// Where `isrgate warm` sends its requests when neither `--gateway` nor a configuration says.
-pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:8080";
-/// How long one render may take by default.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The settings of a [`GatewayRenderer`], as the command line gives them.
 #[derive(Debug, Clone)]

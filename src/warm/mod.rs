@@ -10,8 +10,9 @@
 //! Who renders is the caller's choice: `isrgate warm` sends each target through a gateway over
 //! HTTP ([`gateway`]), a gateway's own pre-warm renders in process. Where the targets come
 //! from is [`sitemap`]'s job (a sitemap, a sitemap index, or a plain list of paths), and what
-//! the command prints is [`report`]'s.
+//! the command prints is [`report`]'s; [`command`] strings them together for `isrgate warm`.
 
+pub mod command;
 pub mod gateway;
 pub mod prewarm;
 pub mod report;
@@ -103,7 +104,8 @@ pub trait Renderer: Send + Sync + 'static {
 }
 
 /// Counts of a run, updated as each render ends: share it by `Arc` and read it while the run
-/// goes on (a progress bar, the dashboard).
+/// goes on (a progress bar, the dashboard). One per run: [`run`] sets the total, and adds to
+/// the other counts.
 #[derive(Debug, Default)]
 pub struct Progress {
     total: AtomicUsize,
@@ -163,21 +165,19 @@ pub struct Plan {
     pub rate: Option<f64>,
 }
 
-impl Plan {
-    /// Every variant of every page, variant by variant: all the pages' first variant, then
-    /// all their second. A page's RSC is then asked for after its HTML has been rendered, and
-    /// the gateway stores both from one App Router render, so the RSC pass is mostly hits.
-    pub fn pages(pages: Vec<sitemap::Page>, variants: &[Variant]) -> Vec<Target> {
-        let mut targets = Vec::with_capacity(pages.len() * variants.len());
-        let Some((last, firsts)) = variants.split_last() else {
-            return targets;
-        };
-        for &variant in firsts {
-            targets.extend(pages.iter().map(|p| p.target(variant)));
-        }
-        targets.extend(pages.into_iter().map(|p| p.into_target(*last)));
-        targets
+/// Every variant of every page, variant by variant: all the pages' first variant, then all
+/// their second. A page's RSC is then asked for after its HTML has been rendered, and the
+/// gateway stores both from one App Router render, so the RSC pass is mostly hits.
+pub fn targets(pages: Vec<sitemap::Page>, variants: &[Variant]) -> Vec<Target> {
+    let mut targets = Vec::with_capacity(pages.len() * variants.len());
+    let Some((last, firsts)) = variants.split_last() else {
+        return targets;
+    };
+    for &variant in firsts {
+        targets.extend(pages.iter().map(|p| p.target(variant)));
     }
+    targets.extend(pages.into_iter().map(|p| p.into_target(*last)));
+    targets
 }
 
 /// Most distinct failure reasons kept; later new reasons are counted under [`OTHER_REASONS`].
@@ -414,7 +414,7 @@ mod tests {
         }
     }
 
-    fn targets(paths: &[&str]) -> Vec<Target> {
+    fn html(paths: &[&str]) -> Vec<Target> {
         paths
             .iter()
             .map(|p| Target {
@@ -427,7 +427,7 @@ mod tests {
 
     fn numbered(n: usize) -> Vec<Target> {
         let paths: Vec<String> = (0..n).map(|i| format!("/p/{i}")).collect();
-        targets(&paths.iter().map(String::as_str).collect::<Vec<_>>())
+        html(&paths.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     async fn go(
@@ -519,7 +519,7 @@ mod tests {
         let fake = Arc::new(Fake::default());
         let summary = go(
             &fake,
-            targets(&["/a", "/bad/1", "/fresh", "/bad/2", "/b"]),
+            html(&["/a", "/bad/1", "/fresh", "/bad/2", "/b"]),
             1,
             None,
         )
@@ -572,9 +572,9 @@ mod tests {
     }
 
     #[test]
-    fn plan_asks_every_html_before_any_rsc() {
+    fn targets_ask_every_html_before_any_rsc() {
         let pages = vec![sitemap::Page::path("/a"), sitemap::Page::path("/b")];
-        let t = Plan::pages(pages, &[Variant::Html, Variant::Rsc]);
+        let t = targets(pages, &[Variant::Html, Variant::Rsc]);
         let got: Vec<(&str, Variant)> = t.iter().map(|t| (t.path.as_str(), t.variant)).collect();
         assert_eq!(
             got,

@@ -66,7 +66,7 @@ impl Prewarmer for InProcess {
                 .collect();
             let cfg = &deploy.cfg;
             let plan = Plan {
-                targets: Plan::pages(pages, &[Variant::Html, Variant::Rsc]),
+                targets: super::targets(pages, &[Variant::Html, Variant::Rsc]),
                 concurrency: cfg.prewarm_concurrency,
                 rate: cfg.prewarm_rate.map(f64::from),
             };

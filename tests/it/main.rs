@@ -21,3 +21,4 @@ mod pool;
 mod refresh;
 mod sanitize;
 mod store;
+mod warm;

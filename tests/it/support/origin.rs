@@ -7,9 +7,9 @@
 //! }).await;
 //! ```
 //!
-//! It counts requests per path, keeps the last request head per path (to assert what the
-//! gateway forwarded), and can be stopped and restarted on the same port (a replica dying and
-//! coming back).
+//! It counts requests per path and the most answered at once, keeps the last request head per
+//! path (to assert what the gateway forwarded), and can be stopped and restarted on the same
+//! port (a replica dying and coming back).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -235,6 +235,25 @@ struct State {
     connections: AtomicUsize,
     /// Sent as `x-isrgate-build` on every response, as `@isrgate/next` makes a replica do.
     build: Mutex<Option<String>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Counts a request as being answered while it lives.
+struct Answering(Arc<State>);
+
+impl Answering {
+    fn start(state: &Arc<State>) -> Answering {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Answering(Arc::clone(state))
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Route declarations, passed to the closure of [`FakeNext::start`].
@@ -302,6 +321,12 @@ impl FakeNext {
     /// Requests seen in total.
     pub fn total(&self) -> usize {
         self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// The most requests it was answering at once (from the head received to the response
+    /// head handed to hyper, delays and gates included).
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -375,6 +400,7 @@ async fn answer(
     state: Arc<State>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    let _answering = Answering::start(&state);
     let path = req.uri().path().to_owned();
     state.total.fetch_add(1, Ordering::SeqCst);
     *state
