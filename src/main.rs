@@ -271,15 +271,8 @@ fn purge(args: PurgeArgs) -> ExitCode {
     } else {
         isrgate::cache::epochs::Mode::Soft
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
     };
     let done = runtime.block_on(isrgate::invalidate::purge(
         &config, args.paths, args.tags, mode,
@@ -378,20 +371,28 @@ fn warm(args: WarmArgs) -> ExitCode {
         max_failed: args.max_failed,
         timeout: args.timeout,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return unusable;
-        }
+    let Some(runtime) = command_runtime() else {
+        return unusable;
     };
     let stop = CancellationToken::new();
     runtime.spawn(signal_shutdown(stop.clone()));
     let exit = runtime.block_on(isrgate::warm::command::run(command, stop));
     ExitCode::from(exit.code())
+}
+
+/// The one-thread runtime of a command that talks to the network (`purge`, `warm`); `None`
+/// once it has said why there is none.
+fn command_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            None
+        }
+    }
 }
 
 /// `http://` + the gateway's listen address, on loopback when it listens on every address.

@@ -78,17 +78,20 @@ pub async fn show(progress: Arc<Progress>, done: CancellationToken) {
 }
 
 async fn bar(progress: &Progress, done: &CancellationToken) {
-    let style = ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:30}] {pos}/{len} ({per_sec}, {eta} left) {msg}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    // The bar takes what the terminal width leaves (a wrapped line would be redrawn badly).
+    let style = ProgressStyle::with_template("[{wide_bar}] {pos}/{len} {msg}, {eta} left")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     let bar = ProgressBar::new(progress.counts().total as u64).with_style(style);
     let update = |c: Counts| {
         bar.set_length(c.total as u64);
         bar.set_position(c.done as u64);
-        bar.set_message(counts_line(c));
+        bar.set_message(format!(
+            "({} rendered, {} fresh, {} failed)",
+            c.rendered, c.fresh, c.failed
+        ));
     };
+    update(progress.counts());
     while done
         .run_until_cancelled(tokio::time::sleep(BAR_EVERY))
         .await

@@ -653,6 +653,29 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_or_fail_without_panicking(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)
+        ) {
+            let _ = parse(&bytes, "p");
+        }
+
+        #[test]
+        fn sitemap_shaped_text_parses_or_fails_without_panicking(
+            text in "(<\\?xml version=\"1.0\"\\?>)?\n?<(urlset|sitemapindex)>\
+                     (\n?<(url|sitemap)>(<loc>[ -~\n]{0,24}</loc>)?</(url|sitemap)>){0,4}\
+                     (</(urlset|sitemapindex)>)?"
+        ) {
+            let _ = parse(text.as_bytes(), "p");
+        }
+
+        #[test]
+        fn list_entries_parse_or_fail_without_panicking(text in "([ -~]{0,30}\n){0,6}") {
+            let _ = parse(text.as_bytes(), "p");
+        }
+    }
+
     #[test]
     fn locations_resolve_against_their_index() {
         let file = Location::File(PathBuf::from("/srv/maps/index.xml"));
