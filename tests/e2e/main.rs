@@ -2,7 +2,9 @@
 //! `next build`), three `next start` replicas on free ports (each in its own copy of the
 //! build, so each has its own on-disk ISR cache), a real `redis-server`, two gateways
 //! in-process. Every process started here is stopped by PID on drop; one stack runs at a time.
-//! `isr_expiry` holds the "one render per ISR expiry, never back in time" tests.
+//! `isr_expiry` holds the "one render per ISR expiry, never back in time" tests;
+//! `rolling_deploy` builds the app a second time (build B) and watches a deploy from A to B
+//! in headless Chromium.
 //!
 //! Ignored by default (it needs `node`, `npm` and about a minute): `.ci/run` runs it with
 //! `cargo test --test e2e -- --ignored` when `node` is present. `NEXT_DIR` picks another copy
@@ -15,6 +17,7 @@ mod support;
 
 mod app_revalidation;
 mod isr_expiry;
+mod rolling_deploy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -38,25 +41,11 @@ fn app_dir() -> PathBuf {
     )
 }
 
-/// `npm ci` + `next build`, once per test binary.
+/// `npm ci` + `next build`, once per test binary: build A, whose id is `isrgate-example`.
 fn build() -> &'static PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let dir = app_dir();
-        let run = |args: &[&str]| {
-            let out = Command::new("npx")
-                .args(args)
-                .current_dir(&dir)
-                .env("NEXT_TELEMETRY_DISABLED", "1")
-                .output()
-                .expect("node and npm must be installed");
-            assert!(
-                out.status.success(),
-                "{args:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         if !dir.join("node_modules/.package-lock.json").exists() {
             let out = Command::new("npm")
                 .args(["ci", "--no-audit", "--no-fund"])
@@ -69,15 +58,97 @@ fn build() -> &'static PathBuf {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        run(&["next", "build"]);
+        next_build(&dir, &[]);
         dir
     })
 }
 
-/// A private copy of the built app (`node_modules` linked, `.next/cache` left out): like a
+/// Build B of the same app (`rolling_deploy`), once per test binary: its sources copied to a
+/// scratch directory under `target/` ([`link_modules`]), built with another id
+/// (`BUILD_ID`, read by next.config's `generateBuildId`) and another page text
+/// (`NEXT_PUBLIC_BUILD_LABEL`), so `app_dir()` keeps build A for every other test.
+fn build_b() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let a = build();
+        let name = a.file_name().map_or("app".into(), |n| n.to_string_lossy());
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/e2e")
+            .join(format!("{name}-build-b"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        }
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for entry in std::fs::read_dir(a).expect("app dir") {
+            let entry = entry.expect("app dir entry");
+            let to = dir.join(entry.file_name());
+            let copied = match entry.file_name().to_str() {
+                Some(".next") => continue,
+                Some("node_modules") => link_modules(&entry.path(), &entry.path(), &to),
+                _ => copy_tree(&entry.path(), &to),
+            };
+            copied.unwrap_or_else(|e| panic!("copy {}: {e}", entry.path().display()));
+        }
+        next_build(
+            &dir,
+            &[("BUILD_ID", BUILD_B), ("NEXT_PUBLIC_BUILD_LABEL", "B")],
+        );
+        dir
+    })
+}
+
+/// A copy of `node_modules` (`root`) made of hard links: a real directory, because Turbopack
+/// (Next 16's bundler) resolves nothing through a symlink that leaves the project. Its own
+/// symlinks are kept, made absolute when they point out of it (`@isrgate/next`, installed from
+/// a path); a file that cannot be linked (another file system) is copied.
+fn link_modules(root: &Path, from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            link_modules(root, &entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(from)?;
+        let resolved = std::fs::canonicalize(from.parent().unwrap_or(root).join(&target));
+        let root = std::fs::canonicalize(root)?;
+        match resolved {
+            Ok(out) if target.is_relative() && !out.starts_with(&root) => {
+                std::os::unix::fs::symlink(out, to)
+            }
+            _ => std::os::unix::fs::symlink(target, to),
+        }
+    } else {
+        std::fs::hard_link(from, to).or_else(|_| std::fs::copy(from, to).map(drop))
+    }
+}
+
+/// The id of [`build_b`] (build A's is next.config's default, `isrgate-example`).
+const BUILD_B: &str = "isrgate-example-b";
+
+/// `next build` in `dir` with `env` added.
+fn next_build(dir: &Path, env: &[(&str, &str)]) {
+    let out = Command::new("npx")
+        .args(["next", "build"])
+        .current_dir(dir)
+        .env("NEXT_TELEMETRY_DISABLED", "1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("node and npm must be installed");
+    assert!(
+        out.status.success(),
+        "next build in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private copy of the app `built` (`node_modules` linked, `.next/cache` left out): like a
 /// container, a replica has its own on-disk ISR cache, starting from the build's pages.
-fn replica_dir() -> tempfile::TempDir {
-    let built = build();
+fn replica_dir(built: &Path) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("isrgate-e2e-replica-")
         .tempdir()
@@ -131,21 +202,23 @@ struct Replica {
 }
 
 impl Replica {
+    /// A replica of build A on a free port, started.
     fn start(id: &str, redis_url: &str, products_dir: &Path) -> Replica {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let mut r = Replica {
+        let mut r = Replica::new(id, build(), support::free_port(), redis_url, products_dir);
+        r.spawn();
+        r
+    }
+
+    /// A replica of the app `built` on `port`, not started yet ([`Replica::spawn`]).
+    fn new(id: &str, built: &Path, port: u16, redis_url: &str, products_dir: &Path) -> Replica {
+        Replica {
             port,
             child: None,
             id: id.into(),
             redis_url: redis_url.into(),
             products_dir: products_dir.into(),
-            dir: replica_dir(),
-        };
-        r.spawn();
-        r
+            dir: replica_dir(built),
+        }
     }
 
     fn spawn(&mut self) {
@@ -315,15 +388,20 @@ async fn rsc_get(gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
 /// [`rsc_get`] on a client the caller keeps.
 async fn rsc_get_with(client: &Client, gw: &Gateway, path: &str, headers: &[(&str, &str)]) -> Got {
     let first = get_with(client, gw, path, headers).await;
-    match first.header("location") {
-        loc if first.status == 307 && loc.contains("_rsc") => {
-            let target = loc
-                .split_once("://")
-                .map_or(loc, |(_, rest)| rest.find('/').map_or("/", |i| &rest[i..]));
-            get_with(client, gw, target, headers).await
-        }
-        _ => first,
+    match rsc_redirect(&first) {
+        Some(target) => get_with(client, gw, target, headers).await,
+        None => first,
     }
+}
+
+/// Where Next 16 sends an RSC request without the `_rsc` value it expects (path and query),
+/// if `got` is that redirect.
+fn rsc_redirect(got: &Got) -> Option<&str> {
+    let loc = got.header("location");
+    (got.status == 307 && loc.contains("_rsc")).then(|| {
+        loc.split_once("://")
+            .map_or(loc, |(_, rest)| rest.find('/').map_or("/", |i| &rest[i..]))
+    })
 }
 
 /// The render marker of a page: `data-replica`/`data-count` and the render time.
