@@ -558,9 +558,7 @@ struct Report {
 impl Report {
     /// Prints the numbers; returns what failed.
     fn print_and_check(&self) -> Vec<String> {
-        let mut failures = Vec::new();
         let w = window();
-        let secs = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64();
         println!("== rolling deploy A -> B (window {} s)", w.as_secs());
         println!(
             "B started; switch on gateway {} after {:.1} s, on both after {:.1} s; A stopped {:.1} s after that",
@@ -575,31 +573,28 @@ impl Report {
         for s in &self.gateway_stats {
             println!("gateway: {s}");
         }
+        let mut failures = self.hot_pages_at_the_switch();
+        self.print_renders();
+        failures.extend(self.hit_ratios());
+        let (client_errors, client_failures) = self.client();
+        failures.extend(client_failures);
+        failures.extend(self.browser(client_errors));
+        failures
+    }
 
-        // Every hot page a HIT when its gateway switched, of build B. What the hot set also
-        // counted but no cache keeps (Chromium's `/favicon.ico`, a 404) is only listed.
+    /// Every page of the hot set a HIT of build B when its gateway switched. What the hot set
+    /// also counted but no cache keeps (Chromium's `/favicon.ico`, a 404) is only listed.
+    fn hot_pages_at_the_switch(&self) -> Vec<String> {
+        let mut failures = Vec::new();
         for s in &self.switches {
             let (pages, other): (Vec<&Probe>, Vec<&Probe>) =
                 s.probes.iter().partition(|p| p.status != 404);
             let missed: Vec<String> = pages
                 .iter()
                 .filter(|p| p.cache != "HIT" || p.build.as_deref() != Some("B"))
-                .map(|p| {
-                    format!(
-                        "{}{} {}: {} {} of build {:?}",
-                        p.host, p.path, p.variant, p.status, p.cache, p.build
-                    )
-                })
+                .map(|p| format!("{p} of build {:?}", p.build))
                 .collect();
-            let other: Vec<String> = other
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{}{} {}: {} {}",
-                        p.host, p.path, p.variant, p.status, p.cache
-                    )
-                })
-                .collect();
+            let other: Vec<String> = other.iter().map(ToString::to_string).collect();
             println!(
                 "gateway {} at its switch: {} of {} hot pages x variants a HIT of build B; not pages: {other:?}",
                 s.gateway + 1,
@@ -607,16 +602,16 @@ impl Report {
                 pages.len()
             );
             if !missed.is_empty() {
-                failures.push(format!(
-                    "gateway {} at its switch: {}",
-                    s.gateway + 1,
-                    missed.join(", ")
-                ));
+                let missed = missed.join(", ");
+                failures.push(format!("gateway {} at its switch: {missed}", s.gateway + 1));
             }
         }
+        failures
+    }
 
-        // Renders on the new build: the pre-warm's, as the gateway that ran it counts them,
-        // and Next's own (pages served from the build's prerendered copies are no render).
+    /// Renders on the new build: the pre-warm's, as the gateway that ran it counts them, and
+    /// Next's own (a page served from the build's prerendered copy is no render).
+    fn print_renders(&self) {
         for (i, s) in self.gateway_stats.iter().enumerate() {
             let p = &s["deploy"]["prewarm"];
             if !p.is_null() {
@@ -652,99 +647,82 @@ impl Report {
             total(&before),
             total(&self.renders_after) - total(&before)
         );
+    }
 
-        // Hit ratio, the window before the switch against the window after.
-        let ratio = |from: Instant, to: Instant| {
-            let (mut hits, mut all) = (0u32, 0u32);
-            for s in self
+    /// The hit ratio of the window after the switch against the window before: the client's
+    /// (the hot pages) and all the gateways' traffic (the browser's too: assets, prefetches).
+    fn hit_ratios(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        let (w, switch) = (window(), self.first_switch);
+        let client = |from: Instant, to: Instant| {
+            let answered = self
                 .samples
                 .iter()
-                .filter(|s| s.sent >= from && s.sent < to && s.status == 200)
-            {
+                .filter(|s| s.sent >= from && s.sent < to && s.status == 200);
+            let (mut hits, mut all) = (0u64, 0u64);
+            for s in answered {
                 all += 1;
-                if s.cache == "HIT" || s.cache == "STALE" {
-                    hits += 1;
-                }
+                hits += u64::from(s.cache == "HIT" || s.cache == "STALE");
             }
             (hits, all)
         };
-        let (hb, ab) = ratio(self.first_switch - w, self.first_switch);
-        let (ha, aa) = ratio(self.first_switch, self.first_switch + w);
-        let rb = f64::from(hb) / f64::from(ab.max(1));
-        let ra = f64::from(ha) / f64::from(aa.max(1));
-        println!(
-            "hit ratio: {rb:.3} ({hb}/{ab}) in the {} s before the switch, {ra:.3} ({ha}/{aa}) in the {} s after: {:.3} of it",
-            w.as_secs(),
-            w.as_secs(),
-            ra / rb.max(f64::EPSILON)
-        );
-        if ra < 0.9 * rb {
-            failures.push(format!(
-                "the client's hit ratio after the switch {ra:.3} < 0.9 x {rb:.3} before"
-            ));
-        }
-        let at = |t: Instant| {
+        let count_at = |t: Instant| {
             self.counts
                 .iter()
-                .min_by_key(|c| if c.at > t { c.at - t } else { t - c.at })
-                .map_or((0, 0), |c| (c.hits, c.misses))
+                .min_by_key(|c| c.at.max(t) - c.at.min(t))
+                .map_or((0, 0), |c| (c.hits, c.hits + c.misses))
         };
         let fleet = |from: Instant, to: Instant| {
-            let ((h0, m0), (h1, m1)) = (at(from), at(to));
-            let (hits, misses) = (h1 - h0, m1 - m0);
-            (
-                hits as f64 / (hits + misses).max(1) as f64,
-                hits,
-                hits + misses,
-            )
+            let ((h0, a0), (h1, a1)) = (count_at(from), count_at(to));
+            (h1 - h0, a1 - a0)
         };
-        let (fb, hb, ab) = fleet(self.first_switch - w, self.first_switch);
-        let (fa, ha, aa) = fleet(self.first_switch, self.first_switch + w);
-        println!(
-            "hit ratio of all the gateways' traffic (browser included): {fb:.3} ({hb}/{ab}) before, {fa:.3} ({ha}/{aa}) after: {:.3} of it",
-            fa / fb.max(f64::EPSILON)
-        );
-        if fa < 0.9 * fb {
-            failures.push(format!(
-                "the fleet's hit ratio after the switch {fa:.3} < 0.9 x {fb:.3} before"
-            ));
+        for (whose, ratio) in [
+            (
+                "the client's",
+                &client as &dyn Fn(Instant, Instant) -> (u64, u64),
+            ),
+            ("all the gateways' traffic's", &fleet),
+        ] {
+            let (hb, ab) = ratio(switch - w, switch);
+            let (ha, aa) = ratio(switch, switch + w);
+            let rb = hb as f64 / ab.max(1) as f64;
+            let ra = ha as f64 / aa.max(1) as f64;
+            println!(
+                "{whose} hit ratio: {rb:.3} ({hb}/{ab}) in the {} s before the switch, {ra:.3} ({ha}/{aa}) in the {} s after: {:.3} of it",
+                w.as_secs(),
+                w.as_secs(),
+                ra / rb.max(f64::EPSILON)
+            );
+            if ra < 0.9 * rb {
+                failures.push(format!(
+                    "{whose} hit ratio after the switch {ra:.3} < 0.9 x {rb:.3} before"
+                ));
+            }
         }
         let misses_after: Vec<String> = self
             .samples
             .iter()
-            .filter(|s| s.sent >= self.first_switch && s.cache == "MISS")
-            .map(|s| {
-                format!(
-                    "{}{} on {} at +{:.2} s",
-                    s.path,
-                    if s.rsc { " (rsc)" } else { "" },
-                    s.gateway + 1,
-                    secs(self.first_switch, s.sent)
-                )
-            })
+            .filter(|s| s.sent >= switch && s.cache == "MISS")
+            .map(|s| format!("{s} at +{:.2} s", secs(switch, s.sent)))
             .collect();
         println!("client misses after the switch: {misses_after:?}");
+        failures
+    }
 
-        // The client: no errors, no A once both gateways switched.
+    /// The client: no errors, nothing of A once both gateways switched. Returns its errors.
+    fn client(&self) -> (usize, Vec<String>) {
+        let mut failures = Vec::new();
         let errors: Vec<String> = self
             .samples
             .iter()
             .filter(|s| s.status != 200)
-            .map(|s| format!("{} {} on {}: {}", s.status, s.path, s.gateway + 1, s.cache))
+            .map(|s| format!("{s}: {} {}", s.status, s.cache))
             .collect();
         let old: Vec<String> = self
             .samples
             .iter()
             .filter(|s| s.sent > self.complete && s.build.as_deref() != Some("B"))
-            .map(|s| {
-                format!(
-                    "{}{} on {}: build {:?}",
-                    s.path,
-                    if s.rsc { " (rsc)" } else { "" },
-                    s.gateway + 1,
-                    s.build
-                )
-            })
+            .map(|s| format!("{s}: build {:?}", s.build))
             .collect();
         println!(
             "client: {} requests, {} errors, {} not of build B after the switch",
@@ -758,20 +736,20 @@ impl Report {
         if !old.is_empty() {
             failures.push(format!("not build B after the switch: {}", old.join("; ")));
         }
+        (errors.len(), failures)
+    }
 
-        // The browser.
-        let views: usize = self.visits.iter().map(|v| v.views.len()).sum();
-        let soft = self
-            .visits
-            .iter()
-            .flat_map(|v| &v.views)
-            .filter(|v| v.soft)
-            .count();
+    /// The browser: no failed asset, no error but Next's fall-back to a full load, every page
+    /// hydrated by its own build's JavaScript, only B once both gateways switched.
+    fn browser(&self, client_errors: usize) -> Vec<String> {
+        let mut failures = Vec::new();
+        let views = self.visits.iter().flat_map(|v| &v.views);
         println!(
-            "browser: {} visits, {views} pages ({soft} by client-side navigation)",
-            self.visits.len()
+            "browser: {} visits, {} pages ({} by client-side navigation)",
+            self.visits.len(),
+            views.clone().count(),
+            views.filter(|v| v.soft).count()
         );
-        let mut skew_fallbacks = Vec::new();
         let mut by_phase = [0usize; 3];
         for v in &self.visits {
             by_phase[usize::from(v.started > self.first_switch)
@@ -781,6 +759,7 @@ impl Report {
             "browser visits: {} before the switch, {} during, {} after",
             by_phase[0], by_phase[1], by_phase[2]
         );
+        let mut skew_fallbacks = Vec::new();
         for v in &self.visits {
             let at = if v.started >= self.b_started {
                 format!("+{:.1}", secs(self.b_started, v.started))
@@ -797,9 +776,7 @@ impl Report {
                 let errors: Vec<&str> = errors.iter().map(|e| e.as_str()).collect();
                 failures.push(what(&format!("client errors {}", errors.join(" | "))));
             }
-            for f in fallbacks {
-                skew_fallbacks.push(what(f));
-            }
+            skew_fallbacks.extend(fallbacks.into_iter().map(|f| what(f)));
             for view in &v.views {
                 if !view.hydrated {
                     failures.push(what(&format!("{} did not hydrate", view.path)));
@@ -817,22 +794,44 @@ impl Report {
                 }
             }
         }
-        let hard: Vec<String> = self
+        let reloaded: Vec<String> = self
             .visits
             .iter()
             .flat_map(|v| v.views.iter().map(move |view| (v, view)))
             .filter(|(_, view)| view.reloaded)
             .map(|(v, view)| format!("{} via {}", view.path, v.via))
             .collect();
-        println!("client-side navigations that reloaded the page (a build change): {hard:?}");
+        println!("client-side navigations that reloaded the page (a build change): {reloaded:?}");
         let browser_errors: usize = self.visits.iter().map(|v| v.errors.len()).sum();
         println!(
-            "client errors: {} ({} of the client, {browser_errors} in the browser, of which {} Next's own fall-back to a full load on a payload of another build: {skew_fallbacks:?})",
-            errors.len() + browser_errors,
-            errors.len(),
+            "client errors: {} ({client_errors} of the client, {browser_errors} in the browser, of which {} Next's own fall-back to a full load on a payload of another build: {skew_fallbacks:?})",
+            client_errors + browser_errors,
             skew_fallbacks.len()
         );
         failures
+    }
+}
+
+/// Seconds from `a` to `b`.
+fn secs(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64()
+}
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rsc = if self.rsc { " (rsc)" } else { "" };
+        write!(f, "{}{rsc} on gateway {}", self.path, self.gateway + 1)
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = self;
+        write!(
+            f,
+            "{}{} {}: {} {}",
+            p.host, p.path, p.variant, p.status, p.cache
+        )
     }
 }
 
