@@ -252,14 +252,6 @@ async fn start_control(
         cache.start(stop);
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
-    let prewarm: Arc<dyn deploy::Prewarmer> =
-        Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));
-    deploy::rollout::spawn(
-        Arc::clone(&app.deploy),
-        app.cache.as_ref().map(|c| c.store.clone()),
-        Some(prewarm),
-        stop.clone(),
-    );
     if let Some(name) = cfg.upstream.dns_name.clone() {
         let set = Arc::clone(app.upstream.replicas());
         // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).
@@ -277,6 +269,26 @@ async fn start_control(
         let every = cfg.upstream.dns_refresh;
         tokio::spawn(discovery::run(set, resolver, name, every, stop.clone()));
     }
+    // One look at the replicas and the fleet's builds before the first request: keys are in
+    // a build's namespace from the start, never in the bare one for the first second. Bounded
+    // by the checks' own timeout (a replica that does not answer is no reason to wait).
+    let health = Arc::new(cfg.health.clone());
+    let first = upstream::health::round(app.upstream.pool(), app.upstream.replicas(), &health);
+    if tokio::time::timeout(cfg.health.timeout, first)
+        .await
+        .is_err()
+    {
+        tracing::debug!("a replica did not answer the first health check in time");
+    }
+    let prewarm: Arc<dyn deploy::Prewarmer> =
+        Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));
+    deploy::rollout::start(
+        Arc::clone(&app.deploy),
+        app.cache.as_ref().map(|c| c.store.clone()),
+        Some(prewarm),
+        stop.clone(),
+    )
+    .await;
     tokio::spawn(upstream::health::run(
         Arc::clone(app.upstream.pool()),
         Arc::clone(app.upstream.replicas()),

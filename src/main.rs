@@ -375,7 +375,7 @@ fn warm(args: WarmArgs) -> ExitCode {
         return unusable;
     };
     let stop = CancellationToken::new();
-    runtime.spawn(signal_shutdown(stop.clone()));
+    runtime.spawn(signal_shutdown(stop.clone(), None));
     let exit = runtime.block_on(isrgate::warm::command::run(command, stop));
     ExitCode::from(exit.code())
 }
@@ -422,10 +422,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the signal runtime")?;
     let token = shutdown.clone();
+    let (installed, handlers) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("isrgate-signals".into())
-        .spawn(move || signals.block_on(signal_shutdown(token)))
+        .spawn(move || signals.block_on(signal_shutdown(token, Some(installed))))
         .context("cannot start the signal thread")?;
+    // Handlers in place before the listeners bind: a SIGTERM from an orchestrator that saw
+    // the port open drains, never kills.
+    let _ = handlers.recv_timeout(std::time::Duration::from_secs(2));
     #[cfg(target_os = "linux")]
     raise_descriptor_limit();
     isrgate::run(config, shutdown).context("cannot start")
@@ -454,14 +458,21 @@ fn raise_descriptor_limit() {
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once (an operator
 /// who asks twice does not want to wait out the drain).
-async fn signal_shutdown(shutdown: CancellationToken) {
+async fn signal_shutdown(
+    shutdown: CancellationToken,
+    installed: Option<std::sync::mpsc::Sender<()>>,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
+        let handlers = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) else {
+        );
+        if let Some(installed) = installed {
+            let _ = installed.send(());
+        }
+        let (Ok(mut term), Ok(mut int)) = handlers else {
             tracing::error!("cannot install signal handlers; stop with SIGKILL");
             return;
         };
@@ -481,6 +492,7 @@ async fn signal_shutdown(shutdown: CancellationToken) {
     }
     #[cfg(not(unix))]
     {
+        drop(installed);
         let _ = tokio::signal::ctrl_c().await;
         shutdown.cancel();
     }

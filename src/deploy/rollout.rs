@@ -38,6 +38,9 @@ const LOCK_KEY: &str = "isr:deploy:lock";
 /// Most builds `isr:deploy:seen` remembers.
 const MAX_SEEN: usize = 64;
 
+/// Longest the look at start may take.
+const FIRST_LOOK: Duration = Duration::from_secs(2);
+
 /// How often a gateway looks.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -355,28 +358,40 @@ impl Ledger {
     }
 }
 
-/// Runs the rollout for `deploy` every second until `stop`; `prewarm` pre-renders a build's
-/// hot set (none: switches do not wait for one). Control work, like health checks: it and
-/// its pre-warms stop with `stop`, nothing waits for them.
-pub fn spawn(
+/// Looks once now (bounded by [`FIRST_LOOK`]), then runs the rollout for `deploy` every
+/// second until `stop`; `prewarm` pre-renders a build's hot set (none: switches do not wait
+/// for one). Control work, like health checks: it and its pre-warms stop with `stop`,
+/// nothing waits for them.
+pub async fn start(
     deploy: Arc<Deploy>,
     store: Option<Store>,
     prewarm: Option<Arc<dyn super::Prewarmer>>,
     stop: CancellationToken,
 ) {
+    let mut rollout = Rollout {
+        ledger: deploy.ledger.clone(),
+        deploy,
+        store,
+        prewarm,
+        seen: HashMap::new(),
+        ticks: 0,
+        warming: None,
+        stop: stop.clone(),
+        me: format!("{:016x}", fastrand::u64(..)),
+    };
+    match tokio::time::timeout(FIRST_LOOK, rollout.tick()).await {
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "rollout: could not read the fleet's builds at start")
+        }
+        Err(_) => tracing::warn!(
+            "rollout: the fleet's builds were not read within {FIRST_LOOK:?} at start"
+        ),
+        Ok(Ok(())) => {}
+    }
     tokio::spawn(async move {
-        let mut rollout = Rollout {
-            ledger: deploy.ledger.clone(),
-            deploy,
-            store,
-            prewarm,
-            seen: HashMap::new(),
-            ticks: 0,
-            warming: None,
-            stop: stop.clone(),
-            me: format!("{:016x}", fastrand::u64(..)),
-        };
         let mut tick = tokio::time::interval(TICK);
+        // The first tick of an interval is at once: the look above was it.
+        tick.tick().await;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

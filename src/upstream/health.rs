@@ -89,21 +89,26 @@ pub async fn run(pool: Arc<Pool>, set: Arc<ReplicaSet>, cfg: Health, stop: Cance
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let mut round = JoinSet::new();
-        for replica in set.snapshot().iter().cloned() {
-            let (pool, cfg) = (Arc::clone(&pool), Arc::clone(&cfg));
-            round.spawn(async move {
-                let ok = check(&pool, &cfg, &replica).await;
-                match replica.record_check(ok, cfg.healthy_threshold, cfg.unhealthy_threshold) {
-                    Some(true) => tracing::info!(replica = %replica.authority, "replica healthy again"),
-                    Some(false) => tracing::warn!(replica = %replica.authority, path = %cfg.path, "replica failed health checks; ejected"),
-                    None => {}
-                }
-            });
-        }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = async { while round.join_next().await.is_some() {} } => {}
+            () = round(&pool, &set, &cfg) => {}
         }
     }
+}
+
+/// Checks every replica once, in parallel, and records the verdicts.
+pub async fn round(pool: &Arc<Pool>, set: &ReplicaSet, cfg: &Arc<Health>) {
+    let mut round = JoinSet::new();
+    for replica in set.snapshot().iter().cloned() {
+        let (pool, cfg) = (Arc::clone(pool), Arc::clone(cfg));
+        round.spawn(async move {
+            let ok = check(&pool, &cfg, &replica).await;
+            match replica.record_check(ok, cfg.healthy_threshold, cfg.unhealthy_threshold) {
+                Some(true) => tracing::info!(replica = %replica.authority, "replica healthy again"),
+                Some(false) => tracing::warn!(replica = %replica.authority, path = %cfg.path, "replica failed health checks; ejected"),
+                None => {}
+            }
+        });
+    }
+    while round.join_next().await.is_some() {}
 }

@@ -21,6 +21,7 @@ use crate::deploy::hot::HotPath;
 use crate::deploy::rollout;
 use crate::deploy::{Deploy, Pin, Prewarmer};
 use crate::proxy::forwarded::Peer;
+use crate::proxy::refresh::as_variant;
 use crate::proxy::serve::Outcome;
 use crate::proxy::{cached, classify};
 
@@ -147,7 +148,8 @@ impl Renderer for Pinned {
 }
 
 impl Pinned {
-    /// `GET path` for the target's host, pinned to the build (and `RSC: 1` for its RSC).
+    /// `GET path` for the target's host, pinned to the build; its RSC as a background refresh
+    /// asks for it (`RSC: 1` and an empty `_rsc`, without which Next 16.3+ answers 307).
     fn head(&self, target: &Target) -> Option<http::request::Parts> {
         let mut req = Request::builder()
             .method(Method::GET)
@@ -156,11 +158,11 @@ impl Pinned {
             .ok()?;
         let host = HeaderValue::from_str(target.host.as_deref()?).ok()?;
         req.headers_mut().insert(header::HOST, host);
-        if target.variant == Variant::Rsc {
-            req.headers_mut()
-                .insert("rsc", HeaderValue::from_static("1"));
-        }
         req.extensions_mut().insert(Arc::clone(&self.pin));
-        Some(req.into_parts().0)
+        let html = req.into_parts().0;
+        Some(match target.variant {
+            Variant::Html => html,
+            Variant::Rsc => as_variant(&html, &crate::cache::key::Variant::Rsc),
+        })
     }
 }
