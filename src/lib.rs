@@ -269,16 +269,19 @@ async fn start_control(
         let every = cfg.upstream.dns_refresh;
         tokio::spawn(discovery::run(set, resolver, name, every, stop.clone()));
     }
-    // One look at the replicas and the fleet's builds before the first request: keys are in
-    // a build's namespace from the start, never in the bare one for the first second. Bounded
-    // by the checks' own timeout (a replica that does not answer is no reason to wait).
-    let health = Arc::new(cfg.health.clone());
-    let first = upstream::health::round(app.upstream.pool(), app.upstream.replicas(), &health);
-    if tokio::time::timeout(cfg.health.timeout, first)
-        .await
-        .is_err()
-    {
-        tracing::debug!("a replica did not answer the first health check in time");
+    // One look at the replicas (when active checks are on) and the fleet's builds before the
+    // first request: keys are in a build's namespace from the start, never in the bare one
+    // for the first second. Bounded by the checks' own timeout (a replica that does not
+    // answer is no reason to wait).
+    if cfg.health.interval.is_some() {
+        let health = Arc::new(cfg.health.clone());
+        let first = upstream::health::round(app.upstream.pool(), app.upstream.replicas(), &health);
+        if tokio::time::timeout(cfg.health.timeout, first)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a replica did not answer the first health check in time");
+        }
     }
     let prewarm: Arc<dyn deploy::Prewarmer> =
         Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));
