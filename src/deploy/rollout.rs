@@ -424,20 +424,45 @@ struct Rollout {
 impl Rollout {
     async fn tick(&mut self) -> Result<(), StoreError> {
         let now = crate::clock::system_ms();
+        // A store that does not answer (Redis still connecting at start, or down) must not
+        // leave requests without their build's namespace: the replicas' own marks still pin
+        // them, in the order this gateway saw them; only decisions wait for the store.
+        let mut failed: Option<StoreError> = None;
         if self.ticks % 10 == 0 {
             if let Some(store) = &self.store {
-                self.deploy.builds.read(store).await?;
+                if let Err(e) = self.deploy.builds.read(store).await {
+                    failed = Some(e);
+                }
             }
             if let Ledger::Redis(redis) = &self.ledger {
-                self.deploy.hot.flush(redis, now).await?;
+                if let Err(e) = self.deploy.hot.flush(redis, now).await {
+                    failed = Some(e);
+                }
             }
         }
         self.ticks += 1;
         let new = self.deploy.unpinned();
         if !new.is_empty() || self.ticks % 10 == 1 {
-            self.seen = self.ledger.seen(&new, now).await?;
+            match self.ledger.seen(&new, now).await {
+                Ok(seen) => self.seen = seen,
+                Err(e) => {
+                    for b in &new {
+                        self.seen.entry(b.clone()).or_insert(now);
+                    }
+                    failed = Some(e);
+                }
+            }
         }
-        let agreed = self.ledger.agreed().await?;
+        let agreed = match self.ledger.agreed().await {
+            Ok(agreed) => agreed,
+            Err(e) => {
+                failed = Some(e);
+                Agreed {
+                    current: self.deploy.current().map(|p| p.build.clone()),
+                    ..Agreed::default()
+                }
+            }
+        };
         let named = self.named();
         let mut order: Vec<(String, u64)> = self
             .seen
@@ -448,6 +473,9 @@ impl Rollout {
         order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
         let names: Vec<String> = order.iter().map(|(b, _)| b.clone()).collect();
         self.deploy.set(&names, agreed.current.as_deref());
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let (tally, healthy) = self.deploy.tally();
         let view: Vec<(String, usize, u64)> = tally
             .iter()
