@@ -230,11 +230,21 @@ impl CacheState {
     }
 
     /// Starts the store's connections (Redis), the bus and the heartbeat on the current
-    /// runtime (`invalidate::fleet`); they stop with `stop`.
+    /// runtime (`invalidate::fleet`), the L1's upkeep and its memory governor; they stop with
+    /// `stop`.
     pub fn start(&self, stop: &CancellationToken) {
         crate::invalidate::fleet::start(self, stop);
         self.l1
             .maintain_every(std::time::Duration::from_secs(1), stop);
+        if self.cfg.l1_governor {
+            // Without Redis the process holds the store's entries too.
+            let store = match self.store {
+                Store::Memory(_) => self.cfg.memory_max_bytes,
+                Store::Redis(_) => 0,
+            };
+            let bound = self.cfg.l1_max_bytes.saturating_add(store);
+            crate::cache::governor::start(&self.l1, bound, stop);
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -45,7 +45,12 @@ fn counter(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> Result<(), std::f
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
-fn gauge(e: &mut Enc<'_>, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+fn gauge<N: EncodeGaugeValue>(
+    e: &mut Enc<'_>,
+    name: &str,
+    help: &str,
+    v: N,
+) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(v);
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
@@ -384,6 +389,19 @@ impl Collector for Scrape {
                 "Identity bodies in sealed memory files, which the hit lane sendfile()s \
                  (one open descriptor each; at most a quarter of the descriptor limit).",
                 crate::cache::sealed::Sealed::live() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "sealed_bytes",
+                "Memory the sealed bodies hold (shared memory: not in the process's RSS).",
+                crate::cache::sealed::Sealed::live_bytes() as i64,
+            )?;
+            gauge(
+                &mut e,
+                "l1_scale",
+                "How many times its footprint each new L1 entry weighs: above 1 while the \
+                 process's growth (RSS + sealed bodies) presses on cache.l1_max_bytes.",
+                cache.l1.scale(),
             )?;
             gauge(
                 &mut e,

@@ -9,9 +9,14 @@
 //! Invalidation of L1 copies (another gateway filled the key, a purge, a reconnect that may have
 //! missed messages) goes through [`L1::remove`] and [`L1::clear`]; the bus that calls them is a
 //! later stage.
+//!
+//! What the process holds besides the entries (requests in flight, what the allocator keeps)
+//! is the memory governor's (`cache::governor`): it makes new entries weigh more than their
+//! footprint ([`L1::set_scale`]), so the L1 settles at `max_bytes / scale`, and sheds entries at
+//! once when it raises the scale ([`L1::shed_to`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::entry::Entry;
@@ -58,6 +63,21 @@ pub struct L1 {
     unkept: Arc<AtomicU64>,
     /// Past this many [`L1::unkept`] bytes an insert runs the upkeep itself.
     keep_every: u64,
+    /// Woken with each of those upkeeps: the memory governor looks at the process then, not
+    /// only on its tick (a burst of 300 KB fills takes in the whole bound in a fraction of one).
+    took_in: Arc<tokio::sync::Notify>,
+    /// What a new entry weighs per byte of footprint, in [`SCALE_ONE`]ths (see
+    /// [`L1::set_scale`]).
+    scale: Arc<AtomicU32>,
+}
+
+/// [`L1::scale`] 1.0: an entry weighs its footprint.
+const SCALE_ONE: u32 = 1024;
+
+/// What an entry of `footprint` bytes weighs at `scale` ([`SCALE_ONE`]ths).
+fn weight(footprint: usize, scale: u32) -> u32 {
+    let w = (footprint as u64).saturating_mul(u64::from(scale)) / u64::from(SCALE_ONE);
+    u32::try_from(w).unwrap_or(u32::MAX)
 }
 
 /// Share of the capacity that may be inserted before an insert runs the upkeep: the most the
@@ -120,6 +140,7 @@ impl L1 {
     /// An L1 holding at most `max_bytes`; `0` disables it.
     pub fn new(max_bytes: u64) -> L1 {
         let generation = Arc::new(AtomicU64::new(0));
+        let scale = Arc::new(AtomicU32::new(SCALE_ONE));
         if max_bytes == 0 {
             return L1 {
                 cache: None,
@@ -127,13 +148,18 @@ impl L1 {
                 unstored: Arc::default(),
                 unkept: Arc::default(),
                 keep_every: u64::MAX,
+                took_in: Arc::default(),
+                scale,
             };
         }
+        let weigh = Arc::clone(&scale);
         let cache = moka::sync::Cache::builder()
             .max_capacity(max_bytes)
             // What an entry really holds, metadata and prepared heads included: the bound is on
-            // memory, not on body bytes.
-            .weigher(|_k: &u128, v: &Held| u32::try_from(v.0.footprint()).unwrap_or(u32::MAX))
+            // memory, not on body bytes. Scaled up while the process needs the room.
+            .weigher(move |_k: &u128, v: &Held| {
+                weight(v.0.footprint(), weigh.load(Ordering::Relaxed))
+            })
             .expire_after(UntilFresh)
             .build();
         L1 {
@@ -142,7 +168,58 @@ impl L1 {
             unstored: Arc::default(),
             unkept: Arc::default(),
             keep_every: (max_bytes / OVERSHOOT_DIVISOR).max(1),
+            took_in: Arc::default(),
+            scale,
         }
+    }
+
+    /// The bound the L1 was built with, bytes (0: disabled).
+    pub fn max_bytes(&self) -> u64 {
+        self.cache
+            .as_ref()
+            .and_then(|c| c.policy().max_capacity())
+            .unwrap_or(0)
+    }
+
+    /// How much more than its footprint each entry inserted from now on weighs (at least 1).
+    /// The L1's capacity is fixed, so at `scale` it holds `max_bytes / scale` bytes once its
+    /// entries have turned over; [`L1::shed_to`] makes room at once.
+    pub fn set_scale(&self, scale: f64) {
+        let fixed = (scale.max(1.0) * f64::from(SCALE_ONE)).min(f64::from(u32::MAX));
+        self.scale.store(fixed as u32, Ordering::Relaxed);
+    }
+
+    /// The current scale (see [`L1::set_scale`]).
+    pub fn scale(&self) -> f64 {
+        f64::from(self.scale.load(Ordering::Relaxed)) / f64::from(SCALE_ONE)
+    }
+
+    /// Resolves once the L1 has taken in another `max_bytes / 32` bytes since this was last
+    /// awaited (at once if it already has).
+    pub async fn took_in(&self) {
+        self.took_in.notified().await;
+    }
+
+    /// Drops entries until those held account for at most `keep` bytes of footprint; returns
+    /// the bytes dropped. Which entries go is the map's order (by key hash: as good as random
+    /// for recency): this is the memory governor's way out when entries turn over too slowly
+    /// (moka admits a new entry only if it is asked for more often than what it would
+    /// replace, so a scan of new pages replaces few), not the eviction policy.
+    pub fn shed_to(&self, keep: u64) -> u64 {
+        let Some(cache) = &self.cache else { return 0 };
+        cache.run_pending_tasks();
+        let held: u64 = cache.iter().map(|(_, v)| v.0.footprint() as u64).sum();
+        let mut excess = held.saturating_sub(keep);
+        let goal = excess;
+        for (key, v) in cache.iter() {
+            if excess == 0 {
+                break;
+            }
+            cache.invalidate(&*key);
+            excess = excess.saturating_sub(v.0.footprint() as u64);
+        }
+        cache.run_pending_tasks();
+        goal - excess
     }
 
     /// Whether the L1 is in use.
@@ -162,7 +239,8 @@ impl L1 {
     /// moka applies inserts and evicts only when its upkeep runs, which it schedules by the
     /// number of operations, not their weight: a burst of 300 KB fills overshot a 64 MiB bound
     /// by tens of MiB (issue 15). So every `capacity / 32` bytes inserted, the inserting
-    /// request runs the upkeep itself; it is a miss, already paying for a render.
+    /// request runs the upkeep itself (it is a miss, already paying for a render) and wakes
+    /// the memory governor ([`L1::took_in`]).
     pub fn insert(&self, key: u128, entry: Arc<Entry>, now_ms: u64) {
         let Some(cache) = &self.cache else { return };
         let fresh_for = entry.meta.fresh_until_ms.saturating_sub(now_ms);
@@ -176,6 +254,7 @@ impl L1 {
         let unkept = self.unkept.fetch_add(bytes, Ordering::AcqRel) + bytes;
         if unkept >= self.keep_every && self.unkept.swap(0, Ordering::AcqRel) > 0 {
             cache.run_pending_tasks();
+            self.took_in.notify_one();
         }
     }
 
@@ -294,6 +373,19 @@ mod tests {
             held <= cap + cap / OVERSHOOT_DIVISOR + one,
             "{held} bytes held for a {cap}-byte bound"
         );
+    }
+
+    #[tokio::test]
+    async fn taking_in_a_32nd_of_the_bound_wakes_whoever_waits_for_it() {
+        let l1 = L1::new(1 << 20);
+        let early = tokio::time::timeout(Duration::from_millis(20), l1.took_in()).await;
+        assert!(early.is_err(), "nothing taken in yet");
+        for key in 0..4 {
+            l1.insert(key, entry(u64::MAX / 2, 16 << 10), 0);
+        }
+        tokio::time::timeout(Duration::from_secs(5), l1.took_in())
+            .await
+            .expect("woken: 64 KiB taken in, past 1 MiB / 32");
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! - [`flight`] — who fills a key: one flight per key, the RAII [`flight::FillPermit`] covering
 //!   the local single-flight and the fleet lock.
 //! - [`l1`] — the in-process L1 of decoded entries in front of the store.
+//! - [`governor`] — the process's measured memory (RSS + sealed bodies) held within
+//!   `l1_max_bytes` by making the L1 hold less.
 //! - [`sealed`] — identity bodies in sealed memory files, which the hit lane `sendfile`s.
 //! - [`decoded`] — strict mode (no L1): entries as last decoded, reused on identical reads.
 
@@ -27,6 +29,7 @@ pub mod decoded;
 pub mod entry;
 pub mod epochs;
 pub mod flight;
+pub mod governor;
 pub mod key;
 pub mod l1;
 pub mod lock;

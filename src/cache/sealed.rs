@@ -24,7 +24,8 @@
 //! starve `accept`. Linux only; elsewhere nothing is sealed.
 //!
 //! Memory files are shared memory: the container's memory limit counts them, the process's
-//! RSS does not (they are not mapped).
+//! RSS does not (they are not mapped). [`Sealed::live_bytes`] counts them for the memory
+//! governor (`cache::governor`).
 
 use bytes::Bytes;
 
@@ -92,6 +93,16 @@ mod imp {
     /// Sealed bodies alive in the process.
     static LIVE: AtomicUsize = AtomicUsize::new(0);
 
+    /// Bytes of memory those bodies' files hold (whole pages): what `cache::governor` adds to
+    /// the RSS, which does not show them.
+    static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+    /// The memory a file of `len` bytes holds: whole pages.
+    fn pages(len: usize) -> usize {
+        let page = rustix::param::page_size();
+        len.div_ceil(page) * page
+    }
+
     /// How many may be alive at once: a quarter of the descriptor limit, read on first use
     /// (after `main` raised it).
     fn budget() -> usize {
@@ -116,6 +127,7 @@ mod imp {
     impl Drop for Inner {
         fn drop(&mut self) {
             LIVE.fetch_sub(1, Ordering::Relaxed);
+            LIVE_BYTES.fetch_sub(pages(self.len), Ordering::Relaxed);
         }
     }
 
@@ -128,10 +140,13 @@ mod imp {
                 return None;
             }
             match make(body) {
-                Ok(file) => Some(Sealed(Arc::new(Inner {
-                    file,
-                    len: body.len(),
-                }))),
+                Ok(file) => {
+                    LIVE_BYTES.fetch_add(pages(body.len()), Ordering::Relaxed);
+                    Some(Sealed(Arc::new(Inner {
+                        file,
+                        len: body.len(),
+                    })))
+                }
                 Err(e) => {
                     LIVE.fetch_sub(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "body not sealed; kept on the heap");
@@ -172,6 +187,11 @@ mod imp {
         /// Sealed bodies alive in the process.
         pub fn live() -> usize {
             LIVE.load(Ordering::Relaxed)
+        }
+
+        /// Memory the sealed bodies alive in the process hold, bytes (whole pages).
+        pub fn live_bytes() -> usize {
+            LIVE_BYTES.load(Ordering::Relaxed)
         }
     }
 
@@ -230,6 +250,11 @@ mod imp {
             0
         }
 
+        /// Memory the sealed bodies alive in the process hold: none off Linux.
+        pub fn live_bytes() -> usize {
+            0
+        }
+
         /// A sealed body is never at hand here.
         pub fn never(&self) -> ! {
             match self.0 {}
@@ -258,6 +283,7 @@ mod tests {
         assert_eq!(s.len(), body.len());
         assert_eq!(held.bytes().expect("read"), body);
         assert!(Sealed::live() >= 1);
+        assert!(Sealed::live_bytes() >= body.len(), "counted in whole pages");
     }
 
     #[test]

@@ -201,6 +201,9 @@ pub struct Cache {
     pub namespace: String,
     /// L1 bytes per gateway; 0 = no L1.
     pub l1_max_bytes: u64,
+    /// `l1_max_bytes` bounds the process's measured growth (`cache::governor`), not only the
+    /// entries.
+    pub l1_governor: bool,
     /// Strict mode: bytes of decoded entries reused on identical reads; 0 = none.
     pub decoded_max_bytes: u64,
     /// In-process store bytes (no Redis).

@@ -193,6 +193,11 @@ section! {
         /// Bytes of decoded entries held in each gateway's memory in front of the store
         /// (the L1); 0 disables it (every hit reads the store).
         l1_max_bytes: u64 = 64 * 1024 * 1024,
+        /// `l1_max_bytes` bounds what the process grows by after start (RSS plus sealed bodies,
+        /// measured every 250 ms; plus `memory_max_bytes` without Redis): the L1 holds less
+        /// while requests and the allocator take room. false: it bounds the entries' own bytes
+        /// only (several gateways in one process, or an embedder's own work in it).
+        l1_governor: bool = true,
         /// Strict mode only (no L1): bytes of entries kept as last decoded from the store,
         /// reused when a read returns exactly the same bytes; 0 decodes every read.
         decoded_max_bytes: u64 = 64 * 1024 * 1024,

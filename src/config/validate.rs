@@ -380,6 +380,7 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
     let cache = super::Cache {
         namespace: r.namespace.trim().to_owned(),
         l1_max_bytes: r.l1_max_bytes,
+        l1_governor: r.l1_governor,
         decoded_max_bytes: r.decoded_max_bytes,
         memory_max_bytes: c.in_range(
             "cache.memory_max_bytes",

@@ -189,12 +189,14 @@ async fn memory_under_50000_distinct_small_pages_stays_within_the_l1_bound() {
     assert!(ratio <= 1.25, "RSS grew {ratio:.2}x cache.l1_max_bytes");
 }
 
-/// One fill at a time: what the L1 holds, not what renders in flight hold while they run
-/// (about 1-3 MiB per concurrent miss of a 300 KB page, which the allocator keeps for the next
-/// ones; the README sizes it separately).
+/// Eight fills at a time: what renders in flight hold (1-3 MiB per concurrent miss of a
+/// 300 KB page, which the allocator keeps for the next ones) is the process's too, and the
+/// memory governor (`cache::governor`) makes the L1 hold less for it: 0.25-0.5x here, and
+/// 0.9-1.5x with `cache.l1_governor = false` (this debug build holds less in flight than the
+/// release build `benches/memory.sh` measures: 1.4-1.55x without the governor, 0.73x with).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_with_sealed_300_kb_pages_stays_within_the_l1_bound() {
-    let ratio = growth(32 * MIB, 400, 300 * 1024, 1).await;
+async fn memory_with_sealed_300_kb_pages_and_renders_in_flight_stays_within_the_l1_bound() {
+    let ratio = growth(32 * MIB, 400, 300 * 1024, 8).await;
     assert!(
         ratio <= 1.25,
         "RSS + sealed grew {ratio:.2}x cache.l1_max_bytes"
