@@ -90,6 +90,14 @@ impl Checker<'_> {
         })
     }
 
+    /// A count where 0 means "off": `None` for 0, else the value checked against `hi`.
+    fn optional_count(&mut self, key: &str, value: u64, hi: u64) -> Option<u32> {
+        match self.in_range(key, value, 0, hi) {
+            0 => None,
+            n => Some(n as u32),
+        }
+    }
+
     fn in_range(&mut self, key: &str, value: u64, lo: u64, hi: u64) -> u64 {
         if (lo..=hi).contains(&value) {
             value
@@ -356,10 +364,7 @@ fn health(c: &mut Checker<'_>, raw: &Raw) -> Health {
             as u32,
         unhealthy_threshold: c.in_range("health.unhealthy_threshold", r.unhealthy_threshold, 1, 100)
             as u32,
-        passive_failures: match c.in_range("health.passive_failures", r.passive_failures, 0, 1000) {
-            0 => None,
-            n => Some(n as u32),
-        },
+        passive_failures: c.optional_count("health.passive_failures", r.passive_failures, 1000),
         ejection: c.duration("health.ejection", &r.ejection, false),
         stall_after: {
             let d = c.duration("health.stall_after", &r.stall_after, true);
@@ -461,10 +466,7 @@ fn deploy(c: &mut Checker<'_>, r: &super::raw::DeployRaw) -> super::Deploy {
         prewarm_paths: c.in_range("deploy.prewarm_paths", r.prewarm_paths, 0, 100_000) as usize,
         prewarm_concurrency: c.in_range("deploy.prewarm_concurrency", r.prewarm_concurrency, 1, 256)
             as usize,
-        prewarm_rate: match c.in_range("deploy.prewarm_rate", r.prewarm_rate, 0, 100_000) {
-            0 => None,
-            n => Some(n as u32),
-        },
+        prewarm_rate: c.optional_count("deploy.prewarm_rate", r.prewarm_rate, 100_000),
         prewarm_timeout: c.duration("deploy.prewarm_timeout", &r.prewarm_timeout, true),
     }
 }
