@@ -47,6 +47,9 @@ pub struct AppState {
     pub concurrency: Arc<tokio::sync::Semaphore>,
     /// Background work tied to requests (tunnels); waited for at shutdown.
     pub tasks: TaskTracker,
+    /// True once the start-up look (replicas' builds, the fleet's current build) is done and
+    /// the listeners serve; connections made before wait in the listen backlog.
+    pub started: Arc<tokio::sync::watch::Sender<bool>>,
     /// Cancelled when shutdown starts: listeners close, connections finish, `/readyz` says no.
     pub draining: CancellationToken,
     /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
@@ -82,6 +85,7 @@ impl AppState {
             request_ids: Arc::new(RequestIds::default()),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
+            started: Arc::clone(&self.started),
             // Children, not clones: every connection polls these on each wake, and a token is
             // a mutex; a worker's own child keeps that lock on its own core (cancelling the
             // parent cancels them all).

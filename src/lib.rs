@@ -151,6 +151,7 @@ impl Server {
             metrics,
             request_ids: Default::default(),
             tasks: TaskTracker::new(),
+            started: Arc::new(tokio::sync::watch::Sender::new(false)),
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         });
@@ -194,6 +195,7 @@ impl Server {
             let worker = Arc::new(app.for_worker());
             tokio::spawn(server::serve_worker(worker, listener));
         }
+        app.started.send_replace(true);
         lifecycle(&app, shutdown).await;
         background.cancel();
     }
@@ -215,6 +217,10 @@ impl Server {
                 .map_err(StartError::Runtime)
         };
         let control = runtime()?;
+        // The start-up look before any worker serves (the control runtime's tasks wait between
+        // the two `block_on`s, for as long as spawning the workers takes).
+        let background = CancellationToken::new();
+        control.block_on(start_control(&app, admin, resolver, &background));
         let mut threads = Vec::with_capacity(listeners.len());
         for (i, listener) in listeners.into_iter().enumerate() {
             let (rt, worker) = (runtime()?, Arc::new(app.for_worker()));
@@ -224,9 +230,8 @@ impl Server {
                 .map_err(StartError::Runtime)?;
             threads.push(thread);
         }
+        app.started.send_replace(true);
         control.block_on(async {
-            let background = CancellationToken::new();
-            start_control(&app, admin, resolver, &background).await;
             lifecycle(&app, shutdown).await;
             background.cancel();
         });
@@ -267,21 +272,38 @@ async fn start_control(
             }
         }
         let every = cfg.upstream.dns_refresh;
-        tokio::spawn(discovery::run(set, resolver, name, every, stop.clone()));
+        let looks = (
+            Arc::clone(app.upstream.pool()),
+            Arc::new(cfg.health.clone()),
+        );
+        tokio::spawn(discovery::run(
+            set,
+            resolver,
+            name,
+            every,
+            looks,
+            stop.clone(),
+        ));
     }
-    // One look at the replicas (when active checks are on) and the fleet's builds before the
-    // first request: keys are in a build's namespace from the start, never in the bare one
-    // for the first second. Bounded by the checks' own timeout (a replica that does not
-    // answer is no reason to wait).
-    if cfg.health.interval.is_some() {
-        let health = Arc::new(cfg.health.clone());
-        let first = upstream::health::round(app.upstream.pool(), app.upstream.replicas(), &health);
-        if tokio::time::timeout(cfg.health.timeout, first)
-            .await
-            .is_err()
-        {
-            tracing::debug!("a replica did not answer the first health check in time");
+    // One look at the replicas and the fleet's builds before the first request: keys are in
+    // a build's namespace from the start, never in the bare one until a response names the
+    // build (an entry filled there is orphaned: a second render). A health round when active
+    // checks are on, else a look that judges nothing. Bounded by the checks' own timeout (a
+    // replica that does not answer is no reason to wait).
+    let health = Arc::new(cfg.health.clone());
+    let (pool, replicas) = (app.upstream.pool(), app.upstream.replicas());
+    let first = async {
+        if cfg.health.interval.is_some() {
+            upstream::health::round(pool, replicas, &health).await;
+        } else {
+            upstream::health::learn_builds(pool, &health, &replicas.snapshot()).await;
         }
+    };
+    if tokio::time::timeout(cfg.health.timeout, first)
+        .await
+        .is_err()
+    {
+        tracing::debug!("a replica did not answer the first look in time");
     }
     let prewarm: Arc<dyn deploy::Prewarmer> =
         Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));

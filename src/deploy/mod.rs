@@ -116,7 +116,9 @@ impl Deploy {
     }
 
     /// The build `head` goes to: the one it names, when a replica of it is healthy; else the
-    /// current build, when one is; else the newest build with a healthy replica. `None` while
+    /// current build, when one is; else the newest build with a healthy replica; else (no
+    /// replica healthy: all restarting, or all down) the current build still, so its entries
+    /// keep serving, stale if need be, instead of a bare namespace nobody filled. `None` while
     /// no replica has named a build.
     pub fn route(&self, head: &Parts) -> Option<Arc<Pin>> {
         let state = self.state.load();
@@ -139,6 +141,8 @@ impl Deploy {
                 .as_ref()
                 .filter(live)
                 .or_else(|| state.pins.iter().find(live))
+                .or(state.current.as_ref())
+                .or(state.pins.first())
                 .cloned()
         })
     }

@@ -393,10 +393,14 @@ pub async fn start(
         // The first tick of an interval is at once: the look above was it.
         tick.tick().await;
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let replicas = Arc::clone(&rollout.deploy.replicas);
         loop {
+            // A replica naming a build for the first time is pinned at once, not a tick later:
+            // until it is, requests for that build are keyed outside its namespace.
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                () = replicas.build_named() => {}
             }
             if let Err(e) = rollout.tick().await {
                 tracing::debug!(error = %e, "rollout: could not read or write the fleet's state");

@@ -31,7 +31,12 @@ pub fn pick(
     if let Some(r) = p2c(list, healthy) {
         return Some(r);
     }
-    p2c(list, not_avoided).or_else(|| p2c(list, |_| true))
+    // Fail open: none healthy. The build's own replicas first, so a page still goes to the
+    // build it is keyed under when one of them is back before the health check says so.
+    build
+        .and_then(|b| p2c(list, |r| not_avoided(r) && r.runs(b)))
+        .or_else(|| p2c(list, not_avoided))
+        .or_else(|| p2c(list, |_| true))
 }
 
 /// A healthy replica that does not run `build` and is not in `tried` (a build asset another

@@ -16,8 +16,9 @@ use std::time::Duration;
 use http::uri::Authority;
 use tokio_util::sync::CancellationToken;
 
-use super::replicas::ReplicaSet;
-use crate::config::DnsName;
+use super::pool::Pool;
+use super::replicas::{Replica, ReplicaSet};
+use crate::config::{DnsName, Health};
 
 /// Resolves a name to socket addresses.
 pub trait Resolve: Send + Sync + 'static {
@@ -45,12 +46,12 @@ impl Resolve for SystemResolver {
     }
 }
 
-/// Resolves once and applies the result; returns how many replicas were found.
+/// Resolves once and applies the result; returns the replicas it added.
 pub async fn refresh(
     set: &ReplicaSet,
     resolver: &dyn Resolve,
     name: &DnsName,
-) -> io::Result<usize> {
+) -> io::Result<Vec<Authority>> {
     let mut addrs = resolver.resolve(name).await?;
     if addrs.is_empty() {
         return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
@@ -65,15 +66,17 @@ pub async fn refresh(
     if !added.is_empty() || !removed.is_empty() {
         tracing::info!(name = %name.host, ?added, ?removed, "replica set changed");
     }
-    Ok(found.len())
+    Ok(added)
 }
 
-/// Runs [`refresh`] every `every` until `stop`.
+/// Runs [`refresh`] every `every` until `stop`, and looks at each replica it adds for its
+/// build ([`super::health::learn_builds`]) before a pinned request can pass it by.
 pub async fn run(
     set: Arc<ReplicaSet>,
     resolver: Arc<dyn Resolve>,
     name: DnsName,
     every: Duration,
+    looks: (Arc<Pool>, Arc<Health>),
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -83,8 +86,24 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = refresh(&set, resolver.as_ref(), &name).await {
-            tracing::warn!(name = %name.host, error = %e, "DNS discovery failed; keeping the previous replica set");
+        match refresh(&set, resolver.as_ref(), &name).await {
+            Ok(added) if !added.is_empty() => {
+                let new: Vec<Arc<Replica>> = set.with(|list| {
+                    list.iter()
+                        .filter(|r| added.contains(&r.authority))
+                        .cloned()
+                        .collect()
+                });
+                let (pool, health) = &looks;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    () = super::health::learn_builds(pool, health, &new) => {}
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(name = %name.host, error = %e, "DNS discovery failed; keeping the previous replica set");
+            }
         }
     }
 }

@@ -96,6 +96,22 @@ pub async fn run(pool: Arc<Pool>, set: Arc<ReplicaSet>, cfg: Health, stop: Cance
     }
 }
 
+/// Looks once at each of `replicas` not yet known to run a build, in parallel, each bounded
+/// by the check's timeout, to learn its build; records no verdict. At start-up without active
+/// checks, and for replicas discovery just added: requests are pinned to a replica's build
+/// from its first, not keyed outside the build's namespace until a response names it.
+pub async fn learn_builds(pool: &Arc<Pool>, cfg: &Arc<Health>, replicas: &[Arc<Replica>]) {
+    let mut looks = JoinSet::new();
+    for replica in replicas {
+        if replica.build().is_some() {
+            continue;
+        }
+        let (pool, cfg, replica) = (Arc::clone(pool), Arc::clone(cfg), Arc::clone(replica));
+        looks.spawn(async move { check(&pool, &cfg, &replica).await });
+    }
+    while looks.join_next().await.is_some() {}
+}
+
 /// Checks every replica once, in parallel, and records the verdicts.
 pub async fn round(pool: &Arc<Pool>, set: &ReplicaSet, cfg: &Arc<Health>) {
     let mut round = JoinSet::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::Authority;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// Milliseconds since the first call in this process: a cheap monotonic clock for atomics.
 pub fn now_ms() -> u64 {
@@ -40,11 +40,18 @@ pub struct Replica {
     probing: AtomicBool,
     /// The build it runs, as its last response said (`crate::deploy`); `None` until one did.
     build: ArcSwapOption<String>,
+    /// Told when `build` changes: the set's, so the rollout pins the build at once.
+    builds_named: Arc<Notify>,
 }
 
 impl Replica {
     /// A replica, healthy until proven otherwise (Kubernetes only lists ready pods).
     pub fn new(authority: Authority) -> Self {
+        Self::in_set(authority, Arc::default())
+    }
+
+    /// A replica of a set whose `builds_named` hears of its build.
+    fn in_set(authority: Authority, builds_named: Arc<Notify>) -> Self {
         Self {
             authority,
             in_flight: AtomicU32::new(0),
@@ -59,6 +66,7 @@ impl Replica {
             stalls: watch::Sender::new(0),
             probing: AtomicBool::new(false),
             build: ArcSwapOption::empty(),
+            builds_named,
         }
     }
 
@@ -78,6 +86,7 @@ impl Replica {
     pub fn note_sniffed_build(&self, build: &str) {
         if !self.runs(build) {
             self.build.store(Some(Arc::new(build.to_owned())));
+            self.builds_named.notify_one();
             tracing::info!(replica = %self.authority, build, "replica runs build (from its page)");
         }
     }
@@ -93,6 +102,7 @@ impl Replica {
             return;
         }
         self.build.store(Some(Arc::new(build.to_owned())));
+        self.builds_named.notify_one();
         tracing::info!(replica = %self.authority, build, "replica runs build");
     }
 
@@ -299,21 +309,28 @@ pub struct ReplicaSet {
     fixed: Vec<Authority>,
     /// Serializes writers (discovery), never readers.
     update: Mutex<()>,
+    /// Told when a replica names a build it was not known to run.
+    builds_named: Arc<Notify>,
 }
 
 impl ReplicaSet {
     /// A set of the static replicas.
     pub fn new(fixed: Vec<Authority>) -> Self {
+        let builds_named = Arc::new(Notify::new());
         let mut list: Vec<Arc<Replica>> = Vec::with_capacity(fixed.len());
         for a in &fixed {
             if !list.iter().any(|r| &r.authority == a) {
-                list.push(Arc::new(Replica::new(a.clone())));
+                list.push(Arc::new(Replica::in_set(
+                    a.clone(),
+                    Arc::clone(&builds_named),
+                )));
             }
         }
         Self {
             current: ArcSwap::from_pointee(list),
             fixed,
             update: Mutex::new(()),
+            builds_named,
         }
     }
 
@@ -338,7 +355,9 @@ impl ReplicaSet {
                 continue;
             }
             let kept = old.iter().find(|r| &r.authority == a).cloned();
-            next.push(kept.unwrap_or_else(|| Arc::new(Replica::new(a.clone()))));
+            next.push(kept.unwrap_or_else(|| {
+                Arc::new(Replica::in_set(a.clone(), Arc::clone(&self.builds_named)))
+            }));
         }
         let added = next
             .iter()
@@ -352,6 +371,12 @@ impl ReplicaSet {
             .collect();
         self.current.store(Arc::new(next));
         (added, removed)
+    }
+
+    /// Resolves when a replica has named a build it was not known to run since the last
+    /// time this resolved (one waiter: the rollout).
+    pub async fn build_named(&self) {
+        self.builds_named.notified().await;
     }
 
     /// Authorities of the current replicas.

@@ -111,6 +111,13 @@ impl Gateway {
         let (addr, admin, state) = (server.local_addr(), server.admin_addr(), server.state());
         let shutdown = CancellationToken::new();
         let task = Some(tokio::spawn(server.run(shutdown.clone())));
+        // Past the start-up look (it asks each replica once for its build), so what a test
+        // counts at its replicas is its own traffic.
+        let mut started = state.started.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), started.wait_for(|s| *s))
+            .await
+            .expect("the gateway starts within 30 s")
+            .expect("the gateway starts");
         Gateway {
             addr,
             admin,
