@@ -255,6 +255,7 @@ async fn start_control(
     let cfg = &app.config;
     if let Some(cache) = &app.cache {
         cache.start(stop);
+        invalidate::retention::start(cache, Arc::clone(&app.deploy), stop);
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
     if let Some(name) = cfg.upstream.dns_name.clone() {

@@ -243,6 +243,17 @@ impl Deploy {
         })
     }
 
+    /// When the oldest build a healthy replica runs was made (UNIX ms), as its replicas
+    /// report it; `None` when no such build reported it.
+    pub fn oldest_live_build_ms(&self) -> Option<u64> {
+        let (tally, _) = self.tally();
+        tally
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .filter_map(|(p, _)| self.builds.get(&p.build)?.built_ms)
+            .min()
+    }
+
     /// Builds the replicas name now that no pin exists for yet.
     fn unpinned(&self) -> Vec<String> {
         let state = self.state.load();

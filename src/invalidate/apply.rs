@@ -9,12 +9,13 @@
 //! The library is the fleet's one implementation of that step: the Next.js replicas running
 //! `@isrgate/next` call the same function for their in-app revalidations. [`load`] loads it
 //! (at start and after every bus reconnect, when Redis may have come back empty) before it
-//! reads the whole hash into the map; a Redis without Functions (< 7) gets the same text as a
-//! script.
+//! reads the whole hash into the map, a page at a time; a Redis without Functions (< 7) gets the
+//! same text as a script. `super::retention` keeps the hash bounded.
 //!
 //! With the in-process store the invalidation is recorded in this gateway's map only.
 
 use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
 
 use crate::bus::CHANNEL;
 use crate::cache::epochs::{Epochs, Mode};
@@ -123,33 +124,60 @@ async fn load_library(redis: &RedisStore) -> Result<bool, StoreError> {
     }
 }
 
+/// Fields asked for per `HSCAN` page: each page is one command bounded by
+/// `redis.command_timeout`, so a hash of any size loads (a single `HGETALL` of 400,000 fields
+/// took 600 ms, past the timeout, and was retried forever).
+pub(crate) const PAGE: u32 = 10_000;
+
 /// Loads the library (so replicas can call it) and every recorded invalidation from the store
-/// into `epochs`.
+/// into `epochs`, a page at a time. Invalidations applied meanwhile reach `epochs` from the bus
+/// too, and a record only ever moves a tag's epoch forward, so the order does not matter.
 pub async fn load(store: &Store, epochs: &Epochs) -> Result<usize, StoreError> {
     let Store::Redis(redis) = store else {
         return Ok(0);
     };
     load_library(redis).await?;
-    let all: std::collections::HashMap<String, String> =
-        redis.bounded(redis.pool().hgetall(INV_KEY)).await?;
     let mut n = 0;
-    for (tag, value) in &all {
-        if tag == EPOCH_FIELD {
-            if let Ok(e) = value.parse() {
-                epochs.observe(e);
+    let mut cursor = String::from("0");
+    loop {
+        let (next, fields) = scan_page(redis, &cursor, PAGE).await?;
+        for pair in fields.chunks_exact(2) {
+            let (field, value) = (&pair[0], &pair[1]);
+            if field == EPOCH_FIELD {
+                if let Ok(e) = value.parse() {
+                    epochs.observe(e);
+                }
+            } else if let Some((name, mode, e)) = parse_record(field, value) {
+                epochs.record(e, mode, [name]);
+                n += 1;
             }
-            continue;
         }
-        if let Some((name, mode, e)) = parse_record(tag, value) {
-            epochs.record(e, mode, [name]);
-            n += 1;
+        if next == "0" {
+            return Ok(n);
         }
+        cursor = next;
     }
-    Ok(n)
+}
+
+/// One `HSCAN` page of `isr:inv` from `cursor`: the next cursor (`"0"` at the end) and the
+/// fields and values, flat.
+pub(crate) async fn scan_page(
+    redis: &RedisStore,
+    cursor: &str,
+    count: u32,
+) -> Result<(String, Vec<String>), StoreError> {
+    let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
+    let args = vec![
+        INV_KEY.to_owned(),
+        cursor.to_owned(),
+        "COUNT".to_owned(),
+        count.to_string(),
+    ];
+    redis.bounded(redis.pool().next().custom(hscan, args)).await
 }
 
 /// A field `s:<tag>` / `h:<tag>` and its epoch; anything else is skipped.
-fn parse_record<'a>(field: &'a str, value: &str) -> Option<(&'a str, Mode, u64)> {
+pub(crate) fn parse_record<'a>(field: &'a str, value: &str) -> Option<(&'a str, Mode, u64)> {
     let (mode, tag) = match field.split_once(':')? {
         ("s", tag) => (Mode::Soft, tag),
         ("h", tag) => (Mode::Hard, tag),

@@ -15,6 +15,7 @@ pub mod apply;
 pub mod fanout;
 pub mod fleet;
 pub mod log;
+pub mod retention;
 pub mod rewarm;
 pub mod webhook;
 

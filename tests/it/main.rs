@@ -19,6 +19,7 @@ mod limits;
 mod memory;
 mod pool;
 mod refresh;
+mod retention;
 mod sanitize;
 mod store;
 mod warm;

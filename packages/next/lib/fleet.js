@@ -13,6 +13,8 @@ const { parseUrl, redactUrl, connect, Client, ReplyError } = require('./redis');
 
 const FUNCTION = 'isrgate_invalidate_v1';
 const INV_KEY = 'isr:inv';
+/** Fields asked for per HSCAN page of isr:inv. */
+const SCAN_PAGE = 10000;
 const BUILDS_KEY = 'isr:builds';
 /** How often a replica reports its build (the gateways forget one unseen for 5 minutes). */
 const REPORT_EVERY_MS = 30000;
@@ -213,22 +215,29 @@ class Fleet {
     }
   }
 
-  /** Applies the invalidations recorded after epoch `since` (ms), all at once. */
+  /**
+   * Applies the invalidations recorded after epoch `since` (ms), all at once. Read a page at a
+   * time (HSCAN): one HGETALL of a long history is one slow command on a shared Redis.
+   */
   async #catchUp(since) {
-    const flat = await this.client.command(['HGETALL', INV_KEY]);
     const byMode = { soft: [], hard: [] };
     let n = 0;
-    for (let i = 0; i + 1 < flat.length; i += 2) {
-      const [field, epoch] = [flat[i], Number(flat[i + 1])];
-      if (field === '_epoch') {
-        this.#observe(epoch);
-        continue;
+    let cursor = '0';
+    do {
+      const [next, flat] = await this.client.command(['HSCAN', INV_KEY, cursor, 'COUNT', String(SCAN_PAGE)]);
+      cursor = String(next);
+      for (let i = 0; i + 1 < flat.length; i += 2) {
+        const [field, epoch] = [flat[i], Number(flat[i + 1])];
+        if (field === '_epoch') {
+          this.#observe(epoch);
+          continue;
+        }
+        const mode = field.startsWith('h:') ? 'hard' : field.startsWith('s:') ? 'soft' : null;
+        if (!mode || !(epoch > since)) continue;
+        if (n < MAX_CATCH_UP) byMode[mode].push(field.slice(2));
+        n++;
       }
-      const mode = field.startsWith('h:') ? 'hard' : field.startsWith('s:') ? 'soft' : null;
-      if (!mode || !(epoch > since)) continue;
-      byMode[mode].push(field.slice(2));
-      n++;
-    }
+    } while (cursor !== '0');
     if (n > MAX_CATCH_UP) {
       this.apply(['*'], 'hard');
       return;
