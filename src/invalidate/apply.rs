@@ -160,8 +160,29 @@ pub async fn load(store: &Store, epochs: &Epochs) -> Result<usize, StoreError> {
 }
 
 /// One `HSCAN` page of `isr:inv` from `cursor`: the next cursor (`"0"` at the end) and the
-/// fields and values, flat.
+/// fields and values, flat. A page that fails is asked again, from the same cursor (what was
+/// read stays read), for half as many fields, a few times: a slow or loaded Redis, or a slow
+/// gateway, gets pages it can answer within the command timeout.
 pub(crate) async fn scan_page(
+    redis: &RedisStore,
+    cursor: &str,
+    count: u32,
+) -> Result<(String, Vec<String>), StoreError> {
+    let mut count = count;
+    let mut tries = 1;
+    loop {
+        match scan_page_once(redis, cursor, count).await {
+            Err(e) if tries < 5 && !matches!(e, StoreError::CircuitOpen) => {
+                tracing::debug!(error = %e, count, "an isr:inv page failed; asking for fewer fields");
+                count = (count / 2).max(100);
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn scan_page_once(
     redis: &RedisStore,
     cursor: &str,
     count: u32,

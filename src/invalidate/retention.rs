@@ -36,6 +36,12 @@ pub const MARGIN: Duration = Duration::from_secs(3600);
 /// Held by the gateway that prunes the store this period.
 const LOCK_KEY: &str = "isr:inv:prune";
 
+/// Fields one delete script looks at.
+const DELETE_BATCH: usize = 1_000;
+
+/// After a prune that failed: the next try (the lock was given back).
+const RETRY: Duration = Duration::from_secs(30);
+
 /// Deletes the fields of ARGV[2..] whose epoch is still older than ARGV[1]; returns how many.
 const PRUNE_SCRIPT: &str = r"
 local horizon = tonumber(ARGV[1])
@@ -74,18 +80,22 @@ pub async fn prune(redis: &RedisStore, horizon: u64) -> Result<Pruned, StoreErro
     let mut cursor = String::from("0");
     loop {
         let (next, fields) = scan_page(redis, &cursor, PAGE).await?;
-        let mut old: Vec<String> = vec![horizon.to_string()];
+        let mut old: Vec<&str> = Vec::new();
         for pair in fields.chunks_exact(2) {
             if let Some((_, _, epoch)) = parse_record(&pair[0], &pair[1]) {
                 done.scanned += 1;
                 if epoch < horizon {
-                    old.push(pair[0].clone());
+                    old.push(&pair[0]);
                 }
             }
         }
-        if old.len() > 1 {
+        // A script runs alone on the server: a short one at a time.
+        for batch in old.chunks(DELETE_BATCH) {
+            let mut args = Vec::with_capacity(batch.len() + 1);
+            args.push(horizon.to_string());
+            args.extend(batch.iter().map(|f| (*f).to_owned()));
             let removed: u64 = redis
-                .bounded(redis.pool().next().eval(PRUNE_SCRIPT, INV_KEY, old))
+                .bounded(redis.pool().next().eval(PRUNE_SCRIPT, INV_KEY, args))
                 .await?;
             done.removed += usize::try_from(removed).unwrap_or(usize::MAX);
         }
@@ -133,7 +143,8 @@ pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) 
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "could not prune the invalidation records; next try in {EVERY:?}")
+                    tracing::warn!(error = %e, "could not prune the invalidation records; next try in {RETRY:?}");
+                    wait = RETRY;
                 }
             }
         }
@@ -157,8 +168,27 @@ async fn prune_once(
     if taken.is_none() {
         return Ok(None);
     }
-    prune(redis, horizon).await.map(Some)
+    let pruned = prune(redis, horizon).await;
+    if pruned.is_err() {
+        // Given back, so a gateway tries again within `RETRY`, not a period later.
+        let release: Result<u64, _> = redis
+            .bounded(
+                redis
+                    .pool()
+                    .next()
+                    .eval(RELEASE_SCRIPT, LOCK_KEY, vec![me.to_owned()]),
+            )
+            .await;
+        if let Err(e) = release {
+            tracing::debug!(error = %e, "could not give the prune lock back; it expires");
+        }
+    }
+    pruned.map(Some)
 }
+
+/// Deletes the lock KEYS[1] when ARGV[1] holds it.
+const RELEASE_SCRIPT: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 #[cfg(test)]
 mod tests {
