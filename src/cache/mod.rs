@@ -34,6 +34,7 @@ pub mod key;
 pub mod l1;
 pub mod lock;
 pub mod policy;
+pub mod routes;
 pub mod sealed;
 pub mod store;
 pub mod tags;

@@ -20,6 +20,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, StatusCode};
 
 use super::control::{CacheControl, Swr};
+use super::routes::Lifetimes;
 
 static X_NEXTJS_CACHE: HeaderName = HeaderName::from_static("x-nextjs-cache");
 static X_NEXTJS_POSTPONED: HeaderName = HeaderName::from_static("x-nextjs-postponed");
@@ -188,13 +189,37 @@ pub fn admit(
     expect: Expect,
     limits: &Limits,
 ) -> Result<Freshness, Skip> {
+    admit_for(method, status, headers, expect, limits, None)
+}
+
+/// [`admit`], with the lifetimes a `[[routes]]` entry sets (`cache::routes`) over the
+/// response's own: a route's `ttl` also makes a response without a positive `s-maxage` /
+/// `max-age` (or without `Cache-Control`) storable, but nothing else that is refused.
+pub fn admit_for(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+    expect: Expect,
+    limits: &Limits,
+    route: Option<&Lifetimes>,
+) -> Result<Freshness, Skip> {
     // RFC 9111 §3: only methods defined as cacheable; we store GET only, HEAD is served from it.
     if method != Method::GET {
         return Err(Skip::Method);
     }
     check_status(status, headers)?;
-    let cc = CacheControl::from_headers(headers).ok_or(Skip::NoCacheControl)?;
-    let lifetime = check_directives(&cc, status)?;
+    let ttl = route.and_then(|r| r.ttl);
+    let cc = match (CacheControl::from_headers(headers), ttl) {
+        (Some(cc), _) => cc,
+        (None, Some(_)) => CacheControl::default(),
+        (None, None) => return Err(Skip::NoCacheControl),
+    };
+    let lifetime = match (check_directives(&cc, status), ttl) {
+        (Ok(_) | Err(Skip::NoPositiveMaxAge | Skip::NotFoundWithoutSMaxAge), Some(t)) => {
+            u32::try_from(t.as_secs()).unwrap_or(u32::MAX).max(1)
+        }
+        (result, _) => result?,
+    };
     check_headers(headers)?;
     // A redirect's body is an HTML stub at most; what matters is `Location`.
     // An immutable response is a content-addressed file (RFC 8246): whatever its type, it is
@@ -206,7 +231,15 @@ pub fn admit(
         .get_all(&X_NEXTJS_CACHE)
         .iter()
         .any(|v| trim(v.as_bytes()).eq_ignore_ascii_case(b"STALE"));
-    Ok(freshness(&cc, lifetime, already_stale, limits))
+    let mut f = freshness(&cc, lifetime, already_stale, limits);
+    if let Some(r) = route {
+        f.stale_while_revalidate = r.stale_while_revalidate.unwrap_or(f.stale_while_revalidate);
+        f.stale_if_error = r.stale_if_error.unwrap_or(f.stale_if_error);
+        let room = limits.max_ttl.saturating_sub(f.fresh_part());
+        f.stale_while_revalidate = f.stale_while_revalidate.min(room);
+        f.stale_if_error = f.stale_if_error.min(room);
+    }
+    Ok(f)
 }
 
 fn is_redirect(status: StatusCode) -> bool {

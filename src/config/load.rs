@@ -281,6 +281,39 @@ impl Layers {
                 self.record(&section, "", section_at, Err(SetError::UnknownSection));
                 continue;
             }
+            if section == "routes" {
+                // `[[routes]]`: an array of tables, kept in file order; each one's problems
+                // under its own name (`routes[2]`).
+                let toml::de::DeValue::Array(items) = value.into_inner() else {
+                    self.problems.push(Problem {
+                        key: "routes".into(),
+                        source: section_at,
+                        message: "write each route as a [[routes]] table".into(),
+                    });
+                    continue;
+                };
+                for (i, item) in items.into_iter().enumerate() {
+                    let start = item.span().start;
+                    let result = <crate::config::raw::RouteRaw as serde::Deserialize>::deserialize(
+                        ValueDeserializer::from(item),
+                    )
+                    .map(|r| self.raw.routes.push(r))
+                    .map_err(SetError::Invalid);
+                    let source = match &result {
+                        Err(SetError::Invalid(e)) => at(e.span().map_or(start, |s| s.start)),
+                        _ => at(start),
+                    };
+                    if result.is_ok() {
+                        // Where the validation's problems with this route point.
+                        for key in crate::config::raw::RouteRaw::KEYS {
+                            self.sources
+                                .insert(format!("routes[{i}].{key}"), source.clone());
+                        }
+                    }
+                    self.record(&format!("routes[{i}]"), "", source, result);
+                }
+                continue;
+            }
             let span = value.span();
             let toml::de::DeValue::Table(table) = value.into_inner() else {
                 self.problems.push(Problem {
@@ -367,7 +400,11 @@ impl Layers {
     }
 
     fn record(&mut self, section: &str, key: &str, source: Source, result: Result<(), SetError>) {
-        let full = format!("{section}.{key}");
+        let full = if key.is_empty() {
+            section.to_owned()
+        } else {
+            format!("{section}.{key}")
+        };
         let message = match result {
             Ok(()) => {
                 self.sources.insert(full, source);

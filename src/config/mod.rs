@@ -234,6 +234,8 @@ pub struct Cache {
     pub tag_headers: Vec<String>,
     /// `[tag_rules]`, compiled.
     pub tag_rules: Vec<crate::cache::tags::Rule>,
+    /// `[[routes]]`, compiled, in file order (the first match wins).
+    pub routes: Vec<crate::cache::routes::Route>,
 }
 
 /// `[coalesce]`

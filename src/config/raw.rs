@@ -367,6 +367,35 @@ pub struct Raw {
     pub log: LogRaw,
     /// `[tag_rules]`: path pattern → tags, e.g. `"/products/{id}" = ["product-{id}", "products"]`.
     pub tag_rules: std::collections::BTreeMap<String, Vec<String>>,
+    /// `[[routes]]`: per-route policy, in file order.
+    pub routes: Vec<RouteRaw>,
+}
+
+impl RouteRaw {
+    /// Its keys, as written in the file.
+    pub const KEYS: &'static [&'static str] = &[
+        "path",
+        "ttl",
+        "stale_while_revalidate",
+        "stale_if_error",
+        "cache",
+    ];
+}
+
+/// One `[[routes]]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRaw {
+    /// Path pattern: `/blog/{slug}`, `/docs/*`.
+    pub path: String,
+    /// Freshness lifetime (duration).
+    pub ttl: Option<String>,
+    /// Stale-while-revalidate window (duration).
+    pub stale_while_revalidate: Option<String>,
+    /// Stale-if-error window (duration).
+    pub stale_if_error: Option<String>,
+    /// `false`: never cached.
+    pub cache: Option<bool>,
 }
 
 impl Raw {
@@ -383,6 +412,7 @@ impl Raw {
         "admin",
         "log",
         "tag_rules",
+        "routes",
     ];
 
     /// Applies `section.key = value`.
@@ -398,6 +428,8 @@ impl Raw {
             "health" => self.health.set(key, value),
             "cache" => self.cache.set(key, value),
             "coalesce" => self.coalesce.set(key, value),
+            // `[[routes]]` is an array of tables, which only the file sets (`load`).
+            "routes" => Err(SetError::UnknownKey),
             // Any key: the keys are path patterns.
             "tag_rules" => {
                 let tags = Vec::<String>::deserialize(value).map_err(SetError::Invalid)?;

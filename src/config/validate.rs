@@ -439,6 +439,11 @@ fn cache(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Cache> {
                     .ok()
             })
             .collect(),
+        routes: Vec::new(),
+    };
+    let cache = super::Cache {
+        routes: routes(c, raw, &cache),
+        ..cache
     };
     for h in &cache.tag_headers {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
@@ -510,6 +515,57 @@ fn fanout(c: &mut Checker<'_>, w: &super::raw::WebhookRaw) -> super::Fanout {
         retries: c.in_range("webhook.replica_retries", w.replica_retries, 0, 10) as u32,
         timeout: c.duration("webhook.replica_timeout", &w.replica_timeout, false),
     }
+}
+
+/// `[[routes]]`, compiled in file order; each problem named `routes[i].key`.
+fn routes(c: &mut Checker, raw: &Raw, cache: &super::Cache) -> Vec<crate::cache::routes::Route> {
+    let mut out = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let name = |key: &str| format!("routes[{i}].{key}");
+        let mut window = |key: &str, text: &Option<String>| {
+            let text = text.as_deref()?;
+            let d = c.long_duration(&name(key), text);
+            if d > cache.max_ttl {
+                c.fail(
+                    &name(key),
+                    format!(
+                        "{text:?} is longer than cache.max_ttl ({}), which caps every entry",
+                        humantime::format_duration(cache.max_ttl)
+                    ),
+                );
+            }
+            Some(d)
+        };
+        let lifetimes = crate::cache::routes::Lifetimes {
+            ttl: window("ttl", &r.ttl),
+            stale_while_revalidate: window("stale_while_revalidate", &r.stale_while_revalidate),
+            stale_if_error: window("stale_if_error", &r.stale_if_error),
+        };
+        let cache_it = r.cache.unwrap_or(true);
+        if lifetimes.ttl.is_some_and(|t| t.is_zero()) {
+            c.fail(
+                &name("ttl"),
+                "must be greater than zero; write cache = false to never cache",
+            );
+        }
+        if !cache_it && lifetimes != crate::cache::routes::Lifetimes::default() {
+            c.fail(
+                &name("cache"),
+                "cache = false caches nothing: drop its ttl and stale windows",
+            );
+        }
+        if cache_it && lifetimes == crate::cache::routes::Lifetimes::default() {
+            c.fail(
+                &name("path"),
+                format!("{:?} sets nothing: give it ttl, stale_while_revalidate, stale_if_error or cache = false", r.path),
+            );
+        }
+        match crate::cache::routes::Route::new(r.path.trim(), cache_it, lifetimes) {
+            Ok(route) => out.push(route),
+            Err(e) => c.fail(&name("path"), e),
+        }
+    }
+    out
 }
 
 fn coalesce(c: &mut Checker<'_>, raw: &Raw) -> super::Coalesce {

@@ -5,7 +5,8 @@
 //! are NEXTJS.md §9 rule 9 plus operator settings: only GET and HEAD without a body; never a
 //! Server Action (`Next-Action`), draft/preview mode (`__prerender_bypass`,
 //! `__next_preview_data` cookies), `Authorization`, a middleware prefetch
-//! (`x-middleware-prefetch`), a configured bypass path or cookie.
+//! (`x-middleware-prefetch`), a configured bypass path or cookie, a `[[routes]]` entry with
+//! `cache = false`.
 
 use http::Method;
 use http::header::{self, HeaderMap};
@@ -37,11 +38,13 @@ pub enum Bypass {
     Path,
     /// A configured bypass cookie.
     Cookie,
+    /// A `[[routes]]` entry with `cache = false`.
+    Route,
 }
 
 impl Bypass {
     /// Every reason, in `as usize` order (metrics are indexed by it).
-    pub const ALL: [Bypass; 8] = [
+    pub const ALL: [Bypass; 9] = [
         Bypass::Method,
         Bypass::Body,
         Bypass::NextAction,
@@ -50,6 +53,7 @@ impl Bypass {
         Bypass::MiddlewarePrefetch,
         Bypass::Path,
         Bypass::Cookie,
+        Bypass::Route,
     ];
 
     /// Label for logs, metrics and `Cache-Status`.
@@ -63,6 +67,7 @@ impl Bypass {
             Bypass::MiddlewarePrefetch => "middleware_prefetch",
             Bypass::Path => "path",
             Bypass::Cookie => "cookie",
+            Bypass::Route => "route",
         }
     }
 }
@@ -98,6 +103,9 @@ pub fn request(cfg: &Cache, head: &Parts, has_body: bool) -> Result<Variant, Byp
         {
             return Err(Bypass::Path);
         }
+    }
+    if crate::cache::routes::find(&cfg.routes, path).is_some_and(|r| !r.cache) {
+        return Err(Bypass::Route);
     }
     if h.contains_key(header::COOKIE) {
         if has_cookie(h, DRAFT_COOKIES) {

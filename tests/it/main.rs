@@ -20,6 +20,7 @@ mod memory;
 mod pool;
 mod refresh;
 mod retention;
+mod routes;
 mod sanitize;
 mod store;
 mod warm;

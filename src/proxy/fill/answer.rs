@@ -224,12 +224,14 @@ pub(super) async fn request(
         tracing::debug!(key = %key.text, replica = %replica.authority, "answered for another build; not stored");
         return pass(response, Pass::OtherBuild);
     }
-    let freshness = match policy::admit(
+    let route = crate::cache::routes::find(&cache.cfg.routes, &path).map(|r| &r.lifetimes);
+    let freshness = match policy::admit_for(
         &Method::GET,
         response.status(),
         response.headers(),
         expect(variant),
         &cache.limits,
+        route,
     ) {
         Ok(f) if !f.ttl().is_zero() => f,
         Ok(_) => return pass(response, Pass::Uncacheable),
