@@ -153,13 +153,15 @@ struct ConfigArgs {
 struct ServeArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Public listen address, HOST:PORT (overrides listen.addr).
+    /// Public listen address, HOST:PORT, HOST an IP or a name such as localhost (overrides
+    /// listen.addr).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// A Next.js replica, http://HOST:PORT; repeat for several (replaces upstream.replicas).
     #[arg(long = "upstream", value_name = "URL")]
     upstreams: Vec<String>,
-    /// Admin listen address, HOST:PORT; "" disables it (overrides admin.listen).
+    /// Admin listen address, HOST:PORT (an IP or a name); "" disables it (overrides
+    /// admin.listen).
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
     /// Shared store, redis://[user:password@]HOST:PORT[/DB] (overrides redis.url). Without it

@@ -80,11 +80,24 @@ impl Checker<'_> {
         }
     }
 
+    /// `HOST:PORT` with an IP, or a name resolved once now (`localhost:8080`, as nginx's
+    /// `listen` does): its first IPv4 address, else its first address.
     fn socket_addr(&mut self, key: &str, text: &str) -> SocketAddr {
-        text.trim().parse().unwrap_or_else(|_| {
+        let text = text.trim();
+        if let Ok(addr) = text.parse() {
+            return addr;
+        }
+        let resolved = match std::net::ToSocketAddrs::to_socket_addrs(text) {
+            Ok(addrs) => {
+                let all: Vec<SocketAddr> = addrs.collect();
+                all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+            }
+            Err(_) => None,
+        };
+        resolved.unwrap_or_else(|| {
             self.fail(
                 key,
-                format!("{text:?} is not a socket address; write HOST:PORT with an IP, such as 0.0.0.0:8080 or [::]:8080"),
+                format!("{text:?} is not a socket address; write HOST:PORT, HOST an IP or a name that resolves, such as 0.0.0.0:8080, [::]:8080 or localhost:8080"),
             );
             SocketAddr::from(([0, 0, 0, 0], 0))
         })
@@ -619,6 +632,22 @@ fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {
             "is not a Redis URL; write redis://[user:password@]host:port[/db] (rediss:// for TLS; or redis-cluster://, redis-sentinel://)",
         ),
     }
+    // What the client will make of it, now rather than at run time (a Sentinel URL written
+    // `redis-sentinel://host:26379/mymaster` passed here and failed on start). The client's
+    // reason names no part of the URL.
+    if scheme.starts_with("redis") {
+        if let Err(e) = fred::types::config::Config::from_url(url) {
+            let hint = if scheme.ends_with("sentinel") {
+                "; a Sentinel URL is redis-sentinel://host:26379?sentinelServiceName=mymaster (more sentinels: &node=host2:26379; a database: /0 before the ?)"
+            } else {
+                ""
+            };
+            c.fail(
+                "redis.url",
+                format!("cannot be used: {}{hint}", e.details()),
+            );
+        }
+    }
     Some(super::Redis {
         url: url.to_owned(),
         pool_size: c.in_range("redis.pool_size", r.pool_size, 1, 256) as usize,
@@ -725,6 +754,11 @@ mod tests {
             ("[log]\nlevel = \"isrgate=loud\"", "log.level"),
             ("[tag_rules]\n\"products\" = [\"x\"]", "tag_rules.products"),
             ("[webhook]\nreplica_path = \"api\"", "webhook.replica_path"),
+            (
+                "[redis]\nurl = \"redis-sentinel://h:26379/mymaster\"",
+                "redis.url",
+            ),
+            ("[listen]\naddr = \"nowhere.invalid:8080\"", "listen.addr"),
         ];
         for (text, key) in cases {
             let m = messages(text);
@@ -750,6 +784,17 @@ mod tests {
         let c = from_toml("[health]\ninterval = \"0s\"\npassive_failures = 0").expect("valid");
         assert!(c.health.interval.is_none());
         assert!(c.health.passive_failures.is_none());
+    }
+
+    #[test]
+    fn a_listen_address_may_name_a_host_as_help_says() {
+        let c = from_toml("[listen]\naddr = \"localhost:8080\"").expect("valid");
+        assert!(c.listen.addr.ip().is_loopback());
+        assert_eq!(c.listen.addr.port(), 8080);
+        let c =
+            from_toml("[redis]\nurl = \"redis-sentinel://h:26379?sentinelServiceName=mymaster\"")
+                .expect("a Sentinel URL as the client reads it");
+        assert!(c.redis.is_some());
     }
 
     #[test]
