@@ -63,6 +63,7 @@ fn nextjs_meta(identity: &[u8]) -> Meta {
         ],
         etag: etag(identity),
         identity_len: identity.len() as u64,
+        filled_by: "a1b2c3d4".into(),
     }
 }
 

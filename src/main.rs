@@ -35,9 +35,15 @@ enum Command {
     /// Validate the configuration and exit: 0 when valid, 1 with every problem listed otherwise
     /// (like `nginx -t`).
     CheckConfig(ConfigArgs),
-    /// Invalidate paths and tags on every gateway, through Redis (the webhook's apply path).
-    /// Exits 0 with the epoch, or 1 with the reason (nothing is invalidated then).
+    /// Invalidate paths and tags on every gateway: through a running gateway's admin API, the
+    /// webhook's whole path (acknowledgements, replica fan-out, re-warm with --host, the
+    /// revalidation log); with --redis, only the invalidation, straight through Redis (every
+    /// gateway down). Exits 0 with the report, or 1 with the reason.
     Purge(PurgeArgs),
+    /// What the cache holds for a URL, variant by variant, as a running gateway sees it: key,
+    /// build, state and age, size at rest, tags, the gateway that filled it, and whether a purge
+    /// covers it.
+    Inspect(InspectArgs),
     /// The rollout of builds, through Redis: which build is current on every gateway.
     Deploy(DeployArgs),
     /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
@@ -123,13 +129,58 @@ fn positive_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// How the command line reaches a gateway's admin API.
+#[derive(Args, Debug)]
+struct AdminArgs {
+    /// The gateway's admin listener, http://HOST:PORT. Default: the configuration's
+    /// admin.listen (127.0.0.1 when it listens on all addresses).
+    #[arg(long, value_name = "URL")]
+    gateway: Option<String>,
+    /// The gateway's admin token.
+    #[arg(
+        long,
+        env = "ISRGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// Print the gateway's JSON answer as it is.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// A path (/blog/a?x=1) or a whole URL (https://shop.example/blog/a).
+    url: String,
+    /// The site's host, when URL is a path.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only the RSC payload (same as --variant rsc).
+    #[arg(long)]
+    rsc: bool,
+    /// html, rsc or prefetch; repeat for several. Default: all three.
+    #[arg(long = "variant", value_name = "VARIANT")]
+    variants: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 struct PurgeArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Shared store, redis://… (overrides redis.url).
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Apply straight through this Redis instead of a gateway (overrides redis.url): only the
+    /// invalidation; no fan-out, re-warm or log entry by a gateway.
     #[arg(long, value_name = "URL")]
     redis: Option<String>,
+    /// The site's public host: purged pages are re-rendered for it (re-warm).
+    #[arg(long)]
+    host: Option<String>,
     /// A pathname: every variant of it (HTML, RSC, data). Repeat for several.
     #[arg(long = "path", value_name = "PATH")]
     paths: Vec<String>,
@@ -223,6 +274,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Purge(args) => purge(args),
+        Command::Inspect(args) => inspect(args),
         Command::Deploy(args) => deploy(args),
         Command::Warm(args) => warm(args),
         Command::Serve(args) => {
@@ -251,7 +303,85 @@ fn main() -> ExitCode {
     }
 }
 
+/// A client for the admin API the flags (or the configuration) name.
+fn admin_client(
+    config: Option<&std::path::Path>,
+    args: &AdminArgs,
+    timeout: std::time::Duration,
+) -> Result<isrgate::admin::client::AdminClient, String> {
+    let base = match &args.gateway {
+        Some(g) => g.clone(),
+        None => {
+            let (c, _) = config::load(config, &ProcessEnv, &[]).map_err(|e| e.to_string())?;
+            let admin = c.admin.ok_or(
+                "the configuration has no admin listener (admin.listen = \"\"): pass --gateway",
+            )?;
+            gateway_of(admin.listen)
+        }
+    };
+    isrgate::admin::client::AdminClient::new(&base, args.token.clone(), timeout)
+        .map_err(|e| e.to_string())
+}
+
+/// Prints what an admin-API command answered; 0 or 1.
+fn finish(done: Result<String, impl std::fmt::Display>) -> ExitCode {
+    match done {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inspect(args: InspectArgs) -> ExitCode {
+    let timeout = std::time::Duration::from_secs(10);
+    let client = match admin_client(args.config.config.as_deref(), &args.admin, timeout) {
+        Ok(c) => c,
+        Err(e) => return finish(Err(e)),
+    };
+    let mut variants = args.variants.clone();
+    if args.rsc && !variants.iter().any(|v| v == "rsc") {
+        variants.push("rsc".into());
+    }
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    finish(runtime.block_on(isrgate::admin::commands::inspect(
+        &client,
+        &args.url,
+        args.host.as_deref(),
+        &variants,
+        args.admin.json,
+    )))
+}
+
 fn purge(args: PurgeArgs) -> ExitCode {
+    if args.redis.is_none() {
+        // Acknowledgements, fan-out and re-warm take their time: the webhook's own bounds.
+        let timeout = std::time::Duration::from_secs(120);
+        let client = match admin_client(args.config.config.as_deref(), &args.admin, timeout) {
+            Ok(c) => c,
+            Err(e) => return finish(Err(e)),
+        };
+        let ask = isrgate::admin::commands::Purge {
+            paths: args.paths,
+            tags: args.tags,
+            hard: args.hard,
+            host: args.host,
+        };
+        let Some(runtime) = command_runtime() else {
+            return ExitCode::FAILURE;
+        };
+        return finish(runtime.block_on(isrgate::admin::commands::purge(
+            &client,
+            &ask,
+            args.admin.json,
+        )));
+    }
     let overrides: Vec<Override> = args
         .redis
         .iter()
@@ -282,7 +412,7 @@ fn purge(args: PurgeArgs) -> ExitCode {
     match done {
         Ok((epoch, tags)) => {
             println!(
-                "invalidated ({}) at epoch {epoch}: {}",
+                "invalidated ({}) at epoch {epoch}: {}\n(through Redis: the running gateways apply it from the bus; no replica fan-out, re-warm or log entry)",
                 mode.as_str(),
                 tags.join(" ")
             );

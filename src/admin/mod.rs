@@ -11,6 +11,7 @@
 //! | `GET /metrics` | token | Prometheus ([`prometheus`]) |
 //! | `GET /api/stats` | token | the dashboard's data ([`stats`]) |
 //! | `GET /api/log` | token | the revalidation log |
+//! | `GET /api/inspect?url=…` | token | what the cache holds for a URL, per variant ([`inspect`]) |
 //! | `POST /api/purge` | token | the dashboard's purge form: the webhook's path, authenticated by the token |
 //! | `POST /api/deploy` | token | `{"current":"<build>"}` makes a build current on every gateway and keeps it so; `{"auto":true}` hands the choice back to the rollout |
 //! | `POST /login` | form | exchanges the token for a session cookie (browsers) |
@@ -35,6 +36,9 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod client;
+pub mod commands;
+pub mod inspect;
 pub mod prometheus;
 pub mod stats;
 
@@ -139,11 +143,17 @@ async fn route(
         }
         (&Method::GET, "/api/stats") => json(StatusCode::OK, &stats::stats(app, history).await),
         (&Method::GET, "/api/log") => revalidation_log(app).await,
+        (&Method::GET, "/api/inspect") => {
+            let (status, body) = inspect::answer(app, req.uri().query()).await;
+            json(status, &body)
+        }
         (&Method::POST, "/api/purge") => purge(app, req).await,
         (&Method::POST, "/api/deploy") => choose_build(app, req).await,
-        (_, "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy"
+            | "/api/inspect",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -353,7 +363,17 @@ async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         .to_owned();
     let mut revalidation = revalidation;
     revalidation.rewarm &= !host.is_empty();
-    match crate::invalidate::run(app, cache, &revalidation, &host, "dashboard").await {
+    // The log says where it came from: `isrgate purge`, the dashboard's form, or a script.
+    let source = match head
+        .headers
+        .get("x-isrgate-client")
+        .map(HeaderValue::as_bytes)
+    {
+        Some(b"cli") => "cli",
+        Some(b"dashboard") => "dashboard",
+        _ => "admin-api",
+    };
+    match crate::invalidate::run(app, cache, &revalidation, &host, source).await {
         Ok(report) => json(StatusCode::OK, &report),
         Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,

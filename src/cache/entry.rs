@@ -35,6 +35,8 @@
 //!          4+n    value                     a valid http::HeaderValue
 //!      …     4  tag count                   u32, then per tag:
 //!          4+n    tag                       UTF-8
+//!      …   4+n  filled_by                   UTF-8, the gateway that rendered it (appended;
+//!                                           absent in older entries: "")
 //!      …        fields appended later       ignored by this code
 //! ```
 //!
@@ -111,6 +113,8 @@ pub struct Meta {
     pub etag: String,
     /// Length of the uncompressed body, bytes (`Content-Length` when serving it inflated).
     pub identity_len: u64,
+    /// The gateway that filled it (`CacheState::gateway_id`; `""` when not recorded).
+    pub filled_by: String,
 }
 
 /// A stored response: its metadata and the gzip member of its identity body (level 1).
@@ -308,6 +312,7 @@ impl Meta {
             tags: Vec::new(),
             etag: String::new(),
             identity_len: 0,
+            filled_by: String::new(),
         }
     }
 
@@ -333,6 +338,7 @@ impl Meta {
         for tag in self.tags.iter().take(tags) {
             put_bytes(&mut out, tag.as_bytes());
         }
+        put_bytes(&mut out, self.filled_by.as_bytes());
         out.freeze()
     }
 
@@ -357,7 +363,13 @@ impl Meta {
         let etag = r.utf8("etag")?;
         let headers = r.headers()?;
         let tags = r.tags()?;
-        // Whatever remains belongs to fields appended after format 1: not ours to read.
+        // Appended: entries of older builds end before it.
+        let filled_by = if r.rest.is_empty() {
+            String::new()
+        } else {
+            r.utf8("filled_by")?
+        };
+        // Whatever remains belongs to fields appended later: not ours to read.
         Ok(Meta {
             status,
             headers,
@@ -369,6 +381,7 @@ impl Meta {
             tags,
             etag,
             identity_len,
+            filled_by,
         })
     }
 
@@ -379,7 +392,7 @@ impl Meta {
             .map(|(n, v)| MIN_HEADER_BYTES + n.as_str().len() + v.len())
             .sum();
         let tags: usize = self.tags.iter().map(|t| MIN_TAG_BYTES + t.len()).sum();
-        51 + 4 + self.etag.len() + 4 + headers + 4 + tags
+        51 + 4 + self.etag.len() + 4 + headers + 4 + tags + 4 + self.filled_by.len()
     }
 }
 
@@ -656,6 +669,7 @@ mod tests {
             ],
             etag: "\"0123456789abcdef0123456789abcdef\"".into(),
             identity_len: 51_234,
+            filled_by: "5f3a9c2e".into(),
         }
     }
 
@@ -694,8 +708,24 @@ mod tests {
     fn empty_meta_round_trips() {
         let meta = empty_meta();
         let bytes = meta.encode();
-        assert_eq!(bytes.len(), 51 + 4 + 4 + 4);
+        assert_eq!(bytes.len(), 51 + 4 + 4 + 4 + 4);
         assert_eq!(Meta::decode(&bytes), Ok(meta));
+    }
+
+    #[test]
+    fn an_entry_of_an_older_build_without_filled_by_reads_as_not_recorded() {
+        let meta = nextjs_html_meta();
+        let bytes = meta.encode();
+        let older = &bytes[..bytes.len() - 4 - meta.filled_by.len()];
+        let read = Meta::decode(older).expect("the format-1 fields alone");
+        assert_eq!(read.filled_by, "");
+        assert_eq!(
+            Meta {
+                filled_by: meta.filled_by.clone(),
+                ..read
+            },
+            meta
+        );
     }
 
     #[test]
@@ -720,7 +750,10 @@ mod tests {
     fn every_truncation_point_is_an_error() {
         for meta in [nextjs_html_meta(), empty_meta()] {
             let bytes = meta.encode();
-            for cut in 1..bytes.len() {
+            // Where the appended `filled_by` begins, the bytes are a whole entry of an older
+            // build: the one cut that decodes.
+            let older = bytes.len() - 4 - meta.filled_by.len();
+            for cut in (1..bytes.len()).filter(|c| *c != older) {
                 match Meta::decode(&bytes[..cut]) {
                     Err(DecodeError::Truncated { .. }) => {}
                     other => panic!("prefix of {cut}/{} bytes gave {other:?}", bytes.len()),
@@ -795,10 +828,14 @@ mod tests {
             }
         }
         let empty = empty_meta().encode();
-        let tag_count_at = empty.len() - 4;
+        let tag_count_at = empty.len() - 8;
         assert_eq!(
             Meta::decode(&with_u32_at(&empty, tag_count_at, u32::MAX)),
             Err(DecodeError::Truncated { field: "tag_count" })
+        );
+        assert_eq!(
+            Meta::decode(&with_u32_at(&empty, empty.len() - 4, u32::MAX)),
+            Err(DecodeError::Truncated { field: "filled_by" })
         );
     }
 
@@ -960,8 +997,9 @@ mod properties {
             any::<[u64; 6]>(),
             prop::collection::vec(any::<String>(), 0..6),
             any::<String>(),
+            any::<String>(),
         )
-            .prop_map(|(status, headers, t, tags, etag)| Meta {
+            .prop_map(|(status, headers, t, tags, etag, filled_by)| Meta {
                 status,
                 headers,
                 render_epoch: t[0],
@@ -972,6 +1010,7 @@ mod properties {
                 tags,
                 etag,
                 identity_len: t[5],
+                filled_by,
             })
     }
 

@@ -283,6 +283,7 @@ mod tests {
             tags: Vec::new(),
             etag: String::new(),
             identity_len: 0,
+            filled_by: String::new(),
         };
         for key in 0..200u128 {
             let body: Vec<u8> = (0..64 * 1024)

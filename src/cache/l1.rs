@@ -334,6 +334,7 @@ mod tests {
             tags: Vec::new(),
             etag: String::new(),
             identity_len: 0,
+            filled_by: String::new(),
         };
         let body: Vec<u8> = (0..body_len).map(|i| (i * 7919 % 251) as u8).collect();
         Arc::new(Entry::from_identity(meta, &body))

@@ -10,6 +10,20 @@ pub mod wire;
 
 use http::HeaderName;
 
+/// The `name=value` pairs of a query string, decoded (`+` is a space), in order; a pair
+/// without `=` has an empty value.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    query.split('&').filter(|p| !p.is_empty()).map(move |pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(name), decode(value))
+    })
+}
+
 /// Our request id, set on every response and forwarded upstream.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `X-Forwarded-For`.

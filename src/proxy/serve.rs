@@ -324,6 +324,7 @@ mod tests {
             tags: Vec::new(),
             etag: String::new(),
             identity_len: 0,
+            filled_by: String::new(),
         };
         Entry::from_identity(meta, b"<html>hello</html>")
     }

@@ -540,8 +540,9 @@ async fn without_a_secret_the_webhook_is_off() {
     );
 }
 
-/// `isrgate purge` applies through Redis: a running gateway gets it on the bus.
-#[tokio::test]
+/// `isrgate purge` applies through Redis (a running gateway gets it on the bus), or through a
+/// gateway's admin API. Two workers: the command runs blocking while the gateway answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_purge_command_reaches_running_gateways() {
     let r = RedisProcess::start();
     let origin = FakeNext::start(|o| {
@@ -575,15 +576,25 @@ async fn the_purge_command_reaches_running_gateways() {
     let (code, _, err) = run(base(&["--path", "no-slash"]));
     assert_eq!(code, Some(1));
     assert!(err.contains("paths[0]"), "{err}");
+    // Without --redis it goes through a gateway's admin API: one that is not there is named.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let closed = format!("http://{}", nobody.local_addr().expect("addr"));
+    drop(nobody);
     let (code, _, err) = run(vec![
         "purge".into(),
         "--config".into(),
         "/dev/null".into(),
+        "--gateway".into(),
+        closed.clone(),
         "--tag".into(),
         "t".into(),
     ]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("redis.url"), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the gateway's admin API at {closed}"))
+            && err.contains("refused"),
+        "{err}"
+    );
     assert_eq!(epoch_in_redis(&r).await, None, "refusals applied nothing");
 
     let (code, out, err) = run(base(&["--path", "/cli", "--hard"]));
@@ -594,6 +605,40 @@ async fn the_purge_command_reaches_running_gateways() {
         get(&gws[0], "/cli").await.header("x-cache") == "MISS",
         "the running gateway applied it"
     );
+
+    // Through the gateway's admin API: the webhook's whole path, in the log as the CLI's.
+    assert_eq!(get(&gws[0], "/cli").await.header("x-cache"), "HIT");
+    let admin = format!("http://{}", gws[0].admin.expect("admin listener"));
+    let via = |token: &str| {
+        vec![
+            "purge".to_owned(),
+            "--config".into(),
+            "/dev/null".into(),
+            "--gateway".into(),
+            admin.clone(),
+            "--token".into(),
+            token.to_owned(),
+            "--path".into(),
+            "/cli".into(),
+        ]
+    };
+    let (code, _, err) = run(via("wrong-token"));
+    assert_eq!(code, Some(1));
+    assert!(err.contains("refused the admin token"), "{err}");
+    let (code, out, err) = run(via(ADMIN_TOKEN));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("invalidated (soft)") && out.contains("acknowledged by 0 other gateway(s)"),
+        "{out}"
+    );
+    assert_eq!(get(&gws[0], "/cli").await.header("x-cache"), "STALE");
+    let log = Client::default()
+        .get(
+            &format!("{admin}/api/log"),
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        )
+        .await;
+    assert_eq!(json(&log)[0]["source"], "cli", "{}", json(&log));
 }
 
 /// With the build's previewModeId, re-warm asks the replica for a fresh render
@@ -953,5 +998,101 @@ async fn without_functions_a_purge_goes_as_a_script() {
             .trim()
             .parse::<u64>()
             .is_ok()
+    );
+}
+
+/// `GET /api/inspect` and `isrgate inspect`: the key, where the entry is, its state, tags,
+/// filler, and the purge that covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_says_what_is_cached_for_a_url_and_what_purged_it() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/seen", page("s1"));
+    })
+    .await;
+    let gws = gateways(&origin, &r, 1).await;
+    get(&gws[0], "/seen").await;
+    assert_eq!(get(&gws[0], "/seen").await.header("x-cache"), "HIT");
+    let admin = format!("http://{}", gws[0].admin.expect("admin listener"));
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let ask = |q: &str| {
+        let url = format!("{admin}/api/inspect?{q}");
+        let bearer = bearer.clone();
+        async move {
+            Client::default()
+                .get(&url, &[("authorization", &bearer)])
+                .await
+        }
+    };
+    let got = ask(&format!("url=/seen&host={HOST}")).await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let a = json(&got);
+    let html = &a["variants"]["html"];
+    let gateway = gws[0].state.cache.as_ref().expect("cache").gateway_id();
+    assert_eq!(html["cached"], true, "{a}");
+    assert_eq!(html["state"], "fresh");
+    assert_eq!(html["filled_by"], gateway);
+    assert_eq!(html["invalidation"], "none");
+    assert!(
+        html["key"].as_str().is_some_and(|k| k.contains("/seen")),
+        "{a}"
+    );
+    assert!(
+        html["tags"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t == "path:/seen")),
+        "{a}"
+    );
+    assert_eq!(
+        a["variants"]["rsc"]["cached"], false,
+        "never asked for: {a}"
+    );
+
+    revalidate(&gws[0], r#"{"paths":["/seen"],"rewarm":false}"#).await;
+    let a = json(&ask(&format!("url=http://{HOST}/seen&variant=html")).await);
+    assert_eq!(a["variants"]["html"]["invalidation"], "soft", "{a}");
+    assert_eq!(a["variants"]["html"]["invalidated_by"], "path:/seen");
+    assert!(
+        a["variants"]["rsc"].is_null(),
+        "only the variant asked: {a}"
+    );
+
+    for (bad, says) in [
+        ("host=x", "url is missing"),
+        ("url=/seen", "host is missing"),
+        ("url=/seen&host=x&variant=jpeg", "variant"),
+    ] {
+        let got = ask(bad).await;
+        assert_eq!(got.status, 400, "{bad}");
+        assert!(String::from_utf8_lossy(&got.body).contains(says), "{bad}");
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_isrgate"))
+        .args([
+            "inspect",
+            "--config",
+            "/dev/null",
+            "--gateway",
+            &admin,
+            "--token",
+            ADMIN_TOKEN,
+        ])
+        .args(["--host", HOST, "--variant", "html", "/seen"])
+        .env_remove("ISRGATE_CONFIG")
+        .output()
+        .expect("run isrgate inspect");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("purged   yes, soft, by tag path:/seen"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("filled   by gateway {gateway}")),
+        "{text}"
     );
 }

@@ -175,6 +175,8 @@ pub struct Pending {
     replica: Arc<Replica>,
     /// The replica rendered for this request (not a copy from its cache).
     rendered: bool,
+    /// This gateway (`CacheState::gateway_id`), recorded in the entry.
+    filled_by: String,
 }
 
 /// Sends `head` upstream and decides from the answer's head whether it may be stored. A fill
@@ -276,6 +278,7 @@ pub(super) async fn request(
         sent_at_ms,
         replica,
         rendered: source == Source::Render,
+        filled_by: cache.gateway_id().to_owned(),
     };
     Ok(Answer::Storable(Box::new(pending), body))
 }
@@ -323,6 +326,7 @@ impl Pending {
             .map(|(n, v)| (n.clone(), owned(v)))
             .collect();
         let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
+        meta.filled_by = self.filled_by.clone();
         let now_ms = self.sent_at_ms;
         meta.stored_at_ms = now_ms;
         meta.render_epoch = self.render_epoch;
