@@ -261,3 +261,33 @@ async fn with_reuse_port_two_gateways_share_the_port() {
     assert_eq!(a + b, 40);
     assert!(a > 0 && b > 0, "both served: {a} and {b}");
 }
+
+/// The configuration shipped in `deploy/kubernetes/configmap.yaml` is one isrgate accepts, keys
+/// and values (what `isrgate check-config` would say of it), with the shutdown timing that
+/// `deployment.yaml`'s terminationGracePeriodSeconds is computed from (`validate.sh` checks
+/// that arithmetic).
+#[test]
+fn the_kubernetes_configmap_is_a_valid_configuration() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/configmap.yaml"
+    );
+    let yaml = std::fs::read_to_string(path).expect("configmap.yaml");
+    // The block scalar under `isrgate.toml: |`, its four spaces of indentation removed.
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "isrgate.toml: |")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    assert!(toml.contains("[listen]"), "no isrgate.toml in {path}");
+    let config = isrgate::config::from_toml(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(config.listen.accept_grace, Duration::from_secs(5));
+    assert_eq!(config.listen.shutdown_grace, Duration::from_secs(30));
+    assert!(!config.listen.reuse_port);
+    assert_eq!(
+        config.upstream.dns_name.map(|n| (n.host, n.port)),
+        Some(("nextjs-headless".to_owned(), 3000))
+    );
+}
