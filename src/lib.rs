@@ -58,17 +58,17 @@ use upstream::replicas::ReplicaSet;
 pub enum StartError {
     /// A listener could not be bound.
     #[error(
-        "cannot listen on {addr} ({which}): {source}{}",
-        bind_hint(which, source)
+        "cannot listen on {addr} ({which}): {error}{}",
+        bind_hint(which, error)
     )]
     Bind {
         /// Which listener, by its config key (`listen.addr`, `admin.listen`).
         which: &'static str,
         /// The address.
         addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why: part of the message, not a `source` (printed with its chain, `{:#}`, the OS's
+        /// words would come twice).
+        error: std::io::Error,
     },
     /// The Redis URL or settings were refused by the client.
     #[error("cannot set up the Redis store: {0}")]
@@ -79,8 +79,8 @@ pub enum StartError {
 }
 
 /// What to do about a listener that could not be bound, when there is something to say.
-fn bind_hint(which: &str, source: &std::io::Error) -> &'static str {
-    if source.kind() != std::io::ErrorKind::AddrInUse {
+fn bind_hint(which: &str, error: &std::io::Error) -> &'static str {
+    if error.kind() != std::io::ErrorKind::AddrInUse {
         return "";
     }
     if which == "listen.addr" {

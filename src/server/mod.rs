@@ -70,11 +70,7 @@ pub(crate) fn bind_listeners(
     which: &'static str,
     share: bool,
 ) -> Result<Vec<std::net::TcpListener>, crate::StartError> {
-    let err = |source| crate::StartError::Bind {
-        which,
-        addr,
-        source,
-    };
+    let err = |error| crate::StartError::Bind { which, addr, error };
     let count = count.max(1);
     if count == 1 && !share {
         return Ok(vec![
