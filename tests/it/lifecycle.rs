@@ -2,8 +2,13 @@
 //! grace after SIGTERM, and a second gateway on the same port. Gateways in-process on real
 //! sockets; staleness driven by the gateway's clock, never by sleeping.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use isrgate::config::DnsName;
+use isrgate::upstream::discovery::Resolve;
 use isrgate::{Options, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,6 +40,69 @@ async fn on_a_new_connection(gw: &Gateway, path: &str) -> std::io::Result<String
         .await
         .map_err(|_| std::io::Error::other("no answer in 10 s"))??;
     Ok(answer)
+}
+
+/// A resolver that answers nothing until the test opens it: start-up waits on its first look.
+struct HeldResolver(tokio::sync::Semaphore);
+
+impl Resolve for HeldResolver {
+    fn resolve<'a>(
+        &'a self,
+        _name: &'a DnsName,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move {
+            let _ = self.0.acquire().await;
+            Ok(Vec::new())
+        })
+    }
+}
+
+#[tokio::test]
+async fn not_ready_before_the_start_up_look_but_alive() {
+    let resolver = Arc::new(HeldResolver(tokio::sync::Semaphore::new(0)));
+    // The first DNS look is bounded by dns_refresh (at least 2 s): long enough to look at.
+    let cfg = config(
+        &[],
+        "",
+        "[upstream]\ndns_name = \"nextjs.svc:3000\"\ndns_refresh = \"60s\"",
+    );
+    let server = Server::bind(
+        cfg,
+        Options {
+            resolver: Arc::clone(&resolver) as Arc<dyn Resolve>,
+        },
+    )
+    .expect("binds");
+    let (admin, state) = (server.admin_addr().expect("admin"), server.state());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(server.run(shutdown));
+    let c = Client::default();
+    let get = |path: &str| {
+        let (c, url) = (c.clone(), format!("http://{admin}{path}"));
+        async move { c.try_send("GET", &url, &[], bytes::Bytes::new()).await }
+    };
+    eventually!(
+        5,
+        get("/healthz").await.is_ok(),
+        "the admin port answers during start-up"
+    );
+    let ready = get("/readyz").await.expect("readyz");
+    let body: serde_json::Value = serde_json::from_slice(&ready.body).expect("json");
+    assert_eq!(ready.status, 503, "{body}");
+    assert_eq!(
+        (&body["reason"], &body["started"], &body["accepting"]),
+        (&"starting".into(), &false.into(), &false.into()),
+        "{body}"
+    );
+    assert!(!*state.started.borrow());
+
+    resolver.0.close();
+    eventually!(
+        10,
+        get("/readyz").await.is_ok_and(|r| r.status == 200),
+        "ready once the start-up look is done"
+    );
 }
 
 #[tokio::test]
