@@ -117,8 +117,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `listen.workers` sockets on `listen.addr` (the first picks the port when it is 0)
-    /// and the admin listener, and builds the shared state.
+    /// Binds `listen.workers` sockets on `listen.addr` (one port for all, picked by the kernel
+    /// when it is 0; shared with other processes only with `listen.reuse_port`) and the admin
+    /// listener, and builds the shared state.
     pub fn bind(config: Config, options: Options) -> Result<Server, StartError> {
         let listen = &config.listen;
         let listeners = server::bind_listeners(
