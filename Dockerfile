@@ -35,7 +35,8 @@ ENV ISRGATE_CONFIG=/etc/isrgate/isrgate.toml
 ENV ISRGATE__ADMIN__LISTEN=0.0.0.0:9091
 USER isrgate:isrgate
 EXPOSE 8080 9091
-# Exec form: isrgate is PID 1 and receives SIGTERM itself, then drains for listen.shutdown_grace
-# (30 s by default); give `docker stop -t` / the orchestrator more than that.
+# Exec form: isrgate is PID 1 and receives SIGTERM itself, keeps accepting for
+# listen.accept_grace (5 s by default), then drains for listen.shutdown_grace (30 s); give
+# `docker stop -t` / the orchestrator more than both (deploy/kubernetes: README "Kubernetes").
 ENTRYPOINT ["isrgate"]
 CMD ["serve"]

@@ -50,7 +50,11 @@ pub struct AppState {
     /// True once the start-up look (replicas' builds, the fleet's current build) is done and
     /// the listeners serve; connections made before wait in the listen backlog.
     pub started: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Cancelled when shutdown starts: listeners close, connections finish, `/readyz` says no.
+    /// Cancelled when a shutdown is asked (SIGTERM): `/readyz` says no at once, while the
+    /// listeners still accept for `listen.accept_grace` (`lib::lifecycle`).
+    pub stopping: CancellationToken,
+    /// Cancelled when the drain starts (after the accept grace): listeners close, connections
+    /// finish.
     pub draining: CancellationToken,
     /// Cancelled when the shutdown grace period is over: whatever still runs is cut.
     pub hard_stop: CancellationToken,
@@ -86,6 +90,8 @@ impl AppState {
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
             started: Arc::clone(&self.started),
+            // Read by `/readyz` only (the control runtime), never on the request path.
+            stopping: self.stopping.clone(),
             // Children, not clones: every connection polls these on each wake, and a token is
             // a mutex; a worker's own child keeps that lock on its own core (cancelling the
             // parent cancels them all).

@@ -57,15 +57,18 @@ use upstream::replicas::ReplicaSet;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr} ({which}): {source}")]
+    #[error(
+        "cannot listen on {addr} ({which}): {error}{}",
+        bind_hint(which, error)
+    )]
     Bind {
-        /// Which listener.
+        /// Which listener, by its config key (`listen.addr`, `admin.listen`).
         which: &'static str,
         /// The address.
         addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why: part of the message, not a `source` (printed with its chain, `{:#}`, the OS's
+        /// words would come twice).
+        error: std::io::Error,
     },
     /// The Redis URL or settings were refused by the client.
     #[error("cannot set up the Redis store: {0}")]
@@ -73,6 +76,21 @@ pub enum StartError {
     /// A worker thread or its runtime could not be started.
     #[error("cannot start worker threads: {0}")]
     Runtime(#[source] std::io::Error),
+}
+
+/// What to do about a listener that could not be bound, when there is something to say.
+fn bind_hint(which: &str, error: &std::io::Error) -> &'static str {
+    if error.kind() != std::io::ErrorKind::AddrInUse {
+        return "";
+    }
+    if which == "listen.addr" {
+        "; another process listens there (another isrgate?): stop it, choose another \
+         listen.addr, or set listen.reuse_port = true in every process that should share the \
+         port (the kernel then splits connections between them)"
+    } else {
+        "; another process listens there (another isrgate?): stop it or choose another \
+         admin.listen (\"\" turns the admin listener off)"
+    }
 }
 
 /// Things a test or an embedder may replace.
@@ -99,12 +117,23 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `listen.workers` sockets on `listen.addr` (the first picks the port when it is 0)
-    /// and the admin listener, and builds the shared state.
+    /// Binds `listen.workers` sockets on `listen.addr` (one port for all, picked by the kernel
+    /// when it is 0; shared with other processes only with `listen.reuse_port`) and the admin
+    /// listener, and builds the shared state.
     pub fn bind(config: Config, options: Options) -> Result<Server, StartError> {
-        let listeners = server::bind_listeners(config.listen.addr, config.listen.workers)?;
+        let listen = &config.listen;
+        let listeners = server::bind_listeners(
+            listen.addr,
+            listen.workers,
+            "listen.addr",
+            listen.reuse_port,
+        )?;
         let admin = match &config.admin {
-            Some(a) => Some(server::bind_listeners(a.listen, 1).map(|mut v| v.remove(0))?),
+            // Never shared: probes must reach this process, not a neighbour on the same port.
+            Some(a) => Some(
+                server::bind_listeners(a.listen, 1, "admin.listen", false)
+                    .map(|mut v| v.remove(0))?,
+            ),
             None => None,
         };
         let metrics = Arc::new(metrics::Metrics::default());
@@ -152,6 +181,7 @@ impl Server {
             request_ids: Default::default(),
             tasks: TaskTracker::new(),
             started: Arc::new(tokio::sync::watch::Sender::new(false)),
+            stopping: CancellationToken::new(),
             draining: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         });
@@ -258,6 +288,11 @@ async fn start_control(
         invalidate::retention::start(cache, Arc::clone(&app.deploy), stop);
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
+    // First: probes get an answer during the start-up look below (`/healthz` alive, `/readyz`
+    // not yet), rather than a connection left waiting in the backlog.
+    if let Some(admin) = admin.and_then(|l| server::into_tokio(l).ok()) {
+        tokio::spawn(admin::serve(Arc::clone(app), admin, stop.clone()));
+    }
     if let Some(name) = cfg.upstream.dns_name.clone() {
         let set = Arc::clone(app.upstream.replicas());
         // Bounded: a hung resolver must not hold up start-up (or a SIGTERM right after it).
@@ -321,19 +356,32 @@ async fn start_control(
         cfg.health.clone(),
         stop.clone(),
     ));
-    if let Some(admin) = admin.and_then(|l| server::into_tokio(l).ok()) {
-        tokio::spawn(admin::serve(Arc::clone(app), admin, stop.clone()));
-    }
     tracing::info!(
         listen = %cfg.listen.addr, workers = cfg.listen.workers,
         replicas = ?app.upstream.replicas().authorities(), "isrgate serving"
     );
 }
 
-/// Waits for `shutdown`, then drains: listeners close (workers see `draining`), in-flight work
-/// gets `listen.shutdown_grace`, then whatever remains is cut.
+/// Waits for `shutdown`, then stops in two steps. First `stopping`: `/readyz` says no while
+/// the listeners keep accepting and serving for `listen.accept_grace` (Kubernetes removes the
+/// pod from its endpoints and the load balancers follow meanwhile: a connection they still
+/// send here is served, not refused). Then the drain: listeners close (workers see `draining`),
+/// in-flight work gets `listen.shutdown_grace`, then whatever remains is cut.
 async fn lifecycle(app: &AppState, shutdown: CancellationToken) {
     shutdown.cancelled().await;
+    app.stopping.cancel();
+    let accept = app.config.listen.accept_grace;
+    if !accept.is_zero() {
+        tracing::info!(
+            ?accept,
+            "shutting down: not ready; still accepting for listen.accept_grace"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(accept) => {}
+            // An embedder (or a test) that cuts everything does not wait for the grace.
+            () = app.hard_stop.cancelled() => {}
+        }
+    }
     app.draining.cancel();
     let grace = app.config.listen.shutdown_grace;
     tracing::info!(

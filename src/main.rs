@@ -589,7 +589,7 @@ fn raise_descriptor_limit() {
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT; a second one exits at once (an operator
-/// who asks twice does not want to wait out the drain).
+/// who asks twice does not want to wait out the accept grace and the drain).
 async fn signal_shutdown(
     shutdown: CancellationToken,
     installed: Option<std::sync::mpsc::Sender<()>>,
@@ -614,7 +614,9 @@ async fn signal_shutdown(
                 _ = int.recv() => "SIGINT",
             };
             if round == 0 {
-                tracing::info!("{name} received: draining (send it again to exit at once)");
+                tracing::info!(
+                    "{name} received: stopping (not ready, accepting for listen.accept_grace, then draining; send it again to exit at once)"
+                );
                 shutdown.cancel();
             } else {
                 tracing::warn!("{name} received again: exiting without finishing the drain");

@@ -4,8 +4,8 @@
 //!
 //! | path | auth | what |
 //! |---|---|---|
-//! | `GET /healthz` | none | the process is up |
-//! | `GET /readyz` | none | ready for traffic: a healthy replica, not draining, invalidations loaded once (with Redis up); `degraded` when Redis is down (still ready) |
+//! | `GET /healthz` | none | the process is up (liveness: it stays 200 while draining) |
+//! | `GET /readyz` | none | ready for traffic: started, not stopping, invalidations loaded once (with Redis up), and with the cache off a healthy replica; replicas all down with the cache on is still ready (the cache serves stale); `degraded` when Redis is down (still ready) |
 //! | `POST /_isrgate/revalidate` | webhook secret | the revalidation webhook, as on the public listener |
 //! | `GET /` | token | the dashboard ([`DASHBOARD`], embedded) |
 //! | `GET /metrics` | token | Prometheus ([`prometheus`]) |
@@ -197,45 +197,94 @@ fn session_value(token: &str) -> String {
         .collect()
 }
 
+/// Why `/readyz` says no (the first that holds, in this order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unready {
+    /// The start-up look (replicas' builds, the fleet's current build) is not done.
+    Starting,
+    /// A shutdown was asked: accepting for `listen.accept_grace` still, or draining.
+    Draining,
+    /// Redis is up but the fleet's invalidations were never loaded: no shared entry is served
+    /// yet, every request would be a render.
+    LoadingInvalidations,
+    /// The cache is off and no replica is healthy: nothing could be served.
+    NoReplica,
+}
+
+impl Unready {
+    fn as_str(self) -> &'static str {
+        match self {
+            Unready::Starting => "starting",
+            Unready::Draining => "draining",
+            Unready::LoadingInvalidations => "loading_invalidations",
+            Unready::NoReplica => "no_healthy_replica",
+        }
+    }
+}
+
+/// `/readyz`: whether this gateway can usefully take new traffic. Replicas do not decide it
+/// while the cache is on: with every replica down the cache still answers (stale-if-error),
+/// and a probe that failed then would take every gateway out of the Service at once, exactly
+/// when the cache could hide the outage (readiness must not follow a dependency all gateways
+/// share). Redis down is `degraded`, still ready: the L1 and the replicas serve. Only the
+/// first invalidation load gates readiness; later reloads (a bus reconnect) do not, so a Redis
+/// blip never empties the fleet's endpoints.
 fn readyz(app: &AppState) -> Response<Body> {
     let (healthy, total) = app
         .upstream
         .replicas()
         .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
-    let draining = app.draining.is_cancelled();
-    // Redis down is degraded, not unready: the gateway still serves (L1 and replicas). Redis
-    // up but the invalidations not loaded yet (just started) is unready: until then no shared
-    // entry is served, and every request would be a render. Later reloads (a bus reconnect)
-    // do not take readiness away: a Redis blip must not empty the whole fleet's endpoints.
-    let (redis, loading) = match app.cache.as_ref() {
-        Some(cache) => match &cache.store {
-            crate::cache::store::Store::Redis(r) => {
-                let down =
-                    r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
-                let loading = !down && !cache.epochs.was_ever_synced();
-                (if down { "degraded" } else { "ok" }, loading)
-            }
-            crate::cache::store::Store::Memory(_) => ("none", false),
-        },
-        None => ("none", false),
-    };
-    let ready = healthy > 0 && !draining && !loading;
-    let status = if ready {
-        StatusCode::OK
+    let (redis, loading) = redis_state(app);
+    let started = *app.started.borrow();
+    let stopping = app.stopping.is_cancelled();
+    let unready = if !started {
+        Some(Unready::Starting)
+    } else if stopping {
+        Some(Unready::Draining)
+    } else if loading {
+        Some(Unready::LoadingInvalidations)
+    } else if app.cache.is_none() && healthy == 0 {
+        Some(Unready::NoReplica)
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        None
+    };
+    let status = match unready {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     json(
         status,
         &serde_json::json!({
-            "ready": ready,
-            "draining": draining,
+            "ready": unready.is_none(),
+            "reason": unready.map(Unready::as_str),
+            "started": started,
+            "draining": stopping,
+            "accepting": started && !app.draining.is_cancelled(),
             "replicas_healthy": healthy,
             "replicas": total,
+            "cache": if app.cache.is_some() { "on" } else { "off" },
             "redis": redis,
             "invalidations": if loading { "loading" } else { "loaded" },
         }),
     )
+}
+
+/// Redis as `/readyz` reports it (`ok`, `degraded` when down or its breaker is open, `none`
+/// without it), and whether the first invalidation load is still to come (Redis up, never
+/// loaded: just started).
+fn redis_state(app: &AppState) -> (&'static str, bool) {
+    let Some(cache) = app.cache.as_ref() else {
+        return ("none", false);
+    };
+    match &cache.store {
+        crate::cache::store::Store::Redis(r) => {
+            let down =
+                r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
+            let loading = !down && !cache.epochs.was_ever_synced();
+            (if down { "degraded" } else { "ok" }, loading)
+        }
+        crate::cache::store::Store::Memory(_) => ("none", false),
+    }
 }
 
 /// `POST /login` with a form `token=…`: sets the session cookie and goes to the dashboard.

@@ -126,6 +126,10 @@ pub struct Listen {
     pub max_concurrent_requests: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long the listeners keep accepting after a shutdown signal, `/readyz` saying no.
+    pub accept_grace: Duration,
+    /// Share the port with other processes (`SO_REUSEPORT`); else a port in use is an error.
+    pub reuse_port: bool,
     /// A client that reads nothing of a pending response for this long is cut.
     pub send_timeout: Duration,
     /// Peers whose `X-Forwarded-For/Proto` are trusted.

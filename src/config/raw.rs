@@ -93,8 +93,9 @@ section! {
     pub struct ListenRaw {
         /// Address to bind, `HOST:PORT`.
         addr: String = "0.0.0.0:8080".into(),
-        /// Worker threads, each with its own listener socket (`SO_REUSEPORT`) and connection
-        /// pool, like nginx's worker processes; 0 = one per CPU.
+        /// Worker threads, each with its own listener socket (`SO_REUSEPORT` among this
+        /// process's own sockets) and connection pool, like nginx's worker processes; 0 = one
+        /// per CPU.
         workers: u64 = 0,
         /// Scheme clients use to reach the gateway (`http` or `https` when TLS ends at the load
         /// balancer): sent as `X-Forwarded-Proto` and used when rewriting `Location`.
@@ -113,6 +114,13 @@ section! {
         max_concurrent_requests: u64 = 4096,
         /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
         shutdown_grace: String = "30s".into(),
+        /// On SIGTERM/SIGINT, `/readyz` says no at once but the listener keeps accepting and
+        /// serving for this long (load balancers and Kubernetes endpoints catch up), then the
+        /// drain starts.
+        accept_grace: String = "5s".into(),
+        /// Share the port with another process that also sets `SO_REUSEPORT` (the kernel splits
+        /// connections between them); `false` refuses to start when the address is in use.
+        reuse_port: bool = false,
         /// A connection whose client stops reading a response for this long is cut (nginx
         /// `send_timeout`): a slow reader must not pin a replica connection forever.
         send_timeout: String = "60s".into(),

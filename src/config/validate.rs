@@ -285,6 +285,8 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
             1 << 20,
         ) as usize,
         shutdown_grace: c.duration("listen.shutdown_grace", &r.shutdown_grace, true),
+        accept_grace: c.duration("listen.accept_grace", &r.accept_grace, true),
+        reuse_port: r.reuse_port,
         send_timeout: c.duration("listen.send_timeout", &r.send_timeout, false),
         trusted_proxies,
         trust_forwarded_host: r.trust_forwarded_host,

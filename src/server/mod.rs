@@ -7,11 +7,15 @@
 //! to hyper for the rest of the connection. With the cache off or `listen.hit_lane = false`,
 //! hyper serves every connection from its first byte.
 //!
-//! Shutdown: when the token passed to [`Server::run`] is cancelled the listener closes at once
-//! (new connections are refused by the kernel, so the load balancer fails over), every
-//! connection is told to finish (h1: close after the current response; h2: GOAWAY), and the
-//! process waits up to `listen.shutdown_grace` for in-flight requests and tunnels. Whatever is
-//! still running then is cut.
+//! Shutdown: when the token passed to [`Server::run`] is cancelled, `/readyz` says no at once
+//! and the listener keeps accepting for `listen.accept_grace` (the load balancer stops sending
+//! meanwhile); then it closes (new connections are refused by the kernel, so whatever still
+//! sends fails over), every connection is told to finish (h1: close after the current
+//! response; h2: GOAWAY), and the process waits up to `listen.shutdown_grace` for in-flight
+//! requests and tunnels. Whatever is still running then is cut.
+//!
+//! Binding: one socket per worker on the same port; another process shares the port only with
+//! `listen.reuse_port` (`bind_listeners`).
 
 mod conn;
 mod lane;
@@ -50,36 +54,76 @@ fn builder(app: &AppState) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Binds `count` sockets on `addr` with `SO_REUSEPORT`, so each worker has its own accept queue
-/// on the same port (the kernel spreads connections). With port 0 the first socket picks the
-/// port and the others join it.
+/// Binds `count` listening sockets on `addr`, one per worker, so each worker has its own
+/// accept queue on the same port (`SO_REUSEPORT`: the kernel spreads connections). With port 0
+/// the port is picked once and every socket takes it. `which` is the config key, named in errors.
+///
+/// Unless `share` (`listen.reuse_port`), no other process gets the port: one socket is bound
+/// without `SO_REUSEPORT`; several are preceded by a guard bound without it, which fails when
+/// anything listens there (as a second `isrgate serve` would otherwise join the group and
+/// silently take half the connections) and is held until the workers' sockets listen, so no
+/// other process can slip in between. With `share`, every socket sets `SO_REUSEPORT` and
+/// another process that does too joins the group.
 pub(crate) fn bind_listeners(
     addr: SocketAddr,
     count: usize,
+    which: &'static str,
+    share: bool,
 ) -> Result<Vec<std::net::TcpListener>, crate::StartError> {
-    use socket2::{Domain, Socket, Type};
-    let one = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-        socket.set_reuse_address(true)?;
-        #[cfg(unix)]
-        socket.set_reuse_port(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(1024)?;
-        socket.set_nonblocking(true)?;
-        Ok(socket.into())
-    };
-    let err = |source| crate::StartError::Bind {
-        which: "listen",
-        addr,
-        source,
-    };
-    let first = one(addr).map_err(err)?;
-    let actual = first.local_addr().map_err(err)?;
-    let mut all = vec![first];
-    for _ in 1..count.max(1) {
-        all.push(one(actual).map_err(err)?);
+    let err = |error| crate::StartError::Bind { which, addr, error };
+    let count = count.max(1);
+    if count == 1 && !share {
+        return Ok(vec![
+            listening(bound(addr, false).map_err(err)?).map_err(err)?,
+        ]);
     }
+    let guard = if share {
+        None
+    } else {
+        Some(bound(addr, false).map_err(err)?)
+    };
+    let mut all = Vec::with_capacity(count);
+    let mut at = match &guard {
+        Some(g) => local_addr(g).map_err(err)?,
+        None => addr,
+    };
+    for _ in 0..count {
+        let socket = bound(at, true).map_err(err)?;
+        at = local_addr(&socket).map_err(err)?;
+        all.push(listening(socket).map_err(err)?);
+    }
+    drop(guard);
     Ok(all)
+}
+
+/// A TCP socket bound to `addr` (not listening yet), with `SO_REUSEADDR` (a restart is not
+/// refused by the previous process's TIME_WAIT connections) and, when `reuse_port`,
+/// `SO_REUSEPORT`.
+fn bound(addr: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn local_addr(socket: &socket2::Socket) -> std::io::Result<SocketAddr> {
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("bound to a non-IP address"))
+}
+
+fn listening(socket: socket2::Socket) -> std::io::Result<std::net::TcpListener> {
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// A bound std listener as a tokio listener of the current runtime.

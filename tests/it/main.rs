@@ -15,6 +15,7 @@ mod fidelity;
 mod harness;
 mod invalidate;
 mod lane;
+mod lifecycle;
 mod limits;
 mod memory;
 mod pool;

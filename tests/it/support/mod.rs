@@ -43,10 +43,20 @@ macro_rules! eventually {
 /// lines for `[listen]`; `extra` is TOML with section headers of its own, merged into the same
 /// sections (so `[upstream]` in `extra` adds to the replicas line instead of repeating the table).
 pub fn config(upstreams: &[String], listen_extra: &str, extra: &str) -> Config {
+    // A test's shutdown has no load balancer to wait for: no accept grace unless it asks.
+    let accept_grace = if listen_extra.contains("accept_grace") {
+        ""
+    } else {
+        "accept_grace = \"0s\""
+    };
     let mut sections: Vec<(String, Vec<String>)> = vec![
         (
             "listen".into(),
-            vec!["addr = \"127.0.0.1:0\"".into(), listen_extra.into()],
+            vec![
+                "addr = \"127.0.0.1:0\"".into(),
+                accept_grace.into(),
+                listen_extra.into(),
+            ],
         ),
         (
             "upstream".into(),
