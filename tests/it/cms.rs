@@ -435,6 +435,23 @@ async fn the_url_only_form_purges_by_get_and_post_when_allowed() {
     );
 }
 
+/// The rules the README's "CMS recipes" shows are valid as written.
+#[test]
+fn the_readme_rules_are_valid_config() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## CMS recipes")
+        .nth(1)
+        .expect("a CMS recipes section");
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a TOML block");
+    let cfg = isrgate::config::from_toml(toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert_eq!(cfg.webhook.rules.len(), 4);
+}
+
 #[test]
 fn check_config_names_the_rule_and_the_template() {
     use std::io::Write;
