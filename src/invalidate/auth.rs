@@ -266,6 +266,7 @@ fn base64url(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidate::cms::tests::headers;
 
     fn secrets() -> Secrets {
         Secrets {
@@ -280,17 +281,6 @@ mod tests {
             window: Duration::from_secs(300),
             allow_query_secret,
         }
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).expect("test value"),
-                v.parse().expect("test value"),
-            );
-        }
-        h
     }
 
     #[test]

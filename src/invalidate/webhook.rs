@@ -285,18 +285,8 @@ impl Revalidation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidate::cms::tests::headers;
     use proptest::prelude::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).expect("test value"),
-                v.parse().expect("test value"),
-            );
-        }
-        h
-    }
 
     #[test]
     fn bodies_and_queries_parse_with_defaults() {

@@ -12,7 +12,8 @@ use isrgate::invalidate::webhook::Secrets;
 
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};
-use crate::support::{Client, Gateway, Got, config};
+use crate::support::redis::RedisProcess;
+use crate::support::{Client, Gateway, Got, bus_live, config};
 
 const HOST: &str = "shop.example";
 const ISR: &str = "s-maxage=600, stale-while-revalidate=600";
@@ -272,6 +273,44 @@ async fn each_cms_sample_purges_the_pages_and_tags_its_rules_name() {
 
 /// A query, headers, a body, what the 400 must name.
 type Refused<'a> = (&'a str, Vec<(&'a str, &'a str)>, Bytes, &'a str);
+
+/// A CMS call takes the webhook's one path: applied through Redis, acknowledged by the other
+/// gateway, which no longer serves the old page.
+#[tokio::test]
+async fn a_cms_call_reaches_every_gateway() {
+    let r = RedisProcess::start();
+    let origin = site().await;
+    let extra = format!("{RULES}\n[redis]\nurl = \"{}\"\n", r.url());
+    let gws = [
+        gateway(&origin, &extra).await,
+        gateway(&origin, &extra).await,
+    ];
+    for gw in &gws {
+        eventually!(5, bus_live(gw), "bus subscribed");
+        let fleet = &gw.state.cache.as_ref().expect("cache").fleet;
+        eventually!(5, fleet.live().len() == 1, "the other gateway is live");
+    }
+    all_cached(&gws[1]).await;
+    let got = replay(
+        &gws[0],
+        &sample("strapi-entry-publish.http"),
+        "?mode=hard&rewarm=false",
+    )
+    .await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    let report = json(&got);
+    assert_eq!(
+        report["gateways"]["acknowledged"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert_eq!(purged(&gws[1]).await, ["/news", "/articles/hello-strapi"]);
+    assert_eq!(
+        log(&gws[1]).await[0]["entry"]["cms"],
+        "strapi",
+        "the fleet's log"
+    );
+}
 
 #[tokio::test]
 async fn malformed_payloads_name_the_field_and_invalidate_nothing() {
