@@ -194,11 +194,17 @@ impl RedisSettings {
     /// One connection for a command-line call (`isrgate purge`, `isrgate deploy`): its
     /// commands may wait as long as a connection may take to open.
     pub fn for_cli(redis: &crate::config::Redis) -> RedisSettings {
+        // A person waits for one answer: a busy machine or a far Redis gets seconds, not the
+        // serving path's 250 ms.
+        let patient = Duration::from_secs(5);
         RedisSettings {
             url: redis.url.clone(),
             pool_size: 1,
-            command_timeout: redis.connect_timeout.max(redis.command_timeout),
-            connect_timeout: redis.connect_timeout,
+            command_timeout: redis
+                .connect_timeout
+                .max(redis.command_timeout)
+                .max(patient),
+            connect_timeout: redis.connect_timeout.max(patient),
             tls: redis.tls.clone(),
         }
     }

@@ -78,6 +78,12 @@ pub struct Webhook {
     pub fanout: Fanout,
     /// Re-warm concurrency; 0 = off.
     pub rewarm_concurrency: usize,
+    /// The shape of bodies (`Auto`: recognised per call).
+    pub format: crate::invalidate::cms::Format,
+    /// Accept `?secret=` (and `GET`).
+    pub allow_query_secret: bool,
+    /// `[[webhook.rules]]`, compiled.
+    pub rules: Vec<crate::invalidate::rules::Rule>,
     /// The build's `previewModeId`: `ISRGATE_PREVIEW_MODE_ID`, else read from
     /// `upstream.prerender_manifest`. Sent as `x-prerender-revalidate` on background refreshes
     /// and re-warms; marked sensitive, so `Debug` prints `Sensitive`, never the id.

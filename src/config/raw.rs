@@ -270,7 +270,35 @@ section! {
         /// Render the purged paths again (HTML, then RSC) before a user asks, at most this
         /// many at once; 0 disables re-warming.
         rewarm_concurrency: u64 = 8,
+        /// Shape of webhook bodies: `auto` (recognised from headers and shape), `isrgate`,
+        /// `contentful`, `sanity`, `strapi` or `wordpress`; `?format=` wins per call.
+        format: String = "auto".into(),
+        /// Accept the secret in the URL (`?secret=`) and `GET`, for senders that can only call
+        /// a URL. URLs end up in logs and browser histories: prefer a header.
+        allow_query_secret: bool = false,
+        /// `[[webhook.rules]]`: a CMS entry's content type → paths and tags.
+        rules: Vec<WebhookRuleRaw> = Vec::new(),
     }
+}
+
+/// One `[[webhook.rules]]`: which CMS entries it matches and the templates of the paths and
+/// tags they invalidate (`crate::invalidate::rules`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRuleRaw {
+    /// Content types (Contentful content type id, Sanity `_type`, Strapi model, WordPress
+    /// post type); `"*"` = any.
+    #[serde(rename = "type")]
+    pub types: StringList,
+    /// Only calls from this CMS.
+    #[serde(default)]
+    pub cms: Option<String>,
+    /// Path templates (`/blog/{slug}`).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Tag templates (`post-{id}`).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 section! {

@@ -184,29 +184,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
     let log = log(&mut c, raw);
     let cache = cache(&mut c, raw);
     let redis = redis(&mut c, raw);
-    let webhook = super::Webhook {
-        secrets: None,
-        max_body_bytes: c.in_range(
-            "webhook.max_body_bytes",
-            raw.webhook.max_body_bytes,
-            1,
-            16 << 20,
-        ) as usize,
-        signature_window: c.duration(
-            "webhook.signature_window",
-            &raw.webhook.signature_window,
-            false,
-        ),
-        ack_timeout: c.duration("webhook.ack_timeout", &raw.webhook.ack_timeout, true),
-        fanout: fanout(&mut c, &raw.webhook),
-        preview_mode_id: None,
-        rewarm_concurrency: c.in_range(
-            "webhook.rewarm_concurrency",
-            raw.webhook.rewarm_concurrency,
-            0,
-            1_000,
-        ) as usize,
-    };
+    let webhook = webhook(&mut c, &raw.webhook);
     let deploy = deploy(&mut c, &raw.deploy);
     if c.problems.is_empty() {
         Ok(Config {
@@ -491,6 +469,70 @@ fn deploy(c: &mut Checker<'_>, r: &super::raw::DeployRaw) -> super::Deploy {
     }
 }
 
+fn webhook(c: &mut Checker<'_>, w: &super::raw::WebhookRaw) -> super::Webhook {
+    use crate::invalidate::cms::Format;
+    let format = Format::parse(w.format.trim()).unwrap_or_else(|| {
+        c.fail(
+            "webhook.format",
+            format!(
+                "{:?} is not a format; use one of {}",
+                w.format,
+                Format::NAMES
+            ),
+        );
+        Format::Auto
+    });
+    super::Webhook {
+        secrets: None,
+        max_body_bytes: c.in_range("webhook.max_body_bytes", w.max_body_bytes, 1, 16 << 20)
+            as usize,
+        signature_window: c.duration("webhook.signature_window", &w.signature_window, false),
+        ack_timeout: c.duration("webhook.ack_timeout", &w.ack_timeout, true),
+        fanout: fanout(c, w),
+        preview_mode_id: None,
+        rewarm_concurrency: c.in_range("webhook.rewarm_concurrency", w.rewarm_concurrency, 0, 1_000)
+            as usize,
+        format,
+        allow_query_secret: w.allow_query_secret,
+        rules: webhook_rules(c, &w.rules),
+    }
+}
+
+/// `[[webhook.rules]]`: each problem keyed `webhook.rules[i].<key>`, at the rules' source.
+fn webhook_rules(
+    c: &mut Checker<'_>,
+    raw: &[super::raw::WebhookRuleRaw],
+) -> Vec<crate::invalidate::rules::Rule> {
+    use crate::invalidate::rules::{Rule, RuleSpec};
+    let mut rules = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let spec = RuleSpec {
+            types: &r.types.0,
+            cms: r.cms.as_deref(),
+            paths: &r.paths,
+            tags: &r.tags,
+        };
+        match Rule::new(spec) {
+            Ok(rule) => rules.push(rule),
+            Err(problems) => {
+                let source = c
+                    .sources
+                    .get("webhook.rules")
+                    .cloned()
+                    .unwrap_or(Source::Default);
+                for (key, message) in problems {
+                    c.problems.push(Problem {
+                        key: format!("webhook.rules[{i}].{key}"),
+                        source: source.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+    }
+    rules
+}
+
 fn fanout(c: &mut Checker<'_>, w: &super::raw::WebhookRaw) -> super::Fanout {
     let path = w.replica_path.trim();
     if !path.is_empty()
@@ -761,6 +803,7 @@ mod tests {
                 "redis.url",
             ),
             ("[listen]\naddr = \"nowhere.invalid:8080\"", "listen.addr"),
+            ("[webhook]\nformat = \"drupal\"", "webhook.format"),
         ];
         for (text, key) in cases {
             let m = messages(text);
@@ -770,6 +813,25 @@ mod tests {
             let line = format!("<inline>:{}:1", text.lines().count());
             assert!(m[0].starts_with(&line), "{text}: {}", m[0]);
         }
+    }
+
+    #[test]
+    fn webhook_rules_compile_and_report_each_problem() {
+        let c = from_toml(
+            "[webhook]\nformat = \"sanity\"\n[[webhook.rules]]\ntype = [\"post\", \"page\"]\npaths = [\"/blog/{slug.current}\"]\ntags = [\"post-{id}\"]\n",
+        )
+        .expect("valid");
+        assert_eq!(c.webhook.rules.len(), 1);
+        assert_eq!(c.webhook.format, crate::invalidate::cms::Format::Sanity);
+        let m = messages(
+            "[[webhook.rules]]\ntype = \"\"\ncms = \"drupal\"\ntags = [\"t\"]\n[[webhook.rules]]\ntype = \"a\"\ntags = [\"a {b}\"]\n",
+        );
+        assert_eq!(m.len(), 3, "{m:#?}");
+        assert!(m[0].contains("webhook.rules[0].type"), "{}", m[0]);
+        assert!(m[1].contains("webhook.rules[0].cms"), "{}", m[1]);
+        assert!(m[2].contains("webhook.rules[1].tags[0]"), "{}", m[2]);
+        let m = messages("[[webhook.rules]]\ntype = \"a\"\npath = [\"/x\"]\n");
+        assert!(m[0].contains("unknown field `path`"), "{}", m[0]);
     }
 
     #[test]

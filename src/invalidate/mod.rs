@@ -1,4 +1,5 @@
-//! The webhook path (DESIGN.md "Webhook fan-out"), in order: [`webhook`] (auth, parse) →
+//! The webhook path (DESIGN.md "Webhook fan-out"), in order: [`auth`] → [`webhook`] (parse:
+//! the gateway's own body, or a CMS's payload from [`cms`] mapped by [`rules`]) →
 //! [`apply`] (epochs in Redis, published on the bus) → acknowledgements from every live
 //! gateway ([`fleet`]) → [`fanout`] to every Next.js replica → [`rewarm`] → [`log`] → the
 //! answer, which reports each step.
@@ -12,11 +13,14 @@
 //! After a 200, no gateway that acknowledged serves the old version as fresh.
 
 pub mod apply;
+pub mod auth;
+pub mod cms;
 pub mod fanout;
 pub mod fleet;
 pub mod log;
 pub mod retention;
 pub mod rewarm;
+pub mod rules;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Method, Response, StatusCode, header};
+use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::AppState;
@@ -52,11 +56,8 @@ where
             "the webhook is disabled: set ISRGATE_WEBHOOK_SECRET to enable it",
         );
     };
-    if head.method != Method::POST {
-        let mut r = answer(StatusCode::METHOD_NOT_ALLOWED, "use POST");
-        r.headers_mut()
-            .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
-        return r;
+    if let Err(e) = webhook::check_method(&head.method, hook.allow_query_secret) {
+        return refused(&e, hook.allow_query_secret);
     }
     let raw = match Limited::new(body, hook.max_body_bytes).collect().await {
         Ok(b) => b.to_bytes(),
@@ -71,14 +72,19 @@ where
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let checked = webhook::authenticate(&head.headers, &raw, secrets, hook.signature_window, now)
-        .and_then(|()| webhook::parse(&raw, head.uri.query()));
+    let policy = auth::Policy {
+        secrets,
+        window: hook.signature_window,
+        allow_query_secret: hook.allow_query_secret,
+    };
+    let query = head.uri.query();
+    let checked = auth::authenticate(&head.headers, query, &raw, &policy, now)
+        .and_then(|()| webhook::read(&head.headers, &raw, query, hook.format, &hook.rules));
     let revalidation = match checked {
         Ok(r) => r,
         Err(e) => {
             app.metrics.webhook_refused.inc();
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            return answer(status, &e.to_string());
+            return refused(&e, hook.allow_query_secret);
         }
     };
     let host = head
@@ -202,6 +208,7 @@ async fn steps(
         "mode": revalidation.mode.as_str(),
         "paths": revalidation.paths,
         "tags": tags,
+        "entry": revalidation.entry,
         "gateways": {
             "applied_by": gateway,
             "acknowledged": acks.received,
@@ -231,6 +238,18 @@ pub fn source(head: &Parts) -> String {
 
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// The answer to a refused call (with `Allow` on a 405).
+fn refused(e: &webhook::Rejected, allow_get: bool) -> Response<Body> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = answer(status, &e.to_string());
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allow = if allow_get { "GET, POST" } else { "POST" };
+        r.headers_mut()
+            .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+    }
+    r
 }
 
 fn answer(status: StatusCode, message: &str) -> Response<Body> {

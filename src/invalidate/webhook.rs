@@ -1,49 +1,31 @@
-//! The webhook's front door: who may call it, and what it asks for. Pure functions over the
-//! request's head and raw body; nothing here changes state.
+//! The webhook's parse step: what a call asks for, once [`super::auth`] has let it in. Pure
+//! functions over the request's head, query and raw body; nothing here changes state.
 //!
-//! - **Auth**: `Authorization: Bearer <secret>`, or an HMAC-SHA256 of `"<timestamp>.<raw
-//!   body>"` in `x-isrgate-signature: sha256=<hex>` with the UNIX seconds in
-//!   `x-isrgate-timestamp`, accepted within a replay window. Secrets come from the environment
-//!   (`ISRGATE_WEBHOOK_SECRET`; `ISRGATE_WEBHOOK_HMAC_SECRET` for the signature key, the same
-//!   secret when unset) and are compared in constant time.
-//! - **Body**: JSON `{"paths": [...], "tags": [...], "mode": "soft"|"hard", "rewarm": bool}`
-//!   (unknown fields are errors), or, with an empty body, the query form
-//!   `?path=/a&tag=t&mode=hard&rewarm=false` that simple CMS webhooks send. Every problem is a
-//!   [`Rejected`] naming the field.
+//! - **The gateway's own body**: JSON `{"paths": [...], "tags": [...], "mode": "soft"|"hard",
+//!   "rewarm": bool}` (unknown fields are errors).
+//! - **A CMS's own payload** (Contentful, Sanity, Strapi, WordPress), named by `webhook.format`
+//!   or `?format=`, or recognised from its headers and shape ([`super::cms`]), then mapped to
+//!   paths and tags by `[[webhook.rules]]` ([`super::rules`]).
+//! - **The query**: `?path=/a&tag=t&mode=hard&rewarm=false` (repeatable), alone with an empty
+//!   body (what URL-only senders send), or added to a body's paths and tags; `format` names the
+//!   body's shape; `secret` is [`super::auth`]'s.
+//!
+//! Every problem is a [`Rejected`] naming the field.
 
-use std::time::Duration;
+use http::{HeaderMap, Method};
+use serde::Deserialize;
 
-use hmac::{Hmac, Mac};
-use http::HeaderMap;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-
+use super::cms::{self, Format, Origin};
+use super::rules::{self, Rule};
 use crate::cache::epochs::Mode;
 use crate::cache::tags;
 
-/// Signature header (`sha256=<hex>`).
-pub const SIGNATURE: &str = "x-isrgate-signature";
-/// Timestamp header (UNIX seconds) covered by the signature.
-pub const TIMESTAMP: &str = "x-isrgate-timestamp";
+pub use super::auth::{SIGNATURE, Secrets, TIMESTAMP, sign};
+
 /// Most paths plus tags in one call.
 pub const MAX_ITEMS: usize = 1_000;
 /// Longest path accepted, bytes.
 pub const MAX_PATH_LEN: usize = 2_048;
-
-/// The webhook's secrets (never printed).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secrets {
-    /// The bearer secret.
-    pub bearer: String,
-    /// The HMAC key.
-    pub hmac: String,
-}
-
-impl std::fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secrets(<redacted>)")
-    }
-}
 
 /// Why a call was refused; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +33,12 @@ pub enum Rejected {
     /// 401: no or wrong credentials.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// 403: credentials in a form this gateway refuses, or a wrong secret in the URL.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 405: the method (the message says which are accepted).
+    #[error("{0}")]
+    MethodNotAllowed(&'static str),
     /// 400: the body or query is malformed; says which field.
     #[error("{0}")]
     BadRequest(String),
@@ -64,9 +52,27 @@ impl Rejected {
     pub fn status(&self) -> u16 {
         match self {
             Rejected::Unauthorized(_) => 401,
+            Rejected::Forbidden(_) => 403,
+            Rejected::MethodNotAllowed(_) => 405,
             Rejected::BadRequest(_) => 400,
             Rejected::NothingToDo => 422,
         }
+    }
+}
+
+/// POST always; GET only with `webhook.allow_query_secret` (URL-only senders).
+pub fn check_method(method: &Method, allow_get: bool) -> Result<(), Rejected> {
+    match *method {
+        Method::POST => Ok(()),
+        Method::GET if allow_get => Ok(()),
+        Method::GET => Err(Rejected::MethodNotAllowed(
+            "use POST; GET (with ?secret=) is accepted only with webhook.allow_query_secret = true",
+        )),
+        _ => Err(Rejected::MethodNotAllowed(if allow_get {
+            "use POST or GET"
+        } else {
+            "use POST"
+        })),
     }
 }
 
@@ -81,6 +87,8 @@ pub struct Revalidation {
     pub mode: Mode,
     /// Render the paths again before a user asks.
     pub rewarm: bool,
+    /// The CMS entry it was mapped from, for the answer and the log.
+    pub entry: Option<Origin>,
 }
 
 impl Revalidation {
@@ -98,94 +106,7 @@ impl Revalidation {
     }
 }
 
-/// Checks the caller's credentials against `secrets` at `now_unix` seconds.
-pub fn authenticate(
-    headers: &HeaderMap,
-    body: &[u8],
-    secrets: &Secrets,
-    window: Duration,
-    now_unix: u64,
-) -> Result<(), Rejected> {
-    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
-        let given = auth
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(Rejected::Unauthorized(
-                "Authorization must be \"Bearer <secret>\"",
-            ))?;
-        // Digests first: equal lengths, so the comparison time says nothing about the secret.
-        let (a, b) = (
-            Sha256::digest(given.trim()),
-            Sha256::digest(&secrets.bearer),
-        );
-        return if bool::from(a.ct_eq(&b)) {
-            Ok(())
-        } else {
-            Err(Rejected::Unauthorized("wrong secret"))
-        };
-    }
-    let Some(signature) = headers.get(SIGNATURE) else {
-        return Err(Rejected::Unauthorized(
-            "missing credentials: send Authorization: Bearer <secret>, or x-isrgate-signature and x-isrgate-timestamp",
-        ));
-    };
-    let timestamp = headers
-        .get(TIMESTAMP)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .ok_or(Rejected::Unauthorized(
-            "x-isrgate-timestamp must be UNIX seconds",
-        ))?;
-    if now_unix.abs_diff(timestamp) > window.as_secs() {
-        return Err(Rejected::Unauthorized(
-            "timestamp outside the replay window",
-        ));
-    }
-    let expected = signature
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().strip_prefix("sha256="))
-        .and_then(unhex)
-        .ok_or(Rejected::Unauthorized(
-            "x-isrgate-signature must be sha256=<hex>",
-        ))?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(secrets.hmac.as_bytes())
-        .map_err(|_| Rejected::Unauthorized("bad signature"))?;
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&expected)
-        .map_err(|_| Rejected::Unauthorized("bad signature"))
-}
-
-/// The signature header value for `body` at `timestamp` (for clients and tests).
-pub fn sign(key: &str, timestamp: u64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes())
-        .expect("invariant: HMAC accepts keys of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let digest = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256=");
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-#[derive(serde::Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Body {
     #[serde(default)]
@@ -198,22 +119,123 @@ struct Body {
     rewarm: Option<bool>,
 }
 
-/// Parses the JSON body, or the query when the body is empty.
+/// What the query string asks for.
+#[derive(Default)]
+struct Query {
+    paths: Vec<String>,
+    tags: Vec<String>,
+    mode: Option<String>,
+    rewarm: Option<bool>,
+    format: Option<Format>,
+}
+
+/// Reads a call: its body in the format `format` (`webhook.format`, unless the query names
+/// one), its CMS entry mapped through `rules`, plus the query.
+pub fn read(
+    headers: &HeaderMap,
+    body: &[u8],
+    query: Option<&str>,
+    format: Format,
+    rules: &[Rule],
+) -> Result<Revalidation, Rejected> {
+    let q = Query::parse(query.unwrap_or(""))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return q.finish(Body::default(), None);
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Rejected::BadRequest(format!("body is not valid JSON: {e}")))?;
+    let (format, detected) = match q.format.unwrap_or(format) {
+        Format::Auto => (cms::detect(headers, &value), true),
+        named => (named, false),
+    };
+    if format == Format::Isrgate {
+        let own = Body::deserialize(value).map_err(|e| {
+            let hint = if detected {
+                " (nor is it a Contentful, Sanity, Strapi or WordPress payload; name its CMS with webhook.format or ?format=)"
+            } else {
+                ""
+            };
+            Rejected::BadRequest(format!("body is not valid JSON for this endpoint: {e}{hint}"))
+        })?;
+        return q.finish(own, None);
+    }
+    let entry = cms::entry(format, headers, value)?;
+    let (paths, tags) = rules::map(&entry, rules)?;
+    q.finish(
+        Body {
+            paths,
+            tags,
+            ..Body::default()
+        },
+        Some(entry.origin()),
+    )
+}
+
+/// Parses the gateway's own JSON body, or the query when the body is empty (the dashboard's
+/// purge form and tests: no CMS payloads).
 pub fn parse(body: &[u8], query: Option<&str>) -> Result<Revalidation, Rejected> {
-    let raw = if body.iter().all(u8::is_ascii_whitespace) {
-        from_query(query.unwrap_or(""))?
-    } else {
-        serde_json::from_slice::<Body>(body).map_err(|e| {
-            Rejected::BadRequest(format!("body is not valid JSON for this endpoint: {e}"))
-        })?
-    };
-    let mode = match raw.mode.as_deref() {
-        None => Mode::Soft,
-        Some(m) => Mode::parse(m).ok_or_else(|| {
-            Rejected::BadRequest(format!("mode: {m:?} is not \"soft\" or \"hard\""))
-        })?,
-    };
-    Revalidation::new(raw.paths, raw.tags, mode, raw.rewarm.unwrap_or(true))
+    read(&HeaderMap::new(), body, query, Format::Isrgate, &[])
+}
+
+impl Query {
+    fn parse(query: &str) -> Result<Query, Rejected> {
+        let mut q = Query::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8()
+                .map_err(|_| Rejected::BadRequest(format!("query {k}: not UTF-8")))?
+                .into_owned();
+            match k {
+                "path" => q.paths.push(v),
+                "tag" => q.tags.push(v),
+                "mode" => q.mode = Some(v),
+                "rewarm" => q.rewarm = Some(bool_param("rewarm", &v)?),
+                "format" => {
+                    q.format = Some(Format::parse(&v).ok_or_else(|| {
+                        Rejected::BadRequest(format!(
+                            "query format: {v:?} is not one of {}",
+                            Format::NAMES
+                        ))
+                    })?);
+                }
+                // Checked (and never echoed) by `auth`.
+                "secret" => {}
+                other => {
+                    return Err(Rejected::BadRequest(format!(
+                        "query: unknown parameter {other:?} (path, tag, mode, rewarm, format, secret)"
+                    )));
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    /// The body's paths and tags, then the query's; the body's mode and rewarm win.
+    fn finish(self, mut body: Body, entry: Option<Origin>) -> Result<Revalidation, Rejected> {
+        body.paths.extend(self.paths);
+        body.tags.extend(self.tags);
+        let mode = match body.mode.or(self.mode).as_deref() {
+            None => Mode::Soft,
+            Some(m) => Mode::parse(m).ok_or_else(|| {
+                Rejected::BadRequest(format!("mode: {m:?} is not \"soft\" or \"hard\""))
+            })?,
+        };
+        let rewarm = body.rewarm.or(self.rewarm).unwrap_or(true);
+        let mut r = Revalidation::new(body.paths, body.tags, mode, rewarm)?;
+        r.entry = entry;
+        Ok(r)
+    }
+}
+
+fn bool_param(name: &str, v: &str) -> Result<bool, Rejected> {
+    match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(Rejected::BadRequest(format!(
+            "query {name}: {v:?} is not true or false"
+        ))),
+    }
 }
 
 impl Revalidation {
@@ -255,107 +277,16 @@ impl Revalidation {
             tags,
             mode,
             rewarm,
+            entry: None,
         })
     }
-}
-
-fn from_query(query: &str) -> Result<Body, Rejected> {
-    let mut b = Body {
-        paths: Vec::new(),
-        tags: Vec::new(),
-        mode: None,
-        rewarm: None,
-    };
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
-            .decode_utf8()
-            .map_err(|_| Rejected::BadRequest(format!("query {k}: not UTF-8")))?
-            .into_owned();
-        match k {
-            "path" => b.paths.push(v),
-            "tag" => b.tags.push(v),
-            "mode" => b.mode = Some(v),
-            "rewarm" => {
-                b.rewarm = Some(match v.as_str() {
-                    "true" | "1" => true,
-                    "false" | "0" => false,
-                    _ => {
-                        return Err(Rejected::BadRequest(format!(
-                            "query rewarm: {v:?} is not true or false"
-                        )));
-                    }
-                });
-            }
-            other => {
-                return Err(Rejected::BadRequest(format!(
-                    "query: unknown parameter {other:?} (path, tag, mode, rewarm)"
-                )));
-            }
-        }
-    }
-    Ok(b)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::invalidate::cms::tests::headers;
     use proptest::prelude::*;
-
-    fn secrets() -> Secrets {
-        Secrets {
-            bearer: "s3cret".into(),
-            hmac: "k3y".into(),
-        }
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(
-                http::HeaderName::from_bytes(k.as_bytes()).expect("test value"),
-                v.parse().expect("test value"),
-            );
-        }
-        h
-    }
-
-    const WINDOW: Duration = Duration::from_secs(300);
-
-    #[test]
-    fn bearer_and_signature_are_checked() {
-        let ok = headers(&[("authorization", "Bearer s3cret")]);
-        assert_eq!(authenticate(&ok, b"", &secrets(), WINDOW, 0), Ok(()));
-        let wrong = headers(&[("authorization", "Bearer nope")]);
-        assert_eq!(
-            authenticate(&wrong, b"", &secrets(), WINDOW, 0),
-            Err(Rejected::Unauthorized("wrong secret"))
-        );
-        assert!(authenticate(&HeaderMap::new(), b"", &secrets(), WINDOW, 0).is_err());
-
-        let body = br#"{"paths":["/a"]}"#;
-        let sig = sign("k3y", 1_000, body);
-        let signed = headers(&[(SIGNATURE, &sig), (TIMESTAMP, "1000")]);
-        assert_eq!(
-            authenticate(&signed, body, &secrets(), WINDOW, 1_100),
-            Ok(())
-        );
-        assert!(
-            authenticate(&signed, b"{}", &secrets(), WINDOW, 1_100).is_err(),
-            "another body"
-        );
-        assert_eq!(
-            authenticate(&signed, body, &secrets(), WINDOW, 1_000 + 301),
-            Err(Rejected::Unauthorized(
-                "timestamp outside the replay window"
-            ))
-        );
-        let other_key = headers(&[
-            (SIGNATURE, &sign("s3cret", 1_000, body)),
-            (TIMESTAMP, "1000"),
-        ]);
-        assert!(authenticate(&other_key, body, &secrets(), WINDOW, 1_000).is_err());
-    }
 
     #[test]
     fn bodies_and_queries_parse_with_defaults() {
@@ -392,10 +323,86 @@ mod tests {
         assert_eq!(parse(b"", None), Err(Rejected::NothingToDo));
     }
 
+    #[test]
+    fn only_post_unless_urls_may_carry_the_secret() {
+        assert_eq!(check_method(&Method::POST, false), Ok(()));
+        assert_eq!(check_method(&Method::GET, true), Ok(()));
+        for (method, allow) in [(Method::GET, false), (Method::PUT, true)] {
+            let e = check_method(&method, allow).expect_err("refused");
+            assert_eq!(e.status(), 405, "{method}");
+        }
+    }
+
+    #[test]
+    fn a_cms_payload_is_mapped_and_the_query_adds_to_it() {
+        let body = br#"{"_id":"p1","_type":"post","slug":{"current":"hi"}}"#;
+        let rules = [Rule::new(rules::RuleSpec {
+            types: &["post".into()],
+            cms: None,
+            paths: &["/blog/{slug.current}".into()],
+            tags: &["post-{id}".into()],
+        })
+        .expect("rule")];
+        let sanity = headers(&[("sanity-operation", "update")]);
+        let r = read(
+            &sanity,
+            body,
+            Some("tag=home&mode=hard"),
+            Format::Auto,
+            &rules,
+        )
+        .expect("read");
+        assert_eq!(
+            (r.paths.as_slice(), r.tags.as_slice()),
+            (
+                &["/blog/hi".to_owned()][..],
+                &["post-p1".to_owned(), "home".to_owned()][..]
+            )
+        );
+        assert_eq!(r.mode, Mode::Hard);
+        let origin = r.entry.expect("entry");
+        assert_eq!(
+            (origin.cms, origin.event.as_deref()),
+            ("sanity", Some("update"))
+        );
+        // Named: the shape is not guessed.
+        let named = read(
+            &HeaderMap::new(),
+            body,
+            Some("format=strapi"),
+            Format::Auto,
+            &rules,
+        );
+        assert!(matches!(named, Err(Rejected::BadRequest(m)) if m.starts_with("event")));
+        // The gateway's own body, named, refuses the CMS's fields.
+        let own = read(&HeaderMap::new(), body, None, Format::Isrgate, &rules);
+        assert!(matches!(own, Err(Rejected::BadRequest(m)) if m.contains("unknown field `_id`")));
+        let unknown = read(
+            &HeaderMap::new(),
+            br#"{"data":1}"#,
+            None,
+            Format::Auto,
+            &rules,
+        );
+        assert!(matches!(unknown, Err(Rejected::BadRequest(m)) if m.contains("webhook.format")));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(body in prop::collection::vec(any::<u8>(), 0..512), q in ".{0,64}") {
             let _ = parse(&body, Some(&q));
+            let _ = read(&HeaderMap::new(), &body, Some(&q), Format::Auto, &[]);
+        }
+
+        /// CMS-shaped bodies with arbitrary values: an entry or a 400, never a panic.
+        #[test]
+        fn cms_shapes_never_panic(
+            key in prop::sample::select(vec!["sys", "_id", "_type", "event", "entry", "model", "post", "post_id", "fields", "media"]),
+            value in prop::sample::select(vec!["1", "\"x\"", "null", "{}", "[]", "{\"type\":\"Entry\",\"id\":1}", "{\"post_type\":\"page\"}"]),
+            format in prop::sample::select(vec![Format::Auto, Format::Contentful, Format::Sanity, Format::Strapi, Format::Wordpress]),
+        ) {
+            let body = format!("{{\"{key}\":{value},\"event\":\"entry.update\",\"_type\":\"t\"}}");
+            let _ = read(&HeaderMap::new(), body.as_bytes(), None, format, &[]);
         }
     }
 }

@@ -43,7 +43,11 @@ pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>)
     app.metrics.requests.inc();
     let (head, body) = req.into_parts();
     let id = request_id(&app, &peer, &head);
-    let (method, uri) = (head.method.clone(), head.uri.clone());
+    // Never log a webhook secret sent in the URL (`webhook.allow_query_secret`).
+    let (method, uri) = (
+        head.method.clone(),
+        crate::invalidate::auth::redacted(&head.uri),
+    );
     let mut resp = match route(&app, &peer, head, body, &id).await {
         Ok(resp) => resp,
         Err(e) => {

@@ -234,6 +234,8 @@ async fn stats_show_a_scripted_scenario_and_readyz_reports_redis() {
             &[
                 ("authorization", &bearer()),
                 ("content-type", "application/json"),
+                // As the dashboard's form sends it.
+                ("x-isrgate-client", "dashboard"),
             ],
             Bytes::from_static(br#"{"paths":["/a"],"mode":"hard"}"#),
         )

@@ -9,6 +9,7 @@ mod balance;
 mod browser;
 mod cache;
 mod cli;
+mod cms;
 mod coalesce;
 mod deploy;
 mod fidelity;
