@@ -291,7 +291,18 @@ fn main() -> ExitCode {
             };
             init_tracing(&config);
             tracing::info!(config = %describe(file.as_deref()), "configuration loaded");
-            match serve(config) {
+            let overrides = args.overrides();
+            let path = args.config.config.clone();
+            let recheck: Recheck = Box::new(move || {
+                config::load(path.as_deref(), &ProcessEnv, &overrides)
+                    .map(|(_, file)| describe(file.as_deref()))
+                    // One log line: the problems after one another.
+                    .map_err(|e| {
+                        let text = e.to_string();
+                        text.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+                    })
+            });
+            match serve(config, recheck) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -546,7 +557,11 @@ fn describe(file: Option<&std::path::Path>) -> String {
     )
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+/// Reads the configuration again from where `serve` read it: `Ok(source)` when valid, or
+/// every problem.
+type Recheck = Box<dyn Fn() -> Result<String, String> + Send>;
+
+fn serve(config: Config, recheck: Recheck) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // Signals are watched on a small runtime of their own; the workers have theirs.
     let signals = tokio::runtime::Builder::new_current_thread()
@@ -557,7 +572,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let (installed, handlers) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("isrgate-signals".into())
-        .spawn(move || signals.block_on(signal_shutdown(token, Some(installed))))
+        .spawn(move || {
+            signals.block_on(async move {
+                tokio::join!(
+                    signal_shutdown(token.clone(), Some(installed)),
+                    hangups(recheck, token)
+                )
+            })
+        })
         .context("cannot start the signal thread")?;
     // Handlers in place before the listeners bind: a SIGTERM from an orchestrator that saw
     // the port open drains, never kills.
@@ -585,6 +607,40 @@ fn raise_descriptor_limit() {
     match setrlimit(Resource::Nofile, limit) {
         Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-descriptor limit"),
         Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-descriptor limit"),
+    }
+}
+
+/// SIGHUP, until `shutdown`: this build applies a configuration only at start, so a SIGHUP
+/// (`systemctl reload`, `kill -HUP`, an nginx habit) must neither kill the process, as its
+/// default action does, nor pretend: the file is checked again and the log says whether it is
+/// valid and that nothing changed until a restart.
+async fn hangups(recheck: Recheck, shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot watch SIGHUP: it would stop the gateway");
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = hup.recv() => {}
+            }
+            match recheck() {
+                Ok(source) => {
+                    tracing::warn!(config = %source, "SIGHUP: the configuration is valid; this version applies it only at start: nothing changed, restart the gateway (a rolling restart) to apply it")
+                }
+                Err(problems) => tracing::error!(
+                    "SIGHUP: the configuration is invalid; nothing changed, the running one stays: {problems}"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        drop(recheck);
+        shutdown.cancelled().await;
     }
 }
 
