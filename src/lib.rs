@@ -286,6 +286,18 @@ async fn start_control(
     if let Some(cache) = &app.cache {
         cache.start(stop);
         invalidate::retention::start(cache, Arc::clone(&app.deploy), stop);
+        // The fleet's invalidations before the first request, so this gateway is ready with
+        // them, not "ready" on a Redis that has not answered yet. Bounded: a Redis that does not
+        // answer is served around (degraded), and the load goes on in the background.
+        if let Some(redis) = &cfg.redis {
+            let limit = (redis.connect_timeout * 2).max(Duration::from_secs(5));
+            if tokio::time::timeout(limit, cache.epochs.first_sync())
+                .await
+                .is_err()
+            {
+                tracing::warn!(waited = ?limit, "the fleet's invalidations are not loaded yet (Redis slow or down); serving, and loading them in the background");
+            }
+        }
         tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
     }
     // First: probes get an answer during the start-up look below (`/healthz` alive, `/readyz`

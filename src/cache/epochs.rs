@@ -71,6 +71,8 @@ pub struct Epochs {
     /// The newest generation a complete load was made for: the map is complete when it is
     /// `sync_wanted`.
     sync_done: AtomicU64,
+    /// Told when a load completes ([`Epochs::first_sync`]).
+    loaded: tokio::sync::Notify,
 }
 
 /// The newest invalidation epochs of one tag.
@@ -160,6 +162,20 @@ impl Epochs {
     /// older generation completing late changes nothing.
     pub fn synced(&self, generation: u64) {
         self.sync_done.fetch_max(generation, Ordering::AcqRel);
+        self.loaded.notify_waiters();
+    }
+
+    /// Resolves once a complete load was made ([`Epochs::was_ever_synced`]).
+    pub async fn first_sync(&self) {
+        loop {
+            let loaded = self.loaded.notified();
+            tokio::pin!(loaded);
+            loaded.as_mut().enable();
+            if self.was_ever_synced() {
+                return;
+            }
+            loaded.await;
+        }
     }
 
     /// Whether the map holds every invalidation there is (always, until [`Epochs::unsynced`]).
