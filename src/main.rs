@@ -334,7 +334,7 @@ fn admin_client(
         .map_err(|e| e.to_string())
 }
 
-/// Prints what an admin-API command answered; 0 or 1.
+/// Prints what a command answered; 0, or 1 with the error.
 fn finish(done: Result<String, impl std::fmt::Display>) -> ExitCode {
     match done {
         Ok(text) => {
@@ -479,16 +479,7 @@ fn deploy(args: DeployArgs) -> ExitCode {
                 .map(|()| "the rollout chooses the current build again\n".to_owned()),
         }
     });
-    match done {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(done)
 }
 
 fn warm(args: WarmArgs) -> ExitCode {

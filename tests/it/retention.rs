@@ -36,6 +36,21 @@ fn records(r: &RedisProcess, prefix: &str, n: usize, epoch: u64) {
     assert_eq!(out.trim(), "1", "{out}");
 }
 
+/// A gateway on `r` (`cache.max_ttl` 7 days, the default) and the replica it needs.
+async fn gateway(r: &RedisProcess) -> (FakeNext, Gateway) {
+    let origin = FakeNext::start(|o| {
+        o.route("/", Route::html("ok"));
+    })
+    .await;
+    let gw = Gateway::start(config(
+        &[origin.url()],
+        "",
+        &format!("[redis]\nurl = \"{}\"\n[cache]\nmax_ttl = \"7d\"", r.url()),
+    ))
+    .await;
+    (origin, gw)
+}
+
 fn hlen(r: &RedisProcess) -> usize {
     r.cli(&["HLEN", "isr:inv"]).trim().parse().expect("HLEN")
 }
@@ -50,16 +65,7 @@ async fn a_long_history_loads_in_pages_and_what_no_page_can_need_is_pruned() {
     r.cli(&["HSET", "isr:inv", "_epoch", &(now - 60_000).to_string()]);
     assert_eq!(hlen(&r), 310_001);
 
-    let origin = FakeNext::start(|o| {
-        o.route("/", Route::html("ok"));
-    })
-    .await;
-    let gw = Gateway::start(config(
-        &[origin.url()],
-        "",
-        &format!("[redis]\nurl = \"{}\"\n[cache]\nmax_ttl = \"7d\"", r.url()),
-    ))
-    .await;
+    let (_origin, gw) = gateway(&r).await;
     let cache = gw.state.cache.as_ref().expect("cache");
     eventually!(
         60,
@@ -85,16 +91,7 @@ async fn a_long_history_loads_in_pages_and_what_no_page_can_need_is_pruned() {
 #[tokio::test]
 async fn a_prune_keeps_the_counter_recent_records_and_fields_it_does_not_know() {
     let r = RedisProcess::start();
-    let origin = FakeNext::start(|o| {
-        o.route("/", Route::html("ok"));
-    })
-    .await;
-    let gw = Gateway::start(config(
-        &[origin.url()],
-        "",
-        &format!("[redis]\nurl = \"{}\"", r.url()),
-    ))
-    .await;
+    let (_origin, gw) = gateway(&r).await;
     let Some(Store::Redis(redis)) = gw.state.cache.as_ref().map(|c| &c.store) else {
         panic!("a Redis store");
     };
