@@ -35,6 +35,7 @@
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hyper::server::conn::http1;
@@ -49,6 +50,7 @@ use crate::cache::sealed::Held;
 #[cfg(target_os = "linux")]
 use crate::cache::sealed::Sealed;
 use crate::http::wire::{self, Framing, Parsed};
+use crate::logging::access;
 use crate::proxy::forwarded::Peer;
 use crate::proxy::hit::{self, Answer, Hit, Looked};
 
@@ -136,12 +138,14 @@ impl Lane<'_> {
             let mut looked = None;
             if matches!(framing, Framing::None | Framing::Length(0)) {
                 let guard = self.activity.enter();
+                let started = Instant::now();
                 match hit::answer(self.app, self.peer, head.parts).await {
                     Answer::Hit(hit) => {
                         buf.advance(len);
                         // While draining, each answer is the connection's last.
                         let last = self.activity.is_draining();
                         let written = write_hit(io, &mut tail, &hit, last).await;
+                        self.log(&hit, started, written.is_ok());
                         drop(guard);
                         if written.is_err() || last {
                             return End::Closed;
@@ -156,6 +160,28 @@ impl Lane<'_> {
             };
             buf = rest;
         }
+    }
+
+    /// The access line of a hit the lane wrote (`sent`: all of it; else no body byte is
+    /// counted, the client went away).
+    fn log(&self, hit: &Hit, started: Instant, sent: bool) {
+        if !self.app.access.enabled() {
+            return;
+        }
+        let r = &hit.request;
+        self.app.access.write(&access::Line {
+            method: r.method.as_str(),
+            uri: &r.uri,
+            status: hit.status,
+            cache: hit.outcome.x_cache(),
+            cache_status: hit.outcome.cache_status(),
+            replica: "-",
+            bytes: if sent { hit.body.len() as u64 } else { 0 },
+            elapsed: started.elapsed(),
+            request_id: hit.request_id.to_str().unwrap_or("-"),
+            host: access::host(r.headers.get(http::header::HOST), &r.uri),
+            peer: self.peer.addr,
+        });
     }
 
     /// Refuses a request whose declared body is over `listen.max_body_bytes` (413), its body
