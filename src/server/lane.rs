@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::request::Parts;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,6 +54,7 @@ use crate::http::wire::{self, Framing, Parsed};
 use crate::logging::access;
 use crate::proxy::forwarded::Peer;
 use crate::proxy::hit::{self, Answer, Hit, Looked};
+use crate::proxy::serve::Outcome;
 
 /// How the lane left a connection.
 pub(super) enum End {
@@ -65,6 +67,17 @@ pub(super) enum End {
 /// The answer to a declared request body over `listen.max_body_bytes` (the driver's text); the
 /// connection closes after it, its body unread.
 const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 23\r\nconnection: close\r\n\r\nRequest body too large\n";
+
+/// The body of [`TOO_LARGE`], bytes.
+const TOO_LARGE_BODY: usize = "Request body too large\n".len();
+
+/// What the lane sent, for the access line.
+struct Sent<'a> {
+    status: u16,
+    outcome: Option<Outcome>,
+    bytes: usize,
+    request_id: &'a str,
+}
 
 /// Whether connections go through the lane: `listen.hit_lane`, with the cache on.
 pub(super) fn enabled(app: &AppState) -> bool {
@@ -129,7 +142,16 @@ impl Lane<'_> {
             // A declared body over the limit is refused here, before anything is read of it,
             // as the driver would (hyper would refuse a `Content-Length` near 2^64 with 431).
             if body > self.app.config.listen.max_body_bytes {
-                return self.too_large(io).await;
+                let started = Instant::now();
+                let end = self.too_large(io).await;
+                let sent = Sent {
+                    status: 413,
+                    outcome: None,
+                    bytes: TOO_LARGE_BODY,
+                    request_id: "-",
+                };
+                self.log(&head.parts, &sent, started);
+                return end;
             }
             let Some(exchange) = (len as u64).checked_add(body) else {
                 return End::Handoff(buf.freeze());
@@ -145,7 +167,14 @@ impl Lane<'_> {
                         // While draining, each answer is the connection's last.
                         let last = self.activity.is_draining();
                         let written = write_hit(io, &mut tail, &hit, last).await;
-                        self.log(&hit, started, written.is_ok());
+                        let sent = Sent {
+                            status: hit.status,
+                            outcome: Some(hit.outcome),
+                            // No body byte counts when the write failed: the client went away.
+                            bytes: if written.is_ok() { hit.body.len() } else { 0 },
+                            request_id: hit.request_id.to_str().unwrap_or("-"),
+                        };
+                        self.log(&hit.request, &sent, started);
                         drop(guard);
                         if written.is_err() || last {
                             return End::Closed;
@@ -162,24 +191,22 @@ impl Lane<'_> {
         }
     }
 
-    /// The access line of a hit the lane wrote (`sent`: all of it; else no body byte is
-    /// counted, the client went away).
-    fn log(&self, hit: &Hit, started: Instant, sent: bool) {
+    /// The access line of an answer the lane wrote.
+    fn log(&self, request: &Parts, sent: &Sent<'_>, started: Instant) {
         if !self.app.access.enabled() {
             return;
         }
-        let r = &hit.request;
         self.app.access.write(&access::Line {
-            method: r.method.as_str(),
-            uri: &r.uri,
-            status: hit.status,
-            cache: hit.outcome.x_cache(),
-            cache_status: hit.outcome.cache_status(),
+            method: request.method.as_str(),
+            uri: &request.uri,
+            status: sent.status,
+            cache: sent.outcome.map_or("-", Outcome::x_cache),
+            cache_status: sent.outcome.map_or("-", Outcome::cache_status),
             replica: "-",
-            bytes: if sent { hit.body.len() as u64 } else { 0 },
+            bytes: sent.bytes as u64,
             elapsed: started.elapsed(),
-            request_id: hit.request_id.to_str().unwrap_or("-"),
-            host: access::host(r.headers.get(http::header::HOST), &r.uri),
+            request_id: sent.request_id,
+            host: access::host(request.headers.get(http::header::HOST), &request.uri),
             peer: self.peer.addr,
         });
     }

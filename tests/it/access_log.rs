@@ -280,3 +280,40 @@ async fn text_lines_carry_the_same_fields() {
         "{line}"
     );
 }
+
+/// A declared body over `listen.max_body_bytes` is refused by the lane before hyper sees it:
+/// it has its line too (no request id: none was drawn for it).
+#[tokio::test]
+async fn a_body_the_lane_refuses_has_its_line() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = FakeNext::start(|o| {
+        o.route("/p", Route::html(PAGE));
+    })
+    .await;
+    let logged = gateway(&origin.url(), "max_body_bytes = 1000", "").await;
+    let mut s = tokio::net::TcpStream::connect(logged.gw.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"PUT /upload?key=k HTTP/1.1\r\nHost: up.example\r\nContent-Length: 5000\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    let find = || logged.lines().into_iter().find(|l| l["status"] == 413);
+    eventually!(5, find().is_some(), "no line: {}", logged.log.text());
+    let mut line = find().expect("found");
+    let m = line.as_object_mut().expect("object");
+    for varies in ["timestamp", "elapsed_us", "peer"] {
+        m.remove(varies).expect(varies);
+    }
+    assert_eq!(
+        line,
+        json!({
+            "level": "INFO", "target": "isrgate::access", "method": "PUT",
+            "path": "/upload?key=[redacted]", "status": 413, "cache": "-", "cache_status": "-",
+            "replica": "-", "bytes": "Request body too large\n".len(), "request_id": "-",
+            "host": "up.example",
+        })
+    );
+}
