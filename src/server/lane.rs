@@ -120,7 +120,7 @@ impl Lane<'_> {
                 // An HTTP/2 preface is a connection's first bytes or nothing (hyper alone
                 // would refuse it here too; its watchdog also took this for HTTP/1.1).
                 Parsed::Other if served && buf.starts_with(b"PRI ") => return End::Closed,
-                Parsed::HugeBody => return self.too_large(io).await,
+                Parsed::HugeBody => return self.too_large(io, None).await,
                 Parsed::Other => return End::Handoff(buf.freeze()),
                 Parsed::Partial if buf.len() >= max_head => return End::Handoff(buf.freeze()),
                 Parsed::Partial => {
@@ -142,16 +142,7 @@ impl Lane<'_> {
             // A declared body over the limit is refused here, before anything is read of it,
             // as the driver would (hyper would refuse a `Content-Length` near 2^64 with 431).
             if body > self.app.config.listen.max_body_bytes {
-                let started = Instant::now();
-                let end = self.too_large(io).await;
-                let sent = Sent {
-                    status: 413,
-                    outcome: None,
-                    bytes: TOO_LARGE_BODY,
-                    request_id: "-",
-                };
-                self.log(&head.parts, &sent, started);
-                return end;
+                return self.too_large(io, Some(&head.parts)).await;
             }
             let Some(exchange) = (len as u64).checked_add(body) else {
                 return End::Handoff(buf.freeze());
@@ -166,15 +157,7 @@ impl Lane<'_> {
                         buf.advance(len);
                         // While draining, each answer is the connection's last.
                         let last = self.activity.is_draining();
-                        let written = write_hit(io, &mut tail, &hit, last).await;
-                        let sent = Sent {
-                            status: hit.status,
-                            outcome: Some(hit.outcome),
-                            // No body byte counts when the write failed: the client went away.
-                            bytes: if written.is_ok() { hit.body.len() } else { 0 },
-                            request_id: hit.request_id.to_str().unwrap_or("-"),
-                        };
-                        self.log(&hit.request, &sent, started);
+                        let written = self.write_hit(io, &mut tail, &hit, last, started).await;
                         drop(guard);
                         if written.is_err() || last {
                             return End::Closed;
@@ -189,6 +172,27 @@ impl Lane<'_> {
             };
             buf = rest;
         }
+    }
+
+    /// Writes a hit ([`write_hit`]) and its access line.
+    async fn write_hit(
+        &self,
+        io: &mut Watched<TcpStream>,
+        tail: &mut BytesMut,
+        hit: &Hit,
+        last: bool,
+        started: Instant,
+    ) -> io::Result<()> {
+        let written = write_hit(io, tail, hit, last).await;
+        let sent = Sent {
+            status: hit.status,
+            outcome: Some(hit.outcome),
+            // No body byte counts when the write failed: the client went away.
+            bytes: if written.is_ok() { hit.body.len() } else { 0 },
+            request_id: hit.request_id.to_str().unwrap_or("-"),
+        };
+        self.log(&hit.request, &sent, started);
+        written
     }
 
     /// The access line of an answer the lane wrote.
@@ -212,10 +216,20 @@ impl Lane<'_> {
     }
 
     /// Refuses a request whose declared body is over `listen.max_body_bytes` (413), its body
-    /// unread, and ends the connection.
-    async fn too_large(&self, io: &mut Watched<TcpStream>) -> End {
+    /// unread, and ends the connection; with its access line when its head is known.
+    async fn too_large(&self, io: &mut Watched<TcpStream>, request: Option<&Parts>) -> End {
+        let started = Instant::now();
         self.app.metrics.body_too_large.inc();
         let _ = io.write_all(TOO_LARGE).await;
+        if let Some(request) = request {
+            let sent = Sent {
+                status: 413,
+                outcome: None,
+                bytes: TOO_LARGE_BODY,
+                request_id: "-",
+            };
+            self.log(request, &sent, started);
+        }
         End::Closed
     }
 
