@@ -4,7 +4,7 @@
 //! Receives what the request asked and what the response carries (status, `x-cache`,
 //! `Cache-Status`, `x-request-id`, the replica that answered as an [`Answered`] extension) and
 //! hands one event to `tracing`, whose subscriber formats it (text, or flat JSON:
-//! [`super::json`]) and hands it to the non-blocking writer ([`super::writer`]).
+//! [`super::format`]) and hands it to the non-blocking writer ([`super::writer`]).
 //!
 //! The line is written once the body is: at once for a body of known size (a hit, an error:
 //! `bytes` is that size), when the last frame has gone (or the body is dropped: a client gone)
@@ -95,7 +95,7 @@ impl AccessLog {
                 elapsed_us = u64::try_from(line.elapsed.as_micros()).unwrap_or(u64::MAX),
                 request_id = line.request_id,
                 host = line.host,
-                peer = %line.peer,
+                peer = %Peer(line.peer),
             );
         });
     }
@@ -364,12 +364,39 @@ impl fmt::Display for Path<'_> {
 
 /// Whether a query parameter's name (as sent, maybe percent-encoded) names a credential.
 fn is_secret(name: &str) -> bool {
-    let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-    let name = decoded.as_bytes();
-    SECRET_NAMES.iter().any(|s| {
-        name.windows(s.len())
-            .any(|w| w.eq_ignore_ascii_case(s.as_bytes()))
-    })
+    let contains = |name: &[u8]| {
+        SECRET_NAMES.iter().any(|s| {
+            name.windows(s.len())
+                .any(|w| w.eq_ignore_ascii_case(s.as_bytes()))
+        })
+    };
+    if name.contains('%') {
+        contains(&percent_encoding::percent_decode_str(name).collect::<Vec<u8>>())
+    } else {
+        contains(name.as_bytes())
+    }
+}
+
+/// A client address as logged: `ip:port`, an IPv4 one written digit by digit (the standard
+/// `Display` goes through the formatting machinery once per octet; this is on every line).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let SocketAddr::V4(v4) = self.0 else {
+            return self.0.fmt(f);
+        };
+        let mut buf = itoa::Buffer::new();
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            f.write_str(buf.format(octet))?;
+        }
+        f.write_str(":")?;
+        f.write_str(buf.format(v4.port()))
+    }
 }
 
 #[cfg(test)]
@@ -394,6 +421,19 @@ mod tests {
         );
         // A secret-looking value under an ordinary name is a value like any other.
         assert_eq!(logged("/s?q=secret"), "/s?q=secret");
+    }
+
+    #[test]
+    fn peers_are_written_as_the_standard_library_writes_them() {
+        for addr in [
+            "10.0.3.7:42848",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "[::1]:8080",
+        ] {
+            let addr: SocketAddr = addr.parse().expect("test");
+            assert_eq!(Peer(addr).to_string(), addr.to_string());
+        }
     }
 
     #[test]

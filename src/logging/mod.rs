@@ -3,8 +3,7 @@
 //!
 //! - [`dispatch`]: `[log]` → a `tracing` subscriber: the `log.level` filter (plus the access
 //!   log's target at `info`, whatever the level: like nginx's `access_log` and `error_log`, the
-//!   two are set apart), and the format: text (tracing-subscriber's) or flat JSON
-//!   ([`json::FlatJson`]).
+//!   two are set apart), and the format: one flat shape, in text or JSON ([`format::Flat`]).
 //! - [`init`]: the process's logging (the binary): that subscriber as the global one, writing
 //!   to stderr through [`writer::NonBlocking`], and `log`-crate records (fred, rustls) bridged
 //!   into it (`tracing-log`), so they have the same shape as everything else.
@@ -13,7 +12,7 @@
 //! Nothing here decides what a request does; a line that is not written costs a level check.
 
 pub mod access;
-pub mod json;
+pub mod format;
 pub mod writer;
 
 use std::io::{self, Write};
@@ -49,12 +48,14 @@ pub fn dispatch<W>(cfg: &Log, writer: W, ansi: bool) -> Dispatch
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let registry = tracing_subscriber::registry().with(filter(cfg));
-    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
-    match cfg.format {
-        LogFormat::Json => Dispatch::new(registry.with(layer.event_format(json::FlatJson))),
-        LogFormat::Pretty => Dispatch::new(registry.with(layer.with_ansi(ansi))),
-    }
+    let format = match cfg.format {
+        LogFormat::Json => format::Flat::json(),
+        LogFormat::Pretty => format::Flat::text(ansi),
+    };
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .event_format(format);
+    Dispatch::new(tracing_subscriber::registry().with(filter(cfg)).with(layer))
 }
 
 /// Keeps `tracing`'s per-callsite cache right while a subscriber is in use only in scopes
