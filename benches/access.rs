@@ -3,7 +3,9 @@
 //! flat JSON with the query redacted as it is written) and the copy into the non-blocking
 //! writer's buffer (`logging::writer`; its thread writes to /dev/null here). And the same line
 //! with the log switched off: what every hit pays when it is off. Run:
-//! `cargo bench --bench access`. Machine and baseline: 2 vCPU VM, numbers in the issue notes.
+//! `cargo bench --bench access`. Baseline (2 vCPU VM shared with other work): JSON 0.63 µs,
+//! text 0.48 µs, off 0.4 ns per line; the scoped subscriber (`with_default` per line) is a
+//! few ns more than the global one the binary uses.
 
 // `criterion_group!` generates an undocumented function.
 #![allow(missing_docs)]
