@@ -7,7 +7,9 @@
 #                                 origin-fast (0 ms render); ratio to origin-fast served directly
 #   benches/load.sh hit           cache hits: isrgate with its L1 (8080), in strict mode, every
 #                                 hit a Redis read (8085), and with its L1 but the hit lane off
-#                                 (8088), next to nginx proxy_cache and Varnish,
+#                                 (8088), with its L1 and the access log on, JSON (8090, gw-log:
+#                                 its cost against 8080 in one run), next to nginx proxy_cache
+#                                 and Varnish,
 #                                 against `limit` (identity clients) then `limit-gzip` (gzip
 #                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391
 #   benches/load.sh stampede      coalescing: a fleet of 3 isrgate (8080, 8086, 8087, one Redis)
@@ -27,8 +29,13 @@
 #      RUNS=3 DURATION=10 THREADS=2 CONNS=64 PAGES=100 ACCEPT_ENCODING=
 #      hit mode: HIT_S_MAXAGE=3600 (the origin's s-maxage while measuring; 60 = the harness
 #      default, every cache then re-renders its pages mid-run), HIT_TARGETS="gateway …" (a
-#      subset of gateway, gw-strict=127.0.0.1:8085, gw-hyper=127.0.0.1:8088, nginx, varnish),
+#      subset of gateway, gw-strict=127.0.0.1:8085, gw-hyper=127.0.0.1:8088,
+#      gw-log=127.0.0.1:8090, nginx, varnish),
 #      HIT_BASELINE_BIN=path (another build as gw-base=127.0.0.1:8089: A/B in one run)
+#      NO_PEER_CACHES=1: neither nginx nor Varnish (not installed, not started; HIT_TARGETS
+#      then names gateways only), e.g. the access log's cost:
+#      NO_PEER_CACHES=1 HIT_TARGETS="gateway gw-log=127.0.0.1:8090" benches/load.sh hit
+# Every isrgate runs with its access log off (as the peers' nginx, `access_log off`), but gw-log.
 # Baseline and machine: see the issue notes (2 vCPU VM, wrk and servers share both cores; only
 # the ratios and CPU µs/request are comparable between runs).
 set -euo pipefail
@@ -42,7 +49,12 @@ mkdir -p "$work"
 # Copy the scripts and sources, keep what earlier runs built (origin/target) and measured.
 (cd "$src" && tar --exclude=./origin/target --exclude=./run --exclude=./results -cf - .) | (cd "$work" && tar -xf -)
 chmod -R u+w "$work"
-bash "$work/setup.sh"
+if [ "${NO_PEER_CACHES:-}" = 1 ]; then
+    command -v wrk >/dev/null || { echo "wrk not installed (apt-get install wrk)" >&2; exit 1; }
+    (cd "$work/origin" && cargo build --release --quiet)
+else
+    bash "$work/setup.sh"
+fi
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
 [ "$mode" = stampede ] && cargo build --release --quiet --example stampede --manifest-path "$root/Cargo.toml"
 
@@ -53,6 +65,7 @@ case "$mode" in
         ;;
     hit)
         peers=(origin limit limit-gzip nginx varnish)
+        [ "${NO_PEER_CACHES:-}" = 1 ] && peers=(origin limit limit-gzip)
         upstream=127.0.0.1:3001
         ;;
     stampede)
@@ -68,7 +81,7 @@ esac
 
 redis_pid=""
 cleanup() {
-    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-base gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
+    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-base gw-log gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -80,7 +93,7 @@ mkdir -p "$work/run"
 # (the binary: $BIN, default this tree's release build).
 start_gateway() {
     local name=$1 port=$2; shift 2
-    env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn "$@" \
+    env ISRGATE__HEALTH__INTERVAL=0s ISRGATE__LOG__LEVEL=warn ISRGATE__LOG__ACCESS=false "$@" \
         "${BIN:-$root/target/release/isrgate}" serve --config /dev/null \
         --listen "127.0.0.1:$port" --admin-listen "${ADMIN_LISTEN:-}" --upstream "http://$upstream" \
         >"$work/run/$name.log" 2>&1 &
@@ -116,6 +129,10 @@ case "$mode" in
         start_gateway gw-hyper 8088 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__LISTEN__HIT_LANE=false
         # HIT_BASELINE_BIN=path/to/older/isrgate: that build as gw-base (8089, L1), to compare
         # two builds in one run (add gw-base=127.0.0.1:8089 to HIT_TARGETS).
+        # The L1 gateway again, with its access log on (JSON, one line per hit to its log file):
+        # what the log costs per request, against `gateway` in the same run.
+        start_gateway gw-log 8090 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 \
+            ISRGATE__LOG__ACCESS=true ISRGATE__LOG__FORMAT=json
         if [ -n "${HIT_BASELINE_BIN:-}" ]; then
             BIN=$HIT_BASELINE_BIN start_gateway gw-base 8089 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
         fi
@@ -127,6 +144,11 @@ case "$mode" in
         read -r -a targets <<<"${HIT_TARGETS:-gateway gw-strict=127.0.0.1:8085 gw-hyper=127.0.0.1:8088 nginx varnish}"
         LIMIT=limit "$work/bench.sh" "${targets[@]}"
         ACCEPT_ENCODING=gzip "$work/bench.sh" "${targets[@]}"
+        # The access log gw-log wrote (one line per request it answered), then emptied: a run
+        # writes hundreds of MB.
+        log="$work/run/gw-log.log"
+        echo "gw-log access lines: $(grep -c '"target":"isrgate::access"' "$log" || true) ($(du -h "$log" | cut -f1)); last: $(tail -1 "$log")"
+        : >"$log"
         # Bytes at rest: one stored page vs its identity body.
         key=$(redis-cli -p 6391 --scan --pattern 'isr:*:e' | sed -n 1p)
         stored=$(redis-cli -p 6391 hstrlen "$key" b)

@@ -42,6 +42,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Request id source.
     pub request_ids: Arc<RequestIds>,
+    /// The access log (shared by all workers).
+    pub access: Arc<crate::logging::access::AccessLog>,
     /// Permits for requests in progress, one pool for the whole process
     /// (`listen.max_concurrent_requests`).
     pub concurrency: Arc<tokio::sync::Semaphore>,
@@ -87,6 +89,7 @@ impl AppState {
             // Its own ids (a prefix of its own, a counter of its own): one shared counter
             // would move between the workers' cores on every request.
             request_ids: Arc::new(RequestIds::default()),
+            access: Arc::clone(&self.access),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
             started: Arc::clone(&self.started),

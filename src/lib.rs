@@ -20,6 +20,7 @@
 //!   [`clock`]: the wall clock entry deadlines are read against.
 //! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
 //! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
+//! - [`logging`]: the subscriber (text or flat JSON, non-blocking output) and the access log.
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters. [`http`]: header names, bodies.
 //! - [`app`]: the shared state built once at start.
 //! - [`warm`]: render a list of pages ahead of users (`isrgate warm`, from a sitemap or a list
@@ -35,6 +36,7 @@ pub mod deploy;
 pub mod error;
 pub mod http;
 pub mod invalidate;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
@@ -97,12 +99,16 @@ fn bind_hint(which: &str, error: &std::io::Error) -> &'static str {
 pub struct Options {
     /// Resolver for `upstream.dns_name`.
     pub resolver: Arc<dyn Resolve>,
+    /// Where this gateway's access lines go (`logging::dispatch`); `None`: the process's
+    /// global subscriber.
+    pub access_log: Option<tracing::Dispatch>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             resolver: Arc::new(SystemResolver),
+            access_log: None,
         }
     }
 }
@@ -169,7 +175,12 @@ impl Server {
         let concurrency = Arc::new(tokio::sync::Semaphore::new(
             config.listen.max_concurrent_requests,
         ));
+        let access = Arc::new(logging::access::AccessLog::new(
+            config.log.access,
+            options.access_log,
+        ));
         let app = Arc::new(AppState {
+            access,
             cache,
             reads: None,
             concurrency,

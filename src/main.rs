@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use isrgate::config::{self, Config, LogFormat, Override, ProcessEnv};
+use isrgate::config::{self, Config, Override, ProcessEnv};
 use isrgate::warm::Variant;
 use isrgate::warm::report::MaxFailed;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +289,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_tracing(&config);
+            // Held until the process exits: its drop writes the lines still buffered.
+            let _flusher = isrgate::logging::init(&config.log);
             tracing::info!(config = %describe(file.as_deref()), "configuration loaded");
             let overrides = args.overrides();
             let path = args.config.config.clone();
@@ -676,19 +677,5 @@ async fn signal_shutdown(
         drop(installed);
         let _ = tokio::signal::ctrl_c().await;
         shutdown.cancel();
-    }
-}
-
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::builder()
-        .parse(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }

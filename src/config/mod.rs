@@ -304,6 +304,8 @@ pub struct Log {
     pub format: LogFormat,
     /// `tracing` filter directives.
     pub level: String,
+    /// The access log: one line per request (`crate::logging::access`).
+    pub access: bool,
 }
 
 /// Log output format.

@@ -375,6 +375,8 @@ section! {
         format: String = "pretty".into(),
         /// `tracing` filter: a level (`info`) or directives (`isrgate=debug,hyper=warn`).
         level: String = "info".into(),
+        /// One line per request on the `isrgate::access` target, at `info` whatever `level`.
+        access: bool = true,
     }
 }
 

@@ -718,11 +718,28 @@ fn log(c: &mut Checker<'_>, raw: &Raw) -> Log {
             "log.level",
             format!("{:?} is not a log filter ({e}); use a level such as info, or directives such as isrgate=debug,hyper=warn", raw.log.level),
         );
+    } else if let Some(word) = not_a_level(&raw.log.level) {
+        c.fail(
+            "log.level",
+            format!("{word:?} is not a level; use off, error, warn, info, debug or trace, or target=level directives such as isrgate=debug,hyper=warn"),
+        );
     }
     Log {
         format,
         level: raw.log.level.clone(),
+        access: raw.log.access,
     }
+}
+
+/// A bare word of a log filter that is not a level (`verbose`): tracing takes it for a target
+/// name, every event of that target on, so a mistyped level would quietly log nothing else.
+/// (A target alone is still written `target=trace`.)
+fn not_a_level(level: &str) -> Option<&str> {
+    level.split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains(['=', '['])
+            && d.parse::<tracing::level_filters::LevelFilter>().is_err()
+    })
 }
 
 #[cfg(test)]
@@ -796,6 +813,9 @@ mod tests {
             ("[cache]\nmax_ttl = \"2years\"", "cache.max_ttl"),
             ("[cache]\nbypass_paths = [\"api\"]", "cache.bypass_paths"),
             ("[log]\nlevel = \"isrgate=loud\"", "log.level"),
+            ("[log]\nlevel = \"verbose\"", "log.level"),
+            ("[log]\nlevel = \"warn,isrgate\"", "log.level"),
+            ("[log]\naccess = \"no\"", "log.access"),
             ("[tag_rules]\n\"products\" = [\"x\"]", "tag_rules.products"),
             ("[webhook]\nreplica_path = \"api\"", "webhook.replica_path"),
             (
@@ -859,6 +879,23 @@ mod tests {
             from_toml("[redis]\nurl = \"redis-sentinel://h:26379?sentinelServiceName=mymaster\"")
                 .expect("a Sentinel URL as the client reads it");
         assert!(c.redis.is_some());
+    }
+
+    #[test]
+    fn log_levels_and_directives_pass_and_the_access_log_is_on_by_default() {
+        for level in [
+            "info",
+            "WARN",
+            "off",
+            "isrgate=debug,hyper=warn",
+            "warn,isrgate::access=off",
+        ] {
+            let c = from_toml(&format!("[log]\nlevel = {level:?}")).expect(level);
+            assert_eq!(c.log.level, level);
+            assert!(c.log.access);
+        }
+        let c = from_toml("[log]\naccess = false").expect("valid");
+        assert!(!c.log.access);
     }
 
     #[test]

@@ -121,9 +121,14 @@ pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) 
     tokio::spawn(async move {
         let mut wait = Duration::from_millis(1_000 + fastrand::u64(..4_000));
         loop {
+            // After the first complete load: forgetting before it would let the load bring
+            // the old records back into the map for a whole period.
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(wait) => {}
+                () = async {
+                    tokio::time::sleep(wait).await;
+                    epochs.first_sync().await;
+                } => {}
             }
             wait = EVERY;
             let now = crate::clock::system_ms();

@@ -44,6 +44,12 @@ pub struct Hit {
     pub age: u64,
     /// The `x-request-id` to send.
     pub request_id: HeaderValue,
+    /// The stored status.
+    pub status: u16,
+    /// Fresh (`Hit`) or stale while a refresh runs (`Stale`).
+    pub outcome: serve::Outcome,
+    /// The request (sanitized), for the access log.
+    pub request: Parts,
 }
 
 /// The lookup the lane made for a request it lends, for the driver to use instead of looking
@@ -92,6 +98,9 @@ impl Lent {
 
 /// What the lane does with a request.
 #[derive(Debug)]
+// Returned by value once per request and taken apart at once: a `Box` would be one more
+// allocation on every hit (the hit carries its request, for the access line).
+#[allow(clippy::large_enum_variant)]
 pub enum Answer {
     /// Write this hit.
     Hit(Hit),
@@ -200,14 +209,17 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     if matches!(body, Held::Sealed(_)) {
         app.metrics.cache_sendfile_hits.inc();
     }
-    tracing::debug!(
-        request_id = ?request_id, peer = %peer.addr, method = %head.method, uri = %head.uri,
-        status = entry.meta.status, lane = true, "request"
-    );
     Answer::Hit(Hit {
         wire,
         body,
         age: now.saturating_sub(entry.meta.stored_at_ms) / 1000,
         request_id,
+        status: entry.meta.status,
+        outcome: if stale {
+            serve::Outcome::Stale
+        } else {
+            serve::Outcome::Hit
+        },
+        request: head,
     })
 }

@@ -22,10 +22,10 @@ pub mod serve;
 mod tunnel;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::request::Parts;
+use http::uri::Authority;
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -34,12 +34,13 @@ use crate::app::AppState;
 use crate::error::{ProxyError, Side};
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
+use crate::logging::access::Answered;
 use crate::metrics::Counter;
 use forwarded::Peer;
 
-/// Handles one client request; never fails (errors are responses).
+/// Handles one client request; never fails (errors are responses). Its access line is
+/// written around it (`server::stack`), from what the response carries.
 pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
     app.metrics.requests.inc();
     let (head, body) = req.into_parts();
     let id = request_id(&app, &peer, &head);
@@ -58,15 +59,29 @@ pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>)
                 }
                 _ => tracing::debug!(request_id = ?id, %method, %uri, error = %e, "refused"),
             }
-            e.to_response()
+            let mut resp = e.to_response();
+            if let Some(replica) = failed_replica(&e) {
+                resp.extensions_mut().insert(replica);
+            }
+            resp
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-    tracing::debug!(
-        request_id = ?id, peer = %peer.addr, %method, %uri, status = resp.status().as_u16(),
-        elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "request"
-    );
     resp
+}
+
+/// The replica an upstream error names, for the access line.
+fn failed_replica(e: &ProxyError) -> Option<Answered> {
+    use crate::upstream::UpstreamError as U;
+    match e {
+        ProxyError::Upstream(
+            U::Connect { replica, .. }
+            | U::Stalled { replica }
+            | U::Timeout { replica, .. }
+            | U::Exchange { replica, .. },
+        ) => Authority::try_from(replica.as_str()).ok().map(Answered),
+        _ => None,
+    }
 }
 
 async fn route(

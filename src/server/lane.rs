@@ -35,8 +35,10 @@
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::request::Parts;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,8 +51,10 @@ use crate::cache::sealed::Held;
 #[cfg(target_os = "linux")]
 use crate::cache::sealed::Sealed;
 use crate::http::wire::{self, Framing, Parsed};
+use crate::logging::access;
 use crate::proxy::forwarded::Peer;
 use crate::proxy::hit::{self, Answer, Hit, Looked};
+use crate::proxy::serve::Outcome;
 
 /// How the lane left a connection.
 pub(super) enum End {
@@ -63,6 +67,17 @@ pub(super) enum End {
 /// The answer to a declared request body over `listen.max_body_bytes` (the driver's text); the
 /// connection closes after it, its body unread.
 const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 23\r\nconnection: close\r\n\r\nRequest body too large\n";
+
+/// The body of [`TOO_LARGE`], bytes.
+const TOO_LARGE_BODY: usize = "Request body too large\n".len();
+
+/// What the lane sent, for the access line.
+struct Sent<'a> {
+    status: u16,
+    outcome: Option<Outcome>,
+    bytes: usize,
+    request_id: &'a str,
+}
 
 /// Whether connections go through the lane: `listen.hit_lane`, with the cache on.
 pub(super) fn enabled(app: &AppState) -> bool {
@@ -105,7 +120,7 @@ impl Lane<'_> {
                 // An HTTP/2 preface is a connection's first bytes or nothing (hyper alone
                 // would refuse it here too; its watchdog also took this for HTTP/1.1).
                 Parsed::Other if served && buf.starts_with(b"PRI ") => return End::Closed,
-                Parsed::HugeBody => return self.too_large(io).await,
+                Parsed::HugeBody => return self.too_large(io, None).await,
                 Parsed::Other => return End::Handoff(buf.freeze()),
                 Parsed::Partial if buf.len() >= max_head => return End::Handoff(buf.freeze()),
                 Parsed::Partial => {
@@ -127,7 +142,7 @@ impl Lane<'_> {
             // A declared body over the limit is refused here, before anything is read of it,
             // as the driver would (hyper would refuse a `Content-Length` near 2^64 with 431).
             if body > self.app.config.listen.max_body_bytes {
-                return self.too_large(io).await;
+                return self.too_large(io, Some(&head.parts)).await;
             }
             let Some(exchange) = (len as u64).checked_add(body) else {
                 return End::Handoff(buf.freeze());
@@ -136,12 +151,13 @@ impl Lane<'_> {
             let mut looked = None;
             if matches!(framing, Framing::None | Framing::Length(0)) {
                 let guard = self.activity.enter();
+                let started = Instant::now();
                 match hit::answer(self.app, self.peer, head.parts).await {
                     Answer::Hit(hit) => {
                         buf.advance(len);
                         // While draining, each answer is the connection's last.
                         let last = self.activity.is_draining();
-                        let written = write_hit(io, &mut tail, &hit, last).await;
+                        let written = self.write_hit(io, &mut tail, &hit, last, started).await;
                         drop(guard);
                         if written.is_err() || last {
                             return End::Closed;
@@ -158,11 +174,62 @@ impl Lane<'_> {
         }
     }
 
+    /// Writes a hit ([`write_hit`]) and its access line.
+    async fn write_hit(
+        &self,
+        io: &mut Watched<TcpStream>,
+        tail: &mut BytesMut,
+        hit: &Hit,
+        last: bool,
+        started: Instant,
+    ) -> io::Result<()> {
+        let written = write_hit(io, tail, hit, last).await;
+        let sent = Sent {
+            status: hit.status,
+            outcome: Some(hit.outcome),
+            // No body byte counts when the write failed: the client went away.
+            bytes: if written.is_ok() { hit.body.len() } else { 0 },
+            request_id: hit.request_id.to_str().unwrap_or("-"),
+        };
+        self.log(&hit.request, &sent, started);
+        written
+    }
+
+    /// The access line of an answer the lane wrote.
+    fn log(&self, request: &Parts, sent: &Sent<'_>, started: Instant) {
+        if !self.app.access.enabled() {
+            return;
+        }
+        self.app.access.write(&access::Line {
+            method: request.method.as_str(),
+            uri: &request.uri,
+            status: sent.status,
+            cache: sent.outcome.map_or("-", Outcome::x_cache),
+            cache_status: sent.outcome.map_or("-", Outcome::cache_status),
+            replica: "-",
+            bytes: sent.bytes as u64,
+            elapsed: started.elapsed(),
+            request_id: sent.request_id,
+            host: access::host(request.headers.get(http::header::HOST), &request.uri),
+            peer: self.peer.addr,
+        });
+    }
+
     /// Refuses a request whose declared body is over `listen.max_body_bytes` (413), its body
-    /// unread, and ends the connection.
-    async fn too_large(&self, io: &mut Watched<TcpStream>) -> End {
+    /// unread, and ends the connection; with its access line when its head is known.
+    async fn too_large(&self, io: &mut Watched<TcpStream>, request: Option<&Parts>) -> End {
+        let started = Instant::now();
         self.app.metrics.body_too_large.inc();
         let _ = io.write_all(TOO_LARGE).await;
+        if let Some(request) = request {
+            let sent = Sent {
+                status: 413,
+                outcome: None,
+                bytes: TOO_LARGE_BODY,
+                request_id: "-",
+            };
+            self.log(request, &sent, started);
+        }
         End::Closed
     }
 

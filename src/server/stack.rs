@@ -5,7 +5,11 @@
 //!    connection of every worker); at the limit a request is refused at once with 503 +
 //!    `Retry-After` instead of queueing, since a queue behind a slow replica only turns overload
 //!    into timeouts for everyone. The permit is held until the response head is ready.
-//! 2. **The driver** (`proxy::handle`), which never fails: errors are responses.
+//! 2. **The access log** around everything else, shed requests included: the request's
+//!    method, target and host are kept (shared, not copied) when a line will be written, and
+//!    the line is written once the response's body is (`logging::access`). Hits the lane
+//!    answers itself are logged there.
+//! 3. **The driver** (`proxy::handle`), which never fails: errors are responses.
 //!
 //! This was a tower stack (`LoadShed` + `GlobalConcurrencyLimit` + `BoxCloneSyncService`). In a
 //! sampled profile of the pass-through path its futures (polls, drops, the per-request boxed
@@ -14,6 +18,7 @@
 //! concern needs real composition (per-route timeouts, tower-http tracing), tower comes back.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -22,15 +27,25 @@ use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::http::X_REQUEST_ID;
 use crate::http::body::Body;
+use crate::logging::access;
 use crate::proxy;
 use crate::proxy::forwarded::Peer;
 
 /// Runs one request through the listener's concerns and the driver.
 pub async fn call(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
-    let Ok(_permit) = app.concurrency.try_acquire() else {
-        return overloaded(&app);
+    let started = Instant::now();
+    let logged = app
+        .access
+        .enabled()
+        .then(|| access::Request::of(&req, peer.addr, started));
+    let resp = match app.concurrency.try_acquire() {
+        Ok(_permit) => proxy::handle(Arc::clone(&app), peer, req).await,
+        Err(_) => overloaded(&app),
     };
-    proxy::handle(Arc::clone(&app), peer, req).await
+    match logged {
+        Some(request) => access::respond(&app.access, request, resp),
+        None => resp,
+    }
 }
 
 /// The shed response: the one 503 defined in `error.rs`, with a request id.

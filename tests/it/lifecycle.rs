@@ -70,6 +70,7 @@ async fn not_ready_before_the_start_up_look_but_alive() {
         cfg,
         Options {
             resolver: Arc::clone(&resolver) as Arc<dyn Resolve>,
+            ..Options::default()
         },
     )
     .expect("binds");

@@ -233,6 +233,7 @@ fn stream(
     permit: Option<FillPermit>,
 ) -> Response<Body> {
     let (status, mut headers, len) = pending.client_head();
+    let answered = crate::logging::access::Answered(pending.replica().authority.clone());
     headers.insert(header::AGE, HeaderValue::from_static("0"));
     serve::mark(&mut headers, Outcome::Miss { stored: true });
     serve::add_vary_accept_encoding(&mut headers);
@@ -256,6 +257,7 @@ fn stream(
     let mut response = Response::new(body::boxed(client_body));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
+    response.extensions_mut().insert(answered);
     response
 }
 

@@ -113,10 +113,18 @@ impl Gateway {
 
     /// Starts a gateway with a custom resolver.
     pub async fn start_resolving(config: Config, resolver: Arc<dyn Resolve>) -> Gateway {
-        Self::start_with(config, Options { resolver }).await
+        Self::start_with(
+            config,
+            Options {
+                resolver,
+                ..Options::default()
+            },
+        )
+        .await
     }
 
-    async fn start_with(config: Config, options: Options) -> Gateway {
+    /// Starts a gateway with `options` (its own resolver, its own access-log subscriber).
+    pub async fn start_with(config: Config, options: Options) -> Gateway {
         let server = Server::bind(config, options).expect("gateway binds");
         let (addr, admin, state) = (server.local_addr(), server.admin_addr(), server.state());
         let shutdown = CancellationToken::new();

@@ -1,0 +1,57 @@
+//! Criterion micro-benchmarks of one access line (`isrgate::logging::access`), the whole of
+//! what a hit pays for it: the switch and level check, the event, its formatting (text, or
+//! flat JSON with the query redacted as it is written) and the copy into the non-blocking
+//! writer's buffer (`logging::writer`; its thread writes to /dev/null here). And the same line
+//! with the log switched off: what every hit pays when it is off. Run:
+//! `cargo bench --bench access`. Baseline (2 vCPU VM shared with other work): JSON 0.63 µs,
+//! text 0.48 µs, off 0.4 ns per line; the scoped subscriber (`with_default` per line) is a
+//! few ns more than the global one the binary uses.
+
+// `criterion_group!` generates an undocumented function.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use isrgate::config::{Log, LogFormat};
+use isrgate::logging::access::{AccessLog, Line};
+use isrgate::logging::{dispatch, writer::NonBlocking};
+
+fn bench(c: &mut Criterion) {
+    let uri: http::Uri = "/products/123?ref=home&token=abc".parse().expect("uri");
+    let line = Line {
+        method: "GET",
+        uri: &uri,
+        status: 200,
+        cache: "HIT",
+        cache_status: "isrgate; hit",
+        replica: "-",
+        bytes: 11_349,
+        elapsed: Duration::from_micros(33),
+        request_id: "0ceb823a-0000000000086027",
+        host: "shop.example",
+        peer: "10.0.3.7:42848".parse().expect("addr"),
+    };
+    for (name, format, on) in [
+        ("access_line_json", LogFormat::Json, true),
+        ("access_line_text", LogFormat::Pretty, true),
+        ("access_line_off", LogFormat::Json, false),
+    ] {
+        let cfg = Log {
+            format,
+            level: "warn".into(),
+            access: on,
+        };
+        let sink = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let (writer, _flusher) = NonBlocking::new(sink).expect("writer thread");
+        let log = AccessLog::new(on, Some(dispatch(&cfg, writer, false)));
+        c.bench_function(name, |b| b.iter(|| log.write(black_box(&line))));
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
