@@ -35,6 +35,7 @@ use crate::error::{ProxyError, Side};
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
 use crate::logging::access::Answered;
+use crate::logging::access::Path;
 use crate::metrics::Counter;
 use forwarded::Peer;
 
@@ -44,20 +45,20 @@ pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>)
     app.metrics.requests.inc();
     let (head, body) = req.into_parts();
     let id = request_id(&app, &peer, &head);
-    // Never log a webhook secret sent in the URL (`webhook.allow_query_secret`).
-    let (method, uri) = (
-        head.method.clone(),
-        crate::invalidate::auth::redacted(&head.uri),
-    );
+    // Logged as the access log writes it: never a credential in the query (the webhook's
+    // `?secret=`), and no copy of the target made for it.
+    let (method, uri) = (head.method.clone(), head.uri.clone());
     let mut resp = match route(&app, &peer, head, body, &id).await {
         Ok(resp) => resp,
         Err(e) => {
             count(&app, &e);
             match e.side() {
                 Side::Upstream => {
-                    tracing::warn!(request_id = ?id, %method, %uri, error = %e, "upstream failure")
+                    tracing::warn!(request_id = ?id, %method, uri = %Path(&uri), error = %e, "upstream failure")
                 }
-                _ => tracing::debug!(request_id = ?id, %method, %uri, error = %e, "refused"),
+                _ => {
+                    tracing::debug!(request_id = ?id, %method, uri = %Path(&uri), error = %e, "refused")
+                }
             }
             let mut resp = e.to_response();
             if let Some(replica) = failed_replica(&e) {
