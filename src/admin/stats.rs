@@ -226,7 +226,10 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
         .collect();
     json!({
         "at": now.at,
-        "draining": app.draining.is_cancelled(),
+        // As /readyz says it: from the SIGTERM on, while the listeners still accept for the
+        // accept grace (`accepting`), then drain.
+        "draining": app.stopping.is_cancelled(),
+        "accepting": !app.draining.is_cancelled(),
         "banners": banners,
         "requests": {
             "total": now.requests,
