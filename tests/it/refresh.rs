@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::HeaderValue;
 
 use crate::eventually;
-use crate::support::origin::{FakeNext, Route};
+use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::redis::RedisProcess;
 use crate::support::{Client, Gateway, bus_live, config};
 
@@ -271,10 +271,18 @@ async fn html_and_rsc_of_a_page_are_refreshed_by_one_render() {
     settled(&gw).await;
     assert_eq!(origin.count("/app"), 2);
 
-    // Expired. Regenerated, the replica renders h2; its RSC is then a HIT of that render.
-    origin.route("/app", app_page("h2", "r2", "REVALIDATED", "HIT"));
+    // Expired. Regenerated, the replica renders h2; its RSC is then a HIT of that render. The
+    // regeneration waits at the replica until both answers are in: on a busy machine it could
+    // otherwise finish before the second request arrives (a HIT of r2, also right, but not
+    // the stale answer this test is about).
+    let gate = Gate::new();
+    origin.route(
+        "/app",
+        app_page("h2", "r2", "REVALIDATED", "HIT").gated(&gate),
+    );
     advance(&gw, 61);
     let (html, flight) = futures_util::join!(c.get(&url, &[]), c.get(&url, &rsc));
+    gate.open();
     assert_eq!(
         (html.header("x-cache"), &html.body[..]),
         ("STALE", &b"h1"[..])
