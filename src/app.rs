@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use arc_swap::{ArcSwap, Guard};
 use http::HeaderValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,8 +26,9 @@ use crate::upstream::Upstream;
 /// State of one worker (see the module doc for what is shared).
 #[derive(Debug)]
 pub struct AppState {
-    /// The validated configuration.
-    pub config: Config,
+    /// The running configuration (shared by the workers; a reload replaces it: read it with
+    /// [`AppState::config`]).
+    pub(crate) config: Arc<ArcSwap<Config>>,
     /// Sanitizing policy derived from `config.listen`.
     pub policy: crate::config::SanitizePolicy,
     /// Replicas (shared) and this worker's client to reach them.
@@ -42,6 +44,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Request id source.
     pub request_ids: Arc<RequestIds>,
+    /// Asks the control runtime for a reload (`crate::reload`).
+    pub reloads: crate::reload::Reloads,
     /// The access log (shared by all workers).
     pub access: Arc<crate::logging::access::AccessLog>,
     /// Permits for requests in progress, one pool for the whole process
@@ -63,6 +67,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The configuration now. A reload may replace it between two calls: read it once per
+    /// decision; hold an `Arc` (`load_full`) rather than this guard across an `.await`.
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
     /// The store the hit path reads: this worker's own connections, or the shared store.
     pub fn reads<'a>(&'a self, cache: &'a CacheState) -> &'a Store {
         self.reads.as_ref().unwrap_or(&cache.store)
@@ -72,7 +82,7 @@ impl AppState {
     /// Redis reads; the latter started by the worker, on its runtime).
     pub fn for_worker(&self) -> AppState {
         AppState {
-            config: self.config.clone(),
+            config: Arc::clone(&self.config),
             policy: self.policy.clone(),
             upstream: self.upstream.with_own_pool(),
             deploy: Arc::clone(&self.deploy),
@@ -90,6 +100,7 @@ impl AppState {
             // would move between the workers' cores on every request.
             request_ids: Arc::new(RequestIds::default()),
             access: Arc::clone(&self.access),
+            reloads: self.reloads.clone(),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
             started: Arc::clone(&self.started),
@@ -108,16 +119,15 @@ impl AppState {
 /// (who fills which key) and the background work filling them.
 #[derive(Debug)]
 pub struct CacheState {
-    /// `[cache]` settings.
-    pub cfg: crate::config::Cache,
+    /// `[cache]` settings: read them with [`CacheState::cfg`]; a reload replaces them
+    /// ([`CacheState::set_cfg`]).
+    cfg: ArcSwap<crate::config::Cache>,
     /// Redis or in-process.
     pub store: Store,
     /// In-process copies in front of the store.
     pub l1: L1,
     /// Strict mode: entries as last decoded from the store (reused on identical bytes).
     pub decoded: Decoded,
-    /// Admission caps.
-    pub limits: policy::Limits,
     /// Bound on background refreshes at once.
     pub refresh_permits: Arc<tokio::sync::Semaphore>,
     /// The bus between gateways (with Redis only).
@@ -192,11 +202,6 @@ impl CacheState {
             } else {
                 0
             }),
-            limits: policy::Limits {
-                default_stale_if_error: cfg.default_stale_if_error,
-                max_stale_while_revalidate: cfg.max_stale_while_revalidate,
-                max_ttl: cfg.max_ttl,
-            },
             refresh_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_background_refreshes)),
             bus,
             store,
@@ -209,8 +214,31 @@ impl CacheState {
             seal_bodies,
             recent: crate::cache::tags::RecentPaths::default(),
             gateway_id,
-            cfg,
+            cfg: ArcSwap::from_pointee(cfg),
         })
+    }
+
+    /// The `[cache]` settings now (a reload may replace them between two calls: read once
+    /// per decision).
+    pub fn cfg(&self) -> Guard<Arc<crate::config::Cache>> {
+        self.cfg.load()
+    }
+
+    /// Replaces the settings that can change live (`crate::reload` keeps the others as they
+    /// were): policy, routes, tag rules, coalescing.
+    pub fn set_cfg(&self, cfg: crate::config::Cache) {
+        self.flights.set_cfg(cfg.coalesce);
+        self.cfg.store(Arc::new(cfg));
+    }
+
+    /// The admission caps of the settings now.
+    pub fn limits(&self) -> policy::Limits {
+        let cfg = self.cfg.load();
+        policy::Limits {
+            default_stale_if_error: cfg.default_stale_if_error,
+            max_stale_while_revalidate: cfg.max_stale_while_revalidate,
+            max_ttl: cfg.max_ttl,
+        }
     }
 
     /// Tells the other gateways what happened to the key `key_hex` (`Filled`: the entry was
@@ -249,13 +277,14 @@ impl CacheState {
         crate::invalidate::fleet::start(self, stop);
         self.l1
             .maintain_every(std::time::Duration::from_secs(1), stop);
-        if self.cfg.l1_governor {
+        let cfg = self.cfg();
+        if cfg.l1_governor {
             // Without Redis the process holds the store's entries too.
             let store = match self.store {
-                Store::Memory(_) => self.cfg.memory_max_bytes,
+                Store::Memory(_) => cfg.memory_max_bytes,
                 Store::Redis(_) => 0,
             };
-            let bound = self.cfg.l1_max_bytes.saturating_add(store);
+            let bound = cfg.l1_max_bytes.saturating_add(store);
             crate::cache::governor::start(&self.l1, bound, stop);
         }
     }

@@ -39,6 +39,7 @@ pub mod invalidate;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod upstream;
 pub mod warm;
@@ -102,6 +103,9 @@ pub struct Options {
     /// Where this gateway's access lines go (`logging::dispatch`); `None`: the process's
     /// global subscriber.
     pub access_log: Option<tracing::Dispatch>,
+    /// Reads the configuration again for a reload (SIGHUP, `POST /api/reload`); `None`: a
+    /// reload is refused.
+    pub reload: Option<reload::Loader>,
 }
 
 impl Default for Options {
@@ -109,6 +113,7 @@ impl Default for Options {
         Self {
             resolver: Arc::new(SystemResolver),
             access_log: None,
+            reload: None,
         }
     }
 }
@@ -119,7 +124,13 @@ pub struct Server {
     app: Arc<AppState>,
     listeners: Vec<std::net::TcpListener>,
     admin: Option<std::net::TcpListener>,
+    control: Control,
+}
+
+/// What the control runtime's tasks are started with.
+struct Control {
     resolver: Arc<dyn Resolve>,
+    reload: (Option<reload::Loader>, reload::Requests),
 }
 
 impl Server {
@@ -144,7 +155,6 @@ impl Server {
         };
         let metrics = Arc::new(metrics::Metrics::default());
         let replicas = Arc::new(ReplicaSet::new(config.upstream.replicas.clone()));
-        let pool = upstream::pool(&config.upstream, config.listen.preserve_header_case);
         let cache = match &config.cache {
             Some(c) => Some(Arc::new(app::CacheState::new(
                 c.clone(),
@@ -163,7 +173,7 @@ impl Server {
             Arc::clone(&replicas),
             deploy::rollout::Ledger::of(cache.as_ref().map(|c| &c.store)),
         ));
-        let upstream = upstream::Upstream::new(&config, pool, replicas, Arc::clone(&metrics));
+        let upstream = upstream::Upstream::new(&config, replicas, Arc::clone(&metrics));
         let policy = proxy::sanitize::Policy {
             forwarded: proxy::forwarded::Policy {
                 public_scheme: config.listen.public_scheme.clone(),
@@ -179,17 +189,19 @@ impl Server {
             config.log.access,
             options.access_log,
         ));
+        let (reloads, requests) = reload::channel();
         let app = Arc::new(AppState {
             access,
             cache,
             reads: None,
             concurrency,
-            config,
+            config: Arc::new(arc_swap::ArcSwap::from_pointee(config)),
             policy,
             upstream,
             deploy,
             metrics,
             request_ids: Default::default(),
+            reloads,
             tasks: TaskTracker::new(),
             started: Arc::new(tokio::sync::watch::Sender::new(false)),
             stopping: CancellationToken::new(),
@@ -200,7 +212,10 @@ impl Server {
             app,
             listeners,
             admin,
-            resolver: options.resolver,
+            control: Control {
+                resolver: options.resolver,
+                reload: (options.reload, requests),
+            },
         })
     }
 
@@ -228,10 +243,10 @@ impl Server {
             app,
             listeners,
             admin,
-            resolver,
+            control,
         } = self;
         let background = CancellationToken::new();
-        start_control(&app, admin, resolver, &background).await;
+        start_control(&app, admin, control, &background).await;
         for listener in listeners {
             let worker = Arc::new(app.for_worker());
             tokio::spawn(server::serve_worker(worker, listener));
@@ -249,7 +264,7 @@ impl Server {
             app,
             listeners,
             admin,
-            resolver,
+            control: tasks,
         } = self;
         let runtime = || {
             tokio::runtime::Builder::new_current_thread()
@@ -261,7 +276,7 @@ impl Server {
         // The start-up look before any worker serves (the control runtime's tasks wait between
         // the two `block_on`s, for as long as spawning the workers takes).
         let background = CancellationToken::new();
-        control.block_on(start_control(&app, admin, resolver, &background));
+        control.block_on(start_control(&app, admin, tasks, &background));
         let mut threads = Vec::with_capacity(listeners.len());
         for (i, listener) in listeners.into_iter().enumerate() {
             let (rt, worker) = (runtime()?, Arc::new(app.for_worker()));
@@ -290,10 +305,14 @@ impl Server {
 async fn start_control(
     app: &Arc<AppState>,
     admin: Option<std::net::TcpListener>,
-    resolver: Arc<dyn Resolve>,
+    control: Control,
     stop: &CancellationToken,
 ) {
-    let cfg = &app.config;
+    let Control {
+        resolver,
+        reload: (loader, requests),
+    } = control;
+    let cfg = app.config.load_full();
     if let Some(cache) = &app.cache {
         cache.start(stop);
         invalidate::retention::start(cache, Arc::clone(&app.deploy), stop);
@@ -309,7 +328,7 @@ async fn start_control(
                 tracing::warn!(waited = ?limit, "the fleet's invalidations are not loaded yet (Redis slow or down); serving, and loading them in the background");
             }
         }
-        tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg.namespace, "cache enabled");
+        tracing::info!(store = cache.store.kind(), l1 = cache.l1.enabled(), namespace = %cache.cfg().namespace, "cache enabled");
     }
     // First: probes get an answer during the start-up look below (`/healthz` alive, `/readyz`
     // not yet), rather than a connection left waiting in the backlog.
@@ -333,7 +352,7 @@ async fn start_control(
         let every = cfg.upstream.dns_refresh;
         let looks = (
             Arc::clone(app.upstream.pool()),
-            Arc::new(cfg.health.clone()),
+            Arc::clone(app.upstream.settings()),
         );
         tokio::spawn(discovery::run(
             set,
@@ -376,9 +395,10 @@ async fn start_control(
     tokio::spawn(upstream::health::run(
         Arc::clone(app.upstream.pool()),
         Arc::clone(app.upstream.replicas()),
-        cfg.health.clone(),
+        Arc::clone(app.upstream.settings()),
         stop.clone(),
     ));
+    tokio::spawn(reload::run(Arc::clone(app), loader, requests, stop.clone()));
     tracing::info!(
         listen = %cfg.listen.addr, workers = cfg.listen.workers,
         replicas = ?app.upstream.replicas().authorities(), "isrgate serving"
@@ -393,7 +413,7 @@ async fn start_control(
 async fn lifecycle(app: &AppState, shutdown: CancellationToken) {
     shutdown.cancelled().await;
     app.stopping.cancel();
-    let accept = app.config.listen.accept_grace;
+    let accept = app.config().listen.accept_grace;
     if !accept.is_zero() {
         tracing::info!(
             ?accept,
@@ -406,7 +426,7 @@ async fn lifecycle(app: &AppState, shutdown: CancellationToken) {
         }
     }
     app.draining.cancel();
-    let grace = app.config.listen.shutdown_grace;
+    let grace = app.config().listen.shutdown_grace;
     tracing::info!(
         connections = app.tasks.len(),
         ?grace,

@@ -44,6 +44,10 @@ enum Command {
     /// build, state and age, size at rest, tags, the gateway that filled it, and whether a purge
     /// covers it.
     Inspect(InspectArgs),
+    /// Re-read the configuration of a running gateway and apply what can change live
+    /// (replicas, health, cache policy and routes, webhook, log level), through its admin API:
+    /// the same as SIGHUP. An invalid file changes nothing (exit 1, every problem listed).
+    Reload(ReloadArgs),
     /// The rollout of builds, through Redis: which build is current on every gateway.
     Deploy(DeployArgs),
     /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
@@ -147,6 +151,14 @@ struct AdminArgs {
     /// Print the gateway's JSON answer as it is.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReloadArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(Args, Debug)]
@@ -275,6 +287,7 @@ fn main() -> ExitCode {
         }
         Command::Purge(args) => purge(args),
         Command::Inspect(args) => inspect(args),
+        Command::Reload(args) => reload(args),
         Command::Deploy(args) => deploy(args),
         Command::Warm(args) => warm(args),
         Command::Serve(args) => {
@@ -294,16 +307,12 @@ fn main() -> ExitCode {
             tracing::info!(config = %describe(file.as_deref()), "configuration loaded");
             let overrides = args.overrides();
             let path = args.config.config.clone();
-            let recheck: Recheck = Box::new(move || {
+            // A reload reads the same sources again: the file, the environment, these flags.
+            let loader: isrgate::reload::Loader = std::sync::Arc::new(move || {
                 config::load(path.as_deref(), &ProcessEnv, &overrides)
-                    .map(|(_, file)| describe(file.as_deref()))
-                    // One log line: the problems after one another.
-                    .map_err(|e| {
-                        let text = e.to_string();
-                        text.lines().map(str::trim).collect::<Vec<_>>().join(" ")
-                    })
+                    .map(|(config, file)| (config, describe(file.as_deref())))
             });
-            match serve(config, recheck) {
+            match serve(config, loader) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -369,6 +378,18 @@ fn inspect(args: InspectArgs) -> ExitCode {
         &variants,
         args.admin.json,
     )))
+}
+
+fn reload(args: ReloadArgs) -> ExitCode {
+    let timeout = std::time::Duration::from_secs(30);
+    let client = match admin_client(args.config.config.as_deref(), &args.admin, timeout) {
+        Ok(c) => c,
+        Err(e) => return finish(Err(e)),
+    };
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    finish(runtime.block_on(isrgate::admin::commands::reload(&client, args.admin.json)))
 }
 
 fn purge(args: PurgeArgs) -> ExitCode {
@@ -549,12 +570,11 @@ fn describe(file: Option<&std::path::Path>) -> String {
     )
 }
 
-/// Reads the configuration again from where `serve` read it: `Ok(source)` when valid, or
-/// every problem.
-type Recheck = Box<dyn Fn() -> Result<String, String> + Send>;
-
-fn serve(config: Config, recheck: Recheck) -> anyhow::Result<()> {
+fn serve(config: Config, loader: isrgate::reload::Loader) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    // Set once the gateway is bound; a SIGHUP before is answered with a log line.
+    let reloads = std::sync::Arc::new(std::sync::OnceLock::new());
+    let hup = std::sync::Arc::clone(&reloads);
     // Signals are watched on a small runtime of their own; the workers have theirs.
     let signals = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -568,7 +588,7 @@ fn serve(config: Config, recheck: Recheck) -> anyhow::Result<()> {
             signals.block_on(async move {
                 tokio::join!(
                     signal_shutdown(token.clone(), Some(installed)),
-                    hangups(recheck, token)
+                    hangups(hup, token)
                 )
             })
         })
@@ -578,7 +598,13 @@ fn serve(config: Config, recheck: Recheck) -> anyhow::Result<()> {
     let _ = handlers.recv_timeout(std::time::Duration::from_secs(2));
     #[cfg(target_os = "linux")]
     raise_descriptor_limit();
-    isrgate::run(config, shutdown).context("cannot start")
+    let options = isrgate::Options {
+        reload: Some(loader),
+        ..Default::default()
+    };
+    let server = isrgate::Server::bind(config, options).context("cannot start")?;
+    let _ = reloads.set(server.state().reloads.clone());
+    server.run_workers(shutdown).context("cannot start")
 }
 
 /// Raises the soft limit on open descriptors to the hard one, as Go's runtime does and nginx's
@@ -602,11 +628,13 @@ fn raise_descriptor_limit() {
     }
 }
 
-/// SIGHUP, until `shutdown`: this build applies a configuration only at start, so a SIGHUP
-/// (`systemctl reload`, `kill -HUP`, an nginx habit) must neither kill the process, as its
-/// default action does, nor pretend: the file is checked again and the log says whether it is
-/// valid and that nothing changed until a restart.
-async fn hangups(recheck: Recheck, shutdown: CancellationToken) {
+/// SIGHUP, until `shutdown`: a reload (`isrgate::reload`; `systemctl reload`, `kill -HUP`, as
+/// with nginx), never the signal's default action (which kills). The reload logs its own
+/// result.
+async fn hangups(
+    reloads: std::sync::Arc<std::sync::OnceLock<isrgate::reload::Reloads>>,
+    shutdown: CancellationToken,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -619,19 +647,17 @@ async fn hangups(recheck: Recheck, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
                 _ = hup.recv() => {}
             }
-            match recheck() {
-                Ok(source) => {
-                    tracing::warn!(config = %source, "SIGHUP: the configuration is valid; this version applies it only at start: nothing changed, restart the gateway (a rolling restart) to apply it")
-                }
-                Err(problems) => tracing::error!(
-                    "SIGHUP: the configuration is invalid; nothing changed, the running one stays: {problems}"
-                ),
+            tracing::info!("SIGHUP received: reloading the configuration");
+            match reloads.get() {
+                // The result (applied, or why not) is logged by the reload itself.
+                Some(reloads) => drop(reloads.reload().await),
+                None => tracing::warn!("SIGHUP before the gateway started: nothing reloaded"),
             }
         }
     }
     #[cfg(not(unix))]
     {
-        drop(recheck);
+        drop(reloads);
         shutdown.cancelled().await;
     }
 }

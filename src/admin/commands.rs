@@ -1,4 +1,4 @@
-//! `isrgate purge` and `isrgate inspect` through a running gateway's admin API: a purge from
+//! `isrgate purge`, `isrgate inspect` and `isrgate reload` through a running gateway's admin API: a purge from
 //! the shell is the same operation as the webhook's and the dashboard's (acknowledged by every
 //! gateway, fanned out, re-warmed, in the revalidation log), and an inspection sees what that
 //! gateway sees. The answers are printed for a person; `--json` prints them as they came.
@@ -88,6 +88,38 @@ fn describe_purge(r: &Value) -> String {
         }
     }
     out
+}
+
+/// Reloads the gateway's configuration (`POST /api/reload`): what changed live and what
+/// needs a restart, as text, or as JSON with `json`. An invalid file is a `Refused` error
+/// carrying every problem.
+pub async fn reload(client: &AdminClient, as_json: bool) -> Result<String, CallError> {
+    let report = client
+        .post(
+            "/api/reload",
+            &json!({}),
+            &[("x-isrgate-client", "cli".into())],
+        )
+        .await?;
+    if as_json {
+        return Ok(format!("{report:#}\n"));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "reloaded {}", report["source"].as_str().unwrap_or("?"));
+    match report["applied"].as_array().filter(|a| !a.is_empty()) {
+        Some(_) => {
+            let _ = writeln!(out, "applied: {}", list(&report["applied"]));
+        }
+        None => out.push_str("applied: nothing (no setting that can change live differs)\n"),
+    }
+    if report["restart"].as_array().is_some_and(|a| !a.is_empty()) {
+        let _ = writeln!(
+            out,
+            "needs a restart (kept as running): {}",
+            list(&report["restart"])
+        );
+    }
+    Ok(out)
 }
 
 /// Inspects `url` through `client` (`GET /api/inspect`).

@@ -118,7 +118,8 @@ fn request(app: &AppState, ask: &Ask, headers: &[(&str, &str)]) -> Result<Parts,
 
 /// One variant: keyed, classified, looked for.
 async fn one(app: &AppState, cache: &CacheState, head: &Parts, now: u64) -> Value {
-    let Some(cfg) = app.config.cache.as_ref() else {
+    let config = app.config();
+    let Some(cfg) = config.cache.as_ref() else {
         return json!({ "cached": false, "why": "the cache is disabled" });
     };
     let variant = match crate::proxy::classify::request(cfg, head, false) {

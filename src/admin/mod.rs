@@ -113,7 +113,8 @@ async fn route(
         (&Method::POST, "/login") => return login(app, req).await,
         _ => {}
     }
-    let Some(token) = app.config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
+    let config = app.config.load_full();
+    let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
         return text(
             StatusCode::FORBIDDEN,
             "the admin API is off: set ISRGATE_ADMIN_TOKEN to enable the dashboard, /metrics and /api\n",
@@ -149,10 +150,11 @@ async fn route(
         }
         (&Method::POST, "/api/purge") => purge(app, req).await,
         (&Method::POST, "/api/deploy") => choose_build(app, req).await,
+        (&Method::POST, "/api/reload") => reload(app).await,
         (
             _,
             "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy"
-            | "/api/inspect",
+            | "/api/inspect" | "/api/reload",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -289,7 +291,8 @@ fn redis_state(app: &AppState) -> (&'static str, bool) {
 
 /// `POST /login` with a form `token=…`: sets the session cookie and goes to the dashboard.
 async fn login(app: &AppState, req: Request<Incoming>) -> Response<Body> {
-    let Some(token) = app.config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
+    let config = app.config.load_full();
+    let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
         return text(
             StatusCode::FORBIDDEN,
             "the admin API is off: set ISRGATE_ADMIN_TOKEN\n",
@@ -383,7 +386,7 @@ async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
     };
     let (head, body) = req.into_parts();
-    let raw: Bytes = match Limited::new(body, app.config.webhook.max_body_bytes)
+    let raw: Bytes = match Limited::new(body, app.config().webhook.max_body_bytes)
         .collect()
         .await
     {
@@ -427,6 +430,37 @@ async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "error": format!("Redis is unavailable ({e}); nothing was invalidated") }),
+        ),
+    }
+}
+
+/// `POST /api/reload`: the configuration read again and applied (`crate::reload`): 200 with
+/// what changed and what needs a restart, 422 with every problem when it is invalid (nothing
+/// changed).
+async fn reload(app: &AppState) -> Response<Body> {
+    use crate::reload::ReloadError;
+    match app.reloads.reload().await {
+        Ok(report) => json(
+            StatusCode::OK,
+            &serde_json::to_value(report).unwrap_or_default(),
+        ),
+        Err(ReloadError::Invalid(e)) => {
+            let problems = e.to_string();
+            json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({
+                    "error": format!("nothing changed, the running configuration stays: {problems}"),
+                    "problems": problems.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+                }),
+            )
+        }
+        Err(e @ ReloadError::NoSource) => json(
+            StatusCode::CONFLICT,
+            &serde_json::json!({ "error": e.to_string() }),
+        ),
+        Err(e @ ReloadError::NotRunning) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": e.to_string() }),
         ),
     }
 }

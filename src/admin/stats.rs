@@ -186,7 +186,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
                 json!({
                     "enabled": true,
                     "store": c.store.kind(),
-                    "l1": { "entries": entries, "bytes": bytes, "max_bytes": c.cfg.l1_max_bytes },
+                    "l1": { "entries": entries, "bytes": bytes, "max_bytes": c.cfg().l1_max_bytes },
                     "invalidated_tags": c.epochs.len(),
                 }),
                 redis,

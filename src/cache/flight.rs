@@ -47,7 +47,7 @@ type Flight = watch::Sender<Option<Done>>;
 
 /// The flights of one gateway process (shared by its workers).
 pub struct Flights {
-    cfg: config::Coalesce,
+    cfg: arc_swap::ArcSwap<config::Coalesce>,
     local: Mutex<HashMap<u128, Arc<Flight>>>,
     listeners: Mutex<HashMap<u128, Arc<Notify>>>,
     passes: Option<moka::sync::Cache<u128, ()>>,
@@ -92,7 +92,7 @@ impl Flights {
                 .build()
         });
         Flights {
-            cfg,
+            cfg: arc_swap::ArcSwap::from_pointee(cfg),
             local: Mutex::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
             passes,
@@ -101,9 +101,14 @@ impl Flights {
         }
     }
 
-    /// The `[coalesce]` settings.
-    pub fn cfg(&self) -> &config::Coalesce {
-        &self.cfg
+    /// The `[coalesce]` settings now.
+    pub fn cfg(&self) -> config::Coalesce {
+        **self.cfg.load()
+    }
+
+    /// Replaces the `[coalesce]` settings (a reload; `hit_for_miss` is fixed at start).
+    pub fn set_cfg(&self, cfg: config::Coalesce) {
+        self.cfg.store(Arc::new(cfg));
     }
 
     /// Leads the key's flight, or follows the one in progress.
@@ -226,7 +231,7 @@ impl FillPermit {
         if self.fleet.is_some() {
             return Ok(Fleet::Held);
         }
-        let ttl = self.flights.cfg.lock_ttl;
+        let ttl = self.flights.cfg().lock_ttl;
         let held = match unless_newer_than {
             Some(seen) => match redis.try_lock_unless_newer(key_hex, ttl, seen).await? {
                 Locked::Held(held) => held,
@@ -246,7 +251,7 @@ impl FillPermit {
     /// read-or-lock), on a permit that holds none yet: extended while the permit lives, released
     /// with it.
     pub fn hold_fleet(&mut self, redis: &RedisStore, held: Held, key_hex: &str) {
-        let ttl = self.flights.cfg.lock_ttl;
+        let ttl = self.flights.cfg().lock_ttl;
         let extender =
             self.flights
                 .tasks

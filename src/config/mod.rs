@@ -46,6 +46,9 @@ pub struct Config {
     pub webhook: Webhook,
     /// Rollouts.
     pub deploy: Deploy,
+    /// The settings as read, before validation (every layer merged): a reload compares them
+    /// key by key with the running ones (`crate::reload`).
+    pub raw: std::sync::Arc<Raw>,
 }
 
 /// `[deploy]`: how a new build takes over (`crate::deploy`).

@@ -43,6 +43,14 @@ macro_rules! section {
             /// Every key of this section, in declaration order.
             pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
 
+            /// Pushes `section.key` for each key whose value differs in `other` (a reload's
+            /// report: `crate::reload`).
+            pub fn changed(&self, section: &str, other: &Self, out: &mut Vec<String>) {
+                $( if self.$field != other.$field {
+                    out.push(format!("{section}.{}", stringify!($field)));
+                } )*
+            }
+
             /// Applies one key. The value is deserialized into the key's type right here, so a
             /// type error carries this key and its source.
             pub fn set(&mut self, key: &str, value: ValueDeserializer<'_>) -> Result<(), SetError> {
@@ -481,6 +489,29 @@ impl Raw {
             "log" => self.log.set(key, value),
             _ => Err(SetError::UnknownSection),
         }
+    }
+
+    /// Every `section.key` whose value differs in `other`, in section order (`[tag_rules]`
+    /// and `[[routes]]` as a whole).
+    pub fn changed(&self, other: &Raw) -> Vec<String> {
+        let mut out = Vec::new();
+        self.listen.changed("listen", &other.listen, &mut out);
+        self.upstream.changed("upstream", &other.upstream, &mut out);
+        self.health.changed("health", &other.health, &mut out);
+        self.cache.changed("cache", &other.cache, &mut out);
+        self.coalesce.changed("coalesce", &other.coalesce, &mut out);
+        self.webhook.changed("webhook", &other.webhook, &mut out);
+        self.deploy.changed("deploy", &other.deploy, &mut out);
+        self.redis.changed("redis", &other.redis, &mut out);
+        self.admin.changed("admin", &other.admin, &mut out);
+        self.log.changed("log", &other.log, &mut out);
+        if self.tag_rules != other.tag_rules {
+            out.push("tag_rules".into());
+        }
+        if self.routes != other.routes {
+            out.push("routes".into());
+        }
+        out
     }
 
     /// The keys of a section, for "did you mean" hints.

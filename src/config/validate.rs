@@ -197,6 +197,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
             log,
             webhook,
             deploy,
+            raw: std::sync::Arc::new(raw.clone()),
         })
     } else {
         Err(c.problems)

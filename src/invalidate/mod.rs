@@ -49,7 +49,8 @@ where
             "the cache is disabled: nothing to revalidate",
         );
     };
-    let hook = &app.config.webhook;
+    let config = app.config.load_full();
+    let hook = &config.webhook;
     let Some(secrets) = &hook.secrets else {
         return answer(
             StatusCode::NOT_FOUND,
@@ -142,7 +143,8 @@ async fn steps(
     host: &str,
     source: &str,
 ) -> Result<serde_json::Value, crate::cache::store::StoreError> {
-    let hook = &app.config.webhook;
+    let config = app.config.load_full();
+    let hook = &config.webhook;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

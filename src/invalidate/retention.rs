@@ -114,7 +114,7 @@ pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) 
     let (store, epochs, max_ttl) = (
         cache.store.clone(),
         Arc::clone(&cache.epochs),
-        cache.cfg.max_ttl,
+        cache.cfg().max_ttl,
     );
     let stop = stop.clone();
     let me = format!("{:016x}", fastrand::u64(..));

@@ -23,6 +23,7 @@ use tracing_log::AsLog as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::reload;
 
 use crate::config::{Log, LogFormat};
 
@@ -48,6 +49,20 @@ pub fn dispatch<W>(cfg: &Log, writer: W, ansi: bool) -> Dispatch
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    dispatch_with_level(cfg, writer, ansi).0
+}
+
+/// The handle that changes a subscriber's `log.level` while it runs ([`set_level`]).
+type LevelHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// The global subscriber's level handle, once [`init`] installed it.
+static LEVEL: std::sync::OnceLock<LevelHandle> = std::sync::OnceLock::new();
+
+/// [`dispatch`], and the handle that changes its level.
+fn dispatch_with_level<W>(cfg: &Log, writer: W, ansi: bool) -> (Dispatch, LevelHandle)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let format = match cfg.format {
         LogFormat::Json => format::Flat::json(),
         LogFormat::Pretty => format::Flat::text(ansi),
@@ -55,7 +70,21 @@ where
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .event_format(format);
-    Dispatch::new(tracing_subscriber::registry().with(filter(cfg)).with(layer))
+    let (filter, level) = reload::Layer::new(filter(cfg));
+    let subscriber = tracing_subscriber::registry().with(filter).with(layer);
+    (Dispatch::new(subscriber), level)
+}
+
+/// Applies `cfg.level` to the process's logging (a reload): `Ok(false)` when [`init`] did
+/// not install it (an embedder's or a test's own subscriber stays as it is).
+pub fn set_level(cfg: &Log) -> Result<bool, String> {
+    let Some(level) = LEVEL.get() else {
+        return Ok(false);
+    };
+    level.reload(filter(cfg)).map_err(|e| e.to_string())?;
+    // The `log` crate's records (fred, rustls) are filtered by its own maximum first.
+    tracing_log::log::set_max_level(tracing::level_filters::LevelFilter::current().as_log());
+    Ok(true)
 }
 
 /// Keeps `tracing`'s per-callsite cache right while a subscriber is in use only in scopes
@@ -75,14 +104,15 @@ pub fn register_bystander() {
 /// writes what is still buffered when dropped: hold it until the process exits.
 pub fn init(cfg: &Log) -> Option<writer::Flusher> {
     let ansi = io::IsTerminal::is_terminal(&io::stderr());
-    let (d, flusher) = match writer::NonBlocking::new(io::stderr()) {
-        Ok((w, flusher)) => (dispatch(cfg, w, ansi), Some(flusher)),
+    let ((d, level), flusher) = match writer::NonBlocking::new(io::stderr()) {
+        Ok((w, flusher)) => (dispatch_with_level(cfg, w, ansi), Some(flusher)),
         Err(e) => {
             eprintln!("cannot start the log writer thread ({e}); logging synchronously");
-            (dispatch(cfg, io::stderr, ansi), None)
+            (dispatch_with_level(cfg, io::stderr, ansi), None)
         }
     };
     if tracing::dispatcher::set_global_default(d).is_ok() {
+        let _ = LEVEL.set(level);
         // After the global default: its filter's most verbose level is the `log` crate's.
         let max = tracing::level_filters::LevelFilter::current().as_log();
         if let Err(e) = tracing_log::LogTracer::builder().with_max_level(max).init() {

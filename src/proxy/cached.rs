@@ -115,7 +115,7 @@ pub async fn serve(
         replaces: fallback.is_some(),
         permit,
     };
-    let wait = cache.cfg.stale_if_error_wait;
+    let wait = cache.cfg().stale_if_error_wait;
     let fetched = match &fallback {
         Some(stale) if !wait.is_zero() => match fill.bounded(app, cache, wait).await {
             Some(fetched) => fetched,
@@ -255,9 +255,14 @@ pub(crate) fn key_pinned(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
+    // The namespace is fixed at start (a reload keeps it), but read through the settings.
+    let cfg;
     let namespace = match pin {
         Some(pin) if !is_build_asset(head.uri.path()) => pin.namespace.as_str(),
-        _ => cache.cfg.namespace.as_str(),
+        _ => {
+            cfg = cache.cfg();
+            cfg.namespace.as_str()
+        }
     };
     CacheKey::new(namespace, host, head.uri.path(), head.uri.query(), variant)
 }

@@ -121,7 +121,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     if sanitized.upgrade || head.uri.path() == crate::invalidate::PATH {
         return Answer::Lend(None);
     }
-    let variant = match classify::request(&cache.cfg, &head, false) {
+    let variant = match classify::request(&cache.cfg(), &head, false) {
         Ok(Variant::Image(_)) | Err(_) => return Answer::Lend(None),
         Ok(variant) => variant,
     };

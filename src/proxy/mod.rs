@@ -99,7 +99,8 @@ async fn route(
         return Ok(Box::pin(crate::invalidate::handle(app, head, body)).await);
     }
     app.deploy.pin(&mut head);
-    let listen = &app.config.listen;
+    let config = app.config();
+    let listen = &config.listen;
     let body = limit_body(&head, body, listen.max_body_bytes, listen.body_read_timeout)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {
@@ -108,7 +109,7 @@ async fn route(
     }
     let mut bypassed = false;
     if let Some(cache) = &app.cache {
-        match classify::request(&cache.cfg, &head, !http_body::Body::is_end_stream(&body)) {
+        match classify::request(&cache.cfg(), &head, !http_body::Body::is_end_stream(&body)) {
             Ok(variant) => {
                 let (mut resp, outcome) = cached::serve(app, cache, peer, head, variant).await?;
                 // A hit's head was prepared (hop-by-hop headers already gone) once per entry.
@@ -203,7 +204,7 @@ fn finish(app: &AppState, resp: &mut Response<Body>, sanitized: &sanitize::Sanit
         forwarded::rewrite_location(
             resp.headers_mut(),
             &app.upstream.replicas().authorities(),
-            &app.config.listen.public_scheme,
+            &app.policy.forwarded.public_scheme,
             sanitized.public_host.as_ref(),
         );
     }

@@ -81,13 +81,14 @@ struct Sent<'a> {
 
 /// Whether connections go through the lane: `listen.hit_lane`, with the cache on.
 pub(super) fn enabled(app: &AppState) -> bool {
-    app.config.listen.hit_lane && app.cache.is_some()
+    app.config().listen.hit_lane && app.cache.is_some()
 }
 
 /// The hyper HTTP/1.1 builder for lent exchanges: the listener's HTTP/1.1 settings, and
 /// `half_close`, so the end of a lent request is not taken for a client gone.
 pub(super) fn lender(app: &AppState) -> http1::Builder {
-    let cfg = &app.config.listen;
+    let config = app.config();
+    let cfg = &config.listen;
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(None)
@@ -110,7 +111,7 @@ pub(super) struct Lane<'a> {
 impl Lane<'_> {
     /// Serves `io` until it closes or hyper must take it.
     pub(super) async fn run(&self, io: &mut Watched<TcpStream>) -> End {
-        let max_head = self.app.config.listen.max_header_bytes;
+        let max_head = self.app.config().listen.max_header_bytes;
         let mut buf = BytesMut::with_capacity(4096);
         let mut tail = BytesMut::with_capacity(128);
         let mut served = false;
@@ -141,7 +142,7 @@ impl Lane<'_> {
             };
             // A declared body over the limit is refused here, before anything is read of it,
             // as the driver would (hyper would refuse a `Content-Length` near 2^64 with 431).
-            if body > self.app.config.listen.max_body_bytes {
+            if body > self.app.config().listen.max_body_bytes {
                 return self.too_large(io, Some(&head.parts)).await;
             }
             let Some(exchange) = (len as u64).checked_add(body) else {

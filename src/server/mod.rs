@@ -39,7 +39,8 @@ pub use conn::Expiry;
 
 /// Builds the hyper connection builder from the listener config.
 fn builder(app: &AppState) -> auto::Builder<TokioExecutor> {
-    let cfg = &app.config.listen;
+    let config = app.config();
+    let cfg = &config.listen;
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -308,7 +309,8 @@ async fn serve(
         close
     };
     let peer_info = Arc::new(Peer::new(peer, &app.policy.forwarded));
-    let listen = &app.config.listen;
+    let config = app.config();
+    let listen = &config.listen;
     let bounds = conn::Bounds {
         header_read: listen.header_read_timeout,
         idle: listen.idle_timeout,

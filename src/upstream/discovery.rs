@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pool::Pool;
 use super::replicas::{Replica, ReplicaSet};
-use crate::config::{DnsName, Health};
+use crate::config::DnsName;
 
 /// Resolves a name to socket addresses.
 pub trait Resolve: Send + Sync + 'static {
@@ -76,7 +76,7 @@ pub async fn run(
     resolver: Arc<dyn Resolve>,
     name: DnsName,
     every: Duration,
-    looks: (Arc<Pool>, Arc<Health>),
+    looks: (Arc<Pool>, super::Shared),
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -94,10 +94,11 @@ pub async fn run(
                         .cloned()
                         .collect()
                 });
-                let (pool, health) = &looks;
+                let (pool, settings) = &looks;
+                let health = Arc::clone(&settings.load().health);
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    () = super::health::learn_builds(pool, health, &new) => {}
+                    () = super::health::learn_builds(pool, &health, &new) => {}
                 }
             }
             Ok(_) => {}

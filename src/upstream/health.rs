@@ -12,6 +12,7 @@ use http::{Request, header};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::Shared;
 use super::pool::Pool;
 use super::replicas::{Replica, ReplicaSet, build_of, sniff_build};
 use crate::config::Health;
@@ -78,16 +79,20 @@ pub async fn probe(
         .is_ok_and(|(resp, _)| resp.status().as_u16() < 500)
 }
 
-/// Runs checks on every replica each `cfg.interval` until `stop`.
-pub async fn run(pool: Arc<Pool>, set: Arc<ReplicaSet>, cfg: Health, stop: CancellationToken) {
-    let Some(every) = cfg.interval else { return };
-    let cfg = Arc::new(cfg);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Runs checks on every replica each `health.interval` (after the previous round) until
+/// `stop`. The settings are read again each time: a reload may change the interval, turn the
+/// checks on (the loop looks every second while they are off) or off.
+pub async fn run(pool: Arc<Pool>, set: Arc<ReplicaSet>, settings: Shared, stop: CancellationToken) {
     loop {
+        let cfg = Arc::clone(&settings.load().health);
+        let wait = cfg.interval.unwrap_or(CHECKS_OFF_LOOK);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        let cfg = Arc::clone(&settings.load().health);
+        if cfg.interval.is_none() {
+            continue;
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -95,6 +100,9 @@ pub async fn run(pool: Arc<Pool>, set: Arc<ReplicaSet>, cfg: Health, stop: Cance
         }
     }
 }
+
+/// How often [`run`] looks whether a reload turned active checks on.
+const CHECKS_OFF_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Looks once at each of `replicas` not yet known to run a build, in parallel, each bounded
 /// by the check's timeout, to learn its build; records no verdict. At start-up without active

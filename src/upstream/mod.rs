@@ -20,6 +20,7 @@ pub mod replicas;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -125,55 +126,65 @@ impl Reply {
 pub struct Upstream {
     pool: Arc<pool::Pool>,
     replicas: Arc<ReplicaSet>,
-    cfg: config::Upstream,
-    passive_failures: Option<u32>,
-    ejection: Duration,
-    stall: Option<Stall>,
-    preserve_header_case: bool,
+    settings: Shared,
     metrics: Arc<Metrics>,
 }
 
+/// `[upstream]` and `[health]` as the request path, the health checks and discovery read
+/// them: shared by every worker, replaced whole by a reload ([`Upstream::set_settings`]).
+#[derive(Debug)]
+pub struct Settings {
+    /// `[upstream]`.
+    pub upstream: config::Upstream,
+    /// `[health]`.
+    pub health: Arc<config::Health>,
+}
+
+/// The settings now, for whoever holds a clone.
+pub type Shared = Arc<ArcSwap<Settings>>;
+
 /// When and how a request that waits probes its replica (`health.stall_after`).
-#[derive(Debug, Clone)]
-struct Stall {
+struct Stall<'a> {
     after: Duration,
-    path: http::uri::PathAndQuery,
+    path: &'a http::uri::PathAndQuery,
     /// How long the probe waits: `health.timeout` or `after`, the longer. A replica whose
     /// event loop a heavy render holds for a moment is not taken for a frozen one (that would
     /// send its page to another replica to render again).
     probe_wait: Duration,
 }
 
-/// A keep-alive pool for one worker.
-pub fn pool(cfg: &config::Upstream, preserve_header_case: bool) -> Arc<pool::Pool> {
-    Arc::new(pool::Pool::new(pool::Settings {
+impl Settings {
+    fn stall(&self) -> Option<Stall<'_>> {
+        let h = &self.health;
+        h.stall_after.map(|after| Stall {
+            after,
+            path: &h.path,
+            probe_wait: after.max(h.timeout),
+        })
+    }
+}
+
+/// The pool settings of `cfg`.
+fn pool_settings(cfg: &config::Upstream, preserve_header_case: bool) -> pool::Settings {
+    pool::Settings {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.pool_idle_timeout,
         max_idle_per_replica: cfg.pool_max_idle_per_replica,
         preserve_header_case,
-    }))
+    }
 }
 
 impl Upstream {
-    /// An upstream over `replicas`.
-    pub fn new(
-        cfg: &config::Config,
-        pool: Arc<pool::Pool>,
-        replicas: Arc<ReplicaSet>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// An upstream over `replicas`, with a keep-alive pool for this worker.
+    pub fn new(cfg: &config::Config, replicas: Arc<ReplicaSet>, metrics: Arc<Metrics>) -> Self {
+        let settings = pool_settings(&cfg.upstream, cfg.listen.preserve_header_case);
         Self {
-            pool,
+            pool: Arc::new(pool::Pool::new(settings)),
             replicas,
-            cfg: cfg.upstream.clone(),
-            passive_failures: cfg.health.passive_failures,
-            ejection: cfg.health.ejection,
-            stall: cfg.health.stall_after.map(|after| Stall {
-                after,
-                path: cfg.health.path.clone(),
-                probe_wait: after.max(cfg.health.timeout),
-            }),
-            preserve_header_case: cfg.listen.preserve_header_case,
+            settings: Arc::new(ArcSwap::from_pointee(Settings {
+                upstream: cfg.upstream.clone(),
+                health: Arc::new(cfg.health.clone()),
+            })),
             metrics,
         }
     }
@@ -181,15 +192,28 @@ impl Upstream {
     /// The same replicas and settings with a pool of its own (for another worker thread).
     pub fn with_own_pool(&self) -> Upstream {
         Upstream {
-            pool: pool(&self.cfg, self.preserve_header_case),
+            pool: Arc::new(self.pool.sibling()),
             replicas: Arc::clone(&self.replicas),
-            cfg: self.cfg.clone(),
-            passive_failures: self.passive_failures,
-            ejection: self.ejection,
-            stall: self.stall.clone(),
-            preserve_header_case: self.preserve_header_case,
+            settings: Arc::clone(&self.settings),
             metrics: Arc::clone(&self.metrics),
         }
+    }
+
+    /// The settings, shared (health checks and discovery read them each round).
+    pub fn settings(&self) -> &Shared {
+        &self.settings
+    }
+
+    /// Replaces `[upstream]` and `[health]` for every worker (a reload): requests that start
+    /// from now on use them; requests in flight finish under the ones they started with.
+    /// `preserve_header_case` (`[listen]`) is fixed at start.
+    pub fn set_settings(&self, upstream: config::Upstream, health: config::Health) {
+        let case = self.pool.preserve_header_case();
+        self.pool.set_settings(pool_settings(&upstream, case));
+        self.settings.store(Arc::new(Settings {
+            upstream,
+            health: Arc::new(health),
+        }));
     }
 
     /// The replica set.
@@ -295,7 +319,7 @@ impl Upstream {
         {
             let other = replica.build()?;
             tried.push(other.as_ref().clone());
-            let deadline = Instant::now() + self.cfg.total_timeout;
+            let deadline = Instant::now() + self.settings.load().upstream.total_timeout;
             let body = body.clone().map_or_else(body::empty, body::full);
             let attempt = self.attempt(&replica, copy_head(head), body, deadline, false);
             if let Ok(reply) = attempt.await {
@@ -314,7 +338,7 @@ impl Upstream {
         pin: Option<&pin::Pin>,
     ) -> Result<Reply, UpstreamError> {
         let build = pin.map(|p| p.build.as_str());
-        let deadline = Instant::now() + self.cfg.total_timeout;
+        let deadline = Instant::now() + self.settings.load().upstream.total_timeout;
         let retry = (matches!(head.method, Method::GET | Method::HEAD) && body.is_end_stream())
             .then(|| copy_head(&head));
         let first = self.pick(None, build)?;
@@ -348,7 +372,7 @@ impl Upstream {
         replica: &Arc<Replica>,
         head: Parts,
     ) -> Result<Reply, UpstreamError> {
-        let deadline = Instant::now() + self.cfg.total_timeout;
+        let deadline = Instant::now() + self.settings.load().upstream.total_timeout;
         self.attempt(replica, head, body::empty(), deadline, true)
             .await
     }
@@ -384,8 +408,11 @@ impl Upstream {
             }
         }
         let in_flight = replica.begin();
-        let wait = self
-            .cfg
+        // One look at the settings for the whole exchange (a reload in between changes the
+        // next request, not this one).
+        let settings = self.settings.load_full();
+        let wait = settings
+            .upstream
             .response_header_timeout
             .min(deadline.saturating_duration_since(Instant::now()));
         let exchange = self
@@ -394,11 +421,11 @@ impl Upstream {
         let started = std::time::Instant::now();
         let exchange = tokio::time::timeout(wait, exchange);
         tokio::pin!(exchange);
-        let result = match &self.stall {
+        let result = match settings.stall() {
             None => exchange.await,
             Some(stall) => tokio::select! {
                 r = &mut exchange => r,
-                () = self.watch_stall(replica, stall) => {
+                () = self.watch_stall(replica, &stall, settings.health.ejection) => {
                     if abandon_on_stall {
                         replica.set_last_error("stopped answering".into());
                         return Err(UpstreamError::Stalled { replica: replica.authority.to_string() });
@@ -411,7 +438,7 @@ impl Upstream {
             let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             replica.latency_ms.observe(ms);
         }
-        let result = self.settle(replica, result, wait);
+        let result = self.settle(replica, result, wait, &settings.health);
         if let Err(e) = &result {
             replica.set_last_error(e.to_string());
         }
@@ -430,7 +457,7 @@ impl Upstream {
     /// frozen or wedged one does not and is ejected, so new requests avoid it within
     /// `stall_after` + `health.timeout` (3 s by default) instead of after three failed health
     /// checks or `response_header_timeout`. Never resolves otherwise.
-    async fn watch_stall(&self, replica: &Replica, stall: &Stall) {
+    async fn watch_stall(&self, replica: &Replica, stall: &Stall<'_>, ejection: Duration) {
         let mut ejected = replica.stalls();
         tokio::time::sleep(stall.after).await;
         let found_out = |ejected: &tokio::sync::watch::Receiver<u64>| {
@@ -441,13 +468,13 @@ impl Upstream {
             if found_out(&ejected) {
                 return;
             }
-            if !health::probe(&self.pool, &stall.path, stall.probe_wait, replica).await {
-                replica.eject_stalled(self.ejection);
+            if !health::probe(&self.pool, stall.path, stall.probe_wait, replica).await {
+                replica.eject_stalled(ejection);
                 self.metrics.replica_ejections.inc();
                 tracing::warn!(
                     replica = %replica.authority,
                     waited = ?(stall.after + stall.probe_wait),
-                    for_ = ?self.ejection,
+                    for_ = ?ejection,
                     "replica stopped answering (no response head, no answer to a probe); ejected"
                 );
                 return;
@@ -468,6 +495,7 @@ impl Upstream {
             tokio::time::error::Elapsed,
         >,
         wait: std::time::Duration,
+        health: &config::Health,
     ) -> Result<(Response<Incoming>, pool::Lease), UpstreamError> {
         let name = || replica.authority.to_string();
         match result {
@@ -477,7 +505,7 @@ impl Upstream {
                 Ok((response, lease))
             }
             Ok(Err(pool::PoolError::Connect(source))) => {
-                self.failed(replica);
+                self.failed(replica, health);
                 Err(UpstreamError::Connect {
                     replica: name(),
                     source,
@@ -485,7 +513,7 @@ impl Upstream {
             }
             Ok(Err(pool::PoolError::Exchange(source))) => Err(classify(name(), source)),
             Err(_) => {
-                self.failed(replica);
+                self.failed(replica, health);
                 Err(UpstreamError::Timeout {
                     replica: name(),
                     after: wait,
@@ -494,10 +522,10 @@ impl Upstream {
         }
     }
 
-    fn failed(&self, replica: &Replica) {
-        if replica.record_failure(self.passive_failures, self.ejection) {
+    fn failed(&self, replica: &Replica, health: &config::Health) {
+        if replica.record_failure(health.passive_failures, health.ejection) {
             self.metrics.replica_ejections.inc();
-            tracing::warn!(replica = %replica.authority, for_ = ?self.ejection, "replica ejected after consecutive failures");
+            tracing::warn!(replica = %replica.authority, for_ = ?health.ejection, "replica ejected after consecutive failures");
         }
     }
 }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -61,7 +62,8 @@ struct Idle {
 /// One worker's connections to the replicas.
 pub struct Pool {
     idle: Mutex<Vec<Idle>>,
-    settings: Settings,
+    /// Shared by every worker's pool; a reload replaces them ([`Pool::set_settings`]).
+    settings: Arc<ArcSwap<Settings>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -79,8 +81,28 @@ impl Pool {
     pub fn new(settings: Settings) -> Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
-            settings,
+            settings: Arc::new(ArcSwap::from_pointee(settings)),
         }
+    }
+
+    /// An empty pool with the same settings, kept the same through reloads (another
+    /// worker's).
+    pub fn sibling(&self) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            settings: Arc::clone(&self.settings),
+        }
+    }
+
+    /// Whether header-name case is kept (`listen.preserve_header_case`, fixed at start).
+    pub fn preserve_header_case(&self) -> bool {
+        self.settings.load().preserve_header_case
+    }
+
+    /// Replaces the settings of this pool and its siblings: new connections use them, idle
+    /// ones are judged by them.
+    pub fn set_settings(&self, settings: Settings) {
+        self.settings.store(Arc::new(settings));
     }
 
     /// Sends `req` to `authority` on a pooled or new connection. The response body must be
@@ -111,7 +133,7 @@ impl Pool {
                 idle.swap_remove(i)
             };
             if candidate.sender.is_closed()
-                || candidate.since.elapsed() >= self.settings.idle_timeout
+                || candidate.since.elapsed() >= self.settings.load().idle_timeout
             {
                 continue;
             }
@@ -124,11 +146,12 @@ impl Pool {
     }
 
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<Body>, PoolError> {
+        let settings = **self.settings.load();
         let connect = async {
             let stream = TcpStream::connect(authority.as_str()).await?;
             stream.set_nodelay(true)?;
             let (sender, conn) = Builder::new()
-                .preserve_header_case(self.settings.preserve_header_case)
+                .preserve_header_case(settings.preserve_header_case)
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(std::io::Error::other)?;
@@ -140,11 +163,11 @@ impl Pool {
             });
             Ok::<_, std::io::Error>(sender)
         };
-        match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+        match tokio::time::timeout(settings.connect_timeout, connect).await {
             Ok(Ok(sender)) => Ok(sender),
             Ok(Err(e)) => Err(PoolError::Connect(e.into())),
             Err(_) => Err(PoolError::Connect(
-                format!("timed out after {:?}", self.settings.connect_timeout).into(),
+                format!("timed out after {:?}", settings.connect_timeout).into(),
             )),
         }
     }
@@ -155,10 +178,11 @@ impl Pool {
         }
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let max_age = self.settings.idle_timeout;
+        let settings = **self.settings.load();
+        let max_age = settings.idle_timeout;
         idle.retain(|c| now.duration_since(c.since) < max_age && !c.sender.is_closed());
         let same = idle.iter().filter(|c| c.authority == authority).count();
-        if same < self.settings.max_idle_per_replica {
+        if same < settings.max_idle_per_replica {
             idle.push(Idle {
                 authority,
                 sender,

@@ -302,13 +302,21 @@ impl Drop for InFlight {
     }
 }
 
+/// The sources of a [`ReplicaSet`].
+#[derive(Debug)]
+struct Members {
+    /// `upstream.replicas`.
+    fixed: Vec<Authority>,
+    /// What DNS discovery found last.
+    discovered: Vec<Authority>,
+}
+
 /// The current replicas: the static list plus what DNS discovery found.
 #[derive(Debug)]
 pub struct ReplicaSet {
     current: ArcSwap<Vec<Arc<Replica>>>,
-    fixed: Vec<Authority>,
-    /// Serializes writers (discovery), never readers.
-    update: Mutex<()>,
+    /// Who is in the set, by source; writers (discovery, a reload) hold it, readers never.
+    members: Mutex<Members>,
     /// Told when a replica names a build it was not known to run.
     builds_named: Arc<Notify>,
 }
@@ -328,8 +336,10 @@ impl ReplicaSet {
         }
         Self {
             current: ArcSwap::from_pointee(list),
-            fixed,
-            update: Mutex::new(()),
+            members: Mutex::new(Members {
+                fixed,
+                discovered: Vec::new(),
+            }),
             builds_named,
         }
     }
@@ -347,10 +357,26 @@ impl ReplicaSet {
     /// Replaces the discovered part of the set. Replicas that stay keep their state; returns
     /// `(added, removed)` authorities.
     pub fn set_discovered(&self, found: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
-        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.discovered = found.to_vec();
+        self.publish(&members)
+    }
+
+    /// Replaces the static part of the set (`upstream.replicas`, a reload). Replicas that stay
+    /// keep their state (health, build, connections); a removed one finishes what it is
+    /// sending and gets nothing new. Returns `(added, removed)` authorities.
+    pub fn set_fixed(&self, fixed: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.fixed = fixed.to_vec();
+        self.publish(&members)
+    }
+
+    /// Makes `members` the current set (their writer's lock held).
+    fn publish(&self, members: &Members) -> (Vec<Authority>, Vec<Authority>) {
         let old = self.current.load_full();
-        let mut next: Vec<Arc<Replica>> = Vec::with_capacity(self.fixed.len() + found.len());
-        for a in self.fixed.iter().chain(found) {
+        let (fixed, found) = (&members.fixed, &members.discovered);
+        let mut next: Vec<Arc<Replica>> = Vec::with_capacity(fixed.len() + found.len());
+        for a in fixed.iter().chain(found) {
             if next.iter().any(|r| &r.authority == a) {
                 continue;
             }

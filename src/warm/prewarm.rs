@@ -121,7 +121,7 @@ impl Renderer for Pinned {
         let Some(head) = self.head(target) else {
             return Rendered::Failed("not a valid path".into());
         };
-        let Ok(variant) = classify::request(&self.cache.cfg, &head, false) else {
+        let Ok(variant) = classify::request(&self.cache.cfg(), &head, false) else {
             return Rendered::Failed("not a cache candidate".into());
         };
         match cached::serve(&self.app, &self.cache, &self.peer, head, variant).await {

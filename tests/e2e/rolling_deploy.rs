@@ -294,7 +294,7 @@ async fn hot_set(state: &AppState) -> Vec<(String, String)> {
     let Ledger::Redis(redis) = &state.deploy.ledger else {
         panic!("the gateways share Redis")
     };
-    let n = state.config.deploy.prewarm_paths;
+    let n = state.config().deploy.prewarm_paths;
     let top = state
         .deploy
         .hot

@@ -177,67 +177,6 @@ fn serve_drains_and_exits_zero_on_sigterm() {
     assert!(exit.success(), "{exit:?}");
 }
 
-/// SIGHUP (`systemctl reload`) neither kills the gateway, as its default action would, nor
-/// pretends to reload: the file is checked again and the log says so; the gateway serves on.
-#[test]
-fn sighup_checks_the_file_again_and_keeps_serving() {
-    let port = crate::support::free_port();
-    let cfg = file(&format!(
-        "[listen]\naddr = \"127.0.0.1:{port}\"\naccept_grace = \"0s\"\n[admin]\nlisten = \"\"\n"
-    ));
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(cfg.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no log line with {needle:?}"),
-            }
-        }
-    };
-    wait_for("isrgate serving");
-    let hup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    };
-    hup();
-    wait_for("SIGHUP: the configuration is valid");
-    std::fs::write(cfg.path(), "[listen]\nidle_timeout = \"soon\"\n").expect("rewrite");
-    hup();
-    let line = wait_for("SIGHUP: the configuration is invalid");
-    assert!(line.contains("listen.idle_timeout"), "{line}");
-    assert!(child.try_wait().expect("wait").is_none(), "still running");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    assert!(child.wait().expect("wait").success());
-}
-
 /// A gateway with 48 descriptors, silent connections uncut for a minute, and an upstream that
 /// refuses (every request answers 502 at once); started, and a first connection to it.
 fn short_of_descriptors() -> (std::process::Child, u16, std::net::TcpStream) {

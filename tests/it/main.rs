@@ -22,6 +22,7 @@ mod limits;
 mod memory;
 mod pool;
 mod refresh;
+mod reload;
 mod retention;
 mod routes;
 mod sanitize;

@@ -193,8 +193,10 @@ pub(super) async fn request(
 ) -> Result<Answer, ProxyError> {
     let pin = head.extensions.get::<Arc<Pin>>().cloned();
     let preview = if replaces {
-        app.deploy
-            .preview_mode_id(pin.as_deref(), app.config.webhook.preview_mode_id.as_ref())
+        app.deploy.preview_mode_id(
+            pin.as_deref(),
+            app.config().webhook.preview_mode_id.as_ref(),
+        )
     } else {
         None
     };
@@ -226,13 +228,14 @@ pub(super) async fn request(
         tracing::debug!(key = %key.text, replica = %replica.authority, "answered for another build; not stored");
         return pass(response, Pass::OtherBuild);
     }
-    let route = crate::cache::routes::find(&cache.cfg.routes, &path).map(|r| &r.lifetimes);
+    let cfg = cache.cfg();
+    let route = crate::cache::routes::find(&cfg.routes, &path).map(|r| &r.lifetimes);
     let freshness = match policy::admit_for(
         &Method::GET,
         response.status(),
         response.headers(),
         expect(variant),
-        &cache.limits,
+        &cache.limits(),
         route,
     ) {
         Ok(f) if !f.ttl().is_zero() => f,

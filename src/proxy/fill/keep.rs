@@ -85,7 +85,7 @@ fn homes<'k>(key: &'k CacheKey, entry: &Entry) -> (Cow<'k, CacheKey>, Option<Cac
 /// that it pushed out.
 async fn track(app: &AppState, cache: &CacheState, slot: &CacheKey, ttl: Duration) -> Vec<String> {
     let primary = format!("{:032x}", slot.primary);
-    let max = cache.cfg.max_variants;
+    let max = cache.cfg().max_variants;
     match cache
         .store
         .track_slot(&primary, &slot.hex(), max, ttl)

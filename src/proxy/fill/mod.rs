@@ -177,8 +177,8 @@ async fn fill_for_nobody(
     sibling: Option<Sibling<'_>>,
 ) -> Result<Filled, ProxyError> {
     let status = pending.status();
-    let entry = match copy(body, None, cache.cfg.max_entry_bytes, || {}).await {
-        Ok(Copied::Whole(identity)) => pending.entry(identity, &cache.cfg, cache.seal_fills()),
+    let entry = match copy(body, None, cache.cfg().max_entry_bytes, || {}).await {
+        Ok(Copied::Whole(identity)) => pending.entry(identity, &cache.cfg(), cache.seal_fills()),
         Ok(Copied::TooLarge) => {
             app.metrics.cache_not_stored.inc();
             end(app, cache, key, permit, Ended::Passed(Pass::Uncacheable)).await;
@@ -241,7 +241,7 @@ fn stream(
     let (app, cache) = (Arc::clone(app), Arc::clone(cache));
     let tasks = cache.tasks.clone();
     tasks.spawn(async move {
-        let max = cache.cfg.max_entry_bytes;
+        let max = cache.cfg().max_entry_bytes;
         let copied = copy(upstream_body, Some(tx), max, || {
             // Followers stop waiting now, not when the big body ends.
             cache.flights.remember_pass(key.hash);
@@ -288,7 +288,7 @@ async fn made(
 ) -> Result<Option<Arc<Entry>>, ProxyError> {
     match copied? {
         Copied::Whole(identity) => {
-            let entry = pending.entry(identity, &cache.cfg, cache.seal_fills());
+            let entry = pending.entry(identity, &cache.cfg(), cache.seal_fills());
             if let Some(p) = permit {
                 p.wake(Done::Filled(Arc::clone(&entry)));
             }

@@ -110,10 +110,10 @@ pub(super) async fn read_sibling<'a>(
         Err(_) => return skipped,
     };
     pending.same_render_as(of);
-    match copy(body, None, cache.cfg.max_entry_bytes, || {}).await {
+    match copy(body, None, cache.cfg().max_entry_bytes, || {}).await {
         Ok(Copied::Whole(identity)) => SiblingRead::Read {
             key: sibling.key,
-            entry: pending.entry(identity, &cache.cfg, cache.seal_fills()),
+            entry: pending.entry(identity, &cache.cfg(), cache.seal_fills()),
             ttl: pending.ttl(),
             permit,
         },
