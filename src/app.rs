@@ -149,6 +149,8 @@ pub struct CacheState {
     pub seal_bodies: bool,
     /// Paths recently stored per tag (re-warm after a purge by tag).
     pub recent: crate::cache::tags::RecentPaths,
+    /// The access log's live followers (`isrgate tail` sessions arrive on the bus).
+    pub tail: Arc<crate::logging::tail::Tail>,
     /// This gateway's id on the bus and in logs.
     gateway_id: String,
 }
@@ -168,6 +170,7 @@ impl CacheState {
         redis: Option<&crate::config::Redis>,
         seal_bodies: bool,
         metrics: Arc<crate::metrics::Metrics>,
+        tail: Arc<crate::logging::tail::Tail>,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
         let settings = redis.map(|r| RedisSettings {
             url: r.url.clone(),
@@ -177,6 +180,7 @@ impl CacheState {
             tls: r.tls.clone(),
         });
         let gateway_id = format!("{:016x}", fastrand::u64(..));
+        tail.set_gateway(&gateway_id);
         let bus = match &settings {
             Some(s) => Some(Bus::new(s, gateway_id.clone())?),
             None => None,
@@ -213,6 +217,7 @@ impl CacheState {
             clock: crate::clock::Clock::default(),
             seal_bodies,
             recent: crate::cache::tags::RecentPaths::default(),
+            tail,
             gateway_id,
             cfg: ArcSwap::from_pointee(cfg),
         })

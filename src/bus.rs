@@ -100,6 +100,17 @@ pub enum Message {
         /// Who.
         gateway: String,
     },
+    /// `tail <session> <tailer> <filter>`: an `isrgate tail` (`tailer`) follows the requests
+    /// its filter passes (`logging::tail::Filter` query form, `-` for none) on
+    /// `isr:tail:<session>`; renewed every second while it runs.
+    Tail {
+        /// The session (the channel's suffix).
+        session: String,
+        /// The `isrgate tail` process's id.
+        gateway: String,
+        /// The filter, query form (no spaces).
+        filter: String,
+    },
 }
 
 /// How often a gateway announces itself.
@@ -112,7 +123,8 @@ impl Message {
             Message::Key { gateway, .. }
             | Message::Invalidated { gateway, .. }
             | Message::Ack { gateway, .. }
-            | Message::Heartbeat { gateway } => gateway,
+            | Message::Heartbeat { gateway }
+            | Message::Tail { gateway, .. } => gateway,
         }
     }
 
@@ -128,6 +140,14 @@ impl Message {
             } => format!("inv {epoch} {gateway} {} {}", mode.as_str(), tags.join(" ")),
             Message::Ack { epoch, gateway } => format!("ack {epoch} {gateway}"),
             Message::Heartbeat { gateway } => format!("hb - {gateway}"),
+            Message::Tail {
+                session,
+                gateway,
+                filter,
+            } => {
+                let filter = if filter.is_empty() { "-" } else { filter };
+                format!("tail {session} {gateway} {filter}")
+            }
         }
     }
 
@@ -173,6 +193,14 @@ impl Message {
                 gateway,
             },
             ("hb", None) if subject == "-" => Message::Heartbeat { gateway },
+            ("tail", None) if !subject.is_empty() => Message::Tail {
+                session: subject.to_owned(),
+                gateway,
+                filter: match parts.next()? {
+                    "-" => String::new(),
+                    f => f.to_owned(),
+                },
+            },
             _ => return None,
         };
         parts.next().is_none().then_some(m)
@@ -326,6 +354,16 @@ mod tests {
         all.push(Message::Heartbeat {
             gateway: "g3".into(),
         });
+        all.push(Message::Tail {
+            session: "s1".into(),
+            gateway: "t1".into(),
+            filter: "status=5xx&path=%2Fblog%2F%2A".into(),
+        });
+        all.push(Message::Tail {
+            session: "s1".into(),
+            gateway: "t1".into(),
+            filter: String::new(),
+        });
         for m in all {
             assert_eq!(Message::decode(&m.encode()), Some(m));
         }
@@ -340,6 +378,8 @@ mod tests {
             "inv 1 g1 medium t",
             "ack 1",
             "hb x g1",
+            "tail s1 t1",
+            "tail s1 t1 a b",
         ] {
             assert_eq!(Message::decode(other), None, "{other}");
         }

@@ -155,12 +155,17 @@ impl Server {
         };
         let metrics = Arc::new(metrics::Metrics::default());
         let replicas = Arc::new(ReplicaSet::new(config.upstream.replicas.clone()));
+        let access = Arc::new(logging::access::AccessLog::new(
+            config.log.access,
+            options.access_log,
+        ));
         let cache = match &config.cache {
             Some(c) => Some(Arc::new(app::CacheState::new(
                 c.clone(),
                 config.redis.as_ref(),
                 config.listen.hit_lane,
                 Arc::clone(&metrics),
+                Arc::clone(access.tail()),
             )?)),
             None => None,
         };
@@ -184,10 +189,6 @@ impl Server {
         };
         let concurrency = Arc::new(tokio::sync::Semaphore::new(
             config.listen.max_concurrent_requests,
-        ));
-        let access = Arc::new(logging::access::AccessLog::new(
-            config.log.access,
-            options.access_log,
         ));
         let (reloads, requests) = reload::channel();
         let app = Arc::new(AppState {

@@ -48,6 +48,10 @@ enum Command {
     /// (replicas, health, cache policy and routes, webhook, log level), through its admin API:
     /// the same as SIGHUP. An invalid file changes nothing (exit 1, every problem listed).
     Reload(ReloadArgs),
+    /// Follow requests as they are answered, one line each, like `varnishlog -q`: on every
+    /// gateway of the fleet through Redis, or on one gateway through its admin API (--admin,
+    /// or when no Redis is configured). Stop with Ctrl-C.
+    Tail(TailArgs),
     /// The rollout of builds, through Redis: which build is current on every gateway.
     Deploy(DeployArgs),
     /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
@@ -149,6 +153,41 @@ struct AdminArgs {
     )]
     token: Option<String>,
     /// Print the gateway's JSON answer as it is.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct TailArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Only these statuses: a code or a class (404, 5xx); repeat or separate with commas.
+    #[arg(long, value_name = "STATUS")]
+    status: Vec<String>,
+    /// Only paths matching this pattern (`*` for any run of characters): /blog/*, *.rsc.
+    #[arg(long, value_name = "PATTERN")]
+    path: Option<String>,
+    /// Only these cache outcomes (hit, miss, stale, bypass, …); repeat or separate with commas.
+    #[arg(long, value_name = "OUTCOME")]
+    outcome: Vec<String>,
+    /// Only the gateway with this id (or the start of it; the `gateway` field of each line).
+    #[arg(long, value_name = "ID")]
+    gateway: Option<String>,
+    /// Follow the fleet through this Redis (overrides redis.url).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Follow one gateway through its admin API instead, http://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    admin: Option<String>,
+    /// The gateway's admin token (with --admin).
+    #[arg(
+        long,
+        env = "ISRGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// Print each line as the JSON object it came as.
     #[arg(long)]
     json: bool,
 }
@@ -288,6 +327,7 @@ fn main() -> ExitCode {
         Command::Purge(args) => purge(args),
         Command::Inspect(args) => inspect(args),
         Command::Reload(args) => reload(args),
+        Command::Tail(args) => tail(args),
         Command::Deploy(args) => deploy(args),
         Command::Warm(args) => warm(args),
         Command::Serve(args) => {
@@ -378,6 +418,88 @@ fn inspect(args: InspectArgs) -> ExitCode {
         &variants,
         args.admin.json,
     )))
+}
+
+fn tail(args: TailArgs) -> ExitCode {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let mut query = Vec::new();
+    query.extend(args.status.iter().map(|s| format!("status={}", enc(s))));
+    query.extend(args.path.iter().map(|p| format!("path={}", enc(p))));
+    query.extend(args.outcome.iter().map(|o| format!("outcome={}", enc(o))));
+    query.extend(args.gateway.iter().map(|g| format!("gateway={}", enc(g))));
+    let query = query.join("&");
+    let filter = match isrgate::logging::tail::Filter::parse(&query) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let json = args.json;
+    let print = move |line: &[u8]| {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = if json {
+            out.write_all(line)
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(line) {
+                Ok(v) => writeln!(out, "{}", isrgate::logging::tail::human(&v)),
+                Err(_) => out.write_all(line),
+            }
+        };
+        let _ = out.flush();
+    };
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let config = args.config.config.as_deref();
+    let overrides: Vec<Override> = args
+        .redis
+        .iter()
+        .map(|v| Override {
+            key: "redis.url",
+            flag: "--redis",
+            value: toml::Value::String(v.clone()),
+        })
+        .collect();
+    let redis = match (&args.admin, config::load(config, &ProcessEnv, &overrides)) {
+        (Some(_), _) => None,
+        (None, Ok((c, _))) => c.redis,
+        // Without --redis a configuration that does not load only means "no Redis to use".
+        (None, Err(e)) if args.redis.is_some() => return finish(Err(e)),
+        (None, Err(_)) => None,
+    };
+    let done = match redis {
+        Some(redis) => {
+            let settings = isrgate::cache::store::RedisSettings::for_cli(&redis);
+            eprintln!("following every gateway through Redis (Ctrl-C to stop)");
+            let stop = tokio_util::sync::CancellationToken::new();
+            runtime
+                .block_on(isrgate::logging::tail::follow_fleet(
+                    &settings, &filter, print, stop,
+                ))
+                .map_err(|e| format!("cannot follow through Redis: {e}"))
+        }
+        None => {
+            let admin = AdminArgs {
+                gateway: args.admin.clone(),
+                token: args.token.clone(),
+                json,
+            };
+            let client = match admin_client(config, &admin, std::time::Duration::from_secs(10)) {
+                Ok(c) => c,
+                Err(e) => return finish(Err(e)),
+            };
+            eprintln!("following one gateway through its admin API (Ctrl-C to stop)");
+            let path = format!("/api/tail?{}", filter.to_query());
+            runtime
+                .block_on(client.lines(&path, print))
+                .map_err(|e| e.to_string())
+        }
+    };
+    finish(done.map(|()| String::new()))
 }
 
 fn reload(args: ReloadArgs) -> ExitCode {

@@ -88,6 +88,65 @@ impl AdminClient {
         self.call(Method::GET, path_and_query, Bytes::new()).await
     }
 
+    /// `GET path_and_query` of a streamed answer (`/api/tail`): each line (newline included)
+    /// handed to `each` as it comes, until the gateway ends the answer. The connection is
+    /// bounded by the timeout, the stream is not.
+    pub async fn lines(
+        &self,
+        path_and_query: &str,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), CallError> {
+        let mut req = Request::get(format!("{}{path_and_query}", self.base));
+        if let Some(token) = &self.token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| CallError::Address(self.base.clone()))?;
+        let unreachable = |reason: String| CallError::Unreachable {
+            at: self.base.clone(),
+            reason,
+        };
+        let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+            .await
+            .map_err(|_| CallError::Timeout {
+                at: self.base.clone(),
+                after: self.timeout,
+            })?
+            .map_err(|e| unreachable(root_cause(&e)))?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED => return Err(CallError::Token),
+            status => {
+                let bytes = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+                let message = json
+                    .as_ref()
+                    .and_then(|j| j["error"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_owned());
+                return Err(CallError::Refused { status, message });
+            }
+        }
+        let mut body = resp.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                each(&pending[..=end]);
+                pending.drain(..=end);
+            }
+        }
+        Ok(())
+    }
+
     /// `POST path` with a JSON body, the answer's JSON.
     pub async fn post(
         &self,

@@ -151,10 +151,11 @@ async fn route(
         (&Method::POST, "/api/purge") => purge(app, req).await,
         (&Method::POST, "/api/deploy") => choose_build(app, req).await,
         (&Method::POST, "/api/reload") => reload(app).await,
+        (&Method::GET, "/api/tail") => tail(app, req.uri().query()),
         (
             _,
             "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy"
-            | "/api/inspect" | "/api/reload",
+            | "/api/inspect" | "/api/reload" | "/api/tail",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -463,6 +464,29 @@ async fn reload(app: &AppState) -> Response<Body> {
             &serde_json::json!({ "error": e.to_string() }),
         ),
     }
+}
+
+/// `GET /api/tail?status=5xx&path=/blog/*&outcome=miss`: this gateway's requests as they
+/// are answered, one JSON object a line, until the client goes away (`logging::tail`).
+fn tail(app: &AppState, query: Option<&str>) -> Response<Body> {
+    let filter = match crate::logging::tail::Filter::parse(query.unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({ "error": e.to_string() }),
+            );
+        }
+    };
+    let following = app.access.tail().follow(filter);
+    let mut r = Response::new(following.into_body(app.stopping.clone()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 /// `GET /api/log`: the newest revalidations, newest first (JSON array).

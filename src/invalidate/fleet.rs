@@ -123,6 +123,9 @@ pub fn start(cache: &CacheState, stop: &CancellationToken) {
     };
     redis.start();
     let listener = BusListener {
+        tail: Arc::clone(&cache.tail),
+        relays: Arc::default(),
+        stop: stop.clone(),
         flights: Arc::clone(&cache.flights),
         epochs: Arc::clone(&cache.epochs),
         fleet: Arc::clone(&cache.fleet),
@@ -151,6 +154,9 @@ pub fn start(cache: &CacheState, stop: &CancellationToken) {
 
 /// What the bus's events do to this gateway.
 struct BusListener {
+    tail: Arc<crate::logging::tail::Tail>,
+    relays: Arc<crate::logging::tail::Relays>,
+    stop: CancellationToken,
     flights: Arc<Flights>,
     epochs: Arc<Epochs>,
     fleet: Arc<Fleet>,
@@ -179,6 +185,15 @@ impl BusListener {
                 self.epochs
                     .record(*epoch, *mode, tags.iter().map(String::as_str));
                 self.acknowledge(*epoch);
+            }
+            Event::Message(Message::Tail {
+                session, filter, ..
+            }) => {
+                if let Store::Redis(redis) = &self.store {
+                    let ask = (session.as_str(), filter.as_str());
+                    self.relays
+                        .renew(&self.tail, ask, redis.pool(), &self.tasks, &self.stop);
+                }
             }
             Event::Message(m) => self.fleet.on_message(m),
             // Invalidations may have been missed while disconnected: read them all again, and

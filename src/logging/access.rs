@@ -51,6 +51,8 @@ pub struct AccessLog {
     on: AtomicBool,
     /// A subscriber of its own (tests, embedders); `None`: the process's global one.
     dispatch: Option<Dispatch>,
+    /// Who follows the lines live (`isrgate tail`), whether they are written or not.
+    tail: Arc<super::tail::Tail>,
 }
 
 impl AccessLog {
@@ -62,7 +64,13 @@ impl AccessLog {
         AccessLog {
             on: AtomicBool::new(on),
             dispatch,
+            tail: Arc::default(),
         }
+    }
+
+    /// The live followers of the lines.
+    pub fn tail(&self) -> &Arc<super::tail::Tail> {
+        &self.tail
     }
 
     /// Turns the log on or off (`log.access`, live).
@@ -70,15 +78,20 @@ impl AccessLog {
         self.on.store(on, Relaxed);
     }
 
-    /// Whether a line would be written now: the switch, then the subscriber's filter.
+    /// Whether a line would be used now: someone follows it, or the switch and then the
+    /// subscriber's filter say it is written.
     pub fn enabled(&self) -> bool {
-        self.on.load(Relaxed)
-            && self.with(|| tracing::enabled!(target: TARGET, tracing::Level::INFO))
+        self.tail.active()
+            || self.on.load(Relaxed)
+                && self.with(|| tracing::enabled!(target: TARGET, tracing::Level::INFO))
     }
 
     /// Writes `line` (the level is checked again by the event itself: a line costs nothing
-    /// more when the filter says no).
+    /// more when the filter says no), and offers it to the followers.
     pub fn write(&self, line: &Line<'_>) {
+        if self.tail.active() {
+            self.tail.offer(line);
+        }
         if !self.on.load(Relaxed) {
             return;
         }

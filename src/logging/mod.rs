@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod format;
+pub mod tail;
 pub mod writer;
 
 use std::io::{self, Write};

@@ -27,4 +27,5 @@ mod retention;
 mod routes;
 mod sanitize;
 mod store;
+mod tail;
 mod warm;
