@@ -24,11 +24,16 @@ fn page(body: &str, cc: &str, render: Duration) -> Route {
 }
 
 /// `n` gateways on one Redis, each with its bus subscribed (so the test starts from a settled
-/// fleet).
+/// fleet). Redis commands get 5 s: on a loaded test machine the serving default (250 ms) can
+/// pass, and a gateway that finds Redis slow renders for itself, which is right but not what
+/// these tests count.
 async fn fleet(n: usize, origin: &FakeNext, r: &RedisProcess, extra: &str) -> Vec<Gateway> {
     let mut gws = Vec::new();
     for _ in 0..n {
-        let toml = format!("[redis]\nurl = \"{}\"\n{extra}", r.url());
+        let toml = format!(
+            "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n{extra}",
+            r.url()
+        );
         gws.push(Gateway::start(config(&[origin.url()], "", &toml)).await);
     }
     for gw in &gws {
@@ -56,11 +61,6 @@ async fn burst(gws: &[Gateway], path: &str, per_gateway: usize) -> Vec<(Got, Dur
         out.push(t.await.expect("request task"));
     }
     out
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn sum(gws: &[Gateway], f: impl Fn(&isrgate::metrics::Metrics) -> u64) -> u64 {
@@ -103,11 +103,8 @@ async fn three_gateways_and_300_concurrent_misses_make_one_render() {
         300,
         "every response is the render, a follower of it, or a later hit"
     );
-    // Follower latency, with a bound generous enough for a loaded CI box running 300 new
-    // connections in a debug build (the bus wake-up itself is checked in the next test, the
-    // tight number is measured by benches/stampede.sh).
-    let p50 = median(results.iter().map(|(_, d)| *d).collect());
-    assert!(p50 < render * 3, "median {p50:?} for a {render:?} render");
+    // How fast followers are answered is measured (`benches/load.sh stampede`), not asserted:
+    // the bus wake-up itself is checked by counters in the next test.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,27 +115,21 @@ async fn followers_on_other_gateways_are_woken_by_the_bus_not_the_poll() {
         o.route("/p", page("<p>p</p>", ISR, render));
     })
     .await;
-    // A poll interval far above the render: a follower that relied on it would wait 2 s.
-    let gws = fleet(2, &origin, &r, "[coalesce]\npoll_interval = \"2s\"\n").await;
+    // A poll interval of 10 minutes: a follower that relied on it would not be answered
+    // within the test client's 30 s, however loaded the machine.
+    let gws = fleet(2, &origin, &r, "[coalesce]\npoll_interval = \"10m\"\n").await;
     let c = Client::default();
     let leader = {
         let (c, url) = (c.clone(), gws[0].url("/p"));
         tokio::spawn(async move { c.get(&url, &[("host", HOST)]).await })
     };
-    eventually!(2, origin.count("/p") == 1, "the render started");
-    let started = Instant::now();
+    eventually!(10, origin.count("/p") == 1, "the render started");
     let follower = c.get(&gws[1].url("/p"), &[("host", HOST)]).await;
-    let waited = started.elapsed();
     assert_eq!(leader.await.expect("leader").status, 200);
     assert_eq!(follower.status, 200);
     assert_eq!(
         follower.header("cache-status"),
         "isrgate; fwd=miss; collapsed"
-    );
-    // It joined after the render started, so it waits less than one render.
-    assert!(
-        waited < render + Duration::from_millis(100),
-        "woken by the bus, not the 2 s poll: {waited:?}"
     );
     assert_eq!(origin.count("/p"), 1);
     assert_eq!(gws[1].state.metrics.coalesced_remote.get(), 1);
@@ -155,7 +146,9 @@ async fn a_dead_leaders_lock_expires_and_one_gateway_takes_over() {
         o.route("/orphan", page("<p>orphan</p>", ISR, render));
     })
     .await;
-    let gws = fleet(3, &origin, &r, "").await;
+    // Followers wait up to a minute: one that did not take over once the lock expired would
+    // not be answered within the test client's 30 s.
+    let gws = fleet(3, &origin, &r, "[coalesce]\nwait_timeout = \"60s\"\n").await;
     let hex = CacheKey::new("default", HOST, "/orphan", None, &Variant::Html).hex();
     let dead_ttl = Duration::from_millis(1_500);
     let set: Option<String> = raw(&r)
@@ -181,11 +174,7 @@ async fn a_dead_leaders_lock_expires_and_one_gateway_takes_over() {
     assert_eq!(origin.count("/orphan"), 1, "one take-over render");
     assert!(
         elapsed >= dead_ttl - Duration::from_millis(200),
-        "{elapsed:?}"
-    );
-    assert!(
-        elapsed < dead_ttl + render + Duration::from_secs(1),
-        "within lock TTL + render: {elapsed:?}"
+        "nobody rendered before the dead leader's lock expired: {elapsed:?}"
     );
 }
 
@@ -426,7 +415,15 @@ async fn a_slow_leader_client_does_not_hold_the_followers() {
         o.route("/big", route);
     })
     .await;
-    let gws = fleet(1, &origin, &r, "[cache]\nmax_entry_bytes = 67108864\n").await;
+    // The slow client is cut only after 10 minutes: a follower held by it would not be
+    // answered within the test client's 30 s, whatever the machine's load.
+    let gws = fleet(
+        1,
+        &origin,
+        &r,
+        "[cache]\nmax_entry_bytes = 67108864\n[listen]\nsend_timeout = \"10m\"\n",
+    )
+    .await;
     let mut leader = tokio::net::TcpStream::connect(gws[0].addr)
         .await
         .expect("connect");
@@ -437,18 +434,23 @@ async fn a_slow_leader_client_does_not_hold_the_followers() {
     let mut first = [0u8; 1024];
     let _ = leader.read(&mut first).await.expect("the head arrives");
     // The leader's client now reads nothing more.
-    let started = Instant::now();
     let follower = Client::default()
-        .get(&gws[0].url("/big"), &[("host", HOST)])
-        .await;
+        .try_send(
+            "GET",
+            &gws[0].url("/big"),
+            &[("host", HOST)],
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("the follower is served while the leader's client still reads nothing");
     assert_eq!(follower.status, 200);
     assert_eq!(follower.body.len(), 640 * 64 * 1024);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "served without waiting for the slow client: {:?}",
-        started.elapsed()
-    );
     assert_eq!(origin.count("/big"), 1);
+    assert_eq!(
+        gws[0].state.metrics.coalesced_local.get(),
+        1,
+        "it followed the render"
+    );
     drop(leader);
 }
 
