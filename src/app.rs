@@ -53,6 +53,8 @@ pub struct AppState {
     pub concurrency: Arc<tokio::sync::Semaphore>,
     /// Background work tied to requests (tunnels); waited for at shutdown.
     pub tasks: TaskTracker,
+    /// When the process started serving state (the fleet view's uptime).
+    pub started_at: std::time::SystemTime,
     /// True once the start-up look (replicas' builds, the fleet's current build) is done and
     /// the listeners serve; connections made before wait in the listen backlog.
     pub started: Arc<tokio::sync::watch::Sender<bool>>,
@@ -103,6 +105,7 @@ impl AppState {
             reloads: self.reloads.clone(),
             concurrency: Arc::clone(&self.concurrency),
             tasks: self.tasks.clone(),
+            started_at: self.started_at,
             started: Arc::clone(&self.started),
             // Read by `/readyz` only (the control runtime), never on the request path.
             stopping: self.stopping.clone(),

@@ -100,6 +100,14 @@ pub enum Message {
         /// Who.
         gateway: String,
     },
+    /// `st - <gateway> <json>`: `gateway`'s stats snapshot (`admin::fleet`, every
+    /// `admin::fleet::EVERY`), compact JSON to the end of the message.
+    Stats {
+        /// Who.
+        gateway: String,
+        /// The snapshot.
+        json: String,
+    },
     /// `tail <session> <tailer> <filter>`: an `isrgate tail` (`tailer`) follows the requests
     /// its filter passes (`logging::tail::Filter` query form, `-` for none) on
     /// `isr:tail:<session>`; renewed every second while it runs.
@@ -124,6 +132,7 @@ impl Message {
             | Message::Invalidated { gateway, .. }
             | Message::Ack { gateway, .. }
             | Message::Heartbeat { gateway }
+            | Message::Stats { gateway, .. }
             | Message::Tail { gateway, .. } => gateway,
         }
     }
@@ -140,6 +149,7 @@ impl Message {
             } => format!("inv {epoch} {gateway} {} {}", mode.as_str(), tags.join(" ")),
             Message::Ack { epoch, gateway } => format!("ack {epoch} {gateway}"),
             Message::Heartbeat { gateway } => format!("hb - {gateway}"),
+            Message::Stats { gateway, json } => format!("st - {gateway} {json}"),
             Message::Tail {
                 session,
                 gateway,
@@ -153,6 +163,14 @@ impl Message {
 
     /// Parses the wire form; anything else is `None` (ignored: newer gateways may speak more).
     pub fn decode(text: &str) -> Option<Message> {
+        if let Some(rest) = text.strip_prefix("st - ") {
+            // The JSON may hold spaces (in its strings): everything after the gateway.
+            let (gateway, json) = rest.split_once(' ')?;
+            return (!gateway.is_empty() && json.starts_with('{')).then(|| Message::Stats {
+                gateway: gateway.to_owned(),
+                json: json.to_owned(),
+            });
+        }
         let mut parts = text.split(' ');
         let (kind, subject, gateway) = (parts.next()?, parts.next()?, parts.next()?);
         if gateway.is_empty() {
@@ -364,6 +382,10 @@ mod tests {
             gateway: "t1".into(),
             filter: String::new(),
         });
+        all.push(Message::Stats {
+            gateway: "g4".into(),
+            json: r#"{"host":"pod a","ready":true}"#.into(),
+        });
         for m in all {
             assert_eq!(Message::decode(&m.encode()), Some(m));
         }
@@ -380,6 +402,8 @@ mod tests {
             "hb x g1",
             "tail s1 t1",
             "tail s1 t1 a b",
+            "st - g1",
+            "st - g1 not-json",
         ] {
             assert_eq!(Message::decode(other), None, "{other}");
         }

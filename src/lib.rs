@@ -204,6 +204,7 @@ impl Server {
             request_ids: Default::default(),
             reloads,
             tasks: TaskTracker::new(),
+            started_at: std::time::SystemTime::now(),
             started: Arc::new(tokio::sync::watch::Sender::new(false)),
             stopping: CancellationToken::new(),
             draining: CancellationToken::new(),
@@ -399,6 +400,7 @@ async fn start_control(
         Arc::clone(app.upstream.settings()),
         stop.clone(),
     ));
+    tokio::spawn(admin::fleet::publish(Arc::clone(app), stop.clone()));
     tokio::spawn(reload::run(Arc::clone(app), loader, requests, stop.clone()));
     tracing::info!(
         listen = %cfg.listen.addr, workers = cfg.listen.workers,

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod client;
 pub mod commands;
+pub mod fleet;
 pub mod inspect;
 pub mod prometheus;
 pub mod stats;
@@ -152,10 +153,11 @@ async fn route(
         (&Method::POST, "/api/deploy") => choose_build(app, req).await,
         (&Method::POST, "/api/reload") => reload(app).await,
         (&Method::GET, "/api/tail") => tail(app, req.uri().query()),
+        (&Method::GET, "/api/fleet") => json(StatusCode::OK, &fleet::answer(app)),
         (
             _,
             "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy"
-            | "/api/inspect" | "/api/reload" | "/api/tail",
+            | "/api/inspect" | "/api/reload" | "/api/tail" | "/api/fleet",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -202,7 +204,7 @@ fn session_value(token: &str) -> String {
 
 /// Why `/readyz` says no (the first that holds, in this order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unready {
+pub(crate) enum Unready {
     /// The start-up look (replicas' builds, the fleet's current build) is not done.
     Starting,
     /// A shutdown was asked: accepting for `listen.accept_grace` still, or draining.
@@ -215,7 +217,8 @@ enum Unready {
 }
 
 impl Unready {
-    fn as_str(self) -> &'static str {
+    /// The reason's word (`/readyz`'s `reason`).
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Unready::Starting => "starting",
             Unready::Draining => "draining",
@@ -233,24 +236,15 @@ impl Unready {
 /// first invalidation load gates readiness; later reloads (a bus reconnect) do not, so a Redis
 /// blip never empties the fleet's endpoints.
 fn readyz(app: &AppState) -> Response<Body> {
-    let (healthy, total) = app
-        .upstream
-        .replicas()
-        .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
-    let (redis, loading) = redis_state(app);
-    let started = *app.started.borrow();
-    let stopping = app.stopping.is_cancelled();
-    let unready = if !started {
-        Some(Unready::Starting)
-    } else if stopping {
-        Some(Unready::Draining)
-    } else if loading {
-        Some(Unready::LoadingInvalidations)
-    } else if app.cache.is_none() && healthy == 0 {
-        Some(Unready::NoReplica)
-    } else {
-        None
-    };
+    let Readiness {
+        unready,
+        healthy,
+        total,
+        redis,
+        loading,
+        started,
+        stopping,
+    } = readiness(app);
     let status = match unready {
         None => StatusCode::OK,
         Some(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -270,6 +264,55 @@ fn readyz(app: &AppState) -> Response<Body> {
             "invalidations": if loading { "loading" } else { "loaded" },
         }),
     )
+}
+
+/// What `/readyz` says, and what it is made of (the fleet view shows it too).
+pub(crate) struct Readiness {
+    /// Why not ready; `None`: ready.
+    pub unready: Option<Unready>,
+    /// Healthy replicas.
+    pub healthy: usize,
+    /// Replicas known.
+    pub total: usize,
+    /// Redis: `ok`, `degraded`, `none`.
+    pub redis: &'static str,
+    /// The first invalidation load is still to come.
+    pub loading: bool,
+    /// The start-up look is done.
+    pub started: bool,
+    /// A shutdown was asked.
+    pub stopping: bool,
+}
+
+/// This gateway's readiness now (see [`readyz`]).
+pub(crate) fn readiness(app: &AppState) -> Readiness {
+    let (healthy, total) = app
+        .upstream
+        .replicas()
+        .with(|list| (list.iter().filter(|r| r.is_healthy()).count(), list.len()));
+    let (redis, loading) = redis_state(app);
+    let started = *app.started.borrow();
+    let stopping = app.stopping.is_cancelled();
+    let unready = if !started {
+        Some(Unready::Starting)
+    } else if stopping {
+        Some(Unready::Draining)
+    } else if loading {
+        Some(Unready::LoadingInvalidations)
+    } else if app.cache.is_none() && healthy == 0 {
+        Some(Unready::NoReplica)
+    } else {
+        None
+    };
+    Readiness {
+        unready,
+        healthy,
+        total,
+        redis,
+        loading,
+        started,
+        stopping,
+    }
 }
 
 /// Redis as `/readyz` reports it (`ok`, `degraded` when down or its breaker is open, `none`

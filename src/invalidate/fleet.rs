@@ -36,6 +36,26 @@ pub struct Fleet {
     seen: Mutex<HashMap<String, Instant>>,
     acks: Mutex<HashMap<u64, HashSet<String>>>,
     changed: Notify,
+    /// The last stats snapshot of each gateway (`admin::fleet`), kept [`GONE_KEPT`] after it
+    /// fell silent so the dashboard shows it as gone.
+    stats: Mutex<HashMap<String, Heard>>,
+}
+
+/// A gateway's last snapshot and when it came.
+#[derive(Debug, Clone)]
+pub struct Heard {
+    /// When it came.
+    pub at: Instant,
+    /// The snapshot (compact JSON).
+    pub json: Arc<str>,
+}
+
+/// How long a gateway that fell silent stays in [`Fleet::stats`] (shown as gone).
+pub const GONE_KEPT: Duration = Duration::from_secs(300);
+
+/// Whether a gateway last heard `ago` is live (it missed fewer than three heartbeats).
+pub fn is_live(ago: Duration) -> bool {
+    ago <= HEARTBEAT * MISSED_HEARTBEATS
 }
 
 /// The acknowledgements of one invalidation.
@@ -52,6 +72,16 @@ impl Fleet {
     pub fn on_message(&self, m: &Message) {
         match m {
             Message::Heartbeat { gateway } => self.saw(gateway),
+            Message::Stats { gateway, json } => {
+                self.saw(gateway);
+                let heard = Heard {
+                    at: Instant::now(),
+                    json: Arc::from(json.as_str()),
+                };
+                let mut stats = lock(&self.stats);
+                stats.retain(|_, h| h.at.elapsed() <= GONE_KEPT);
+                stats.insert(gateway.clone(), heard);
+            }
             Message::Ack { epoch, gateway } => {
                 self.saw(gateway);
                 let mut acks = lock(&self.acks);
@@ -72,11 +102,20 @@ impl Fleet {
         lock(&self.seen).insert(gateway.to_owned(), Instant::now());
     }
 
+    /// The other gateways' last snapshots (live or gone within [`GONE_KEPT`]), by id.
+    pub fn stats(&self) -> Vec<(String, Heard)> {
+        let mut stats = lock(&self.stats);
+        stats.retain(|_, h| h.at.elapsed() <= GONE_KEPT);
+        let mut all: Vec<(String, Heard)> =
+            stats.iter().map(|(g, h)| (g.clone(), h.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The other gateways heard from recently, sorted.
     pub fn live(&self) -> Vec<String> {
-        let horizon = HEARTBEAT * MISSED_HEARTBEATS;
         let mut seen = lock(&self.seen);
-        seen.retain(|_, at| at.elapsed() <= horizon);
+        seen.retain(|_, at| is_live(at.elapsed()));
         let mut live: Vec<String> = seen.keys().cloned().collect();
         live.sort();
         live

@@ -14,6 +14,7 @@ mod cms;
 mod coalesce;
 mod deploy;
 mod fidelity;
+mod fleet_view;
 mod harness;
 mod invalidate;
 mod lane;
