@@ -64,7 +64,7 @@ async fn any_gateway_shows_the_whole_fleet_and_a_stopped_one_as_gone() {
     for _ in 0..3 {
         c.get(&gws[2].url("/p"), &[]).await;
     }
-    let mut view = serde_json::Value::Null;
+    let mut view: serde_json::Value;
     eventually!(
         20,
         {
