@@ -8,7 +8,7 @@
 //! | `GET /readyz` | none | ready for traffic: started, not stopping, invalidations loaded once (with Redis up), and with the cache off a healthy replica; replicas all down with the cache on is still ready (the cache serves stale); `degraded` when Redis is down (still ready) |
 //! | `POST /_isrgate/revalidate` | webhook secret | the revalidation webhook, as on the public listener |
 //! | `GET /` | token | the dashboard ([`DASHBOARD`], embedded) |
-//! | `GET /metrics` | token | Prometheus ([`prometheus`]) |
+//! | `GET /metrics` | token | Prometheus, text 0.0.4 or OpenMetrics by `Accept` ([`prometheus`]) |
 //! | `GET /api/stats` | token | the dashboard's data ([`stats`]) |
 //! | `GET /api/log` | token | the revalidation log |
 //! | `GET /api/inspect?url=…` | token | what the cache holds for a URL, per variant ([`inspect`]) |
@@ -133,14 +133,7 @@ async fn route(
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/") => html(StatusCode::OK, DASHBOARD),
-        (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, prometheus::render(app));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(prometheus::CONTENT_TYPE),
-            );
-            r
-        }
+        (&Method::GET, "/metrics") => metrics(app, req.headers()),
         (&Method::GET, "/api/stats") => json(StatusCode::OK, &stats::stats(app, history).await),
         (&Method::GET, "/api/log") => revalidation_log(app).await,
         (&Method::GET, "/api/inspect") => {
@@ -156,6 +149,17 @@ async fn route(
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /metrics`, in the format `Accept` asks for ([`prometheus::negotiate`]).
+fn metrics(app: &Arc<AppState>, headers: &HeaderMap) -> Response<Body> {
+    let format = prometheus::negotiate(headers.get(header::ACCEPT));
+    let mut r = text(StatusCode::OK, prometheus::render(app, format));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    r
 }
 
 /// Whether the request carries the token (bearer or session cookie), compared in constant time.
