@@ -464,6 +464,44 @@ async fn promtool_finds_no_problem_in_the_live_exposition() {
     check(scrape(&gw, None).await.body);
 }
 
+#[tokio::test]
+async fn requests_are_timed_by_status_class_and_cache_outcome_in_sub_millisecond_buckets() {
+    let origin = FakeNext::start(|o| {
+        o.route("/p", Route::html("page").header("cache-control", ISR));
+    })
+    .await;
+    let gw = gateway(&origin, None, Some(TOKEN)).await;
+    let c = Client::default();
+    assert_eq!(c.get(&gw.url("/p"), &[]).await.header("x-cache"), "MISS");
+    assert_eq!(c.get(&gw.url("/p"), &[]).await.header("x-cache"), "HIT");
+    assert_eq!(c.get(&gw.url("/p.rsc"), &[]).await.status, 404);
+    let m = parse_text(&String::from_utf8_lossy(&scrape(&gw, None).await.body));
+    let series = |suffix: &str, labels: &str| {
+        format!("isrgate_request_duration_seconds{suffix}{{{labels}}}")
+    };
+    let hit = "status=\"2xx\",outcome=\"hit\"";
+    assert_eq!(m[&series("_count", hit)], 1.0);
+    assert_eq!(m[&series("_count", "status=\"2xx\",outcome=\"miss\"")], 1.0);
+    assert_eq!(m[&series("_count", "status=\"4xx\",outcome=\"none\"")], 1.0);
+    // The hit's buckets start at 50 µs: a hit is not lost in a first bucket of 1 ms.
+    for le in [
+        "0.00005", "0.0001", "0.00025", "0.0005", "0.001", "10", "+Inf",
+    ] {
+        let bucket = series("_bucket", &format!("{hit},le=\"{le}\""));
+        assert!(m.contains_key(&bucket), "{bucket}");
+    }
+    assert_eq!(m[&series("_bucket", &format!("{hit},le=\"+Inf\""))], 1.0);
+    let sent = m["isrgate_response_body_bytes_total"];
+    assert!(sent >= 8.0, "two bodies of 4 bytes and a 404: {sent}");
+    // The same in the process: the hit landed in exactly one bucket of its series.
+    let h = gw
+        .state
+        .metrics
+        .request_duration
+        .of(200, isrgate::metrics::CacheOutcome::Hit);
+    assert_eq!(h.count(), 1);
+}
+
 /// Next.js sends `stale-while-revalidate` of a year: with the replicas down, the stale answers
 /// are the origin's failure (stale-if-error), told apart by what happened, not by the header.
 #[tokio::test]
