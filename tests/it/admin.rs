@@ -559,3 +559,40 @@ async fn stale_served_while_the_replicas_are_down_counts_as_origin_error_though_
         "{s}"
     );
 }
+
+/// `/metrics` needs the token unless `admin.metrics_auth` says otherwise; nothing else opens.
+#[tokio::test]
+async fn metrics_need_no_token_only_where_configured() {
+    let origin = FakeNext::start(|_| {}).await;
+    let start = |auth: &str, token: Option<&str>| {
+        let mut cfg = config(
+            &[origin.url()],
+            "",
+            &format!("[admin]\nmetrics_auth = {auth:?}"),
+        );
+        if let Some(admin) = cfg.admin.as_mut() {
+            admin.token = token.map(str::to_owned);
+        }
+        Gateway::start(cfg)
+    };
+    let token = start("token", Some(TOKEN)).await;
+    assert_eq!(admin_get(&token, "/metrics", &[]).await.status, 401);
+    // The test client is on loopback: open there, and without any token configured.
+    for (auth, tok) in [
+        ("loopback", Some(TOKEN)),
+        ("loopback", None),
+        ("none", None),
+    ] {
+        let gw = start(auth, tok).await;
+        let got = admin_get(&gw, "/metrics", &[]).await;
+        assert_eq!(got.status, 200, "{auth} {tok:?}");
+        assert!(
+            String::from_utf8_lossy(&got.body).contains("# TYPE isrgate_requests_total counter")
+        );
+        let stats = admin_get(&gw, "/api/stats", &[]).await.status;
+        assert!(
+            stats == 401 || stats == 403,
+            "{auth}: /api/stats still guarded ({stats})"
+        );
+    }
+}
