@@ -225,7 +225,7 @@ fn session_value(token: &str) -> String {
 
 /// Why `/readyz` says no (the first that holds, in this order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unready {
+pub(crate) enum Unready {
     /// The start-up look (replicas' builds, the fleet's current build) is not done.
     Starting,
     /// A shutdown was asked: accepting for `listen.accept_grace` still, or draining.
@@ -263,17 +263,7 @@ fn readyz(app: &AppState) -> Response<Body> {
     let (redis, loading) = redis_state(app);
     let started = *app.started.borrow();
     let stopping = app.stopping.is_cancelled();
-    let unready = if !started {
-        Some(Unready::Starting)
-    } else if stopping {
-        Some(Unready::Draining)
-    } else if loading {
-        Some(Unready::LoadingInvalidations)
-    } else if app.cache.is_none() && healthy == 0 {
-        Some(Unready::NoReplica)
-    } else {
-        None
-    };
+    let unready = unready(app);
     let status = match unready {
         None => StatusCode::OK,
         Some(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -293,6 +283,28 @@ fn readyz(app: &AppState) -> Response<Body> {
             "invalidations": if loading { "loading" } else { "loaded" },
         }),
     )
+}
+
+/// Why this gateway is not ready for traffic, if it is not (the first reason that holds):
+/// what `/readyz` answers, and `isrgate_ready`.
+pub(crate) fn unready(app: &AppState) -> Option<Unready> {
+    let (_, loading) = redis_state(app);
+    if !*app.started.borrow() {
+        Some(Unready::Starting)
+    } else if app.stopping.is_cancelled() {
+        Some(Unready::Draining)
+    } else if loading {
+        Some(Unready::LoadingInvalidations)
+    } else if app.cache.is_none()
+        && !app
+            .upstream
+            .replicas()
+            .with(|l| l.iter().any(|r| r.is_healthy()))
+    {
+        Some(Unready::NoReplica)
+    } else {
+        None
+    }
 }
 
 /// Redis as `/readyz` reports it (`ok`, `degraded` when down or its breaker is open, `none`

@@ -217,6 +217,11 @@ struct Gauge {
 /// The gauges, in exposition order.
 const GAUGES: &[Gauge] = &[
     Gauge {
+        name: "isrgate_ready",
+        help: "1 while /readyz answers 200 (started, not draining, invalidations loaded, and with the cache off a healthy replica).",
+        read: |app| Some(f64::from(u8::from(super::unready(app).is_none()))),
+    },
+    Gauge {
         name: "isrgate_replicas",
         help: "Replicas known.",
         read: |app| Some(app.upstream.replicas().with(|l| l.len()) as f64),

@@ -393,6 +393,13 @@ async fn plain_scrapers_get_the_text_format_with_help_and_type_for_every_family(
             "{text}"
         );
     }
+    // Ready as /readyz says it.
+    eventually!(
+        5,
+        parse_text(&String::from_utf8_lossy(&scrape(&gw, None).await.body))["isrgate_ready"] == 1.0,
+        "isrgate_ready 1 once /readyz says 200"
+    );
+    assert_eq!(admin_get(&gw, "/readyz", &[]).await.status, 200);
     // OpenMetrics only for a scraper that asks for it.
     let got = scrape(&gw, Some("application/openmetrics-text; version=1.0.0")).await;
     assert!(
@@ -595,4 +602,78 @@ async fn metrics_need_no_token_only_where_configured() {
             "{auth}: /api/stats still guarded ({stats})"
         );
     }
+}
+
+/// Every `isrgate_…` name in `text` (a word starting with it).
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("isrgate_") {
+        let before = text.len() - rest.len() + i;
+        let word_start = text[..before]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        if word_start {
+            names.push(tail[..end].to_owned());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    names
+}
+
+/// The alert rules, the Grafana dashboard and the README name only metrics a gateway exposes,
+/// and the README's metric table lists every family.
+#[tokio::test]
+async fn deploy_files_and_the_readme_name_only_metrics_that_exist() {
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|_| {}).await;
+    let gw = gateway(&origin, Some(&r), Some(TOKEN)).await;
+    let text = String::from_utf8_lossy(&scrape(&gw, None).await.body).into_owned();
+    let families: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let exists = |name: &str| {
+        families.contains(name)
+            || ["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|s| name.strip_suffix(s).is_some_and(|f| families.contains(f)))
+    };
+    // Names that are not metrics: the session cookie, the Lua function, the signature header.
+    let not_metrics = ["isrgate_admin", "isrgate_invalidate", "isrgate_signature"];
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in [
+        "deploy/prometheus/alerts.yaml",
+        "deploy/grafana/isrgate.json",
+        "deploy/kubernetes/servicemonitor.yaml",
+        "README.md",
+    ] {
+        let content = std::fs::read_to_string(root.join(file)).expect(file);
+        for name in metric_names(&content) {
+            if name == "isrgate_" || not_metrics.iter().any(|n| name.starts_with(n)) {
+                continue;
+            }
+            assert!(
+                exists(&name),
+                "{file} names {name}, which /metrics does not have"
+            );
+        }
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    for family in &families {
+        assert!(
+            readme.contains(&format!("| `{family}` |")),
+            "the README's metric table lacks {family}"
+        );
+    }
+    serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(root.join("deploy/grafana/isrgate.json")).expect("dashboard"),
+    )
+    .expect("the Grafana dashboard is JSON");
 }
