@@ -8,7 +8,7 @@
 //! | `GET /readyz` | none | ready for traffic: started, not stopping, invalidations loaded once (with Redis up), and with the cache off a healthy replica; replicas all down with the cache on is still ready (the cache serves stale); `degraded` when Redis is down (still ready) |
 //! | `POST /_isrgate/revalidate` | webhook secret | the revalidation webhook, as on the public listener |
 //! | `GET /` | token | the dashboard ([`DASHBOARD`], embedded) |
-//! | `GET /metrics` | token | Prometheus ([`prometheus`]) |
+//! | `GET /metrics` | token (`admin.metrics_auth`: or none from loopback, or none) | Prometheus, text 0.0.4 or OpenMetrics by `Accept` ([`prometheus`]) |
 //! | `GET /api/stats` | token | the dashboard's data ([`stats`]) |
 //! | `GET /api/log` | token | the revalidation log |
 //! | `GET /api/inspect?url=…` | token | what the cache holds for a URL, per variant ([`inspect`]) |
@@ -21,6 +21,7 @@
 //! paths answer 403 and say how to enable them.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -44,6 +45,7 @@ pub mod prometheus;
 pub mod stats;
 
 use crate::app::AppState;
+use crate::config::MetricsAuth;
 use crate::http::body::Body;
 
 /// The dashboard page: HTML, CSS and JS in one file, no external assets.
@@ -73,7 +75,7 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
         let stream = tokio::select! {
             _ = drain.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok(accepted) => accepted,
                 Err(_) => {
                     // EMFILE and friends: back off instead of spinning.
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -81,6 +83,7 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
                 }
             },
         };
+        let (stream, peer) = stream;
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             drop(stream); // over the cap: refuse rather than queue
             continue;
@@ -91,7 +94,7 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
             let _permit = permit;
             let svc = service_fn(move |req| {
                 let (app, history) = (Arc::clone(&app), Arc::clone(&history));
-                async move { Ok::<_, Infallible>(route(&app, &history, req).await) }
+                async move { Ok::<_, Infallible>(route(&app, &history, peer, req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -101,6 +104,7 @@ pub(crate) async fn serve(app: Arc<AppState>, listener: TcpListener, drain: Canc
 async fn route(
     app: &Arc<AppState>,
     history: &stats::History,
+    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
@@ -112,6 +116,9 @@ async fn route(
         (&Method::GET | &Method::HEAD, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => return readyz(app),
         (&Method::POST, "/login") => return login(app, req).await,
+        (&Method::GET, "/metrics") if metrics_open(app, peer) => {
+            return metrics(app, req.headers());
+        }
         _ => {}
     }
     let config = app.config.load_full();
@@ -135,14 +142,7 @@ async fn route(
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/") => html(StatusCode::OK, DASHBOARD),
-        (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, prometheus::render(app));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(prometheus::CONTENT_TYPE),
-            );
-            r
-        }
+        (&Method::GET, "/metrics") => metrics(app, req.headers()),
         (&Method::GET, "/api/stats") => json(StatusCode::OK, &stats::stats(app, history).await),
         (&Method::GET, "/api/log") => revalidation_log(app).await,
         (&Method::GET, "/api/inspect") => {
@@ -161,6 +161,32 @@ async fn route(
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether `peer` may read `/metrics` without the token (`admin.metrics_auth`).
+fn metrics_open(app: &AppState, peer: SocketAddr) -> bool {
+    open_to(app.config().admin.as_ref().map(|a| a.metrics_auth), peer)
+}
+
+/// [`metrics_open`] for a setting: loopback is 127.0.0.0/8, `::1`, and IPv4 loopback mapped
+/// into IPv6 (a dual-stack listener's view of 127.0.0.1).
+fn open_to(auth: Option<MetricsAuth>, peer: SocketAddr) -> bool {
+    match auth {
+        Some(MetricsAuth::None) => true,
+        Some(MetricsAuth::Loopback) => peer.ip().to_canonical().is_loopback(),
+        Some(MetricsAuth::Token) | None => false,
+    }
+}
+
+/// `GET /metrics`, in the format `Accept` asks for ([`prometheus::negotiate`]).
+fn metrics(app: &Arc<AppState>, headers: &HeaderMap) -> Response<Body> {
+    let format = prometheus::negotiate(headers.get(header::ACCEPT));
+    let mut r = text(StatusCode::OK, prometheus::render(app, format));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    r
 }
 
 /// Whether the request carries the token (bearer or session cookie), compared in constant time.
@@ -293,17 +319,7 @@ pub(crate) fn readiness(app: &AppState) -> Readiness {
     let (redis, loading) = redis_state(app);
     let started = *app.started.borrow();
     let stopping = app.stopping.is_cancelled();
-    let unready = if !started {
-        Some(Unready::Starting)
-    } else if stopping {
-        Some(Unready::Draining)
-    } else if loading {
-        Some(Unready::LoadingInvalidations)
-    } else if app.cache.is_none() && healthy == 0 {
-        Some(Unready::NoReplica)
-    } else {
-        None
-    };
+    let unready = unready(app);
     Readiness {
         unready,
         healthy,
@@ -312,6 +328,28 @@ pub(crate) fn readiness(app: &AppState) -> Readiness {
         loading,
         started,
         stopping,
+    }
+}
+
+/// Why this gateway is not ready for traffic, if it is not (the first reason that holds):
+/// what `/readyz` answers, and `isrgate_ready`.
+pub(crate) fn unready(app: &AppState) -> Option<Unready> {
+    let (_, loading) = redis_state(app);
+    if !*app.started.borrow() {
+        Some(Unready::Starting)
+    } else if app.stopping.is_cancelled() {
+        Some(Unready::Draining)
+    } else if loading {
+        Some(Unready::LoadingInvalidations)
+    } else if app.cache.is_none()
+        && !app
+            .upstream
+            .replicas()
+            .with(|l| l.iter().any(|r| r.is_healthy()))
+    {
+        Some(Unready::NoReplica)
+    } else {
+        None
     }
 }
 
@@ -568,3 +606,32 @@ fn html(status: StatusCode, page: &'static str) -> Response<Body> {
 }
 
 use crate::http::reply::{json, text};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_open_only_as_configured() {
+        let peer = |a: &str| a.parse::<SocketAddr>().expect("test");
+        let (local, mapped, v6) = (
+            peer("127.0.0.9:1"),
+            peer("[::ffff:127.0.0.1]:1"),
+            peer("[::1]:1"),
+        );
+        let remote = peer("10.1.2.3:1");
+        for p in [local, mapped, v6, remote] {
+            assert!(!open_to(Some(MetricsAuth::Token), p), "{p}");
+            assert!(!open_to(None, p), "{p}");
+            assert!(open_to(Some(MetricsAuth::None), p), "{p}");
+        }
+        for p in [local, mapped, v6] {
+            assert!(open_to(Some(MetricsAuth::Loopback), p), "{p}");
+        }
+        assert!(!open_to(Some(MetricsAuth::Loopback), remote));
+        assert!(!open_to(
+            Some(MetricsAuth::Loopback),
+            peer("[::ffff:10.1.2.3]:1")
+        ));
+    }
+}

@@ -1,442 +1,439 @@
-//! `GET /metrics`: every counter of `crate::metrics` (and the gauges the dashboard shows) in
-//! the OpenMetrics text format, through `prometheus-client`. The counters stay plain atomics
-//! on the hot path; this collector reads them at scrape time, so a scrape costs the request
-//! path nothing.
+//! `GET /metrics`: every family of the metrics table ([`crate::metrics::table`]), the gauges
+//! read from the gateway's state now ([`GAUGES`]: replicas, L1, Redis, fleet) and
+//! `isrgate_build_info`, written in the format the scraper asks for in `Accept`
+//! ([`negotiate`]): OpenMetrics 1.0 when it asks for `application/openmetrics-text` at least as
+//! much as for text, else the classic text format 0.0.4 (what `promtool check metrics`, curl
+//! and older scrapers read). A scrape reads atomics; the request path pays nothing for it.
 //!
-//! Names follow Prometheus conventions: `isrgate_` prefix, `_total` counters, `_seconds`
-//! histograms, labels for outcomes and reasons (`isrgate_cache_requests_total{outcome="hit"}`).
+//! The two formats differ in three places, all here: a counter's family is named without
+//! `_total` in OpenMetrics (`# TYPE isrgate_requests counter`, sample `isrgate_requests_total`),
+//! an info family without `_info` (and typed `info`, a gauge in text), and OpenMetrics ends
+//! with `# EOF`.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use http::HeaderValue;
 
 use crate::app::AppState;
-use crate::cache::policy::Skip;
 use crate::cache::store::Store;
-use crate::metrics::{Counter, Histogram};
-use crate::proxy::classify::Bypass;
+use crate::metrics::{Family, Kind, Series, Value};
 
+/// The classic text format's content type.
+pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The OpenMetrics content type.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The exposition text for `app`.
-pub fn render(app: &Arc<AppState>) -> String {
-    let mut registry = Registry::with_prefix("isrgate");
-    registry.register_collector(Box::new(Scrape(Arc::clone(app))));
-    let mut out = String::with_capacity(16 * 1024);
-    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
-        out.clear();
+/// An exposition format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4.
+    Text,
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+}
+
+impl Format {
+    /// Its `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => TEXT,
+            Format::OpenMetrics => OPENMETRICS,
+        }
+    }
+}
+
+/// The format an `Accept` header asks for: OpenMetrics when `application/openmetrics-text` is
+/// accepted with a quality at least that of any text type (`text/plain`, `text/*`, `*/*`);
+/// the text format otherwise, and without `Accept`.
+pub fn negotiate(accept: Option<&HeaderValue>) -> Format {
+    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+        return Format::Text;
+    };
+    let (mut open, mut text) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    if open > 0.0 && open >= text {
+        Format::OpenMetrics
+    } else {
+        Format::Text
+    }
+}
+
+/// The exposition of `app` in `format`.
+pub fn render(app: &Arc<AppState>, format: Format) -> String {
+    let mut families = app.metrics.families();
+    families.extend(gauges(app));
+    families.push(build_info());
+    encode(&families, format)
+}
+
+/// `families` in `format`.
+pub fn encode(families: &[Family], format: Format) -> String {
+    let mut out = String::with_capacity(32 * 1024);
+    for family in families {
+        write_family(&mut out, family, format);
+    }
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
     }
     out
 }
 
-#[derive(Debug)]
-struct Scrape(Arc<AppState>);
-
-type Enc<'a> = DescriptorEncoder<'a>;
-
-fn counter(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
-    let c = ConstCounter::new(v);
-    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
-}
-
-fn gauge<N: EncodeGaugeValue>(
-    e: &mut Enc<'_>,
-    name: &str,
-    help: &str,
-    v: N,
-) -> Result<(), std::fmt::Error> {
-    let g = ConstGauge::new(v);
-    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
-}
-
-/// A counter family with one label.
-fn counters(
-    e: &mut Enc<'_>,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[(&str, u64)],
-) -> Result<(), std::fmt::Error> {
-    let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (value, n) in values {
-        let labels = [(label, *value)];
-        ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+fn write_family(out: &mut String, f: &Family, format: Format) {
+    let open = format == Format::OpenMetrics;
+    let (declared, kind) = match (f.kind, open) {
+        (Kind::Counter, true) => (f.name.strip_suffix("_total").unwrap_or(f.name), "counter"),
+        (Kind::Counter, false) => (f.name, "counter"),
+        (Kind::Gauge, _) => (f.name, "gauge"),
+        (Kind::Histogram, _) => (f.name, "histogram"),
+        (Kind::Info, true) => (f.name.strip_suffix("_info").unwrap_or(f.name), "info"),
+        (Kind::Info, false) => (f.name, "gauge"),
+    };
+    let _ = writeln!(out, "# HELP {declared} {}", escape_help(f.help, open));
+    let _ = writeln!(out, "# TYPE {declared} {kind}");
+    for s in &f.series {
+        write_series(out, f.name, s);
     }
-    Ok(())
 }
 
-/// A millisecond histogram as a `_seconds` histogram, with optional labels.
-fn seconds(
-    e: &mut Enc<'_>,
-    name: &str,
-    help: &str,
-    series: &[(Option<(&str, String)>, &Histogram)],
-) -> Result<(), std::fmt::Error> {
-    let mut family = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    for (label, h) in series {
-        let (buckets, sum_ms) = h.snapshot();
-        let buckets: Vec<(f64, u64)> = buckets
-            .into_iter()
-            // prometheus-client writes `+Inf` for `f64::MAX` (as its own histograms end).
-            .map(|(bound, n)| (bound.map_or(f64::MAX, |b| b as f64 / 1000.0), n))
-            .collect();
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = sum_ms as f64 / 1000.0;
-        match label {
-            Some((k, v)) => {
-                let labels = [(*k, v.as_str())];
-                family
-                    .encode_family(&labels)?
-                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+fn write_series(out: &mut String, name: &str, s: &Series) {
+    match &s.value {
+        Value::Count(n) => sample(out, name, "", &s.labels, None, &n.to_string()),
+        Value::Gauge(v) => sample(out, name, "", &s.labels, None, &number(*v)),
+        Value::Histogram { buckets, sum } => {
+            for (bound, n) in buckets {
+                let le = number(*bound);
+                sample(out, name, "_bucket", &s.labels, Some(&le), &n.to_string());
             }
-            None => family.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?,
+            let count = buckets.last().map_or(0, |(_, n)| *n);
+            sample(out, name, "_sum", &s.labels, None, &number(*sum));
+            sample(out, name, "_count", &s.labels, None, &count.to_string());
         }
     }
-    Ok(())
 }
 
-impl Collector for Scrape {
-    fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let app = &self.0;
-        let m = &app.metrics;
-        counter(
-            &mut e,
-            "requests",
-            "Requests answered (any status).",
-            m.requests.get(),
-        )?;
-        counters(
-            &mut e,
-            "cache_requests",
-            "Cache candidates and bypassed requests by outcome.",
-            "outcome",
-            &[
-                ("hit", m.cache_hits.get()),
-                ("stale", m.cache_stale.get()),
-                ("stale_if_error", m.cache_stale_if_error.get()),
-                ("miss", m.cache_misses.get()),
-                ("bypass", m.cache_bypass.get()),
+fn sample(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &[(&'static str, Cow<'static, str>)],
+    le: Option<&str>,
+    value: &str,
+) {
+    out.push_str(name);
+    out.push_str(suffix);
+    let le = le.map(|le| ("le", Cow::Borrowed(le)));
+    let mut all = labels
+        .iter()
+        .map(|(k, v)| (*k, v.as_ref()))
+        .chain(le.as_ref().map(|(k, v)| (*k, v.as_ref())));
+    if let Some((k, v)) = all.next() {
+        let _ = write!(out, "{{{k}=\"{}\"", escape_label(v));
+        for (k, v) in all {
+            let _ = write!(out, ",{k}=\"{}\"", escape_label(v));
+        }
+        out.push('}');
+    }
+    out.push(' ');
+    out.push_str(value);
+    out.push('\n');
+}
+
+/// A float as both formats write it: `+Inf`, `-Inf`, `NaN`, else Rust's shortest form.
+fn number(v: f64) -> String {
+    if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else if v.is_nan() {
+        "NaN".into()
+    } else {
+        v.to_string()
+    }
+}
+
+fn escape_help(help: &str, open: bool) -> Cow<'_, str> {
+    if !help.contains(['\\', '\n', '"']) {
+        return Cow::Borrowed(help);
+    }
+    let mut s = help.replace('\\', "\\\\").replace('\n', "\\n");
+    if open {
+        s = s.replace('"', "\\\"");
+    }
+    Cow::Owned(s)
+}
+
+fn escape_label(v: &str) -> Cow<'_, str> {
+    if !v.contains(['\\', '\n', '"']) {
+        return Cow::Borrowed(v);
+    }
+    Cow::Owned(
+        v.replace('\\', "\\\\")
+            .replace('\n', "\\n")
+            .replace('"', "\\\""),
+    )
+}
+
+/// `isrgate_build_info`: which build this gateway runs.
+fn build_info() -> Family {
+    let revision = option_env!("ISRGATE_REVISION").unwrap_or("unknown");
+    Family {
+        name: "isrgate_build_info",
+        help: "The running build: version (Cargo), revision (ISRGATE_REVISION at build time), target; always 1.",
+        kind: Kind::Info,
+        series: vec![Series {
+            labels: vec![
+                ("version", Cow::Borrowed(env!("CARGO_PKG_VERSION"))),
+                ("revision", Cow::Borrowed(revision)),
+                ("target", Cow::Borrowed(std::env::consts::ARCH)),
             ],
-        )?;
-        let by = |all: &[Counter], names: &[&'static str]| -> Vec<(&'static str, u64)> {
-            names.iter().zip(all).map(|(n, c)| (*n, c.get())).collect()
-        };
-        let bypass: Vec<&str> = Bypass::ALL.iter().map(|b| b.as_str()).collect();
-        counters(
-            &mut e,
-            "cache_bypass",
-            "Requests that bypassed the cache, by reason.",
-            "reason",
-            &by(&m.cache_bypass_by, &bypass),
-        )?;
-        let skip: Vec<&str> = Skip::ALL.iter().map(|s| s.as_str()).collect();
-        counters(
-            &mut e,
-            "cache_not_stored",
-            "Upstream answers to cache candidates that were not stored, by reason.",
-            "reason",
-            &by(&m.cache_not_stored_by, &skip),
-        )?;
-        counter(
-            &mut e,
-            "cache_l1_hits",
-            "Hits answered from the in-process L1.",
-            m.cache_l1_hits.get(),
-        )?;
-        counter(
-            &mut e,
-            "cache_unsynced_misses",
-            "Lookups that skipped the store while invalidations were being loaded (start, bus reconnect).",
-            m.cache_unsynced_misses.get(),
-        )?;
-        counter(
-            &mut e,
-            "cache_sendfile_hits",
-            "Hits whose body the hit lane sent with sendfile() from a sealed memory file.",
-            m.cache_sendfile_hits.get(),
-        )?;
-        counter(
-            &mut e,
-            "cache_stores",
-            "Entries stored.",
-            m.cache_stores.get(),
-        )?;
-        counter(
-            &mut e,
-            "cache_invalidated",
-            "Lookups that found an entry invalidated since its render.",
-            m.cache_invalidated.get(),
-        )?;
-        counters(
-            &mut e,
-            "coalesced_followers",
-            "Misses served from another request's render instead of rendering.",
-            "where",
-            &[
-                ("local", m.coalesced_local.get()),
-                ("remote", m.coalesced_remote.get()),
-            ],
-        )?;
-        seconds(
-            &mut e,
-            "coalesce_wait_seconds",
-            "How long followers waited for a render.",
-            &[(None, &m.follower_wait_ms)],
-        )?;
-        counter(
-            &mut e,
-            "lock_contended",
-            "Fleet lock attempts that found the lock held.",
-            m.lock_contended.get(),
-        )?;
-        counter(
-            &mut e,
-            "leaders_abandoned",
-            "Renders abandoned by their leader (a follower took over).",
-            m.leaders_abandoned.get(),
-        )?;
-        counter(
-            &mut e,
-            "lock_fallbacks",
-            "Fills without the fleet lock because Redis did not answer.",
-            m.lock_fallbacks.get(),
-        )?;
-        counter(
-            &mut e,
-            "follower_timeouts",
-            "Followers that stopped waiting and fetched themselves.",
-            m.follower_timeouts.get(),
-        )?;
-        counter(
-            &mut e,
-            "hit_for_miss",
-            "Misses fetched at once because the key was recently uncacheable.",
-            m.hit_for_miss.get(),
-        )?;
-        counters(
-            &mut e,
-            "refreshes",
-            "Background refreshes (stale-while-revalidate).",
-            "result",
-            &[
-                ("started", m.refreshes.get()),
-                ("elsewhere", m.refreshes_elsewhere.get()),
-            ],
-        )?;
-        counter(
-            &mut e,
-            "fills_not_rendered",
-            "Fills replacing an entry that got the replica's cached copy instead of a render (not stored).",
-            m.fills_not_rendered.get(),
-        )?;
-        counter(
-            &mut e,
-            "stale_if_error_waits",
-            "Requests answered stale (stale-if-error) because the replica took longer than cache.stale_if_error_wait.",
-            m.stale_if_error_waits.get(),
-        )?;
-        counter(
-            &mut e,
-            "cache_variants_dropped",
-            "Vary slots dropped because their URL had cache.max_variants more recently filled ones.",
-            m.cache_variants_dropped.get(),
-        )?;
-        counter(
-            &mut e,
-            "fills_older",
-            "Fills not kept because a later render of the key was already stored.",
-            m.fills_older.get(),
-        )?;
-        counter(
-            &mut e,
-            "fills_siblings",
-            "Other variants of a page (RSC of an HTML refresh, and back) stored from the same render.",
-            m.fills_siblings.get(),
-        )?;
-        counter(
-            &mut e,
-            "store_write_backs",
-            "Entries written to Redis again, on a hit, after their first write failed.",
-            m.store_write_backs.get(),
-        )?;
-        counters(
-            &mut e,
-            "upstream_errors",
-            "Requests answered with an upstream error, by kind.",
-            "kind",
-            &[
-                ("unreachable", m.upstream_unreachable.get()),
-                ("timeout", m.upstream_timeouts.get()),
-                ("exchange", m.upstream_errors.get()),
-            ],
-        )?;
-        counter(
-            &mut e,
-            "upstream_retries",
-            "Retries on another replica after a connect failure.",
-            m.upstream_retries.get(),
-        )?;
-        counter(
-            &mut e,
-            "asset_fallbacks",
-            "Build assets (/_next/static) one build answered 404 for, served by another build's replica.",
-            m.asset_fallbacks.get(),
-        )?;
-        counter(
-            &mut e,
-            "action_fallbacks",
-            "Server actions (Next-Action) the pinned build did not know, answered by another build's replica.",
-            m.action_fallbacks.get(),
-        )?;
-        counter(
-            &mut e,
-            "fills_other_build",
-            "Fills not stored: the replica answered for another build than the request was pinned to.",
-            m.fills_other_build.get(),
-        )?;
-        counter(
-            &mut e,
-            "replica_ejections",
-            "Replicas ejected after consecutive failures.",
-            m.replica_ejections.get(),
-        )?;
-        let replicas = app.upstream.replicas().snapshot();
-        let latency: Vec<(Option<(&str, String)>, &Histogram)> = replicas
+            value: Value::Gauge(1.0),
+            json: None,
+        }],
+    }
+}
+
+/// A gauge read from the gateway's state at scrape time; `None` when it does not apply (the
+/// cache off, no Redis).
+struct Gauge {
+    name: &'static str,
+    help: &'static str,
+    read: fn(&AppState) -> Option<f64>,
+}
+
+/// The gauges, in exposition order.
+const GAUGES: &[Gauge] = &[
+    Gauge {
+        name: "isrgate_ready",
+        help: "1 while /readyz answers 200 (started, not draining, invalidations loaded, and with the cache off a healthy replica).",
+        read: |app| Some(f64::from(u8::from(super::unready(app).is_none()))),
+    },
+    Gauge {
+        name: "isrgate_replicas",
+        help: "Replicas known.",
+        read: |app| Some(app.upstream.replicas().with(|l| l.len()) as f64),
+    },
+    Gauge {
+        name: "isrgate_replicas_healthy",
+        help: "Replicas eligible for traffic.",
+        read: |app| {
+            let healthy = app
+                .upstream
+                .replicas()
+                .with(|l| l.iter().filter(|r| r.is_healthy()).count());
+            Some(healthy as f64)
+        },
+    },
+    Gauge {
+        name: "isrgate_l1_entries",
+        help: "Entries in the in-process L1.",
+        read: |app| app.cache.as_ref().map(|c| c.l1.size().0 as f64),
+    },
+    Gauge {
+        name: "isrgate_l1_bytes",
+        help: "Bytes held by the in-process L1.",
+        read: |app| app.cache.as_ref().map(|c| c.l1.size().1 as f64),
+    },
+    Gauge {
+        name: "isrgate_l1_scale",
+        help: "How many times its footprint each new L1 entry weighs: above 1 while the process's growth (RSS + sealed bodies) presses on cache.l1_max_bytes.",
+        read: |app| app.cache.as_ref().map(|c| c.l1.scale()),
+    },
+    Gauge {
+        name: "isrgate_sealed_bodies",
+        help: "Identity bodies in sealed memory files, which the hit lane sendfile()s (one open descriptor each; at most a quarter of the descriptor limit).",
+        read: |app| {
+            app.cache
+                .as_ref()
+                .map(|_| crate::cache::sealed::Sealed::live() as f64)
+        },
+    },
+    Gauge {
+        name: "isrgate_sealed_bytes",
+        help: "Memory the sealed bodies hold (shared memory: not in the process's RSS).",
+        read: |app| {
+            app.cache
+                .as_ref()
+                .map(|_| crate::cache::sealed::Sealed::live_bytes() as f64)
+        },
+    },
+    Gauge {
+        name: "isrgate_fleet_gateways",
+        help: "Gateways alive on the bus, this one included.",
+        read: |app| {
+            app.cache
+                .as_ref()
+                .map(|c| (c.fleet.live().len() + 1) as f64)
+        },
+    },
+    Gauge {
+        name: "isrgate_invalidated_tags",
+        help: "Tags with a recorded invalidation.",
+        read: |app| app.cache.as_ref().map(|c| c.epochs.len() as f64),
+    },
+    Gauge {
+        name: "isrgate_redis_connected",
+        help: "1 while every pooled Redis connection is up (absent without Redis).",
+        read: |app| redis(app).map(|r| f64::from(u8::from(r.is_connected()))),
+    },
+    Gauge {
+        name: "isrgate_redis_circuit_open",
+        help: "1 while the Redis circuit breaker skips Redis (absent without Redis).",
+        read: |app| {
+            let open = |r: &crate::cache::store::RedisStore| {
+                r.breaker().is_open(crate::upstream::replicas::now_ms())
+            };
+            redis(app).map(|r| f64::from(u8::from(open(r))))
+        },
+    },
+];
+
+fn redis(app: &AppState) -> Option<&crate::cache::store::RedisStore> {
+    match &app.cache.as_ref()?.store {
+        Store::Redis(r) => Some(r),
+        Store::Memory(_) => None,
+    }
+}
+
+/// The state gauges and the histograms kept outside the metrics table (per replica, Redis).
+fn gauges(app: &AppState) -> Vec<Family> {
+    let mut families: Vec<Family> = GAUGES
+        .iter()
+        .filter_map(|g| {
+            let v = (g.read)(app)?;
+            Some(Family {
+                name: g.name,
+                help: g.help,
+                kind: Kind::Gauge,
+                series: vec![Series {
+                    labels: Vec::new(),
+                    value: Value::Gauge(v),
+                    json: None,
+                }],
+            })
+        })
+        .collect();
+    let replicas = app.upstream.replicas().snapshot();
+    families.push(Family {
+        name: "isrgate_upstream_response_seconds",
+        help: "Time from sending a request to a replica to its response head, per replica.",
+        kind: Kind::Histogram,
+        series: replicas
             .iter()
-            .map(|r| (Some(("replica", r.authority.to_string())), &r.latency_ms))
-            .collect();
-        seconds(
-            &mut e,
-            "upstream_response_seconds",
-            "Time to the response head, per replica.",
-            &latency,
-        )?;
-        let healthy = replicas.iter().filter(|r| r.is_healthy()).count();
-        gauge(
-            &mut e,
-            "replicas_healthy",
-            "Replicas eligible for traffic.",
-            healthy as i64,
-        )?;
-        gauge(&mut e, "replicas", "Replicas known.", replicas.len() as i64)?;
-        counters(
-            &mut e,
-            "refused",
-            "Requests or connections refused by the listener, by reason.",
-            "reason",
-            &[
-                ("rejected", m.rejected.get()),
-                ("body_too_large", m.body_too_large.get()),
-                ("shed", m.shed.get()),
-                ("header_timeout", m.header_timeouts.get()),
-                ("send_timeout", m.send_timeouts.get()),
-            ],
-        )?;
-        counter(
-            &mut e,
-            "invalidations",
-            "Revalidation webhook calls applied.",
-            m.invalidations.get(),
-        )?;
-        counter(
-            &mut e,
-            "webhook_refused",
-            "Revalidation webhook calls refused.",
-            m.webhook_refused.get(),
-        )?;
-        counters(
-            &mut e,
-            "fanout_calls",
-            "Revalidate calls to Next.js replicas, by result.",
-            "result",
-            &[("ok", m.fanout_ok.get()), ("failed", m.fanout_failed.get())],
-        )?;
-        counter(
-            &mut e,
-            "store_errors",
-            "Store reads or writes that failed or timed out.",
-            m.store_errors.get(),
-        )?;
-        counter(
-            &mut e,
-            "store_corrupt",
-            "Stored bytes that did not decode.",
-            m.store_corrupt.get(),
-        )?;
-        if let Some(cache) = &app.cache {
-            let (entries, bytes) = cache.l1.size();
-            gauge(
-                &mut e,
-                "l1_entries",
-                "Entries in the in-process L1.",
-                entries as i64,
-            )?;
-            gauge(
-                &mut e,
-                "l1_bytes",
-                "Bytes held by the in-process L1.",
-                bytes as i64,
-            )?;
-            gauge(
-                &mut e,
-                "sealed_bodies",
-                "Identity bodies in sealed memory files, which the hit lane sendfile()s \
-                 (one open descriptor each; at most a quarter of the descriptor limit).",
-                crate::cache::sealed::Sealed::live() as i64,
-            )?;
-            gauge(
-                &mut e,
-                "sealed_bytes",
-                "Memory the sealed bodies hold (shared memory: not in the process's RSS).",
-                crate::cache::sealed::Sealed::live_bytes() as i64,
-            )?;
-            gauge(
-                &mut e,
-                "l1_scale",
-                "How many times its footprint each new L1 entry weighs: above 1 while the \
-                 process's growth (RSS + sealed bodies) presses on cache.l1_max_bytes.",
-                cache.l1.scale(),
-            )?;
-            gauge(
-                &mut e,
-                "fleet_gateways",
-                "Gateways alive on the bus, this one included.",
-                cache.fleet.live().len() as i64 + 1,
-            )?;
-            gauge(
-                &mut e,
-                "invalidated_tags",
-                "Tags with a recorded invalidation.",
-                cache.epochs.len() as i64,
-            )?;
-            if let Store::Redis(r) = &cache.store {
-                let open = r.breaker().is_open(crate::upstream::replicas::now_ms());
-                gauge(
-                    &mut e,
-                    "redis_circuit_open",
-                    "1 while the Redis circuit breaker skips Redis.",
-                    i64::from(open),
-                )?;
-                gauge(
-                    &mut e,
-                    "redis_connected",
-                    "1 while every pooled Redis connection is up.",
-                    i64::from(r.is_connected()),
-                )?;
-                seconds(
-                    &mut e,
-                    "redis_command_seconds",
-                    "Time per Redis command.",
-                    &[(None, r.latency_ms())],
-                )?;
-            }
+            .map(|r| Series {
+                labels: vec![("replica", Cow::Owned(r.authority.to_string()))],
+                value: r.latency_ms.value(),
+                json: None,
+            })
+            .collect(),
+    });
+    if let Some(r) = redis(app) {
+        families.push(Family {
+            name: "isrgate_redis_command_seconds",
+            help: "Time per Redis command.",
+            kind: Kind::Histogram,
+            series: vec![Series {
+                labels: Vec::new(),
+                value: r.latency_ms().value(),
+                json: None,
+            }],
+        });
+    }
+    families
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> Format {
+        negotiate(Some(&HeaderValue::from_str(v).expect("test")))
+    }
+
+    #[test]
+    fn accept_chooses_the_format() {
+        assert_eq!(negotiate(None), Format::Text);
+        assert_eq!(accept("*/*"), Format::Text);
+        assert_eq!(accept("text/plain; version=0.0.4"), Format::Text);
+        assert_eq!(accept("application/openmetrics-text"), Format::OpenMetrics);
+        // Prometheus 2.x and 3.x, as they send it.
+        assert_eq!(
+            accept(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            ),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            accept(
+                "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1"
+            ),
+            Format::Text
+        );
+        assert_eq!(accept("application/openmetrics-text;q=0"), Format::Text);
+    }
+
+    fn family(kind: Kind, name: &'static str, value: Value) -> Family {
+        Family {
+            name,
+            help: "Help with \\ and \"quotes\".",
+            kind,
+            series: vec![Series {
+                labels: vec![("replica", Cow::Borrowed("a\"b"))],
+                value,
+                json: None,
+            }],
         }
-        Ok(())
+    }
+
+    #[test]
+    fn counters_and_infos_are_named_per_format() {
+        let families = [
+            family(Kind::Counter, "isrgate_x_total", Value::Count(3)),
+            family(Kind::Info, "isrgate_build_info", Value::Gauge(1.0)),
+            family(
+                Kind::Histogram,
+                "isrgate_d_seconds",
+                Value::Histogram {
+                    buckets: vec![(0.00005, 1), (f64::INFINITY, 2)],
+                    sum: 1.5,
+                },
+            ),
+        ];
+        let text = encode(&families, Format::Text);
+        assert!(text.contains("# HELP isrgate_x_total Help with \\\\ and \"quotes\".\n# TYPE isrgate_x_total counter\nisrgate_x_total{replica=\"a\\\"b\"} 3\n"), "{text}");
+        assert!(text.contains("# TYPE isrgate_build_info gauge\n"), "{text}");
+        assert!(
+            text.contains("isrgate_d_seconds_bucket{replica=\"a\\\"b\",le=\"0.00005\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("isrgate_d_seconds_bucket{replica=\"a\\\"b\",le=\"+Inf\"} 2\nisrgate_d_seconds_sum{replica=\"a\\\"b\"} 1.5\nisrgate_d_seconds_count{replica=\"a\\\"b\"} 2\n"), "{text}");
+        assert!(!text.contains("# EOF"));
+        let open = encode(&families, Format::OpenMetrics);
+        assert!(
+            open.contains("# TYPE isrgate_x counter\nisrgate_x_total{"),
+            "{open}"
+        );
+        assert!(
+            open.contains("# HELP isrgate_x Help with \\\\ and \\\"quotes\\\".\n"),
+            "{open}"
+        );
+        assert!(
+            open.contains("# TYPE isrgate_build info\nisrgate_build_info{"),
+            "{open}"
+        );
+        assert!(open.ends_with("# EOF\n"));
     }
 }

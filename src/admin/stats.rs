@@ -1,6 +1,11 @@
 //! `GET /api/stats`: everything the dashboard shows, as one JSON document, and the history it
 //! draws its charts from.
 //!
+//! Its counters (`requests.hit`, `coalesce.lock_contended`, …) are not listed here: every
+//! series of the metrics table that names a place in this document is put there ([`place`]),
+//! so a counter is declared once, in `crate::metrics::table`. What is built here is what is
+//! derived (ratios, quantiles, banners) or read from the gateway's state (replicas, Redis).
+//!
 //! [`History`] samples the counters every [`SAMPLE_EVERY`] for an hour (a ring, filled by a
 //! task of the admin listener), so hit ratios over 1 m / 5 m / 1 h and request rates are
 //! differences of two samples, never a scan. Redis facts (`INFO memory`, `DBSIZE`) are read
@@ -22,6 +27,32 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// Samples kept (one hour).
 const KEPT: usize = 720;
 
+/// Puts every series of `metrics` that names a place in the stats document into `doc`
+/// (`"requests.hit"`: the `hit` key of the `requests` object, made when missing); series with
+/// the same place add up.
+pub fn place(doc: &mut Value, metrics: &Metrics) {
+    for family in metrics.families() {
+        for series in family.series {
+            let (Some(path), crate::metrics::Value::Count(n)) = (series.json, series.value) else {
+                continue;
+            };
+            let mut at = &mut *doc;
+            let mut keys = path.split('.').peekable();
+            while let Some(key) = keys.next() {
+                let Some(object) = at.as_object_mut() else {
+                    break;
+                };
+                if keys.peek().is_none() {
+                    let sum = object.get(key).and_then(Value::as_u64).unwrap_or(0) + n;
+                    object.insert(key.to_owned(), json!(sum));
+                    break;
+                }
+                at = object.entry(key).or_insert_with(|| json!({}));
+            }
+        }
+    }
+}
+
 /// One sample of the counters the charts and ratios need.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sample {
@@ -31,9 +62,9 @@ pub struct Sample {
     pub requests: u64,
     /// Fresh hits.
     pub hits: u64,
-    /// Stale served while refreshing.
+    /// Stale answers, any reason.
     pub stale: u64,
-    /// Stale served because replicas failed.
+    /// Of those, served because replicas failed or timed out.
     pub stale_if_error: u64,
     /// Misses.
     pub misses: u64,
@@ -46,7 +77,7 @@ impl Sample {
             requests: m.requests.get(),
             hits: m.cache_hits.get(),
             stale: m.cache_stale.get(),
-            stale_if_error: m.cache_stale_if_error.get(),
+            stale_if_error: m.stale_origin_error.get() + m.stale_origin_timeout.get(),
             misses: m.cache_misses.get(),
         }
     }
@@ -90,11 +121,10 @@ impl History {
     }
 }
 
-/// Share of cache answers that did not go upstream between `old` and `new`; `None` without
-/// traffic.
+/// Share of cache answers served from the cache (fresh or stale) between `old` and `new`;
+/// `None` without traffic.
 fn hit_ratio(old: &Sample, new: &Sample) -> Option<f64> {
-    let served =
-        (new.hits - old.hits) + (new.stale - old.stale) + (new.stale_if_error - old.stale_if_error);
+    let served = (new.hits - old.hits) + (new.stale - old.stale);
     let all = served + (new.misses - old.misses);
     (all > 0).then(|| served as f64 / all as f64)
 }
@@ -224,7 +254,7 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
             })
         })
         .collect();
-    json!({
+    let mut doc = json!({
         "at": now.at,
         // As /readyz says it: from the SIGTERM on, while the listeners still accept for the
         // accept grace (`accepting`), then drain.
@@ -232,30 +262,12 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
         "accepting": !app.draining.is_cancelled(),
         "banners": banners,
         "requests": {
-            "total": now.requests,
-            "hit": now.hits,
-            "stale": now.stale,
-            "stale_if_error": now.stale_if_error,
-            "miss": now.misses,
-            "bypass": m.cache_bypass.get(),
             "hit_ratio": { "1m": ratio(60), "5m": ratio(300), "1h": ratio(3_600) },
         },
         "cache": cache,
         "coalesce": {
-            "followers_local": m.coalesced_local.get(),
-            "followers_remote": m.coalesced_remote.get(),
             "wait_p50_ms": ms(&m.follower_wait_ms, 0.5),
             "wait_p99_ms": ms(&m.follower_wait_ms, 0.99),
-            "lock_contended": m.lock_contended.get(),
-            "leaders_abandoned": m.leaders_abandoned.get(),
-            "lock_fallbacks": m.lock_fallbacks.get(),
-            "refreshes": m.refreshes.get(),
-            "fills_not_rendered": m.fills_not_rendered.get(),
-            "fills_older": m.fills_older.get(),
-            "fills_siblings": m.fills_siblings.get(),
-            "store_write_backs": m.store_write_backs.get(),
-            "stale_if_error_waits": m.stale_if_error_waits.get(),
-            "cache_variants_dropped": m.cache_variants_dropped.get(),
         },
         "replicas": replicas,
         "redis": redis,
@@ -264,7 +276,9 @@ pub async fn stats(app: &Arc<AppState>, history: &History) -> Value {
         "top_missed": m.missed_paths.top(10).into_iter().map(|(p, n)| json!({ "path": p, "misses": n })).collect::<Vec<_>>(),
         "revalidations": log,
         "series": series,
-    })
+    });
+    place(&mut doc, m);
+    doc
 }
 
 /// The builds this gateway's replicas run, the current one and the rollout.
@@ -324,11 +338,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counters_go_where_the_table_places_them() {
+        let m = Metrics::default();
+        m.requests.add(5);
+        m.cache_hits.add(2);
+        m.served_stale(crate::cache::policy::StaleReason::OriginError);
+        m.served_stale(crate::cache::policy::StaleReason::OriginTimeout);
+        m.refreshed(crate::proxy::refresh::Refreshed::Stored);
+        let mut doc = json!({ "requests": { "hit_ratio": {} } });
+        place(&mut doc, &m);
+        assert_eq!(doc["requests"]["total"], 5);
+        assert_eq!(doc["requests"]["hit"], 2);
+        assert_eq!(doc["requests"]["stale"], 0);
+        assert_eq!(doc["requests"]["stale_if_error"], 2, "both origin reasons");
+        assert_eq!(doc["requests"]["hit_ratio"], json!({}));
+        assert_eq!(doc["coalesce"]["refreshes"]["stored"], 1);
+        assert_eq!(doc["coalesce"]["lock_contended"], 0);
+    }
+
+    #[test]
     fn hit_ratio_counts_stale_answers_as_served() {
         let old = Sample::default();
         let new = Sample {
             hits: 6,
-            stale: 1,
+            stale: 2,
             stale_if_error: 1,
             misses: 2,
             ..Sample::default()

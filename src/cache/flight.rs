@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::entry::Entry;
 use super::lock::{Held, Locked};
+use super::policy::StaleReason;
 use super::store::{RedisStore, StoreError};
 use crate::config;
 use crate::metrics::Metrics;
@@ -45,12 +46,20 @@ pub enum Done {
 
 type Flight = watch::Sender<Option<Done>>;
 
+/// How long a key's refresh failure is remembered without a store (an origin down longer
+/// counts one stale answer per key as stale-while-revalidate again, then learns).
+const FAILURE_KEPT: Duration = Duration::from_secs(3_600);
+
 /// The flights of one gateway process (shared by its workers).
 pub struct Flights {
     cfg: arc_swap::ArcSwap<config::Coalesce>,
     local: Mutex<HashMap<u128, Arc<Flight>>>,
     listeners: Mutex<HashMap<u128, Arc<Notify>>>,
     passes: Option<moka::sync::Cache<u128, ()>>,
+    /// Keys whose last background refresh failed at the origin, and how: their stale answers
+    /// count under that reason until an entry is stored for them (here or, through the bus,
+    /// on another gateway).
+    failing: moka::sync::Cache<u128, StaleReason>,
     metrics: Arc<Metrics>,
     tasks: TaskTracker,
 }
@@ -96,6 +105,10 @@ impl Flights {
             local: Mutex::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
             passes,
+            failing: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FAILURE_KEPT)
+                .build(),
             metrics,
             tasks,
         }
@@ -163,11 +176,23 @@ impl Flights {
         }
     }
 
-    /// An entry was stored for the key: it is cacheable again.
+    /// An entry was stored for the key: it is cacheable again, and its origin answered.
     pub fn stored(&self, hash: u128) {
         if let Some(p) = &self.passes {
             p.invalidate(&hash);
         }
+        self.failing.invalidate(&hash);
+    }
+
+    /// A background refresh of the key failed at the origin, for `reason`.
+    pub fn refresh_failed(&self, hash: u128, reason: StaleReason) {
+        self.failing.insert(hash, reason);
+    }
+
+    /// Why a stale answer for the key is served now: what its last refresh met, else
+    /// stale-while-revalidate.
+    pub fn stale_reason(&self, hash: u128) -> StaleReason {
+        self.failing.get(&hash).unwrap_or(StaleReason::Swr)
     }
 
     /// Whether the key is in its hit-for-miss period.

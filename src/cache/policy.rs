@@ -462,6 +462,32 @@ impl State {
     }
 }
 
+/// Why a stale entry was served, by what happened rather than by which directive allowed it
+/// (Next.js sends `stale-while-revalidate` of a year, so a window says little): the `reason` of
+/// `isrgate_stale_served_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    /// Served while a refresh runs (stale-while-revalidate), nothing known to have failed.
+    Swr,
+    /// The replica failed: a 5xx, a refused or reset connection, no replica; or the last
+    /// refresh of this entry did.
+    OriginError,
+    /// The replica did not answer in time (`cache.stale_if_error_wait`, the response header
+    /// timeout, a stalled replica); or the last refresh of this entry timed out.
+    OriginTimeout,
+}
+
+impl StaleReason {
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleReason::Swr => "swr",
+            StaleReason::OriginError => "origin_error",
+            StaleReason::OriginTimeout => "origin_timeout",
+        }
+    }
+}
+
 /// The state of an entry at `now_ms` (RFC 9111 §4.2: fresh while the age is below the lifetime).
 /// Monotonic in `now_ms` for any `times`, even inconsistent ones read back from storage.
 pub fn state(times: &Times, now_ms: u64) -> State {

@@ -289,6 +289,19 @@ pub struct Admin {
     /// `ISRGATE_ADMIN_TOKEN`: guards the dashboard, `/metrics` and `/api`; `None` = those are
     /// off (403).
     pub token: Option<String>,
+    /// `admin.metrics_auth`: who may read `/metrics` without the token.
+    pub metrics_auth: MetricsAuth,
+}
+
+/// Who may read `/metrics` without the admin token (`admin.metrics_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAuth {
+    /// Nobody: the token, like every other admin path (the default).
+    Token,
+    /// Clients on a loopback address (a scraper or agent on the same host, or in the pod).
+    Loopback,
+    /// Anyone who reaches the admin listener (keep that listener on a private network).
+    None,
 }
 
 impl std::fmt::Debug for Admin {
@@ -296,6 +309,7 @@ impl std::fmt::Debug for Admin {
         f.debug_struct("Admin")
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("metrics_auth", &self.metrics_auth)
             .finish()
     }
 }

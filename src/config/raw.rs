@@ -373,6 +373,8 @@ section! {
     pub struct AdminRaw {
         /// Address to bind; empty disables the admin listener.
         listen: String = "127.0.0.1:9091".into(),
+        /// Who may read `/metrics` without the token: `token` (nobody), `loopback`, `none`.
+        metrics_auth: String = "token".into(),
     }
 }
 

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::load::{Problem, Source, Sources};
 use super::raw::Raw;
-use super::{Admin, Config, DnsName, Health, Listen, Log, LogFormat, Upstream};
+use super::{Admin, Config, DnsName, Health, Listen, Log, LogFormat, MetricsAuth, Upstream};
 
 /// hyper refuses read buffers below this (it asserts), so it is the floor of `max_header_bytes`.
 const MIN_HEADER_BYTES: u64 = 8192;
@@ -170,6 +170,7 @@ pub(super) fn validate(raw: &Raw, sources: &Sources) -> Result<Config, Vec<Probl
         text => Some(Admin {
             listen: c.socket_addr("admin.listen", text),
             token: None,
+            metrics_auth: metrics_auth(&mut c, &raw.admin.metrics_auth),
         }),
     };
     if admin
@@ -702,6 +703,21 @@ fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {
     })
 }
 
+fn metrics_auth(c: &mut Checker<'_>, text: &str) -> MetricsAuth {
+    match text {
+        "token" => MetricsAuth::Token,
+        "loopback" => MetricsAuth::Loopback,
+        "none" => MetricsAuth::None,
+        other => {
+            c.fail(
+                "admin.metrics_auth",
+                format!("{other:?} is not a choice; use \"token\" (the default: /metrics needs ISRGATE_ADMIN_TOKEN), \"loopback\" (no token from 127.0.0.1 or ::1) or \"none\" (no token: keep admin.listen private)"),
+            );
+            MetricsAuth::Token
+        }
+    }
+}
+
 fn log(c: &mut Checker<'_>, raw: &Raw) -> Log {
     let format = match raw.log.format.as_str() {
         "pretty" => LogFormat::Pretty,
@@ -897,6 +913,19 @@ mod tests {
         }
         let c = from_toml("[log]\naccess = false").expect("valid");
         assert!(!c.log.access);
+    }
+
+    #[test]
+    fn metrics_auth_is_the_token_unless_said_and_a_wrong_word_is_refused() {
+        use crate::config::MetricsAuth;
+        let admin = |toml: &str| from_toml(toml).expect("valid").admin.expect("admin");
+        assert_eq!(admin("").metrics_auth, MetricsAuth::Token);
+        let loopback = admin("[admin]\nmetrics_auth = \"loopback\"");
+        assert_eq!(loopback.metrics_auth, MetricsAuth::Loopback);
+        let none = admin("[admin]\nmetrics_auth = \"none\"");
+        assert_eq!(none.metrics_auth, MetricsAuth::None);
+        let e = from_toml("[admin]\nmetrics_auth = \"public\"").expect_err("refused");
+        assert!(e.to_string().contains("admin.metrics_auth"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! yes, the line itself: nothing is formatted or allocated for a line that is not written
 //! (fields are borrowed and formatted by the subscriber, the query redacted as it is written).
 //!
+//! The same facts feed the request metrics ([`crate::metrics::Metrics::answered`]: the duration
+//! histogram by status class and cache outcome, body bytes sent) for every request, whether or
+//! not a line is written: recording is an index, a bucket search and relaxed adds, no
+//! allocation.
+//!
 //! It must not log secrets: query parameters whose name looks like a credential (the
 //! webhook's `?secret=`, `token`, `key`, `signature`…, see [`Path`]) are written as
 //! `[redacted]`. It never changes the response.
@@ -34,6 +39,7 @@ use tracing::Dispatch;
 
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
+use crate::metrics::{CacheOutcome, Metrics};
 use crate::proxy::serve::{CACHE_STATUS, X_CACHE};
 
 /// The `tracing` target of access lines: route or filter them by it
@@ -151,31 +157,53 @@ pub struct Line<'a> {
 /// What the access log keeps of a request while the driver answers it.
 #[derive(Debug)]
 pub struct Request {
+    started: Instant,
+    peer: SocketAddr,
+    /// What the line needs of the request; `None` when no line will be written (the metrics
+    /// need only the time).
+    head: Option<Head>,
+}
+
+/// The request's method, target and `Host`, shared with the request (not copied).
+#[derive(Debug)]
+struct Head {
     method: Method,
     uri: Uri,
     host: Option<HeaderValue>,
-    peer: SocketAddr,
-    started: Instant,
 }
 
 impl Request {
-    /// The request's method, target and `Host` (shared, not copied), read when it `started`.
-    pub fn of<B>(req: &http::Request<B>, peer: SocketAddr, started: Instant) -> Request {
-        Request {
+    /// A request that `started` then; its method, target and `Host` are kept when `logged`.
+    pub fn of<B>(
+        req: &http::Request<B>,
+        peer: SocketAddr,
+        started: Instant,
+        logged: bool,
+    ) -> Request {
+        let head = logged.then(|| Head {
             method: req.method().clone(),
             uri: req.uri().clone(),
             host: req.headers().get(header::HOST).cloned(),
-            peer,
+        });
+        Request {
             started,
+            peer,
+            head,
         }
     }
 }
 
-/// The access line of a response from hyper's side (the driver, or load shedding): written
-/// now when the body's size is known, else when the body ends (the body is wrapped to count).
-pub fn respond(log: &Arc<AccessLog>, request: Request, resp: Response<Body>) -> Response<Body> {
+/// Records a response of hyper's side (the driver, or load shedding) in the metrics, and
+/// writes its access line when the request is logged: now when the body's size is known,
+/// else when the body ends (the body is wrapped to count).
+pub fn respond(
+    log: &Arc<AccessLog>,
+    metrics: &Arc<Metrics>,
+    request: Request,
+    resp: Response<Body>,
+) -> Response<Body> {
     if let Some(bytes) = resp.body().size_hint().exact() {
-        log.write(&Seen::of(&resp).line(&request, bytes));
+        finish(log, metrics, &request, Seen::of(&resp), bytes);
         return resp;
     }
     let seen = Seen::of(&resp);
@@ -187,10 +215,27 @@ pub fn respond(log: &Arc<AccessLog>, request: Request, resp: Response<Body>) -> 
         request_id: seen.request_id.cloned(),
     };
     let finish = Finish {
-        pending: Some(Box::new((Arc::clone(log), request, done))),
+        pending: Some(Box::new((
+            Arc::clone(log),
+            Arc::clone(metrics),
+            request,
+            done,
+        ))),
         bytes: 0,
     };
     resp.map(|b| body::boxed(Logged { inner: b, finish }))
+}
+
+/// The end of a request: its metrics, then its line when it is logged.
+fn finish(log: &AccessLog, metrics: &Metrics, request: &Request, seen: Seen<'_>, bytes: u64) {
+    let elapsed = request.started.elapsed();
+    let outcome = seen.cache.map_or(CacheOutcome::None, |v| {
+        CacheOutcome::of_x_cache(v.as_bytes())
+    });
+    metrics.answered(seen.status, outcome, bytes, elapsed);
+    if let Some(head) = &request.head {
+        log.write(&seen.line(head, request.peer, bytes, elapsed));
+    }
 }
 
 /// What the access line takes from a response head.
@@ -215,7 +260,7 @@ impl<'a> Seen<'a> {
         }
     }
 
-    fn line(self, r: &'a Request, bytes: u64) -> Line<'a> {
+    fn line(self, r: &'a Head, peer: SocketAddr, bytes: u64, elapsed: Duration) -> Line<'a> {
         Line {
             method: r.method.as_str(),
             uri: &r.uri,
@@ -224,10 +269,10 @@ impl<'a> Seen<'a> {
             cache_status: text(self.cache_status),
             replica: self.replica.map_or("-", Authority::as_str),
             bytes,
-            elapsed: r.started.elapsed(),
+            elapsed,
             request_id: text(self.request_id),
             host: host(r.host.as_ref(), &r.uri),
-            peer: r.peer,
+            peer,
         }
     }
 }
@@ -267,17 +312,20 @@ pub fn host<'a>(header: Option<&'a HeaderValue>, uri: &'a Uri) -> &'a str {
     }
 }
 
-/// The line of a streamed body, written when it ends or is dropped.
+/// The end of a streamed body (metrics and line), recorded when it ends or is dropped.
 struct Finish {
-    pending: Option<Box<(Arc<AccessLog>, Request, Done)>>,
+    pending: Option<Box<Pending>>,
     bytes: u64,
 }
+
+/// What a streamed body's end records, and where.
+type Pending = (Arc<AccessLog>, Arc<Metrics>, Request, Done);
 
 impl Finish {
     fn write(&mut self) {
         if let Some(p) = self.pending.take() {
-            let (log, request, done) = &*p;
-            log.write(&done.seen().line(request, self.bytes));
+            let (log, metrics, request, done) = &*p;
+            finish(log, metrics, request, done.seen(), self.bytes);
         }
     }
 }

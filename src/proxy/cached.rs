@@ -17,7 +17,8 @@ use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::flight::FillPermit;
 use crate::cache::key::{CacheKey, Variant};
-use crate::error::{ProxyError, Side};
+use crate::cache::policy::StaleReason;
+use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::http::gzip;
 use crate::upstream::UpstreamError;
@@ -79,6 +80,8 @@ pub async fn serve(
             None
         }
         Found::Stale(entry) => {
+            // Why this answer is stale: what the key's last refresh met, not this one's.
+            let reason = cache.flights.stale_reason(key.hash);
             refresh::spawn(
                 app,
                 cache,
@@ -88,7 +91,7 @@ pub async fn serve(
                 &entry,
             );
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
-                app.metrics.cache_stale.inc();
+                app.metrics.served_stale(reason);
                 return Ok((r, Outcome::Stale));
             }
             corrupt(app, cache, &key);
@@ -97,36 +100,31 @@ pub async fn serve(
         Found::StaleIfError(entry) => Some(entry),
         Found::Miss => None,
     };
-    app.metrics.cache_misses.inc();
     app.metrics.missed_paths.record(head.uri.path());
-    if ask.head && fallback.is_none() {
+    let answered = if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
         super::sanitize::forward(&app.policy, peer, &mut head);
-        let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
-        return Ok(passed(reply.into_response(), &HeaderMap::new(), false));
+        match Box::pin(app.upstream.send(head, body::empty())).await {
+            Ok(reply) => Ok(passed(reply.into_response(), &HeaderMap::new(), false)),
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        let fill = Fill {
+            key,
+            head: upstream(&head),
+            variant,
+            vary: vary_view.clone(),
+            seen: fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms),
+            replaces: fallback.is_some(),
+            permit,
+        };
+        fill.answer(app, cache, fallback, ask, now).await
+    };
+    // One outcome per request: a stale-if-error answer counted itself as stale.
+    if !matches!(answered, Ok((_, Outcome::StaleIfError))) {
+        app.metrics.cache_misses.inc();
     }
-    let up = upstream(&head);
-    let fill = Fill {
-        key,
-        variant,
-        head: up,
-        vary: vary_view.clone(),
-        seen: fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms),
-        replaces: fallback.is_some(),
-        permit,
-    };
-    let wait = cache.cfg().stale_if_error_wait;
-    let fetched = match &fallback {
-        Some(stale) if !wait.is_zero() => match fill.bounded(app, cache, wait).await {
-            Some(fetched) => fetched,
-            None => {
-                app.metrics.stale_if_error_waits.inc();
-                return stale_if_error(app, stale, ask, now);
-            }
-        },
-        _ => Box::pin(fill.run(app, cache)).await,
-    };
-    answer_miss(app, fetched, fallback, ask, now)
+    answered
 }
 
 /// A miss, owned so it can outlive its request (a fill bounded by `stale_if_error_wait`).
@@ -145,6 +143,30 @@ struct Fill {
 }
 
 impl Fill {
+    /// The client's answer: the fill's, or, when the replica fails or (with
+    /// `cache.stale_if_error_wait`) is slow, the stale entry kept for that.
+    async fn answer(
+        self,
+        app: &Arc<AppState>,
+        cache: &Arc<CacheState>,
+        fallback: Option<Arc<Entry>>,
+        ask: Ask<'_>,
+        now: u64,
+    ) -> Result<(Response<Body>, Outcome), ProxyError> {
+        let wait = cache.cfg().stale_if_error_wait;
+        let fetched = match &fallback {
+            Some(stale) if !wait.is_zero() => match self.bounded(app, cache, wait).await {
+                Some(fetched) => fetched,
+                None => {
+                    app.metrics.stale_if_error_waits.inc();
+                    return stale_if_error(app, stale, ask, now, StaleReason::OriginTimeout);
+                }
+            },
+            _ => Box::pin(self.run(app, cache)).await,
+        };
+        answer_miss(app, fetched, fallback, ask, now)
+    }
+
     /// Runs the miss in a tracked task and waits for it at most `wait`: `None` when the
     /// replica did not answer in time. The task goes on (and stores the render); the caller
     /// answers with its stale entry (Varnish's grace, nginx's `proxy_cache_use_stale timeout`).
@@ -287,30 +309,31 @@ fn answer_miss(
         Ok(Fetched::Followed(e)) => entry(&e, Outcome::Collapsed),
         Ok(Fetched::Led(resp)) => Ok((gzip_for(resp, ask), Outcome::Miss { stored: true })),
         Ok(Fetched::Passed(resp)) if resp.status().is_server_error() => match fallback {
-            Some(stale) => stale_if_error(app, &stale, ask, now),
+            Some(stale) => stale_if_error(app, &stale, ask, now, StaleReason::OriginError),
             None => Ok(passed(resp, ask.headers, ask.head)),
         },
         Ok(Fetched::Passed(resp)) => Ok(passed(resp, ask.headers, ask.head)),
-        Err(e) if e.side() == Side::Upstream => match fallback {
-            Some(stale) => stale_if_error(app, &stale, ask, now),
-            None => Err(e),
+        Err(e) => match (fallback, refresh::origin_failure(&e)) {
+            (Some(stale), Some(reason)) => stale_if_error(app, &stale, ask, now, reason),
+            _ => Err(e),
         },
-        Err(e) => Err(e),
     }
 }
 
+/// The stale entry kept for a failing replica, served because of `reason`.
 fn stale_if_error(
     app: &AppState,
     entry: &Entry,
     ask: Ask<'_>,
     now: u64,
+    reason: StaleReason,
 ) -> Result<(Response<Body>, Outcome), ProxyError> {
-    app.metrics.cache_stale_if_error.inc();
-    serve::response(entry, ask, Outcome::StaleIfError, now)
-        .map(|r| (r, Outcome::StaleIfError))
-        .ok_or(ProxyError::Upstream(UpstreamError::Body(
-            "stale entry did not inflate".into(),
-        )))
+    let answer = serve::response(entry, ask, Outcome::StaleIfError, now);
+    let r = answer.ok_or(ProxyError::Upstream(UpstreamError::Body(
+        "stale entry did not inflate".into(),
+    )))?;
+    app.metrics.served_stale(reason);
+    Ok((r, Outcome::StaleIfError))
 }
 
 /// A response that was not stored, as the client gets it. The replica was asked without the

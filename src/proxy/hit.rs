@@ -190,6 +190,9 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
         }
         sanitize::forward(&app.policy, peer, &mut up);
         let key = slot.clone().unwrap_or_else(|| key.clone());
+        // Why it is stale: what the key's last refresh met (`cached::serve`).
+        app.metrics
+            .served_stale(cache.flights.stale_reason(key.hash));
         refresh::spawn(app, cache, key, up, variant.clone(), entry);
     }
     if head.method == http::Method::HEAD {
@@ -198,9 +201,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     let request_id = trusted_id.unwrap_or_else(|| app.request_ids.next());
     app.metrics.requests.inc();
     cached::count_hot(app, &head, &variant);
-    if stale {
-        app.metrics.cache_stale.inc();
-    } else {
+    if !stale {
         app.metrics.cache_hits.inc();
     }
     if from_l1 {

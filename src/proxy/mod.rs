@@ -101,7 +101,8 @@ async fn route(
     app.deploy.pin(&mut head);
     let config = app.config();
     let listen = &config.listen;
-    let body = limit_body(&head, body, listen.max_body_bytes, listen.body_read_timeout)?;
+    let limits = (listen.max_body_bytes, listen.body_read_timeout);
+    let body = limit_body(&head, body, limits, &app.metrics)?;
     head.headers.insert(X_REQUEST_ID.clone(), id.clone());
     if sanitized.upgrade {
         sanitize::forward(&app.policy, peer, &mut head);
@@ -159,12 +160,13 @@ fn trusted_request_id(peer: &Peer, head: &Parts) -> Option<HeaderValue> {
 
 /// Refuses a declared `Content-Length` over the limit at once; otherwise streams the body
 /// through a counting limit that fails the exchange (413) if it goes over, and a stall bound
-/// that fails it (408) when the client sends nothing for `stall`.
+/// that fails it (408) when the client sends nothing for `stall`. The bytes read count in
+/// `isrgate_request_body_bytes_total`.
 fn limit_body(
     head: &Parts,
     body: Incoming,
-    max: u64,
-    stall: std::time::Duration,
+    (max, stall): (u64, std::time::Duration),
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<Body, ProxyError> {
     let declared = head
         .headers
@@ -178,9 +180,16 @@ fn limit_body(
         return Ok(body::empty());
     }
     let max = usize::try_from(max).unwrap_or(usize::MAX);
+    let metrics = Arc::clone(metrics);
+    let counted = body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            metrics.request_body_bytes.add(data.len() as u64);
+        }
+        frame
+    });
     // Over the limit stays a `LengthLimitError` (413), a stall a `BodyStalled` (408); any
     // other failure is the client's.
-    Ok(Limited::new(body::Deadline::idle(body, stall), max)
+    Ok(Limited::new(body::Deadline::idle(counted, stall), max)
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() || e.is::<body::BodyStalled>() {
                 e

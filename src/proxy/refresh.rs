@@ -14,6 +14,13 @@
 //! fetched from the replica that rendered it ([`fill::Sibling`]), both with that render's time.
 //! An RSC refresh that finds the HTML already fresh refreshes the RSC alone only if the HTML is
 //! a later render than it (a miss filled it, without its sibling).
+//!
+//! Every refresh ends with a [`Refreshed`] outcome (`isrgate_refreshes_total{outcome}`). One
+//! that failed at the origin is remembered for its key ([`Flights::refresh_failed`]): the
+//! stale answers served for it afterwards count as `origin_error` / `origin_timeout`, not as
+//! stale-while-revalidate, until an entry is stored for the key.
+//!
+//! [`Flights::refresh_failed`]: crate::cache::flight::Flights::refresh_failed
 
 use std::sync::Arc;
 
@@ -26,7 +33,95 @@ use super::fill::{self, Filled, Job, Pass, Sibling};
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::key::{CacheKey, Variant};
+use crate::cache::policy::StaleReason;
+use crate::error::ProxyError;
 use crate::http::RSC;
+use crate::upstream::UpstreamError;
+
+/// How a background refresh ended (the `outcome` label of `isrgate_refreshes_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refreshed {
+    /// Rendered and stored.
+    Stored,
+    /// The answer may not be stored (private, Set-Cookie, too large…): the stale copy was
+    /// dropped.
+    Uncacheable,
+    /// Answered, not stored: the replica's own cached copy, or another build's answer.
+    NotStored,
+    /// The replica failed (5xx, connection refused or reset, no replica).
+    OriginError,
+    /// The replica did not answer in time.
+    OriginTimeout,
+    /// Failed on this side (the store, an internal error).
+    Failed,
+    /// Another gateway holds the key's fill lock: its render will land.
+    Elsewhere,
+    /// Nothing to do: the key was refreshed meanwhile.
+    Current,
+    /// Not started: `cache.max_background_refreshes` run already.
+    OverLimit,
+}
+
+impl Refreshed {
+    /// Every outcome, in `as usize` order (metrics are indexed by it).
+    pub const ALL: [Refreshed; 9] = [
+        Refreshed::Stored,
+        Refreshed::Uncacheable,
+        Refreshed::NotStored,
+        Refreshed::OriginError,
+        Refreshed::OriginTimeout,
+        Refreshed::Failed,
+        Refreshed::Elsewhere,
+        Refreshed::Current,
+        Refreshed::OverLimit,
+    ];
+
+    /// Label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refreshed::Stored => "stored",
+            Refreshed::Uncacheable => "uncacheable",
+            Refreshed::NotStored => "not_stored",
+            Refreshed::OriginError => "origin_error",
+            Refreshed::OriginTimeout => "origin_timeout",
+            Refreshed::Failed => "failed",
+            Refreshed::Elsewhere => "elsewhere",
+            Refreshed::Current => "current",
+            Refreshed::OverLimit => "over_limit",
+        }
+    }
+
+    /// How a fill that failed with `e` ended.
+    fn of_error(e: &ProxyError) -> Refreshed {
+        match origin_failure(e) {
+            Some(StaleReason::OriginTimeout) => Refreshed::OriginTimeout,
+            Some(_) => Refreshed::OriginError,
+            None => Refreshed::Failed,
+        }
+    }
+
+    /// Why the stale answers of an entry whose refresh ended so are served, from now on.
+    fn stale_reason(self) -> Option<StaleReason> {
+        match self {
+            Refreshed::OriginError => Some(StaleReason::OriginError),
+            Refreshed::OriginTimeout => Some(StaleReason::OriginTimeout),
+            _ => None,
+        }
+    }
+}
+
+/// What a failed fill says of the origin: it timed out (no response head in time, a stalled
+/// replica) or failed (anything else on the replica's side); `None` when it was not the
+/// origin's fault.
+pub(super) fn origin_failure(e: &ProxyError) -> Option<StaleReason> {
+    match e {
+        ProxyError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stalled { .. }) => {
+            Some(StaleReason::OriginTimeout)
+        }
+        e if e.side() == crate::error::Side::Upstream => Some(StaleReason::OriginError),
+        _ => None,
+    }
+}
 
 /// Starts a background refresh of `key`, whose `stale` entry was just served, unless the bound
 /// is reached.
@@ -39,6 +134,7 @@ pub fn spawn(
     stale: &Entry,
 ) {
     let Ok(permit) = Arc::clone(&cache.refresh_permits).try_acquire_owned() else {
+        app.metrics.refreshed(Refreshed::OverLimit);
         return;
     };
     anonymous(&mut head.headers);
@@ -49,10 +145,15 @@ pub fn spawn(
     let tasks = cache.tasks.clone();
     tasks.spawn(async move {
         let _permit = permit;
-        if let Some(page) = page {
-            refresh_page(&app, &cache, page, variant, rendered_at).await;
+        let hash = key.hash;
+        let outcome = if let Some(page) = page {
+            refresh_page(&app, &cache, page, variant, rendered_at).await
         } else {
-            refresh(&app, &cache, &key, head, &variant, rendered_at).await;
+            refresh(&app, &cache, &key, head, &variant, rendered_at).await
+        };
+        app.metrics.refreshed(outcome);
+        if let Some(reason) = outcome.stale_reason() {
+            cache.flights.refresh_failed(hash, reason);
         }
     });
 }
@@ -117,7 +218,7 @@ async fn refresh_page(
     page: Page,
     variant: Variant,
     stale_rendered_at: u64,
-) {
+) -> Refreshed {
     let Page {
         html_head,
         rsc_head,
@@ -147,18 +248,12 @@ async fn refresh_page(
                 coalesce::turn(app, cache, &html_key, &html_head.headers, Wait::Skip, seen).await;
             match again {
                 Turn::Fill(permit) => permit,
-                Turn::Busy => {
-                    app.metrics.refreshes_elsewhere.inc();
-                    return;
-                }
-                Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return,
+                Turn::Busy => return Refreshed::Elsewhere,
+                Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return Refreshed::Current,
             }
         }
-        Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return,
-        Turn::Busy => {
-            app.metrics.refreshes_elsewhere.inc();
-            return;
-        }
+        Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return Refreshed::Current,
+        Turn::Busy => return Refreshed::Elsewhere,
     };
     let sibling = Sibling {
         key: &rsc_key,
@@ -174,7 +269,7 @@ async fn refresh_page(
         permit,
         Some(sibling),
     )
-    .await;
+    .await
 }
 
 /// Refreshes one key on its own.
@@ -185,18 +280,15 @@ async fn refresh(
     head: Parts,
     variant: &Variant,
     stale_rendered_at: u64,
-) {
+) -> Refreshed {
     let seen = stale_rendered_at;
     let permit = match coalesce::turn(app, cache, key, &head.headers, Wait::Skip, seen).await {
         Turn::Fill(permit) => permit,
         // Refreshed just before by another request, here or on another gateway.
-        Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return,
-        Turn::Busy => {
-            app.metrics.refreshes_elsewhere.inc();
-            return;
-        }
+        Turn::Filled(_) | Turn::Pass | Turn::Elsewhere(_) => return Refreshed::Current,
+        Turn::Busy => return Refreshed::Elsewhere,
     };
-    fill_refresh(app, cache, key, head, variant, permit, None).await;
+    fill_refresh(app, cache, key, head, variant, permit, None).await
 }
 
 async fn fill_refresh(
@@ -207,22 +299,29 @@ async fn fill_refresh(
     variant: &Variant,
     permit: Option<crate::cache::flight::FillPermit>,
     sibling: Option<Sibling<'_>>,
-) {
-    app.metrics.refreshes.inc();
+) -> Refreshed {
     let job = Job::replacing(key, variant, head, sibling);
     match fill::fill(app, cache, job, permit).await {
-        Ok(Filled::Stored(..) | Filled::Streaming(_)) => {}
+        Ok(Filled::Stored(..) | Filled::Streaming(_)) => Refreshed::Stored,
         // A definitive answer that may not be stored (unpublished: a private 404; made
         // personal: Set-Cookie): the stale copy must not outlive it.
         Ok(Filled::Passed {
             why: Pass::Uncacheable,
             ..
-        }) => forget(app, cache, key).await,
+        }) => {
+            forget(app, cache, key).await;
+            Refreshed::Uncacheable
+        }
         Ok(Filled::Passed { why, .. }) => {
             tracing::debug!(key = %key.text, why = why.as_str(), "background refresh stored nothing; the stale entry stays");
+            match why {
+                Pass::Failed => Refreshed::OriginError,
+                Pass::Copy | Pass::OtherBuild | Pass::Uncacheable => Refreshed::NotStored,
+            }
         }
         Err(e) => {
             tracing::debug!(key = %key.text, error = %e, "background refresh failed; the stale entry stays");
+            Refreshed::of_error(&e)
         }
     }
 }

@@ -55,6 +55,17 @@ impl Outcome {
         }
     }
 
+    /// The `outcome` label of the request metrics (as `x-cache` says it).
+    pub fn metric(self) -> crate::metrics::CacheOutcome {
+        use crate::metrics::CacheOutcome as M;
+        match self {
+            Outcome::Hit => M::Hit,
+            Outcome::Miss { .. } | Outcome::Collapsed => M::Miss,
+            Outcome::Stale | Outcome::StaleIfError => M::Stale,
+            Outcome::Bypass => M::Bypass,
+        }
+    }
+
     /// The `Cache-Status` member (RFC 9211 §2).
     pub fn cache_status(self) -> &'static str {
         match self {

@@ -52,6 +52,7 @@ use crate::cache::sealed::Held;
 use crate::cache::sealed::Sealed;
 use crate::http::wire::{self, Framing, Parsed};
 use crate::logging::access;
+use crate::metrics::CacheOutcome;
 use crate::proxy::forwarded::Peer;
 use crate::proxy::hit::{self, Answer, Hit, Looked};
 use crate::proxy::serve::Outcome;
@@ -196,8 +197,13 @@ impl Lane<'_> {
         written
     }
 
-    /// The access line of an answer the lane wrote.
+    /// The metrics of an answer the lane wrote (always), and its access line (when on).
     fn log(&self, request: &Parts, sent: &Sent<'_>, started: Instant) {
+        let elapsed = started.elapsed();
+        let outcome = sent.outcome.map_or(CacheOutcome::None, Outcome::metric);
+        self.app
+            .metrics
+            .answered(sent.status, outcome, sent.bytes as u64, elapsed);
         if !self.app.access.enabled() {
             return;
         }
@@ -209,7 +215,7 @@ impl Lane<'_> {
             cache_status: sent.outcome.map_or("-", Outcome::cache_status),
             replica: "-",
             bytes: sent.bytes as u64,
-            elapsed: started.elapsed(),
+            elapsed,
             request_id: sent.request_id,
             host: access::host(request.headers.get(http::header::HOST), &request.uri),
             peer: self.peer.addr,

@@ -5,10 +5,10 @@
 //!    connection of every worker); at the limit a request is refused at once with 503 +
 //!    `Retry-After` instead of queueing, since a queue behind a slow replica only turns overload
 //!    into timeouts for everyone. The permit is held until the response head is ready.
-//! 2. **The access log** around everything else, shed requests included: the request's
-//!    method, target and host are kept (shared, not copied) when a line will be written, and
-//!    the line is written once the response's body is (`logging::access`). Hits the lane
-//!    answers itself are logged there.
+//! 2. **The access log and the request metrics** around everything else, shed requests
+//!    included: the request's method, target and host are kept (shared, not copied) when a
+//!    line will be written, and the duration, bytes and line are recorded once the response's
+//!    body is sent (`logging::access`). Hits the lane answers itself are recorded there.
 //! 3. **The driver** (`proxy::handle`), which never fails: errors are responses.
 //!
 //! This was a tower stack (`LoadShed` + `GlobalConcurrencyLimit` + `BoxCloneSyncService`). In a
@@ -34,18 +34,12 @@ use crate::proxy::forwarded::Peer;
 /// Runs one request through the listener's concerns and the driver.
 pub async fn call(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let logged = app
-        .access
-        .enabled()
-        .then(|| access::Request::of(&req, peer.addr, started));
+    let request = access::Request::of(&req, peer.addr, started, app.access.enabled());
     let resp = match app.concurrency.try_acquire() {
         Ok(_permit) => proxy::handle(Arc::clone(&app), peer, req).await,
         Err(_) => overloaded(&app),
     };
-    match logged {
-        Some(request) => access::respond(&app.access, request, resp),
-        None => resp,
-    }
+    access::respond(&app.access, &app.metrics, request, resp)
 }
 
 /// The shed response: the one 503 defined in `error.rs`, with a request id.

@@ -408,12 +408,14 @@ async fn stale_if_error_covers_a_failing_and_a_dead_origin() {
         (200, &b"good"[..]),
         "replica down"
     );
-    assert_eq!(gw.state.metrics.cache_stale_if_error.get(), 2);
+    // A 5xx and a refused connection: both the origin's failure.
+    assert_eq!(gw.state.metrics.stale_origin_error.get(), 2);
+    assert_eq!(gw.state.metrics.cache_stale.get(), 2);
     // Past stale-if-error too: nothing covers for the dead replica any more.
     advance(&gw, 600);
     let got = c.get(&gw.url("/p"), &[]).await;
     assert_eq!(got.status.as_u16(), 502, "{got:?}");
-    assert_eq!(gw.state.metrics.cache_stale_if_error.get(), 2);
+    assert_eq!(gw.state.metrics.stale_origin_error.get(), 2);
 }
 
 #[tokio::test]

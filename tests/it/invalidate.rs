@@ -144,8 +144,8 @@ async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
         5,
         origin.count("/news") == 2,
         "one refresh: refreshes {} elsewhere {} fallbacks {} errors {}",
-        m.refreshes.get(),
-        m.refreshes_elsewhere.get(),
+        m.refreshes_run(),
+        m.refreshes_of(isrgate::proxy::refresh::Refreshed::Elsewhere),
         m.lock_fallbacks.get(),
         m.store_errors.get()
     );
