@@ -82,7 +82,7 @@ impl Snapshot {
             bypass: m.cache_bypass.get(),
             upstream: m.proxied.get(),
             coalesced: m.coalesced_local.get() + m.coalesced_remote.get(),
-            errors_5xx: 0,
+            errors_5xx: m.request_duration.count_class(5),
             l1_bytes: app.cache.as_ref().map_or(0, |c| c.l1.size().1),
         }
     }

@@ -99,6 +99,17 @@ impl RequestDurations {
         }
     }
 
+    /// Requests answered with a status of `class` (1 to 5: `5xx` is 5), whatever the outcome.
+    pub fn count_class(&self, class: u16) -> u64 {
+        let Some(i) = usize::from(class).checked_sub(1) else {
+            return 0;
+        };
+        let n = CacheOutcome::ALL.len();
+        self.by
+            .get(i * n..(i + 1) * n)
+            .map_or(0, |hs| hs.iter().map(Histogram::count).sum())
+    }
+
     /// The histogram of one (status class, outcome), for tests.
     pub fn of(&self, status: u16, outcome: CacheOutcome) -> &Histogram {
         let class = usize::from(status / 100).clamp(1, STATUS_CLASSES.len()) - 1;
