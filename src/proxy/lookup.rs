@@ -36,7 +36,7 @@ use crate::cache::epochs::Validity;
 use crate::cache::flight::FillPermit;
 use crate::cache::key::{self, CacheKey};
 use crate::cache::lock::ReadOrLock;
-use crate::cache::policy::{self, State, Times};
+use crate::cache::policy::{self, State};
 use crate::cache::store::{Store, StoreError, Stored};
 
 /// What the cache holds for a request.
@@ -322,7 +322,7 @@ fn judge(
     now_ms: u64,
 ) -> Judged {
     if !vary_matches(&entry, headers) {
-        let fresh = policy::state(&times(&entry.meta), now_ms) == State::Fresh
+        let fresh = policy::state(&entry.meta.times(), now_ms) == State::Fresh
             && epoch_validity(cache, &entry) == Validity::Valid;
         if fresh {
             cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
@@ -330,7 +330,7 @@ fn judge(
         return elsewhere(key, &entry, headers);
     }
     let state = match (
-        policy::state(&times(&entry.meta), now_ms),
+        policy::state(&entry.meta.times(), now_ms),
         validity(app, cache, &entry),
     ) {
         (_, Validity::Invalid) | (State::Expired, _) => return Judged::miss(),
@@ -467,16 +467,6 @@ fn validity(app: &AppState, cache: &CacheState, entry: &Entry) -> Validity {
         app.metrics.cache_invalidated.inc();
     }
     v
-}
-
-/// The entry's deadlines as the policy reads them.
-pub fn times(meta: &Meta) -> Times {
-    Times {
-        stored_at: meta.stored_at_ms,
-        fresh_until: meta.fresh_until_ms,
-        stale_until: meta.stale_until_ms,
-        stale_if_error_until: meta.stale_if_error_until_ms,
-    }
 }
 
 /// Whether the request has the values of the headers the stored response varies on (beyond
