@@ -95,7 +95,7 @@ pub async fn serve(
             None
         }
         Found::StaleIfError(entry) => Some(entry),
-        Found::Miss => None,
+        Found::Miss(_) => None,
     };
     app.metrics.cache_misses.inc();
     app.metrics.missed_paths.record(head.uri.path());

@@ -168,7 +168,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     let (entry, from_l1, stale) = match &found {
         Found::Fresh { entry, from_l1 } => (entry, *from_l1, false),
         Found::Stale(entry) => (entry, false, true),
-        Found::StaleIfError(_) | Found::Miss => return lend(found),
+        Found::StaleIfError(_) | Found::Miss(_) => return lend(found),
     };
     if head.headers.contains_key(header::IF_NONE_MATCH) {
         return lend(found);
