@@ -54,6 +54,10 @@ enum Command {
     Tail(TailArgs),
     /// The rollout of builds, through Redis: which build is current on every gateway.
     Deploy(DeployArgs),
+    /// Print the debug token for the admin token in ISRGATE_ADMIN_TOKEN: sent as
+    /// x-isrgate-debug-token with x-isrgate-debug: 1, it gets the debug header from any address
+    /// (and nothing else). Rotating the admin token revokes it.
+    DebugToken(DebugTokenArgs),
     /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
     /// they are cached before users ask. Exits 0 when warmed, 1 when more targets failed than
     /// --max-failed allows, 2 when a flag or the source is unusable (nothing warmed).
@@ -135,6 +139,18 @@ fn positive_rate(s: &str) -> Result<f64, String> {
             "{s:?}: expected a number of renders per second above 0"
         )),
     }
+}
+
+#[derive(Args, Debug)]
+struct DebugTokenArgs {
+    /// The gateway's admin token.
+    #[arg(
+        long,
+        env = "ISRGATE_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
 }
 
 /// How the command line reaches a gateway's admin API.
@@ -330,6 +346,7 @@ fn main() -> ExitCode {
         Command::Tail(args) => tail(args),
         Command::Deploy(args) => deploy(args),
         Command::Warm(args) => warm(args),
+        Command::DebugToken(args) => debug_token(args),
         Command::Serve(args) => {
             let (config, file) = match config::load(
                 args.config.config.as_deref(),
@@ -500,6 +517,27 @@ fn tail(args: TailArgs) -> ExitCode {
         }
     };
     finish(done.map(|()| String::new()))
+}
+
+fn debug_token(args: DebugTokenArgs) -> ExitCode {
+    // Trimmed as the gateway reads it (a token mounted from a file ends with a newline).
+    match args
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(token) => {
+            println!("{}", isrgate::admin::debug_token(token));
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!(
+                "no admin token (--token or ISRGATE_ADMIN_TOKEN): the debug token is derived from it"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn reload(args: ReloadArgs) -> ExitCode {
