@@ -57,7 +57,7 @@ enum Command {
     /// Print the debug token for the admin token in ISRGATE_ADMIN_TOKEN: sent as
     /// x-isrgate-debug-token with x-isrgate-debug: 1, it gets the debug header from any address
     /// (and nothing else). Rotating the admin token revokes it.
-    DebugToken(DebugTokenArgs),
+    DebugToken(AdminToken),
     /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
     /// they are cached before users ask. Exits 0 when warmed, 1 when more targets failed than
     /// --max-failed allows, 2 when a flag or the source is unusable (nothing warmed).
@@ -141,8 +141,9 @@ fn positive_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The admin token, from `--token` or the environment.
 #[derive(Args, Debug)]
-struct DebugTokenArgs {
+struct AdminToken {
     /// The gateway's admin token.
     #[arg(
         long,
@@ -160,14 +161,8 @@ struct AdminArgs {
     /// admin.listen (127.0.0.1 when it listens on all addresses).
     #[arg(long, value_name = "URL")]
     gateway: Option<String>,
-    /// The gateway's admin token.
-    #[arg(
-        long,
-        env = "ISRGATE_ADMIN_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    token: Option<String>,
+    #[command(flatten)]
+    token: AdminToken,
     /// Print the gateway's JSON answer as it is.
     #[arg(long)]
     json: bool,
@@ -397,7 +392,7 @@ fn admin_client(
             gateway_of(admin.listen)
         }
     };
-    isrgate::admin::client::AdminClient::new(&base, args.token.clone(), timeout)
+    isrgate::admin::client::AdminClient::new(&base, args.token.token.clone(), timeout)
         .map_err(|e| e.to_string())
 }
 
@@ -502,7 +497,9 @@ fn tail(args: TailArgs) -> ExitCode {
         None => {
             let admin = AdminArgs {
                 gateway: args.admin.clone(),
-                token: args.token.clone(),
+                token: AdminToken {
+                    token: args.token.clone(),
+                },
                 json,
             };
             let client = match admin_client(config, &admin, std::time::Duration::from_secs(10)) {
@@ -519,7 +516,7 @@ fn tail(args: TailArgs) -> ExitCode {
     finish(done.map(|()| String::new()))
 }
 
-fn debug_token(args: DebugTokenArgs) -> ExitCode {
+fn debug_token(args: AdminToken) -> ExitCode {
     // Trimmed as the gateway reads it (a token mounted from a file ends with a newline).
     match args
         .token
