@@ -186,6 +186,14 @@ impl Server {
                 trust_forwarded_host: config.listen.trust_forwarded_host,
             },
             reject_internal_paths: config.listen.reject_internal_paths,
+            debug: config::DebugPolicy {
+                from: config.listen.debug_from.clone(),
+                token: config
+                    .admin
+                    .as_ref()
+                    .and_then(|a| a.token.as_deref())
+                    .map(admin::debug_token),
+            },
         };
         let concurrency = Arc::new(tokio::sync::Semaphore::new(
             config.listen.max_concurrent_requests,

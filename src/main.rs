@@ -54,6 +54,10 @@ enum Command {
     Tail(TailArgs),
     /// The rollout of builds, through Redis: which build is current on every gateway.
     Deploy(DeployArgs),
+    /// Print the debug token for the admin token in ISRGATE_ADMIN_TOKEN: sent as
+    /// x-isrgate-debug-token with x-isrgate-debug: 1, it gets the debug header from any address
+    /// (and nothing else). Rotating the admin token revokes it.
+    DebugToken(AdminToken),
     /// Render the pages of a sitemap, a sitemap index or a list of paths through a gateway, so
     /// they are cached before users ask. Exits 0 when warmed, 1 when more targets failed than
     /// --max-failed allows, 2 when a flag or the source is unusable (nothing warmed).
@@ -137,13 +141,9 @@ fn positive_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// How the command line reaches a gateway's admin API.
+/// The admin token, from `--token` or the environment.
 #[derive(Args, Debug)]
-struct AdminArgs {
-    /// The gateway's admin listener, http://HOST:PORT. Default: the configuration's
-    /// admin.listen (127.0.0.1 when it listens on all addresses).
-    #[arg(long, value_name = "URL")]
-    gateway: Option<String>,
+struct AdminToken {
     /// The gateway's admin token.
     #[arg(
         long,
@@ -152,6 +152,17 @@ struct AdminArgs {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+}
+
+/// How the command line reaches a gateway's admin API.
+#[derive(Args, Debug)]
+struct AdminArgs {
+    /// The gateway's admin listener, http://HOST:PORT. Default: the configuration's
+    /// admin.listen (127.0.0.1 when it listens on all addresses).
+    #[arg(long, value_name = "URL")]
+    gateway: Option<String>,
+    #[command(flatten)]
+    token: AdminToken,
     /// Print the gateway's JSON answer as it is.
     #[arg(long)]
     json: bool,
@@ -330,6 +341,7 @@ fn main() -> ExitCode {
         Command::Tail(args) => tail(args),
         Command::Deploy(args) => deploy(args),
         Command::Warm(args) => warm(args),
+        Command::DebugToken(args) => debug_token(args),
         Command::Serve(args) => {
             let (config, file) = match config::load(
                 args.config.config.as_deref(),
@@ -380,7 +392,7 @@ fn admin_client(
             gateway_of(admin.listen)
         }
     };
-    isrgate::admin::client::AdminClient::new(&base, args.token.clone(), timeout)
+    isrgate::admin::client::AdminClient::new(&base, args.token.token.clone(), timeout)
         .map_err(|e| e.to_string())
 }
 
@@ -485,7 +497,9 @@ fn tail(args: TailArgs) -> ExitCode {
         None => {
             let admin = AdminArgs {
                 gateway: args.admin.clone(),
-                token: args.token.clone(),
+                token: AdminToken {
+                    token: args.token.clone(),
+                },
                 json,
             };
             let client = match admin_client(config, &admin, std::time::Duration::from_secs(10)) {
@@ -500,6 +514,27 @@ fn tail(args: TailArgs) -> ExitCode {
         }
     };
     finish(done.map(|()| String::new()))
+}
+
+fn debug_token(args: AdminToken) -> ExitCode {
+    // Trimmed as the gateway reads it (a token mounted from a file ends with a newline).
+    match args
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(token) => {
+            println!("{}", isrgate::admin::debug_token(token));
+            ExitCode::SUCCESS
+        }
+        None => {
+            eprintln!(
+                "no admin token (--token or ISRGATE_ADMIN_TOKEN): the debug token is derived from it"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn reload(args: ReloadArgs) -> ExitCode {

@@ -13,10 +13,9 @@ use http::{HeaderValue, Request, StatusCode};
 use serde_json::{Value, json};
 
 use crate::app::{AppState, CacheState};
+use crate::cache::describe::Description;
 use crate::cache::entry::Meta;
-use crate::cache::epochs::Validity;
 use crate::cache::key::CacheKey;
-use crate::cache::policy;
 use crate::proxy::forwarded::Peer;
 
 /// The variants `isrgate inspect` knows, and the request headers a browser sends for each.
@@ -158,16 +157,14 @@ async fn held(cache: &CacheState, key: &CacheKey, now: u64) -> Value {
         Ok(m) => m,
         Err(e) => return json!({ "cached": false, "store": format!("undecodable: {e}") }),
     };
-    let times = crate::proxy::lookup::times(&meta);
-    let state = policy::state(&times, now);
-    let (validity, by) = invalidation(cache, &meta);
+    let d = Description::of(&meta, now, &cache.epochs);
     json!({
         "cached": true,
         "l1": in_l1,
         "store": true,
         "status": meta.status,
-        "state": state.as_str(),
-        "age_s": now.saturating_sub(meta.stored_at_ms) / 1000,
+        "state": d.state.as_str(),
+        "age_s": d.age_s,
         "stored_at_ms": meta.stored_at_ms,
         "fresh_until_ms": meta.fresh_until_ms,
         "stale_until_ms": meta.stale_until_ms,
@@ -175,30 +172,11 @@ async fn held(cache: &CacheState, key: &CacheKey, now: u64) -> Value {
         "tags": meta.tags,
         "bytes_at_rest": stored.meta.len() + stored.body.len(),
         "bytes": meta.identity_len,
-        "filled_by": (!meta.filled_by.is_empty()).then_some(meta.filled_by.as_str()),
-        "invalidation": validity,
-        "invalidated_by": by,
-        "vary": meta.headers.iter().filter(|(n, _)| n == http::header::VARY)
-            .filter_map(|(_, v)| v.to_str().ok()).collect::<Vec<_>>(),
+        "filled_by": d.filled_by(),
+        "invalidation": d.invalidation.as_str(),
+        "invalidated_by": d.invalidation.by,
+        "vary": d.vary().collect::<Vec<_>>(),
     })
-}
-
-/// Whether an invalidation covers the entry, and by which of its tags.
-fn invalidation(cache: &CacheState, meta: &Meta) -> (&'static str, Option<String>) {
-    let validity = cache
-        .epochs
-        .check(meta.render_epoch, meta.tags.iter().map(String::as_str));
-    let label = match validity {
-        Validity::Valid => return ("none", None),
-        Validity::Stale => "soft",
-        Validity::Invalid => "hard",
-    };
-    let by = meta
-        .tags
-        .iter()
-        .find(|t| cache.epochs.check(meta.render_epoch, [t.as_str()]) == validity)
-        .cloned();
-    (label, by)
 }
 
 /// `GET /api/inspect`.

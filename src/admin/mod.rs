@@ -214,18 +214,35 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
     bearer_ok || cookie_ok
 }
 
-/// The session cookie's value: derived from the token (HMAC-SHA256 of a fixed label), so the
-/// browser never holds the token itself; rotating the token ends every session.
+/// The session cookie's value: derived from the token ([`derive`]), so the browser never holds
+/// the token itself; rotating the token ends every session.
 fn session_value(token: &str) -> String {
+    derive(token, "isrgate admin session v1")
+}
+
+/// The debug token (`x-isrgate-debug-token`, `proxy::debug`; `isrgate debug-token` prints it):
+/// derived from the admin token ([`derive`]), so the admin token never travels on the public
+/// listener, the debug token grants nothing but the debug header, and rotating the admin token
+/// revokes it.
+pub fn debug_token(admin_token: &str) -> String {
+    derive(admin_token, "isrgate debug v1")
+}
+
+/// A credential derived from the admin token for one use: HMAC-SHA256 of `label` keyed by the
+/// token, in lower-case hex.
+fn derive(token: &str, label: &str) -> String {
     use hmac::{Hmac, Mac};
+    use std::fmt::Write as _;
     let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes())
         .expect("invariant: HMAC accepts keys of any length");
-    mac.update(b"isrgate admin session v1");
+    mac.update(label.as_bytes());
     mac.finalize()
         .into_bytes()
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::with_capacity(64), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 /// Why `/readyz` says no (the first that holds, in this order).
@@ -633,5 +650,20 @@ mod tests {
             Some(MetricsAuth::Loopback),
             peer("[::ffff:10.1.2.3]:1")
         ));
+    }
+
+    #[test]
+    fn the_debug_token_opens_nothing_on_the_admin_listener() {
+        let debug = debug_token("t0ken");
+        assert_eq!(debug.len(), 64, "{debug}");
+        assert_ne!(debug, session_value("t0ken"));
+        for (name, value) in [
+            (header::AUTHORIZATION, format!("Bearer {debug}")),
+            (header::COOKIE, format!("{COOKIE}={debug}")),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_str(&value).expect("value"));
+            assert!(!authorized(&headers, "t0ken"), "{value}");
+        }
     }
 }

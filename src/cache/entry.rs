@@ -298,6 +298,16 @@ impl InflateError {
 }
 
 impl Meta {
+    /// Its deadlines as the policy reads them.
+    pub fn times(&self) -> super::policy::Times {
+        super::policy::Times {
+            stored_at: self.stored_at_ms,
+            fresh_until: self.fresh_until_ms,
+            stale_until: self.stale_until_ms,
+            stale_if_error_until: self.stale_if_error_until_ms,
+        }
+    }
+
     /// Metadata of a response with `status` and `headers`: no times, tags or ETag yet (the
     /// fill sets the times; [`Entry::from_identity`] sets the ETag and length).
     pub fn new(status: u16, headers: Vec<(HeaderName, HeaderValue)>) -> Meta {

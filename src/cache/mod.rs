@@ -10,6 +10,8 @@
 //! - [`policy`] — admission (RFC 9111 shared-cache rules plus the Next.js rules of NEXTJS.md §9)
 //!   and freshness at a given time.
 //! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
+//! - [`describe`] — an entry as an operator reads it (state, age, invalidation): for
+//!   `isrgate inspect` and the debug header.
 //! - [`epochs`] — invalidations by epoch: which tags were invalidated when, and whether an
 //!   entry is still valid.
 //! - [`tags`] — the invalidation tags of an entry (implicit, Next.js, from response headers).
@@ -26,6 +28,7 @@
 
 pub mod control;
 pub mod decoded;
+pub mod describe;
 pub mod entry;
 pub mod epochs;
 pub mod flight;

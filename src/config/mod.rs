@@ -143,6 +143,8 @@ pub struct Listen {
     pub send_timeout: Duration,
     /// Peers whose `X-Forwarded-For/Proto` are trusted.
     pub trusted_proxies: Vec<IpNet>,
+    /// Peers whose `x-isrgate-debug` is answered (`proxy::debug`).
+    pub debug_from: Vec<IpNet>,
     /// Also trust their `X-Forwarded-Host`.
     pub trust_forwarded_host: bool,
     /// Keep header-name case as sent, both ways.
@@ -352,6 +354,11 @@ mod tests {
         assert_eq!(c.listen.addr, "0.0.0.0:8080".parse().expect("addr"));
         assert_eq!(c.upstream.replicas.len(), 1);
         assert!(c.admin.is_some());
+        let loopback: Vec<IpNet> = ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .map(|n| n.parse().expect("cidr"))
+            .collect();
+        assert_eq!(c.listen.debug_from, loopback);
     }
 }
 
@@ -364,6 +371,27 @@ pub struct SanitizePolicy {
     pub forwarded: ForwardPolicy,
     /// Refuse Next.js-internal path suffixes (`proxy::sanitize`).
     pub reject_internal_paths: bool,
+    /// Who may ask for the debug header (`proxy::debug`).
+    pub debug: DebugPolicy,
+}
+
+/// Who may ask for the debug header (`proxy::debug`), fixed per listener: `listen.debug_from`,
+/// and the debug token derived from the admin token (`admin::debug_token`).
+#[derive(Clone, Default)]
+pub struct DebugPolicy {
+    /// Peers whose own requests may ask.
+    pub from: Vec<IpNet>,
+    /// The debug token, when an admin token is configured.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for DebugPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DebugPolicy")
+            .field("from", &self.from)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Whom forwarding headers are believed from (`proxy::forwarded`), from `[listen]`.

@@ -134,6 +134,10 @@ section! {
         send_timeout: String = "60s".into(),
         /// Peers (IPs or CIDRs) whose `X-Forwarded-For` and `X-Forwarded-Proto` are trusted.
         trusted_proxies: StringList = StringList::default(),
+        /// Peers (IPs or CIDRs) whose `x-isrgate-debug: 1` is answered with the debug header
+        /// (`proxy::debug`), when they ask for themselves (not a trusted proxy, no
+        /// `X-Forwarded-For`); `[]`: only the debug token.
+        debug_from: StringList = strings(&["127.0.0.0/8", "::1/128"]),
         /// Also trust `X-Forwarded-Host` from those peers (only if they always set it themselves;
         /// AWS ALB does not, so a client could choose it).
         trust_forwarded_host: bool = false,

@@ -111,6 +111,26 @@ impl Checker<'_> {
         }
     }
 
+    /// A list of IP addresses and CIDRs (an address is its own /32 or /128).
+    fn networks(&mut self, key: &str, list: &[String]) -> Vec<IpNet> {
+        list.iter()
+            .filter_map(|t| {
+                let t = t.trim();
+                t.parse::<IpNet>()
+                    .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        self.fail(
+                            key,
+                            format!(
+                                "{t:?} is not an IP address or CIDR; write 10.0.0.0/8 or 192.0.2.7"
+                            ),
+                        )
+                    })
+                    .ok()
+            })
+            .collect()
+    }
+
     fn in_range(&mut self, key: &str, value: u64, lo: u64, hi: u64) -> u64 {
         if (lo..=hi).contains(&value) {
             value
@@ -218,25 +238,8 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
             Scheme::HTTP
         }
     };
-    let trusted_proxies = r
-        .trusted_proxies
-        .0
-        .iter()
-        .filter_map(|t| {
-            let t = t.trim();
-            t.parse::<IpNet>()
-                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    c.fail(
-                        "listen.trusted_proxies",
-                        format!(
-                            "{t:?} is not an IP address or CIDR; write 10.0.0.0/8 or 192.0.2.7"
-                        ),
-                    )
-                })
-                .ok()
-        })
-        .collect();
+    let trusted_proxies = c.networks("listen.trusted_proxies", &r.trusted_proxies.0);
+    let debug_from = c.networks("listen.debug_from", &r.debug_from.0);
     Listen {
         addr: c.socket_addr("listen.addr", &r.addr),
         workers: match c.in_range("listen.workers", r.workers, 0, 1024) {
@@ -269,6 +272,7 @@ fn listen(c: &mut Checker<'_>, raw: &Raw) -> Listen {
         reuse_port: r.reuse_port,
         send_timeout: c.duration("listen.send_timeout", &r.send_timeout, false),
         trusted_proxies,
+        debug_from,
         trust_forwarded_host: r.trust_forwarded_host,
         reject_internal_paths: r.reject_internal_paths,
         preserve_header_case: r.preserve_header_case,
@@ -795,6 +799,10 @@ mod tests {
             (
                 "[listen]\ntrusted_proxies = [\"10.0.0.0/33\"]",
                 "listen.trusted_proxies",
+            ),
+            (
+                "[listen]\ndebug_from = [\"localhost\"]",
+                "listen.debug_from",
             ),
             (
                 "[upstream]\nreplicas = [\"https://a:1\"]",

@@ -1,11 +1,12 @@
 //! HTTP vocabulary shared by every stage: header-name constants (built once, `from_static`),
 //! the body types the gateway moves around ([`body`]), gzip on the way out for what is not
-//! stored ([`gzip`]), the small answers it writes itself ([`reply`]), and HTTP/1.1 on the wire
-//! for the hit lane ([`wire`]).
+//! stored ([`gzip`]), the small answers it writes itself ([`reply`]), HTTP/1.1 on the wire
+//! for the hit lane ([`wire`]), and structured field values (RFC 8941) it writes ([`sf`]).
 
 pub mod body;
 pub mod gzip;
 pub mod reply;
+pub mod sf;
 pub mod wire;
 
 use http::HeaderName;
@@ -42,3 +43,9 @@ pub static NEXT_ROUTER_PREFETCH: HeaderName = HeaderName::from_static("next-rout
 pub static NEXT_ACTION: HeaderName = HeaderName::from_static("next-action");
 /// `x-middleware-prefetch` (a Pages Router prefetch of a middleware-handled route).
 pub static X_MIDDLEWARE_PREFETCH: HeaderName = HeaderName::from_static("x-middleware-prefetch");
+/// `x-isrgate-debug`: asked by a trusted client (`1`), answered with how the cache served the
+/// request (`proxy::debug`); never forwarded to a replica.
+pub static X_ISRGATE_DEBUG: HeaderName = HeaderName::from_static("x-isrgate-debug");
+/// `x-isrgate-debug-token`: the debug token, for a client the address rules do not trust;
+/// never forwarded to a replica.
+pub static X_ISRGATE_DEBUG_TOKEN: HeaderName = HeaderName::from_static("x-isrgate-debug-token");

@@ -8,9 +8,9 @@ use http::request::Parts;
 use http::{HeaderMap, Method, Response, header};
 
 use super::coalesce::{self, Turn, Wait};
-use super::fill::{self, Filled, Job};
+use super::fill::{self, Filled, Job, Pass};
 use super::forwarded::Peer;
-use super::lookup::{self, Found, Lookup};
+use super::lookup::{self, Found, Lookup, Missed};
 use super::refresh;
 use super::serve::{self, Ask, Outcome};
 use crate::app::{AppState, CacheState};
@@ -24,6 +24,80 @@ use crate::http::gzip;
 use crate::upstream::UpstreamError;
 use crate::upstream::pin::{Pin, is_build_asset};
 
+/// A cache candidate's answer, and what it was made from (what the debug header tells,
+/// `proxy::debug`).
+#[derive(Debug)]
+pub struct Served {
+    /// The response.
+    pub response: Response<Body>,
+    /// How it relates to the cache.
+    pub outcome: Outcome,
+    /// The key the answer belongs to (the `Vary` slot, when the lookup found one).
+    pub key: CacheKey,
+    /// The entry it was made from: a hit, a stale or collapsed answer, a render stored before
+    /// it was answered; `None` for a replica's answer (streamed while stored, or not stored).
+    pub entry: Option<Arc<Entry>>,
+    /// Why the lookup found nothing usable (`None` for a hit or a stale answer).
+    pub missed: Option<Missed>,
+    /// Why the replica's answer was not stored, when the fill said.
+    pub not_stored: Option<Pass>,
+    /// Why a stale answer was served (`Stale`, `StaleIfError`).
+    pub stale: Option<StaleReason>,
+}
+
+impl Served {
+    /// An answer from `entry`, found by the lookup.
+    fn found(response: Response<Body>, outcome: Outcome, key: CacheKey, entry: Arc<Entry>) -> Self {
+        Served {
+            response,
+            outcome,
+            key,
+            entry: Some(entry),
+            missed: None,
+            not_stored: None,
+            stale: None,
+        }
+    }
+
+    /// The answer to a miss (a render, or a stale entry kept for a failing replica).
+    fn missed(answered: Answered, key: CacheKey, missed: Missed) -> Self {
+        Served {
+            response: answered.response,
+            outcome: answered.outcome,
+            key,
+            entry: answered.entry,
+            missed: Some(missed),
+            not_stored: answered.not_stored,
+            stale: answered.stale,
+        }
+    }
+}
+
+/// A miss's answer, and what it was made from.
+struct Answered {
+    response: Response<Body>,
+    outcome: Outcome,
+    /// The entry it was made from, if any.
+    entry: Option<Arc<Entry>>,
+    /// Why the replica's answer was not stored, when the fill said.
+    not_stored: Option<Pass>,
+    /// Why a stale entry answered.
+    stale: Option<StaleReason>,
+}
+
+impl Answered {
+    /// A replica's answer.
+    fn replica((response, outcome): (Response<Body>, Outcome), not_stored: Option<Pass>) -> Self {
+        Answered {
+            response,
+            outcome,
+            entry: None,
+            not_stored,
+            stale: None,
+        }
+    }
+}
+
 /// Answers a cache candidate.
 pub async fn serve(
     app: &Arc<AppState>,
@@ -31,7 +105,7 @@ pub async fn serve(
     peer: &Peer,
     mut head: Parts,
     variant: Variant,
-) -> Result<(Response<Body>, Outcome), ProxyError> {
+) -> Result<Served, ProxyError> {
     let now = cache.clock.now_ms();
     let key = key(cache, &head, &variant);
     count_hot(app, &head, &variant);
@@ -66,7 +140,7 @@ pub async fn serve(
     } = looked;
     // Where the answer belongs: the request's `Vary` slot when the key's entry varies.
     let key = slot.unwrap_or(key);
-    let fallback = match found {
+    let (fallback, missed) = match found {
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();
@@ -74,10 +148,10 @@ pub async fn serve(
                     fill::write_back(app, cache, &key, &entry);
                     app.metrics.cache_l1_hits.inc();
                 }
-                return Ok((r, Outcome::Hit));
+                return Ok(Served::found(r, Outcome::Hit, key, entry));
             }
             corrupt(app, cache, &key);
-            None
+            (None, Missed::Corrupt)
         }
         Found::Stale(entry) => {
             // Why this answer is stale: what the key's last refresh met, not this one's.
@@ -92,39 +166,53 @@ pub async fn serve(
             );
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
                 app.metrics.served_stale(reason);
-                return Ok((r, Outcome::Stale));
+                let mut served = Served::found(r, Outcome::Stale, key, entry);
+                served.stale = Some(reason);
+                return Ok(served);
             }
             corrupt(app, cache, &key);
-            None
+            (None, Missed::Corrupt)
         }
-        Found::StaleIfError(entry) => Some(entry),
-        Found::Miss => None,
+        // Past stale-while-revalidate: kept in case the replicas fail.
+        Found::StaleIfError(entry) => (Some(entry), Missed::Expired),
+        Found::Miss(why) => (None, why),
     };
     app.metrics.missed_paths.record(head.uri.path());
-    let answered = if ask.head && fallback.is_none() {
+    if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
         super::sanitize::forward(&app.policy, peer, &mut head);
-        match Box::pin(app.upstream.send(head, body::empty())).await {
-            Ok(reply) => Ok(passed(reply.into_response(), &HeaderMap::new(), false)),
-            Err(e) => Err(e.into()),
-        }
-    } else {
-        let fill = Fill {
+        app.metrics.cache_misses.inc();
+        let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
+        let answered = passed(reply.into_response(), &HeaderMap::new(), false);
+        return Ok(Served::missed(
+            Answered::replica(answered, None),
             key,
-            head: upstream(&head),
-            variant,
-            vary: vary_view.clone(),
-            seen: fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms),
-            replaces: fallback.is_some(),
-            permit,
-        };
-        fill.answer(app, cache, fallback, ask, now).await
+            missed,
+        ));
+    }
+    let up = upstream(&head);
+    let fill = Fill {
+        // The client's answer names its key: a clone per miss (a render), none per hit.
+        key: key.clone(),
+        variant,
+        head: up,
+        vary: vary_view.clone(),
+        seen: fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms),
+        replaces: fallback.is_some(),
+        permit,
     };
+    let answered = fill.answer(app, cache, fallback, ask, now).await;
     // One outcome per request: a stale-if-error answer counted itself as stale.
-    if !matches!(answered, Ok((_, Outcome::StaleIfError))) {
+    if !matches!(
+        answered,
+        Ok(Answered {
+            outcome: Outcome::StaleIfError,
+            ..
+        })
+    ) {
         app.metrics.cache_misses.inc();
     }
-    answered
+    Ok(Served::missed(answered?, key, missed))
 }
 
 /// A miss, owned so it can outlive its request (a fill bounded by `stale_if_error_wait`).
@@ -152,14 +240,15 @@ impl Fill {
         fallback: Option<Arc<Entry>>,
         ask: Ask<'_>,
         now: u64,
-    ) -> Result<(Response<Body>, Outcome), ProxyError> {
+    ) -> Result<Answered, ProxyError> {
         let wait = cache.cfg().stale_if_error_wait;
         let fetched = match &fallback {
             Some(stale) if !wait.is_zero() => match self.bounded(app, cache, wait).await {
                 Some(fetched) => fetched,
                 None => {
                     app.metrics.stale_if_error_waits.inc();
-                    return stale_if_error(app, stale, ask, now, StaleReason::OriginTimeout);
+                    let stale = Arc::clone(stale);
+                    return stale_if_error(app, stale, ask, now, StaleReason::OriginTimeout, None);
                 }
             },
             _ => Box::pin(self.run(app, cache)).await,
@@ -222,7 +311,7 @@ impl Fill {
         Ok(match fill::fill(app, cache, job, permit).await? {
             Filled::Streaming(response) => Fetched::Led(response),
             Filled::Stored(entry, _) => Fetched::Stored(entry),
-            Filled::Passed { response, .. } => Fetched::Passed(response),
+            Filled::Passed { response, why } => Fetched::Passed(response, why),
         })
     }
 }
@@ -253,8 +342,8 @@ enum Fetched {
     Stored(Arc<Entry>),
     /// Rendered for this request: the replica's response, streaming while a copy is stored.
     Led(Response<Body>),
-    /// Not stored (uncacheable, a server error): pass it through.
-    Passed(Response<Body>),
+    /// Not stored (uncacheable, a server error), for this reason: pass it through.
+    Passed(Response<Body>, Pass),
 }
 
 /// The request's cache key (the host is the request's: `Host` or `:authority`), in the
@@ -297,43 +386,68 @@ fn answer_miss(
     fallback: Option<Arc<Entry>>,
     ask: Ask<'_>,
     now: u64,
-) -> Result<(Response<Body>, Outcome), ProxyError> {
-    let entry = |entry: &Entry, outcome| {
-        let r = serve::response(entry, ask, outcome, now).ok_or(ProxyError::Upstream(
+) -> Result<Answered, ProxyError> {
+    let entry = |entry: Arc<Entry>, outcome| {
+        let response = serve::response(&entry, ask, outcome, now).ok_or(ProxyError::Upstream(
             UpstreamError::Body("entry did not inflate".into()),
         ))?;
-        Ok((r, outcome))
+        Ok(Answered {
+            response,
+            outcome,
+            entry: Some(entry),
+            not_stored: None,
+            stale: None,
+        })
     };
     match fetched {
-        Ok(Fetched::Stored(e)) => entry(&e, Outcome::Miss { stored: true }),
-        Ok(Fetched::Followed(e)) => entry(&e, Outcome::Collapsed),
-        Ok(Fetched::Led(resp)) => Ok((gzip_for(resp, ask), Outcome::Miss { stored: true })),
-        Ok(Fetched::Passed(resp)) if resp.status().is_server_error() => match fallback {
-            Some(stale) => stale_if_error(app, &stale, ask, now, StaleReason::OriginError),
-            None => Ok(passed(resp, ask.headers, ask.head)),
+        Ok(Fetched::Stored(e)) => entry(e, Outcome::Miss { stored: true }),
+        Ok(Fetched::Followed(e)) => entry(e, Outcome::Collapsed),
+        Ok(Fetched::Led(resp)) => {
+            let answered = (gzip_for(resp, ask), Outcome::Miss { stored: true });
+            Ok(Answered::replica(answered, None))
+        }
+        Ok(Fetched::Passed(resp, why)) if resp.status().is_server_error() => match fallback {
+            Some(stale) => {
+                stale_if_error(app, stale, ask, now, StaleReason::OriginError, Some(why))
+            }
+            None => Ok(Answered::replica(
+                passed(resp, ask.headers, ask.head),
+                Some(why),
+            )),
         },
-        Ok(Fetched::Passed(resp)) => Ok(passed(resp, ask.headers, ask.head)),
+        Ok(Fetched::Passed(resp, why)) => Ok(Answered::replica(
+            passed(resp, ask.headers, ask.head),
+            Some(why),
+        )),
         Err(e) => match (fallback, refresh::origin_failure(&e)) {
-            (Some(stale), Some(reason)) => stale_if_error(app, &stale, ask, now, reason),
+            (Some(stale), Some(reason)) => stale_if_error(app, stale, ask, now, reason, None),
             _ => Err(e),
         },
     }
 }
 
-/// The stale entry kept for a failing replica, served because of `reason`.
+/// The stale entry kept for failing replicas, served because of `reason`, as the answer;
+/// `not_stored`: why the replica's own answer was not (a 5xx).
 fn stale_if_error(
     app: &AppState,
-    entry: &Entry,
+    entry: Arc<Entry>,
     ask: Ask<'_>,
     now: u64,
     reason: StaleReason,
-) -> Result<(Response<Body>, Outcome), ProxyError> {
-    let answer = serve::response(entry, ask, Outcome::StaleIfError, now);
-    let r = answer.ok_or(ProxyError::Upstream(UpstreamError::Body(
-        "stale entry did not inflate".into(),
-    )))?;
+    not_stored: Option<Pass>,
+) -> Result<Answered, ProxyError> {
+    let outcome = Outcome::StaleIfError;
+    let response = serve::response(&entry, ask, outcome, now).ok_or(ProxyError::Upstream(
+        UpstreamError::Body("stale entry did not inflate".into()),
+    ))?;
     app.metrics.served_stale(reason);
-    Ok((r, Outcome::StaleIfError))
+    Ok(Answered {
+        response,
+        outcome,
+        entry: Some(entry),
+        not_stored,
+        stale: Some(reason),
+    })
 }
 
 /// A response that was not stored, as the client gets it. The replica was asked without the

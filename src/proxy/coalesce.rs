@@ -330,7 +330,7 @@ async fn reread(
         .found
     {
         Found::Fresh { entry, .. } => Some(entry),
-        Found::Stale(_) | Found::StaleIfError(_) | Found::Miss => None,
+        Found::Stale(_) | Found::StaleIfError(_) | Found::Miss(_) => None,
     }
 }
 

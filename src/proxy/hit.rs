@@ -6,10 +6,11 @@
 //! runs the driver's own steps in the driver's order ([`super::sanitize::request`],
 //! [`super::classify`], the key, [`super::lookup`]) and answers only a plain hit, fresh or
 //! stale within stale-while-revalidate (then it starts the refresh, as the driver would): a
-//! cache candidate, no `If-None-Match` (a 304 is the driver's), no image negotiation, no
-//! `Location` to rewrite for this client. Everything else is lent to hyper and the driver, which decides
-//! it again, except the lookup: the lane's result rides along as a request extension
-//! ([`Looked`]), so a request still reads the store once, whoever answers it.
+//! cache candidate, no `If-None-Match` (a 304 is the driver's), no debug header asked by a
+//! client that may have it ([`super::debug`]), no image negotiation, no `Location` to rewrite
+//! for this client. Everything else is lent to hyper and the driver, which decides it again,
+//! except the lookup: the lane's result rides along as a request extension ([`Looked`]), so a
+//! request still reads the store once, whoever answers it.
 //!
 //! It must not go upstream itself or change the cache beyond what a lookup does (a stale hit
 //! hands its refresh to `refresh`, in the background, as the driver does); it counts only the
@@ -113,6 +114,10 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     let Some(cache) = app.cache.as_ref() else {
         return Answer::Lend(None);
     };
+    // The debug header is written in one place, the driver's (one header lookup here).
+    if super::debug::asked(&app.policy, peer, &head.headers) {
+        return Answer::Lend(None);
+    }
     // Read before sanitizing, as the driver does; a new id is drawn only for an answer.
     let trusted_id = super::trusted_request_id(peer, &head);
     let Ok(sanitized) = sanitize::request(&app.policy, peer, &mut head) else {
@@ -168,7 +173,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     let (entry, from_l1, stale) = match &found {
         Found::Fresh { entry, from_l1 } => (entry, *from_l1, false),
         Found::Stale(entry) => (entry, false, true),
-        Found::StaleIfError(_) | Found::Miss => return lend(found),
+        Found::StaleIfError(_) | Found::Miss(_) => return lend(found),
     };
     if head.headers.contains_key(header::IF_NONE_MATCH) {
         return lend(found);

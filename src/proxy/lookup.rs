@@ -2,9 +2,9 @@
 //!
 //! Receives the key and the request headers (for `Vary`); hands on what the cache has:
 //! [`Found::Fresh`] (serve it), [`Found::Stale`] (serve it and refresh in the background),
-//! [`Found::StaleIfError`] (keep it in case the replicas fail) or [`Found::Miss`]. A store that
-//! fails or times out is a miss (counted, logged at most every few seconds): Redis never fails
-//! a request. Bytes that do not decode are a miss too, and the fill overwrites them. While the
+//! [`Found::StaleIfError`] (keep it in case the replicas fail) or [`Found::Miss`] with why
+//! ([`Missed`], what the debug header says of a miss). A store that fails or times out is a
+//! miss (counted, logged at most every few seconds): Redis never fails a request. Bytes that do not decode are a miss too, and the fill overwrites them. While the
 //! gateway's invalidations are incomplete (start, bus reconnect) the store is not read: an
 //! entry purged meanwhile would look valid.
 //!
@@ -36,7 +36,7 @@ use crate::cache::epochs::Validity;
 use crate::cache::flight::FillPermit;
 use crate::cache::key::{self, CacheKey};
 use crate::cache::lock::ReadOrLock;
-use crate::cache::policy::{self, State, Times};
+use crate::cache::policy::{self, State};
 use crate::cache::store::{Store, StoreError, Stored};
 
 /// What the cache holds for a request.
@@ -53,8 +53,43 @@ pub enum Found {
     Stale(Arc<Entry>),
     /// Past stale-while-revalidate, within stale-if-error.
     StaleIfError(Arc<Entry>),
-    /// Nothing usable.
-    Miss,
+    /// Nothing usable, for this reason.
+    Miss(Missed),
+}
+
+/// Why a lookup found nothing usable: the reason a miss gives in the debug header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missed {
+    /// Nothing stored for the key (or its `Vary` slot), or another gateway is rendering it.
+    Absent,
+    /// Stored, but past every window it could be served in.
+    Expired,
+    /// Stored, and purged hard since it was rendered.
+    Invalidated,
+    /// The stored answer varies on other request headers than the slot was made for.
+    Vary,
+    /// The store was not read: this gateway's invalidations are not all loaded (start, bus
+    /// reconnect), so a shared entry could not be judged.
+    Unsynced,
+    /// The store failed or did not answer in time.
+    StoreError,
+    /// The stored bytes did not decode.
+    Corrupt,
+}
+
+impl Missed {
+    /// Label for the debug header and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Missed::Absent => "absent",
+            Missed::Expired => "expired",
+            Missed::Invalidated => "invalidated",
+            Missed::Vary => "vary",
+            Missed::Unsynced => "unsynced",
+            Missed::StoreError => "store_error",
+            Missed::Corrupt => "corrupt",
+        }
+    }
 }
 
 /// Prefix of the tag recording which `Vary` values an entry was stored for.
@@ -80,8 +115,8 @@ enum Judged {
 }
 
 impl Judged {
-    fn miss() -> Judged {
-        Judged::Found(Found::Miss)
+    fn miss(why: Missed) -> Judged {
+        Judged::Found(Found::Miss(why))
     }
 }
 
@@ -101,7 +136,7 @@ pub async fn lookup(
     };
     let found = match one(app, cache, &slot, headers, now_ms).await {
         Judged::Found(found) => found,
-        Judged::Elsewhere(_) => Found::Miss,
+        Judged::Elsewhere(_) => Found::Miss(Missed::Vary),
     };
     Lookup {
         found,
@@ -132,7 +167,7 @@ async fn one(
         return judged;
     }
     if !synced(app, cache) {
-        return Judged::miss();
+        return Judged::miss(Missed::Unsynced);
     }
     from_store(app, cache, key, headers, now_ms).await
 }
@@ -146,8 +181,8 @@ async fn from_store(
     now_ms: u64,
 ) -> Judged {
     match Box::pin(read(app, cache, key, now_ms)).await {
-        Some(entry) => judge(app, cache, key, entry, headers, now_ms),
-        None => Judged::miss(),
+        Ok(entry) => judge(app, cache, key, entry, headers, now_ms),
+        Err(why) => Judged::miss(why),
     }
 }
 
@@ -178,7 +213,7 @@ pub async fn lookup_to_fill(
     };
     let (found, permit) = match one_to_fill(app, cache, &slot, headers, now_ms).await {
         (Judged::Found(found), permit) => (found, permit),
-        (Judged::Elsewhere(_), _) => (Found::Miss, None),
+        (Judged::Elsewhere(_), _) => (Found::Miss(Missed::Vary), None),
     };
     Lookup {
         found,
@@ -199,7 +234,7 @@ async fn one_to_fill(
         return (judged, None);
     }
     if !synced(app, cache) {
-        return (Judged::miss(), None);
+        return (Judged::miss(Missed::Unsynced), None);
     }
     let flights = &cache.flights;
     let redis = match app.reads(cache) {
@@ -215,27 +250,28 @@ async fn one_to_fill(
         Ok(ReadOrLock::Entry(stored)) => {
             let judged = match decode(app, cache, key, stored) {
                 Some(entry) => judge(app, cache, key, entry, headers, now_ms),
-                None => Judged::miss(),
+                None => Judged::miss(Missed::Corrupt),
             };
             (judged, None)
         }
         Ok(ReadOrLock::Locked(held)) => match flights.try_lead(key.hash) {
             Some(mut permit) => {
                 permit.hold_fleet(redis, held, &hex);
-                (Judged::miss(), Some(permit))
+                (Judged::miss(Missed::Absent), Some(permit))
             }
             None => {
                 let redis = redis.clone();
                 cache.tasks.spawn(async move {
                     let _ = redis.unlock(&held).await;
                 });
-                (Judged::miss(), None)
+                (Judged::miss(Missed::Absent), None)
             }
         },
-        Ok(ReadOrLock::Contended) => (Judged::miss(), None),
+        // Another gateway holds the lock: nothing is stored, it is rendering.
+        Ok(ReadOrLock::Contended) => (Judged::miss(Missed::Absent), None),
         Err(e) => {
             failed(app, now_ms, &e);
-            (Judged::miss(), None)
+            (Judged::miss(Missed::StoreError), None)
         }
     }
 }
@@ -266,7 +302,7 @@ fn from_l1(
         Validity::Stale => Found::Stale(entry),
         Validity::Invalid => {
             cache.l1.remove(key.hash);
-            Found::Miss
+            Found::Miss(Missed::Invalidated)
         }
     }))
 }
@@ -277,7 +313,7 @@ fn from_l1(
 fn elsewhere(key: &CacheKey, entry: &Entry, headers: &HeaderMap) -> Judged {
     match slot_for(key, entry, headers) {
         Some(slot) => Judged::Elsewhere(slot),
-        None => Judged::miss(),
+        None => Judged::miss(Missed::Vary),
     }
 }
 
@@ -322,7 +358,7 @@ fn judge(
     now_ms: u64,
 ) -> Judged {
     if !vary_matches(&entry, headers) {
-        let fresh = policy::state(&times(&entry.meta), now_ms) == State::Fresh
+        let fresh = policy::state(&entry.meta.times(), now_ms) == State::Fresh
             && epoch_validity(cache, &entry) == Validity::Valid;
         if fresh {
             cache.l1.insert(key.hash, Arc::clone(&entry), now_ms);
@@ -330,10 +366,11 @@ fn judge(
         return elsewhere(key, &entry, headers);
     }
     let state = match (
-        policy::state(&times(&entry.meta), now_ms),
+        policy::state(&entry.meta.times(), now_ms),
         validity(app, cache, &entry),
     ) {
-        (_, Validity::Invalid) | (State::Expired, _) => return Judged::miss(),
+        (_, Validity::Invalid) => return Judged::miss(Missed::Invalidated),
+        (State::Expired, _) => return Judged::miss(Missed::Expired),
         // Invalidated softly: at most stale, whatever its own deadlines say; past its
         // stale-while-revalidate window it stays usable only for stale-if-error.
         (State::Fresh, Validity::Stale) => State::Stale,
@@ -349,7 +386,7 @@ fn judge(
         }
         State::Stale => Found::Stale(entry),
         State::StaleIfError => Found::StaleIfError(entry),
-        State::Expired => Found::Miss,
+        State::Expired => Found::Miss(Missed::Expired),
     })
 }
 
@@ -378,8 +415,8 @@ pub fn l1_fresh(
     (epoch_validity(cache, &entry) == Validity::Valid).then_some((entry, slot))
 }
 
-/// The entry the store holds for `key`, decoded; `None` for none, a store failure (counted,
-/// logged at most every few seconds) or bytes that do not decode.
+/// The entry the store holds for `key`, decoded; or why there is none: nothing stored, a
+/// store failure (counted, logged at most every few seconds), bytes that do not decode.
 ///
 /// In strict mode ([`crate::cache::decoded`] enabled) the metadata is read first: when it is
 /// exactly the metadata decoded last time for the key, that entry is the answer, without
@@ -389,29 +426,29 @@ async fn read(
     cache: &CacheState,
     key: &CacheKey,
     now_ms: u64,
-) -> Option<Arc<Entry>> {
+) -> Result<Arc<Entry>, Missed> {
     let store = app.reads(cache);
     let hex = key.hex();
     if cache.decoded.enabled() {
         match store.get_meta(&hex).await {
             Ok(Some(meta)) => {
                 if let Some(entry) = cache.decoded.get(key.hash, &meta) {
-                    return Some(entry);
+                    return Ok(entry);
                 }
             }
-            Ok(None) => return None,
+            Ok(None) => return Err(Missed::Absent),
             Err(e) => {
                 failed(app, now_ms, &e);
-                return None;
+                return Err(Missed::StoreError);
             }
         }
     }
     match store.get(&hex).await {
-        Ok(Some(stored)) => decode(app, cache, key, stored),
-        Ok(None) => None,
+        Ok(Some(stored)) => decode(app, cache, key, stored).ok_or(Missed::Corrupt),
+        Ok(None) => Err(Missed::Absent),
         Err(e) => {
             failed(app, now_ms, &e);
-            None
+            Err(Missed::StoreError)
         }
     }
 }
@@ -467,16 +504,6 @@ fn validity(app: &AppState, cache: &CacheState, entry: &Entry) -> Validity {
         app.metrics.cache_invalidated.inc();
     }
     v
-}
-
-/// The entry's deadlines as the policy reads them.
-pub fn times(meta: &Meta) -> Times {
-    Times {
-        stored_at: meta.stored_at_ms,
-        fresh_until: meta.fresh_until_ms,
-        stale_until: meta.stale_until_ms,
-        stale_if_error_until: meta.stale_if_error_until_ms,
-    }
 }
 
 /// Whether the request has the values of the headers the stored response varies on (beyond

@@ -3,6 +3,8 @@
 //! [`cached`] (key → [`lookup`] → [`serve`] | [`fill`] → serve; [`refresh`] in the background)
 //! | everything else: upstream → respond.
 //!
+//! [`debug`] tells a trusted client how the cache answered it (`x-isrgate-debug`).
+//!
 //! [`hit`] asks the same steps, without going upstream, whether the cache answers a request as
 //! it stands (for the HTTP/1.1 hit lane, `server::lane`), and lends the driver its lookup.
 //!
@@ -12,6 +14,7 @@
 pub mod cached;
 pub mod classify;
 pub mod coalesce;
+pub mod debug;
 pub mod fill;
 pub mod forwarded;
 pub mod hit;
@@ -92,6 +95,8 @@ async fn route(
     body: Incoming,
     id: &HeaderValue,
 ) -> Result<Response<Body>, ProxyError> {
+    // Read before sanitizing, which strips the ask from every request.
+    let debug = debug::asked(&app.policy, peer, &head.headers);
     let sanitized =
         sanitize::request(&app.policy, peer, &mut head).map_err(ProxyError::Rejected)?;
     if head.uri.path() == crate::invalidate::PATH {
@@ -108,21 +113,26 @@ async fn route(
         sanitize::forward(&app.policy, peer, &mut head);
         return Box::pin(tunnel::open(app, head, body, &sanitized)).await;
     }
-    let mut bypassed = false;
+    let mut bypassed = None;
     if let Some(cache) = &app.cache {
         match classify::request(&cache.cfg(), &head, !http_body::Body::is_end_stream(&body)) {
             Ok(variant) => {
-                let (mut resp, outcome) = cached::serve(app, cache, peer, head, variant).await?;
+                let asked = debug.then(|| debug::Asked::of(&head, &variant));
+                let mut served = cached::serve(app, cache, peer, head, variant).await?;
                 // A hit's head was prepared (hop-by-hop headers already gone) once per entry.
-                let prepared = matches!(outcome, serve::Outcome::Hit | serve::Outcome::Stale);
-                finish(app, &mut resp, &sanitized, !prepared);
-                return Ok(resp);
+                let prepared =
+                    matches!(served.outcome, serve::Outcome::Hit | serve::Outcome::Stale);
+                finish(app, &mut served.response, &sanitized, !prepared);
+                if let Some(asked) = asked {
+                    debug::candidate(cache, &asked, &mut served);
+                }
+                return Ok(served.response);
             }
             Err(reason) => {
                 app.metrics.cache_bypass.inc();
                 Counter::inc_at(&app.metrics.cache_bypass_by, reason as usize);
                 tracing::trace!(reason = reason.as_str(), "cache bypass");
-                bypassed = true;
+                bypassed = Some(reason);
             }
         }
     }
@@ -138,8 +148,11 @@ async fn route(
     // the response took.
     fill::strip_internal_response_headers(resp.headers_mut());
     finish(app, &mut resp, &sanitized, true);
-    if bypassed {
+    if bypassed.is_some() {
         serve::mark(resp.headers_mut(), serve::Outcome::Bypass);
+    }
+    if debug {
+        debug::bypassed(&mut resp, bypassed, app.cache.as_deref());
     }
     Ok(resp)
 }

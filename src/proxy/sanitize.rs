@@ -55,6 +55,9 @@ const INTERNAL_HEADERS: &[&str] = &[
     // @isrgate/next: the tags it reports and the mark of the gateway's own refreshes.
     "x-isrgate-tags",
     "x-isrgate-refresh",
+    // The debug header's ask and its token (`proxy::debug`): the gateway's, whoever sent them.
+    "x-isrgate-debug",
+    "x-isrgate-debug-token",
 ];
 
 /// Request headers stripped by prefix (rule 6: whole internal families).
@@ -482,6 +485,7 @@ mod tests {
                 trust_forwarded_host: false,
             },
             reject_internal_paths: true,
+            debug: Default::default(),
         }
     }
 
@@ -794,6 +798,7 @@ mod properties {
                     trust_forwarded_host: false,
                 },
                 reject_internal_paths: true,
+            debug: Default::default(),
             };
             let result = check_path(&policy, &path);
             let decoded = percent_decode_str(&path).decode_utf8_lossy().into_owned();

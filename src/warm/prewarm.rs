@@ -125,7 +125,11 @@ impl Renderer for Pinned {
             return Rendered::Failed("not a cache candidate".into());
         };
         match cached::serve(&self.app, &self.cache, &self.peer, head, variant).await {
-            Ok((resp, outcome)) => {
+            Ok(cached::Served {
+                response: resp,
+                outcome,
+                ..
+            }) => {
                 let status = resp.status();
                 // The render and the store end with the body.
                 if resp.into_body().collect().await.is_err() {

@@ -38,6 +38,33 @@ fn shipped_config_file_is_valid() {
     assert!(out.contains("configuration ok"), "{out}");
 }
 
+/// `isrgate debug-token` prints what the gateway accepts in `x-isrgate-debug-token`: derived
+/// from the admin token (trimmed, as the gateway reads it), never the token itself.
+#[test]
+fn debug_token_is_derived_from_the_admin_token() {
+    let run = |token: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("debug-token").env_remove("ISRGATE_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("ISRGATE_ADMIN_TOKEN", t);
+        }
+        let out = cmd.output().expect("run isrgate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = run(Some("s3cret\n"));
+    assert!(ok);
+    assert_eq!(out.trim(), isrgate::admin::debug_token("s3cret"));
+    assert!(!out.contains("s3cret"));
+    assert_eq!(
+        run(None),
+        (false, String::new()),
+        "no admin token, no debug token"
+    );
+}
+
 #[test]
 fn invalid_files_fail_naming_every_key() {
     let f = file(

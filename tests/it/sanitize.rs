@@ -40,6 +40,8 @@ const STRIPPED: &[(&str, &str)] = &[
     ("next-hmr-refresh", "1"),
     ("x-isrgate-tags", "t"),
     ("x-isrgate-refresh", "1"),
+    ("x-isrgate-debug", "1"),
+    ("x-isrgate-debug-token", "t"),
     ("x-nextjs-data", "1"),
     ("rsc", "0"),
     ("next-router-prefetch", "x"),
