@@ -92,9 +92,19 @@ impl Epochs {
     /// An older record for a tag never replaces a newer one, so messages may arrive in any
     /// order and twice.
     pub fn record<'a>(&self, epoch: u64, mode: Mode, tags: impl IntoIterator<Item = &'a str>) {
+        self.record_all(tags.into_iter().map(|tag| (tag, mode, epoch)));
+        // Even for no tags: the epoch was taken.
+        self.newest_recorded.fetch_max(epoch, Ordering::AcqRel);
+        self.current.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Records many invalidations, each `(tag, mode, epoch)`, under one lock (a page of a
+    /// load): as [`Epochs::record`], record by record.
+    pub fn record_all<'a>(&self, records: impl IntoIterator<Item = (&'a str, Mode, u64)>) {
+        let mut newest_recorded = 0;
         {
             let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
-            for tag in tags {
+            for (tag, mode, epoch) in records {
                 let newest = match map.get_mut(tag) {
                     Some(n) => n,
                     None => map.entry(tag.to_owned()).or_default(),
@@ -104,10 +114,20 @@ impl Epochs {
                     Mode::Hard => &mut newest.hard,
                 };
                 *slot = (*slot).max(epoch);
+                newest_recorded = newest_recorded.max(epoch);
             }
         }
-        self.newest_recorded.fetch_max(epoch, Ordering::AcqRel);
-        self.current.fetch_max(epoch, Ordering::AcqRel);
+        self.newest_recorded
+            .fetch_max(newest_recorded, Ordering::AcqRel);
+        self.current.fetch_max(newest_recorded, Ordering::AcqRel);
+    }
+
+    /// Makes room for `tags` tags in all (a load that knows how many it brings), so the map
+    /// is not grown, and rehashed under its lock, many times on the way.
+    pub fn expect_tags(&self, tags: usize) {
+        let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+        let more = tags.saturating_sub(map.len());
+        map.reserve(more);
     }
 
     /// Raises the current epoch (the store's counter, read at start).
@@ -240,6 +260,26 @@ mod tests {
         assert_eq!(e.current(), 9);
         e.forget_before(10);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_recorded_as_its_records_one_by_one() {
+        let (batch, single) = (Epochs::default(), Epochs::default());
+        let records = [
+            ("t", Mode::Hard, 9),
+            ("t", Mode::Soft, 3),
+            ("u", Mode::Soft, 4),
+        ];
+        batch.expect_tags(2);
+        batch.record_all(records);
+        for (tag, mode, epoch) in records {
+            single.record(epoch, mode, [tag]);
+        }
+        for e in [&batch, &single] {
+            assert_eq!(e.current(), 9);
+            assert_eq!(e.check(5, ["t"]), Validity::Invalid);
+            assert_eq!(e.check(3, ["u"]), Validity::Stale);
+        }
     }
 
     #[test]
