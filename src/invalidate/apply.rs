@@ -1,16 +1,18 @@
-//! Applying an invalidation (DESIGN.md "Invalidation: epochs, not deletes"): one Redis function,
-//! `isrgate_invalidate_v1` of the library in `invalidate.lua`, moves the epoch forward (never
+//! Applying an invalidation (README "Invalidate by epoch"): one Redis function,
+//! `isrgate_invalidate_v2` of the library in `invalidate.lua`, moves the epoch forward (never
 //! back, even in a Redis that lost its data), records the tag's newest soft or hard epoch in the
 //! hash `isr:inv` (fields `s:<tag>` and `h:<tag>`, so no tag can collide with the counter field
-//! `_epoch` and a soft purge never overwrites a hard one) and publishes the `inv` message on
-//! the bus, atomically, so a gateway never sees the record without the message or the other
-//! way round. O(1) in the number of entries: nothing is deleted.
+//! `_epoch` and a soft purge never overwrites a hard one) and in its index `{isr:inv}:z`, and
+//! publishes the `inv` message on the bus, atomically, so a gateway never sees the record
+//! without the message or the other way round. O(1) in the number of entries: nothing is
+//! deleted.
 //!
 //! The library is the fleet's one implementation of that step: the Next.js replicas running
-//! `@isrgate/next` call the same function for their in-app revalidations. [`load`] loads it
-//! (at start and after every bus reconnect, when Redis may have come back empty) before it
-//! reads the whole hash into the map, a page at a time; a Redis without Functions (< 7) gets the
-//! same text as a script. `super::retention` keeps the hash bounded.
+//! `@isrgate/next` call the same function for their in-app revalidations (older ones call
+//! `isrgate_invalidate_v1`, which the library keeps). [`load`] loads it (at start and after
+//! every bus reconnect, when Redis may have come back empty) before it reads the whole hash into
+//! the map, a page at a time; a Redis without Functions (< 7) gets the same text as a script.
+//! `super::retention` keeps the hash bounded.
 //!
 //! With the in-process store the invalidation is recorded in this gateway's map only.
 
@@ -21,16 +23,26 @@ use crate::bus::CHANNEL;
 use crate::cache::epochs::{Epochs, Mode};
 use crate::cache::store::{RedisStore, Store, StoreError};
 
-/// The Redis hash of invalidations; field `_epoch` is the global counter.
+/// The Redis hash of invalidations; field `_epoch` is the global counter (`invalidate.lua`
+/// lists the other `_` fields).
 pub const INV_KEY: &str = "isr:inv";
+
+/// The index of the records by epoch (a sorted set: member `s:<tag>` / `h:<tag>`, score the
+/// epoch). `{isr:inv}` is the hash tag: its content is [`INV_KEY`]'s whole name, so in a Redis
+/// Cluster every key here hashes to `INV_KEY`'s slot, as a script touching them all needs.
+pub const INDEX_KEY: &str = "{isr:inv}:z";
 
 const EPOCH_FIELD: &str = "_epoch";
 
 /// The library (`#!lua name=isrgate`): see the file for the arguments and the epoch rule.
 pub const LIBRARY: &str = include_str!("invalidate.lua");
 
-/// The function the library registers; the version is the argument list's.
-pub const FUNCTION: &str = "isrgate_invalidate_v1";
+/// The function the library registers; the version is the argument list's (v2: both keys).
+pub const FUNCTION: &str = "isrgate_invalidate_v2";
+
+/// The same function under the name callers from before the index use (one key, the index
+/// named from it): older gateways and `@isrgate/next` packages.
+pub const FUNCTION_V1: &str = "isrgate_invalidate_v1";
 
 /// Records the invalidation of `tags` in the store (and so on every gateway) and in `epochs`;
 /// returns its epoch. On error nothing was recorded anywhere.
@@ -64,13 +76,14 @@ pub async fn apply(
 /// it as a script where this Redis has no Functions (< 7) or the gateway's user may not use
 /// them.
 async fn call(redis: &RedisStore, args: Vec<String>) -> Result<String, StoreError> {
-    let pool = redis.pool();
+    let (pool, keys) = (redis.pool(), vec![INV_KEY, INDEX_KEY]);
     let first = redis
-        .bounded(pool.next().fcall(FUNCTION, INV_KEY, args.clone()))
+        .bounded(pool.next().fcall(FUNCTION, keys.clone(), args.clone()))
         .await;
     let Err(StoreError::Redis(e)) = &first else {
         return first;
     };
+    // Not found: Redis restarted empty, or an older gateway loaded its library (without v2).
     let usable = if e.details().contains("Function not found") {
         load_library(redis).await?
     } else if unsupported(e) {
@@ -79,13 +92,9 @@ async fn call(redis: &RedisStore, args: Vec<String>) -> Result<String, StoreErro
         return first;
     };
     if usable {
-        redis
-            .bounded(pool.next().fcall(FUNCTION, INV_KEY, args))
-            .await
+        redis.bounded(pool.next().fcall(FUNCTION, keys, args)).await
     } else {
-        redis
-            .bounded(pool.next().eval(script(), INV_KEY, args))
-            .await
+        redis.bounded(pool.next().eval(script(), keys, args)).await
     }
 }
 
