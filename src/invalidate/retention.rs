@@ -21,7 +21,8 @@ use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{INV_KEY, PAGE, parse_record, scan_page};
+use super::apply::INV_KEY;
+use super::load::{PAGE, parse_record, scan_page};
 use crate::app::CacheState;
 use crate::cache::store::{RedisStore, Store, StoreError};
 use crate::deploy::Deploy;
