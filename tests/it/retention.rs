@@ -9,6 +9,7 @@ use isrgate::cache::epochs::{Epochs, Validity};
 use isrgate::cache::store::{RedisStore, Store};
 use isrgate::invalidate::load::{self, Via};
 use isrgate::invalidate::retention;
+use isrgate::invalidate::snapshot::{self, Snapshot};
 
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};
@@ -89,6 +90,25 @@ async fn a_long_history_loads_in_pages_and_what_no_page_can_need_is_pruned() {
         "and from the map"
     );
     assert_eq!(cache.epochs.check(before, ["new-7"]), Validity::Invalid);
+    // The prune's snapshot holds the kept records only, and a start reads it.
+    let redis = redis_of(&gw);
+    eventually!(
+        30,
+        snapshot_records(redis).await == 60_000,
+        "the prune swapped in its snapshot"
+    );
+    let (via, epochs) = load_fresh(redis).await;
+    assert_eq!((via, epochs.len()), (Via::Snapshot, 60_000));
+}
+
+/// Records in the snapshot (0: none, or damaged).
+async fn snapshot_records(redis: &RedisStore) -> usize {
+    let bytes = snapshot::read(redis)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    Snapshot::decode(&bytes).map_or(0, |s| s.records)
 }
 
 #[tokio::test]
@@ -109,18 +129,50 @@ async fn a_prune_keeps_the_counter_recent_records_and_fields_it_does_not_know() 
     ] {
         r.cli(&["HSET", "isr:inv", field, value]);
     }
+    for field in ["h:gone", "s:gone", "s:kept", "h:kept"] {
+        let epoch = r.cli(&["HGET", "isr:inv", field]);
+        r.cli(&["ZADD", "{isr:inv}:z", epoch.trim(), field]);
+    }
     let pruned = retention::prune(redis, 50).await.expect("prune");
     assert_eq!((pruned.scanned, pruned.removed), (4, 2), "{pruned:?}");
-    let mut left: Vec<String> = r
-        .cli(&["HKEYS", "isr:inv"])
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    left.sort();
+    assert!(pruned.snapshot.is_some(), "{pruned:?}");
     assert_eq!(
-        left,
-        ["_epoch", "h:kept", "h:not-a-number", "s:kept", "x:unknown"]
+        sorted_lines(&r.cli(&["HKEYS", "isr:inv"])),
+        [
+            "_epoch",
+            "_snapped",
+            "h:kept",
+            "h:not-a-number",
+            "s:kept",
+            "x:unknown"
+        ]
     );
+    // One story in the three: the pruned records left the index too, the snapshot holds the
+    // kept ones, and the index keeps only what is newer than the snapshot (nothing here).
+    assert_eq!(r.cli(&["HGET", "isr:inv", "_snapped"]).trim(), "100");
+    assert_eq!(r.cli(&["ZCARD", "{isr:inv}:z"]).trim(), "0");
+    let bytes = snapshot::read(redis)
+        .await
+        .expect("read")
+        .expect("a snapshot");
+    let snap = Snapshot::decode(&bytes).expect("decodes");
+    let mut held: Vec<_> = snap
+        .iter()
+        .map(|(t, m, e)| format!("{}:{t}={e}", &m.as_str()[..1]))
+        .collect();
+    held.sort();
+    assert_eq!(held, ["h:kept=99", "s:kept=50"]);
+
+    // A snapshot older than the one there is never swapped in.
+    let (_, older) = snapshot::Builder::new(99).finish().expect("small");
+    assert!(!snapshot::write(redis, &older, 99).await.expect("write"));
+    assert_eq!(r.cli(&["HGET", "isr:inv", "_snapped"]).trim(), "100");
+}
+
+fn sorted_lines(s: &str) -> Vec<String> {
+    let mut lines: Vec<String> = s.lines().map(str::to_owned).collect();
+    lines.sort();
+    lines
 }
 
 /// The gateway's Redis store.
