@@ -12,6 +12,7 @@
 //! - [`entry`] — the stored entry: versioned binary metadata and a gzip-1 body.
 //! - [`epochs`] — invalidations by epoch: which tags were invalidated when, and whether an
 //!   entry is still valid.
+//! - [`frozen`] — the invalidation records of a snapshot, looked up in place in its bytes.
 //! - [`tags`] — the invalidation tags of an entry (implicit, Next.js, from response headers).
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
@@ -29,6 +30,7 @@ pub mod decoded;
 pub mod entry;
 pub mod epochs;
 pub mod flight;
+pub mod frozen;
 pub mod governor;
 pub mod key;
 pub mod l1;

@@ -33,9 +33,6 @@ use crate::cache::store::{RedisStore, Store, StoreError};
 /// took 600 ms, past the timeout, and was retried forever).
 pub(crate) const PAGE: u32 = 10_000;
 
-/// Records applied under one hold of the map's lock.
-const APPLY_BATCH: usize = 8_192;
-
 /// Tries of the fast way when a new snapshot replaced the one being read.
 const FAST_TRIES: usize = 3;
 
@@ -185,7 +182,8 @@ async fn from_snapshot(redis: &RedisStore, epochs: &Epochs) -> Result<usize, Via
             );
             return Err(Via::ScanDamaged);
         }
-        apply_snapshot(epochs, &snap);
+        let frozen = bytes.clone().and_then(|b| snap.freeze(b));
+        epochs.freeze(frozen.ok_or(Via::ScanDamaged)?);
         records = snap.records;
     }
     let (since, newest) = read_index(redis, epochs, marks.snapped)
@@ -208,18 +206,6 @@ async fn from_snapshot(redis: &RedisStore, epochs: &Epochs) -> Result<usize, Via
     Ok(records + since)
 }
 
-fn apply_snapshot(epochs: &Epochs, snap: &Snapshot<'_>) {
-    epochs.expect_tags(snap.records);
-    let mut records = snap.iter();
-    loop {
-        let mut batch = records.by_ref().take(APPLY_BATCH).peekable();
-        if batch.peek().is_none() {
-            return;
-        }
-        epochs.record_all(batch);
-    }
-}
-
 /// Applies the index's records after epoch `after`, a page at a time; how many, and the
 /// newest epoch read (0: none).
 async fn read_index(
@@ -230,6 +216,8 @@ async fn read_index(
     let zrange = CustomCommand::new_static("ZRANGEBYSCORE", ClusterHash::FirstKey, false);
     let mut min = format!("({after}");
     let (mut count, mut n, mut newest) = (PAGE, 0, 0);
+    // Members of the last page's last score: read again at the start of the next page.
+    let mut again = 0;
     loop {
         let args = vec![
             INDEX_KEY.to_owned(),
@@ -248,11 +236,12 @@ async fn read_index(
             let (tag, mode) = parse_field(field)?;
             Some((tag, mode, epoch))
         }));
-        n += page.len();
-        let Some((_, last)) = page.last() else {
+        n += page.len().saturating_sub(again);
+        let Some(&(_, last)) = page.last() else {
             return Ok((n, newest));
         };
-        newest = newest.max(score_epoch(*last).unwrap_or(0));
+        again = page.iter().rev().take_while(|(_, s)| *s == last).count();
+        newest = newest.max(score_epoch(last).unwrap_or(0));
         if page.len() < count as usize {
             return Ok((n, newest));
         }
@@ -274,6 +263,9 @@ fn score_epoch(score: f64) -> Option<u64> {
 /// Scans the whole hash into `epochs` (and a snapshot of it for the next start).
 async fn scan(redis: &RedisStore, epochs: &Epochs, why: Via) -> Result<Loaded, StoreError> {
     let mut snap = snapshot::begin(redis).await?;
+    // Room for them all at once: a map grown record by record rehashes under its lock.
+    let fields: usize = redis.bounded(redis.pool().next().hlen(INV_KEY)).await?;
+    epochs.expect_tags(fields);
     let mut n = 0;
     let mut cursor = String::from("0");
     loop {

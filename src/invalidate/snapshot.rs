@@ -23,6 +23,7 @@ use fred::types::Expiration;
 
 use super::apply::{INDEX_KEY, INV_KEY, SNAPSHOT_KEY};
 use crate::cache::epochs::Mode;
+use crate::cache::frozen::Frozen;
 use crate::cache::store::{RedisStore, StoreError};
 
 const MAGIC: &[u8; 7] = b"isrsnap";
@@ -184,6 +185,26 @@ impl<'a> Snapshot<'a> {
         // Checked by `decode`: the first failure is the end.
         std::iter::from_fn(move || next_record(&mut rest))
     }
+
+    /// Every record's offset in the bytes decoded (for [`record_at`]) and tag.
+    pub fn offsets(&self) -> impl Iterator<Item = (usize, &'a str)> + use<'a> {
+        let (body, mut rest) = (self.body, self.body);
+        std::iter::from_fn(move || {
+            let at = HEADER + body.len() - rest.len();
+            next_record(&mut rest).map(|(tag, ..)| (at, tag))
+        })
+    }
+
+    /// The records, to be looked up where they are in `bytes` (the bytes decoded).
+    pub fn freeze(&self, bytes: Bytes) -> Option<Frozen> {
+        Frozen::new(bytes, record_at, self.offsets(), self.records, self.newest)
+    }
+}
+
+/// The record at the start of `bytes` (from an offset of [`Snapshot::offsets`]).
+pub fn record_at(bytes: &[u8]) -> Option<(&str, Mode, u64)> {
+    let mut rest = bytes;
+    next_record(&mut rest)
 }
 
 fn le_u64(b: &[u8]) -> u64 {
@@ -334,6 +355,14 @@ mod tests {
             (1_700_000_000_000, 3, u64::MAX)
         );
         let all: Vec<_> = snap.iter().collect();
+        let at: Vec<_> = snap
+            .offsets()
+            .map(|(at, _)| record_at(&bytes[at..]))
+            .collect();
+        assert_eq!(at, all.iter().copied().map(Some).collect::<Vec<_>>());
+        let frozen = snap.freeze(bytes.clone()).expect("fits");
+        assert_eq!(frozen.get("path:/a"), (0, 1_699_999_999_999));
+        assert_eq!(frozen.get("é"), (u64::MAX, 0));
         assert_eq!(
             all,
             [
