@@ -2,7 +2,7 @@
 //! `isrgate_invalidate_v2` of the library in `invalidate.lua`, moves the epoch forward (never
 //! back, even in a Redis that lost its data), records the tag's newest soft or hard epoch in the
 //! hash `isr:inv` (fields `s:<tag>` and `h:<tag>`, so no tag can collide with the counter field
-//! `_epoch` and a soft purge never overwrites a hard one) and in its index `{isr:inv}:z`, and
+//! `_epoch` and a soft purge never overwrites a hard one) and in its index `isr:{isr:inv}:z`, and
 //! publishes the `inv` message on the bus, atomically, so a gateway never sees the record
 //! without the message or the other way round. O(1) in the number of entries: nothing is
 //! deleted.
@@ -29,11 +29,12 @@ pub const INV_KEY: &str = "isr:inv";
 /// The index of the records by epoch (a sorted set: member `s:<tag>` / `h:<tag>`, score the
 /// epoch), trimmed to what came after the snapshot. `{isr:inv}` is the hash tag: its content is
 /// [`INV_KEY`]'s whole name, so in a Redis Cluster every key here hashes to `INV_KEY`'s slot, as
-/// a script touching them all needs.
-pub const INDEX_KEY: &str = "{isr:inv}:z";
+/// a script touching them all needs; the `isr:` before it keeps every isrgate key under `isr:`
+/// (ACL key patterns such as `~isr:*`, `SCAN MATCH isr:*`).
+pub const INDEX_KEY: &str = "isr:{isr:inv}:z";
 
 /// The snapshot of the records (`super::snapshot`); same slot as [`INV_KEY`].
-pub const SNAPSHOT_KEY: &str = "{isr:inv}:snap";
+pub const SNAPSHOT_KEY: &str = "isr:{isr:inv}:snap";
 
 /// The library (`#!lua name=isrgate`): see the file for the arguments and the epoch rule.
 pub const LIBRARY: &str = include_str!("invalidate.lua");

@@ -6,8 +6,8 @@
 -- res.revalidate. Where Functions are missing (Redis < 7) the gateway sends the same text as a
 -- script instead (without its first line, ending in the `else` branch below).
 --
--- KEYS[1] = isr:inv, KEYS[2] = its index {isr:inv}:z (same cluster slot: the hash tag is the
--- first key's whole name); ARGV = origin (a gateway id or `next:<host>:<pid>`), mode (`soft` or
+-- KEYS[1] = isr:inv, KEYS[2] = its index isr:{isr:inv}:z (same cluster slot: the hash tag is
+-- the first key's whole name); ARGV = origin (a gateway id or `next:<host>:<pid>`), mode (`soft` or
 -- `hard`), the bus channel, the caller's newest known epoch, then the tags.
 --
 -- The new epoch is the greatest of: the stored counter + 1, the server's clock in
@@ -32,7 +32,7 @@
 -- deleted.
 local function invalidate(KEYS, ARGV)
   local inv = KEYS[1]
-  local index = KEYS[2] or ('{' .. inv .. '}:z')
+  local index = KEYS[2] or ('isr:{' .. inv .. '}:z')
   local t = redis.call('TIME')
   local was = redis.call('HMGET', inv, '_epoch', '_indexed', '_snapped')
   local counter = tonumber(was[1] or '0')

@@ -3,7 +3,7 @@
 //! arrives as messages: a load has to bring what was written before it began.
 //!
 //! The fast way costs O(snapshot) + O(records since): one read of the snapshot
-//! (`super::snapshot`), then the index `{isr:inv}:z` from the snapshot's epoch on. It is taken
+//! (`super::snapshot`), then the index `isr:{isr:inv}:z` from the snapshot's epoch on. It is taken
 //! only when the marks say it is complete ([`Marks::complete`]): the index is written by
 //! today's library (both function names), but an older library, loaded again by an older
 //! gateway during a rolling upgrade, writes records without it. Then, and when the snapshot is

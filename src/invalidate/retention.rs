@@ -12,7 +12,7 @@
 //!
 //! One gateway of the fleet prunes the store per [`EVERY`] (a Redis lock); each prunes its own
 //! map. Both a page at a time: a scan page, then a script that deletes those of its fields whose
-//! epoch is still before the horizon, from the hash and from the index `{isr:inv}:z`, so a tag
+//! epoch is still before the horizon, from the hash and from the index `isr:{isr:inv}:z`, so a tag
 //! invalidated again meanwhile keeps its record. The same scan makes the snapshot of the records
 //! kept (`super::snapshot`), swapped in at the end: hash, index and snapshot stay one story, and
 //! a start reads at most one period of the index.

@@ -1,8 +1,8 @@
-//! The compact snapshot of the invalidation records, `{isr:inv}:snap`: what a starting gateway
+//! The compact snapshot of the invalidation records, `isr:{isr:inv}:snap`: what a starting gateway
 //! reads instead of scanning the whole hash `isr:inv` (`super::load`). It holds every record
 //! whose epoch is at or before its own epoch (and maybe some newer ones: a record only ever
 //! moves a tag forward, so one too many is harmless). The records after it are in the index
-//! `{isr:inv}:z`, written by the function with the record.
+//! `isr:{isr:inv}:z`, written by the function with the record.
 //!
 //! Built from a scan of the whole hash begun after reading the counter `_epoch` (every record
 //! at or before it exists when the scan starts, and a scan returns every field present from its

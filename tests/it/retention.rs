@@ -131,7 +131,7 @@ async fn a_prune_keeps_the_counter_recent_records_and_fields_it_does_not_know() 
     }
     for field in ["h:gone", "s:gone", "s:kept", "h:kept"] {
         let epoch = r.cli(&["HGET", "isr:inv", field]);
-        r.cli(&["ZADD", "{isr:inv}:z", epoch.trim(), field]);
+        r.cli(&["ZADD", "isr:{isr:inv}:z", epoch.trim(), field]);
     }
     let pruned = retention::prune(redis, 50).await.expect("prune");
     assert_eq!((pruned.scanned, pruned.removed), (4, 2), "{pruned:?}");
@@ -150,7 +150,7 @@ async fn a_prune_keeps_the_counter_recent_records_and_fields_it_does_not_know() 
     // One story in the three: the pruned records left the index too, the snapshot holds the
     // kept ones, and the index keeps only what is newer than the snapshot (nothing here).
     assert_eq!(r.cli(&["HGET", "isr:inv", "_snapped"]).trim(), "100");
-    assert_eq!(r.cli(&["ZCARD", "{isr:inv}:z"]).trim(), "0");
+    assert_eq!(r.cli(&["ZCARD", "isr:{isr:inv}:z"]).trim(), "0");
     let bytes = snapshot::read(redis)
         .await
         .expect("read")
@@ -188,7 +188,7 @@ fn fcall(r: &RedisProcess, function: &str, tag: &str) -> u64 {
     let keys: &[&str] = if function.ends_with("v1") {
         &["1", "isr:inv"]
     } else {
-        &["2", "isr:inv", "{isr:inv}:z"]
+        &["2", "isr:inv", "isr:{isr:inv}:z"]
     };
     let mut args = vec!["FCALL", function];
     args.extend_from_slice(keys);
@@ -268,9 +268,9 @@ async fn a_damaged_snapshot_falls_back_to_a_scan_and_is_replaced() {
     assert_eq!(load_fresh(redis).await.0, Via::Snapshot);
 
     for damage in [
-        &["SETRANGE", "{isr:inv}:snap", "40", "garbage"][..],
-        &["SET", "{isr:inv}:snap", "short"],
-        &["DEL", "{isr:inv}:snap"],
+        &["SETRANGE", "isr:{isr:inv}:snap", "40", "garbage"][..],
+        &["SET", "isr:{isr:inv}:snap", "short"],
+        &["DEL", "isr:{isr:inv}:snap"],
     ] {
         r.cli(damage);
         let (via, epochs) = load_fresh(redis).await;
@@ -287,12 +287,12 @@ async fn a_damaged_snapshot_falls_back_to_a_scan_and_is_replaced() {
     // The index evicted (allkeys-lru) or deleted: a load finds its newest write missing; a
     // write finds the index gone and says so for the loads after it.
     let lost = fcall(&r, "isrgate_invalidate_v2", "lost");
-    r.cli(&["DEL", "{isr:inv}:z"]);
+    r.cli(&["DEL", "isr:{isr:inv}:z"]);
     let (via, epochs) = load_fresh(redis).await;
     assert_eq!(via, Via::ScanIndexLost);
     assert_eq!(epochs.check(lost - 1, ["lost"]), Validity::Invalid);
     let lost = fcall(&r, "isrgate_invalidate_v2", "lost-again");
-    r.cli(&["DEL", "{isr:inv}:z"]);
+    r.cli(&["DEL", "isr:{isr:inv}:z"]);
     let after = fcall(&r, "isrgate_invalidate_v2", "after-it");
     let (via, epochs) = load_fresh(redis).await;
     assert_eq!(via, Via::ScanUnindexed);
@@ -318,7 +318,7 @@ async fn records_an_older_library_wrote_after_the_snapshot_are_honoured() {
     r.cli(&["FUNCTION", "LOAD", "REPLACE", old_library]);
     let unindexed = fcall(&r, "isrgate_invalidate_v1", "by-an-old-writer");
     assert_eq!(
-        r.cli(&["ZSCORE", "{isr:inv}:z", "h:by-an-old-writer"])
+        r.cli(&["ZSCORE", "isr:{isr:inv}:z", "h:by-an-old-writer"])
             .trim(),
         ""
     );
@@ -387,7 +387,7 @@ async fn the_index_is_read_in_pages_whatever_the_epochs() {
             script,
             "2",
             "isr:inv",
-            "{isr:inv}:z",
+            "isr:{isr:inv}:z",
             prefix,
             n,
             &epoch,

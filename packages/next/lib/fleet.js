@@ -17,7 +17,7 @@ const FUNCTION = 'isrgate_invalidate_v2';
 const FUNCTION_V1 = 'isrgate_invalidate_v1';
 const INV_KEY = 'isr:inv';
 /** The records by epoch (a sorted set), written by the function; same Cluster slot as isr:inv. */
-const INDEX_KEY = '{isr:inv}:z';
+const INDEX_KEY = 'isr:{isr:inv}:z';
 /** Fields (or index members) asked for per page of isr:inv (HSCAN) or its index. */
 const SCAN_PAGE = 10000;
 const BUILDS_KEY = 'isr:builds';
