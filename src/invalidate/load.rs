@@ -213,24 +213,13 @@ async fn read_index(
     epochs: &Epochs,
     after: u64,
 ) -> Result<(usize, u64), StoreError> {
-    let zrange = CustomCommand::new_static("ZRANGEBYSCORE", ClusterHash::FirstKey, false);
+    let (mut count, mut n, mut newest) = (PAGE as usize, 0, 0);
     let mut min = format!("({after}");
-    let (mut count, mut n, mut newest) = (PAGE, 0, 0);
-    // Members of the last page's last score: read again at the start of the next page.
-    let mut again = 0;
+    // Members of the last page's last score, read again at the start of the next page; the
+    // page size that ended on the same score as the page before (one invalidation's tags).
+    let (mut again, mut stalled) = (0, None);
     loop {
-        let args = vec![
-            INDEX_KEY.to_owned(),
-            min.clone(),
-            "+inf".to_owned(),
-            "WITHSCORES".to_owned(),
-            "LIMIT".to_owned(),
-            "0".to_owned(),
-            count.to_string(),
-        ];
-        let page: Vec<(String, f64)> = redis
-            .bounded(redis.pool().next().custom(zrange.clone(), args))
-            .await?;
+        let (asked, page) = shrinking(count, 100, |c| index_page(redis, &min, c)).await?;
         epochs.record_all(page.iter().filter_map(|(field, score)| {
             let epoch = score_epoch(*score)?;
             let (tag, mode) = parse_field(field)?;
@@ -242,17 +231,46 @@ async fn read_index(
         };
         again = page.iter().rev().take_while(|(_, s)| *s == last).count();
         newest = newest.max(score_epoch(last).unwrap_or(0));
-        if page.len() < count as usize {
+        if page.len() < asked {
             return Ok((n, newest));
         }
         // The next page from this score on, again (a member of it may not have been read);
         // a page of one score only: one invalidation of more tags than a page, a larger page.
         let next = last.to_string();
         if next == min {
-            count = count.saturating_mul(2);
+            // Not even a larger page came back in time: give up (the caller scans).
+            if stalled.is_some_and(|s| asked <= s) {
+                return Err(StoreError::Unexpected(
+                    "an index page of one epoch too large",
+                ));
+            }
+            (stalled, count) = (Some(asked), asked * 2);
+        } else {
+            (stalled, count) = (None, PAGE as usize);
         }
         min = next;
     }
+}
+
+/// Up to `count` members of the index from score `min` (`(` for after), with their scores.
+async fn index_page(
+    redis: &RedisStore,
+    min: &str,
+    count: usize,
+) -> Result<Vec<(String, f64)>, StoreError> {
+    let zrange = CustomCommand::new_static("ZRANGEBYSCORE", ClusterHash::FirstKey, false);
+    let args = vec![
+        INDEX_KEY.to_owned(),
+        min.to_owned(),
+        "+inf".to_owned(),
+        "WITHSCORES".to_owned(),
+        "LIMIT".to_owned(),
+        "0".to_owned(),
+        count.to_string(),
+    ];
+    redis
+        .bounded(redis.pool().next().custom(zrange, args))
+        .await
 }
 
 /// An index score as an epoch: a whole number of ms (Redis keeps them exactly below 2^53).
@@ -358,33 +376,46 @@ async fn snapped(redis: &RedisStore) -> Result<u64, StoreError> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
-/// One `HSCAN` page of `isr:inv` from `cursor`: the next cursor (`"0"` at the end) and the
-/// fields and values, flat. A page that fails is asked again, from the same cursor (what was
-/// read stays read), for half as many fields, a few times: a slow or loaded Redis, or a slow
-/// gateway, gets pages it can answer within the command timeout.
+/// Asks `page(count)` until it answers, for half as much after each failure (never less than
+/// `floor`), five times at most: a slow or loaded Redis, or a slow gateway, gets pages it can
+/// answer within the command timeout. The caller asks from where it is: what was read stays
+/// read. Gives back how much the answer was asked for.
+pub(crate) async fn shrinking<T, Fut>(
+    count: usize,
+    floor: usize,
+    mut page: impl FnMut(usize) -> Fut,
+) -> Result<(usize, T), StoreError>
+where
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let (mut count, mut tries) = (count, 1);
+    loop {
+        match page(count).await {
+            Err(e) if tries < 5 && !matches!(e, StoreError::CircuitOpen) => {
+                tracing::debug!(error = %e, count, "a page of the invalidation records failed; asking for less");
+                count = (count / 2).max(floor);
+                tries += 1;
+            }
+            result => return result.map(|t| (count, t)),
+        }
+    }
+}
+
+/// One `HSCAN` page of `isr:inv` from `cursor` ([`shrinking`]): the next cursor (`"0"` at the
+/// end) and the fields and values, flat.
 pub(crate) async fn scan_page(
     redis: &RedisStore,
     cursor: &str,
     count: u32,
 ) -> Result<(String, Vec<String>), StoreError> {
-    let mut count = count;
-    let mut tries = 1;
-    loop {
-        match scan_page_once(redis, cursor, count).await {
-            Err(e) if tries < 5 && !matches!(e, StoreError::CircuitOpen) => {
-                tracing::debug!(error = %e, count, "an isr:inv page failed; asking for fewer fields");
-                count = (count / 2).max(100);
-                tries += 1;
-            }
-            result => return result,
-        }
-    }
+    let page = |n: usize| scan_page_once(redis, cursor, n);
+    Ok(shrinking(count as usize, 100, page).await?.1)
 }
 
 async fn scan_page_once(
     redis: &RedisStore,
     cursor: &str,
-    count: u32,
+    count: usize,
 ) -> Result<(String, Vec<String>), StoreError> {
     let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
     let args = vec![

@@ -35,6 +35,9 @@ const TRAILER: usize = 8;
 /// (250 ms carries 1 MiB at 4 MB/s).
 pub const PIECE: usize = 1 << 20;
 
+/// The smallest piece a slow link is asked for.
+const MIN_PIECE: usize = 64 << 10;
+
 /// Larger snapshots are not written (Redis takes strings up to 512 MB; about 9 million
 /// records): the starts scan the hash.
 pub const MAX_BYTES: usize = 256 << 20;
@@ -252,7 +255,8 @@ fn next_record<'a>(rest: &mut &'a [u8]) -> Option<(&'a str, Mode, u64)> {
     Some((tag, mode, varint(rest)?))
 }
 
-/// Reads the snapshot a piece at a time; `None` when there is none.
+/// Reads the snapshot a piece at a time (smaller pieces where they do not come in time);
+/// `None` when there is none.
 pub async fn read(redis: &RedisStore) -> Result<Option<Bytes>, StoreError> {
     let len: usize = redis
         .bounded(redis.pool().next().strlen(SNAPSHOT_KEY))
@@ -264,14 +268,12 @@ pub async fn read(redis: &RedisStore) -> Result<Option<Bytes>, StoreError> {
     let mut whole = BytesMut::with_capacity(len);
     while whole.len() < len {
         let start = whole.len();
-        let piece: Bytes = redis
-            .bounded(
-                redis
-                    .pool()
-                    .next()
-                    .getrange(SNAPSHOT_KEY, start, start + PIECE - 1),
-            )
-            .await?;
+        let piece = |n: usize| async move {
+            let client = redis.pool().next();
+            let range = client.getrange::<Bytes, _>(SNAPSHOT_KEY, start, start + n - 1);
+            redis.bounded(range).await
+        };
+        let (_, piece) = super::load::shrinking(PIECE, MIN_PIECE, piece).await?;
         if piece.is_empty() {
             // Replaced by a shorter one meanwhile: the checksum says so.
             break;
