@@ -143,9 +143,17 @@ impl Epochs {
         self.current.fetch_max(epoch, Ordering::AcqRel);
     }
 
-    /// Takes the records of a snapshot, in place of the previous snapshot's (a newer snapshot
-    /// holds every record an older one did, but pruned ones).
+    /// Takes the records of a snapshot, in place of the previous snapshot's. A newer snapshot
+    /// holds every record an older one did but pruned ones, unless Redis lost some (restored
+    /// from an older copy): what the previous one knew and this one does not stays, in the map,
+    /// as a load always kept what it knew (the pruned ones go at the next prune).
     pub fn freeze(&self, frozen: Frozen) {
+        if let Some(old) = self.frozen.load_full() {
+            self.record_all(old.iter().filter(|&(tag, mode, epoch)| {
+                let (soft, hard) = frozen.get(tag);
+                epoch > if mode == Mode::Hard { hard } else { soft }
+            }));
+        }
         let newest = frozen.newest();
         // Before the epochs: a check that sees them newer looks the snapshot up.
         self.frozen.store(Some(Arc::new(frozen)));
@@ -335,6 +343,18 @@ mod tests {
         );
         assert_eq!(e.check(6, ["a"]), Validity::Stale);
         assert_eq!(e.len(), 3);
+        // A newer snapshot without `a`'s hard record (Redis restored from an older copy).
+        let mut b = Builder::new(12);
+        b.push("b", Mode::Soft, 8);
+        let (_, newer) = b.finish().expect("small");
+        let snap = Snapshot::decode(&newer).expect("decodes");
+        e.freeze(snap.freeze(newer.clone()).expect("fits"));
+        assert_eq!(
+            e.check(4, ["a"]),
+            Validity::Invalid,
+            "what the older one knew stays"
+        );
+        assert_eq!(e.len(), 2, "a in the map, b in the snapshot");
         e.forget_before(8);
         assert_eq!(
             e.check(7, ["b"]),

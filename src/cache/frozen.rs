@@ -85,6 +85,16 @@ impl Frozen {
         (soft, hard)
     }
 
+    /// Every record, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Mode, u64)> {
+        let bytes = &self.bytes;
+        let read = self.read;
+        self.slots
+            .iter()
+            .filter(|o| **o != EMPTY)
+            .filter_map(move |&o| bytes.get(o as usize..).and_then(read))
+    }
+
     /// How many records.
     pub fn records(&self) -> usize {
         self.records
@@ -149,6 +159,17 @@ mod tests {
         assert_eq!(f.get("b"), (4, 0));
         assert_eq!(f.get("c"), (0, 0));
         assert_eq!((f.records(), f.newest()), (4, 9));
+        let mut all: Vec<_> = f.iter().map(|(t, m, e)| (t, m.as_str(), e)).collect();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("a", "hard", 3),
+                ("a", "hard", 5),
+                ("a", "soft", 7),
+                ("b", "soft", 4)
+            ]
+        );
     }
 
     #[test]
