@@ -3,13 +3,13 @@
 //! arrives as messages: a load has to bring what was written before it began.
 //!
 //! The fast way costs O(snapshot) + O(records since): one read of the snapshot
-//! (`super::snapshot`), then the index `isr:{isr:inv}:z` from the snapshot's epoch on. It is taken
-//! only when the marks say it is complete ([`Marks::complete`]): the index is written by
+//! (`super::snapshot`), then the index `isr:{isr:inv}:z` from the snapshot's epoch on. It is
+//! taken only when the marks say it is complete ([`Marks::complete`]): the index is written by
 //! today's library (both function names), but an older library, loaded again by an older
 //! gateway during a rolling upgrade, writes records without it. Then, and when the snapshot is
-//! damaged, the load scans the whole hash a page at a time as it always did, and leaves a
-//! snapshot for the next start ([`Loaded::leave_snapshot`]). Correctness never depends on the
-//! index; only the time a start takes does.
+//! damaged, the load scans the whole hash a page at a time as it always did (`super::scan`),
+//! and leaves a snapshot for the next start ([`Loaded::leave_snapshot`]). Correctness never
+//! depends on the index; only the time a start takes does.
 //!
 //! The marks, fields of `isr:inv` next to the counter `_epoch` (a tag's fields start with `s:`
 //! or `h:`, so none collides): `_indexed`, the epoch of the newest write that went into the
@@ -24,14 +24,10 @@ use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 
 use super::apply::{INDEX_KEY, INV_KEY, load_library};
+use super::scan::{self, PAGE, parse_field, shrinking};
 use super::snapshot::{self, Snapshot};
-use crate::cache::epochs::{Epochs, Mode};
+use crate::cache::epochs::Epochs;
 use crate::cache::store::{RedisStore, Store, StoreError};
-
-/// Fields (or index members) asked for per page: each page is one command bounded by
-/// `redis.command_timeout`, so a hash of any size loads (a single `HGETALL` of 400,000 fields
-/// took 600 ms, past the timeout, and was retried forever).
-pub(crate) const PAGE: u32 = 10_000;
 
 /// Tries of the fast way when a new snapshot replaced the one being read.
 const FAST_TRIES: usize = 3;
@@ -136,7 +132,12 @@ pub async fn load(store: &Store, epochs: &Epochs) -> Result<Loaded, StoreError> 
             }
         }
     }
-    scan(redis, epochs, why).await
+    let (records, snapshot) = scan::load_all(redis, epochs).await?;
+    Ok(Loaded {
+        records,
+        via: why,
+        snapshot,
+    })
 }
 
 /// The fast way; `Err` says why the hash must be scanned instead.
@@ -278,43 +279,6 @@ fn score_epoch(score: f64) -> Option<u64> {
     ((0.0..9.0e15).contains(&score) && score.fract() == 0.0).then_some(score as u64)
 }
 
-/// Scans the whole hash into `epochs` (and a snapshot of it for the next start).
-async fn scan(redis: &RedisStore, epochs: &Epochs, why: Via) -> Result<Loaded, StoreError> {
-    let mut snap = snapshot::begin(redis).await?;
-    // Room for them all at once: a map grown record by record rehashes under its lock.
-    let fields: usize = redis.bounded(redis.pool().next().hlen(INV_KEY)).await?;
-    epochs.expect_tags(fields);
-    let mut n = 0;
-    let mut cursor = String::from("0");
-    loop {
-        let (next, fields) = scan_page(redis, &cursor, PAGE).await?;
-        let records = fields.chunks_exact(2).filter_map(|pair| {
-            if pair[0] == MARK_FIELDS[0] {
-                if let Ok(e) = pair[1].parse() {
-                    epochs.observe(e);
-                }
-            }
-            parse_record(&pair[0], &pair[1])
-        });
-        let mut page = 0;
-        epochs.record_all(records.inspect(|&(tag, mode, epoch)| {
-            page += 1;
-            if let Some(b) = &mut snap {
-                b.push(tag, mode, epoch);
-            }
-        }));
-        n += page;
-        if next == "0" {
-            return Ok(Loaded {
-                records: n,
-                via: why,
-                snapshot: snap.and_then(snapshot::Builder::finish),
-            });
-        }
-        cursor = next;
-    }
-}
-
 /// The marks of `isr:inv` (the module's doc), each 0 when missing.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Marks {
@@ -376,86 +340,9 @@ async fn snapped(redis: &RedisStore) -> Result<u64, StoreError> {
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
-/// Asks `page(count)` until it answers, for half as much after each failure (never less than
-/// `floor`), five times at most: a slow or loaded Redis, or a slow gateway, gets pages it can
-/// answer within the command timeout. The caller asks from where it is: what was read stays
-/// read. Gives back how much the answer was asked for.
-pub(crate) async fn shrinking<T, Fut>(
-    count: usize,
-    floor: usize,
-    mut page: impl FnMut(usize) -> Fut,
-) -> Result<(usize, T), StoreError>
-where
-    Fut: Future<Output = Result<T, StoreError>>,
-{
-    let (mut count, mut tries) = (count, 1);
-    loop {
-        match page(count).await {
-            Err(e) if tries < 5 && !matches!(e, StoreError::CircuitOpen) => {
-                tracing::debug!(error = %e, count, "a page of the invalidation records failed; asking for less");
-                count = (count / 2).max(floor);
-                tries += 1;
-            }
-            result => return result.map(|t| (count, t)),
-        }
-    }
-}
-
-/// One `HSCAN` page of `isr:inv` from `cursor` ([`shrinking`]): the next cursor (`"0"` at the
-/// end) and the fields and values, flat.
-pub(crate) async fn scan_page(
-    redis: &RedisStore,
-    cursor: &str,
-    count: u32,
-) -> Result<(String, Vec<String>), StoreError> {
-    let page = |n: usize| scan_page_once(redis, cursor, n);
-    Ok(shrinking(count as usize, 100, page).await?.1)
-}
-
-async fn scan_page_once(
-    redis: &RedisStore,
-    cursor: &str,
-    count: usize,
-) -> Result<(String, Vec<String>), StoreError> {
-    let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
-    let args = vec![
-        INV_KEY.to_owned(),
-        cursor.to_owned(),
-        "COUNT".to_owned(),
-        count.to_string(),
-    ];
-    redis.bounded(redis.pool().next().custom(hscan, args)).await
-}
-
-/// A field `s:<tag>` / `h:<tag>` and its epoch; anything else is skipped.
-pub(crate) fn parse_record<'a>(field: &'a str, value: &str) -> Option<(&'a str, Mode, u64)> {
-    let (tag, mode) = parse_field(field)?;
-    Some((tag, mode, value.parse().ok()?))
-}
-
-fn parse_field(field: &str) -> Option<(&str, Mode)> {
-    match field.split_once(':')? {
-        ("s", tag) => Some((tag, Mode::Soft)),
-        ("h", tag) => Some((tag, Mode::Hard)),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn records_parse_or_are_skipped() {
-        assert_eq!(parse_record("h:t", "12"), Some(("t", Mode::Hard, 12)));
-        assert_eq!(
-            parse_record("s:_epoch", "3"),
-            Some(("_epoch", Mode::Soft, 3))
-        );
-        for (field, value) in [("t", "12"), ("x:t", "1"), ("s:t", "x"), ("_epoch", "4")] {
-            assert_eq!(parse_record(field, value), None, "{field}");
-        }
-    }
 
     fn marks(counter: u64, indexed: u64, unindexed: u64, snapped: u64) -> Marks {
         Marks {

@@ -22,6 +22,7 @@ pub mod log;
 pub mod retention;
 pub mod rewarm;
 pub mod rules;
+pub mod scan;
 pub mod snapshot;
 pub mod webhook;
 

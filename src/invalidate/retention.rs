@@ -25,7 +25,7 @@ use fred::types::{Expiration, SetOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{INDEX_KEY, INV_KEY};
-use super::load::{PAGE, parse_record, scan_page};
+use super::scan::{PAGE, parse_record, scan_page};
 use super::snapshot;
 use crate::app::CacheState;
 use crate::cache::store::{RedisStore, Store, StoreError};

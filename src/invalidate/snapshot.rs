@@ -273,7 +273,7 @@ pub async fn read(redis: &RedisStore) -> Result<Option<Bytes>, StoreError> {
             let range = client.getrange::<Bytes, _>(SNAPSHOT_KEY, start, start + n - 1);
             redis.bounded(range).await
         };
-        let (_, piece) = super::load::shrinking(PIECE, MIN_PIECE, piece).await?;
+        let (_, piece) = super::scan::shrinking(PIECE, MIN_PIECE, piece).await?;
         if piece.is_empty() {
             // Replaced by a shorter one meanwhile: the checksum says so.
             break;
