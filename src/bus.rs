@@ -246,7 +246,7 @@ impl Bus {
         let subscriber = Builder::from_config(settings.fred_config()?)
             .with_config(|c| c.fail_fast = false)
             .with_performance_config(|c| c.broadcast_channel_capacity = 4096)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
+            .set_policy(crate::cache::store::reconnect_policy())
             .build_subscriber_client()?;
         Ok(Bus {
             subscriber,

@@ -8,12 +8,17 @@
 //! invalidated, and one map lookup per tag otherwise.
 //!
 //! This module holds this gateway's copy of the map (filled from Redis at start and after each
-//! reconnect, updated from the bus, or applied directly with the in-process store). No sockets,
-//! no clock.
+//! reconnect, updated from the bus, or applied directly with the in-process store): the records
+//! of the last snapshot loaded, [`Frozen`] where they lie in its bytes, and a map of the others.
+//! No sockets, no clock.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use arc_swap::ArcSwapOption;
+
+use super::frozen::Frozen;
 
 /// How an invalidated entry is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +70,9 @@ pub struct Epochs {
     /// Per tag: the newest soft and the newest hard epoch (0: none). Kept apart, so a soft
     /// purge after a hard one never brings back entries the hard one removed.
     tags: RwLock<HashMap<String, Newest>>,
+    /// The records of the last snapshot loaded (a tag's newest epochs are the greater of these
+    /// and `tags`'s).
+    frozen: ArcSwapOption<Frozen>,
     /// Bumped each time the map may have missed invalidations (a shared store at start, every
     /// bus reconnect): see [`Epochs::unsynced`].
     sync_wanted: AtomicU64,
@@ -92,9 +100,19 @@ impl Epochs {
     /// An older record for a tag never replaces a newer one, so messages may arrive in any
     /// order and twice.
     pub fn record<'a>(&self, epoch: u64, mode: Mode, tags: impl IntoIterator<Item = &'a str>) {
+        self.record_all(tags.into_iter().map(|tag| (tag, mode, epoch)));
+        // Even for no tags: the epoch was taken.
+        self.newest_recorded.fetch_max(epoch, Ordering::AcqRel);
+        self.current.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Records many invalidations, each `(tag, mode, epoch)`, under one lock (a page of a
+    /// load): as [`Epochs::record`], record by record.
+    pub fn record_all<'a>(&self, records: impl IntoIterator<Item = (&'a str, Mode, u64)>) {
+        let mut newest_recorded = 0;
         {
             let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
-            for tag in tags {
+            for (tag, mode, epoch) in records {
                 let newest = match map.get_mut(tag) {
                     Some(n) => n,
                     None => map.entry(tag.to_owned()).or_default(),
@@ -104,15 +122,43 @@ impl Epochs {
                     Mode::Hard => &mut newest.hard,
                 };
                 *slot = (*slot).max(epoch);
+                newest_recorded = newest_recorded.max(epoch);
             }
         }
-        self.newest_recorded.fetch_max(epoch, Ordering::AcqRel);
-        self.current.fetch_max(epoch, Ordering::AcqRel);
+        self.newest_recorded
+            .fetch_max(newest_recorded, Ordering::AcqRel);
+        self.current.fetch_max(newest_recorded, Ordering::AcqRel);
+    }
+
+    /// Makes room for `tags` tags in all (a load that knows how many it brings), so the map
+    /// is not grown, and rehashed under its lock, many times on the way.
+    pub fn expect_tags(&self, tags: usize) {
+        let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+        let more = tags.saturating_sub(map.len());
+        map.reserve(more);
     }
 
     /// Raises the current epoch (the store's counter, read at start).
     pub fn observe(&self, epoch: u64) {
         self.current.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Takes the records of a snapshot, in place of the previous snapshot's. A newer snapshot
+    /// holds every record an older one did but pruned ones, unless Redis lost some (restored
+    /// from an older copy): what the previous one knew and this one does not stays, in the map,
+    /// as a load always kept what it knew (the pruned ones go at the next prune).
+    pub fn freeze(&self, frozen: Frozen) {
+        if let Some(old) = self.frozen.load_full() {
+            self.record_all(old.iter().filter(|&(tag, mode, epoch)| {
+                let (soft, hard) = frozen.get(tag);
+                epoch > if mode == Mode::Hard { hard } else { soft }
+            }));
+        }
+        let newest = frozen.newest();
+        // Before the epochs: a check that sees them newer looks the snapshot up.
+        self.frozen.store(Some(Arc::new(frozen)));
+        self.newest_recorded.fetch_max(newest, Ordering::AcqRel);
+        self.current.fetch_max(newest, Ordering::AcqRel);
     }
 
     /// Whether an entry rendered at `render_epoch` with `tags` is still valid.
@@ -125,23 +171,30 @@ impl Epochs {
             return Validity::Valid;
         }
         let map = self.tags.read().unwrap_or_else(|p| p.into_inner());
+        let frozen = self.frozen.load();
         let mut worst = Validity::Valid;
         for tag in tags {
-            if let Some(n) = map.get(tag) {
-                if n.hard > render_epoch {
-                    return Validity::Invalid;
-                }
-                if n.soft > render_epoch {
-                    worst = Validity::Stale;
-                }
+            let mut n = map.get(tag).copied().unwrap_or_default();
+            if let Some(f) = frozen.as_deref() {
+                let (soft, hard) = f.get(tag);
+                n.soft = n.soft.max(soft);
+                n.hard = n.hard.max(hard);
+            }
+            if n.hard > render_epoch {
+                return Validity::Invalid;
+            }
+            if n.soft > render_epoch {
+                worst = Validity::Stale;
             }
         }
         worst
     }
 
-    /// Number of tags recorded (dashboard).
+    /// Number of tags recorded (dashboard): a tag both in the snapshot and recorded since
+    /// counts twice, as does a tag with a soft and a hard record in the snapshot.
     pub fn len(&self) -> usize {
-        self.tags.read().unwrap_or_else(|p| p.into_inner()).len()
+        let frozen = self.frozen.load().as_deref().map_or(0, Frozen::records);
+        self.tags.read().unwrap_or_else(|p| p.into_inner()).len() + frozen
     }
 
     /// Whether nothing was ever invalidated.
@@ -188,8 +241,13 @@ impl Epochs {
         self.sync_done.load(Ordering::Acquire) > 0 || self.sync_wanted.load(Ordering::Acquire) == 0
     }
 
-    /// Drops records older than `epoch` (entries rendered before it have expired).
+    /// Drops records older than `epoch` (entries rendered before it have expired): the
+    /// snapshot's once all of them are.
     pub fn forget_before(&self, epoch: u64) {
+        self.frozen.rcu(|f| match f {
+            Some(f) if f.newest() < epoch => None,
+            other => other.clone(),
+        });
         let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, n| n.soft.max(n.hard) >= epoch);
     }
@@ -240,6 +298,72 @@ mod tests {
         assert_eq!(e.current(), 9);
         e.forget_before(10);
         assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_recorded_as_its_records_one_by_one() {
+        let (batch, single) = (Epochs::default(), Epochs::default());
+        let records = [
+            ("t", Mode::Hard, 9),
+            ("t", Mode::Soft, 3),
+            ("u", Mode::Soft, 4),
+        ];
+        batch.expect_tags(2);
+        batch.record_all(records);
+        for (tag, mode, epoch) in records {
+            single.record(epoch, mode, [tag]);
+        }
+        for e in [&batch, &single] {
+            assert_eq!(e.current(), 9);
+            assert_eq!(e.check(5, ["t"]), Validity::Invalid);
+            assert_eq!(e.check(3, ["u"]), Validity::Stale);
+        }
+    }
+
+    #[test]
+    fn a_snapshots_records_count_with_the_map_and_go_once_all_are_old() {
+        use crate::invalidate::snapshot::{Builder, Snapshot};
+        let mut b = Builder::new(10);
+        b.push("a", Mode::Hard, 5);
+        b.push("b", Mode::Soft, 8);
+        let (_, bytes) = b.finish().expect("small");
+        let snap = Snapshot::decode(&bytes).expect("decodes");
+        let e = Epochs::default();
+        e.freeze(snap.freeze(bytes.clone()).expect("fits"));
+        assert_eq!(e.current(), 8);
+        assert_eq!(e.check(4, ["x", "a"]), Validity::Invalid);
+        assert_eq!(e.check(7, ["b"]), Validity::Stale);
+        assert_eq!(e.check(5, ["a"]), Validity::Valid);
+
+        e.record(9, Mode::Soft, ["a"]);
+        assert_eq!(
+            e.check(4, ["a"]),
+            Validity::Invalid,
+            "the snapshot's hard record still counts"
+        );
+        assert_eq!(e.check(6, ["a"]), Validity::Stale);
+        assert_eq!(e.len(), 3);
+        // A newer snapshot without `a`'s hard record (Redis restored from an older copy).
+        let mut b = Builder::new(12);
+        b.push("b", Mode::Soft, 8);
+        let (_, newer) = b.finish().expect("small");
+        let snap = Snapshot::decode(&newer).expect("decodes");
+        e.freeze(snap.freeze(newer.clone()).expect("fits"));
+        assert_eq!(
+            e.check(4, ["a"]),
+            Validity::Invalid,
+            "what the older one knew stays"
+        );
+        assert_eq!(e.len(), 2, "a in the map, b in the snapshot");
+        e.forget_before(8);
+        assert_eq!(
+            e.check(7, ["b"]),
+            Validity::Stale,
+            "one of its records is recent"
+        );
+        e.forget_before(9);
+        assert_eq!(e.check(7, ["b"]), Validity::Valid, "all are old: gone");
+        assert_eq!(e.len(), 1);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   `isrgate inspect` and the debug header.
 //! - [`epochs`] — invalidations by epoch: which tags were invalidated when, and whether an
 //!   entry is still valid.
+//! - [`frozen`] — the invalidation records of a snapshot, looked up in place in its bytes.
 //! - [`tags`] — the invalidation tags of an entry (implicit, Next.js, from response headers).
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
@@ -32,6 +33,7 @@ pub mod describe;
 pub mod entry;
 pub mod epochs;
 pub mod flight;
+pub mod frozen;
 pub mod governor;
 pub mod key;
 pub mod l1;

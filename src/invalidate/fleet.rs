@@ -242,17 +242,19 @@ impl BusListener {
     }
 
     /// Reads every invalidation again, until it succeeds: a missed one would keep old pages
-    /// valid.
+    /// valid. Then leaves a snapshot for the next start, if the load had to make one.
     fn reload(&self) {
         let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
         let generation = epochs.unsynced();
         self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(100);
+            let started = Instant::now();
             loop {
-                match crate::invalidate::apply::load(&store, &epochs).await {
-                    Ok(n) => {
+                match crate::invalidate::load::load(&store, &epochs).await {
+                    Ok(loaded) => {
                         epochs.synced(generation);
-                        tracing::debug!(tags = n, "invalidations loaded");
+                        tracing::info!(records = loaded.records, via = loaded.via.as_str(), took_ms = started.elapsed().as_millis(), "invalidations loaded");
+                        loaded.leave_snapshot(&store).await;
                         return;
                     }
                     Err(e) => {

@@ -17,10 +17,13 @@ pub mod auth;
 pub mod cms;
 pub mod fanout;
 pub mod fleet;
+pub mod load;
 pub mod log;
 pub mod retention;
 pub mod rewarm;
 pub mod rules;
+pub mod scan;
+pub mod snapshot;
 pub mod webhook;
 
 use std::sync::Arc;

@@ -12,7 +12,10 @@
 //!
 //! One gateway of the fleet prunes the store per [`EVERY`] (a Redis lock); each prunes its own
 //! map. Both a page at a time: a scan page, then a script that deletes those of its fields whose
-//! epoch is still before the horizon, so a tag invalidated again meanwhile keeps its record.
+//! epoch is still before the horizon, from the hash and from the index `isr:{isr:inv}:z`, so a tag
+//! invalidated again meanwhile keeps its record. The same scan makes the snapshot of the records
+//! kept (`super::snapshot`), swapped in at the end: hash, index and snapshot stay one story, and
+//! a start reads at most one period of the index.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,9 @@ use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{INV_KEY, PAGE, parse_record, scan_page};
+use super::apply::{INDEX_KEY, INV_KEY};
+use super::scan::{PAGE, parse_record, scan_page};
+use super::snapshot;
 use crate::app::CacheState;
 use crate::cache::store::{RedisStore, Store, StoreError};
 use crate::deploy::Deploy;
@@ -42,7 +47,8 @@ const DELETE_BATCH: usize = 1_000;
 /// After a prune that failed: the next try (the lock was given back).
 const RETRY: Duration = Duration::from_secs(30);
 
-/// Deletes the fields of ARGV[2..] whose epoch is still older than ARGV[1]; returns how many.
+/// Deletes the fields of ARGV[2..] whose epoch is still older than ARGV[1], from the hash
+/// KEYS[1] and its index KEYS[2]; returns how many.
 const PRUNE_SCRIPT: &str = r"
 local horizon = tonumber(ARGV[1])
 local removed = 0
@@ -50,6 +56,7 @@ for i = 2, #ARGV do
   local v = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
   if v and v < horizon then
     redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
     removed = removed + 1
   end
 end
@@ -71,21 +78,27 @@ pub struct Pruned {
     pub scanned: usize,
     /// Records deleted.
     pub removed: usize,
+    /// Bytes of the snapshot swapped in (`None`: none was).
+    pub snapshot: Option<usize>,
 }
 
-/// Deletes the records of `isr:inv` older than `horizon`, a page at a time (each command
-/// bounded by `redis.command_timeout`). The counter field is never touched.
+/// Deletes the records of `isr:inv` (and of its index) older than `horizon`, a page at a time
+/// (each command bounded by `redis.command_timeout`), and swaps in a snapshot of the others.
+/// The marks (`_epoch`, …) are never touched.
 pub async fn prune(redis: &RedisStore, horizon: u64) -> Result<Pruned, StoreError> {
     let mut done = Pruned::default();
+    let mut snap = snapshot::begin(redis).await?;
     let mut cursor = String::from("0");
     loop {
         let (next, fields) = scan_page(redis, &cursor, PAGE).await?;
         let mut old: Vec<&str> = Vec::new();
         for pair in fields.chunks_exact(2) {
-            if let Some((_, _, epoch)) = parse_record(&pair[0], &pair[1]) {
+            if let Some((tag, mode, epoch)) = parse_record(&pair[0], &pair[1]) {
                 done.scanned += 1;
                 if epoch < horizon {
                     old.push(&pair[0]);
+                } else if let Some(b) = &mut snap {
+                    b.push(tag, mode, epoch);
                 }
             }
         }
@@ -94,16 +107,25 @@ pub async fn prune(redis: &RedisStore, horizon: u64) -> Result<Pruned, StoreErro
             let mut args = Vec::with_capacity(batch.len() + 1);
             args.push(horizon.to_string());
             args.extend(batch.iter().map(|f| (*f).to_owned()));
+            let keys = vec![INV_KEY, INDEX_KEY];
             let removed: u64 = redis
-                .bounded(redis.pool().next().eval(PRUNE_SCRIPT, INV_KEY, args))
+                .bounded(redis.pool().next().eval(PRUNE_SCRIPT, keys, args))
                 .await?;
             done.removed += usize::try_from(removed).unwrap_or(usize::MAX);
         }
         if next == "0" {
-            return Ok(done);
+            break;
         }
         cursor = next;
     }
+    if let Some((epoch, bytes)) = snap.and_then(snapshot::Builder::finish) {
+        match snapshot::write(redis, &bytes, epoch).await {
+            Ok(swapped) => done.snapshot = swapped.then_some(bytes.len()),
+            // The prune itself is done; the next start scans.
+            Err(e) => tracing::warn!(error = %e, "could not write the invalidation snapshot"),
+        }
+    }
+    Ok(done)
 }
 
 /// Prunes this gateway's map, and (when this gateway takes the period's lock) the store,
@@ -142,6 +164,7 @@ pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) 
                     tracing::info!(
                         scanned = p.scanned,
                         removed = p.removed,
+                        snapshot_bytes = p.snapshot,
                         horizon,
                         "pruned the invalidation records no cached page can need"
                     )

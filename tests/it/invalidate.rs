@@ -914,15 +914,16 @@ async fn a_purge_reaches_a_page_whatever_spelling_filled_it() {
 /// loaded again when Redis comes back empty, so a replica's call works after the restart.
 #[tokio::test]
 async fn a_replica_calling_the_fleet_function_purges_every_gateway() {
-    use isrgate::invalidate::apply::{FUNCTION, INV_KEY};
+    use isrgate::invalidate::apply::{FUNCTION, INDEX_KEY, INV_KEY};
     let mut r = RedisProcess::start();
     let (_origin, gws) = warmed_then_changed(&r).await;
     let fcall = |r: &RedisProcess, mode: &str| {
         r.cli(&[
             "FCALL",
             FUNCTION,
-            "1",
+            "2",
             INV_KEY,
+            INDEX_KEY,
             "next:replica-b:42",
             mode,
             "isr:bus",
@@ -1095,4 +1096,61 @@ async fn inspect_says_what_is_cached_for_a_url_and_what_purged_it() {
         text.contains(&format!("filled   by gateway {gateway}")),
         "{text}"
     );
+}
+
+/// The function records each tag in the hash and in its index under one epoch, under both its
+/// names; a write by an older library (loaded again by an older gateway) misses the index, and
+/// the next write marks the index incomplete up to it (`_unindexed`), as it does when the index
+/// is gone while it should hold something (evicted).
+#[tokio::test]
+async fn the_function_indexes_records_and_marks_the_writes_that_missed_the_index() {
+    use isrgate::invalidate::apply::{FUNCTION, FUNCTION_V1, INDEX_KEY, INV_KEY, LIBRARY};
+    let r = RedisProcess::start();
+    let fcall = |function: &str, tag: &str| -> String {
+        let keys: &[&str] = if function == FUNCTION_V1 {
+            &["1", INV_KEY]
+        } else {
+            &["2", INV_KEY, INDEX_KEY]
+        };
+        let mut args = vec!["FCALL", function];
+        args.extend_from_slice(keys);
+        args.extend_from_slice(&["next:replica:1", "soft", "isr:bus", "0", tag]);
+        r.cli(&args).trim().to_owned()
+    };
+    let hget = |field: &str| r.cli(&["HGET", INV_KEY, field]).trim().to_owned();
+    let zscore = |field: &str| r.cli(&["ZSCORE", INDEX_KEY, field]).trim().to_owned();
+    r.cli(&["FUNCTION", "LOAD", "REPLACE", LIBRARY]);
+
+    let e = fcall(FUNCTION, "a");
+    assert_eq!((hget("s:a"), zscore("s:a")), (e.clone(), e.clone()));
+    assert_eq!((hget("_epoch"), hget("_indexed")), (e.clone(), e));
+    let e = fcall(FUNCTION_V1, "b");
+    assert_eq!(zscore("s:b"), e, "the old name indexes too");
+    assert_eq!(hget("_unindexed"), "");
+
+    r.cli(&[
+        "FUNCTION",
+        "LOAD",
+        "REPLACE",
+        include_str!("fixtures/invalidate_v1.lua"),
+    ]);
+    let missed = fcall(FUNCTION_V1, "c");
+    assert_eq!(
+        (hget("s:c"), zscore("s:c")),
+        (missed.clone(), String::new())
+    );
+    assert!(fcall(FUNCTION, "d").contains("Function not found"));
+    r.cli(&["FUNCTION", "LOAD", "REPLACE", LIBRARY]);
+    let e = fcall(FUNCTION, "d");
+    assert_eq!(
+        hget("_unindexed"),
+        missed,
+        "the write that missed the index"
+    );
+    assert_eq!(hget("_indexed"), e);
+
+    // The index gone while it holds the writes since the snapshot (none here: all of them).
+    r.cli(&["DEL", INDEX_KEY]);
+    fcall(FUNCTION, "e");
+    assert_eq!(hget("_unindexed"), e);
 }

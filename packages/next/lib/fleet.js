@@ -1,9 +1,10 @@
 'use strict';
 // This replica's link to the isrgate fleet, one per process (every handler Next constructs, one
 // per request, shares it): it records the app's revalidations for every gateway and replica by
-// calling the gateways' own Redis function (`isrgate_invalidate_v1`, which every gateway loads;
-// the fleet has one implementation of that step), and hands the revalidations made elsewhere,
-// read from the gateways' bus (`isr:bus`), to this replica's cache.
+// calling the gateways' own Redis function (`isrgate_invalidate_v2`, which every gateway loads;
+// the fleet has one implementation of that step; `isrgate_invalidate_v1` where an older
+// gateway's library is the one loaded), and hands the revalidations made elsewhere, read from
+// the gateways' bus (`isr:bus`), to this replica's cache.
 //
 // Redis down never stops the app: a revalidation waits for one attempt (bounded by the command
 // timeout), then is retried in the background for `retryForMs` and logged as lost after that.
@@ -11,9 +12,13 @@
 const os = require('node:os');
 const { parseUrl, redactUrl, connect, Client, ReplyError } = require('./redis');
 
-const FUNCTION = 'isrgate_invalidate_v1';
+const FUNCTION = 'isrgate_invalidate_v2';
+/** The same function as gateways from before the index load it (one key). */
+const FUNCTION_V1 = 'isrgate_invalidate_v1';
 const INV_KEY = 'isr:inv';
-/** Fields asked for per HSCAN page of isr:inv. */
+/** The records by epoch (a sorted set), written by the function; same Cluster slot as isr:inv. */
+const INDEX_KEY = 'isr:{isr:inv}:z';
+/** Fields (or index members) asked for per page of isr:inv (HSCAN) or its index. */
 const SCAN_PAGE = 10000;
 const BUILDS_KEY = 'isr:builds';
 /** How often a replica reports its build (the gateways forget one unseen for 5 minutes). */
@@ -151,14 +156,25 @@ class Fleet {
     if (this.subscriber) this.subscriber.close(new Error('stopped'));
   }
 
-  /** Calls `fn` with every bus event: `{ type: 'subscribed' }`, `{ type: 'inv', … }`. */
+  /**
+   * Calls `fn` with every bus event: `{ type: 'subscribed', via }` (how the catch-up read what
+   * was missed: `'index'` or `'scan'`), `{ type: 'inv', … }`.
+   */
   on(fn) {
     this.listeners.add(fn);
     return () => this.listeners.delete(fn);
   }
 
   async #call(tags, mode) {
-    const epoch = await this.client.command(['FCALL', FUNCTION, '1', INV_KEY, this.origin, mode, CHANNEL, String(this.knownEpoch), ...tags]);
+    const args = [this.origin, mode, CHANNEL, String(this.knownEpoch), ...tags];
+    let epoch;
+    try {
+      epoch = await this.client.command(['FCALL', FUNCTION, '2', INV_KEY, INDEX_KEY, ...args]);
+    } catch (e) {
+      // An older gateway's library is loaded (during a rolling upgrade): its one name.
+      if (!isNotFound(e)) throw e;
+      epoch = await this.client.command(['FCALL', FUNCTION_V1, '1', INV_KEY, ...args]);
+    }
     this.#observe(Number(epoch));
   }
 
@@ -198,10 +214,10 @@ class Fleet {
         conn.onPush = (m) => this.#onMessage(m[2]);
         await conn.send(['SUBSCRIBE', CHANNEL], this.timeoutMs);
         // Messages from now on arrive; what was recorded before (while away) is read once.
-        await this.#catchUp(caughtUpTo === null ? this.since() : caughtUpTo);
+        const via = await this.#catchUp(caughtUpTo === null ? this.since() : caughtUpTo);
         this.subscribed = true;
         wait = 200;
-        this.#emit({ type: 'subscribed' });
+        this.#emit({ type: 'subscribed', via });
         await closed;
       } catch (e) {
         this.#warnOnce(`[isrgate] cannot follow revalidations on ${this.url}: ${explain(e)}; retrying`);
@@ -216,33 +232,72 @@ class Fleet {
   }
 
   /**
-   * Applies the invalidations recorded after epoch `since` (ms), all at once. Read a page at a
-   * time (HSCAN): one HGETALL of a long history is one slow command on a shared Redis.
+   * Applies the invalidations recorded after epoch `since` (ms), all at once: from the index
+   * when it holds every one of them, else from a scan of isr:inv (a page at a time: one HGETALL
+   * of a long history is one slow command on a shared Redis).
    */
   async #catchUp(since) {
-    const byMode = { soft: [], hard: [] };
-    let n = 0;
+    const found = (await this.#sinceFromIndex(since)) || (await this.#sinceFromScan(since));
+    if (found.n > MAX_CATCH_UP) {
+      this.apply(['*'], 'hard');
+    } else {
+      for (const mode of ['hard', 'soft']) if (found.byMode[mode].length) this.apply(found.byMode[mode], mode);
+    }
+    return found.via;
+  }
+
+  /** Collects a record `field` (`s:<tag>` / `h:<tag>`) at `epoch` if newer than `since`. */
+  static #collect(found, field, epoch, since) {
+    const mode = field.startsWith('h:') ? 'hard' : field.startsWith('s:') ? 'soft' : null;
+    if (!mode || !(epoch > since)) return;
+    if (found.n < MAX_CATCH_UP) found.byMode[mode].push(field.slice(2));
+    found.n++;
+  }
+
+  async #sinceFromScan(since) {
+    const found = { via: 'scan', byMode: { soft: [], hard: [] }, n: 0 };
     let cursor = '0';
     do {
       const [next, flat] = await this.client.command(['HSCAN', INV_KEY, cursor, 'COUNT', String(SCAN_PAGE)]);
       cursor = String(next);
       for (let i = 0; i + 1 < flat.length; i += 2) {
         const [field, epoch] = [flat[i], Number(flat[i + 1])];
-        if (field === '_epoch') {
-          this.#observe(epoch);
-          continue;
-        }
-        const mode = field.startsWith('h:') ? 'hard' : field.startsWith('s:') ? 'soft' : null;
-        if (!mode || !(epoch > since)) continue;
-        if (n < MAX_CATCH_UP) byMode[mode].push(field.slice(2));
-        n++;
+        if (field === '_epoch') this.#observe(epoch);
+        else Fleet.#collect(found, field, epoch, since);
       }
     } while (cursor !== '0');
-    if (n > MAX_CATCH_UP) {
-      this.apply(['*'], 'hard');
-      return;
+    return found;
+  }
+
+  /**
+   * The records after `since` from the index, or `null` when it may miss one (the gateways'
+   * src/invalidate/load.rs): a write by an older library since (`_unindexed`, or `_epoch` past
+   * `_indexed`), the index trimmed past `since` by a snapshot (`_snapped`), or the index lost
+   * (evicted) — it must hold the newest indexed write.
+   */
+  async #sinceFromIndex(since) {
+    const marks = await this.client.command(['HMGET', INV_KEY, '_epoch', '_indexed', '_unindexed', '_snapped']);
+    const [counter, indexed, unindexed, snapped] = marks.map((v) => (v === null ? 0 : Number(v)));
+    if (![counter, indexed, unindexed, snapped].every(Number.isSafeInteger)) return null;
+    const missing = counter > indexed ? Math.max(counter, unindexed) : unindexed;
+    if (missing > since || snapped > since) return null;
+    const found = { via: 'index', byMode: { soft: [], hard: [] }, n: 0 };
+    let [min, count, newest] = [`(${since}`, SCAN_PAGE, 0];
+    for (;;) {
+      const flat = await this.client.command(['ZRANGEBYSCORE', INDEX_KEY, min, '+inf', 'WITHSCORES', 'LIMIT', '0', String(count)]);
+      for (let i = 0; i + 1 < flat.length; i += 2) Fleet.#collect(found, flat[i], Number(flat[i + 1]), since);
+      if (flat.length === 0) break;
+      const last = flat[flat.length - 1];
+      newest = Math.max(newest, Number(last));
+      if (flat.length / 2 < count) break;
+      // Again from the last score (a member of it may be unread); one score only: a larger page.
+      if (last === min) count *= 2;
+      min = last;
     }
-    for (const mode of ['hard', 'soft']) if (byMode[mode].length) this.apply(byMode[mode], mode);
+    const now = await this.client.command(['HGET', INV_KEY, '_snapped']);
+    if (Number(now || 0) !== snapped || (indexed > since && newest < indexed)) return null;
+    this.#observe(counter);
+    return found;
   }
 
   #onMessage(text) {
@@ -279,8 +334,12 @@ class Fleet {
   }
 }
 
+function isNotFound(e) {
+  return e instanceof ReplyError && /Function not found/i.test(e.message);
+}
+
 function explain(e) {
-  if (e instanceof ReplyError && /Function not found/i.test(e.message)) {
+  if (isNotFound(e)) {
     return 'no isrgate gateway has loaded its function into this Redis yet (start a gateway whose redis.url is this Redis; it needs Redis 7 or Valkey)';
   }
   return e.message;
@@ -298,4 +357,4 @@ function fleetFromEnv() {
   return fleet;
 }
 
-module.exports = { Fleet, fleetFromEnv, cleanTags, FUNCTION, INV_KEY, CHANNEL, BUILDS_KEY };
+module.exports = { Fleet, fleetFromEnv, cleanTags, FUNCTION, FUNCTION_V1, INV_KEY, INDEX_KEY, CHANNEL, BUILDS_KEY };

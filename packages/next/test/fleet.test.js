@@ -1,8 +1,8 @@
 'use strict';
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { Fleet, cleanTags } = require('../lib/fleet');
-const { RedisServer, until, memoryLog } = require('./support');
+const { Fleet, cleanTags, INV_KEY, INDEX_KEY } = require('../lib/fleet');
+const { RedisServer, until, memoryLog, LIBRARY_V1 } = require('./support');
 
 /** A replica's fleet link that records what it is told to apply. */
 function replica(r, origin, opts = {}) {
@@ -117,4 +117,69 @@ test('a replica reports its build for the gateways, and forgets builds gone for 
   assert.ok(Math.abs(seen - Date.now()) < 60000);
   assert.equal(await r.cmd(['HEXISTS', 'isr:builds', 'ancient']), 0);
   assert.equal(await r.cmd(['HEXISTS', 'isr:builds', 'other']), 1);
+});
+
+test('an older gateway\'s library loaded (rolling upgrade): a revalidation lands through its v1', async (t) => {
+  const r = await RedisServer.start();
+  t.after(() => r.stop());
+  await r.loadLibrary(LIBRARY_V1);
+  const { fleet } = replica(r, 'next:a:1');
+  t.after(() => fleet.stop());
+  assert.equal(await fleet.invalidate(['by-v1'], 'hard'), true);
+  assert.ok(await r.cmd(['HGET', INV_KEY, 'h:by-v1']));
+  assert.equal(await r.cmd(['ZSCORE', INDEX_KEY, 'h:by-v1']), null, 'the old library has no index');
+
+  // Today's library: v2, the record indexed under its epoch.
+  await r.loadLibrary();
+  assert.equal(await fleet.invalidate(['by-v2'], 'hard'), true);
+  const epoch = await r.cmd(['HGET', INV_KEY, 'h:by-v2']);
+  assert.equal(await r.cmd(['ZSCORE', INDEX_KEY, 'h:by-v2']), epoch);
+  assert.equal(await r.cmd(['HGET', INV_KEY, '_unindexed']), await r.cmd(['HGET', INV_KEY, 'h:by-v1']), 'the v1 write is marked');
+});
+
+test('a starting replica catches up from the index when it holds everything, else by scanning', async (t) => {
+  const r = await RedisServer.start();
+  t.after(() => r.stop());
+  await r.loadLibrary();
+  const writer = new Fleet(r.url, { origin: 'next:w:1', timeoutMs: 300, log: memoryLog() });
+  t.after(() => writer.stop());
+  await writer.invalidate(['before-the-build'], 'hard');
+  const built = Number(await r.cmd(['HGET', INV_KEY, '_epoch']));
+  await writer.invalidate(['after-the-build'], 'soft');
+
+  /** A replica whose build is from `built`: what it applied and how it caught up. */
+  const start = async (origin) => {
+    const fleet = new Fleet(r.url, { origin, timeoutMs: 300, log: memoryLog() });
+    t.after(() => fleet.stop());
+    const applied = [];
+    let via;
+    fleet.on((e) => {
+      if (e.type === 'subscribed') via = e.via;
+    });
+    fleet.follow((tags, mode) => applied.push({ tags, mode }), () => built);
+    await until('subscribed', () => fleet.subscribed);
+    return { via, applied };
+  };
+
+  const fast = await start('next:c:1');
+  assert.equal(fast.via, 'index');
+  assert.deepEqual(fast.applied, [{ tags: ['after-the-build'], mode: 'soft' }]);
+
+  // A gateway's snapshot newer than the build trimmed the index up to it: scanning.
+  await r.cmd(['HSET', INV_KEY, '_snapped', String(built + 1)]);
+  assert.equal((await start('next:d:1')).via, 'scan');
+  await r.cmd(['HDEL', INV_KEY, '_snapped']);
+
+  // An older gateway's library again, and a write through it: the index misses it.
+  await r.loadLibrary(LIBRARY_V1);
+  await writer.invalidate(['through-v1'], 'hard');
+  const scanned = await start('next:e:1');
+  assert.equal(scanned.via, 'scan');
+  assert.deepEqual(scanned.applied, [
+    { tags: ['through-v1'], mode: 'hard' },
+    { tags: ['after-the-build'], mode: 'soft' },
+  ]);
+  // Pretending the index is complete does not fool it: its newest write is not there.
+  await r.cmd(['HSET', INV_KEY, '_indexed', await r.cmd(['HGET', INV_KEY, '_epoch'])]);
+  assert.equal((await start('next:f:1')).via, 'scan');
 });

@@ -7,6 +7,8 @@ const path = require('node:path');
 const { connect, parseUrl } = require('../lib/redis');
 
 const LIBRARY = fs.readFileSync(path.join(__dirname, '../../../src/invalidate/invalidate.lua'), 'utf8');
+/** The library as gateways from before the index ship it (one name, v1; no index). */
+const LIBRARY_V1 = fs.readFileSync(path.join(__dirname, '../../../tests/it/fixtures/invalidate_v1.lua'), 'utf8');
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -55,9 +57,9 @@ class RedisServer {
       conn.close(new Error('done'));
     }
   }
-  /** What a gateway does at start: loads the fleet's invalidation function. */
-  loadLibrary() {
-    return this.cmd(['FUNCTION', 'LOAD', 'REPLACE', LIBRARY]);
+  /** What a gateway does at start: loads the fleet's invalidation function (an older one's). */
+  loadLibrary(text = LIBRARY) {
+    return this.cmd(['FUNCTION', 'LOAD', 'REPLACE', text]);
   }
   freeze() {
     this.child.kill('SIGSTOP');
@@ -85,4 +87,4 @@ function memoryLog() {
   return { lines, warn: (m) => lines.push(`warn ${m}`), error: (m) => lines.push(`error ${m}`), info: (m) => lines.push(`info ${m}`) };
 }
 
-module.exports = { RedisServer, freePort, until, memoryLog };
+module.exports = { RedisServer, freePort, until, memoryLog, LIBRARY_V1 };
