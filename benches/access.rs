@@ -73,5 +73,46 @@ fn request_metrics(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench, request_metrics);
+/// `isrgate tail` (`logging::tail`), the access log off: what a hit pays with nobody
+/// following (`tail_none`), with a follower whose filter drops it (`tail_filtered`: a
+/// `--status 5xx` tail while hits are 200), and with one that takes it (`tail_followed`: the
+/// JSON line made once and queued; a task drains the queue as the relay would). Measured
+/// (2 vCPU, loaded): 2.5 ns, 13 ns, 0.93 µs (it was 4.5 µs through `serde_json::Value`); a hit
+/// costs the gateway 10-16 µs of CPU: 0.02 %, 0.1 %, and while someone follows every hit
+/// about 6-9 %, as an access line does.
+fn tail(c: &mut Criterion) {
+    use isrgate::logging::tail::Filter;
+    let uri: http::Uri = "/products/123?ref=home&token=abc".parse().expect("uri");
+    let line = Line {
+        method: "GET",
+        uri: &uri,
+        status: 200,
+        cache: "HIT",
+        cache_status: "isrgate; hit",
+        replica: "-",
+        bytes: 11_349,
+        elapsed: Duration::from_micros(33),
+        request_id: "0ceb823a-0000000000086027",
+        host: "shop.example",
+        peer: "10.0.3.7:42848".parse().expect("addr"),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let log = AccessLog::new(false, None);
+    c.bench_function("tail_none", |b| b.iter(|| log.write(black_box(&line))));
+    let filtered = log
+        .tail()
+        .follow(Filter::parse("status=5xx").expect("filter"));
+    c.bench_function("tail_filtered", |b| b.iter(|| log.write(black_box(&line))));
+    drop(filtered);
+    let mut following = log.tail().follow(Filter::default());
+    let drain = rt.spawn(async move { while following.next().await.is_some() {} });
+    c.bench_function("tail_followed", |b| b.iter(|| log.write(black_box(&line))));
+    drain.abort();
+}
+
+criterion_group!(benches, bench, request_metrics, tail);
 criterion_main!(benches);

@@ -177,24 +177,50 @@ impl Tail {
 
 /// The line a follower gets: the access line's fields, the gateway and the time (RFC 3339).
 fn to_json(line: &Line<'_>, gateway: &str) -> Bytes {
-    let value = serde_json::json!({
-        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        "gateway": gateway,
-        "method": line.method,
-        "host": line.host,
-        "path": Path(line.uri).to_string(),
-        "status": line.status,
-        "cache": line.cache,
-        "cache_status": line.cache_status,
-        "replica": line.replica,
-        "bytes": line.bytes,
-        "elapsed_us": u64::try_from(line.elapsed.as_micros()).unwrap_or(u64::MAX),
-        "request_id": line.request_id,
-        "peer": line.peer.to_string(),
-    });
-    let mut text = value.to_string();
-    text.push('\n');
-    Bytes::from(text)
+    /// The line's fields, borrowed; the `Display` ones written straight into the output.
+    #[derive(serde::Serialize)]
+    struct Json<'a> {
+        #[serde(serialize_with = "display")]
+        time: humantime::Rfc3339Timestamp,
+        gateway: &'a str,
+        method: &'a str,
+        host: &'a str,
+        #[serde(serialize_with = "display")]
+        path: Path<'a>,
+        status: u16,
+        cache: &'a str,
+        cache_status: &'a str,
+        replica: &'a str,
+        bytes: u64,
+        elapsed_us: u64,
+        request_id: &'a str,
+        #[serde(serialize_with = "display")]
+        peer: std::net::SocketAddr,
+    }
+    fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+    let json = Json {
+        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+        gateway,
+        method: line.method,
+        host: line.host,
+        path: Path(line.uri),
+        status: line.status,
+        cache: line.cache,
+        cache_status: line.cache_status,
+        replica: line.replica,
+        bytes: line.bytes,
+        elapsed_us: u64::try_from(line.elapsed.as_micros()).unwrap_or(u64::MAX),
+        request_id: line.request_id,
+        peer: line.peer,
+    };
+    let mut out = Vec::with_capacity(384);
+    if serde_json::to_writer(&mut out, &json).is_err() {
+        return Bytes::new();
+    }
+    out.push(b'\n');
+    Bytes::from(out)
 }
 
 /// Which lines a follower wants: every condition given must hold.
