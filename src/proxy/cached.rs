@@ -21,6 +21,7 @@ use crate::cache::policy::StaleReason;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::http::gzip;
+use crate::metrics::routes::RouteEvent;
 use crate::upstream::UpstreamError;
 use crate::upstream::pin::{Pin, is_build_asset};
 
@@ -70,6 +71,7 @@ pub async fn serve(
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();
+                count_route(app, cache, &head, RouteEvent::Hit);
                 if from_l1 {
                     fill::write_back(app, cache, &key, &entry);
                     app.metrics.cache_l1_hits.inc();
@@ -92,6 +94,7 @@ pub async fn serve(
             );
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
                 app.metrics.served_stale(reason);
+                count_route(app, cache, &head, RouteEvent::Stale);
                 return Ok((r, Outcome::Stale));
             }
             corrupt(app, cache, &key);
@@ -101,6 +104,8 @@ pub async fn serve(
         Found::Miss => None,
     };
     app.metrics.missed_paths.record(head.uri.path());
+    // The route table counts the miss once it is answered (a HEAD miss hands `head` on).
+    let uri = head.uri.clone();
     let answered = if ask.head && fallback.is_none() {
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
         super::sanitize::forward(&app.policy, peer, &mut head);
@@ -121,10 +126,23 @@ pub async fn serve(
         fill.answer(app, cache, fallback, ask, now).await
     };
     // One outcome per request: a stale-if-error answer counted itself as stale.
-    if !matches!(answered, Ok((_, Outcome::StaleIfError))) {
+    let event = if matches!(answered, Ok((_, Outcome::StaleIfError))) {
+        RouteEvent::Stale
+    } else {
         app.metrics.cache_misses.inc();
-    }
+        RouteEvent::Miss
+    };
+    app.metrics
+        .routes
+        .count(&cache.cfg().routes, uri.path(), event);
     answered
+}
+
+/// Counts an answer from the cache in the route table (`metrics::routes`).
+pub(crate) fn count_route(app: &AppState, cache: &CacheState, head: &Parts, event: RouteEvent) {
+    app.metrics
+        .routes
+        .count(&cache.cfg().routes, head.uri.path(), event);
 }
 
 /// A miss, owned so it can outlive its request (a fill bounded by `stale_if_error_wait`).
