@@ -21,7 +21,8 @@
 //! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
 //! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
 //! - [`logging`]: the subscriber (text or flat JSON, non-blocking output) and the access log.
-//! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters. [`http`]: header names, bodies.
+//! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters and histograms, the newest
+//!   server errors, per-route counts. [`http`]: header names, bodies.
 //! - [`app`]: the shared state built once at start.
 //! - [`warm`]: render a list of pages ahead of users (`isrgate warm`, from a sitemap or a list
 //!   of paths, through a gateway; the engine is generic over who renders).

@@ -54,6 +54,9 @@ pub struct Snapshot {
     pub coalesced: u64,
     /// Answers of 500 and above.
     pub errors_5xx: u64,
+    /// Renders a replica made for the cache (a gateway of an older version sends none).
+    #[serde(default)]
+    pub renders: u64,
     /// Bytes its L1 holds.
     pub l1_bytes: u64,
 }
@@ -83,6 +86,7 @@ impl Snapshot {
             upstream: m.proxied.get(),
             coalesced: m.coalesced_local.get() + m.coalesced_remote.get(),
             errors_5xx: m.request_duration.count_class(5),
+            renders: m.renders.get(),
             l1_bytes: app.cache.as_ref().map_or(0, |c| c.l1.size().1),
         }
     }
@@ -202,6 +206,7 @@ pub fn answer(app: &AppState) -> serde_json::Value {
             "upstream": sum(|s| s.upstream),
             "coalesced": sum(|s| s.coalesced),
             "errors_5xx": sum(|s| s.errors_5xx),
+            "renders": sum(|s| s.renders),
         },
     })
 }

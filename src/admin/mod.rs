@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 pub mod client;
 pub mod commands;
 pub mod fleet;
+pub mod history;
 pub mod inspect;
 pub mod prometheus;
 pub mod stats;

@@ -101,8 +101,15 @@ pub fn find<'a>(routes: &'a [Route], path: &str) -> Option<&'a Route> {
     if routes.is_empty() {
         return None;
     }
-    let page = super::tags::page_path(path);
-    let decoded = percent_encoding::percent_decode_str(&page).decode_utf8_lossy();
+    find_page(routes, &super::tags::page_path(path))
+}
+
+/// [`find`] for a path already mapped to its page (`tags::page_path`).
+pub fn find_page<'a>(routes: &'a [Route], page: &str) -> Option<&'a Route> {
+    if routes.is_empty() {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(page).decode_utf8_lossy();
     routes.iter().find(|r| r.matches(&decoded))
 }
 

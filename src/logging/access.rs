@@ -15,7 +15,9 @@
 //! The same facts feed the request metrics ([`crate::metrics::Metrics::answered`]: the duration
 //! histogram by status class and cache outcome, body bytes sent) for every request, whether or
 //! not a line is written: recording is an index, a bucket search and relaxed adds, no
-//! allocation.
+//! allocation. An answer of 500 or more is also counted by status and kept among the newest
+//! server errors with its path ([`crate::metrics::Metrics::server_error`]): the only work here
+//! that allocates without a line, and only for an error.
 //!
 //! It must not log secrets: query parameters whose name looks like a credential (the
 //! webhook's `?secret=`, `token`, `key`, `signature`…, see [`Path`]) are written as
@@ -39,6 +41,7 @@ use tracing::Dispatch;
 
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
+use crate::metrics::errors::ServerError;
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::proxy::serve::{CACHE_STATUS, X_CACHE};
 
@@ -159,36 +162,29 @@ pub struct Line<'a> {
 pub struct Request {
     started: Instant,
     peer: SocketAddr,
-    /// What the line needs of the request; `None` when no line will be written (the metrics
-    /// need only the time).
-    head: Option<Head>,
-}
-
-/// The request's method, target and `Host`, shared with the request (not copied).
-#[derive(Debug)]
-struct Head {
+    /// The method and target, shared with the request (not copied), kept for every request:
+    /// the line needs them, and so does a server error (`metrics::errors`), which is known
+    /// only once the response is.
     method: Method,
     uri: Uri,
-    host: Option<HeaderValue>,
+    /// Whether a line will be written, and the `Host` it names (shared too).
+    line: Option<Option<HeaderValue>>,
 }
 
 impl Request {
-    /// A request that `started` then; its method, target and `Host` are kept when `logged`.
+    /// A request that `started` then; its `Host` is kept when `logged`.
     pub fn of<B>(
         req: &http::Request<B>,
         peer: SocketAddr,
         started: Instant,
         logged: bool,
     ) -> Request {
-        let head = logged.then(|| Head {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            host: req.headers().get(header::HOST).cloned(),
-        });
         Request {
             started,
             peer,
-            head,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            line: logged.then(|| req.headers().get(header::HOST).cloned()),
         }
     }
 }
@@ -226,15 +222,19 @@ pub fn respond(
     resp.map(|b| body::boxed(Logged { inner: b, finish }))
 }
 
-/// The end of a request: its metrics, then its line when it is logged.
+/// The end of a request: its metrics (a server error kept among the newest), then its line
+/// when it is logged.
 fn finish(log: &AccessLog, metrics: &Metrics, request: &Request, seen: Seen<'_>, bytes: u64) {
     let elapsed = request.started.elapsed();
     let outcome = seen.cache.map_or(CacheOutcome::None, |v| {
         CacheOutcome::of_x_cache(v.as_bytes())
     });
     metrics.answered(seen.status, outcome, bytes, elapsed);
-    if let Some(head) = &request.head {
-        log.write(&seen.line(head, request.peer, bytes, elapsed));
+    if seen.status >= 500 {
+        metrics.server_error(seen.server_error(request, elapsed));
+    }
+    if let Some(host) = &request.line {
+        log.write(&seen.line(request, host.as_ref(), bytes, elapsed));
     }
 }
 
@@ -260,7 +260,13 @@ impl<'a> Seen<'a> {
         }
     }
 
-    fn line(self, r: &'a Head, peer: SocketAddr, bytes: u64, elapsed: Duration) -> Line<'a> {
+    fn line(
+        self,
+        r: &'a Request,
+        host_header: Option<&'a HeaderValue>,
+        bytes: u64,
+        elapsed: Duration,
+    ) -> Line<'a> {
         Line {
             method: r.method.as_str(),
             uri: &r.uri,
@@ -271,8 +277,22 @@ impl<'a> Seen<'a> {
             bytes,
             elapsed,
             request_id: text(self.request_id),
-            host: host(r.host.as_ref(), &r.uri),
-            peer,
+            host: host(host_header, &r.uri),
+            peer: r.peer,
+        }
+    }
+
+    /// The server error this response is (its status 500 or more), as the dashboard lists it.
+    fn server_error(self, r: &Request, elapsed: Duration) -> ServerError {
+        ServerError {
+            at_ms: crate::clock::system_ms(),
+            status: self.status,
+            method: r.method.as_str().to_owned(),
+            path: Path(&r.uri).to_string(),
+            cache: text(self.cache).to_owned(),
+            replica: self.replica.map_or("-", Authority::as_str).to_owned(),
+            request_id: text(self.request_id).to_owned(),
+            elapsed_ms: elapsed.as_secs_f64() * 1e3,
         }
     }
 }

@@ -9,8 +9,10 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
+pub mod errors;
 pub mod family;
 pub mod requests;
+pub mod routes;
 pub mod table;
 
 pub use family::{Family, Kind, Series, Value};
@@ -65,7 +67,7 @@ impl Counter {
 }
 
 /// Counts per path, bounded: when full, the least-counted path gives way (space-saving), so
-/// the heavy hitters survive. Only the miss path writes it.
+/// the heavy hitters survive. Only misses and renders write them, never a hit.
 #[derive(Debug, Default)]
 pub struct TopPaths {
     counts: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -180,19 +182,8 @@ impl Histogram {
     /// The upper bound of the bucket holding quantile `q` (0..=1): an over-estimate by at
     /// most one bucket; `None` with no values, `Some(u64::MAX)` past the last bound.
     pub fn quantile(&self, q: f64) -> Option<u64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in self.buckets.iter().enumerate() {
-            seen += c.get();
-            if seen >= rank {
-                return Some(self.bounds.get(i).copied().unwrap_or(u64::MAX));
-            }
-        }
-        Some(u64::MAX)
+        let counts: Vec<u64> = self.buckets.iter().map(Counter::get).collect();
+        quantile(self.bounds, &counts, q)
     }
 
     /// The bucket bounds (without `+Inf`).
@@ -217,6 +208,25 @@ impl Histogram {
             sum: sum as f64 / per_second,
         }
     }
+}
+
+/// The upper bound of the bucket holding quantile `q` (0..=1) of `counts` (per bucket, not
+/// cumulative; one more than `bounds`, the last `+Inf`): an over-estimate by at most one
+/// bucket; `None` with no values, `Some(u64::MAX)` past the last bound.
+pub fn quantile(bounds: &[u64], counts: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in counts.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(bounds.get(i).copied().unwrap_or(u64::MAX));
+        }
+    }
+    Some(u64::MAX)
 }
 
 #[cfg(test)]

@@ -19,6 +19,9 @@ pub const REQUEST_BOUNDS_US: &[u64] = &[
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
+/// Buckets of a request-duration histogram, `+Inf` included.
+pub const BUCKETS: usize = REQUEST_BOUNDS_US.len() + 1;
+
 /// What the cache did for a request, as the `outcome` label says it (the `x-cache` the client
 /// got: `HIT`, `STALE`, `MISS`, `BYPASS`; `none` without one: the cache is off, or the request
 /// was refused or failed before the cache answered).
@@ -110,6 +113,25 @@ impl RequestDurations {
             .map_or(0, |hs| hs.iter().map(Histogram::count).sum())
     }
 
+    /// The requests of `outcome`, whatever their status, per bucket of
+    /// [`REQUEST_BOUNDS_US`] (the last `+Inf`): the dashboard's latency by cache outcome.
+    pub fn buckets_of(&self, outcome: CacheOutcome) -> [u64; BUCKETS] {
+        let mut sum = [0; BUCKETS];
+        for class in 0..STATUS_CLASSES.len() {
+            let Some(h) = self
+                .by
+                .get(class * CacheOutcome::ALL.len() + outcome as usize)
+            else {
+                continue;
+            };
+            let (buckets, _) = h.snapshot();
+            for (total, (_, n)) in sum.iter_mut().zip(buckets) {
+                *total += n;
+            }
+        }
+        sum
+    }
+
     /// The histogram of one (status class, outcome), for tests.
     pub fn of(&self, status: u16, outcome: CacheOutcome) -> &Histogram {
         let class = usize::from(status / 100).clamp(1, STATUS_CLASSES.len()) - 1;
@@ -160,6 +182,9 @@ mod tests {
         let mut series = Vec::new();
         d.expose(Labels::None, None, &mut series);
         assert_eq!(series.len(), 3, "only series that saw a request");
+        d.observe(500, CacheOutcome::Hit, Duration::from_micros(80));
+        let hits = d.buckets_of(CacheOutcome::Hit);
+        assert_eq!((hits[1], hits[6], hits.iter().sum::<u64>()), (2, 1, 3));
     }
 
     #[test]

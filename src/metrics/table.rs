@@ -9,8 +9,10 @@
 //! gateway's state at scrape time (replicas, L1, Redis) are listed with the exposition
 //! (`admin::prometheus`).
 
+use super::errors::{RecentErrors, ServerError, ServerStatus};
 use super::family::{Label, metrics};
 use super::requests::RequestDurations;
+use super::routes::{RouteEvent, RouteStats};
 use super::{Counter, Histogram, TopPaths, Unit, WAIT_BOUNDS_MS};
 use crate::cache::policy::Skip;
 use crate::proxy::classify::Bypass;
@@ -30,6 +32,13 @@ impl Label for Skip {
     }
 }
 
+impl Label for ServerStatus {
+    const ALL: &'static [ServerStatus] = &ServerStatus::ALL;
+    fn label(self) -> &'static str {
+        self.as_str()
+    }
+}
+
 impl Label for Refreshed {
     const ALL: &'static [Refreshed] = &Refreshed::ALL;
     fn label(self) -> &'static str {
@@ -43,6 +52,11 @@ metrics! {
     }
     "isrgate_request_duration_seconds" "Client requests from the head read to the last body byte handed to the connection, by status class and cache outcome (hit, stale, miss, bypass, none)." {
         request_duration: RequestDurations;
+    }
+    "isrgate_server_errors_total" "Answers of 500 and above by status (500, 502, 503, 504, other), whoever made them: a replica, or the gateway (no replica reachable, a timeout, shed)." {
+        /// Indexed by `metrics::errors::ServerStatus as usize`; the newest are kept in
+        /// `recent_errors`.
+        server_errors: [Counter; ServerStatus::ALL.len()] [status: ServerStatus] => "errors.by_status";
     }
     "isrgate_response_body_bytes_total" "Response body bytes sent to clients (as the access log's bytes)." {
         response_body_bytes: Counter;
@@ -78,6 +92,9 @@ metrics! {
     }
     "isrgate_fills_not_stored_total" "Replica answers to cache candidates not stored for any reason: the policy's reasons, over cache.max_entry_bytes, another build, the replica's own cached copy, no lifetime." {
         cache_not_stored: Counter;
+    }
+    "isrgate_renders_total" "Requests for cache candidates that a replica answered: a miss's render, a background refresh, a re-warm (the renders the cache and coalescing did not save)." {
+        renders: Counter => "requests.renders";
     }
     "isrgate_cache_stores_total" "Entries stored." {
         cache_stores: Counter;
@@ -189,18 +206,24 @@ metrics! {
         idle_closes: Counter;
     }
     "isrgate_invalidations_total" "Revalidation webhook calls applied." {
-        invalidations: Counter;
+        invalidations: Counter => "purges.applied";
     }
     "isrgate_webhook_refused_total" "Revalidation webhook calls refused (401, 400, 413, 422)." {
-        webhook_refused: Counter;
+        webhook_refused: Counter => "purges.refused";
     }
     "isrgate_fanout_calls_total" "Revalidate calls to Next.js replicas, by result (failed: after their retries)." {
-        fanout_ok: Counter [result = "ok"];
-        fanout_failed: Counter [result = "failed"];
+        fanout_ok: Counter [result = "ok"] => "purges.fanout_ok";
+        fanout_failed: Counter [result = "failed"] => "purges.fanout_failed";
     }
     unexposed {
         /// Paths that missed most (the dashboard's "top missed").
         missed_paths: TopPaths,
+        /// Paths a replica rendered most for the cache (the route table's top paths).
+        rendered_paths: TopPaths,
+        /// The newest server errors (the dashboard's "last errors").
+        recent_errors: RecentErrors,
+        /// Answers and renders per route (the dashboard's route table).
+        routes: RouteStats,
     }
 }
 
@@ -240,6 +263,26 @@ impl Metrics {
         .into_iter()
         .map(|o| self.refreshes_of(o))
         .sum()
+    }
+
+    /// Counts a server error answered to a client, and keeps it among the newest.
+    pub fn server_error(&self, error: ServerError) {
+        Counter::inc_at(&self.server_errors, ServerStatus::of(error.status) as usize);
+        self.recent_errors.record(error);
+    }
+
+    /// Counts a render a replica made for the cache of request path `path` (under `routes`),
+    /// stored for `stored` (`None`: not stored).
+    pub fn rendered(
+        &self,
+        routes: &[crate::cache::routes::Route],
+        path: &str,
+        stored: Option<std::time::Duration>,
+    ) {
+        self.renders.inc();
+        self.routes
+            .count(routes, path, RouteEvent::Rendered(stored));
+        self.rendered_paths.record(path);
     }
 
     /// Records a request the listener answered: its duration by status class and cache

@@ -21,6 +21,7 @@ use crate::cache::policy::StaleReason;
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::http::gzip;
+use crate::metrics::routes::RouteEvent;
 use crate::upstream::UpstreamError;
 use crate::upstream::pin::{Pin, is_build_asset};
 
@@ -144,6 +145,7 @@ pub async fn serve(
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();
+                count_route(app, cache, &head, RouteEvent::Hit);
                 if from_l1 {
                     fill::write_back(app, cache, &key, &entry);
                     app.metrics.cache_l1_hits.inc();
@@ -166,6 +168,7 @@ pub async fn serve(
             );
             if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
                 app.metrics.served_stale(reason);
+                count_route(app, cache, &head, RouteEvent::Stale);
                 let mut served = Served::found(r, Outcome::Stale, key, entry);
                 served.stale = Some(reason);
                 return Ok(served);
@@ -182,6 +185,7 @@ pub async fn serve(
         // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
         super::sanitize::forward(&app.policy, peer, &mut head);
         app.metrics.cache_misses.inc();
+        count_route(app, cache, &head, RouteEvent::Miss);
         let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
         let answered = passed(reply.into_response(), &HeaderMap::new(), false);
         return Ok(Served::missed(
@@ -203,16 +207,27 @@ pub async fn serve(
     };
     let answered = fill.answer(app, cache, fallback, ask, now).await;
     // One outcome per request: a stale-if-error answer counted itself as stale.
-    if !matches!(
+    let event = if matches!(
         answered,
         Ok(Answered {
             outcome: Outcome::StaleIfError,
             ..
         })
     ) {
+        RouteEvent::Stale
+    } else {
         app.metrics.cache_misses.inc();
-    }
+        RouteEvent::Miss
+    };
+    count_route(app, cache, &head, event);
     Ok(Served::missed(answered?, key, missed))
+}
+
+/// Counts an answer from the cache in the route table (`metrics::routes`).
+pub(crate) fn count_route(app: &AppState, cache: &CacheState, head: &Parts, event: RouteEvent) {
+    app.metrics
+        .routes
+        .count(&cache.cfg().routes, head.uri.path(), event);
 }
 
 /// A miss, owned so it can outlive its request (a fill bounded by `stale_if_error_wait`).

@@ -31,6 +31,7 @@ use crate::app::AppState;
 use crate::cache::flight::FillPermit;
 use crate::cache::key::{CacheKey, Variant};
 use crate::cache::sealed::Held;
+use crate::metrics::routes::RouteEvent;
 
 /// A request the cache answers in the lane.
 #[derive(Debug)]
@@ -209,6 +210,12 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     if !stale {
         app.metrics.cache_hits.inc();
     }
+    let event = if stale {
+        RouteEvent::Stale
+    } else {
+        RouteEvent::Hit
+    };
+    cached::count_route(app, cache, &head, event);
     if from_l1 {
         app.metrics.cache_l1_hits.inc();
     }

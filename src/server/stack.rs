@@ -6,8 +6,9 @@
 //!    `Retry-After` instead of queueing, since a queue behind a slow replica only turns overload
 //!    into timeouts for everyone. The permit is held until the response head is ready.
 //! 2. **The access log and the request metrics** around everything else, shed requests
-//!    included: the request's method, target and host are kept (shared, not copied) when a
-//!    line will be written, and the duration, bytes and line are recorded once the response's
+//!    included: the request's method and target are kept (shared, not copied: two reference
+//!    counts) for the line and for a server error's record, its host when a line will be
+//!    written, and the duration, bytes, a 5xx and the line are recorded once the response's
 //!    body is sent (`logging::access`). Hits the lane answers itself are recorded there.
 //! 3. **The driver** (`proxy::handle`), which never fails: errors are responses.
 //!

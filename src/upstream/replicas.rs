@@ -33,7 +33,8 @@ pub struct Replica {
     check_failures: AtomicU32,
     /// Time to the response head of live traffic, ms.
     pub latency_ms: crate::metrics::Histogram,
-    last_error: std::sync::Mutex<Option<String>>,
+    /// The last error of live traffic and when it happened (UNIX ms).
+    last_error: std::sync::Mutex<Option<(String, u64)>>,
     /// Counts ejections for not answering at all: requests waiting on the replica watch it.
     stalls: watch::Sender<u64>,
     /// A stall probe is in flight (one at a time per replica).
@@ -139,8 +140,9 @@ impl Replica {
         self.active_ok.load(Relaxed) && self.ejected_until_ms.load(Relaxed) <= now_ms()
     }
 
-    /// The last error of live traffic to this replica (for the dashboard).
-    pub fn last_error(&self) -> Option<String> {
+    /// The last error of live traffic to this replica and when it happened, UNIX ms (for the
+    /// dashboard).
+    pub fn last_error(&self) -> Option<(String, u64)> {
         self.last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -149,7 +151,8 @@ impl Replica {
 
     /// Records an error of live traffic.
     pub fn set_last_error(&self, error: String) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+        let at = crate::clock::system_ms();
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((error, at));
     }
 
     /// Requests currently outstanding (head sent, body not finished).

@@ -19,18 +19,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use isrgate::AppState;
 use isrgate::deploy::rollout::Ledger;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::support::chromium::{Chromium, Events, Tab, script_error};
 use super::support::redis::RedisProcess;
 use super::support::{Client, Gateway, Got, config, free_port};
 use super::{BUILD_B, HOST, ONE_STACK_AT_A_TIME, Replica, build, build_b, rsc_redirect};
@@ -80,7 +78,8 @@ async fn a_browser_never_sees_a_broken_or_old_page_during_a_rolling_deploy() {
             .collect(),
         stop.clone(),
     ));
-    let chromium = Chromium::launch().await;
+    // History goes back by loading the page, never to a document kept from before.
+    let chromium = Chromium::launch(1000, 800, &["--disable-features=BackForwardCache"]).await;
     let entries = vec![
         ("gateway 1", gateways[0].url("")),
         ("gateway 2", gateways[1].url("")),
@@ -88,7 +87,7 @@ async fn a_browser_never_sees_a_broken_or_old_page_during_a_rolling_deploy() {
     ];
     let visits = Arc::new(Mutex::new(Vec::new()));
     let browser = tokio::spawn(browse(
-        chromium.tab().await,
+        tab(&chromium).await,
         entries,
         Arc::clone(&visits),
         Arc::clone(&switched),
@@ -105,7 +104,7 @@ async fn a_browser_never_sees_a_broken_or_old_page_during_a_rolling_deploy() {
     let mut failures: Vec<String> = lacking.into_iter().collect();
 
     // A tab opened before the deploy and left open: it navigates once A is gone.
-    let mut old_tab = chromium.tab().await;
+    let mut old_tab = tab(&chromium).await;
     let old_visit = Instant::now();
     let home = old_tab.load(&format!("http://{}/", fleet.lb.addr)).await;
 
@@ -867,7 +866,7 @@ struct View {
 
 /// Loads and navigates pages through `entries` in turn until `stop`.
 async fn browse(
-    mut tab: Tab,
+    mut tab: Tab<Observer>,
     entries: Vec<(&'static str, String)>,
     visits: Arc<Mutex<Vec<Visit>>>,
     switched: Arc<OnceLock<Instant>>,
@@ -899,13 +898,13 @@ async fn browse(
             }
         }
         if i == 0 {
-            tab.screenshot("rolling-deploy-before.png").await;
+            tab.shot("rolling-deploy-before.png").await;
         }
         if !shot_after && switched.get().is_some_and(|at| started > *at) {
-            tab.screenshot("rolling-deploy-after.png").await;
+            tab.shot("rolling-deploy-after.png").await;
             shot_after = true;
         }
-        let seen = tab.take_seen();
+        let seen = tab.events.take_seen();
         visits.lock().expect("visits").push(Visit {
             started,
             via,
@@ -955,178 +954,42 @@ impl Drop for Balancer {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Headless Chromium over the DevTools protocol, with the Network, Runtime and Log domains
-// on: every failed request, console error and exception is recorded.
+// The browser: the shared DevTools driver (`support::chromium`), with the Network and Log
+// domains on and a hook that records every failed request, console error and exception.
 
-/// A headless Chromium, killed on drop.
-struct Chromium {
-    child: Child,
-    /// The DevTools port.
-    port: u16,
-    _profile: tempfile::TempDir,
-}
+/// How long a page may take to load and hydrate on a busy machine.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl Drop for Chromium {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// What the browser reported since the last [`Tab::take_seen`].
+/// What the browser reported since the last [`Observer::take_seen`].
 #[derive(Default)]
 struct Seen {
     asset_failures: Vec<String>,
     errors: Vec<String>,
 }
 
-/// One DevTools page session.
-struct Tab {
-    ws: Ws,
-    next: u64,
-    /// Request id → URL, while the request runs.
+/// The e2e's hook on a tab's events: request id → URL while the request runs, and [`Seen`].
+#[derive(Default)]
+struct Observer {
     urls: HashMap<String, String>,
     seen: Seen,
 }
 
-/// How long a page may take to load and hydrate on a busy machine.
-const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Chromium {
-    async fn launch() -> Chromium {
-        let profile = tempfile::Builder::new()
-            .prefix("isrgate-chromium-")
-            .tempdir()
-            .expect("profile dir");
-        let mut child = Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                // History goes back by loading the page, never to a document kept from before.
-                "--disable-features=BackForwardCache",
-                "--remote-debugging-port=0",
-                "--window-size=1000,800",
-                &format!("--user-data-dir={}", profile.path().display()),
-                "about:blank",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chromium must be installed (.ci/run installs Debian's chromium)");
-        // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/…" on stderr, which is
-        // read to its end so Chromium never blocks on it.
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut tx = Some(tx);
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let port = line
-                    .split("ws://127.0.0.1:")
-                    .nth(1)
-                    .and_then(|rest| rest.split('/').next())
-                    .and_then(|p| p.parse::<u16>().ok());
-                if let Some(port) = port {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(port);
-                    }
-                }
-            }
-        });
-        let mut chromium = Chromium {
-            child,
-            port: 0,
-            _profile: profile,
-        };
-        chromium.port = tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .expect("chromium starts")
-            .expect("chromium printed its DevTools address");
-        chromium
-    }
-
-    /// A new tab, with the Network, Runtime and Log domains on and the cache off.
-    async fn tab(&self) -> Tab {
-        let made = Client::default()
-            .send(
-                "PUT",
-                &format!("http://127.0.0.1:{}/json/new?about:blank", self.port),
-                &[],
-                Bytes::new(),
-            )
-            .await;
-        let target: Value = serde_json::from_slice(&made.body).expect("new target");
-        let ws_url = target["webSocketDebuggerUrl"]
-            .as_str()
-            .expect("a page target")
-            .to_owned();
-        let (ws, _) = tokio_tungstenite::connect_async(ws_url)
-            .await
-            .expect("devtools socket");
-        let mut tab = Tab {
-            ws,
-            next: 0,
-            urls: HashMap::new(),
-            seen: Seen::default(),
-        };
-        for domain in ["Page", "Runtime", "Log", "Network"] {
-            tab.call(&format!("{domain}.enable"), json!({})).await;
-        }
-        // Every request reaches the gateways: no browser cache between a build and the next.
-        tab.call("Network.setCacheDisabled", json!({ "cacheDisabled": true }))
-            .await;
-        tab
+impl Observer {
+    fn take_seen(&mut self) -> Seen {
+        std::mem::take(&mut self.seen)
     }
 }
 
-impl Tab {
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.try_call(method, params)
-            .await
-            .unwrap_or_else(|e| panic!("{method}: {e}"))
-    }
-
-    /// Sends a command and reads frames until its answer, recording the events on the way.
-    async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
-        self.next += 1;
-        let id = self.next;
-        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
-        self.ws
-            .send(Message::text(msg))
-            .await
-            .expect("send to chromium");
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
-                .await
-                .expect("chromium answers")
-                .expect("devtools socket open")
-                .expect("devtools frame");
-            let Message::Text(text) = frame else { continue };
-            let v: Value = serde_json::from_str(&text).expect("devtools JSON");
-            if v["id"] == id {
-                return match v.get("error") {
-                    Some(_) => Err(v),
-                    None => Ok(v["result"].clone()),
-                };
-            }
-            if let Some(event) = v["method"].as_str() {
-                self.observe(event, &v["params"]);
-            }
-        }
-    }
+impl Events for Observer {
+    const DOMAINS: &'static [&'static str] = &["Log", "Network"];
 
     /// Records what an event says went wrong.
-    fn observe(&mut self, event: &str, p: &Value) {
+    fn event(&mut self, event: &str, p: &Value) {
         let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        if let Some(error) = script_error(event, p) {
+            self.seen.errors.push(error);
+            return;
+        }
         match event {
             "Network.requestWillBeSent" => {
                 self.urls
@@ -1158,29 +1021,6 @@ impl Tab {
                     self.seen.errors.push(failure);
                 }
             }
-            "Runtime.consoleAPICalled" if p["type"] == "error" || p["type"] == "assert" => {
-                let args: Vec<String> = p["args"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|a| {
-                        a["value"]
-                            .as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| text(&a["description"]))
-                    })
-                    .collect();
-                self.seen
-                    .errors
-                    .push(format!("console.error: {}", args.join(" ")));
-            }
-            "Runtime.exceptionThrown" => {
-                let d = &p["exceptionDetails"];
-                let what = d["exception"]["description"]
-                    .as_str()
-                    .map_or_else(|| text(&d["text"]), str::to_owned);
-                self.seen.errors.push(format!("exception: {what}"));
-            }
             "Log.entryAdded" if p["entry"]["level"] == "error" => {
                 let url = text(&p["entry"]["url"]);
                 if !is_favicon(&url) && !is_asset(&url) {
@@ -1189,43 +1029,22 @@ impl Tab {
                         .push(format!("log: {} {url}", text(&p["entry"]["text"])));
                 }
             }
-            "Inspector.targetCrashed" => self.seen.errors.push("the page crashed".into()),
             _ => {}
         }
     }
+}
 
-    fn take_seen(&mut self) -> Seen {
-        std::mem::take(&mut self.seen)
-    }
+/// A tab of `chromium` that records what goes wrong, with the cache off: every request reaches
+/// the gateways, no browser cache between a build and the next.
+async fn tab(chromium: &Chromium) -> Tab<Observer> {
+    let mut tab = chromium.tab(Observer::default()).await;
+    tab.call("Network.setCacheDisabled", json!({ "cacheDisabled": true }))
+        .await;
+    tab
+}
 
-    /// Evaluates `expr` in the page; `None` while the page has no context to run it in.
-    async fn eval(&mut self, expr: &str) -> Option<Value> {
-        let asked = json!({ "expression": expr, "returnByValue": true });
-        let r = self.try_call("Runtime.evaluate", asked).await.ok()?;
-        if r.get("exceptionDetails").is_some() {
-            return None;
-        }
-        Some(r["result"]["value"].clone())
-    }
-
-    /// Waits until `expr` is truthy in the page, up to `within`.
-    async fn until(&mut self, expr: &str, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            if self
-                .eval(&format!("Boolean({expr})"))
-                .await
-                .is_some_and(|v| v == true)
-            {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
+/// The e2e's steps on a page: loads, `<Link>` clicks and what the page shows.
+impl Tab<Observer> {
     /// A full load of `url`; `None` when the browser could not navigate at all.
     async fn load(&mut self, url: &str) -> Option<View> {
         // The old document is marked, so the new one is known when it is there.
@@ -1235,7 +1054,7 @@ impl Tab {
             .await
             .ok()?;
         if let Some(e) = nav["errorText"].as_str() {
-            self.seen.errors.push(format!("navigate {url}: {e}"));
+            self.events.seen.errors.push(format!("navigate {url}: {e}"));
             return None;
         }
         let loaded = self
@@ -1245,7 +1064,7 @@ impl Tab {
             )
             .await;
         if !loaded {
-            self.seen.errors.push(format!("{url} did not load"));
+            self.events.seen.errors.push(format!("{url} did not load"));
         }
         Some(self.view(false, false).await)
     }
@@ -1259,14 +1078,15 @@ impl Tab {
             ))
             .await;
         if clicked != Some(Value::Bool(true)) {
-            self.seen.errors.push(format!("no link to {path}"));
+            self.events.seen.errors.push(format!("no link to {path}"));
             return None;
         }
         let arrived = format!(
             "location.pathname === '{path}' && document.getElementById('render') && document.readyState === 'complete'"
         );
         if !self.until(&arrived, PAGE_TIMEOUT).await {
-            self.seen
+            self.events
+                .seen
                 .errors
                 .push(format!("navigation to {path} never arrived"));
         }
@@ -1283,7 +1103,7 @@ impl Tab {
             views.extend(self.click(link).await);
             self.back_home().await;
         }
-        let seen = self.take_seen();
+        let seen = self.events.take_seen();
         Visit {
             started,
             via: "a tab left open across the deploy (balancer)",
@@ -1326,17 +1146,9 @@ impl Tab {
         }
     }
 
-    async fn screenshot(&mut self, name: &str) {
-        let Ok(shot) = self
-            .try_call("Page.captureScreenshot", json!({ "format": "png" }))
-            .await
-        else {
-            return;
-        };
-        let png = base64_decode(shot["data"].as_str().unwrap_or_default());
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
-        std::fs::create_dir_all(&dir).expect("artifact dir");
-        std::fs::write(dir.join(name), png).expect("write screenshot");
+    /// A screenshot of the viewport; none when the page cannot be captured now.
+    async fn shot(&mut self, name: &str) {
+        let _ = self.screenshot(name, false).await;
     }
 }
 
@@ -1357,22 +1169,4 @@ fn is_asset(url: &str) -> bool {
 /// Chromium asks for `/favicon.ico` on its own; the example has none.
 fn is_favicon(url: &str) -> bool {
     url.ends_with("/favicon.ico")
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let Some(v) = A.iter().position(|a| *a == c) else {
-            continue;
-        };
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
 }

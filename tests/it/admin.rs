@@ -367,6 +367,103 @@ async fn stats_show_a_scripted_scenario_and_readyz_reports_redis() {
     );
 }
 
+/// What the dashboard's error tiles, latency, renders-saved tiles and route table are built
+/// from: a 500 of the app and a 502 of the gateway are kept with their time and path (a
+/// credential in the query redacted) and counted by status; a page's hits, miss and render
+/// count under its first segment with its freshness lifetime; what no stored page proves counts
+/// as `other`.
+#[tokio::test]
+async fn stats_keep_the_newest_server_errors_and_count_renders_per_route() {
+    let r = RedisProcess::start();
+    let mut origin = FakeNext::start(|o| {
+        o.route("/blog/a", Route::html("a").header("cache-control", ISR));
+        o.route("/boom", Route::status(500));
+    })
+    .await;
+    let gw = gateway(&origin, Some(&r), Some(TOKEN)).await;
+    let c = Client::default();
+    let before = isrgate::clock::system_ms();
+    for _ in 0..3 {
+        assert_eq!(c.get(&gw.url("/blog/a"), &[]).await.status, 200);
+    }
+    assert_eq!(c.get(&gw.url("/boom?token=hunter2"), &[]).await.status, 500);
+    origin.stop().await;
+    assert_eq!(c.get(&gw.url("/nowhere"), &[]).await.status, 502);
+    let s: serde_json::Value = serde_json::from_slice(
+        &admin_get(&gw, "/api/stats", &[("authorization", &bearer())])
+            .await
+            .body,
+    )
+    .expect("stats JSON");
+
+    let errors = &s["errors"];
+    assert_eq!(errors["total"], 2, "{errors}");
+    assert_eq!(errors["by_status"]["500"], 1, "{errors}");
+    assert_eq!(errors["by_status"]["502"], 1, "{errors}");
+    let recent = errors["recent"].as_array().expect("recent errors");
+    assert_eq!(recent.len(), 2, "{errors}");
+    assert_eq!(
+        (recent[0]["status"].as_u64(), recent[0]["path"].as_str()),
+        (Some(502), Some("/nowhere"))
+    );
+    assert_eq!(recent[1]["path"], "/boom?token=[redacted]");
+    assert_eq!(recent[1]["replica"], origin.addr.to_string());
+    let at = recent[0]["at_ms"].as_u64().expect("at_ms");
+    assert!(at >= before && at <= isrgate::clock::system_ms(), "{at}");
+
+    let rows = s["routes"]["rows"].as_array().expect("route rows");
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {rows:?}"))
+    };
+    let blog = row("/blog/*");
+    assert_eq!(
+        (blog["hits"].as_u64(), blog["misses"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        (blog["renders"].as_u64(), blog["stored"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(blog["median_ttl_s"], 60, "s-maxage=60");
+    let other = row("other");
+    assert_eq!(
+        (other["misses"].as_u64(), other["renders"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let top = &s["routes"]["top_rendered"];
+    assert!(
+        top.as_array().is_some_and(|t| t
+            .iter()
+            .any(|p| p["path"] == "/boom" && p["route"] == "other")),
+        "{top}"
+    );
+    assert_eq!(s["saved"]["by_cache"], 2);
+    assert_eq!(s["saved"]["renders"], 2, "the page and the 500");
+    assert_eq!(s["latency"]["hit"]["count"], 2);
+    assert!(
+        s["latency"]["hit"]["p99_ms"].is_number(),
+        "{}",
+        s["latency"]
+    );
+    assert_eq!(
+        s["readiness"]["ready"], true,
+        "the cache serves: still ready"
+    );
+    assert!(s["redis"]["evicted_keys"].is_u64(), "{}", s["redis"]);
+    assert!(s["redis"]["hit_rate"].is_number(), "{}", s["redis"]);
+
+    let metrics = String::from_utf8_lossy(&scrape(&gw, None).await.body).into_owned();
+    for line in [
+        "isrgate_server_errors_total{status=\"500\"} 1",
+        "isrgate_server_errors_total{status=\"502\"} 1",
+        "isrgate_renders_total 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
 #[tokio::test]
 async fn plain_scrapers_get_the_text_format_with_help_and_type_for_every_family() {
     let origin = FakeNext::start(|o| {

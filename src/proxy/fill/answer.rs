@@ -216,8 +216,11 @@ pub(super) async fn request(
     };
     let replica = Arc::clone(&reply.replica);
     let response = reply.into_response();
+    let cfg = cache.cfg();
+    // Every answer a replica gave a fill is a render the cache did not save (`renders`).
     let pass = |response, why| {
         app.metrics.cache_not_stored.inc();
+        app.metrics.rendered(&cfg.routes, &path, None);
         Ok(Answer::Pass { response, why })
     };
     // Assets are keyed without a build: whichever build had it answered right.
@@ -228,7 +231,6 @@ pub(super) async fn request(
         tracing::debug!(key = %key.text, replica = %replica.authority, "answered for another build; not stored");
         return pass(response, Pass::OtherBuild);
     }
-    let cfg = cache.cfg();
     let route = crate::cache::routes::find(&cfg.routes, &path).map(|r| &r.lifetimes);
     let freshness = match policy::admit_for(
         &Method::GET,
@@ -271,6 +273,10 @@ pub(super) async fn request(
     if encoded {
         return pass(response, Pass::Uncacheable);
     }
+    // The route table's TTL is the freshness lifetime (Next's `revalidate`), not the whole
+    // stored life (a year of stale-while-revalidate with Next 15).
+    app.metrics
+        .rendered(&cfg.routes, &path, Some(freshness.fresh));
     let (parts, body) = response.into_parts();
     let pending = Pending {
         parts,

@@ -3,10 +3,13 @@
 //! - [`Gateway`]: isrgate started in-process (`Server::bind` + `run`).
 //! - [`Client`]: a small HTTP/1.1 client returning status, headers and the whole body.
 //! - [`redis::RedisProcess`]: a real `redis-server` on a free port (cache issues on).
+//! - [`chromium::Chromium`]: headless Chromium over DevTools (the dashboard, and the e2e's
+//!   rolling deploy).
 //! - [`eventually!`]: poll a condition with a deadline instead of sleeping.
 
 #![allow(dead_code)]
 
+pub mod chromium;
 pub mod origin;
 pub mod redis;
 
