@@ -11,7 +11,13 @@
 #                                 its cost against 8080 in one run), next to nginx proxy_cache
 #                                 and Varnish,
 #                                 against `limit` (identity clients) then `limit-gzip` (gzip
-#                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391
+#                                 clients); Redis is a redis-server of this script on 127.0.0.1:6391.
+#                                 Observability's cost, when named in HIT_TARGETS: gw-quiet
+#                                 (8091, redis.publish_stats = false: no fleet snapshot), gw-tail
+#                                 (8093, one `isrgate tail --status 5xx` follower: every hit
+#                                 filtered, none sent), gw-tail-all (8094, one unfiltered
+#                                 `isrgate tail --json` follower: every hit sent); `gateway`
+#                                 publishes its snapshot and has no follower
 #   benches/load.sh stampede      coalescing: a fleet of 3 isrgate (8080, 8086, 8087, one Redis)
 #                                 against nginx and Varnish: cold stampede (examples/stampede.rs: K
 #                                 requests for one new path, spread over the fleet; origin renders,
@@ -35,6 +41,9 @@
 #      NO_PEER_CACHES=1: neither nginx nor Varnish (not installed, not started; HIT_TARGETS
 #      then names gateways only), e.g. the access log's cost:
 #      NO_PEER_CACHES=1 HIT_TARGETS="gateway gw-log=127.0.0.1:8090" benches/load.sh hit
+#      and the fleet snapshot's and the live tail's (issue 19):
+#      NO_PEER_CACHES=1 HIT_TARGETS="gateway gw-quiet=127.0.0.1:8091 gw-tail=127.0.0.1:8093
+#      gw-tail-all=127.0.0.1:8094" benches/load.sh hit
 # Every isrgate runs with its access log off (as the peers' nginx, `access_log off`), but gw-log.
 # Baseline and machine: see the issue notes (2 vCPU VM, wrk and servers share both cores; only
 # the ratios and CPU µs/request are comparable between runs).
@@ -80,8 +89,11 @@ case "$mode" in
 esac
 
 redis_pid=""
+tail_pids=()
 cleanup() {
-    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-base gw-log gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
+    "$work/stop-peers.sh" gateway gw-strict gw-hyper gw-base gw-log gw-quiet gw-tail gw-tail-all \
+        gw-2 gw-3 "${peers[@]}" >/dev/null 2>&1 || true
+    for pid in "${tail_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     [ -n "$redis_pid" ] && kill "$redis_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -136,12 +148,34 @@ case "$mode" in
         if [ -n "${HIT_BASELINE_BIN:-}" ]; then
             BIN=$HIT_BASELINE_BIN start_gateway gw-base 8089 ISRGATE__REDIS__URL=redis://127.0.0.1:6391
         fi
+        # What watching costs (issue 19), started only when HIT_TARGETS names them: the fleet
+        # snapshot off; a tail follower whose filter every hit fails; one that every hit reaches.
+        read -r -a targets <<<"${HIT_TARGETS:-gateway gw-strict=127.0.0.1:8085 gw-hyper=127.0.0.1:8088 nginx varnish}"
+        wants() { [[ " ${targets[*]} " == *" $1="* ]]; }
+        if wants gw-quiet; then
+            start_gateway gw-quiet 8091 ISRGATE__REDIS__URL=redis://127.0.0.1:6391 ISRGATE__REDIS__PUBLISH_STATS=false
+        fi
+        # follow NAME ADMIN_PORT ARGS…: an `isrgate tail` of gateway NAME through its admin API.
+        follow() {
+            local name=$1 port=$2; shift 2
+            ISRGATE_ADMIN_TOKEN=bench-token "$root/target/release/isrgate" tail \
+                --admin "http://127.0.0.1:$port" "$@" >/dev/null 2>"$work/run/$name-tail.log" &
+            tail_pids+=($!)
+        }
+        for spec in gw-tail:8093:9193 gw-tail-all:8094:9194; do
+            IFS=: read -r name port admin <<<"$spec"
+            wants "$name" || continue
+            ADMIN_LISTEN=127.0.0.1:$admin ISRGATE_ADMIN_TOKEN=bench-token \
+                start_gateway "$name" "$port" ISRGATE__REDIS__URL=redis://127.0.0.1:6391
+        done
+        wants gw-tail && follow gw-tail 9193 --status 5xx
+        wants gw-tail-all && follow gw-tail-all 9194 --json
+        [ ${#tail_pids[@]} -gt 0 ] && sleep 1  # the followers attach
         # Hits, not refreshes: with the origin's default s-maxage=60 every cache re-renders its
         # 100 pages in the middle of the later rounds (HIT_S_MAXAGE=60 measures that too).
         curl -s -o /dev/null -X POST "http://127.0.0.1:3001/__config?s_maxage=${HIT_S_MAXAGE:-3600}"
         # HIT_TARGETS picks a subset (e.g. "gateway gw-strict=127.0.0.1:8085" with RUNS=8
         # DURATION=5: more, shorter pairs when the machine's speed drifts between minutes).
-        read -r -a targets <<<"${HIT_TARGETS:-gateway gw-strict=127.0.0.1:8085 gw-hyper=127.0.0.1:8088 nginx varnish}"
         LIMIT=limit "$work/bench.sh" "${targets[@]}"
         ACCEPT_ENCODING=gzip "$work/bench.sh" "${targets[@]}"
         # The access log gw-log wrote (one line per request it answered), then emptied: a run

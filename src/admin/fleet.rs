@@ -108,11 +108,20 @@ fn host_name() -> String {
 }
 
 /// Publishes this gateway's snapshot every [`EVERY`] until `stop` (with Redis only: without
-/// it the fleet is this gateway).
+/// it the fleet is this gateway; and unless `redis.publish_stats = false`).
 pub async fn publish(app: Arc<AppState>, stop: CancellationToken) {
     let Some(cache) = app.cache.clone() else {
         return;
     };
+    if app
+        .config()
+        .redis
+        .as_ref()
+        .is_some_and(|r| !r.publish_stats)
+    {
+        tracing::info!("redis.publish_stats = false: this gateway is not in the fleet view");
+        return;
+    }
     let Store::Redis(redis) = &cache.store else {
         return;
     };

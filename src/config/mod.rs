@@ -281,6 +281,8 @@ pub struct Redis {
     pub connect_timeout: Duration,
     /// PEM files for `rediss://`.
     pub tls: crate::cache::tls::RedisTls,
+    /// `redis.publish_stats`: this gateway's snapshot goes to the fleet view.
+    pub publish_stats: bool,
 }
 
 /// `[admin]`

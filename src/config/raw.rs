@@ -369,6 +369,9 @@ section! {
         tls_cert_file: String = String::new(),
         /// `rediss://` only: the client certificate's private key (PEM).
         tls_key_file: String = String::new(),
+        /// Publish this gateway's stats snapshot on the bus every 2 s for the fleet view
+        /// (`/api/fleet`, the dashboard's fleet table); `false` hides it from the others.
+        publish_stats: bool = true,
     }
 }
 

@@ -704,6 +704,7 @@ fn redis(c: &mut Checker<'_>, raw: &Raw) -> Option<super::Redis> {
         command_timeout: c.duration("redis.command_timeout", &r.command_timeout, false),
         connect_timeout: c.duration("redis.connect_timeout", &r.connect_timeout, false),
         tls,
+        publish_stats: r.publish_stats,
     })
 }
 

@@ -26,6 +26,9 @@ use super::access::{Line, Path};
 /// Lines a follower may have waiting before newer ones are dropped.
 const QUEUE: usize = 4_096;
 
+/// Bytes of waiting lines `/api/tail` writes at once.
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// A relayed session ends this long after the last call of its `isrgate tail`.
 pub const SESSION_TTL: Duration = Duration::from_secs(3);
 
@@ -105,11 +108,26 @@ impl http_body::Body for Lines {
         if self.stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        match self.following.lines.poll_recv(cx) {
-            Poll::Ready(Some(line)) => Poll::Ready(Some(Ok(http_body::Frame::data(line)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        let first = match self.following.lines.poll_recv(cx) {
+            Poll::Ready(Some(line)) => line,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        // The lines already waiting go out with it, as one write: under load a follower costs
+        // a write per batch, not per request.
+        let Ok(second) = self.following.lines.try_recv() else {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        };
+        let mut batch = bytes::BytesMut::with_capacity(BATCH_BYTES);
+        batch.extend_from_slice(&first);
+        batch.extend_from_slice(&second);
+        while batch.len() < BATCH_BYTES {
+            let Ok(line) = self.following.lines.try_recv() else {
+                break;
+            };
+            batch.extend_from_slice(&line);
         }
+        Poll::Ready(Some(Ok(http_body::Frame::data(batch.freeze()))))
     }
 }
 
