@@ -21,17 +21,6 @@ pub enum Side {
     Gateway,
 }
 
-impl Side {
-    /// Label for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
-            Side::Gateway => "gateway",
-        }
-    }
-}
-
 /// Why a request got an error response.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -50,6 +39,11 @@ pub enum ProxyError {
     /// Upstream failure.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// A cache entry whose body did not inflate. The cache driver answers it as a miss
+    /// (`proxy::cached`); it reaches no client unless a bug lets it through, and then it is
+    /// the gateway's fault.
+    #[error("a cache entry did not inflate")]
+    CorruptEntry,
 }
 
 impl ProxyError {
@@ -64,7 +58,7 @@ impl ProxyError {
                 | UpstreamError::ClientBody(_)
                 | UpstreamError::ClientBodyStalled,
             ) => Side::Client,
-            ProxyError::Overloaded => Side::Gateway,
+            ProxyError::Overloaded | ProxyError::CorruptEntry => Side::Gateway,
             ProxyError::Upstream(_) => Side::Upstream,
         }
     }
@@ -116,12 +110,10 @@ impl ProxyError {
                 (StatusCode::GATEWAY_TIMEOUT, "Upstream timed out\n")
             }
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "Upstream unavailable\n"),
+            ProxyError::CorruptEntry => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n")
+            }
         }
-    }
-
-    /// The status the client gets.
-    pub fn status(&self) -> StatusCode {
-        self.status_and_text().0
     }
 
     /// The response: status, a short plain-text body, no detail.

@@ -22,7 +22,6 @@ use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 use crate::http::gzip;
 use crate::metrics::routes::RouteEvent;
-use crate::upstream::UpstreamError;
 use crate::upstream::pin::{Pin, is_build_asset};
 
 /// A cache candidate's answer, and what it was made from (what the debug header tells,
@@ -141,7 +140,9 @@ pub async fn serve(
     } = looked;
     // Where the answer belongs: the request's `Vary` slot when the key's entry varies.
     let key = slot.unwrap_or(key);
-    let (fallback, missed) = match found {
+    // `seen`: the render time of what the lookup found, for the fill to tell a newer render
+    // from it (a damaged entry must be replaced, not served again as another's fill).
+    let (fallback, missed, seen) = match found {
         Found::Fresh { entry, from_l1 } => {
             if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();
@@ -153,7 +154,7 @@ pub async fn serve(
                 return Ok(Served::found(r, Outcome::Hit, key, entry));
             }
             corrupt(app, cache, &key);
-            (None, Missed::Corrupt)
+            (None, Missed::Corrupt, entry.meta.stored_at_ms)
         }
         Found::Stale(entry) => {
             // Why this answer is stale: what the key's last refresh met, not this one's.
@@ -174,11 +175,14 @@ pub async fn serve(
                 return Ok(served);
             }
             corrupt(app, cache, &key);
-            (None, Missed::Corrupt)
+            (None, Missed::Corrupt, entry.meta.stored_at_ms)
         }
         // Past stale-while-revalidate: kept in case the replicas fail.
-        Found::StaleIfError(entry) => (Some(entry), Missed::Expired),
-        Found::Miss(why) => (None, why),
+        Found::StaleIfError(entry) => {
+            let seen = entry.meta.stored_at_ms;
+            (Some(entry), Missed::Expired, seen)
+        }
+        Found::Miss(why) => (None, why, 0),
     };
     app.metrics.missed_paths.record(head.uri.path());
     if ask.head && fallback.is_none() {
@@ -198,14 +202,24 @@ pub async fn serve(
     let fill = Fill {
         // The client's answer names its key: a clone per miss (a render), none per hit.
         key: key.clone(),
-        variant,
+        // Kept here too: a corrupt entry sends the request on (below).
+        variant: variant.clone(),
         head: up,
         vary: vary_view.clone(),
-        seen: fallback.as_ref().map_or(0, |e| e.meta.stored_at_ms),
+        seen,
         replaces: fallback.is_some(),
         permit,
     };
-    let answered = fill.answer(app, cache, fallback, ask, now).await;
+    let answered = match fill.answer(app, cache, fallback, ask, now).await {
+        // The entry the miss was to be answered with does not inflate: the replica answers.
+        Err(ProxyError::CorruptEntry) => {
+            corrupt(app, cache, &key);
+            let reply = Box::pin(app.upstream.send(upstream(&head), body::empty())).await?;
+            let answered = passed(reply.into_response(), &head.headers, ask.head);
+            Ok(Answered::replica(answered, None))
+        }
+        answered => answered,
+    };
     // One outcome per request: a stale-if-error answer counted itself as stale.
     let event = if matches!(
         answered,
@@ -403,9 +417,8 @@ fn answer_miss(
     now: u64,
 ) -> Result<Answered, ProxyError> {
     let entry = |entry: Arc<Entry>, outcome| {
-        let response = serve::response(&entry, ask, outcome, now).ok_or(ProxyError::Upstream(
-            UpstreamError::Body("entry did not inflate".into()),
-        ))?;
+        let response =
+            serve::response(&entry, ask, outcome, now).ok_or(ProxyError::CorruptEntry)?;
         Ok(Answered {
             response,
             outcome,
@@ -421,28 +434,31 @@ fn answer_miss(
             let answered = (gzip_for(resp, ask), Outcome::Miss { stored: true });
             Ok(Answered::replica(answered, None))
         }
-        Ok(Fetched::Passed(resp, why)) if resp.status().is_server_error() => match fallback {
-            Some(stale) => {
-                stale_if_error(app, stale, ask, now, StaleReason::OriginError, Some(why))
+        Ok(Fetched::Passed(resp, why)) => {
+            let stale = fallback.filter(|_| resp.status().is_server_error());
+            let reason = StaleReason::OriginError;
+            match stale.map(|stale| stale_if_error(app, stale, ask, now, reason, Some(why))) {
+                Some(Ok(answered)) => Ok(answered),
+                // No stale entry, or one that does not inflate: the replica's own answer.
+                None | Some(Err(_)) => Ok(Answered::replica(
+                    passed(resp, ask.headers, ask.head),
+                    Some(why),
+                )),
             }
-            None => Ok(Answered::replica(
-                passed(resp, ask.headers, ask.head),
-                Some(why),
-            )),
-        },
-        Ok(Fetched::Passed(resp, why)) => Ok(Answered::replica(
-            passed(resp, ask.headers, ask.head),
-            Some(why),
-        )),
+        }
         Err(e) => match (fallback, refresh::origin_failure(&e)) {
-            (Some(stale), Some(reason)) => stale_if_error(app, stale, ask, now, reason, None),
+            // A stale entry that does not inflate leaves the replica's failure as the answer.
+            (Some(stale), Some(reason)) => {
+                stale_if_error(app, stale, ask, now, reason, None).or(Err(e))
+            }
             _ => Err(e),
         },
     }
 }
 
 /// The stale entry kept for failing replicas, served because of `reason`, as the answer;
-/// `not_stored`: why the replica's own answer was not (a 5xx).
+/// `not_stored`: why the replica's own answer was not (a 5xx). An entry that does not inflate
+/// is counted as corrupt and answers nothing ([`ProxyError::CorruptEntry`]).
 fn stale_if_error(
     app: &AppState,
     entry: Arc<Entry>,
@@ -452,9 +468,11 @@ fn stale_if_error(
     not_stored: Option<Pass>,
 ) -> Result<Answered, ProxyError> {
     let outcome = Outcome::StaleIfError;
-    let response = serve::response(&entry, ask, outcome, now).ok_or(ProxyError::Upstream(
-        UpstreamError::Body("stale entry did not inflate".into()),
-    ))?;
+    let Some(response) = serve::response(&entry, ask, outcome, now) else {
+        app.metrics.store_corrupt.inc();
+        tracing::warn!("a stale entry kept for stale-if-error did not inflate");
+        return Err(ProxyError::CorruptEntry);
+    };
     app.metrics.served_stale(reason);
     Ok(Answered {
         response,
@@ -517,6 +535,7 @@ fn gzip_for(resp: Response<Body>, ask: Ask<'_>) -> Response<Body> {
     }
 }
 
+/// An entry that did not inflate: counted, dropped from the L1, and the request is a miss.
 fn corrupt(app: &AppState, cache: &CacheState, key: &CacheKey) {
     app.metrics.store_corrupt.inc();
     cache.l1.remove(key.hash);

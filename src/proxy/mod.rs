@@ -59,6 +59,9 @@ pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>)
                 Side::Upstream => {
                     tracing::warn!(request_id = ?id, %method, uri = %Path(&uri), error = %e, "upstream failure")
                 }
+                Side::Gateway if matches!(e, ProxyError::CorruptEntry) => {
+                    tracing::error!(request_id = ?id, %method, uri = %Path(&uri), error = %e, "gateway error")
+                }
                 _ => {
                     tracing::debug!(request_id = ?id, %method, uri = %Path(&uri), error = %e, "refused")
                 }
@@ -240,7 +243,8 @@ fn count(app: &AppState, e: &ProxyError) {
         ProxyError::Upstream(U::ClientBody(_) | U::ClientBodyStalled) => m.client_body_errors.inc(),
         ProxyError::BodyTooLarge | ProxyError::Upstream(U::BodyTooLarge) => m.body_too_large.inc(),
         ProxyError::Overloaded => m.shed.inc(),
-        ProxyError::UpgradeUnsupported => {}
+        // Counted where it was found (`isrgate_store_corrupt_total`).
+        ProxyError::UpgradeUnsupported | ProxyError::CorruptEntry => {}
         ProxyError::Upstream(U::Timeout { .. } | U::Stalled { .. }) => m.upstream_timeouts.inc(),
         ProxyError::Upstream(U::Connect { .. } | U::NoReplica) => m.upstream_unreachable.inc(),
         ProxyError::Upstream(U::Exchange { .. } | U::Body(_)) => m.upstream_errors.inc(),

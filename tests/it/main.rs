@@ -12,6 +12,7 @@ mod cache;
 mod cli;
 mod cms;
 mod coalesce;
+mod corrupt;
 mod debug;
 mod deploy;
 mod fidelity;
