@@ -40,52 +40,46 @@ pub async fn purge(client: &AdminClient, ask: &Purge, as_json: bool) -> Result<S
     if as_json {
         return Ok(format!("{report:#}\n"));
     }
-    Ok(describe_purge(&report))
+    // A gateway of another version may answer another shape: then it is printed as it came.
+    match serde_json::from_value::<crate::invalidate::Report>(report.clone()) {
+        Ok(r) => Ok(describe_purge(&r)),
+        Err(_) => Ok(format!("{report:#}\n")),
+    }
 }
 
 /// A purge report, one line per step.
-fn describe_purge(r: &Value) -> String {
+fn describe_purge(r: &crate::invalidate::Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "invalidated ({}) at epoch {}: {}",
-        r["mode"].as_str().unwrap_or("?"),
-        r["epoch"],
-        list(&r["tags"]),
+        r.mode.as_str(),
+        r.epoch,
+        r.tags.join(" "),
     );
-    let gateways = &r["gateways"];
+    let g = &r.gateways;
+    let missing = if g.missing.is_empty() {
+        String::new()
+    } else {
+        format!("; MISSING {}", g.missing.join(" "))
+    };
     let _ = writeln!(
         out,
-        "applied by gateway {}, acknowledged by {} other gateway(s){}",
-        gateways["applied_by"].as_str().unwrap_or("?"),
-        gateways["acknowledged"].as_array().map_or(0, Vec::len),
-        match gateways["missing"].as_array() {
-            Some(m) if !m.is_empty() => format!("; MISSING {}", list(&gateways["missing"])),
-            _ => String::new(),
-        }
+        "applied by gateway {}, acknowledged by {} other gateway(s){missing}",
+        g.applied_by,
+        g.acknowledged.len(),
     );
-    for f in r["replicas"].as_array().into_iter().flatten() {
-        let outcome = if f["ok"] == true {
-            format!("revalidated (HTTP {})", f["status"])
-        } else {
-            format!("FAILED: {}", f["error"].as_str().unwrap_or("?"))
+    for f in r.replicas.iter().flatten() {
+        let outcome = match (&f.error, f.status) {
+            (None, status) if f.ok => format!("revalidated (HTTP {})", status.unwrap_or(0)),
+            (Some(e), _) => format!("FAILED: {e}"),
+            (None, _) => "FAILED".to_owned(),
         };
-        let _ = writeln!(
-            out,
-            "replica {}: {outcome}",
-            f["replica"].as_str().unwrap_or("?")
-        );
+        let _ = writeln!(out, "replica {}: {outcome}", f.replica);
     }
-    if let Some(pages) = r["rewarm"].as_array().filter(|a| !a.is_empty()) {
-        for p in pages {
-            let _ = writeln!(
-                out,
-                "re-warm {} {}: {}",
-                p["path"].as_str().unwrap_or("?"),
-                p["variant"].as_str().unwrap_or(""),
-                p["outcome"].as_str().unwrap_or("?")
-            );
-        }
+    for p in &r.rewarm {
+        let (variant, outcome) = (p.variant.as_str(), p.outcome.as_str());
+        let _ = writeln!(out, "re-warm {} {variant}: {outcome}", p.path);
     }
     out
 }

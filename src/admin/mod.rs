@@ -112,7 +112,9 @@ async fn route(
     match (&method, path.as_str()) {
         (_, crate::invalidate::PATH) => {
             let (head, body) = req.into_parts();
-            return crate::invalidate::handle(app, head, body).await;
+            // The peer itself: nothing on this listener vouches for forwarding headers.
+            let source = peer.ip().to_string();
+            return crate::invalidate::handle(app, head, body, &source).await;
         }
         (&Method::GET | &Method::HEAD, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => return readyz(app),
@@ -481,30 +483,33 @@ async fn choose_build(app: &Arc<AppState>, req: Request<Incoming>) -> Response<B
     }
 }
 
+/// `POST /api/purge`: the webhook's body, run as the webhook runs it (same report, same
+/// errors), with the token instead of the webhook's secret.
 async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
-    let Some(cache) = &app.cache else {
-        return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
-    };
+    match purged(app, req).await {
+        Ok(report) => json(StatusCode::OK, &report.to_value()),
+        Err(e) => e.to_response(),
+    }
+}
+
+async fn purged(
+    app: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<crate::invalidate::Report, crate::invalidate::Error> {
+    use crate::invalidate::Error;
+    let cache = app.cache.as_ref().ok_or(Error::CacheDisabled)?;
     let (head, body) = req.into_parts();
-    let raw: Bytes = match Limited::new(body, app.config().webhook.max_body_bytes)
-        .collect()
-        .await
-    {
+    let max = app.config().webhook.max_body_bytes;
+    let raw: Bytes = match Limited::new(body, max).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return json(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &serde_json::json!({"error": "body too large"}),
-            );
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(Error::TooLarge(max)),
+        Err(e) => return Err(Error::Body(e.to_string())),
     };
-    let revalidation = match crate::invalidate::webhook::parse(&raw, None) {
-        Ok(r) => r,
-        Err(e) => {
-            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-            return json(status, &serde_json::json!({ "error": e.to_string() }));
-        }
-    };
+    let revalidation =
+        crate::invalidate::webhook::parse(&raw, None).map_err(|rejected| Error::Refused {
+            rejected,
+            allow_get: false,
+        })?;
     // The admin listener's own Host is not the site's: re-warm needs the public host, which
     // the form sends; without it nothing is re-warmed.
     let host = head
@@ -525,13 +530,7 @@ async fn purge(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
         Some(b"dashboard") => "dashboard",
         _ => "admin-api",
     };
-    match crate::invalidate::run(app, cache, &revalidation, &host, source).await {
-        Ok(report) => json(StatusCode::OK, &report),
-        Err(e) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({ "error": format!("Redis is unavailable ({e}); nothing was invalidated") }),
-        ),
-    }
+    crate::invalidate::run(app, cache, &revalidation, &host, source).await
 }
 
 /// `POST /api/reload`: the configuration read again and applied (`crate::reload`): 200 with

@@ -21,7 +21,8 @@ use arc_swap::ArcSwapOption;
 use super::frozen::Frozen;
 
 /// How an invalidated entry is treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Served stale while one (coalesced) refresh runs.
     Soft,

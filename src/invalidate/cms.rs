@@ -27,7 +27,8 @@ use serde_json::{Map, Value};
 use super::webhook::Rejected;
 
 /// The shape of a webhook body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Detected from the headers and the body's shape.
     Auto,
@@ -139,7 +140,7 @@ impl Entry {
     /// What the answer and the revalidation log say about the entry.
     pub fn origin(&self) -> Origin {
         Origin {
-            cms: self.cms.as_str(),
+            cms: self.cms,
             event: self.event.clone(),
             kind: self.kind.clone(),
             id: self.id.clone(),
@@ -148,10 +149,10 @@ impl Entry {
 }
 
 /// The CMS entry a revalidation came from, as reported.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Origin {
     /// `contentful`, `sanity`, `strapi` or `wordpress`.
-    pub cms: &'static str,
+    pub cms: Format,
     /// The event, when named.
     pub event: Option<String>,
     /// The content type.

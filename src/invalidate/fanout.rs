@@ -20,7 +20,7 @@ use crate::config::Fanout;
 use crate::http::body;
 
 /// What one replica said.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaResult {
     /// `host:port`.
     pub replica: String,
@@ -30,10 +30,48 @@ pub struct ReplicaResult {
     pub status: Option<u16>,
     /// Calls made (1 + retries).
     pub attempts: u32,
-    /// The last error, if not ok.
-    pub error: Option<String>,
+    /// The last error, if not ok (in the report: its message).
+    pub error: Option<CallError>,
     /// Time until the final answer, ms.
     pub elapsed_ms: u64,
+}
+
+/// Why a replica was not told. In the report, the message (`Display`): what the dashboard and
+/// `isrgate purge` print; read back, a message this build does not recognise is `Unreachable`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// It answered with a status other than 2xx (a 5xx is retried, a 4xx is not).
+    #[error("answered {0}")]
+    Status(u16),
+    /// No answer within `webhook.replica_timeout`.
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The call could not be made or did not complete (refused, reset, a bad request URL).
+    #[error("{0}")]
+    Unreachable(String),
+}
+
+impl serde::Serialize for CallError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CallError {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let status = text
+            .strip_prefix("answered ")
+            .and_then(|s| s.get(..3)?.parse().ok());
+        let timeout = text
+            .strip_prefix("no answer within ")
+            .and_then(|t| humantime::parse_duration(t).ok());
+        Ok(match (status, timeout) {
+            (Some(code), _) => CallError::Status(code),
+            (_, Some(t)) => CallError::Timeout(t),
+            _ => CallError::Unreachable(text),
+        })
+    }
 }
 
 /// First retry delay; doubled for each further retry.
@@ -85,13 +123,13 @@ pub async fn fanout(
                     let (resp, lease) = pool
                         .send(&authority, req?)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| CallError::Unreachable(e.to_string()))?;
                     let status = resp.status();
                     // Read the (small) answer so the connection can be reused.
                     let _ = crate::upstream::pool::Leased::new(resp.into_body(), lease)
                         .collect()
                         .await;
-                    Ok::<_, String>(status)
+                    Ok::<_, CallError>(status)
                 };
                 match tokio::time::timeout(cfg.timeout, call).await {
                     Ok(Ok(status)) => {
@@ -101,13 +139,13 @@ pub async fn fanout(
                             result.error = None;
                             break;
                         }
-                        result.error = Some(format!("answered {status}"));
+                        result.error = Some(CallError::Status(status.as_u16()));
                         if !status.is_server_error() {
                             break; // 4xx: retrying will not help
                         }
                     }
                     Ok(Err(e)) => result.error = Some(e),
-                    Err(_) => result.error = Some(format!("no answer within {:?}", cfg.timeout)),
+                    Err(_) => result.error = Some(CallError::Timeout(cfg.timeout)),
                 }
             }
             result.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -131,17 +169,16 @@ fn request(
     path: &str,
     authority: &http::uri::Authority,
     payload: Bytes,
-) -> Result<Request<body::Body>, String> {
+) -> Result<Request<body::Body>, CallError> {
     let mut req = Request::new(body::full(payload));
     *req.method_mut() = cfg.method.clone();
     *req.uri_mut() = path
         .parse()
-        .map_err(|e| format!("webhook.replica_path: {e}"))?;
+        .map_err(|e| CallError::Unreachable(format!("webhook.replica_path: {e}")))?;
     let h = req.headers_mut();
-    h.insert(
-        header::HOST,
-        HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?,
-    );
+    let host = HeaderValue::from_str(authority.as_str())
+        .map_err(|e| CallError::Unreachable(e.to_string()))?;
+    h.insert(header::HOST, host);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -164,5 +201,24 @@ mod tests {
             &[],
         );
         assert_eq!(b, r#"{"paths":["/a \"b\""],"tags":[]}"#);
+    }
+
+    #[test]
+    fn a_call_error_is_its_message_in_the_report_and_reads_back() {
+        for (e, text) in [
+            (CallError::Status(503), "answered 503"),
+            (
+                CallError::Timeout(Duration::from_secs(2)),
+                "no answer within 2s",
+            ),
+            (
+                CallError::Unreachable("connection refused".into()),
+                "connection refused",
+            ),
+        ] {
+            let json = serde_json::to_string(&e).expect("serializes");
+            assert_eq!(json, format!("{text:?}"));
+            assert_eq!(serde_json::from_str::<CallError>(&json).expect("reads"), e);
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod fanout;
 pub mod fleet;
 pub mod load;
 pub mod log;
+pub mod report;
 pub mod retention;
 pub mod rewarm;
 pub mod rules;
@@ -27,7 +28,7 @@ pub mod snapshot;
 pub mod webhook;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -36,88 +37,139 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::app::AppState;
 use crate::http::body::Body;
+pub use report::Report;
 
 /// The webhook's path on the public and admin listeners.
 pub const PATH: &str = "/_isrgate/revalidate";
 
-/// Answers a call to [`PATH`]; never fails (errors are responses).
-pub async fn handle<B>(app: &Arc<AppState>, head: Parts, body: B) -> Response<Body>
+/// Answers a call to [`PATH`]; never fails (errors are responses). `source` names the caller
+/// in the log ([`source`] on the public listener, the peer's address on the admin one).
+pub async fn handle<B>(app: &Arc<AppState>, head: Parts, body: B, source: &str) -> Response<Body>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let Some(cache) = &app.cache else {
-        return answer(
-            StatusCode::NOT_FOUND,
-            "the cache is disabled: nothing to revalidate",
-        );
-    };
+    match revalidate(app, head, body, source).await {
+        Ok(report) => crate::http::reply::json(StatusCode::OK, &report.to_value()),
+        Err(e) => e.to_response(),
+    }
+}
+
+/// Checks a call (method, size, credentials, body) and runs it.
+async fn revalidate<B>(
+    app: &Arc<AppState>,
+    head: Parts,
+    body: B,
+    source: &str,
+) -> Result<Report, Error>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let cache = app.cache.as_ref().ok_or(Error::CacheDisabled)?;
     let config = app.config.load_full();
     let hook = &config.webhook;
-    let Some(secrets) = &hook.secrets else {
-        return answer(
-            StatusCode::NOT_FOUND,
-            "the webhook is disabled: set ISRGATE_WEBHOOK_SECRET to enable it",
-        );
+    let secrets = hook.secrets.as_ref().ok_or(Error::WebhookDisabled)?;
+    let refused = |rejected| Error::Refused {
+        rejected,
+        allow_get: hook.allow_query_secret,
     };
-    if let Err(e) = webhook::check_method(&head.method, hook.allow_query_secret) {
-        return refused(&e, hook.allow_query_secret);
-    }
+    webhook::check_method(&head.method, hook.allow_query_secret).map_err(refused)?;
     let raw = match Limited::new(body, hook.max_body_bytes).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return answer(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("body over {} bytes", hook.max_body_bytes),
-            );
+            return Err(Error::TooLarge(hook.max_body_bytes));
         }
-        Err(e) => return answer(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+        Err(e) => return Err(Error::Body(e.to_string())),
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let policy = auth::Policy {
         secrets,
         window: hook.signature_window,
         allow_query_secret: hook.allow_query_secret,
     };
     let query = head.uri.query();
-    let checked = auth::authenticate(&head.headers, query, &raw, &policy, now)
-        .and_then(|()| webhook::read(&head.headers, &raw, query, hook.format, &hook.rules));
-    let revalidation = match checked {
-        Ok(r) => r,
-        Err(e) => {
-            app.metrics.webhook_refused.inc();
-            return refused(&e, hook.allow_query_secret);
-        }
-    };
+    let revalidation = auth::authenticate(&head.headers, query, &raw, &policy, unix_secs())
+        .and_then(|()| webhook::read(&head.headers, &raw, query, hook.format, &hook.rules))
+        .inspect_err(|_| app.metrics.webhook_refused.inc())
+        .map_err(refused)?;
     let host = head
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    match run(app, cache, &revalidation, host, &source(&head)).await {
-        Ok(report) => json(StatusCode::OK, &report),
-        Err(e) if e.may_run_later() => answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "Redis did not confirm the invalidation ({e}): this gateway applied it and retries \
-                 it until Redis takes it, other gateways get it then; retry the call (it is \
-                 safe to apply twice)"
-            ),
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "revalidation not applied: the store failed");
-            answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("Redis is unavailable ({e}); nothing was invalidated, retry later"),
-            )
+    run(app, cache, &revalidation, host, source).await
+}
+
+/// Why a revalidation was refused or not done: the one answer of the webhook (on both
+/// listeners) and of the admin API's purge. Refusals change nothing; `Unconfirmed` was
+/// applied here and is retried ([`provisional`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// 404: no cache to invalidate.
+    #[error("the cache is disabled: nothing to revalidate")]
+    CacheDisabled,
+    /// 404: no secret configured.
+    #[error("the webhook is disabled: set ISRGATE_WEBHOOK_SECRET to enable it")]
+    WebhookDisabled,
+    /// 400, 401, 403, 405 (with `Allow`), 422: the call as sent.
+    #[error("{rejected}")]
+    Refused {
+        /// What was wrong.
+        rejected: webhook::Rejected,
+        /// `GET` is accepted too (`webhook.allow_query_secret`), for `Allow`.
+        allow_get: bool,
+    },
+    /// 413: the body is over `webhook.max_body_bytes`.
+    #[error("body over {0} bytes")]
+    TooLarge(usize),
+    /// 400: the body could not be read.
+    #[error("body: {0}")]
+    Body(String),
+    /// 503: Redis may still run the invalidation; this gateway applied it and retries.
+    #[error(
+        "Redis did not confirm the invalidation ({0}): this gateway applied it and retries it until Redis takes it, other gateways get it then; retry the call (it is safe to apply twice)"
+    )]
+    Unconfirmed(crate::cache::store::StoreError),
+    /// 503: Redis refused or could not be reached; nothing was applied.
+    #[error("Redis is unavailable ({0}); nothing was invalidated, retry later")]
+    Unavailable(crate::cache::store::StoreError),
+    /// 500: the revalidation's task ended abnormally (a bug): it may be partly done.
+    #[error(
+        "the revalidation stopped unexpectedly ({0}); it may be partly applied: see the revalidation log, and retry (it is safe to apply twice)"
+    )]
+    Aborted(String),
+}
+
+impl Error {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::CacheDisabled | Error::WebhookDisabled => StatusCode::NOT_FOUND,
+            Error::Refused { rejected, .. } => rejected.status(),
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Body(_) => StatusCode::BAD_REQUEST,
+            Error::Unconfirmed(_) | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Aborted(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// `{"error": message}` with the status (and `Allow` on a 405).
+    pub fn to_response(&self) -> Response<Body> {
+        let status = self.status();
+        let mut r = crate::http::reply::error(status, &self.to_string());
+        if let Error::Refused { allow_get, .. } = self
+            && status == StatusCode::METHOD_NOT_ALLOWED
+        {
+            let allow = if *allow_get { "GET, POST" } else { "POST" };
+            r.headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+        }
+        r
     }
 }
 
 /// Applies a checked revalidation and reports every step (the webhook's and the dashboard's
-/// purge form's one path). On error nothing was applied.
+/// purge form's one path). On error nothing was applied, but for [`Error::Unconfirmed`].
 ///
 /// Runs in its own task: once the invalidation is applied, a caller that goes away (a CMS
 /// timing out) does not cut the fan-out, the re-warm or the log short.
@@ -127,15 +179,23 @@ pub async fn run(
     revalidation: &webhook::Revalidation,
     host: &str,
     source: &str,
-) -> Result<serde_json::Value, crate::cache::store::StoreError> {
+) -> Result<Report, Error> {
     let (app, cache, revalidation) = (Arc::clone(app), Arc::clone(cache), revalidation.clone());
     let (host, source) = (host.to_owned(), source.to_owned());
     let task =
         tokio::spawn(async move { steps(&app, &cache, &revalidation, &host, &source).await });
     match task.await {
-        Ok(done) => done,
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) if e.may_run_later() => Err(Error::Unconfirmed(e)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "revalidation not applied: the store failed");
+            Err(Error::Unavailable(e))
+        }
         // Only a panic gets here; say so rather than hang the caller.
-        Err(e) => Err(crate::cache::store::StoreError::Aborted(e.to_string())),
+        Err(e) => {
+            tracing::error!(error = %e, "the revalidation task panicked");
+            Err(Error::Aborted(e.to_string()))
+        }
     }
 }
 
@@ -145,12 +205,10 @@ async fn steps(
     revalidation: &webhook::Revalidation,
     host: &str,
     source: &str,
-) -> Result<serde_json::Value, crate::cache::store::StoreError> {
+) -> Result<Report, crate::cache::store::StoreError> {
     let config = app.config.load_full();
     let hook = &config.webhook;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = unix_secs();
     let started = Instant::now();
     let tags = revalidation.all_tags();
     let gateway = cache.gateway_id();
@@ -196,7 +254,7 @@ async fn steps(
         ),
         _ => None,
     };
-    let rewarmed = if revalidation.rewarm && hook.rewarm_concurrency > 0 {
+    let rewarm = if revalidation.rewarm && hook.rewarm_concurrency > 0 {
         let paths = rewarm::targets(cache, revalidation);
         rewarm::rewarm(app, cache, host, &paths, hook.rewarm_concurrency).await
     } else {
@@ -206,33 +264,45 @@ async fn steps(
         epoch, mode = revalidation.mode.as_str(), tags = ?tags,
         acked = acks.received.len(), missing = ?acks.missing, "revalidated"
     );
-    let report = serde_json::json!({
-        "epoch": epoch,
-        "at_unix": now,
-        "source": source,
-        "mode": revalidation.mode.as_str(),
-        "paths": revalidation.paths,
-        "tags": tags,
-        "entry": revalidation.entry,
-        "gateways": {
-            "applied_by": gateway,
-            "acknowledged": acks.received,
-            "missing": acks.missing,
-            "elapsed_ms": acked_ms,
+    let (epoch_after_fanout, reapply_error) = match reapplied {
+        Some(Ok(epoch)) => (Some(epoch), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let report = Report {
+        epoch,
+        at_unix: now,
+        source: source.to_owned(),
+        mode: revalidation.mode,
+        paths: revalidation.paths.clone(),
+        tags,
+        entry: revalidation.entry.clone(),
+        gateways: report::Gateways {
+            applied_by: gateway.to_owned(),
+            acknowledged: acks.received,
+            missing: acks.missing,
+            elapsed_ms: acked_ms,
         },
-        "replicas": replicas,
-        "epoch_after_fanout": reapplied.as_ref().and_then(|r| r.as_ref().ok()),
-        "reapply_error": reapplied.as_ref().and_then(|r| r.as_ref().err()),
-        "rewarm": rewarmed,
-        "elapsed_ms": millis(started.elapsed()),
-    });
-    if let Err(e) = cache.log.record(&cache.store, &report).await {
+        replicas,
+        epoch_after_fanout,
+        reapply_error,
+        rewarm,
+        elapsed_ms: millis(started.elapsed()),
+    };
+    if let Err(e) = cache.log.record(&cache.store, &report.to_value()).await {
         tracing::warn!(error = %e, "revalidation log not written");
     }
     Ok(report)
 }
 
-/// Who called, for the log: the client address the forwarding headers name, or "-".
+/// Now, in UNIX seconds.
+fn unix_secs() -> u64 {
+    crate::clock::system_ms() / 1000
+}
+
+/// Who called, for the log, on the public listener: the last `X-Forwarded-For` hop, which
+/// the gateway itself wrote (`proxy::sanitize::forward`: the peer that connected), or "-".
+/// Not for the admin listener, where nothing rewrote the header.
 pub fn source(head: &Parts) -> String {
     head.headers
         .get("x-forwarded-for")
@@ -243,26 +313,6 @@ pub fn source(head: &Parts) -> String {
 
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
-}
-
-/// The answer to a refused call (with `Allow` on a 405).
-fn refused(e: &webhook::Rejected, allow_get: bool) -> Response<Body> {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    let mut r = answer(status, &e.to_string());
-    if status == StatusCode::METHOD_NOT_ALLOWED {
-        let allow = if allow_get { "GET, POST" } else { "POST" };
-        r.headers_mut()
-            .insert(header::ALLOW, http::HeaderValue::from_static(allow));
-    }
-    r
-}
-
-fn answer(status: StatusCode, message: &str) -> Response<Body> {
-    crate::http::reply::error(status, message)
-}
-
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    crate::http::reply::json(status, value)
 }
 
 /// Why `isrgate purge` could not invalidate.

@@ -20,22 +20,83 @@ use http::{HeaderValue, Method, Request, header};
 use crate::app::{AppState, CacheState};
 use crate::cache::key::{CacheKey, Variant};
 use crate::proxy::coalesce::{self, Turn, Wait};
-use crate::proxy::fill::{self, Filled, Job, Sibling, SiblingFilled};
+use crate::proxy::fill::{self, Filled, Job, Pass, Sibling, SiblingFilled};
 use crate::proxy::refresh::as_variant;
 
 /// How re-warming one variant of a path ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rewarmed {
     /// The path.
     pub path: String,
-    /// `html` or `rsc`.
-    pub variant: &'static str,
-    /// `stored`, `not-stored` (the answer may not be cached), `not-revalidated` (the replica
-    /// answered from its own cache), `failed`, or `elsewhere` (a fill that started after the
-    /// purge stored it meanwhile).
-    pub outcome: &'static str,
+    /// Which of the page's two renders.
+    pub variant: Kind,
+    /// How it ended.
+    pub outcome: Outcome,
     /// The replica's status, when it answered.
     pub status: Option<u16>,
+}
+
+/// A page's HTML or its RSC payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `html`.
+    Html,
+    /// `rsc`.
+    Rsc,
+}
+
+impl Kind {
+    /// The name in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Html => "html",
+            Kind::Rsc => "rsc",
+        }
+    }
+}
+
+/// How a re-warm ended (`as_str`: its name in the report and the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Rendered and stored.
+    Stored,
+    /// The answer may not be cached (private, `Set-Cookie`, no-store…).
+    NotStored,
+    /// The replica answered from its own cache: not a render newer than the purge.
+    NotRevalidated,
+    /// A replica of another build answered.
+    OtherBuild,
+    /// No answer, or a server error.
+    Failed,
+    /// A fill that started after the purge stored it meanwhile.
+    Elsewhere,
+}
+
+impl Outcome {
+    /// The name in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Stored => "stored",
+            Outcome::NotStored => "not-stored",
+            Outcome::NotRevalidated => "not-revalidated",
+            Outcome::OtherBuild => "other-build",
+            Outcome::Failed => "failed",
+            Outcome::Elsewhere => "elsewhere",
+        }
+    }
+}
+
+impl From<Pass> for Outcome {
+    fn from(why: Pass) -> Outcome {
+        match why {
+            Pass::Uncacheable => Outcome::NotStored,
+            Pass::Failed => Outcome::Failed,
+            Pass::Copy => Outcome::NotRevalidated,
+            Pass::OtherBuild => Outcome::OtherBuild,
+        }
+    }
 }
 
 /// Most paths re-warmed by one call.
@@ -93,7 +154,7 @@ async fn page(
     path: &str,
 ) -> Vec<Rewarmed> {
     let Some(mut html_head) = head(host, path) else {
-        return vec![failed(path, "html"), failed(path, "rsc")];
+        return vec![failed(path, Kind::Html), failed(path, Kind::Rsc)];
     };
     // Into the current build's namespace, from its replicas.
     app.deploy.pin(&mut html_head);
@@ -124,11 +185,11 @@ async fn page(
     vec![html, rsc]
 }
 
-fn failed(path: &str, variant: &'static str) -> Rewarmed {
+fn failed(path: &str, variant: Kind) -> Rewarmed {
     Rewarmed {
         path: path.to_owned(),
         variant,
-        outcome: "failed",
+        outcome: Outcome::Failed,
         status: None,
     }
 }
@@ -155,7 +216,13 @@ async fn one(
     path: &str,
     sibling: Option<Sibling<'_>>,
 ) -> (Rewarmed, Option<Rewarmed>) {
-    let name = |v: &Variant| if *v == Variant::Html { "html" } else { "rsc" };
+    let name = |v: &Variant| {
+        if *v == Variant::Html {
+            Kind::Html
+        } else {
+            Kind::Rsc
+        }
+    };
     let mut result = failed(path, name(variant));
     // A fill in progress may have started before the purge (then its entry is already stale,
     // and this one fills after it): wait for it rather than skip.
@@ -164,11 +231,11 @@ async fn one(
         // The fill waited for rendered for other `Vary` values: render this one too.
         Turn::Elsewhere(_) => None,
         Turn::Filled(entry) => {
-            (result.outcome, result.status) = ("elsewhere", Some(entry.meta.status));
+            (result.outcome, result.status) = (Outcome::Elsewhere, Some(entry.meta.status));
             return (result, None);
         }
         Turn::Pass | Turn::Busy => {
-            result.outcome = "not-stored";
+            result.outcome = Outcome::NotStored;
             return (result, None);
         }
     };
@@ -177,13 +244,13 @@ async fn one(
     let mut sibling_result = None;
     match fill::fill(app, cache, job, permit).await {
         Ok(Filled::Stored(entry, sibling)) => {
-            (result.outcome, result.status) = ("stored", Some(entry.meta.status));
+            (result.outcome, result.status) = (Outcome::Stored, Some(entry.meta.status));
             sibling_result = sibling
                 .zip(sibling_variant)
                 .map(|(s, v)| sibling_row(path, v, s));
         }
         Ok(Filled::Passed { response, why }) => {
-            (result.outcome, result.status) = (why.as_str(), Some(response.status().as_u16()));
+            (result.outcome, result.status) = (why.into(), Some(response.status().as_u16()));
         }
         Ok(Filled::Streaming(_)) => {}
         Err(e) => tracing::debug!(path, error = %e, "re-warm failed"),
@@ -191,11 +258,11 @@ async fn one(
     (result, sibling_result)
 }
 
-fn sibling_row(path: &str, variant: &'static str, filled: SiblingFilled) -> Rewarmed {
+fn sibling_row(path: &str, variant: Kind, filled: SiblingFilled) -> Rewarmed {
     let (outcome, status) = match filled {
-        SiblingFilled::Stored(e) => ("stored", Some(e.meta.status)),
-        SiblingFilled::Passed { status, why } => (why.as_str(), Some(status.as_u16())),
-        SiblingFilled::Skipped => ("elsewhere", None),
+        SiblingFilled::Stored(e) => (Outcome::Stored, Some(e.meta.status)),
+        SiblingFilled::Passed { status, why } => (why.into(), Some(status.as_u16())),
+        SiblingFilled::Skipped => (Outcome::Elsewhere, None),
     };
     Rewarmed {
         path: path.to_owned(),

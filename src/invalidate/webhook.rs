@@ -49,13 +49,14 @@ pub enum Rejected {
 
 impl Rejected {
     /// The HTTP status.
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
         match self {
-            Rejected::Unauthorized(_) => 401,
-            Rejected::Forbidden(_) => 403,
-            Rejected::MethodNotAllowed(_) => 405,
-            Rejected::BadRequest(_) => 400,
-            Rejected::NothingToDo => 422,
+            Rejected::Unauthorized(_) => S::UNAUTHORIZED,
+            Rejected::Forbidden(_) => S::FORBIDDEN,
+            Rejected::MethodNotAllowed(_) => S::METHOD_NOT_ALLOWED,
+            Rejected::BadRequest(_) => S::BAD_REQUEST,
+            Rejected::NothingToDo => S::UNPROCESSABLE_ENTITY,
         }
     }
 }
@@ -329,7 +330,7 @@ mod tests {
         assert_eq!(check_method(&Method::GET, true), Ok(()));
         for (method, allow) in [(Method::GET, false), (Method::PUT, true)] {
             let e = check_method(&method, allow).expect_err("refused");
-            assert_eq!(e.status(), 405, "{method}");
+            assert_eq!(e.status(), http::StatusCode::METHOD_NOT_ALLOWED, "{method}");
         }
     }
 
@@ -363,7 +364,7 @@ mod tests {
         let origin = r.entry.expect("entry");
         assert_eq!(
             (origin.cms, origin.event.as_deref()),
-            ("sanity", Some("update"))
+            (Format::Sanity, Some("update"))
         );
         // Named: the shape is not guessed.
         let named = read(

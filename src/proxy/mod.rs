@@ -104,7 +104,8 @@ async fn route(
         sanitize::request(&app.policy, peer, &mut head).map_err(ProxyError::Rejected)?;
     if head.uri.path() == crate::invalidate::PATH {
         sanitize::forward(&app.policy, peer, &mut head);
-        return Ok(Box::pin(crate::invalidate::handle(app, head, body)).await);
+        let source = crate::invalidate::source(&head);
+        return Ok(Box::pin(crate::invalidate::handle(app, head, body, &source)).await);
     }
     app.deploy.pin(&mut head);
     let config = app.config();

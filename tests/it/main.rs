@@ -26,6 +26,7 @@ mod memory;
 mod pool;
 mod refresh;
 mod reload;
+mod report;
 mod retention;
 mod routes;
 mod sanitize;
