@@ -396,6 +396,29 @@ fn admin_client(
         .map_err(|e| e.to_string())
 }
 
+/// Runs `call` with a client of the gateway `admin` names (bounded by `timeout`) and prints
+/// what it answered: the one path of `isrgate inspect`, `reload` and `purge`.
+fn through_admin<F, Fut, E>(
+    config: Option<&std::path::Path>,
+    admin: &AdminArgs,
+    timeout: std::time::Duration,
+    call: F,
+) -> ExitCode
+where
+    F: FnOnce(isrgate::admin::client::AdminClient) -> Fut,
+    Fut: std::future::Future<Output = Result<String, E>>,
+    E: std::fmt::Display,
+{
+    let client = match admin_client(config, admin, timeout) {
+        Ok(c) => c,
+        Err(e) => return finish(Err(e)),
+    };
+    let Some(runtime) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    finish(runtime.block_on(call(client)))
+}
+
 /// Prints what a command answered; 0, or 1 with the error.
 fn finish(done: Result<String, impl std::fmt::Display>) -> ExitCode {
     match done {
@@ -411,25 +434,17 @@ fn finish(done: Result<String, impl std::fmt::Display>) -> ExitCode {
 }
 
 fn inspect(args: InspectArgs) -> ExitCode {
-    let timeout = std::time::Duration::from_secs(10);
-    let client = match admin_client(args.config.config.as_deref(), &args.admin, timeout) {
-        Ok(c) => c,
-        Err(e) => return finish(Err(e)),
-    };
     let mut variants = args.variants.clone();
     if args.rsc && !variants.iter().any(|v| v == "rsc") {
         variants.push("rsc".into());
     }
-    let Some(runtime) = command_runtime() else {
-        return ExitCode::FAILURE;
-    };
-    finish(runtime.block_on(isrgate::admin::commands::inspect(
-        &client,
-        &args.url,
-        args.host.as_deref(),
-        &variants,
-        args.admin.json,
-    )))
+    let timeout = std::time::Duration::from_secs(10);
+    let config = args.config.config.as_deref();
+    through_admin(config, &args.admin, timeout, |client| async move {
+        let host = args.host.as_deref();
+        isrgate::admin::commands::inspect(&client, &args.url, host, &variants, args.admin.json)
+            .await
+    })
 }
 
 fn tail(args: TailArgs) -> ExitCode {
@@ -539,38 +554,26 @@ fn debug_token(args: AdminToken) -> ExitCode {
 
 fn reload(args: ReloadArgs) -> ExitCode {
     let timeout = std::time::Duration::from_secs(30);
-    let client = match admin_client(args.config.config.as_deref(), &args.admin, timeout) {
-        Ok(c) => c,
-        Err(e) => return finish(Err(e)),
-    };
-    let Some(runtime) = command_runtime() else {
-        return ExitCode::FAILURE;
-    };
-    finish(runtime.block_on(isrgate::admin::commands::reload(&client, args.admin.json)))
+    let config = args.config.config.as_deref();
+    through_admin(config, &args.admin, timeout, |client| async move {
+        isrgate::admin::commands::reload(&client, args.admin.json).await
+    })
 }
 
 fn purge(args: PurgeArgs) -> ExitCode {
     if args.redis.is_none() {
         // Acknowledgements, fan-out and re-warm take their time: the webhook's own bounds.
         let timeout = std::time::Duration::from_secs(120);
-        let client = match admin_client(args.config.config.as_deref(), &args.admin, timeout) {
-            Ok(c) => c,
-            Err(e) => return finish(Err(e)),
-        };
         let ask = isrgate::admin::commands::Purge {
             paths: args.paths,
             tags: args.tags,
             hard: args.hard,
             host: args.host,
         };
-        let Some(runtime) = command_runtime() else {
-            return ExitCode::FAILURE;
-        };
-        return finish(runtime.block_on(isrgate::admin::commands::purge(
-            &client,
-            &ask,
-            args.admin.json,
-        )));
+        let config = args.config.config.as_deref();
+        return through_admin(config, &args.admin, timeout, |client| async move {
+            isrgate::admin::commands::purge(&client, &ask, args.admin.json).await
+        });
     }
     let overrides: Vec<Override> = args
         .redis

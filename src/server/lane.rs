@@ -40,7 +40,7 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::request::Parts;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -91,12 +91,7 @@ pub(super) fn lender(app: &AppState) -> http1::Builder {
     let config = app.config();
     let cfg = &config.listen;
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(cfg.max_header_bytes)
-        .preserve_header_case(cfg.preserve_header_case)
-        .keep_alive(true)
-        .half_close(true);
+    http1_settings!(b, cfg).half_close(true);
     b
 }
 

@@ -17,6 +17,20 @@
 //! Binding: one socket per worker on the same port; another process shares the port only with
 //! `listen.reuse_port` (`bind_listeners`).
 
+/// The listener's HTTP/1.1 settings (`[listen]`), applied to either of hyper's builders: the
+/// auto one of the listener, and the lane's HTTP/1.1 one for lent exchanges (two types with
+/// the same methods).
+macro_rules! http1_settings {
+    ($builder:expr, $listen:expr) => {
+        $builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size($listen.max_header_bytes)
+            .preserve_header_case($listen.preserve_header_case)
+            .keep_alive(true)
+    };
+}
+
 mod conn;
 mod lane;
 mod stack;
@@ -42,12 +56,7 @@ fn builder(app: &AppState) -> auto::Builder<TokioExecutor> {
     let config = app.config();
     let cfg = &config.listen;
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(cfg.max_header_bytes)
-        .preserve_header_case(cfg.preserve_header_case)
-        .keep_alive(true);
+    http1_settings!(b.http1(), cfg);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
