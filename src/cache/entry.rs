@@ -137,7 +137,7 @@ pub struct Entry {
 }
 
 /// A response head prepared once for one representation of an entry (built by
-/// `proxy::serve`; the entry only keeps it).
+/// `proxy::respond`; the entry only keeps it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
     /// Response status.

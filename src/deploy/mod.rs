@@ -17,7 +17,7 @@
 //!   choice rides along as a request extension ([`Pin`]): the key's namespace and the replica
 //!   pick (`upstream::balance`) both read it, so an entry is looked up in, filled into and
 //!   rendered by one build. A fill whose replica answers for another build (restarted in
-//!   place) is passed, never stored (`proxy::fill::answer`).
+//!   place) is passed, never stored (`proxy::fill::exchange`).
 //! - **Namespaces.** A build's entries live under `cache.namespace` + `@` + its name; nobody
 //!   reads them once no replica of the build is healthy, and they expire with their TTL.
 //!   Purges are tag and path epochs, which name no namespace: one purge reaches every build.

@@ -2,7 +2,7 @@
 //! the request was answered (the hit lane, hyper and the driver, load shedding).
 //!
 //! Receives what the request asked and what the response carries (status, `x-cache`,
-//! `Cache-Status`, `x-request-id`, the replica that answered as an [`Answered`] extension) and
+//! `Cache-Status`, `x-request-id`, the replica that answered as an [`AnsweredBy`] extension) and
 //! hands one event to `tracing`, whose subscriber formats it (text, or flat JSON:
 //! [`super::format`]) and hands it to the non-blocking writer ([`super::writer`]).
 //!
@@ -43,7 +43,7 @@ use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
 use crate::metrics::errors::ServerError;
 use crate::metrics::{CacheOutcome, Metrics};
-use crate::proxy::serve::{CACHE_STATUS, X_CACHE};
+use crate::proxy::respond::{CACHE_STATUS, X_CACHE};
 
 /// The `tracing` target of access lines: route or filter them by it
 /// (`log.level = "warn,isrgate::access=off"` is `log.access = false`).
@@ -52,7 +52,7 @@ pub const TARGET: &str = "isrgate::access";
 /// A response extension: the replica that answered (or failed to), for the access log's
 /// `replica` field.
 #[derive(Debug, Clone)]
-pub struct Answered(pub Authority);
+pub struct AnsweredBy(pub Authority);
 
 /// Where access lines go, and whether they are written (`log.access`; a reload may switch it).
 #[derive(Debug)]
@@ -255,7 +255,7 @@ impl<'a> Seen<'a> {
             status: resp.status().as_u16(),
             cache: h.get(&X_CACHE),
             cache_status: h.get(&CACHE_STATUS),
-            replica: resp.extensions().get::<Answered>().map(|a| &a.0),
+            replica: resp.extensions().get::<AnsweredBy>().map(|a| &a.0),
             request_id: h.get(&X_REQUEST_ID),
         }
     }

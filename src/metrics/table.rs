@@ -65,7 +65,7 @@ metrics! {
         request_body_bytes: Counter;
     }
     "isrgate_cache_requests_total" "Cache decisions, one per request: hit (fresh), stale (served stale, any reason), miss (went to a replica, or waited for another request's render), bypass (not a cache candidate)." {
-        /// Counted where the answer is known: `cached::serve`, and the hit lane.
+        /// Counted where the answer is known: `cached::drive`, and the hit lane.
         cache_hits: Counter [outcome = "hit"] => "requests.hit";
         /// Every stale answer; `isrgate_stale_served_total` says why.
         cache_stale: Counter [outcome = "stale"];

@@ -12,7 +12,7 @@ use super::fill::{self, Filled, Job, Pass};
 use super::forwarded::Peer;
 use super::lookup::{self, Found, Lookup, Missed};
 use super::refresh;
-use super::serve::{self, Ask, Outcome};
+use super::respond::{self, Ask, Outcome};
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::flight::FillPermit;
@@ -99,7 +99,7 @@ impl Answered {
 }
 
 /// Answers a cache candidate.
-pub async fn serve(
+pub async fn drive(
     app: &Arc<AppState>,
     cache: &Arc<CacheState>,
     peer: &Peer,
@@ -126,7 +126,7 @@ pub async fn serve(
         up
     };
     // The hit lane lends what it did not answer with the lookup it made: one store read.
-    let looked = match head.extensions.remove::<super::hit::Looked>() {
+    let looked = match head.extensions.remove::<super::fast_path::Looked>() {
         Some(looked) if looked.hash == key.hash => looked.into_lookup(),
         _ if head.method == Method::GET => {
             lookup::lookup_to_fill(app, cache, &key, vary_view, now).await
@@ -144,7 +144,7 @@ pub async fn serve(
     // from it (a damaged entry must be replaced, not served again as another's fill).
     let (fallback, missed, seen) = match found {
         Found::Fresh { entry, from_l1 } => {
-            if let Some(r) = serve::response(&entry, ask, Outcome::Hit, now) {
+            if let Some(r) = respond::response(&entry, ask, Outcome::Hit, now) {
                 app.metrics.cache_hits.inc();
                 count_route(app, cache, &head, RouteEvent::Hit);
                 if from_l1 {
@@ -167,7 +167,7 @@ pub async fn serve(
                 variant.clone(),
                 &entry,
             );
-            if let Some(r) = serve::response(&entry, ask, Outcome::Stale, now) {
+            if let Some(r) = respond::response(&entry, ask, Outcome::Stale, now) {
                 app.metrics.served_stale(reason);
                 count_route(app, cache, &head, RouteEvent::Stale);
                 let mut served = Served::found(r, Outcome::Stale, key, entry);
@@ -346,7 +346,7 @@ impl Fill {
 }
 
 /// Counts a page request for the hot set a new build pre-renders (`deploy::hot`): here for
-/// what the driver answers, in `hit` for what the lane answers.
+/// what the driver answers, in `fast_path` for what the lane answers.
 pub(crate) fn count_hot(app: &AppState, head: &Parts, variant: &Variant) {
     let query = match variant {
         Variant::Html => head.uri.query(),
@@ -418,7 +418,7 @@ fn answer_miss(
 ) -> Result<Answered, ProxyError> {
     let entry = |entry: Arc<Entry>, outcome| {
         let response =
-            serve::response(&entry, ask, outcome, now).ok_or(ProxyError::CorruptEntry)?;
+            respond::response(&entry, ask, outcome, now).ok_or(ProxyError::CorruptEntry)?;
         Ok(Answered {
             response,
             outcome,
@@ -468,7 +468,7 @@ fn stale_if_error(
     not_stored: Option<Pass>,
 ) -> Result<Answered, ProxyError> {
     let outcome = Outcome::StaleIfError;
-    let Some(response) = serve::response(&entry, ask, outcome, now) else {
+    let Some(response) = respond::response(&entry, ask, outcome, now) else {
         app.metrics.store_corrupt.inc();
         tracing::warn!("a stale entry kept for stale-if-error did not inflate");
         return Err(ProxyError::CorruptEntry);
@@ -500,7 +500,7 @@ fn passed(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     if resp.status() == http::StatusCode::OK
-        && etag.is_some_and(|e| serve::if_none_match(request, &e))
+        && etag.is_some_and(|e| respond::if_none_match(request, &e))
     {
         *resp.status_mut() = http::StatusCode::NOT_MODIFIED;
         resp.headers_mut().remove(header::CONTENT_LENGTH);
@@ -518,7 +518,7 @@ fn passed(
         );
     }
     let outcome = Outcome::Miss { stored: false };
-    serve::mark(resp.headers_mut(), outcome);
+    respond::mark(resp.headers_mut(), outcome);
     (resp, outcome)
 }
 
@@ -526,7 +526,7 @@ fn passed(
 /// replica was asked for identity).
 fn gzip_for(resp: Response<Body>, ask: Ask<'_>) -> Response<Body> {
     if !ask.head
-        && serve::accepts_gzip(ask.headers)
+        && respond::accepts_gzip(ask.headers)
         && gzip::compressible(resp.status(), resp.headers())
     {
         gzip::encode(resp)

@@ -45,7 +45,7 @@ use subtle::ConstantTimeEq;
 use super::cached::Served;
 use super::classify::Bypass;
 use super::forwarded::Peer;
-use super::serve::Outcome;
+use super::respond::Outcome;
 use crate::app::CacheState;
 use crate::cache::describe::Description;
 use crate::cache::epochs::Validity;
@@ -224,7 +224,7 @@ fn finish(resp: &mut Response<Body>, mut d: Dict) {
         let joined = own.collect::<Vec<_>>().join(", ");
         d.string("cache-control", &joined);
     }
-    if let Some(status) = headers.get(&super::serve::CACHE_STATUS) {
+    if let Some(status) = headers.get(&super::respond::CACHE_STATUS) {
         d.string("cache-status", status.to_str().unwrap_or(""));
     }
     headers.insert(

@@ -5,7 +5,7 @@
 //!
 //! [`debug`] tells a trusted client how the cache answered it (`x-isrgate-debug`).
 //!
-//! [`hit`] asks the same steps, without going upstream, whether the cache answers a request as
+//! [`fast_path`] asks the same steps, without going upstream, whether the cache answers a request as
 //! it stands (for the HTTP/1.1 hit lane, `server::lane`), and lends the driver its lookup.
 //!
 //! [`handle`] is the driver: it reads like the flow in `lib.rs` and calls one named step per
@@ -15,13 +15,13 @@ pub mod cached;
 pub mod classify;
 pub mod coalesce;
 pub mod debug;
+pub mod fast_path;
 pub mod fill;
 pub mod forwarded;
-pub mod hit;
 pub mod lookup;
 pub mod refresh;
+pub mod respond;
 pub mod sanitize;
-pub mod serve;
 mod tunnel;
 
 use std::sync::Arc;
@@ -37,13 +37,13 @@ use crate::app::AppState;
 use crate::error::{ProxyError, Side};
 use crate::http::X_REQUEST_ID;
 use crate::http::body::{self, Body};
-use crate::logging::access::Answered;
+use crate::logging::access::AnsweredBy;
 use crate::logging::access::Path;
 use crate::metrics::Counter;
 use forwarded::Peer;
 
 /// Handles one client request; never fails (errors are responses). Its access line is
-/// written around it (`server::stack`), from what the response carries.
+/// written around it (`server::request`), from what the response carries.
 pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
     app.metrics.requests.inc();
     let (head, body) = req.into_parts();
@@ -78,7 +78,7 @@ pub async fn handle(app: Arc<AppState>, peer: Arc<Peer>, req: Request<Incoming>)
 }
 
 /// The replica an upstream error names, for the access line.
-fn failed_replica(e: &ProxyError) -> Option<Answered> {
+fn failed_replica(e: &ProxyError) -> Option<AnsweredBy> {
     use crate::upstream::UpstreamError as U;
     match e {
         ProxyError::Upstream(
@@ -86,7 +86,7 @@ fn failed_replica(e: &ProxyError) -> Option<Answered> {
             | U::Stalled { replica }
             | U::Timeout { replica, .. }
             | U::Exchange { replica, .. },
-        ) => Authority::try_from(replica.as_str()).ok().map(Answered),
+        ) => Authority::try_from(replica.as_str()).ok().map(AnsweredBy),
         _ => None,
     }
 }
@@ -122,10 +122,12 @@ async fn route(
         match classify::request(&cache.cfg(), &head, !http_body::Body::is_end_stream(&body)) {
             Ok(variant) => {
                 let asked = debug.then(|| debug::Asked::of(&head, &variant));
-                let mut served = cached::serve(app, cache, peer, head, variant).await?;
+                let mut served = cached::drive(app, cache, peer, head, variant).await?;
                 // A hit's head was prepared (hop-by-hop headers already gone) once per entry.
-                let prepared =
-                    matches!(served.outcome, serve::Outcome::Hit | serve::Outcome::Stale);
+                let prepared = matches!(
+                    served.outcome,
+                    respond::Outcome::Hit | respond::Outcome::Stale
+                );
                 finish(app, &mut served.response, &sanitized, !prepared);
                 if let Some(asked) = asked {
                     debug::candidate(cache, &asked, &mut served);
@@ -153,7 +155,7 @@ async fn route(
     fill::strip_internal_response_headers(resp.headers_mut());
     finish(app, &mut resp, &sanitized, true);
     if bypassed.is_some() {
-        serve::mark(resp.headers_mut(), serve::Outcome::Bypass);
+        respond::mark(resp.headers_mut(), respond::Outcome::Bypass);
     }
     if debug {
         debug::bypassed(&mut resp, bypassed, app.cache.as_deref());

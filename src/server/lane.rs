@@ -6,7 +6,7 @@
 //! than the lookup itself, and the reason hits stayed below the throughput of a bare hyper
 //! server answering fixed bytes. So, as in nginx, Varnish and pingora, the cache's own hot path
 //! owns the connection: the lane reads request heads with `httparse` (the parser hyper uses)
-//! into the `Parts` hyper would build, asks [`crate::proxy::hit`] whether the cache answers it
+//! into the `Parts` hyper would build, asks [`crate::proxy::fast_path`] whether the cache answers it
 //! (the driver's own steps: sanitize, classify, key, lookup: the L1, else the store), and
 //! writes the entry's head encoded once per entry, `Age`, `x-request-id`, `Date` and the body
 //! with one `writev`; or, for a body sealed in a memory file ([`crate::cache::sealed`]), the
@@ -53,9 +53,9 @@ use crate::cache::sealed::Sealed;
 use crate::http::wire::{self, Framing, Parsed};
 use crate::logging::access;
 use crate::metrics::CacheOutcome;
+use crate::proxy::fast_path::{self, Hit, Looked, Verdict};
 use crate::proxy::forwarded::Peer;
-use crate::proxy::hit::{self, Answer, Hit, Looked};
-use crate::proxy::serve::Outcome;
+use crate::proxy::respond::Outcome;
 
 /// How the lane left a connection.
 pub(super) enum End {
@@ -149,8 +149,8 @@ impl Lane<'_> {
             if matches!(framing, Framing::None | Framing::Length(0)) {
                 let guard = self.activity.enter();
                 let started = Instant::now();
-                match hit::answer(self.app, self.peer, head.parts).await {
-                    Answer::Hit(hit) => {
+                match fast_path::answer(self.app, self.peer, head.parts).await {
+                    Verdict::Hit(hit) => {
                         buf.advance(len);
                         // While draining, each answer is the connection's last.
                         let last = self.activity.is_draining();
@@ -161,7 +161,7 @@ impl Lane<'_> {
                         }
                         continue;
                     }
-                    Answer::Lend(l) => looked = l,
+                    Verdict::Lend(l) => looked = l,
                 }
             }
             let Some(rest) = self.lend(io, &mut buf, exchange, looked).await else {

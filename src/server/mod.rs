@@ -33,7 +33,7 @@ macro_rules! http1_settings {
 
 mod conn;
 mod lane;
-mod stack;
+mod request;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -460,6 +460,6 @@ fn call(
     req: hyper::Request<Incoming>,
 ) -> impl Future<Output = Result<Answer, Infallible>> + Send + use<> {
     let guard = activity.enter();
-    let call = stack::call(Arc::clone(app), Arc::clone(peer), req);
+    let call = request::call(Arc::clone(app), Arc::clone(peer), req);
     async move { Ok(call.await.map(|b| Guarded::new(b, guard))) }
 }

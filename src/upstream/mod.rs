@@ -107,11 +107,11 @@ impl Reply {
 
     /// The response with a body that keeps the replica's in-flight count until it ends and
     /// fails when the total timeout passes.
-    /// It carries who answered (an [`Answered`](crate::logging::access::Answered) extension,
+    /// It carries who answered (an [`Answered`](crate::logging::access::AnsweredBy) extension,
     /// for the access log).
     pub fn into_response(self) -> Response<Body> {
         let (in_flight, lease, deadline) = (self.in_flight, self.lease, self.deadline);
-        let answered = crate::logging::access::Answered(self.replica.authority.clone());
+        let answered = crate::logging::access::AnsweredBy(self.replica.authority.clone());
         let mut resp = self.response.map(|b| {
             let leased = pool::Leased::new(b, lease);
             body::boxed(Deadline::new(Guarded::new(leased, in_flight), deadline))

@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::{Rendered, Renderer, Target, Variant};
-use crate::proxy::serve::X_CACHE;
+use crate::proxy::respond::X_CACHE;
 
 /// The build a request is for; the gateway routes it to that build's replicas.
 pub static X_DEPLOYMENT_ID: HeaderName = HeaderName::from_static("x-deployment-id");

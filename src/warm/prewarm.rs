@@ -1,7 +1,7 @@
 //! A gateway's pre-warm of a new build (`crate::deploy::rollout`): the fleet's hot set, HTML
 //! then RSC, through the warm engine ([`super::run`]), rendered in process.
 //!
-//! Each target goes down the request path of a cache candidate (`proxy::cached::serve`) as a
+//! Each target goes down the request path of a cache candidate (`proxy::cached::drive`) as a
 //! request pinned to the new build: its key is in that build's namespace, a replica of that
 //! build renders it, and it coalesces with anything else filling the same key (another
 //! gateway's pre-warm, or early visitors of the new build). No socket, no listener permit;
@@ -22,7 +22,7 @@ use crate::deploy::rollout;
 use crate::deploy::{Deploy, Pin, Prewarmer};
 use crate::proxy::forwarded::Peer;
 use crate::proxy::refresh::as_variant;
-use crate::proxy::serve::Outcome;
+use crate::proxy::respond::Outcome;
 use crate::proxy::{cached, classify};
 
 /// How often the dashboard's view of a running pre-warm is brought up to date.
@@ -124,7 +124,7 @@ impl Renderer for Pinned {
         let Ok(variant) = classify::request(&self.cache.cfg(), &head, false) else {
             return Rendered::Failed("not a cache candidate".into());
         };
-        match cached::serve(&self.app, &self.cache, &self.peer, head, variant).await {
+        match cached::drive(&self.app, &self.cache, &self.peer, head, variant).await {
             Ok(cached::Served {
                 response: resp,
                 outcome,

@@ -25,16 +25,16 @@ use crate::cache::key::{CacheKey, Variant};
 use crate::error::ProxyError;
 use crate::http::body::{self, Body};
 
-use super::serve::{self, Outcome};
+use super::respond::{self, Outcome};
 
-mod answer;
 mod copy;
+mod exchange;
 mod keep;
 mod sibling;
 
-use answer::{Answer, request};
-pub use answer::{Pass, Pending, expect, strip_internal_response_headers, upstream_head};
 pub use copy::{Copied, copy};
+use exchange::{Admission, request};
+pub use exchange::{Pass, Pending, expect, strip_internal_response_headers, upstream_head};
 use keep::keep_all;
 pub use keep::{keep, write_back};
 pub use sibling::{Sibling, SiblingFilled};
@@ -140,8 +140,8 @@ pub async fn fill(
     let key = job.key;
     let answer = request(app, cache, key, job.head, job.variant, job.replaces, None).await;
     let (pending, body) = match answer {
-        Ok(Answer::Storable(p, b)) => (p, b),
-        Ok(Answer::Pass { response, why }) => {
+        Ok(Admission::Storable(p, b)) => (p, b),
+        Ok(Admission::Pass { response, why }) => {
             end(app, cache, key, permit, Ended::Passed(why)).await;
             return Ok(Filled::Passed { response, why });
         }
@@ -233,10 +233,10 @@ fn stream(
     permit: Option<FillPermit>,
 ) -> Response<Body> {
     let (status, mut headers, len) = pending.client_head();
-    let answered = crate::logging::access::Answered(pending.replica().authority.clone());
+    let answered = crate::logging::access::AnsweredBy(pending.replica().authority.clone());
     headers.insert(header::AGE, HeaderValue::from_static("0"));
-    serve::mark(&mut headers, Outcome::Miss { stored: true });
-    serve::add_vary_accept_encoding(&mut headers);
+    respond::mark(&mut headers, Outcome::Miss { stored: true });
+    respond::add_vary_accept_encoding(&mut headers);
     let (tx, client_body) = body::Channel::new(16, len);
     let (app, cache) = (Arc::clone(app), Arc::clone(cache));
     let tasks = cache.tasks.clone();

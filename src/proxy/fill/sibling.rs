@@ -13,7 +13,7 @@ use crate::cache::flight::{Done, FillPermit, Fleet};
 use crate::cache::key::{CacheKey, Variant};
 use crate::cache::store::Store;
 
-use super::{Answer, Copied, Pass, Pending, copy, request};
+use super::{Admission, Copied, Pass, Pending, copy, request};
 
 /// How filling a [`Sibling`] ended.
 #[derive(Debug)]
@@ -102,8 +102,8 @@ pub(super) async fn read_sibling<'a>(
         to,
     );
     let (mut pending, body) = match answer.await {
-        Ok(Answer::Storable(p, b)) => (p, b),
-        Ok(Answer::Pass { response, why }) => {
+        Ok(Admission::Storable(p, b)) => (p, b),
+        Ok(Admission::Pass { response, why }) => {
             let status = response.status();
             return SiblingRead::Done(SiblingFilled::Passed { status, why });
         }

@@ -1,7 +1,7 @@
 //! The hit lane's question to the request path (`server::lane`): can this request be answered
 //! from the cache as it stands, with nothing else to do?
 //!
-//! Receives a parsed HTTP/1.1 head; hands on an [`Answer`]: a [`Hit`] (the prepared head on
+//! Receives a parsed HTTP/1.1 head; hands on an [`Verdict`]: a [`Hit`] (the prepared head on
 //! the wire, the body, `Age`, the request id), or "lend it" with the lookup already made. It
 //! runs the driver's own steps in the driver's order ([`super::sanitize::request`],
 //! [`super::classify`], the key, [`super::lookup`]) and answers only a plain hit, fresh or
@@ -26,7 +26,7 @@ use http::request::Parts;
 
 use super::forwarded::Peer;
 use super::lookup::{self, Found, Lookup};
-use super::{cached, classify, fill, refresh, sanitize, serve};
+use super::{cached, classify, fill, refresh, respond, sanitize};
 use crate::app::AppState;
 use crate::cache::flight::FillPermit;
 use crate::cache::key::{CacheKey, Variant};
@@ -37,7 +37,7 @@ use crate::metrics::routes::RouteEvent;
 #[derive(Debug)]
 pub struct Hit {
     /// The representation's prepared head on the wire, without `Age`, `x-request-id`, `Date`
-    /// and the final empty line ([`serve::wire`]).
+    /// and the final empty line ([`respond::wire`]).
     pub wire: Bytes,
     /// Its body: the stored gzip bytes for a client that accepts gzip, the identity body
     /// otherwise (sealed when large: the lane `sendfile`s it); empty for HEAD.
@@ -49,7 +49,7 @@ pub struct Hit {
     /// The stored status.
     pub status: u16,
     /// Fresh (`Hit`) or stale while a refresh runs (`Stale`).
-    pub outcome: serve::Outcome,
+    pub outcome: respond::Outcome,
     /// The request (sanitized), for the access log.
     pub request: Parts,
 }
@@ -103,7 +103,7 @@ impl Lent {
 // Returned by value once per request and taken apart at once: a `Box` would be one more
 // allocation on every hit (the hit carries its request, for the access line).
 #[allow(clippy::large_enum_variant)]
-pub enum Answer {
+pub enum Verdict {
     /// Write this hit.
     Hit(Hit),
     /// Lend the request to hyper and the driver, with the lookup made here, if any.
@@ -111,24 +111,24 @@ pub enum Answer {
 }
 
 /// The cache's answer to `head`: a plain fresh hit, or lend it (see the module docs).
-pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer {
+pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Verdict {
     let Some(cache) = app.cache.as_ref() else {
-        return Answer::Lend(None);
+        return Verdict::Lend(None);
     };
     // The debug header is written in one place, the driver's (one header lookup here).
     if super::debug::asked(&app.policy, peer, &head.headers) {
-        return Answer::Lend(None);
+        return Verdict::Lend(None);
     }
     // Read before sanitizing, as the driver does; a new id is drawn only for an answer.
     let trusted_id = super::trusted_request_id(peer, &head);
     let Ok(sanitized) = sanitize::request(&app.policy, peer, &mut head) else {
-        return Answer::Lend(None);
+        return Verdict::Lend(None);
     };
     if sanitized.upgrade || head.uri.path() == crate::invalidate::PATH {
-        return Answer::Lend(None);
+        return Verdict::Lend(None);
     }
     let variant = match classify::request(&cache.cfg(), &head, false) {
-        Ok(Variant::Image(_)) | Err(_) => return Answer::Lend(None),
+        Ok(Variant::Image(_)) | Err(_) => return Verdict::Lend(None),
         Ok(variant) => variant,
     };
     let pin = app.deploy.route(&head);
@@ -153,7 +153,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
         }
         None => {
             let Ok(_permit) = app.concurrency.try_acquire() else {
-                return Answer::Lend(None);
+                return Verdict::Lend(None);
             };
             if head.method == http::Method::GET {
                 lookup::lookup_to_fill(app, cache, &key, &head.headers, now).await
@@ -164,7 +164,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     };
     let permit = Lent::new(permit);
     let lend = |found| {
-        Answer::Lend(Some(Looked {
+        Verdict::Lend(Some(Looked {
             hash: key.hash,
             found,
             slot: slot.clone(),
@@ -179,24 +179,24 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     if head.headers.contains_key(header::IF_NONE_MATCH) {
         return lend(found);
     }
-    let gzip = !entry.gzip.is_empty() && serve::accepts_gzip(&head.headers);
+    let gzip = !entry.gzip.is_empty() && respond::accepts_gzip(&head.headers);
     let written = if stale {
-        serve::stale_wire(entry, gzip, cache.seal_bodies)
+        respond::stale_wire(entry, gzip, cache.seal_bodies)
     } else {
-        serve::wire(entry, gzip, cache.seal_bodies)
+        respond::wire(entry, gzip, cache.seal_bodies)
     };
     let Some((wire, mut body)) = written else {
         return lend(found);
     };
     if stale {
-        // Served stale while one refresh runs, as the driver does (`cached::serve`).
+        // Served stale while one refresh runs, as the driver does (`cached::drive`).
         let mut up = fill::upstream_head(&head, &variant);
         if let Some(pin) = pin {
             up.extensions.insert(pin);
         }
         sanitize::forward(&app.policy, peer, &mut up);
         let key = slot.clone().unwrap_or_else(|| key.clone());
-        // Why it is stale: what the key's last refresh met (`cached::serve`).
+        // Why it is stale: what the key's last refresh met (`cached::drive`).
         app.metrics
             .served_stale(cache.flights.stale_reason(key.hash));
         refresh::spawn(app, cache, key, up, variant.clone(), entry);
@@ -222,16 +222,16 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Answer
     if matches!(body, Held::Sealed(_)) {
         app.metrics.cache_sendfile_hits.inc();
     }
-    Answer::Hit(Hit {
+    Verdict::Hit(Hit {
         wire,
         body,
         age: now.saturating_sub(entry.meta.stored_at_ms) / 1000,
         request_id,
         status: entry.meta.status,
         outcome: if stale {
-            serve::Outcome::Stale
+            respond::Outcome::Stale
         } else {
-            serve::Outcome::Hit
+            respond::Outcome::Hit
         },
         request: head,
     })

@@ -82,7 +82,7 @@ pub fn upstream_head(head: &Parts, variant: &Variant) -> Parts {
 
 /// A replica's answer to a cache candidate, once its head is in.
 #[derive(Debug)]
-pub(super) enum Answer {
+pub(super) enum Admission {
     /// May be stored: read the body, then [`Pending::entry`].
     Storable(Box<Pending>, Body),
     /// Not storable: pass it through as it came.
@@ -190,7 +190,7 @@ pub(super) async fn request(
     variant: &Variant,
     replaces: bool,
     to: Option<&Arc<Replica>>,
-) -> Result<Answer, ProxyError> {
+) -> Result<Admission, ProxyError> {
     let pin = head.extensions.get::<Arc<Pin>>().cloned();
     let preview = if replaces {
         app.deploy.preview_mode_id(
@@ -221,7 +221,7 @@ pub(super) async fn request(
     let pass = |response, why| {
         app.metrics.cache_not_stored.inc();
         app.metrics.rendered(&cfg.routes, &path, None);
-        Ok(Answer::Pass { response, why })
+        Ok(Admission::Pass { response, why })
     };
     // Assets are keyed without a build: whichever build had it answered right.
     let other_build = pin.as_ref().is_some_and(|p| !replica.runs(&p.build))
@@ -289,7 +289,7 @@ pub(super) async fn request(
         rendered: source == Source::Render,
         filled_by: cache.gateway_id().to_owned(),
     };
-    Ok(Answer::Storable(Box::new(pending), body))
+    Ok(Admission::Storable(Box::new(pending), body))
 }
 
 impl Pending {
