@@ -17,7 +17,8 @@
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
 //!   epochs, tags, store, fill locks). [`bus`]: the Redis pub/sub bus between gateways.
-//!   [`clock`]: the wall clock entry deadlines are read against.
+//!   [`clock`]: the two clocks (monotonic for local timeouts, the wall clock for deadlines
+//!   shared through the store).
 //! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
 //! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
 //! - [`logging`]: the subscriber (text or flat JSON, non-blocking output) and the access log.

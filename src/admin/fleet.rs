@@ -9,7 +9,7 @@
 //! readiness from `admin::readiness`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -66,10 +66,7 @@ impl Snapshot {
     pub fn of(app: &AppState) -> Snapshot {
         let m = &app.metrics;
         let readiness = super::readiness(app);
-        let started = app
-            .started_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let started = crate::clock::unix_secs(app.started_at);
         Snapshot {
             host: host_name(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -380,8 +380,7 @@ fn redis_state(app: &AppState) -> (&'static str, bool) {
     };
     match &cache.store {
         crate::cache::store::Store::Redis(r) => {
-            let down =
-                r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
+            let down = r.breaker().is_open(crate::clock::monotonic_ms()) || !r.is_connected();
             let loading = !down && !cache.epochs.was_ever_synced();
             (if down { "degraded" } else { "ok" }, loading)
         }

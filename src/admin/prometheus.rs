@@ -294,7 +294,7 @@ const GAUGES: &[Gauge] = &[
         help: "1 while the Redis circuit breaker skips Redis (absent without Redis).",
         read: |app| {
             let open = |r: &crate::cache::store::RedisStore| {
-                r.breaker().is_open(crate::upstream::replicas::now_ms())
+                r.breaker().is_open(crate::clock::monotonic_ms())
             };
             redis(app).map(|r| f64::from(u8::from(open(r))))
         },

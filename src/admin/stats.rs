@@ -336,7 +336,7 @@ async fn redis_facts(store: &Store) -> Value {
     let Store::Redis(r) = store else {
         return json!({ "configured": false });
     };
-    let open = r.breaker().is_open(crate::upstream::replicas::now_ms());
+    let open = r.breaker().is_open(crate::clock::monotonic_ms());
     let info = |kind| async move {
         r.bounded(r.pool().next().info::<String>(Some(kind)))
             .await

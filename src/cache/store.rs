@@ -273,7 +273,7 @@ impl Store {
     pub fn is_available(&self) -> bool {
         match self {
             Store::Memory(_) => true,
-            Store::Redis(r) => !r.breaker().is_open(crate::upstream::replicas::now_ms()),
+            Store::Redis(r) => !r.breaker().is_open(crate::clock::monotonic_ms()),
         }
     }
 
@@ -573,7 +573,7 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
-        let now = crate::upstream::replicas::now_ms();
+        let now = crate::clock::monotonic_ms();
         let admitted = self.breaker.admit(now);
         if admitted == Admit::Refuse {
             return Err(StoreError::CircuitOpen);
@@ -597,10 +597,7 @@ impl RedisStore {
                 }
             }
             Err(e) => {
-                if self
-                    .breaker
-                    .failure(crate::upstream::replicas::now_ms(), admitted)
-                {
+                if self.breaker.failure(crate::clock::monotonic_ms(), admitted) {
                     tracing::warn!(error = %e, cooldown = ?BREAKER_COOLDOWN, "Redis failing; skipping it, probing with one command every cooldown (circuit breaker open)");
                 }
             }
