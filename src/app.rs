@@ -175,13 +175,7 @@ impl CacheState {
         metrics: Arc<crate::metrics::Metrics>,
         tail: Arc<crate::logging::tail::Tail>,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
-        let settings = redis.map(|r| RedisSettings {
-            url: r.url.clone(),
-            pool_size: r.pool_size,
-            command_timeout: r.command_timeout,
-            connect_timeout: r.connect_timeout,
-            tls: r.tls.clone(),
-        });
+        let settings = redis.map(RedisSettings::from);
         let gateway_id = format!("{:016x}", fastrand::u64(..));
         tail.set_gateway(&gateway_id);
         let bus = match &settings {

@@ -24,7 +24,7 @@
 //! - [`logging`]: the subscriber (text or flat JSON, non-blocking output) and the access log.
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters and histograms, the newest
 //!   server errors, per-route counts. [`http`]: header names, bodies.
-//! - [`app`]: the shared state built once at start.
+//! - [`app`]: the shared state built once at start. [`sync`]: locks that outlive a panic.
 //! - [`warm`]: render a list of pages ahead of users (`isrgate warm`, from a sitemap or a list
 //!   of paths, through a gateway; the engine is generic over who renders).
 
@@ -43,6 +43,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod sync;
 pub mod upstream;
 pub mod warm;
 

@@ -190,6 +190,19 @@ pub struct RedisSettings {
     pub tls: crate::cache::tls::RedisTls,
 }
 
+/// The gateway's settings: `[redis]` as configured.
+impl From<&crate::config::Redis> for RedisSettings {
+    fn from(redis: &crate::config::Redis) -> RedisSettings {
+        RedisSettings {
+            url: redis.url.clone(),
+            pool_size: redis.pool_size,
+            command_timeout: redis.command_timeout,
+            connect_timeout: redis.connect_timeout,
+            tls: redis.tls.clone(),
+        }
+    }
+}
+
 impl RedisSettings {
     /// One connection for a command-line call (`isrgate purge`, `isrgate deploy`): its
     /// commands may wait as long as a connection may take to open.
@@ -197,15 +210,15 @@ impl RedisSettings {
         // A person waits for one answer: a busy machine or a far Redis gets seconds, not the
         // serving path's 250 ms.
         let patient = Duration::from_secs(5);
+        let configured = RedisSettings::from(redis);
         RedisSettings {
-            url: redis.url.clone(),
             pool_size: 1,
-            command_timeout: redis
+            command_timeout: configured
                 .connect_timeout
-                .max(redis.command_timeout)
+                .max(configured.command_timeout)
                 .max(patient),
-            connect_timeout: redis.connect_timeout.max(patient),
-            tls: redis.tls.clone(),
+            connect_timeout: configured.connect_timeout.max(patient),
+            ..configured
         }
     }
 

@@ -67,7 +67,7 @@ pub struct Builds {
 impl Builds {
     /// Every build reported recently, newest first.
     pub fn all(&self) -> Arc<Vec<Build>> {
-        Arc::clone(&self.known.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&crate::sync::read(&self.known))
     }
 
     /// The report of the build named `id`.
@@ -122,7 +122,7 @@ impl Builds {
             );
         }
         let n = builds.len();
-        *self.known.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(builds);
+        *crate::sync::write(&self.known) = Arc::new(builds);
         Ok(n)
     }
 }

@@ -168,7 +168,7 @@ pub struct Prewarm {
 impl Status {
     /// The rollout now.
     pub fn snapshot(&self) -> Snapshot {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.inner).clone()
     }
 
     /// Records a pre-warm's progress.
@@ -177,7 +177,7 @@ impl Status {
     }
 
     pub(super) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut crate::sync::lock(&self.inner));
     }
 }
 
@@ -211,7 +211,7 @@ impl Ledger {
     /// What the fleet agreed.
     pub async fn agreed(&self) -> Result<Agreed, StoreError> {
         let redis = match self {
-            Ledger::Local(l) => return Ok(l.lock().unwrap_or_else(|p| p.into_inner()).0.clone()),
+            Ledger::Local(l) => return Ok(crate::sync::lock(l).0.clone()),
             Ledger::Redis(r) => r,
         };
         let all: HashMap<String, String> = redis.bounded(redis.pool().hgetall(DEPLOY_KEY)).await?;
@@ -236,7 +236,7 @@ impl Ledger {
     ) -> Result<HashMap<String, u64>, StoreError> {
         let redis = match self {
             Ledger::Local(l) => {
-                let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+                let mut l = crate::sync::lock(l);
                 for b in builds {
                     l.1.entry(b.clone()).or_insert(now_ms);
                 }
@@ -276,7 +276,7 @@ impl Ledger {
     ) -> Result<String, StoreError> {
         let redis = match self {
             Ledger::Local(l) => {
-                let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+                let mut l = crate::sync::lock(l);
                 let a = &mut l.0;
                 if operator.is_none() && (a.current.as_deref() != from || a.pinned) {
                     return Ok(a.current.clone().unwrap_or_default());
@@ -306,7 +306,7 @@ impl Ledger {
     pub async fn unpin(&self) -> Result<(), StoreError> {
         match self {
             Ledger::Local(l) => {
-                l.lock().unwrap_or_else(|p| p.into_inner()).0.pinned = false;
+                crate::sync::lock(l).0.pinned = false;
                 Ok(())
             }
             Ledger::Redis(r) => r.bounded(r.pool().hset(DEPLOY_KEY, ("pinned", "0"))).await,
@@ -317,7 +317,7 @@ impl Ledger {
     pub async fn prewarmed(&self, build: &str) -> Result<(), StoreError> {
         match self {
             Ledger::Local(l) => {
-                l.lock().unwrap_or_else(|p| p.into_inner()).0.prewarmed = Some(build.to_owned());
+                crate::sync::lock(l).0.prewarmed = Some(build.to_owned());
                 Ok(())
             }
             Ledger::Redis(r) => {

@@ -23,6 +23,7 @@ use crate::bus::{Event, HEARTBEAT, Kind, Message};
 use crate::cache::epochs::Epochs;
 use crate::cache::flight::Flights;
 use crate::cache::store::Store;
+use crate::sync::lock;
 
 /// A gateway missing this many heartbeats is no longer counted as live.
 const MISSED_HEARTBEATS: u32 = 3;
@@ -148,10 +149,6 @@ impl Fleet {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Starts the store's connections (Redis), the bus and the heartbeat on the current runtime;

@@ -45,7 +45,7 @@ impl Log {
                     .await?;
             }
             Store::Memory(_) => {
-                let mut ring = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                let mut ring = crate::sync::lock(&self.memory);
                 if ring.len() == KEPT {
                     ring.pop_back();
                 }
@@ -76,7 +76,7 @@ impl Log {
                     .collect()
             }
             Store::Memory(_) => {
-                let ring = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+                let ring = crate::sync::lock(&self.memory);
                 ring.iter().take(n).cloned().collect()
             }
         };

@@ -140,7 +140,7 @@ impl Tail {
             lines: tx,
             dropped: AtomicU64::new(0),
         });
-        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = crate::sync::lock(&self.update);
         let mut next = Vec::clone(&self.followers.load());
         next.push(Arc::clone(&follower));
         self.count.store(next.len(), Relaxed);
@@ -153,7 +153,7 @@ impl Tail {
     }
 
     fn remove(&self, id: u64) {
-        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = crate::sync::lock(&self.update);
         let mut next = Vec::clone(&self.followers.load());
         next.retain(|f| f.id != id);
         self.count.store(next.len(), Relaxed);
@@ -453,7 +453,7 @@ impl Relays {
         tasks: &tokio_util::task::TaskTracker,
         stop: &tokio_util::sync::CancellationToken,
     ) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&self.0);
         if map.get(session).is_some_and(|tx| tx.send(()).is_ok()) {
             return;
         }

@@ -139,16 +139,13 @@ impl Replica {
     /// The last error of live traffic to this replica and when it happened, UNIX ms (for the
     /// dashboard).
     pub fn last_error(&self) -> Option<(String, u64)> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::lock(&self.last_error).clone()
     }
 
     /// Records an error of live traffic.
     pub fn set_last_error(&self, error: String) {
         let at = crate::clock::system_ms();
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((error, at));
+        *crate::sync::lock(&self.last_error) = Some((error, at));
     }
 
     /// Requests currently outstanding (head sent, body not finished).
@@ -356,7 +353,7 @@ impl ReplicaSet {
     /// Replaces the discovered part of the set. Replicas that stay keep their state; returns
     /// `(added, removed)` authorities.
     pub fn set_discovered(&self, found: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = crate::sync::lock(&self.members);
         members.discovered = found.to_vec();
         self.publish(&members)
     }
@@ -365,7 +362,7 @@ impl ReplicaSet {
     /// keep their state (health, build, connections); a removed one finishes what it is
     /// sending and gets nothing new. Returns `(added, removed)` authorities.
     pub fn set_fixed(&self, fixed: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = crate::sync::lock(&self.members);
         members.fixed = fixed.to_vec();
         self.publish(&members)
     }
