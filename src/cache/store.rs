@@ -8,17 +8,20 @@
 //!
 //! - [`Store::Memory`]: moka, byte-weighted, per-entry TTL. What `isrgate serve` uses with no
 //!   Redis configured; each gateway process then has its own cache.
-//! - [`Store::Redis`]: fred pool. Layout (DESIGN.md "Entries"): hash `isr:{<hex>}:e` with fields
-//!   `m` (metadata) and `b` (body), written with `MULTI HSET … PEXPIRE … EXEC` so an entry never
-//!   exists without its TTL; the `{<hex>}` hash tag keeps everything about one key in one
-//!   Cluster slot. Every command is bounded by `command_timeout`; a lost connection is retried
-//!   in the background with exponential backoff, and commands fail fast meanwhile.
+//! - [`Store::Redis`]: fred pool. Layout (DESIGN.md "Entries", names in [`super::keys`]): the
+//!   hash [`entry_key`] with fields `m` (metadata), `b` (body) and `r` (render time), written
+//!   with its TTL by one script so an entry never exists without it; the `{<hex>}` hash tag
+//!   keeps everything about one key in one Cluster slot. Every command is bounded by
+//!   `command_timeout`; a lost connection is retried in the background with exponential
+//!   backoff, and commands fail fast meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::*;
+
+use super::keys::{entry_key, slots_key};
 
 /// One stored entry, as bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,11 +382,6 @@ while redis.call('llen', KEYS[1]) > tonumber(ARGV[2]) do table.insert(out, redis
 if redis.call('pttl', KEYS[1]) < tonumber(ARGV[3]) then redis.call('pexpire', KEYS[1], ARGV[3]) end \
 return out";
 
-/// The Redis key of a primary key's list of `Vary` slots (in the primary's Cluster slot).
-pub fn slots_key(primary_hex: &str) -> String {
-    format!("isr:{{{primary_hex}}}:v")
-}
-
 /// Writes an entry (`m` metadata, `b` body, `r` render time in UNIX ms) and its TTL unless the
 /// entry there has a later render time. Entries written before `r` existed have none and are
 /// replaced.
@@ -391,12 +389,6 @@ const PUT_UNLESS_NEWER: &str = "local r = redis.call('hget', KEYS[1], 'r') \
 if r and tonumber(r) > tonumber(ARGV[1]) then return 0 end \
 redis.call('hset', KEYS[1], 'm', ARGV[2], 'b', ARGV[3], 'r', ARGV[1]) \
 redis.call('pexpire', KEYS[1], ARGV[4]) return 1";
-
-/// The Redis key of an entry: a hash-tagged name, so its lock and everything else about the
-/// key live in the same Cluster slot.
-pub fn entry_key(key_hex: &str) -> String {
-    format!("isr:{{{key_hex}}}:e")
-}
 
 /// Primary keys whose `Vary` slots the in-process store keeps track of.
 const SLOT_LISTS: u64 = 100_000;
@@ -696,11 +688,6 @@ mod tests {
         assert_eq!(b.admit(later), Admit::Go);
         assert!(!b.is_open(later));
         assert!(!b.is_open(0), "closed");
-    }
-
-    #[test]
-    fn entry_keys_are_hash_tagged() {
-        assert_eq!(entry_key("ab12"), "isr:{ab12}:e");
     }
 
     #[tokio::test]

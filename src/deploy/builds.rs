@@ -17,10 +17,8 @@ use fred::prelude::*;
 use http::HeaderValue;
 use serde::Deserialize;
 
+use crate::cache::keys::BUILDS_KEY;
 use crate::cache::store::{Store, StoreError};
-
-/// The Redis hash the replicas write.
-pub const BUILDS_KEY: &str = "isr:builds";
 
 /// A build not reported for this long is gone (its replicas write every 30 s).
 const GONE_AFTER_MS: u64 = 5 * 60 * 1000;

@@ -121,9 +121,9 @@ impl Hot {
     }
 }
 
-/// `isr:hot:<days since 1970>` (UTC).
+/// The hot set's key for the UTC day of `now_ms`.
 fn day_key(now_ms: u64) -> String {
-    format!("isr:hot:{}", now_ms / 86_400_000)
+    crate::cache::keys::hot_key(now_ms / 86_400_000)
 }
 
 #[cfg(test)]

@@ -26,14 +26,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::Deploy;
+use crate::cache::keys::{DEPLOY_KEY, DEPLOY_LOCK_KEY, DEPLOY_SEEN_KEY};
 use crate::cache::store::{RedisStore, Store, StoreError};
-
-/// The hash holding the fleet's rollout state.
-pub const DEPLOY_KEY: &str = "isr:deploy";
-/// Build → when a gateway first saw a replica of it (UNIX ms).
-pub const SEEN_KEY: &str = "isr:deploy:seen";
-/// Held by the gateway pre-warming a build.
-const LOCK_KEY: &str = "isr:deploy:lock";
 
 /// Most builds `isr:deploy:seen` remembers.
 const MAX_SEEN: usize = 64;
@@ -246,10 +240,11 @@ impl Ledger {
         };
         for b in builds {
             let _: bool = redis
-                .bounded(redis.pool().hsetnx(SEEN_KEY, b.as_str(), now_ms))
+                .bounded(redis.pool().hsetnx(DEPLOY_SEEN_KEY, b.as_str(), now_ms))
                 .await?;
         }
-        let all: HashMap<String, String> = redis.bounded(redis.pool().hgetall(SEEN_KEY)).await?;
+        let all: HashMap<String, String> =
+            redis.bounded(redis.pool().hgetall(DEPLOY_SEEN_KEY)).await?;
         let mut seen: Vec<(String, u64)> = all
             .into_iter()
             .filter_map(|(b, ms)| Some((b, ms.parse().ok()?)))
@@ -259,7 +254,7 @@ impl Ledger {
             // as "newest"; if it does, it is seen again).
             seen.sort_by_key(|s| std::cmp::Reverse(s.1));
             for (b, _) in seen.drain(MAX_SEEN..) {
-                let _: i64 = redis.bounded(redis.pool().hdel(SEEN_KEY, b)).await?;
+                let _: i64 = redis.bounded(redis.pool().hdel(DEPLOY_SEEN_KEY, b)).await?;
             }
         }
         Ok(seen.into_iter().collect())
@@ -334,23 +329,27 @@ impl Ledger {
         };
         let px = Expiration::PX(ttl.as_millis() as i64);
         let taken: Option<String> = redis
-            .bounded(
-                redis
-                    .pool()
-                    .set(LOCK_KEY, me, Some(px.clone()), Some(SetOptions::NX), false),
-            )
+            .bounded(redis.pool().set(
+                DEPLOY_LOCK_KEY,
+                me,
+                Some(px.clone()),
+                Some(SetOptions::NX),
+                false,
+            ))
             .await?;
         if taken.is_some() {
             return Ok(true);
         }
-        let holder: Option<String> = redis.bounded(redis.pool().get(LOCK_KEY)).await?;
+        let holder: Option<String> = redis.bounded(redis.pool().get(DEPLOY_LOCK_KEY)).await?;
         if holder.as_deref() == Some(me) {
             let _: Option<String> = redis
-                .bounded(
-                    redis
-                        .pool()
-                        .set(LOCK_KEY, me, Some(px), Some(SetOptions::XX), false),
-                )
+                .bounded(redis.pool().set(
+                    DEPLOY_LOCK_KEY,
+                    me,
+                    Some(px),
+                    Some(SetOptions::XX),
+                    false,
+                ))
                 .await?;
             return Ok(true);
         }

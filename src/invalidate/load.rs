@@ -23,10 +23,11 @@ use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 
-use super::apply::{INDEX_KEY, INV_KEY, load_library};
+use super::apply::load_library;
 use super::scan::{self, PAGE, parse_field, shrinking};
 use super::snapshot::{self, Snapshot};
 use crate::cache::epochs::Epochs;
+use crate::cache::keys::{INDEX_KEY, INV_KEY};
 use crate::cache::store::{RedisStore, Store, StoreError};
 
 /// Tries of the fast way when a new snapshot replaced the one being read.

@@ -11,10 +11,9 @@ use std::sync::Mutex;
 
 use fred::prelude::*;
 
+use crate::cache::keys::LOG_KEY;
 use crate::cache::store::{Store, StoreError};
 
-/// The stream's key.
-pub const LOG_KEY: &str = "isr:log";
 /// Records kept (approximately, with Redis: `MAXLEN ~`).
 pub const KEPT: usize = 1_000;
 

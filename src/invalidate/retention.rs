@@ -24,10 +24,10 @@ use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{INDEX_KEY, INV_KEY};
 use super::scan::{PAGE, parse_record, scan_page};
 use super::snapshot;
 use crate::app::CacheState;
+use crate::cache::keys::{INDEX_KEY, INV_KEY, PRUNE_LOCK_KEY};
 use crate::cache::store::{RedisStore, Store, StoreError};
 use crate::deploy::Deploy;
 
@@ -37,9 +37,6 @@ pub const EVERY: Duration = Duration::from_secs(600);
 /// Slack past `cache.max_ttl`: clock skew between Redis and the gateways, and a render that
 /// started before an invalidation and was stored after it.
 pub const MARGIN: Duration = Duration::from_secs(3600);
-
-/// Held by the gateway that prunes the store this period.
-const LOCK_KEY: &str = "isr:inv:prune";
 
 /// Fields one delete script looks at.
 const DELETE_BATCH: usize = 1_000;
@@ -190,7 +187,7 @@ async fn prune_once(
         .bounded(
             redis
                 .pool()
-                .set(LOCK_KEY, me, Some(px), Some(SetOptions::NX), false),
+                .set(PRUNE_LOCK_KEY, me, Some(px), Some(SetOptions::NX), false),
         )
         .await?;
     if taken.is_none() {
@@ -204,7 +201,7 @@ async fn prune_once(
                 redis
                     .pool()
                     .next()
-                    .eval(RELEASE_SCRIPT, LOCK_KEY, vec![me.to_owned()]),
+                    .eval(RELEASE_SCRIPT, PRUNE_LOCK_KEY, vec![me.to_owned()]),
             )
             .await;
         if let Err(e) = release {

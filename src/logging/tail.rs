@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::access::{Line, Path};
+use crate::cache::keys::tail_channel;
 
 /// Lines a follower may have waiting before newer ones are dropped.
 const QUEUE: usize = 4_096;
@@ -31,11 +32,6 @@ pub const SESSION_TTL: Duration = Duration::from_secs(3);
 
 /// How often `isrgate tail` renews its session.
 pub const RENEW: Duration = Duration::from_secs(1);
-
-/// The channel a session's lines are published on.
-pub fn channel(session: &str) -> String {
-    format!("isr:tail:{session}")
-}
 
 /// This gateway's followers.
 #[derive(Debug, Default)]
@@ -398,7 +394,7 @@ pub async fn relay(
     stop: tokio_util::sync::CancellationToken,
 ) {
     use fred::interfaces::PubsubInterface as _;
-    let channel = channel(&session);
+    let channel = tail_channel(&session);
     let mut following = tail.follow(filter);
     let mut batch = Vec::with_capacity(64 * 256);
     loop {
@@ -498,7 +494,7 @@ pub async fn follow_fleet(
     drop(subscriber.connect());
     subscriber.wait_for_connect().await?;
     let mut messages = subscriber.message_rx();
-    subscriber.subscribe(channel(&session)).await?;
+    subscriber.subscribe(tail_channel(&session)).await?;
     let store = crate::cache::store::RedisStore::connect(settings)?;
     let ask = crate::bus::Message::Tail {
         session,
