@@ -16,7 +16,8 @@
 //!   serve, refresh, tunnel), and the hit lane's question (`hit`).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
-//!   epochs, tags, store, fill locks). [`bus`]: the Redis pub/sub bus between gateways.
+//!   epochs, tags, store, fill locks, Redis key names). [`bus`]: the Redis pub/sub bus between
+//!   gateways. [`shared`]: what exists only with Redis (pool, bus), as one value.
 //!   [`clock`]: the two clocks (monotonic for local timeouts, the wall clock for deadlines
 //!   shared through the store).
 //! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod shared;
 pub mod sync;
 pub mod upstream;
 pub mod warm;
@@ -179,7 +181,7 @@ impl Server {
                 .as_ref()
                 .map_or("default", |c| c.namespace.as_str()),
             Arc::clone(&replicas),
-            deploy::rollout::Ledger::of(cache.as_ref().map(|c| &c.store)),
+            deploy::rollout::Ledger::of(cache.as_ref().and_then(|c| c.redis())),
         ));
         let upstream = upstream::Upstream::new(&config, replicas, Arc::clone(&metrics));
         let policy = proxy::sanitize::Policy {
@@ -205,7 +207,7 @@ impl Server {
         let app = Arc::new(AppState {
             access,
             cache,
-            reads: None,
+            own_redis: None,
             concurrency,
             config: Arc::new(arc_swap::ArcSwap::from_pointee(config)),
             policy,
@@ -398,13 +400,7 @@ async fn start_control(
     }
     let prewarm: Arc<dyn deploy::Prewarmer> =
         Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));
-    deploy::rollout::start(
-        Arc::clone(&app.deploy),
-        app.cache.as_ref().map(|c| c.store.clone()),
-        Some(prewarm),
-        stop.clone(),
-    )
-    .await;
+    deploy::rollout::start(Arc::clone(&app.deploy), Some(prewarm), stop.clone()).await;
     tokio::spawn(upstream::health::run(
         Arc::clone(app.upstream.pool()),
         Arc::clone(app.upstream.replicas()),

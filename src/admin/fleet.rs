@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::bus::Message;
-use crate::cache::store::Store;
 
 /// How often a gateway publishes its snapshot.
 pub const EVERY: Duration = Duration::from_secs(2);
@@ -110,7 +109,7 @@ pub async fn publish(app: Arc<AppState>, stop: CancellationToken) {
     let Some(cache) = app.cache.clone() else {
         return;
     };
-    let Store::Redis(redis) = &cache.store else {
+    let Some(shared) = cache.shared() else {
         return;
     };
     let mut every = tokio::time::interval(EVERY);
@@ -128,7 +127,7 @@ pub async fn publish(app: Arc<AppState>, stop: CancellationToken) {
             json,
         };
         // Best effort: a lost snapshot is replaced by the next one.
-        let _ = crate::bus::publish(redis.pool(), &message, EVERY).await;
+        let _ = shared.publish(&message, EVERY).await;
     }
 }
 

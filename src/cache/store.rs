@@ -14,6 +14,11 @@
 //!   keeps everything about one key in one Cluster slot. Every command is bounded by
 //!   `command_timeout`; a lost connection is retried in the background with exponential
 //!   backoff, and commands fail fast meanwhile.
+//!
+//! The variants are matched here only. What exists only with Redis (the bus, fill locks, the
+//! invalidation function, the log stream, `INFO`) is reached through `crate::shared::Shared`,
+//! which callers ask the cache for; [`RedisStore`] is its pool, with the circuit breaker every
+//! command goes through (`RedisStore::bounded`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -242,7 +247,8 @@ pub struct MemorySettings {
     pub max_bytes: u64,
 }
 
-/// The entry store.
+/// The entry store: get, put and delete, whichever backend (build one with its variant; only
+/// this module matches them).
 #[derive(Clone)]
 pub enum Store {
     /// In-process (embedded default).
@@ -263,24 +269,6 @@ impl Store {
         match self {
             Store::Memory(_) => "memory",
             Store::Redis(_) => "redis",
-        }
-    }
-
-    /// A store of its own for a worker thread's reads: a Redis pool
-    /// ([`RedisStore::sibling`]; `start` it from the worker's runtime). `None` for the
-    /// in-process store, which every thread reads directly.
-    pub fn for_worker(&self) -> Option<Result<Store, StoreError>> {
-        match self {
-            Store::Memory(_) => None,
-            Store::Redis(r) => Some(r.sibling().map(Store::Redis)),
-        }
-    }
-
-    /// Starts a Redis store's connections on the current runtime (nothing for the in-process
-    /// store).
-    pub fn start(&self) {
-        if let Store::Redis(r) = self {
-            r.start();
         }
     }
 

@@ -18,7 +18,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 
 use crate::cache::keys::BUILDS_KEY;
-use crate::cache::store::{Store, StoreError};
+use crate::cache::store::{RedisStore, StoreError};
 
 /// A build not reported for this long is gone (its replicas write every 30 s).
 const GONE_AFTER_MS: u64 = 5 * 60 * 1000;
@@ -98,10 +98,7 @@ impl Builds {
 
     /// Reads the hash once; builds not seen within five minutes of the newest are left out.
     /// Logs builds it did not know.
-    pub async fn read(&self, store: &Store) -> Result<usize, StoreError> {
-        let Store::Redis(redis) = store else {
-            return Ok(0);
-        };
+    pub async fn read(&self, redis: &RedisStore) -> Result<usize, StoreError> {
         let all: std::collections::HashMap<String, String> =
             redis.bounded(redis.pool().hgetall(BUILDS_KEY)).await?;
         let builds = parse(all);

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Deploy;
 use crate::cache::keys::{DEPLOY_KEY, DEPLOY_LOCK_KEY, DEPLOY_SEEN_KEY};
-use crate::cache::store::{RedisStore, Store, StoreError};
+use crate::cache::store::{RedisStore, StoreError};
 
 /// Most builds `isr:deploy:seen` remembers.
 const MAX_SEEN: usize = 64;
@@ -194,11 +194,12 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// The ledger of `store` (`None`: no cache, so no store).
-    pub fn of(store: Option<&Store>) -> Ledger {
-        match store {
-            Some(Store::Redis(r)) => Ledger::Redis(r.clone()),
-            _ => Ledger::Local(Arc::default()),
+    /// The fleet's ledger in the shared Redis, or this gateway's own without one (no Redis,
+    /// or no cache).
+    pub fn of(redis: Option<&RedisStore>) -> Ledger {
+        match redis {
+            Some(r) => Ledger::Redis(r.clone()),
+            None => Ledger::Local(Arc::default()),
         }
     }
 
@@ -363,14 +364,12 @@ impl Ledger {
 /// nothing waits for them.
 pub async fn start(
     deploy: Arc<Deploy>,
-    store: Option<Store>,
     prewarm: Option<Arc<dyn super::Prewarmer>>,
     stop: CancellationToken,
 ) {
     let mut rollout = Rollout {
         ledger: deploy.ledger.clone(),
         deploy,
-        store,
         prewarm,
         seen: HashMap::new(),
         ticks: 0,
@@ -412,7 +411,6 @@ pub async fn start(
 struct Rollout {
     deploy: Arc<Deploy>,
     ledger: Ledger,
-    store: Option<Store>,
     prewarm: Option<Arc<dyn super::Prewarmer>>,
     /// Build → first sighting by the fleet.
     seen: HashMap<String, u64>,
@@ -432,8 +430,8 @@ impl Rollout {
         // them, in the order this gateway saw them; only decisions wait for the store.
         let mut failed: Option<StoreError> = None;
         if self.ticks % 10 == 0 {
-            if let Some(store) = &self.store {
-                if let Err(e) = self.deploy.builds.read(store).await {
+            if let Some(redis) = ledger_store(&self.ledger) {
+                if let Err(e) = self.deploy.builds.read(redis).await {
                     failed = Some(e);
                 }
             }

@@ -20,7 +20,7 @@ use fred::prelude::*;
 
 use crate::cache::epochs::{Epochs, Mode};
 use crate::cache::keys::{BUS_CHANNEL, INDEX_KEY, INV_KEY};
-use crate::cache::store::{RedisStore, Store, StoreError};
+use crate::cache::store::{RedisStore, StoreError};
 
 /// The library (`#!lua name=isrgate`): see the file for the arguments and the epoch rule. Its
 /// keys come as `KEYS` ([`INV_KEY`], [`INDEX_KEY`]) and the bus channel as `ARGV[3]`: the
@@ -35,18 +35,19 @@ pub const FUNCTION: &str = "isrgate_invalidate_v2";
 /// named from it): older gateways and `@isrgate/next` packages.
 pub const FUNCTION_V1: &str = "isrgate_invalidate_v1";
 
-/// Records the invalidation of `tags` in the store (and so on every gateway) and in `epochs`;
-/// returns its epoch. On error nothing was recorded anywhere.
+/// Records the invalidation of `tags` in the shared `redis` (and so on every gateway) and in
+/// `epochs`, or in `epochs` alone without Redis; returns its epoch. On error nothing was
+/// recorded anywhere.
 pub async fn apply(
-    store: &Store,
+    redis: Option<&RedisStore>,
     epochs: &Epochs,
     gateway: &str,
     mode: Mode,
     tags: &[String],
 ) -> Result<u64, StoreError> {
-    let epoch = match store {
-        Store::Memory(_) => epochs.current() + 1,
-        Store::Redis(redis) => {
+    let epoch = match redis {
+        None => epochs.current() + 1,
+        Some(redis) => {
             let mut args = vec![
                 gateway.to_owned(),
                 mode.as_str().to_owned(),

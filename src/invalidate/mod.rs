@@ -156,7 +156,7 @@ async fn steps(
     let gateway = cache.gateway_id();
     let expected = cache.fleet.live();
     let applied = apply::apply(
-        &cache.store,
+        cache.redis(),
         &cache.epochs,
         gateway,
         revalidation.mode,
@@ -185,7 +185,7 @@ async fn steps(
     let reapplied = match &replicas {
         Some(results) if results.iter().any(|r| r.ok) => Some(
             apply::apply(
-                &cache.store,
+                cache.redis(),
                 &cache.epochs,
                 gateway,
                 revalidation.mode,
@@ -226,7 +226,7 @@ async fn steps(
         "rewarm": rewarmed,
         "elapsed_ms": millis(started.elapsed()),
     });
-    if let Err(e) = cache.log.record(&cache.store, &report).await {
+    if let Err(e) = cache.log.record(cache.redis(), &report).await {
         tracing::warn!(error = %e, "revalidation log not written");
     }
     Ok(report)
@@ -308,7 +308,7 @@ fn provisional(
                 () = tokio::time::sleep(delay) => {}
             }
             let gateway = cache.gateway_id();
-            match apply::apply(&cache.store, &cache.epochs, gateway, mode, &tags).await {
+            match apply::apply(cache.redis(), &cache.epochs, gateway, mode, &tags).await {
                 Ok(epoch) => {
                     tracing::info!(epoch, tags = ?tags, "invalidation applied after Redis recovered");
                     return;
@@ -335,10 +335,9 @@ pub async fn purge(
     let revalidation = webhook::Revalidation::new(paths, tags, mode, false)?;
     let redis = config.redis.as_ref().ok_or(PurgeError::NoRedis)?;
     let settings = crate::cache::store::RedisSettings::for_cli(redis);
-    let store =
-        crate::cache::store::Store::Redis(crate::cache::store::RedisStore::connect(&settings)?);
+    let redis = crate::cache::store::RedisStore::connect(&settings)?;
     let all = revalidation.all_tags();
     let epochs = crate::cache::epochs::Epochs::default();
-    let epoch = apply::apply(&store, &epochs, "cli", mode, &all).await?;
+    let epoch = apply::apply(Some(&redis), &epochs, "cli", mode, &all).await?;
     Ok((epoch, all))
 }

@@ -28,7 +28,7 @@ use super::scan::{PAGE, parse_record, scan_page};
 use super::snapshot;
 use crate::app::CacheState;
 use crate::cache::keys::{INDEX_KEY, INV_KEY, PRUNE_LOCK_KEY};
-use crate::cache::store::{RedisStore, Store, StoreError};
+use crate::cache::store::{RedisStore, StoreError};
 use crate::deploy::Deploy;
 
 /// How often the fleet prunes (and the lock's lifetime: one prune per period, fleet-wide).
@@ -130,8 +130,8 @@ pub async fn prune(redis: &RedisStore, horizon: u64) -> Result<Pruned, StoreErro
 /// on a history of millions of records bounds it at once. Control work, like the rollout:
 /// nothing waits for it at shutdown (a prune cut between two pages loses nothing).
 pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) {
-    let (store, epochs, max_ttl) = (
-        cache.store.clone(),
+    let (redis, epochs, max_ttl) = (
+        cache.redis().cloned(),
         Arc::clone(&cache.epochs),
         cache.cfg().max_ttl,
     );
@@ -153,7 +153,7 @@ pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) 
             let now = crate::clock::system_ms();
             let horizon = horizon(now, max_ttl, deploy.oldest_live_build_ms());
             epochs.forget_before(horizon);
-            let Store::Redis(redis) = &store else {
+            let Some(redis) = &redis else {
                 continue;
             };
             match prune_once(redis, &me, horizon).await {
