@@ -21,6 +21,7 @@ use crate::cache::store::{MemorySettings, MemoryStore, RedisSettings, RedisStore
 use crate::config::Config;
 use crate::invalidate::fleet::Fleet;
 use crate::metrics::Metrics;
+use crate::shared::Shared;
 use crate::upstream::Upstream;
 
 /// State of one worker (see the module doc for what is shared).
@@ -37,9 +38,9 @@ pub struct AppState {
     pub deploy: Arc<crate::deploy::Deploy>,
     /// The cache (shared by all workers); `None` when disabled.
     pub cache: Option<Arc<CacheState>>,
-    /// This worker's own Redis connections for the hit path's reads (see
-    /// `Store::for_worker`); `None` reads through `cache.store`.
-    pub reads: Option<Store>,
+    /// This worker's own Redis connections ([`Shared::for_worker`], started by the worker on
+    /// its runtime): the hit path's reads and the miss path's fill locks. `None`: the cache's.
+    pub own_redis: Option<Shared>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Request id source.
@@ -75,9 +76,15 @@ impl AppState {
         self.config.load()
     }
 
-    /// The store the hit path reads: this worker's own connections, or the shared store.
+    /// The store the hit path reads: this worker's own connections, or the cache's store.
     pub fn reads<'a>(&'a self, cache: &'a CacheState) -> &'a Store {
-        self.reads.as_ref().unwrap_or(&cache.store)
+        self.own_redis.as_ref().map_or(&cache.store, Shared::store)
+    }
+
+    /// The shared Redis as this worker reaches it: its own connections, or the cache's; `None`
+    /// without Redis.
+    pub fn shared<'a>(&'a self, cache: &'a CacheState) -> Option<&'a Shared> {
+        self.own_redis.as_ref().or(cache.shared())
     }
 
     /// The state for another worker: the same shared parts, pools of its own (upstream, and
@@ -89,12 +96,13 @@ impl AppState {
             upstream: self.upstream.with_own_pool(),
             deploy: Arc::clone(&self.deploy),
             cache: self.cache.clone(),
-            reads: self
+            own_redis: self
                 .cache
                 .as_ref()
-                .and_then(|c| c.store.for_worker())
-                .and_then(|r| {
-                    r.inspect_err(|e| tracing::warn!(error = %e, "worker reads through the shared Redis pool"))
+                .and_then(|c| c.shared())
+                .and_then(|s| {
+                    s.for_worker()
+                        .inspect_err(|e| tracing::warn!(error = %e, "worker reads through the shared Redis pool"))
                         .ok()
                 }),
             metrics: Arc::clone(&self.metrics),
@@ -119,13 +127,14 @@ impl AppState {
 }
 
 /// Everything the cache stages share: the store, the L1, the admission limits, the flights
-/// (who fills which key) and the background work filling them.
+/// (who fills which key) and the background work filling them; with Redis, the [`Shared`] rest
+/// (bus, locks, the invalidation function, the log stream).
 #[derive(Debug)]
 pub struct CacheState {
     /// `[cache]` settings: read them with [`CacheState::cfg`]; a reload replaces them
     /// ([`CacheState::set_cfg`]).
     cfg: ArcSwap<crate::config::Cache>,
-    /// Redis or in-process.
+    /// The entries: Redis or in-process (get, put, delete alike).
     pub store: Store,
     /// In-process copies in front of the store.
     pub l1: L1,
@@ -133,8 +142,8 @@ pub struct CacheState {
     pub decoded: Decoded,
     /// Bound on background refreshes at once.
     pub refresh_permits: Arc<tokio::sync::Semaphore>,
-    /// The bus between gateways (with Redis only).
-    pub bus: Option<Bus>,
+    /// What exists only with Redis: the pool, the bus ([`CacheState::shared`]).
+    shared: Option<Shared>,
     /// Who fills which key (local flights, fleet locks, hit-for-miss).
     pub flights: Arc<Flights>,
     /// Background fills (a leader's body copy and store write, refreshes) and lock releases:
@@ -175,28 +184,21 @@ impl CacheState {
         metrics: Arc<crate::metrics::Metrics>,
         tail: Arc<crate::logging::tail::Tail>,
     ) -> Result<CacheState, crate::cache::store::StoreError> {
-        let settings = redis.map(|r| RedisSettings {
-            url: r.url.clone(),
-            pool_size: r.pool_size,
-            command_timeout: r.command_timeout,
-            connect_timeout: r.connect_timeout,
-            tls: r.tls.clone(),
-        });
         let gateway_id = format!("{:016x}", fastrand::u64(..));
         tail.set_gateway(&gateway_id);
-        let bus = match &settings {
-            Some(s) => Some(Bus::new(s, gateway_id.clone())?),
+        let shared = match redis.map(RedisSettings::from) {
+            Some(s) => Some(Shared::new(&s, gateway_id.clone())?),
             None => None,
         };
-        let store = match &settings {
-            Some(s) => Store::Redis(RedisStore::new(s)?),
+        let store = match &shared {
+            Some(shared) => shared.store().clone(),
             None => Store::Memory(MemoryStore::new(MemorySettings {
                 max_bytes: cfg.memory_max_bytes,
             })),
         };
         let tasks = TaskTracker::new();
         let epochs = Arc::new(Epochs::default());
-        if settings.is_some() {
+        if shared.is_some() {
             // Empty in front of a shared store: complete once the bus's first connect loaded
             // every invalidation (`BusListener`), and no shared entry is served before.
             epochs.unsynced();
@@ -210,7 +212,7 @@ impl CacheState {
                 0
             }),
             refresh_permits: Arc::new(tokio::sync::Semaphore::new(cfg.max_background_refreshes)),
-            bus,
+            shared,
             store,
             flights: Arc::new(Flights::new(cfg.coalesce, metrics, tasks.clone())),
             tasks,
@@ -239,6 +241,22 @@ impl CacheState {
         self.cfg.store(Arc::new(cfg));
     }
 
+    /// What exists only with Redis (the pool, the bus); `None` with the in-process store.
+    pub fn shared(&self) -> Option<&Shared> {
+        self.shared.as_ref()
+    }
+
+    /// The shared Redis pool: shorthand for `shared()`'s [`Shared::redis`], for the steps that
+    /// only send it commands.
+    pub fn redis(&self) -> Option<&RedisStore> {
+        self.shared().map(Shared::redis)
+    }
+
+    /// The bus: shorthand for `shared()`'s [`Shared::bus`].
+    pub fn bus(&self) -> Option<&Bus> {
+        self.shared().map(Shared::bus)
+    }
+
     /// The admission caps of the settings now.
     pub fn limits(&self) -> policy::Limits {
         let cfg = self.cfg.load();
@@ -258,16 +276,16 @@ impl CacheState {
         key_hex: String,
         metrics: &crate::metrics::Metrics,
     ) {
-        let (Some(bus), Store::Redis(redis)) = (&self.bus, &self.store) else {
+        let Some(shared) = &self.shared else {
             return;
         };
         let message = Message::Key {
             kind,
             key: key_hex,
-            gateway: bus.gateway_id().to_owned(),
+            gateway: shared.bus().gateway_id().to_owned(),
         };
         let timeout = std::time::Duration::from_millis(250);
-        if let Err(e) = crate::bus::publish(redis.pool(), &message, timeout).await {
+        if let Err(e) = shared.publish(&message, timeout).await {
             metrics.store_errors.inc();
             tracing::debug!(error = %e, "bus publish failed");
         }
@@ -288,9 +306,9 @@ impl CacheState {
         let cfg = self.cfg();
         if cfg.l1_governor {
             // Without Redis the process holds the store's entries too.
-            let store = match self.store {
-                Store::Memory(_) => cfg.memory_max_bytes,
-                Store::Redis(_) => 0,
+            let store = match self.shared {
+                None => cfg.memory_max_bytes,
+                Some(_) => 0,
             };
             let bound = cfg.l1_max_bytes.saturating_add(store);
             crate::cache::governor::start(&self.l1, bound, stop);

@@ -1,4 +1,5 @@
-//! The Redis pub/sub bus between gateways (channel `isr:bus`, DESIGN.md "Redis layout").
+//! The Redis pub/sub bus between gateways (channel `isr:bus`,
+//! [`crate::cache::keys::BUS_CHANNEL`]; DESIGN.md "Redis layout").
 //!
 //! Messages are `<kind> <key-hex> <gateway-id>`:
 //! - `filled`: a gateway stored a new entry. Every other gateway drops its L1 copy of that key
@@ -21,11 +22,9 @@ use std::time::Duration;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 
+use crate::cache::keys::BUS_CHANNEL as CHANNEL;
 use crate::cache::l1::L1;
 use crate::cache::store::StoreError;
-
-/// The channel every gateway subscribes to.
-pub const CHANNEL: &str = "isr:bus";
 
 /// One gateway's end of the bus.
 #[derive(Clone)]

@@ -16,14 +16,16 @@
 //!   serve, refresh, tunnel), and the hit lane's question (`hit`).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
 //! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
-//!   epochs, tags, store, fill locks). [`bus`]: the Redis pub/sub bus between gateways.
-//!   [`clock`]: the wall clock entry deadlines are read against.
+//!   epochs, tags, store, fill locks, Redis key names). [`bus`]: the Redis pub/sub bus between
+//!   gateways. [`shared`]: what exists only with Redis (pool, bus), as one value.
+//!   [`clock`]: the two clocks (monotonic for local timeouts, the wall clock for deadlines
+//!   shared through the store).
 //! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
 //! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
 //! - [`logging`]: the subscriber (text or flat JSON, non-blocking output) and the access log.
 //! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters and histograms, the newest
 //!   server errors, per-route counts. [`http`]: header names, bodies.
-//! - [`app`]: the shared state built once at start.
+//! - [`app`]: the shared state built once at start. [`sync`]: locks that outlive a panic.
 //! - [`warm`]: render a list of pages ahead of users (`isrgate warm`, from a sitemap or a list
 //!   of paths, through a gateway; the engine is generic over who renders).
 
@@ -42,6 +44,8 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod shared;
+pub mod sync;
 pub mod upstream;
 pub mod warm;
 
@@ -177,7 +181,7 @@ impl Server {
                 .as_ref()
                 .map_or("default", |c| c.namespace.as_str()),
             Arc::clone(&replicas),
-            deploy::rollout::Ledger::of(cache.as_ref().map(|c| &c.store)),
+            deploy::rollout::Ledger::of(cache.as_ref().and_then(|c| c.redis())),
         ));
         let upstream = upstream::Upstream::new(&config, replicas, Arc::clone(&metrics));
         let policy = proxy::sanitize::Policy {
@@ -203,7 +207,7 @@ impl Server {
         let app = Arc::new(AppState {
             access,
             cache,
-            reads: None,
+            own_redis: None,
             concurrency,
             config: Arc::new(arc_swap::ArcSwap::from_pointee(config)),
             policy,
@@ -396,13 +400,7 @@ async fn start_control(
     }
     let prewarm: Arc<dyn deploy::Prewarmer> =
         Arc::new(warm::prewarm::InProcess::new(Arc::clone(app)));
-    deploy::rollout::start(
-        Arc::clone(&app.deploy),
-        app.cache.as_ref().map(|c| c.store.clone()),
-        Some(prewarm),
-        stop.clone(),
-    )
-    .await;
+    deploy::rollout::start(Arc::clone(&app.deploy), Some(prewarm), stop.clone()).await;
     tokio::spawn(upstream::health::run(
         Arc::clone(app.upstream.pool()),
         Arc::clone(app.upstream.replicas()),

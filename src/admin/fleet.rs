@@ -9,14 +9,13 @@
 //! readiness from `admin::readiness`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::bus::Message;
-use crate::cache::store::Store;
 
 /// How often a gateway publishes its snapshot.
 pub const EVERY: Duration = Duration::from_secs(2);
@@ -66,10 +65,7 @@ impl Snapshot {
     pub fn of(app: &AppState) -> Snapshot {
         let m = &app.metrics;
         let readiness = super::readiness(app);
-        let started = app
-            .started_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let started = crate::clock::unix_secs(app.started_at);
         Snapshot {
             host: host_name(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -122,7 +118,7 @@ pub async fn publish(app: Arc<AppState>, stop: CancellationToken) {
         tracing::info!("redis.publish_stats = false: this gateway is not in the fleet view");
         return;
     }
-    let Store::Redis(redis) = &cache.store else {
+    let Some(shared) = cache.shared() else {
         return;
     };
     let mut every = tokio::time::interval(EVERY);
@@ -140,7 +136,7 @@ pub async fn publish(app: Arc<AppState>, stop: CancellationToken) {
             json,
         };
         // Best effort: a lost snapshot is replaced by the next one.
-        let _ = crate::bus::publish(redis.pool(), &message, EVERY).await;
+        let _ = shared.publish(&message, EVERY).await;
     }
 }
 

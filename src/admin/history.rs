@@ -149,7 +149,7 @@ impl History {
     pub fn sample(&self, m: &Metrics) {
         let mut sample = Sample::now(m);
         let latencies = Latencies::now(m);
-        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = crate::sync::lock(&self.kept);
         let interval = latencies.since(&kept.last);
         sample.latency_us = [
             interval.quantile_us(CacheOutcome::Hit, 0.5),
@@ -188,14 +188,14 @@ impl History {
 
     /// The samples, oldest first.
     pub fn samples(&self) -> Vec<Sample> {
-        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = crate::sync::lock(&self.kept);
         kept.samples.iter().copied().collect()
     }
 
     /// Request durations since about [`LATENCY_WINDOW_S`] ago (since start when the process
     /// is younger), and about how many seconds that is.
     pub fn recent_latencies(&self, m: &Metrics, now: u64) -> (Latencies, u64) {
-        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let kept = crate::sync::lock(&self.kept);
         let base = kept
             .minutes
             .iter()

@@ -380,14 +380,13 @@ fn redis_state(app: &AppState) -> (&'static str, bool) {
     let Some(cache) = app.cache.as_ref() else {
         return ("none", false);
     };
-    match &cache.store {
-        crate::cache::store::Store::Redis(r) => {
-            let down =
-                r.breaker().is_open(crate::upstream::replicas::now_ms()) || !r.is_connected();
+    match cache.shared() {
+        Some(shared) => {
+            let down = shared.breaker_open() || !shared.is_connected();
             let loading = !down && !cache.epochs.was_ever_synced();
             (if down { "degraded" } else { "ok" }, loading)
         }
-        crate::cache::store::Store::Memory(_) => ("none", false),
+        None => ("none", false),
     }
 }
 
@@ -592,7 +591,7 @@ async fn revalidation_log(app: &AppState) -> Response<Body> {
     let Some(cache) = &app.cache else {
         return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
     };
-    match cache.log.recent(&cache.store, 100).await {
+    match cache.log.recent(cache.redis(), 100).await {
         Ok(records) => json(StatusCode::OK, &serde_json::Value::from(records)),
         Err(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,

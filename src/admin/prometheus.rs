@@ -17,8 +17,8 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::app::AppState;
-use crate::cache::store::Store;
 use crate::metrics::{Family, Kind, Series, Value};
+use crate::shared::Shared;
 
 /// The classic text format's content type.
 pub const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -287,25 +287,18 @@ const GAUGES: &[Gauge] = &[
     Gauge {
         name: "isrgate_redis_connected",
         help: "1 while every pooled Redis connection is up (absent without Redis).",
-        read: |app| redis(app).map(|r| f64::from(u8::from(r.is_connected()))),
+        read: |app| shared(app).map(|s| f64::from(u8::from(s.is_connected()))),
     },
     Gauge {
         name: "isrgate_redis_circuit_open",
         help: "1 while the Redis circuit breaker skips Redis (absent without Redis).",
-        read: |app| {
-            let open = |r: &crate::cache::store::RedisStore| {
-                r.breaker().is_open(crate::upstream::replicas::now_ms())
-            };
-            redis(app).map(|r| f64::from(u8::from(open(r))))
-        },
+        read: |app| shared(app).map(|s| f64::from(u8::from(s.breaker_open()))),
     },
 ];
 
-fn redis(app: &AppState) -> Option<&crate::cache::store::RedisStore> {
-    match &app.cache.as_ref()?.store {
-        Store::Redis(r) => Some(r),
-        Store::Memory(_) => None,
-    }
+/// The shared Redis, when the cache has one.
+fn shared(app: &AppState) -> Option<&Shared> {
+    app.cache.as_ref()?.shared()
 }
 
 /// The state gauges and the histograms kept outside the metrics table (per replica, Redis).
@@ -340,7 +333,7 @@ fn gauges(app: &AppState) -> Vec<Family> {
             })
             .collect(),
     });
-    if let Some(r) = redis(app) {
+    if let Some(r) = shared(app).map(Shared::redis) {
         families.push(Family {
             name: "isrgate_redis_command_seconds",
             help: "Time per Redis command.",

@@ -12,14 +12,14 @@
 
 use std::sync::Arc;
 
-use fred::prelude::*;
+use fred::types::InfoKind;
 use serde_json::{Value, json};
 
 pub use super::history::{History, SAMPLE_EVERY};
 use super::history::{Sample, TIMED};
 use crate::app::AppState;
-use crate::cache::store::Store;
 use crate::metrics::{Histogram, Metrics};
+use crate::shared::Shared;
 
 /// Puts every series of `metrics` that names a place in the stats document into `doc`
 /// (`"requests.hit"`: the `hit` key of the `requests` object, made when missing); series with
@@ -253,8 +253,8 @@ async fn cache_parts(app: &AppState) -> (Value, Value, Value, Value) {
         );
     };
     let (entries, bytes) = c.l1.size();
-    let redis = redis_facts(&c.store).await;
-    let log = match c.log.recent(&c.store, 20).await {
+    let redis = redis_facts(c.shared()).await;
+    let log = match c.log.recent(c.redis(), 20).await {
         Ok(records) => Value::from(records),
         Err(e) => json!({ "error": format!("the revalidation log is unavailable: {e}") }),
     };
@@ -332,21 +332,17 @@ fn deploy(app: &AppState) -> Value {
 
 /// What the dashboard shows about Redis: its state, and (while it answers) memory, evictions,
 /// keyspace hit rate and keys; every fact `null` while it does not.
-async fn redis_facts(store: &Store) -> Value {
-    let Store::Redis(r) = store else {
+async fn redis_facts(shared: Option<&Shared>) -> Value {
+    let Some(shared) = shared else {
         return json!({ "configured": false });
     };
-    let open = r.breaker().is_open(crate::upstream::replicas::now_ms());
-    let info = |kind| async move {
-        r.bounded(r.pool().next().info::<String>(Some(kind)))
-            .await
-            .ok()
-    };
+    let open = shared.breaker_open();
     let (memory, stats, keys) = tokio::join!(
-        info(fred::types::InfoKind::Memory),
-        info(fred::types::InfoKind::Stats),
-        async { r.bounded(r.pool().next().dbsize::<u64>()).await.ok() },
+        async { shared.info(InfoKind::Memory).await.ok() },
+        async { shared.info(InfoKind::Stats).await.ok() },
+        async { shared.key_count().await.ok() },
     );
+    let r = shared.redis();
     let field = |info: &Option<String>, name: &str| {
         info.as_deref().and_then(|i| {
             i.lines()

@@ -112,7 +112,7 @@ impl Epochs {
     pub fn record_all<'a>(&self, records: impl IntoIterator<Item = (&'a str, Mode, u64)>) {
         let mut newest_recorded = 0;
         {
-            let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+            let mut map = crate::sync::write(&self.tags);
             for (tag, mode, epoch) in records {
                 let newest = match map.get_mut(tag) {
                     Some(n) => n,
@@ -134,7 +134,7 @@ impl Epochs {
     /// Makes room for `tags` tags in all (a load that knows how many it brings), so the map
     /// is not grown, and rehashed under its lock, many times on the way.
     pub fn expect_tags(&self, tags: usize) {
-        let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::write(&self.tags);
         let more = tags.saturating_sub(map.len());
         map.reserve(more);
     }
@@ -171,7 +171,7 @@ impl Epochs {
         if self.newest_recorded.load(Ordering::Acquire) <= render_epoch {
             return Validity::Valid;
         }
-        let map = self.tags.read().unwrap_or_else(|p| p.into_inner());
+        let map = crate::sync::read(&self.tags);
         let frozen = self.frozen.load();
         let mut worst = Validity::Valid;
         for tag in tags {
@@ -195,7 +195,7 @@ impl Epochs {
     /// counts twice, as does a tag with a soft and a hard record in the snapshot.
     pub fn len(&self) -> usize {
         let frozen = self.frozen.load().as_deref().map_or(0, Frozen::records);
-        self.tags.read().unwrap_or_else(|p| p.into_inner()).len() + frozen
+        crate::sync::read(&self.tags).len() + frozen
     }
 
     /// Whether nothing was ever invalidated.
@@ -249,7 +249,7 @@ impl Epochs {
             Some(f) if f.newest() < epoch => None,
             other => other.clone(),
         });
-        let mut map = self.tags.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::write(&self.tags);
         map.retain(|_, n| n.soft.max(n.hard) >= epoch);
     }
 }

@@ -32,6 +32,7 @@ use super::policy::StaleReason;
 use super::store::{RedisStore, StoreError};
 use crate::config;
 use crate::metrics::Metrics;
+use crate::sync::lock;
 
 /// How a fill ended, as the requests waiting on it see it.
 #[derive(Debug, Clone)]
@@ -379,10 +380,6 @@ async fn extend(redis: RedisStore, held: Held, ttl: Duration, key_hex: String) {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

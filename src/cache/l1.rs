@@ -97,7 +97,7 @@ struct Unstored {
 
 impl Unstored {
     fn keys(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u128>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.keys)
     }
 
     fn mark(&self, key: u128) {

@@ -1,7 +1,7 @@
 //! Fill locks in Redis (DESIGN.md request flow step 7): at most one gateway of the fleet
 //! renders a key at a time.
 //!
-//! A lock is the string `isr:{<hex>}:l` holding a random token, set with `SET … NX PX ttl`
+//! A lock is the string [`lock_key`] (`isr:{<hex>}:l`) holding a random token, set with `SET … NX PX ttl`
 //! (so a gateway that dies releases nothing and its lock expires), extended while a long render
 //! runs, and released by compare-and-delete (a Lua script: only the holder of the token may
 //! delete it, so a leader whose lock expired and was taken over cannot free its successor's).
@@ -16,6 +16,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 
+use super::keys::{entry_key, lock_key};
 use super::store::{RedisStore, StoreError, Stored};
 
 /// Deletes the lock only if it still holds our token.
@@ -59,11 +60,6 @@ pub enum Locked {
     Contended,
     /// The store holds a render newer than the caller saw: read it instead.
     Newer,
-}
-
-/// The Redis key of the fill lock of `key_hex`.
-pub fn lock_key(key_hex: &str) -> String {
-    format!("isr:{{{key_hex}}}:l")
 }
 
 /// A held lock: its key and our token. Not released on drop (that needs a round trip): the
@@ -111,7 +107,7 @@ impl RedisStore {
         seen_rendered_at_ms: u64,
     ) -> Result<Locked, StoreError> {
         let held = Held::new(key_hex);
-        let keys = vec![super::store::entry_key(key_hex), held.key.clone()];
+        let keys = vec![entry_key(key_hex), held.key.clone()];
         let args = vec![
             held.token.clone(),
             millis(ttl).to_string(),
@@ -135,7 +131,7 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<ReadOrLock, StoreError> {
         let held = Held::new(key_hex);
-        let keys = vec![super::store::entry_key(key_hex), held.key.clone()];
+        let keys = vec![entry_key(key_hex), held.key.clone()];
         let args = vec![held.token.clone(), millis(ttl).to_string()];
         let v: fred::types::Value = self
             .bounded(self.pool().next().eval(READ_OR_LOCK, keys, args))
@@ -188,8 +184,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lock_keys_share_the_entry_slot() {
-        assert_eq!(lock_key("ab12"), "isr:{ab12}:l");
+    fn lock_ttls_are_never_zero() {
         assert_eq!(millis(Duration::ZERO), 1, "PX 0 is an error in Redis");
     }
 }

@@ -16,6 +16,8 @@
 //!   entry is still valid.
 //! - [`frozen`] — the invalidation records of a snapshot, looked up in place in its bytes.
 //! - [`tags`] — the invalidation tags of an entry (implicit, Next.js, from response headers).
+//! - [`keys`] — every Redis key and channel name, spelled once, with the table of who writes
+//!   what and the Cluster hash-tag reasoning.
 //! - [`store`] — where entries live: Redis (shared) or in-process (embedded default).
 //! - [`tls`] — TLS to Redis: PEM files → the rustls client configuration.
 //! - [`lock`] — fleet fill locks in Redis (one render per key across gateways).
@@ -36,6 +38,7 @@ pub mod flight;
 pub mod frozen;
 pub mod governor;
 pub mod key;
+pub mod keys;
 pub mod l1;
 pub mod lock;
 pub mod policy;

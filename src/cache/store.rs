@@ -8,17 +8,25 @@
 //!
 //! - [`Store::Memory`]: moka, byte-weighted, per-entry TTL. What `isrgate serve` uses with no
 //!   Redis configured; each gateway process then has its own cache.
-//! - [`Store::Redis`]: fred pool. Layout (DESIGN.md "Entries"): hash `isr:{<hex>}:e` with fields
-//!   `m` (metadata) and `b` (body), written with `MULTI HSET … PEXPIRE … EXEC` so an entry never
-//!   exists without its TTL; the `{<hex>}` hash tag keeps everything about one key in one
-//!   Cluster slot. Every command is bounded by `command_timeout`; a lost connection is retried
-//!   in the background with exponential backoff, and commands fail fast meanwhile.
+//! - [`Store::Redis`]: fred pool. Layout (DESIGN.md "Entries", names in [`super::keys`]): the
+//!   hash [`entry_key`] with fields `m` (metadata), `b` (body) and `r` (render time), written
+//!   with its TTL by one script so an entry never exists without it; the `{<hex>}` hash tag
+//!   keeps everything about one key in one Cluster slot. Every command is bounded by
+//!   `command_timeout`; a lost connection is retried in the background with exponential
+//!   backoff, and commands fail fast meanwhile.
+//!
+//! The variants are matched here only. What exists only with Redis (the bus, fill locks, the
+//! invalidation function, the log stream, `INFO`) is reached through `crate::shared::Shared`,
+//! which callers ask the cache for; [`RedisStore`] is its pool, with the circuit breaker every
+//! command goes through (`RedisStore::bounded`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::*;
+
+use super::keys::{entry_key, slots_key};
 
 /// One stored entry, as bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +198,19 @@ pub struct RedisSettings {
     pub tls: crate::cache::tls::RedisTls,
 }
 
+/// The gateway's settings: `[redis]` as configured.
+impl From<&crate::config::Redis> for RedisSettings {
+    fn from(redis: &crate::config::Redis) -> RedisSettings {
+        RedisSettings {
+            url: redis.url.clone(),
+            pool_size: redis.pool_size,
+            command_timeout: redis.command_timeout,
+            connect_timeout: redis.connect_timeout,
+            tls: redis.tls.clone(),
+        }
+    }
+}
+
 impl RedisSettings {
     /// One connection for a command-line call (`isrgate purge`, `isrgate deploy`): its
     /// commands may wait as long as a connection may take to open.
@@ -197,15 +218,15 @@ impl RedisSettings {
         // A person waits for one answer: a busy machine or a far Redis gets seconds, not the
         // serving path's 250 ms.
         let patient = Duration::from_secs(5);
+        let configured = RedisSettings::from(redis);
         RedisSettings {
-            url: redis.url.clone(),
             pool_size: 1,
-            command_timeout: redis
+            command_timeout: configured
                 .connect_timeout
-                .max(redis.command_timeout)
+                .max(configured.command_timeout)
                 .max(patient),
-            connect_timeout: redis.connect_timeout.max(patient),
-            tls: redis.tls.clone(),
+            connect_timeout: configured.connect_timeout.max(patient),
+            ..configured
         }
     }
 
@@ -226,7 +247,8 @@ pub struct MemorySettings {
     pub max_bytes: u64,
 }
 
-/// The entry store.
+/// The entry store: get, put and delete, whichever backend (build one with its variant; only
+/// this module matches them).
 #[derive(Clone)]
 pub enum Store {
     /// In-process (embedded default).
@@ -250,30 +272,12 @@ impl Store {
         }
     }
 
-    /// A store of its own for a worker thread's reads: a Redis pool
-    /// ([`RedisStore::sibling`]; `start` it from the worker's runtime). `None` for the
-    /// in-process store, which every thread reads directly.
-    pub fn for_worker(&self) -> Option<Result<Store, StoreError>> {
-        match self {
-            Store::Memory(_) => None,
-            Store::Redis(r) => Some(r.sibling().map(Store::Redis)),
-        }
-    }
-
-    /// Starts a Redis store's connections on the current runtime (nothing for the in-process
-    /// store).
-    pub fn start(&self) {
-        if let Store::Redis(r) = self {
-            r.start();
-        }
-    }
-
     /// Whether the store answers at all now (the Redis circuit breaker is closed): a write
     /// retried while it is open would fail at once.
     pub fn is_available(&self) -> bool {
         match self {
             Store::Memory(_) => true,
-            Store::Redis(r) => !r.breaker().is_open(crate::upstream::replicas::now_ms()),
+            Store::Redis(r) => !r.breaker().is_open(crate::clock::monotonic_ms()),
         }
     }
 
@@ -366,11 +370,6 @@ while redis.call('llen', KEYS[1]) > tonumber(ARGV[2]) do table.insert(out, redis
 if redis.call('pttl', KEYS[1]) < tonumber(ARGV[3]) then redis.call('pexpire', KEYS[1], ARGV[3]) end \
 return out";
 
-/// The Redis key of a primary key's list of `Vary` slots (in the primary's Cluster slot).
-pub fn slots_key(primary_hex: &str) -> String {
-    format!("isr:{{{primary_hex}}}:v")
-}
-
 /// Writes an entry (`m` metadata, `b` body, `r` render time in UNIX ms) and its TTL unless the
 /// entry there has a later render time. Entries written before `r` existed have none and are
 /// replaced.
@@ -378,12 +377,6 @@ const PUT_UNLESS_NEWER: &str = "local r = redis.call('hget', KEYS[1], 'r') \
 if r and tonumber(r) > tonumber(ARGV[1]) then return 0 end \
 redis.call('hset', KEYS[1], 'm', ARGV[2], 'b', ARGV[3], 'r', ARGV[1]) \
 redis.call('pexpire', KEYS[1], ARGV[4]) return 1";
-
-/// The Redis key of an entry: a hash-tagged name, so its lock and everything else about the
-/// key live in the same Cluster slot.
-pub fn entry_key(key_hex: &str) -> String {
-    format!("isr:{{{key_hex}}}:e")
-}
 
 /// Primary keys whose `Vary` slots the in-process store keeps track of.
 const SLOT_LISTS: u64 = 100_000;
@@ -573,7 +566,7 @@ impl RedisStore {
         &self,
         fut: impl Future<Output = Result<T, fred::error::Error>>,
     ) -> Result<T, StoreError> {
-        let now = crate::upstream::replicas::now_ms();
+        let now = crate::clock::monotonic_ms();
         let admitted = self.breaker.admit(now);
         if admitted == Admit::Refuse {
             return Err(StoreError::CircuitOpen);
@@ -597,10 +590,7 @@ impl RedisStore {
                 }
             }
             Err(e) => {
-                if self
-                    .breaker
-                    .failure(crate::upstream::replicas::now_ms(), admitted)
-                {
+                if self.breaker.failure(crate::clock::monotonic_ms(), admitted) {
                     tracing::warn!(error = %e, cooldown = ?BREAKER_COOLDOWN, "Redis failing; skipping it, probing with one command every cooldown (circuit breaker open)");
                 }
             }
@@ -686,11 +676,6 @@ mod tests {
         assert_eq!(b.admit(later), Admit::Go);
         assert!(!b.is_open(later));
         assert!(!b.is_open(0), "closed");
-    }
-
-    #[test]
-    fn entry_keys_are_hash_tagged() {
-        assert_eq!(entry_key("ab12"), "isr:{ab12}:e");
     }
 
     #[tokio::test]

@@ -261,7 +261,7 @@ impl RecentPaths {
                 continue;
             }
             let paths = self.by_tag.get_with(tag.clone(), Default::default);
-            let mut paths = paths.lock().unwrap_or_else(|p| p.into_inner());
+            let mut paths = crate::sync::lock(&paths);
             if let Some(i) = paths.iter().position(|p| p == page) {
                 paths.remove(i);
             } else if paths.len() == RECENT_PATHS_PER_TAG {
@@ -275,7 +275,7 @@ impl RecentPaths {
     pub fn paths(&self, tag: &str) -> Vec<String> {
         self.by_tag
             .get(tag)
-            .map(|p| p.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .map(|p| crate::sync::lock(&p).clone())
             .unwrap_or_default()
     }
 }

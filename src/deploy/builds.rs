@@ -17,10 +17,8 @@ use fred::prelude::*;
 use http::HeaderValue;
 use serde::Deserialize;
 
-use crate::cache::store::{Store, StoreError};
-
-/// The Redis hash the replicas write.
-pub const BUILDS_KEY: &str = "isr:builds";
+use crate::cache::keys::BUILDS_KEY;
+use crate::cache::store::{RedisStore, StoreError};
 
 /// A build not reported for this long is gone (its replicas write every 30 s).
 const GONE_AFTER_MS: u64 = 5 * 60 * 1000;
@@ -67,7 +65,7 @@ pub struct Builds {
 impl Builds {
     /// Every build reported recently, newest first.
     pub fn all(&self) -> Arc<Vec<Build>> {
-        Arc::clone(&self.known.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&crate::sync::read(&self.known))
     }
 
     /// The report of the build named `id`.
@@ -100,10 +98,7 @@ impl Builds {
 
     /// Reads the hash once; builds not seen within five minutes of the newest are left out.
     /// Logs builds it did not know.
-    pub async fn read(&self, store: &Store) -> Result<usize, StoreError> {
-        let Store::Redis(redis) = store else {
-            return Ok(0);
-        };
+    pub async fn read(&self, redis: &RedisStore) -> Result<usize, StoreError> {
         let all: std::collections::HashMap<String, String> =
             redis.bounded(redis.pool().hgetall(BUILDS_KEY)).await?;
         let builds = parse(all);
@@ -122,7 +117,7 @@ impl Builds {
             );
         }
         let n = builds.len();
-        *self.known.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(builds);
+        *crate::sync::write(&self.known) = Arc::new(builds);
         Ok(n)
     }
 }

@@ -51,7 +51,7 @@ impl Hot {
             member.push('?');
             member.push_str(q);
         }
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = crate::sync::lock(&self.counts);
         let full = counts.len() >= MAX_COUNTED;
         match counts.get_mut(&member) {
             Some(n) => *n += u64::from(SAMPLE),
@@ -64,7 +64,7 @@ impl Hot {
 
     /// Adds the counts to today's set in Redis and starts counting afresh.
     pub async fn flush(&self, redis: &RedisStore, now_ms: u64) -> Result<(), StoreError> {
-        let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
+        let counts = std::mem::take(&mut *crate::sync::lock(&self.counts));
         if counts.is_empty() {
             return Ok(());
         }
@@ -86,7 +86,7 @@ impl Hot {
         let mut scores: HashMap<String, f64> = HashMap::new();
         match redis {
             None => {
-                let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+                let counts = crate::sync::lock(&self.counts);
                 scores.extend(counts.iter().map(|(m, c)| (m.clone(), *c as f64)));
             }
             Some(redis) => {
@@ -121,9 +121,9 @@ impl Hot {
     }
 }
 
-/// `isr:hot:<days since 1970>` (UTC).
+/// The hot set's key for the UTC day of `now_ms`.
 fn day_key(now_ms: u64) -> String {
-    format!("isr:hot:{}", now_ms / 86_400_000)
+    crate::cache::keys::hot_key(now_ms / 86_400_000)
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use fred::prelude::*;
 
-use super::builds::BUILDS_KEY;
-use super::rollout::{Ledger, SEEN_KEY};
+use super::rollout::Ledger;
+use crate::cache::keys::{BUILDS_KEY, DEPLOY_SEEN_KEY};
 use crate::cache::store::{RedisSettings, RedisStore, StoreError};
 use crate::config::Config;
 
@@ -43,7 +43,8 @@ fn connect(config: &Config) -> Result<RedisStore, OperatorError> {
 
 /// The builds the fleet knows: first seen by a gateway, and reported by replicas.
 async fn known(redis: &RedisStore) -> Result<Vec<(String, Option<u64>)>, StoreError> {
-    let seen: HashMap<String, String> = redis.bounded(redis.pool().hgetall(SEEN_KEY)).await?;
+    let seen: HashMap<String, String> =
+        redis.bounded(redis.pool().hgetall(DEPLOY_SEEN_KEY)).await?;
     let reported: HashMap<String, String> = redis.bounded(redis.pool().hgetall(BUILDS_KEY)).await?;
     let mut all: Vec<(String, Option<u64>)> = seen
         .iter()

@@ -26,14 +26,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::Deploy;
-use crate::cache::store::{RedisStore, Store, StoreError};
-
-/// The hash holding the fleet's rollout state.
-pub const DEPLOY_KEY: &str = "isr:deploy";
-/// Build → when a gateway first saw a replica of it (UNIX ms).
-pub const SEEN_KEY: &str = "isr:deploy:seen";
-/// Held by the gateway pre-warming a build.
-const LOCK_KEY: &str = "isr:deploy:lock";
+use crate::cache::keys::{DEPLOY_KEY, DEPLOY_LOCK_KEY, DEPLOY_SEEN_KEY};
+use crate::cache::store::{RedisStore, StoreError};
 
 /// Most builds `isr:deploy:seen` remembers.
 const MAX_SEEN: usize = 64;
@@ -168,7 +162,7 @@ pub struct Prewarm {
 impl Status {
     /// The rollout now.
     pub fn snapshot(&self) -> Snapshot {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.inner).clone()
     }
 
     /// Records a pre-warm's progress.
@@ -177,7 +171,7 @@ impl Status {
     }
 
     pub(super) fn update(&self, f: impl FnOnce(&mut Snapshot)) {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+        f(&mut crate::sync::lock(&self.inner));
     }
 }
 
@@ -200,18 +194,19 @@ impl std::fmt::Debug for Ledger {
 }
 
 impl Ledger {
-    /// The ledger of `store` (`None`: no cache, so no store).
-    pub fn of(store: Option<&Store>) -> Ledger {
-        match store {
-            Some(Store::Redis(r)) => Ledger::Redis(r.clone()),
-            _ => Ledger::Local(Arc::default()),
+    /// The fleet's ledger in the shared Redis, or this gateway's own without one (no Redis,
+    /// or no cache).
+    pub fn of(redis: Option<&RedisStore>) -> Ledger {
+        match redis {
+            Some(r) => Ledger::Redis(r.clone()),
+            None => Ledger::Local(Arc::default()),
         }
     }
 
     /// What the fleet agreed.
     pub async fn agreed(&self) -> Result<Agreed, StoreError> {
         let redis = match self {
-            Ledger::Local(l) => return Ok(l.lock().unwrap_or_else(|p| p.into_inner()).0.clone()),
+            Ledger::Local(l) => return Ok(crate::sync::lock(l).0.clone()),
             Ledger::Redis(r) => r,
         };
         let all: HashMap<String, String> = redis.bounded(redis.pool().hgetall(DEPLOY_KEY)).await?;
@@ -236,7 +231,7 @@ impl Ledger {
     ) -> Result<HashMap<String, u64>, StoreError> {
         let redis = match self {
             Ledger::Local(l) => {
-                let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+                let mut l = crate::sync::lock(l);
                 for b in builds {
                     l.1.entry(b.clone()).or_insert(now_ms);
                 }
@@ -246,10 +241,11 @@ impl Ledger {
         };
         for b in builds {
             let _: bool = redis
-                .bounded(redis.pool().hsetnx(SEEN_KEY, b.as_str(), now_ms))
+                .bounded(redis.pool().hsetnx(DEPLOY_SEEN_KEY, b.as_str(), now_ms))
                 .await?;
         }
-        let all: HashMap<String, String> = redis.bounded(redis.pool().hgetall(SEEN_KEY)).await?;
+        let all: HashMap<String, String> =
+            redis.bounded(redis.pool().hgetall(DEPLOY_SEEN_KEY)).await?;
         let mut seen: Vec<(String, u64)> = all
             .into_iter()
             .filter_map(|(b, ms)| Some((b, ms.parse().ok()?)))
@@ -259,7 +255,7 @@ impl Ledger {
             // as "newest"; if it does, it is seen again).
             seen.sort_by_key(|s| std::cmp::Reverse(s.1));
             for (b, _) in seen.drain(MAX_SEEN..) {
-                let _: i64 = redis.bounded(redis.pool().hdel(SEEN_KEY, b)).await?;
+                let _: i64 = redis.bounded(redis.pool().hdel(DEPLOY_SEEN_KEY, b)).await?;
             }
         }
         Ok(seen.into_iter().collect())
@@ -276,7 +272,7 @@ impl Ledger {
     ) -> Result<String, StoreError> {
         let redis = match self {
             Ledger::Local(l) => {
-                let mut l = l.lock().unwrap_or_else(|p| p.into_inner());
+                let mut l = crate::sync::lock(l);
                 let a = &mut l.0;
                 if operator.is_none() && (a.current.as_deref() != from || a.pinned) {
                     return Ok(a.current.clone().unwrap_or_default());
@@ -306,7 +302,7 @@ impl Ledger {
     pub async fn unpin(&self) -> Result<(), StoreError> {
         match self {
             Ledger::Local(l) => {
-                l.lock().unwrap_or_else(|p| p.into_inner()).0.pinned = false;
+                crate::sync::lock(l).0.pinned = false;
                 Ok(())
             }
             Ledger::Redis(r) => r.bounded(r.pool().hset(DEPLOY_KEY, ("pinned", "0"))).await,
@@ -317,7 +313,7 @@ impl Ledger {
     pub async fn prewarmed(&self, build: &str) -> Result<(), StoreError> {
         match self {
             Ledger::Local(l) => {
-                l.lock().unwrap_or_else(|p| p.into_inner()).0.prewarmed = Some(build.to_owned());
+                crate::sync::lock(l).0.prewarmed = Some(build.to_owned());
                 Ok(())
             }
             Ledger::Redis(r) => {
@@ -334,23 +330,27 @@ impl Ledger {
         };
         let px = Expiration::PX(ttl.as_millis() as i64);
         let taken: Option<String> = redis
-            .bounded(
-                redis
-                    .pool()
-                    .set(LOCK_KEY, me, Some(px.clone()), Some(SetOptions::NX), false),
-            )
+            .bounded(redis.pool().set(
+                DEPLOY_LOCK_KEY,
+                me,
+                Some(px.clone()),
+                Some(SetOptions::NX),
+                false,
+            ))
             .await?;
         if taken.is_some() {
             return Ok(true);
         }
-        let holder: Option<String> = redis.bounded(redis.pool().get(LOCK_KEY)).await?;
+        let holder: Option<String> = redis.bounded(redis.pool().get(DEPLOY_LOCK_KEY)).await?;
         if holder.as_deref() == Some(me) {
             let _: Option<String> = redis
-                .bounded(
-                    redis
-                        .pool()
-                        .set(LOCK_KEY, me, Some(px), Some(SetOptions::XX), false),
-                )
+                .bounded(redis.pool().set(
+                    DEPLOY_LOCK_KEY,
+                    me,
+                    Some(px),
+                    Some(SetOptions::XX),
+                    false,
+                ))
                 .await?;
             return Ok(true);
         }
@@ -364,14 +364,12 @@ impl Ledger {
 /// nothing waits for them.
 pub async fn start(
     deploy: Arc<Deploy>,
-    store: Option<Store>,
     prewarm: Option<Arc<dyn super::Prewarmer>>,
     stop: CancellationToken,
 ) {
     let mut rollout = Rollout {
         ledger: deploy.ledger.clone(),
         deploy,
-        store,
         prewarm,
         seen: HashMap::new(),
         ticks: 0,
@@ -413,7 +411,6 @@ pub async fn start(
 struct Rollout {
     deploy: Arc<Deploy>,
     ledger: Ledger,
-    store: Option<Store>,
     prewarm: Option<Arc<dyn super::Prewarmer>>,
     /// Build → first sighting by the fleet.
     seen: HashMap<String, u64>,
@@ -433,8 +430,8 @@ impl Rollout {
         // them, in the order this gateway saw them; only decisions wait for the store.
         let mut failed: Option<StoreError> = None;
         if self.ticks % 10 == 0 {
-            if let Some(store) = &self.store {
-                if let Err(e) = self.deploy.builds.read(store).await {
+            if let Some(redis) = ledger_store(&self.ledger) {
+                if let Err(e) = self.deploy.builds.read(redis).await {
                     failed = Some(e);
                 }
             }

@@ -8,7 +8,7 @@
 //! answers exactly as it does on every other connection.
 
 use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -158,7 +158,7 @@ thread_local! {
 /// thread, as hyper does for its own responses.
 pub fn put_date(out: &mut BytesMut) {
     let now = SystemTime::now();
-    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let second = crate::clock::unix_secs(now);
     DATE.with(|cell| {
         let mut cached = cell.borrow_mut();
         if cached.0 != second {

@@ -18,25 +18,14 @@
 
 use fred::prelude::*;
 
-use crate::bus::CHANNEL;
 use crate::cache::epochs::{Epochs, Mode};
-use crate::cache::store::{RedisStore, Store, StoreError};
+use crate::cache::keys::{BUS_CHANNEL, INDEX_KEY, INV_KEY};
+use crate::cache::store::{RedisStore, StoreError};
 
-/// The Redis hash of invalidations; field `_epoch` is the global counter (`super::load` lists
-/// the other `_` fields).
-pub const INV_KEY: &str = "isr:inv";
-
-/// The index of the records by epoch (a sorted set: member `s:<tag>` / `h:<tag>`, score the
-/// epoch), trimmed to what came after the snapshot. `{isr:inv}` is the hash tag: its content is
-/// [`INV_KEY`]'s whole name, so in a Redis Cluster every key here hashes to `INV_KEY`'s slot, as
-/// a script touching them all needs; the `isr:` before it keeps every isrgate key under `isr:`
-/// (ACL key patterns such as `~isr:*`, `SCAN MATCH isr:*`).
-pub const INDEX_KEY: &str = "isr:{isr:inv}:z";
-
-/// The snapshot of the records (`super::snapshot`); same slot as [`INV_KEY`].
-pub const SNAPSHOT_KEY: &str = "isr:{isr:inv}:snap";
-
-/// The library (`#!lua name=isrgate`): see the file for the arguments and the epoch rule.
+/// The library (`#!lua name=isrgate`): see the file for the arguments and the epoch rule. Its
+/// keys come as `KEYS` ([`INV_KEY`], [`INDEX_KEY`]) and the bus channel as `ARGV[3]`: the
+/// library spells no name of its own except the index of a v1 caller, named from `KEYS[1]`
+/// (`crate::cache::keys`).
 pub const LIBRARY: &str = include_str!("invalidate.lua");
 
 /// The function the library registers; the version is the argument list's (v2: both keys).
@@ -46,22 +35,23 @@ pub const FUNCTION: &str = "isrgate_invalidate_v2";
 /// named from it): older gateways and `@isrgate/next` packages.
 pub const FUNCTION_V1: &str = "isrgate_invalidate_v1";
 
-/// Records the invalidation of `tags` in the store (and so on every gateway) and in `epochs`;
-/// returns its epoch. On error nothing was recorded anywhere.
+/// Records the invalidation of `tags` in the shared `redis` (and so on every gateway) and in
+/// `epochs`, or in `epochs` alone without Redis; returns its epoch. On error nothing was
+/// recorded anywhere.
 pub async fn apply(
-    store: &Store,
+    redis: Option<&RedisStore>,
     epochs: &Epochs,
     gateway: &str,
     mode: Mode,
     tags: &[String],
 ) -> Result<u64, StoreError> {
-    let epoch = match store {
-        Store::Memory(_) => epochs.current() + 1,
-        Store::Redis(redis) => {
+    let epoch = match redis {
+        None => epochs.current() + 1,
+        Some(redis) => {
             let mut args = vec![
                 gateway.to_owned(),
                 mode.as_str().to_owned(),
-                CHANNEL.to_owned(),
+                BUS_CHANNEL.to_owned(),
                 epochs.current().to_string(),
             ];
             args.extend(tags.iter().cloned());

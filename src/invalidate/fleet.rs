@@ -22,7 +22,8 @@ use crate::app::CacheState;
 use crate::bus::{Event, HEARTBEAT, Kind, Message};
 use crate::cache::epochs::Epochs;
 use crate::cache::flight::Flights;
-use crate::cache::store::Store;
+use crate::shared::Shared;
+use crate::sync::lock;
 
 /// A gateway missing this many heartbeats is no longer counted as live.
 const MISSED_HEARTBEATS: u32 = 3;
@@ -150,17 +151,13 @@ impl Fleet {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Starts the store's connections (Redis), the bus and the heartbeat on the current runtime;
 /// the heartbeat stops with `stop`. Nothing to start for the in-process store.
 pub fn start(cache: &CacheState, stop: &CancellationToken) {
-    let (Some(bus), Store::Redis(redis)) = (&cache.bus, &cache.store) else {
+    let Some(shared) = cache.shared() else {
         return;
     };
-    redis.start();
+    shared.redis().start();
     let listener = BusListener {
         tail: Arc::clone(&cache.tail),
         relays: Arc::default(),
@@ -168,16 +165,14 @@ pub fn start(cache: &CacheState, stop: &CancellationToken) {
         flights: Arc::clone(&cache.flights),
         epochs: Arc::clone(&cache.epochs),
         fleet: Arc::clone(&cache.fleet),
-        store: cache.store.clone(),
+        shared: shared.clone(),
         me: cache.gateway_id().to_owned(),
         tasks: cache.tasks.clone(),
     };
-    bus.start(cache.l1.clone(), Arc::new(move |event| listener.on(event)));
-    let (pool, me, stop) = (
-        redis.pool().clone(),
-        cache.gateway_id().to_owned(),
-        stop.clone(),
-    );
+    shared
+        .bus()
+        .start(cache.l1.clone(), Arc::new(move |event| listener.on(event)));
+    let (shared, me, stop) = (shared.clone(), cache.gateway_id().to_owned(), stop.clone());
     tokio::spawn(async move {
         let beat = Message::Heartbeat { gateway: me };
         let mut every = tokio::time::interval(crate::bus::HEARTBEAT);
@@ -186,7 +181,7 @@ pub fn start(cache: &CacheState, stop: &CancellationToken) {
                 _ = stop.cancelled() => return,
                 _ = every.tick() => {}
             }
-            let _ = crate::bus::publish(&pool, &beat, crate::bus::HEARTBEAT).await;
+            let _ = shared.publish(&beat, crate::bus::HEARTBEAT).await;
         }
     });
 }
@@ -199,7 +194,7 @@ struct BusListener {
     flights: Arc<Flights>,
     epochs: Arc<Epochs>,
     fleet: Arc<Fleet>,
-    store: Store,
+    shared: Shared,
     me: String,
     tasks: TaskTracker,
 }
@@ -228,11 +223,10 @@ impl BusListener {
             Event::Message(Message::Tail {
                 session, filter, ..
             }) => {
-                if let Store::Redis(redis) = &self.store {
-                    let ask = (session.as_str(), filter.as_str());
-                    self.relays
-                        .renew(&self.tail, ask, redis.pool(), &self.tasks, &self.stop);
-                }
+                let ask = (session.as_str(), filter.as_str());
+                let pool = self.shared.redis().pool();
+                self.relays
+                    .renew(&self.tail, ask, pool, &self.tasks, &self.stop);
             }
             Event::Message(m) => self.fleet.on_message(m),
             // Invalidations may have been missed while disconnected: read them all again, and
@@ -244,17 +238,17 @@ impl BusListener {
     /// Reads every invalidation again, until it succeeds: a missed one would keep old pages
     /// valid. Then leaves a snapshot for the next start, if the load had to make one.
     fn reload(&self) {
-        let (store, epochs) = (self.store.clone(), Arc::clone(&self.epochs));
+        let (redis, epochs) = (self.shared.redis().clone(), Arc::clone(&self.epochs));
         let generation = epochs.unsynced();
         self.tasks.spawn(async move {
             let mut wait = Duration::from_millis(100);
             let started = Instant::now();
             loop {
-                match crate::invalidate::load::load(&store, &epochs).await {
+                match crate::invalidate::load::load(&redis, &epochs).await {
                     Ok(loaded) => {
                         epochs.synced(generation);
                         tracing::info!(records = loaded.records, via = loaded.via.as_str(), took_ms = started.elapsed().as_millis(), "invalidations loaded");
-                        loaded.leave_snapshot(&store).await;
+                        loaded.leave_snapshot(&redis).await;
                         return;
                     }
                     Err(e) => {
@@ -268,18 +262,15 @@ impl BusListener {
     }
 
     fn acknowledge(&self, epoch: u64) {
-        let Store::Redis(redis) = &self.store else {
-            return;
-        };
-        let (pool, ack) = (
-            redis.pool().clone(),
+        let (shared, ack) = (
+            self.shared.clone(),
             Message::Ack {
                 epoch,
                 gateway: self.me.clone(),
             },
         );
         self.tasks.spawn(async move {
-            let _ = crate::bus::publish(&pool, &ack, Duration::from_secs(1)).await;
+            let _ = shared.publish(&ack, Duration::from_secs(1)).await;
         });
     }
 }

@@ -23,11 +23,12 @@ use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 
-use super::apply::{INDEX_KEY, INV_KEY, load_library};
+use super::apply::load_library;
 use super::scan::{self, PAGE, parse_field, shrinking};
 use super::snapshot::{self, Snapshot};
 use crate::cache::epochs::Epochs;
-use crate::cache::store::{RedisStore, Store, StoreError};
+use crate::cache::keys::{INDEX_KEY, INV_KEY};
+use crate::cache::store::{RedisStore, StoreError};
 
 /// Tries of the fast way when a new snapshot replaced the one being read.
 const FAST_TRIES: usize = 3;
@@ -37,8 +38,6 @@ const MARK_FIELDS: [&str; 4] = ["_epoch", "_indexed", "_unindexed", "_snapped"];
 /// How a load found the records (logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
-    /// Nothing to load: the in-process store.
-    Memory,
     /// The snapshot and the index after it.
     Snapshot,
     /// The whole hash: records were written without the index since the snapshot (an older
@@ -58,7 +57,6 @@ impl Via {
     /// For logs.
     pub fn as_str(self) -> &'static str {
         match self {
-            Via::Memory => "memory",
             Via::Snapshot => "snapshot",
             Via::ScanUnindexed => "scan_unindexed",
             Via::ScanDamaged => "scan_damaged",
@@ -83,8 +81,8 @@ pub struct Loaded {
 impl Loaded {
     /// Writes the snapshot the scan made (after the map is marked complete: nothing waits for
     /// it). A failure only costs the next start a scan.
-    pub async fn leave_snapshot(self, store: &Store) {
-        let (Store::Redis(redis), Some((epoch, bytes))) = (store, self.snapshot) else {
+    pub async fn leave_snapshot(self, redis: &RedisStore) {
+        let Some((epoch, bytes)) = self.snapshot else {
             return;
         };
         match snapshot::write(redis, &bytes, epoch).await {
@@ -103,17 +101,11 @@ impl Loaded {
     }
 }
 
-/// Loads the library (so replicas can call it) and every recorded invalidation from the store
-/// into `epochs`. Invalidations applied meanwhile reach `epochs` from the bus too, and a record
+/// Loads the library (so replicas can call it) and every recorded invalidation from the shared
+/// `redis` into `epochs` (without Redis there is nothing to load: this gateway's map is all
+/// there is). Invalidations applied meanwhile reach `epochs` from the bus too, and a record
 /// only ever moves a tag's epoch forward, so the order does not matter.
-pub async fn load(store: &Store, epochs: &Epochs) -> Result<Loaded, StoreError> {
-    let Store::Redis(redis) = store else {
-        return Ok(Loaded {
-            records: 0,
-            via: Via::Memory,
-            snapshot: None,
-        });
-    };
+pub async fn load(redis: &RedisStore, epochs: &Epochs) -> Result<Loaded, StoreError> {
     load_library(redis).await?;
     let mut why = Via::ScanRaced;
     for _ in 0..FAST_TRIES {

@@ -11,10 +11,9 @@ use std::sync::Mutex;
 
 use fred::prelude::*;
 
-use crate::cache::store::{Store, StoreError};
+use crate::cache::keys::LOG_KEY;
+use crate::cache::store::{RedisStore, StoreError};
 
-/// The stream's key.
-pub const LOG_KEY: &str = "isr:log";
 /// Records kept (approximately, with Redis: `MAXLEN ~`).
 pub const KEPT: usize = 1_000;
 
@@ -25,15 +24,16 @@ pub struct Log {
 }
 
 impl Log {
-    /// Appends one record (a JSON object).
+    /// Appends one record (a JSON object): to the stream in the shared `redis`, or to this
+    /// gateway's ring without one.
     pub async fn record(
         &self,
-        store: &Store,
+        redis: Option<&RedisStore>,
         record: &serde_json::Value,
     ) -> Result<(), StoreError> {
         let text = record.to_string();
-        match store {
-            Store::Redis(redis) => {
+        match redis {
+            Some(redis) => {
                 let cap = ("MAXLEN", "~", KEPT as i64);
                 let _: String = redis
                     .bounded(
@@ -44,8 +44,8 @@ impl Log {
                     )
                     .await?;
             }
-            Store::Memory(_) => {
-                let mut ring = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+            None => {
+                let mut ring = crate::sync::lock(&self.memory);
                 if ring.len() == KEPT {
                     ring.pop_back();
                 }
@@ -55,14 +55,14 @@ impl Log {
         Ok(())
     }
 
-    /// The newest `n` records, newest first.
+    /// The newest `n` records, newest first (from `redis` when the fleet shares one).
     pub async fn recent(
         &self,
-        store: &Store,
+        redis: Option<&RedisStore>,
         n: usize,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
-        let texts: Vec<String> = match store {
-            Store::Redis(redis) => {
+        let texts: Vec<String> = match redis {
+            Some(redis) => {
                 let rows: Vec<(String, std::collections::HashMap<String, String>)> = redis
                     .bounded(
                         redis
@@ -75,8 +75,8 @@ impl Log {
                     .filter_map(|(_, mut f)| f.remove("r"))
                     .collect()
             }
-            Store::Memory(_) => {
-                let ring = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+            None => {
+                let ring = crate::sync::lock(&self.memory);
                 ring.iter().take(n).cloned().collect()
             }
         };

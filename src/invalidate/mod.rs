@@ -88,10 +88,16 @@ where
         allow_query_secret: hook.allow_query_secret,
     };
     let query = head.uri.query();
-    let revalidation = auth::authenticate(&head.headers, query, &raw, &policy, unix_secs())
-        .and_then(|()| webhook::read(&head.headers, &raw, query, hook.format, &hook.rules))
-        .inspect_err(|_| app.metrics.webhook_refused.inc())
-        .map_err(refused)?;
+    let revalidation = auth::authenticate(
+        &head.headers,
+        query,
+        &raw,
+        &policy,
+        crate::clock::unix_secs(std::time::SystemTime::now()),
+    )
+    .and_then(|()| webhook::read(&head.headers, &raw, query, hook.format, &hook.rules))
+    .inspect_err(|_| app.metrics.webhook_refused.inc())
+    .map_err(refused)?;
     let host = head
         .headers
         .get(header::HOST)
@@ -208,13 +214,13 @@ async fn steps(
 ) -> Result<Report, crate::cache::store::StoreError> {
     let config = app.config.load_full();
     let hook = &config.webhook;
-    let now = unix_secs();
+    let now = crate::clock::unix_secs(std::time::SystemTime::now());
     let started = Instant::now();
     let tags = revalidation.all_tags();
     let gateway = cache.gateway_id();
     let expected = cache.fleet.live();
     let applied = apply::apply(
-        &cache.store,
+        cache.redis(),
         &cache.epochs,
         gateway,
         revalidation.mode,
@@ -243,7 +249,7 @@ async fn steps(
     let reapplied = match &replicas {
         Some(results) if results.iter().any(|r| r.ok) => Some(
             apply::apply(
-                &cache.store,
+                cache.redis(),
                 &cache.epochs,
                 gateway,
                 revalidation.mode,
@@ -289,15 +295,10 @@ async fn steps(
         rewarm,
         elapsed_ms: millis(started.elapsed()),
     };
-    if let Err(e) = cache.log.record(&cache.store, &report.to_value()).await {
+    if let Err(e) = cache.log.record(cache.redis(), &report.to_value()).await {
         tracing::warn!(error = %e, "revalidation log not written");
     }
     Ok(report)
-}
-
-/// Now, in UNIX seconds.
-fn unix_secs() -> u64 {
-    crate::clock::system_ms() / 1000
 }
 
 /// Who called, for the log, on the public listener: the last `X-Forwarded-For` hop, which
@@ -358,7 +359,7 @@ fn provisional(
                 () = tokio::time::sleep(delay) => {}
             }
             let gateway = cache.gateway_id();
-            match apply::apply(&cache.store, &cache.epochs, gateway, mode, &tags).await {
+            match apply::apply(cache.redis(), &cache.epochs, gateway, mode, &tags).await {
                 Ok(epoch) => {
                     tracing::info!(epoch, tags = ?tags, "invalidation applied after Redis recovered");
                     return;
@@ -385,10 +386,9 @@ pub async fn purge(
     let revalidation = webhook::Revalidation::new(paths, tags, mode, false)?;
     let redis = config.redis.as_ref().ok_or(PurgeError::NoRedis)?;
     let settings = crate::cache::store::RedisSettings::for_cli(redis);
-    let store =
-        crate::cache::store::Store::Redis(crate::cache::store::RedisStore::connect(&settings)?);
+    let redis = crate::cache::store::RedisStore::connect(&settings)?;
     let all = revalidation.all_tags();
     let epochs = crate::cache::epochs::Epochs::default();
-    let epoch = apply::apply(&store, &epochs, "cli", mode, &all).await?;
+    let epoch = apply::apply(Some(&redis), &epochs, "cli", mode, &all).await?;
     Ok((epoch, all))
 }

@@ -24,11 +24,11 @@ use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::apply::{INDEX_KEY, INV_KEY};
 use super::scan::{PAGE, parse_record, scan_page};
 use super::snapshot;
 use crate::app::CacheState;
-use crate::cache::store::{RedisStore, Store, StoreError};
+use crate::cache::keys::{INDEX_KEY, INV_KEY, PRUNE_LOCK_KEY};
+use crate::cache::store::{RedisStore, StoreError};
 use crate::deploy::Deploy;
 
 /// How often the fleet prunes (and the lock's lifetime: one prune per period, fleet-wide).
@@ -37,9 +37,6 @@ pub const EVERY: Duration = Duration::from_secs(600);
 /// Slack past `cache.max_ttl`: clock skew between Redis and the gateways, and a render that
 /// started before an invalidation and was stored after it.
 pub const MARGIN: Duration = Duration::from_secs(3600);
-
-/// Held by the gateway that prunes the store this period.
-const LOCK_KEY: &str = "isr:inv:prune";
 
 /// Fields one delete script looks at.
 const DELETE_BATCH: usize = 1_000;
@@ -133,8 +130,8 @@ pub async fn prune(redis: &RedisStore, horizon: u64) -> Result<Pruned, StoreErro
 /// on a history of millions of records bounds it at once. Control work, like the rollout:
 /// nothing waits for it at shutdown (a prune cut between two pages loses nothing).
 pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) {
-    let (store, epochs, max_ttl) = (
-        cache.store.clone(),
+    let (redis, epochs, max_ttl) = (
+        cache.redis().cloned(),
         Arc::clone(&cache.epochs),
         cache.cfg().max_ttl,
     );
@@ -156,7 +153,7 @@ pub fn start(cache: &CacheState, deploy: Arc<Deploy>, stop: &CancellationToken) 
             let now = crate::clock::system_ms();
             let horizon = horizon(now, max_ttl, deploy.oldest_live_build_ms());
             epochs.forget_before(horizon);
-            let Store::Redis(redis) = &store else {
+            let Some(redis) = &redis else {
                 continue;
             };
             match prune_once(redis, &me, horizon).await {
@@ -190,7 +187,7 @@ async fn prune_once(
         .bounded(
             redis
                 .pool()
-                .set(LOCK_KEY, me, Some(px), Some(SetOptions::NX), false),
+                .set(PRUNE_LOCK_KEY, me, Some(px), Some(SetOptions::NX), false),
         )
         .await?;
     if taken.is_none() {
@@ -204,7 +201,7 @@ async fn prune_once(
                 redis
                     .pool()
                     .next()
-                    .eval(RELEASE_SCRIPT, LOCK_KEY, vec![me.to_owned()]),
+                    .eval(RELEASE_SCRIPT, PRUNE_LOCK_KEY, vec![me.to_owned()]),
             )
             .await;
         if let Err(e) = release {

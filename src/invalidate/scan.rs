@@ -7,9 +7,9 @@ use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand};
 
-use super::apply::INV_KEY;
 use super::snapshot;
 use crate::cache::epochs::{Epochs, Mode};
+use crate::cache::keys::INV_KEY;
 use crate::cache::store::{RedisStore, StoreError};
 
 /// Fields (or index members) asked for per page: each page is one command bounded by

@@ -21,9 +21,9 @@ use bytes::{Bytes, BytesMut};
 use fred::prelude::*;
 use fred::types::Expiration;
 
-use super::apply::{INDEX_KEY, INV_KEY, SNAPSHOT_KEY};
 use crate::cache::epochs::Mode;
 use crate::cache::frozen::Frozen;
+use crate::cache::keys::{INDEX_KEY, INV_KEY, SNAPSHOT_KEY, unfinished_snapshot_key};
 use crate::cache::store::{RedisStore, StoreError};
 
 const MAGIC: &[u8; 7] = b"isrsnap";
@@ -313,7 +313,7 @@ pub(crate) async fn begin(redis: &RedisStore) -> Result<Option<Builder>, StoreEr
 /// Writes `snapshot` (of every record at or before `epoch`) a piece at a time under a key of
 /// its own, then swaps it in; `false` when a newer one was there already.
 pub async fn write(redis: &RedisStore, snapshot: &Bytes, epoch: u64) -> Result<bool, StoreError> {
-    let unfinished = format!("{SNAPSHOT_KEY}:new:{:016x}", fastrand::u64(..));
+    let unfinished = unfinished_snapshot_key(fastrand::u64(..));
     for (i, start) in (0..snapshot.len()).step_by(PIECE).enumerate() {
         let piece = snapshot.slice(start..snapshot.len().min(start + PIECE));
         let client = redis.pool().next();

@@ -35,7 +35,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write as _};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -356,9 +356,7 @@ fn logfmt_value(s: &mut String, v: &str) {
 
 /// Appends the current UTC time, RFC 3339 with microseconds (`2025-06-01T10:00:00.123456Z`).
 fn timestamp(s: &mut String) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = crate::clock::since_epoch(SystemTime::now());
     let secs = now.as_secs();
     let (cached, mut text) = SECOND.get();
     if cached != secs {

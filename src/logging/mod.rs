@@ -17,7 +17,7 @@ pub mod tail;
 pub mod writer;
 
 use std::io::{self, Write};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use tracing::Dispatch;
 use tracing_log::AsLog as _;
@@ -130,17 +130,14 @@ pub struct Buffer(Arc<Mutex<Vec<u8>>>);
 impl Buffer {
     /// Everything written so far, as text.
     pub fn text(&self) -> String {
-        let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let bytes = crate::sync::lock(&self.0);
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 
 impl Write for &Buffer {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(b);
+        crate::sync::lock(&self.0).extend_from_slice(b);
         Ok(b.len())
     }
 

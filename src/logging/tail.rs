@@ -22,6 +22,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::access::{Line, Path};
+use crate::cache::keys::tail_channel;
 
 /// Lines a follower may have waiting before newer ones are dropped.
 const QUEUE: usize = 4_096;
@@ -34,11 +35,6 @@ pub const SESSION_TTL: Duration = Duration::from_secs(3);
 
 /// How often `isrgate tail` renews its session.
 pub const RENEW: Duration = Duration::from_secs(1);
-
-/// The channel a session's lines are published on.
-pub fn channel(session: &str) -> String {
-    format!("isr:tail:{session}")
-}
 
 /// This gateway's followers.
 #[derive(Debug, Default)]
@@ -158,7 +154,7 @@ impl Tail {
             lines: tx,
             dropped: AtomicU64::new(0),
         });
-        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = crate::sync::lock(&self.update);
         let mut next = Vec::clone(&self.followers.load());
         next.push(Arc::clone(&follower));
         self.count.store(next.len(), Relaxed);
@@ -171,7 +167,7 @@ impl Tail {
     }
 
     fn remove(&self, id: u64) {
-        let _writer = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        let _writer = crate::sync::lock(&self.update);
         let mut next = Vec::clone(&self.followers.load());
         next.retain(|f| f.id != id);
         self.count.store(next.len(), Relaxed);
@@ -416,7 +412,7 @@ pub async fn relay(
     stop: tokio_util::sync::CancellationToken,
 ) {
     use fred::interfaces::PubsubInterface as _;
-    let channel = channel(&session);
+    let channel = tail_channel(&session);
     let mut following = tail.follow(filter);
     let mut batch = Vec::with_capacity(64 * 256);
     loop {
@@ -471,7 +467,7 @@ impl Relays {
         tasks: &tokio_util::task::TaskTracker,
         stop: &tokio_util::sync::CancellationToken,
     ) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&self.0);
         if map.get(session).is_some_and(|tx| tx.send(()).is_ok()) {
             return;
         }
@@ -516,7 +512,7 @@ pub async fn follow_fleet(
     drop(subscriber.connect());
     subscriber.wait_for_connect().await?;
     let mut messages = subscriber.message_rx();
-    subscriber.subscribe(channel(&session)).await?;
+    subscriber.subscribe(tail_channel(&session)).await?;
     let store = crate::cache::store::RedisStore::connect(settings)?;
     let ask = crate::bus::Message::Tail {
         session,

@@ -93,7 +93,7 @@ pub struct RecentErrors {
 impl RecentErrors {
     /// Keeps `error`, forgetting the oldest past [`KEPT`].
     pub fn record(&self, error: ServerError) {
-        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ring = crate::sync::lock(&self.ring);
         if ring.len() == KEPT {
             ring.pop_front();
         }
@@ -102,7 +102,7 @@ impl RecentErrors {
 
     /// The errors kept, newest first.
     pub fn newest_first(&self) -> Vec<ServerError> {
-        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let ring = crate::sync::lock(&self.ring);
         ring.iter().rev().cloned().collect()
     }
 }

@@ -79,7 +79,7 @@ pub const TOP_PATHS_KEPT: usize = 512;
 impl TopPaths {
     /// Counts one more for `path`.
     pub fn record(&self, path: &str) {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = crate::sync::lock(&self.counts);
         if let Some(n) = counts.get_mut(path) {
             *n += 1;
             return;
@@ -100,7 +100,7 @@ impl TopPaths {
 
     /// The `n` most counted paths, most first.
     pub fn top(&self, n: usize) -> Vec<(String, u64)> {
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = crate::sync::lock(&self.counts);
         let mut all: Vec<(String, u64)> = counts.iter().map(|(k, v)| (k.clone(), *v)).collect();
         all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         all.truncate(n);

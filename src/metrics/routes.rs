@@ -202,7 +202,7 @@ impl RouteStats {
     /// The row named `name`, made now if another request did not make it meanwhile; `None`
     /// when the table is full.
     fn add(&self, name: Named<'_>) -> Option<&RouteRow> {
-        let _adding = self.adding.lock().unwrap_or_else(|p| p.into_inner());
+        let _adding = crate::sync::lock(&self.adding);
         if let Some(row) = self.find(name) {
             return Some(row);
         }

@@ -29,7 +29,7 @@ use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::flight::{Done, FillPermit, Fleet, Joined};
 use crate::cache::key::CacheKey;
-use crate::cache::store::{RedisStore, Store};
+use crate::cache::store::RedisStore;
 use crate::metrics::Metrics;
 
 /// Whether a request waits for a fill in progress.
@@ -161,9 +161,9 @@ impl Lead {
         // or the in-process store (with Redis, the fleet lock's check covers the rest). Only a
         // render newer than the one the caller saw counts: a caller that asks to replace a
         // fresh entry (a page refresh bringing HTML and RSC back to one render) gets its turn.
-        let ended = match &cache.store {
-            Store::Memory(_) => reread(app, cache, key, vary_view).await,
-            Store::Redis(_) => cache
+        let ended = match cache.shared() {
+            None => reread(app, cache, key, vary_view).await,
+            Some(_) => cache
                 .l1
                 .get(key.hash, cache.clock.now_ms())
                 .filter(|e| usable(cache, e, vary_view) && fresh(cache, e)),
@@ -174,10 +174,10 @@ impl Lead {
         }
         // This worker's own connections when it has them: the lock is on the miss's path, and the
         // shared pool's connections live on the control thread (a hop there and back per command).
-        let Store::Redis(redis) = app.reads(cache) else {
+        let Some(shared) = app.shared(cache) else {
             return Turn::Fill(Some(permit));
         };
-        let redis = redis.clone();
+        let redis = shared.redis().clone();
         self.fleet(app, cache, key, vary_view, permit, &redis).await
     }
 

@@ -91,10 +91,7 @@ impl Lent {
 
     /// The permit, once.
     pub fn take(&self) -> Option<FillPermit> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
+        crate::sync::lock(&self.0).take()
     }
 }
 

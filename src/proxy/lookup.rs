@@ -37,7 +37,7 @@ use crate::cache::flight::FillPermit;
 use crate::cache::key::{self, CacheKey};
 use crate::cache::lock::ReadOrLock;
 use crate::cache::policy::{self, State};
-use crate::cache::store::{Store, StoreError, Stored};
+use crate::cache::store::{StoreError, Stored};
 
 /// What the cache holds for a request.
 #[derive(Debug, Clone)]
@@ -237,11 +237,11 @@ async fn one_to_fill(
         return (Judged::miss(Missed::Unsynced), None);
     }
     let flights = &cache.flights;
-    let redis = match app.reads(cache) {
-        Store::Redis(redis)
+    let redis = match app.shared(cache) {
+        Some(shared)
             if flights.cfg().enabled && !cache.decoded.enabled() && !flights.is_pass(key.hash) =>
         {
-            redis
+            shared.redis()
         }
         _ => return (from_store(app, cache, key, headers, now_ms).await, None),
     };

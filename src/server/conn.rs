@@ -29,7 +29,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::upstream::replicas::now_ms;
+use crate::clock::monotonic_ms;
 
 /// What one connection has been doing, shared by its socket wrapper, its service and its
 /// watchdog.
@@ -55,7 +55,7 @@ impl Activity {
             && self.in_flight.load(Relaxed) == 0
             && self.head_started_ms.load(Relaxed) == 0
         {
-            self.head_started_ms.store(now_ms().max(1), Relaxed);
+            self.head_started_ms.store(monotonic_ms().max(1), Relaxed);
         }
     }
 
@@ -68,7 +68,7 @@ impl Activity {
                 }
             }
             Poll::Pending if self.write_blocked_ms.load(Relaxed) == 0 => {
-                self.write_blocked_ms.store(now_ms().max(1), Relaxed);
+                self.write_blocked_ms.store(monotonic_ms().max(1), Relaxed);
             }
             _ => {}
         }
@@ -251,11 +251,11 @@ pub async fn watchdog(activity: Arc<Activity>, bounds: Bounds) -> Expiry {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ms = |d: Duration| d.as_millis() as u64;
     let (header_ms, idle_ms, send_ms) = (ms(bounds.header_read), ms(bounds.idle), ms(bounds.send));
-    let mut quiet_since = now_ms();
+    let mut quiet_since = monotonic_ms();
     let accepted = quiet_since;
     loop {
         interval.tick().await;
-        let now = now_ms();
+        let now = monotonic_ms();
         // A connection that never sent a byte is a head that has not started: it gets the
         // header bound, not the idle one (thousands of silent sockets would otherwise hold
         // descriptors for `idle_timeout`).

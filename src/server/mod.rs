@@ -151,9 +151,9 @@ pub(crate) async fn serve_worker(app: Arc<AppState>, listener: std::net::TcpList
             return;
         }
     };
-    if let Some(reads) = &app.reads {
+    if let Some(own) = &app.own_redis {
         // Its connections are tasks of this runtime, so reads never leave this thread.
-        reads.start();
+        own.redis().start();
     }
     accept_loop(Arc::clone(&app), listener, app.draining.clone()).await;
     tokio::select! {

@@ -128,7 +128,7 @@ impl Pool {
     async fn checkout(&self, authority: &Authority) -> Option<SendRequest<Body>> {
         loop {
             let candidate = {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let mut idle = crate::sync::lock(&self.idle);
                 let i = idle.iter().rposition(|c| &c.authority == authority)?;
                 idle.swap_remove(i)
             };
@@ -177,7 +177,7 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = crate::sync::lock(&self.idle);
         let settings = **self.settings.load();
         let max_age = settings.idle_timeout;
         idle.retain(|c| now.duration_since(c.since) < max_age && !c.sender.is_closed());

@@ -6,18 +6,14 @@
 //! across an `.await`.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::Authority;
 use tokio::sync::{Notify, watch};
 
-/// Milliseconds since the first call in this process: a cheap monotonic clock for atomics.
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+use crate::clock::monotonic_ms;
 
 /// One replica and its state.
 #[derive(Debug)]
@@ -131,28 +127,25 @@ impl Replica {
     pub fn eject_stalled(&self, ejection: Duration) {
         self.check_passes.store(0, Relaxed);
         self.ejected_until_ms
-            .store(now_ms() + ejection.as_millis() as u64, Relaxed);
+            .store(monotonic_ms() + ejection.as_millis() as u64, Relaxed);
         self.stalls.send_modify(|n| *n += 1);
     }
 
     /// Eligible for traffic: active checks pass and not passively ejected.
     pub fn is_healthy(&self) -> bool {
-        self.active_ok.load(Relaxed) && self.ejected_until_ms.load(Relaxed) <= now_ms()
+        self.active_ok.load(Relaxed) && self.ejected_until_ms.load(Relaxed) <= monotonic_ms()
     }
 
     /// The last error of live traffic to this replica and when it happened, UNIX ms (for the
     /// dashboard).
     pub fn last_error(&self) -> Option<(String, u64)> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::lock(&self.last_error).clone()
     }
 
     /// Records an error of live traffic.
     pub fn set_last_error(&self, error: String) {
         let at = crate::clock::system_ms();
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((error, at));
+        *crate::sync::lock(&self.last_error) = Some((error, at));
     }
 
     /// Requests currently outstanding (head sent, body not finished).
@@ -190,7 +183,7 @@ impl Replica {
             // Re-admission by active checks needs a fresh streak of passes after the ejection.
             self.check_passes.store(0, Relaxed);
             self.ejected_until_ms
-                .store(now_ms() + ejection.as_millis() as u64, Relaxed);
+                .store(monotonic_ms() + ejection.as_millis() as u64, Relaxed);
             return true;
         }
         false
@@ -206,7 +199,7 @@ impl Replica {
         if passed {
             self.check_failures.store(0, Relaxed);
             let passes = self.check_passes.fetch_add(1, Relaxed) + 1;
-            let ejected = self.ejected_until_ms.load(Relaxed) > now_ms();
+            let ejected = self.ejected_until_ms.load(Relaxed) > monotonic_ms();
             if (!self.active_ok.load(Relaxed) || ejected) && passes >= healthy_after {
                 self.ejected_until_ms.store(0, Relaxed);
                 self.active_ok.store(true, Relaxed);
@@ -360,7 +353,7 @@ impl ReplicaSet {
     /// Replaces the discovered part of the set. Replicas that stay keep their state; returns
     /// `(added, removed)` authorities.
     pub fn set_discovered(&self, found: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = crate::sync::lock(&self.members);
         members.discovered = found.to_vec();
         self.publish(&members)
     }
@@ -369,7 +362,7 @@ impl ReplicaSet {
     /// keep their state (health, build, connections); a removed one finishes what it is
     /// sending and gets nothing new. Returns `(added, removed)` authorities.
     pub fn set_fixed(&self, fixed: &[Authority]) -> (Vec<Authority>, Vec<Authority>) {
-        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = crate::sync::lock(&self.members);
         members.fixed = fixed.to_vec();
         self.publish(&members)
     }

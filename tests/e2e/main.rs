@@ -348,7 +348,7 @@ async fn stack_with(configure: impl Fn(&mut Config)) -> Stack {
             gw.state
                 .cache
                 .as_ref()
-                .and_then(|c| c.bus.as_ref())
+                .and_then(|c| c.bus())
                 .is_some_and(|b| b.is_subscribed())
                 && gw
                     .state

@@ -278,7 +278,7 @@ async fn stats_show_a_scripted_scenario_and_readyz_reports_redis() {
         gw.state
             .cache
             .as_ref()
-            .and_then(|c| c.bus.as_ref())
+            .and_then(|c| c.bus())
             .is_some_and(|b| b.is_subscribed()),
         "bus"
     );

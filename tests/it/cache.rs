@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::prelude::*;
 use isrgate::cache::key::{CacheKey, Variant};
-use isrgate::cache::lock::lock_key;
+use isrgate::cache::keys::entry_key;
+use isrgate::cache::keys::lock_key;
 use isrgate::cache::policy::Skip;
-use isrgate::cache::store::entry_key;
 use isrgate::proxy::classify::Bypass;
 
 use crate::eventually;

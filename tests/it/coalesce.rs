@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use fred::types::{Expiration, SetOptions};
 use isrgate::cache::key::{CacheKey, Variant};
-use isrgate::cache::lock::lock_key;
+use isrgate::cache::keys::lock_key;
 use isrgate::proxy::refresh::Refreshed;
 
 use crate::eventually;
@@ -276,7 +276,7 @@ async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
     let raw = raw(&r).await;
     eventually!(
         5,
-        raw.exists::<u32, _>(&isrgate::cache::store::entry_key(&hex))
+        raw.exists::<u32, _>(&isrgate::cache::keys::entry_key(&hex))
             .await
             .unwrap_or(0)
             == 1

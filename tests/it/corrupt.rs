@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use isrgate::cache::key::{CacheKey, Variant};
-use isrgate::cache::store::entry_key;
+use isrgate::cache::keys::entry_key;
 
 use crate::eventually;
 use crate::support::origin::{FakeNext, Route};

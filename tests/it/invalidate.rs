@@ -914,7 +914,8 @@ async fn a_purge_reaches_a_page_whatever_spelling_filled_it() {
 /// loaded again when Redis comes back empty, so a replica's call works after the restart.
 #[tokio::test]
 async fn a_replica_calling_the_fleet_function_purges_every_gateway() {
-    use isrgate::invalidate::apply::{FUNCTION, INDEX_KEY, INV_KEY};
+    use isrgate::cache::keys::{INDEX_KEY, INV_KEY};
+    use isrgate::invalidate::apply::FUNCTION;
     let mut r = RedisProcess::start();
     let (_origin, gws) = warmed_then_changed(&r).await;
     let fcall = |r: &RedisProcess, mode: &str| {
@@ -1104,7 +1105,8 @@ async fn inspect_says_what_is_cached_for_a_url_and_what_purged_it() {
 /// is gone while it should hold something (evicted).
 #[tokio::test]
 async fn the_function_indexes_records_and_marks_the_writes_that_missed_the_index() {
-    use isrgate::invalidate::apply::{FUNCTION, FUNCTION_V1, INDEX_KEY, INV_KEY, LIBRARY};
+    use isrgate::cache::keys::{INDEX_KEY, INV_KEY};
+    use isrgate::invalidate::apply::{FUNCTION, FUNCTION_V1, LIBRARY};
     let r = RedisProcess::start();
     let fcall = |function: &str, tag: &str| -> String {
         let keys: &[&str] = if function == FUNCTION_V1 {

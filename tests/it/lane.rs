@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use isrgate::cache::key::{CacheKey, Variant};
-use isrgate::cache::lock::lock_key;
+use isrgate::cache::keys::lock_key;
 use isrgate::cache::sealed::Held;
 
 use crate::eventually;

@@ -71,7 +71,7 @@ async fn both_listeners_answer_the_same_report_and_the_same_refusals() {
 
     // The log holds the same record.
     let cache = gw.state.cache.as_ref().expect("cache on");
-    let logged = cache.log.recent(&cache.store, 1).await.expect("log");
+    let logged = cache.log.recent(cache.redis(), 1).await.expect("log");
     let logged: Report = serde_json::from_value(logged[0].clone()).expect("a Report");
     assert_eq!(logged, report);
 

@@ -202,10 +202,9 @@ fn fcall(r: &RedisProcess, function: &str, tag: &str) -> u64 {
 /// A load into a map of its own, as a starting gateway's; the snapshot it made is written.
 async fn load_fresh(redis: &RedisStore) -> (Via, Epochs) {
     let epochs = Epochs::default();
-    let store = Store::Redis(redis.clone());
-    let loaded = load::load(&store, &epochs).await.expect("load");
+    let loaded = load::load(redis, &epochs).await.expect("load");
     let via = loaded.via;
-    loaded.leave_snapshot(&store).await;
+    loaded.leave_snapshot(redis).await;
     (via, epochs)
 }
 
@@ -395,8 +394,7 @@ async fn the_index_is_read_in_pages_whatever_the_epochs() {
         assert_eq!(r.cli(&args).trim(), "1");
     }
     let epochs = Epochs::default();
-    let store = Store::Redis(redis_of(&gw).clone());
-    let loaded = load::load(&store, &epochs).await.expect("load");
+    let loaded = load::load(redis_of(&gw), &epochs).await.expect("load");
     assert_eq!(loaded.via, Via::Snapshot);
     assert_eq!(loaded.records, 10 + 12_000 + 13_000, "each once");
     assert_eq!(epochs.len(), 10 + 12_000 + 13_000);

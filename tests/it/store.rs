@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::prelude::*;
-use isrgate::cache::store::{RedisSettings, RedisStore, Store, Stored, entry_key};
+use isrgate::cache::keys::entry_key;
+use isrgate::cache::store::{RedisSettings, RedisStore, Store, Stored};
 
 use crate::eventually;
 use crate::support::redis::RedisProcess;

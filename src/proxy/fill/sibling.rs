@@ -11,7 +11,6 @@ use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::flight::{Done, FillPermit, Fleet};
 use crate::cache::key::{CacheKey, Variant};
-use crate::cache::store::Store;
 
 use super::{Admission, Copied, Pass, Pending, copy, request};
 
@@ -86,8 +85,9 @@ pub(super) async fn read_sibling<'a>(
     let Some(mut permit) = cache.flights.try_lead(sibling.key.hash) else {
         return skipped;
     };
-    if let Store::Redis(redis) = &cache.store {
-        if let Ok(Fleet::Contended) = permit.lock_fleet(redis, &sibling.key.hex(), None).await {
+    if let Some(shared) = cache.shared() {
+        let hex = sibling.key.hex();
+        if let Ok(Fleet::Contended) = permit.lock_fleet(shared.redis(), &hex, None).await {
             return skipped;
         }
     }

@@ -263,5 +263,5 @@ pub fn bus_live(gw: &Gateway) -> bool {
     gw.state
         .cache
         .as_ref()
-        .is_some_and(|c| c.bus.as_ref().is_some_and(|b| b.is_subscribed()) && c.epochs.is_synced())
+        .is_some_and(|c| c.bus().is_some_and(|b| b.is_subscribed()) && c.epochs.is_synced())
 }
