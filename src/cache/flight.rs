@@ -27,7 +27,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::task::TaskTracker;
 
 use super::entry::Entry;
-use super::lock::{Held, Locked};
+use super::lock::{LockToken, Locked};
 use super::policy::StaleReason;
 use super::store::{RedisStore, StoreError};
 use crate::config;
@@ -223,7 +223,7 @@ impl std::fmt::Debug for FillPermit {
 
 /// What taking the fleet lock gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fleet {
+pub enum LockAttempt {
     /// Held (and extended while the permit lives).
     Held,
     /// Another gateway holds it: it is filling the key.
@@ -253,30 +253,30 @@ impl FillPermit {
         redis: &RedisStore,
         key_hex: &str,
         unless_newer_than: Option<u64>,
-    ) -> Result<Fleet, StoreError> {
+    ) -> Result<LockAttempt, StoreError> {
         if self.fleet.is_some() {
-            return Ok(Fleet::Held);
+            return Ok(LockAttempt::Held);
         }
         let ttl = self.flights.cfg().lock_ttl;
         let held = match unless_newer_than {
             Some(seen) => match redis.try_lock_unless_newer(key_hex, ttl, seen).await? {
                 Locked::Held(held) => held,
-                Locked::Contended => return Ok(Fleet::Contended),
-                Locked::Newer => return Ok(Fleet::Newer),
+                Locked::Contended => return Ok(LockAttempt::Contended),
+                Locked::Newer => return Ok(LockAttempt::Newer),
             },
             None => match redis.try_lock(key_hex, ttl).await? {
                 Some(held) => held,
-                None => return Ok(Fleet::Contended),
+                None => return Ok(LockAttempt::Contended),
             },
         };
         self.hold_fleet(redis, held, key_hex);
-        Ok(Fleet::Held)
+        Ok(LockAttempt::Held)
     }
 
     /// Keeps the key's fleet lock, taken by the caller for `coalesce.lock_ttl` (a cold miss's
     /// read-or-lock), on a permit that holds none yet: extended while the permit lives, released
     /// with it.
-    pub fn hold_fleet(&mut self, redis: &RedisStore, held: Held, key_hex: &str) {
+    pub fn hold_fleet(&mut self, redis: &RedisStore, held: LockToken, key_hex: &str) {
         let ttl = self.flights.cfg().lock_ttl;
         let extender =
             self.flights
@@ -364,12 +364,12 @@ impl Drop for FillPermit {
 /// A held fleet lock and the task keeping it alive.
 struct FleetLock {
     redis: RedisStore,
-    held: Held,
+    held: LockToken,
     extender: tokio::task::JoinHandle<()>,
 }
 
 /// Extends `held` every third of `ttl` until aborted or lost.
-async fn extend(redis: RedisStore, held: Held, ttl: Duration, key_hex: String) {
+async fn extend(redis: RedisStore, held: LockToken, ttl: Duration, key_hex: String) {
     loop {
         tokio::time::sleep(ttl / 3).await;
         match redis.extend_lock(&held, ttl).await {

@@ -46,7 +46,7 @@ pub enum ReadOrLock {
     /// The stored entry (no lock taken).
     Entry(Stored),
     /// Nothing stored, and the lock is ours.
-    Locked(Held),
+    Locked(LockToken),
     /// Nothing stored, and another gateway holds the lock.
     Contended,
 }
@@ -55,7 +55,7 @@ pub enum ReadOrLock {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Locked {
     /// Ours.
-    Held(Held),
+    Held(LockToken),
     /// Another gateway holds it.
     Contended,
     /// The store holds a render newer than the caller saw: read it instead.
@@ -65,15 +65,15 @@ pub enum Locked {
 /// A held lock: its key and our token. Not released on drop (that needs a round trip): the
 /// owner calls [`RedisStore::unlock`], and a lock that is never released expires.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Held {
+pub struct LockToken {
     key: String,
     token: String,
 }
 
-impl Held {
+impl LockToken {
     /// The lock of `key_hex` with a fresh random token (held once a `SET NX` with it succeeds).
-    fn new(key_hex: &str) -> Held {
-        Held {
+    fn new(key_hex: &str) -> LockToken {
+        LockToken {
             key: lock_key(key_hex),
             token: format!("{:032x}", fastrand::u128(..)),
         }
@@ -83,8 +83,12 @@ impl Held {
 impl RedisStore {
     /// Tries to take the fill lock of `key_hex` for `ttl`: `Some` when we hold it, `None` when
     /// another gateway does.
-    pub async fn try_lock(&self, key_hex: &str, ttl: Duration) -> Result<Option<Held>, StoreError> {
-        let held = Held::new(key_hex);
+    pub async fn try_lock(
+        &self,
+        key_hex: &str,
+        ttl: Duration,
+    ) -> Result<Option<LockToken>, StoreError> {
+        let held = LockToken::new(key_hex);
         let set: Option<String> = self
             .bounded(self.pool().set(
                 &held.key,
@@ -106,7 +110,7 @@ impl RedisStore {
         ttl: Duration,
         seen_rendered_at_ms: u64,
     ) -> Result<Locked, StoreError> {
-        let held = Held::new(key_hex);
+        let held = LockToken::new(key_hex);
         let keys = vec![entry_key(key_hex), held.key.clone()];
         let args = vec![
             held.token.clone(),
@@ -130,7 +134,7 @@ impl RedisStore {
         key_hex: &str,
         ttl: Duration,
     ) -> Result<ReadOrLock, StoreError> {
-        let held = Held::new(key_hex);
+        let held = LockToken::new(key_hex);
         let keys = vec![entry_key(key_hex), held.key.clone()];
         let args = vec![held.token.clone(), millis(ttl).to_string()];
         let v: fred::types::Value = self
@@ -151,7 +155,7 @@ impl RedisStore {
 
     /// Extends a lock we hold to `ttl` from now; `false` when it is no longer ours (it expired,
     /// and maybe another gateway took it).
-    pub async fn extend_lock(&self, held: &Held, ttl: Duration) -> Result<bool, StoreError> {
+    pub async fn extend_lock(&self, held: &LockToken, ttl: Duration) -> Result<bool, StoreError> {
         let n: i64 = self
             .bounded(self.pool().next().eval(
                 EXTEND,
@@ -163,7 +167,7 @@ impl RedisStore {
     }
 
     /// Releases a lock we hold; `false` when it was no longer ours.
-    pub async fn unlock(&self, held: &Held) -> Result<bool, StoreError> {
+    pub async fn unlock(&self, held: &LockToken) -> Result<bool, StoreError> {
         let n: i64 = self
             .bounded(
                 self.pool()

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::lookup::{self, Found};
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
-use crate::cache::flight::{Done, FillPermit, Fleet, Joined};
+use crate::cache::flight::{Done, FillPermit, Joined, LockAttempt};
 use crate::cache::key::CacheKey;
 use crate::cache::store::RedisStore;
 use crate::metrics::Metrics;
@@ -204,26 +204,28 @@ impl Lead {
         let mut unless_newer_than = Some(self.seen);
         loop {
             match permit.lock_fleet(redis, &hex, unless_newer_than).await {
-                Ok(Fleet::Held) if unless_newer_than.is_some() => return Turn::Fill(Some(permit)),
-                Ok(Fleet::Held) => {
+                Ok(LockAttempt::Held) if unless_newer_than.is_some() => {
+                    return Turn::Fill(Some(permit));
+                }
+                Ok(LockAttempt::Held) => {
                     // Whoever held it before may have just stored the entry.
                     return match reread(app, cache, key, vary_view).await {
                         Some(entry) => filled(app, permit, entry, true).await,
                         None => Turn::Fill(Some(permit)),
                     };
                 }
-                Ok(Fleet::Newer) => {
+                Ok(LockAttempt::Newer) => {
                     if let Some(entry) = reread(app, cache, key, vary_view).await {
                         return filled(app, permit, entry, true).await;
                     }
                     unless_newer_than = None;
                     continue;
                 }
-                Ok(Fleet::Contended) if self.wait == Wait::Skip => {
+                Ok(LockAttempt::Contended) if self.wait == Wait::Skip => {
                     permit.release().await;
                     return Turn::Busy;
                 }
-                Ok(Fleet::Contended) => {}
+                Ok(LockAttempt::Contended) => {}
                 Err(e) => {
                     app.metrics.lock_fallbacks.inc();
                     tracing::debug!(error = %e, "fill lock unavailable; coalescing on this gateway only");

@@ -9,7 +9,7 @@ use http::request::Parts;
 
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
-use crate::cache::flight::{Done, FillPermit, Fleet};
+use crate::cache::flight::{Done, FillPermit, LockAttempt};
 use crate::cache::key::{CacheKey, Variant};
 
 use super::{Admission, Copied, Pass, Pending, copy, request};
@@ -87,7 +87,7 @@ pub(super) async fn read_sibling<'a>(
     };
     if let Some(shared) = cache.shared() {
         let hex = sibling.key.hex();
-        if let Ok(Fleet::Contended) = permit.lock_fleet(shared.redis(), &hex, None).await {
+        if let Ok(LockAttempt::Contended) = permit.lock_fleet(shared.redis(), &hex, None).await {
             return skipped;
         }
     }
