@@ -2,6 +2,11 @@
 //! replicas is the worker's own (its connection tasks live on the worker's runtime, so a request
 //! never hops threads), everything else (config, metrics, replica set, request ids, lifecycle
 //! tokens) is shared by all workers.
+//!
+//! [`CacheState`]: the cache, one per process and shared by the workers: the settings a reload
+//! replaces, the entry store, what exists only with Redis ([`crate::shared::Shared`]), the L1,
+//! flights, invalidation epochs, the fleet, the revalidation log, the clock and the tracked
+//! background tasks shutdown waits for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -1,7 +1,7 @@
 //! The Redis pub/sub bus between gateways (channel `isr:bus`,
 //! [`crate::cache::keys::BUS_CHANNEL`]; DESIGN.md "Redis layout").
 //!
-//! Messages are `<kind> <key-hex> <gateway-id>`:
+//! Messages ([`Message`]), one line each. About one key, `<kind> <key-hex> <gateway-id>`:
 //! - `filled`: a gateway stored a new entry. Every other gateway drops its L1 copy of that key
 //!   (an L1 copy never lives past its freshness anyway; this closes the window in which two
 //!   versions are fresh at once) and wakes a request of its own waiting for that render.
@@ -9,9 +9,15 @@
 //! - `released`: a fill lock was released without an entry (the render failed): waiters try to
 //!   take the lock over.
 //!
+//!
+//! About the fleet: `inv` (tags invalidated at an epoch, published by the Redis function that
+//! recorded them), `ack` (a gateway applied an epoch), `hb` (a gateway is alive), `st` (a
+//! gateway's stats snapshot for the fleet view, `admin::fleet`), `tail` (an `isrgate tail`
+//! session's filter, `logging::tail`).
+//!
 //! When the subscription (re)connects, messages may have been missed, so the whole L1 is
-//! flushed (waiters also re-read Redis on an interval). Invalidations, heartbeats and
-//! acknowledgements join this bus with revalidation.
+//! flushed and the invalidations are loaded again (waiters also re-read Redis on an
+//! interval).
 //!
 //! One subscription per gateway, never one per key: messages for keys are handed to the
 //! listener given to [`Bus::start`]. Publishing is best effort: a lost message costs at most

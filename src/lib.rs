@@ -1,31 +1,44 @@
 //! isrgate: a front-door cache for self-hosted Next.js.
 //!
-//! A request goes through these stages, one module each, in this order:
+//! A request goes through these stages, one module each, in this order (`docs/ARCHITECTURE.md`
+//! maps them to DESIGN.md's steps):
 //!
 //! ```text
-//! accept (server) → sanitize (proxy::sanitize) → classify → key → lookup → serve
-//!                                                            ↘ miss: coalesce → upstream → admit → store → respond
-//! webhook: invalidate (auth, parse) → apply (epochs) → acks (bus) → fan-out → re-warm → log
+//! accept (server) → sanitize (proxy::sanitize) → classify (proxy::classify) → key (cache::key)
+//!   → lookup (proxy::lookup) → proxy::cached::drive: hit → respond (proxy::respond)
+//!                                                   stale → respond + refresh (proxy::refresh)
+//!                                                   miss → coalesce (proxy::coalesce)
+//!                                                          → fill (proxy::fill: exchange with
+//!                                                            upstream, admit, keep in cache::store)
+//!                                                          → respond
+//!   bypass → upstream → respond
+//! HTTP/1.1 hits: server::lane asks proxy::fast_path, which runs the same steps and writes a plain
+//!   hit itself, or lends the request (and its lookup) to hyper and the driver
+//! webhook: invalidate (auth, webhook) → apply (epochs) → acks (fleet) → fanout → rewarm → log
 //! ```
 //!
 //! Module map:
 //! - [`config`]: TOML + env + flags → validated [`Config`]; all problems reported at once.
+//!   [`reload`]: the configuration read again and applied live (SIGHUP, `isrgate reload`).
 //! - [`server`]: workers and listeners, the HTTP/1.1 hit lane (cache hits written from the socket,
 //!   other exchanges lent to hyper), per-connection bounds, load shedding, graceful drain.
 //! - [`proxy`]: the request driver and its steps (sanitize, classify, lookup, coalesce, fill,
-//!   serve, refresh, tunnel), and the hit lane's question (`hit`).
+//!   respond, refresh, tunnel, debug), and the hit lane's question (`fast_path`).
 //! - [`upstream`]: replica set, discovery, balancing, health, the pooled client.
-//! - [`cache`]: cache semantics without sockets (key, Cache-Control, admission, entry, L1,
-//!   epochs, tags, store, fill locks, Redis key names). [`bus`]: the Redis pub/sub bus between
-//!   gateways. [`shared`]: what exists only with Redis (pool, bus), as one value.
-//!   [`clock`]: the two clocks (monotonic for local timeouts, the wall clock for deadlines
-//!   shared through the store).
-//! - [`invalidate`]: the revalidation webhook and `isrgate purge`.
-//! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats API).
-//! - [`logging`]: the subscriber (text or flat JSON, non-blocking output) and the access log.
-//! - [`error`]: the one error → HTTP mapping. [`metrics`]: counters and histograms, the newest
-//!   server errors, per-route counts. [`http`]: header names, bodies.
-//! - [`app`]: the shared state built once at start. [`sync`]: locks that outlive a panic.
+//! - [`cache`]: cache semantics (key, Cache-Control, admission, entry bytes, epochs, tags) and
+//!   where entries live (every Redis name in `cache::keys`, the store, fill locks, flights, L1).
+//!   [`shared`]: what exists only with Redis, as one value. [`bus`]: the pub/sub bus between
+//!   gateways. [`clock`]: the wall clock of shared deadlines and the monotonic one.
+//! - [`invalidate`]: the revalidation webhook, `isrgate purge`, the invalidation records.
+//! - [`deploy`]: builds, rollouts from one build to the next, pre-warming.
+//! - [`admin`]: the operator listener (health, readiness, dashboard, metrics, stats and fleet
+//!   APIs) and the CLI's client of it.
+//! - [`logging`]: the subscriber (text or flat JSON, non-blocking output), the access log and
+//!   `isrgate tail`.
+//! - [`error`]: the public listener's one error → HTTP mapping. [`metrics`]: counters and
+//!   histograms declared once, the newest server errors, per-route counts. [`http`]: header
+//!   names, bodies, gzip, the wire format. [`sync`]: the lock helper.
+//! - [`app`]: the shared state built once at start.
 //! - [`warm`]: render a list of pages ahead of users (`isrgate warm`, from a sitemap or a list
 //!   of paths, through a gateway; the engine is generic over who renders).
 

@@ -1,8 +1,15 @@
-//! Cache semantics, no sockets: what a request's key is, what a response's Cache-Control says,
-//! whether a response may be stored and how long it stays fresh, and how an entry is laid out
-//! in bytes. The request path (`proxy/`) calls into this; nothing here imports `proxy/`,
-//! `server/` or hyper server types (the pingora-cache discipline), and time is always a
-//! parameter (`now`), never read from a clock.
+//! Cache semantics, and where entries live.
+//!
+//! The semantics hold no sockets and read no clock (time is a parameter, `now`): what a
+//! request's key is ([`key`]), what a response's Cache-Control says ([`control`]), whether a
+//! response may be stored and how long it stays fresh ([`policy`]), how an entry is laid out
+//! in bytes ([`entry`]), which invalidations cover it ([`epochs`], [`tags`]).
+//!
+//! Where entries live is the rest: the store ([`store`]: the Redis client, or moka in-process;
+//! its circuit breaker reads the monotonic clock), fill locks ([`lock`]), flights ([`flight`]),
+//! the L1 ([`l1`]) and its memory governor. The request path (`proxy/`) calls into all of it;
+//! nothing here imports `proxy/`, `server/` or hyper server types (the pingora-cache
+//! discipline).
 //!
 //! - [`key`] — request → cache key (namespace, host, normalized path and query, variant) and its
 //!   stable 128-bit hash.

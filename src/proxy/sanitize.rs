@@ -4,8 +4,9 @@
 //! hop-by-hop headers (RFC 9110 §7.6.1), (b) carries none of the Next.js-internal headers and
 //! query keys a client must never control (NEXTJS.md §7.2 and §9 rules 6-8: middleware bypass,
 //! route-matches and data-request confusion, forced re-renders), and (c) has `X-Forwarded-*` set
-//! by us, trusting client values only from configured proxies. It also rewrites the `Location`
-//! of responses that point at a replica, so redirects never leak an internal address.
+//! by us ([`forward`], through `proxy::forwarded`), trusting client values only from
+//! configured proxies. (Rewriting a response's `Location` that points at a replica is
+//! `forwarded::rewrite_location`'s.)
 //!
 //! It must not touch anything else: every other header and query parameter goes through as sent.
 
