@@ -107,7 +107,17 @@ pub async fn drive(
     variant: Variant,
 ) -> Result<Served, ProxyError> {
     let now = cache.clock.now_ms();
-    let key = key(cache, &head, &variant);
+    // The lane's key and lookup, when it lent the request and the driver classified it the
+    // same way: one store read and one key per request, whoever answers it.
+    let lent = head
+        .extensions
+        .remove::<super::fast_path::Looked>()
+        .filter(|l| l.variant == variant)
+        .map(super::fast_path::Looked::into_lookup);
+    let (key, lent) = match lent {
+        Some((key, lookup)) => (key, Some(lookup)),
+        None => (key(cache, &head, &variant), None),
+    };
     count_hot(app, &head, &variant);
     let ask = Ask {
         headers: &head.headers,
@@ -125,13 +135,12 @@ pub async fn drive(
         super::sanitize::forward(&app.policy, peer, &mut up);
         up
     };
-    // The hit lane lends what it did not answer with the lookup it made: one store read.
-    let looked = match head.extensions.remove::<super::fast_path::Looked>() {
-        Some(looked) if looked.hash == key.hash => looked.into_lookup(),
-        _ if head.method == Method::GET => {
+    let looked = match lent {
+        Some(lookup) => lookup,
+        None if head.method == Method::GET => {
             lookup::lookup_to_fill(app, cache, &key, vary_view, now).await
         }
-        _ => lookup::lookup(app, cache, &key, vary_view, now).await,
+        None => lookup::lookup(app, cache, &key, vary_view, now).await,
     };
     let Lookup {
         found,

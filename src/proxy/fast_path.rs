@@ -32,6 +32,7 @@ use crate::cache::flight::FillPermit;
 use crate::cache::key::{CacheKey, Variant};
 use crate::cache::sealed::Held;
 use crate::metrics::routes::RouteEvent;
+use crate::upstream::pin::Pin;
 
 /// A request the cache answers in the lane.
 #[derive(Debug)]
@@ -58,8 +59,12 @@ pub struct Hit {
 /// again (a request extension; `hash` is the key it was made for).
 #[derive(Debug, Clone)]
 pub struct Looked {
-    /// The key's hash.
-    pub hash: u128,
+    /// The variant the lane classified the request as.
+    pub variant: Variant,
+    /// The build the lane routed it to (its key's namespace); `None`: no build pinned.
+    pub pin: Option<Arc<Pin>>,
+    /// The key it looked up.
+    pub key: CacheKey,
     /// What the cache held.
     pub found: Found,
     /// The `Vary` slot the answer belongs to, when not the key itself.
@@ -69,13 +74,14 @@ pub struct Looked {
 }
 
 impl Looked {
-    /// The lookup as the driver continues with it (the permit taken out).
-    pub fn into_lookup(self) -> Lookup {
-        Lookup {
+    /// The key and the lookup as the driver continues with them (the permit taken out).
+    pub fn into_lookup(self) -> (CacheKey, Lookup) {
+        let lookup = Lookup {
             found: self.found,
             slot: self.slot,
             permit: self.permit.take(),
-        }
+        };
+        (self.key, lookup)
     }
 }
 
@@ -162,7 +168,9 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Verdic
     let permit = Lent::new(permit);
     let lend = |found| {
         Verdict::Lend(Some(Looked {
-            hash: key.hash,
+            variant: variant.clone(),
+            pin: pin.clone(),
+            key: key.clone(),
             found,
             slot: slot.clone(),
             permit: permit.clone(),

@@ -107,7 +107,18 @@ async fn route(
         let source = crate::invalidate::source(&head);
         return Ok(Box::pin(crate::invalidate::handle(app, head, body, &source)).await);
     }
-    app.deploy.pin(&mut head);
+    // A request the lane lent comes with what the lane decided: its build, its variant, its key
+    // and lookup (`fast_path::Looked`). The build is the lane's (its key's namespace), not
+    // routed again.
+    let lent = head.extensions.get::<fast_path::Looked>();
+    let lent_variant = lent.map(|l| l.variant.clone());
+    match lent.map(|l| l.pin.clone()) {
+        Some(Some(pin)) => {
+            head.extensions.insert(pin);
+        }
+        Some(None) => {}
+        None => app.deploy.pin(&mut head),
+    }
     let config = app.config();
     let listen = &config.listen;
     let limits = (listen.max_body_bytes, listen.body_read_timeout);
@@ -119,7 +130,13 @@ async fn route(
     }
     let mut bypassed = None;
     if let Some(cache) = &app.cache {
-        match classify::request(&cache.cfg(), &head, !http_body::Body::is_end_stream(&body)) {
+        let has_body = !http_body::Body::is_end_stream(&body);
+        let classified = match lent_variant {
+            // The lane classified it without a body: the same answer, unless one came.
+            Some(variant) if !has_body => Ok(variant),
+            _ => classify::request(&cache.cfg(), &head, has_body),
+        };
+        match classified {
             Ok(variant) => {
                 let asked = debug.then(|| debug::Asked::of(&head, &variant));
                 let mut served = cached::drive(app, cache, peer, head, variant).await?;
