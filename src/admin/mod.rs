@@ -306,7 +306,7 @@ fn readyz(app: &AppState) -> Response<Body> {
             "replicas_healthy": healthy,
             "replicas": total,
             "cache": if app.cache.is_some() { "on" } else { "off" },
-            "redis": redis,
+            "redis": redis.as_str(),
             "invalidations": if loading { "loading" } else { "loaded" },
         }),
     )
@@ -320,8 +320,8 @@ pub(crate) struct Readiness {
     pub healthy: usize,
     /// Replicas known.
     pub total: usize,
-    /// Redis: `ok`, `degraded`, `none`.
-    pub redis: &'static str,
+    /// Redis as `/readyz` reports it.
+    pub redis: RedisState,
     /// The first invalidation load is still to come.
     pub loading: bool,
     /// The start-up look is done.
@@ -373,20 +373,46 @@ pub(crate) fn unready(app: &AppState) -> Option<Unready> {
     }
 }
 
-/// Redis as `/readyz` reports it (`ok`, `degraded` when down or its breaker is open, `none`
-/// without it), and whether the first invalidation load is still to come (Redis up, never
+/// Redis as `/readyz` and the dashboard report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisState {
+    /// Connected, breaker closed.
+    Ok,
+    /// Down, or its circuit breaker is open: the L1 and the replicas serve.
+    Degraded,
+    /// Not configured (the in-process store, or the cache is off).
+    None,
+}
+
+impl RedisState {
+    /// `ok`, `degraded`, `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisState::Ok => "ok",
+            RedisState::Degraded => "degraded",
+            RedisState::None => "none",
+        }
+    }
+}
+
+/// Redis now, and whether the first invalidation load is still to come (Redis up, never
 /// loaded: just started).
-fn redis_state(app: &AppState) -> (&'static str, bool) {
+fn redis_state(app: &AppState) -> (RedisState, bool) {
     let Some(cache) = app.cache.as_ref() else {
-        return ("none", false);
+        return (RedisState::None, false);
     };
     match cache.shared() {
         Some(shared) => {
             let down = shared.breaker_open() || !shared.is_connected();
             let loading = !down && !cache.epochs.was_ever_synced();
-            (if down { "degraded" } else { "ok" }, loading)
+            let state = if down {
+                RedisState::Degraded
+            } else {
+                RedisState::Ok
+            };
+            (state, loading)
         }
-        None => ("none", false),
+        None => (RedisState::None, false),
     }
 }
 

@@ -133,7 +133,7 @@ fn readiness(app: &AppState) -> Value {
         "reason": r.unready.map(super::Unready::as_str),
         "replicas_healthy": r.healthy,
         "replicas": r.total,
-        "redis": r.redis,
+        "redis": r.redis.as_str(),
         "invalidations": if r.loading { "loading" } else { "loaded" },
     })
 }

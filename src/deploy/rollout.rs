@@ -70,7 +70,7 @@ pub enum Step {
     /// Nothing to do.
     Stay,
     /// Make this build current.
-    Switch(String, &'static str),
+    Switch(String, SwitchReason),
     /// Pre-render this build's hot set, then switch.
     Prewarm(String),
 }
@@ -95,17 +95,14 @@ pub fn decide(
         return Step::Stay;
     };
     let Some(current) = &agreed.current else {
-        return Step::Switch(candidate.clone(), "no build was current");
+        return Step::Switch(candidate.clone(), SwitchReason::NoneCurrent);
     };
     if current == candidate {
         return Step::Stay;
     }
     let serving = view.iter().any(|(b, n, _)| b == current && *n > 0);
     if !serving {
-        return Step::Switch(
-            candidate.clone(),
-            "the current build has no healthy replica",
-        );
+        return Step::Switch(candidate.clone(), SwitchReason::CurrentDown);
     }
     if agreed.pinned {
         return Step::Stay;
@@ -113,10 +110,29 @@ pub fn decide(
     if prewarm && agreed.prewarmed.as_ref() != Some(candidate) && !warm_expired {
         return Step::Prewarm(candidate.clone());
     }
-    Step::Switch(
-        candidate.clone(),
-        "a newer build has enough healthy replicas",
-    )
+    Step::Switch(candidate.clone(), SwitchReason::NewerReady)
+}
+
+/// Why a build becomes current (the switch's log line says it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwitchReason {
+    /// No build was current yet.
+    NoneCurrent,
+    /// The current build has no healthy replica left.
+    CurrentDown,
+    /// A newer build has enough healthy replicas (`deploy.switch_percent`).
+    NewerReady,
+}
+
+impl SwitchReason {
+    /// The reason in words, for the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchReason::NoneCurrent => "no build was current",
+            SwitchReason::CurrentDown => "the current build has no healthy replica",
+            SwitchReason::NewerReady => "a newer build has enough healthy replicas",
+        }
+    }
 }
 
 /// The rollout as the dashboard shows it.
@@ -538,7 +554,7 @@ impl Rollout {
         names: &[String],
         from: Option<&str>,
         to: &str,
-        why: &'static str,
+        why: SwitchReason,
         now: u64,
     ) -> Result<(), StoreError> {
         let after = self.ledger.switch(from, to, now, None).await?;
@@ -546,7 +562,7 @@ impl Rollout {
             tracing::info!(
                 build = to,
                 previous = from.unwrap_or("-"),
-                reason = why,
+                reason = why.as_str(),
                 "build is now current"
             );
             self.deploy.status.update(|s| {
