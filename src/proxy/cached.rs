@@ -119,28 +119,24 @@ pub async fn drive(
         None => (key(cache, &head, &variant), None),
     };
     count_hot(app, &head, &variant);
-    let ask = Ask {
-        headers: &head.headers,
-        head: head.method == Method::HEAD,
-        seal: cache.seal_bodies,
-    };
-    // `Vary` is matched on what the replica is asked: for images that is the Accept of the
-    // negotiated format, not the client's own (the fill computed its tag the same way).
-    let image_view =
-        matches!(variant, Variant::Image(_)).then(|| fill::upstream_head(&head, &variant).headers);
-    let vary_view = image_view.as_ref().unwrap_or(&head.headers);
-    // What goes to a replica carries the forwarding headers; a hit never builds it.
-    let upstream = |head: &Parts| {
-        let mut up = fill::upstream_head(head, &variant);
-        super::sanitize::forward(&app.policy, peer, &mut up);
-        up
+    let c = Candidate {
+        app,
+        cache,
+        peer,
+        variant,
+        now,
     };
     let looked = match lent {
         Some(lookup) => lookup,
-        None if head.method == Method::GET => {
-            lookup::lookup_to_fill(app, cache, &key, vary_view, now).await
+        None => {
+            let vary_view = c.vary_view(&head);
+            let vary_view = vary_view.as_ref().unwrap_or(&head.headers);
+            if head.method == Method::GET {
+                lookup::lookup_to_fill(app, cache, &key, vary_view, now).await
+            } else {
+                lookup::lookup(app, cache, &key, vary_view, now).await
+            }
         }
-        None => lookup::lookup(app, cache, &key, vary_view, now).await,
     };
     let Lookup {
         found,
@@ -149,101 +145,183 @@ pub async fn drive(
     } = looked;
     // Where the answer belongs: the request's `Vary` slot when the key's entry varies.
     let key = slot.unwrap_or(key);
-    // `seen`: the render time of what the lookup found, for the fill to tell a newer render
-    // from it (a damaged entry must be replaced, not served again as another's fill).
-    let (fallback, missed, seen) = match found {
-        Found::Fresh { entry, from_l1 } => {
-            if let Some(r) = respond::response(&entry, ask, Outcome::Hit, now) {
-                app.metrics.cache_hits.inc();
-                count_route(app, cache, &head, RouteEvent::Hit);
-                if from_l1 {
-                    fill::write_back(app, cache, &key, &entry);
-                    app.metrics.cache_l1_hits.inc();
-                }
-                return Ok(Served::found(r, Outcome::Hit, key, entry));
-            }
-            corrupt(app, cache, &key);
-            (None, Missed::Corrupt, entry.meta.stored_at_ms)
-        }
-        Found::Stale(entry) => {
-            // Why this answer is stale: what the key's last refresh met, not this one's.
-            let reason = cache.flights.stale_reason(key.hash);
-            refresh::spawn(
-                app,
-                cache,
-                key.clone(),
-                upstream(&head),
-                variant.clone(),
-                &entry,
-            );
-            if let Some(r) = respond::response(&entry, ask, Outcome::Stale, now) {
-                app.metrics.served_stale(reason);
-                count_route(app, cache, &head, RouteEvent::Stale);
-                let mut served = Served::found(r, Outcome::Stale, key, entry);
-                served.stale = Some(reason);
-                return Ok(served);
-            }
-            corrupt(app, cache, &key);
-            (None, Missed::Corrupt, entry.meta.stored_at_ms)
-        }
-        // Past stale-while-revalidate: kept in case the replicas fail.
-        Found::StaleIfError(entry) => {
-            let seen = entry.meta.stored_at_ms;
-            (Some(entry), Missed::Expired, seen)
-        }
-        Found::Miss(why) => (None, why, 0),
-    };
-    app.metrics.missed_paths.record(head.uri.path());
-    if ask.head && fallback.is_none() {
-        // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
-        super::sanitize::forward(&app.policy, peer, &mut head);
-        app.metrics.cache_misses.inc();
-        count_route(app, cache, &head, RouteEvent::Miss);
-        let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
-        let answered = passed(reply.into_response(), &HeaderMap::new(), false);
-        return Ok(Served::missed(
-            Answered::replica(answered, None),
-            key,
-            missed,
-        ));
+    match c.answer_found(&head, key, found) {
+        Ok(served) => Ok(served),
+        Err(missing) => c.miss(head, missing, permit).await,
     }
-    let up = upstream(&head);
-    let fill = Fill {
-        // The client's answer names its key: a clone per miss (a render), none per hit.
-        key: key.clone(),
-        // Kept here too: a corrupt entry sends the request on (below).
-        variant: variant.clone(),
-        head: up,
-        vary: vary_view.clone(),
-        seen,
-        replaces: fallback.is_some(),
-        permit,
-    };
-    let answered = match fill.answer(app, cache, fallback, ask, now).await {
-        // The entry the miss was to be answered with does not inflate: the replica answers.
-        Err(ProxyError::CorruptEntry) => {
-            corrupt(app, cache, &key);
-            let reply = Box::pin(app.upstream.send(upstream(&head), body::empty())).await?;
-            let answered = passed(reply.into_response(), &head.headers, ask.head);
-            Ok(Answered::replica(answered, None))
+}
+
+/// One cache candidate on its way through the driver.
+struct Candidate<'a> {
+    app: &'a Arc<AppState>,
+    cache: &'a Arc<CacheState>,
+    peer: &'a Peer,
+    variant: Variant,
+    now: u64,
+}
+
+/// What a lookup left for the miss: the key, the entry kept for stale-if-error, why it missed,
+/// and the render time of what it found (for the fill to tell a newer render from it: a
+/// damaged entry must be replaced, not served again as another gateway's fill).
+struct Missing {
+    key: CacheKey,
+    fallback: Option<Arc<Entry>>,
+    missed: Missed,
+    seen: u64,
+}
+
+impl Candidate<'_> {
+    /// The headers `Vary` is matched on, when not the request's own: for images the Accept of
+    /// the negotiated format the replica is asked for (the fill computed its tag the same way).
+    fn vary_view(&self, head: &Parts) -> Option<HeaderMap> {
+        matches!(self.variant, Variant::Image(_))
+            .then(|| fill::upstream_head(head, &self.variant).headers)
+    }
+
+    /// What goes to a replica: the upstream head with the forwarding headers (a hit never
+    /// builds it).
+    fn upstream(&self, head: &Parts) -> Parts {
+        let mut up = fill::upstream_head(head, &self.variant);
+        super::sanitize::forward(&self.app.policy, self.peer, &mut up);
+        up
+    }
+
+    fn ask<'h>(&self, head: &'h Parts) -> Ask<'h> {
+        Ask {
+            headers: &head.headers,
+            head: head.method == Method::HEAD,
+            seal: self.cache.seal_bodies,
         }
-        answered => answered,
-    };
-    // One outcome per request: a stale-if-error answer counted itself as stale.
-    let event = if matches!(
-        answered,
-        Ok(Answered {
-            outcome: Outcome::StaleIfError,
-            ..
+    }
+
+    /// A fresh or stale entry answers (a stale one starts its refresh); anything else is
+    /// [`Missing`].
+    fn answer_found(&self, head: &Parts, key: CacheKey, found: Found) -> Result<Served, Missing> {
+        let (app, cache, now) = (self.app, self.cache, self.now);
+        let entry = match found {
+            Found::Fresh { entry, from_l1 } => {
+                if let Some(r) = respond::response(&entry, self.ask(head), Outcome::Hit, now) {
+                    app.metrics.cache_hits.inc();
+                    count_route(app, cache, head, RouteEvent::Hit);
+                    if from_l1 {
+                        fill::write_back(app, cache, &key, &entry);
+                        app.metrics.cache_l1_hits.inc();
+                    }
+                    return Ok(Served::found(r, Outcome::Hit, key, entry));
+                }
+                entry
+            }
+            Found::Stale(entry) => {
+                // Why this answer is stale: what the key's last refresh met, not this one's.
+                let reason = cache.flights.stale_reason(key.hash);
+                let up = self.upstream(head);
+                refresh::spawn(app, cache, key.clone(), up, self.variant.clone(), &entry);
+                if let Some(r) = respond::response(&entry, self.ask(head), Outcome::Stale, now) {
+                    app.metrics.served_stale(reason);
+                    count_route(app, cache, head, RouteEvent::Stale);
+                    let mut served = Served::found(r, Outcome::Stale, key, entry);
+                    served.stale = Some(reason);
+                    return Ok(served);
+                }
+                entry
+            }
+            // Past stale-while-revalidate: kept in case the replicas fail.
+            Found::StaleIfError(entry) => {
+                let seen = entry.meta.stored_at_ms;
+                return Err(Missing {
+                    key,
+                    fallback: Some(entry),
+                    missed: Missed::Expired,
+                    seen,
+                });
+            }
+            Found::Miss(missed) => {
+                return Err(Missing {
+                    key,
+                    fallback: None,
+                    missed,
+                    seen: 0,
+                });
+            }
+        };
+        corrupt(app, cache, &key);
+        Err(Missing {
+            key,
+            fallback: None,
+            missed: Missed::Corrupt,
+            seen: entry.meta.stored_at_ms,
         })
-    ) {
-        RouteEvent::Stale
-    } else {
-        app.metrics.cache_misses.inc();
-        RouteEvent::Miss
-    };
-    count_route(app, cache, &head, event);
-    Ok(Served::missed(answered?, key, missed))
+    }
+
+    /// A miss: a render (or another request's), or the stale entry kept for failing replicas.
+    async fn miss(
+        &self,
+        mut head: Parts,
+        missing: Missing,
+        permit: Option<FillPermit>,
+    ) -> Result<Served, ProxyError> {
+        let (app, cache) = (self.app, self.cache);
+        let Missing {
+            key,
+            fallback,
+            missed,
+            seen,
+        } = missing;
+        app.metrics.missed_paths.record(head.uri.path());
+        if head.method == Method::HEAD && fallback.is_none() {
+            // A HEAD miss goes upstream as a HEAD: filling would fetch a body only to drop it.
+            super::sanitize::forward(&app.policy, self.peer, &mut head);
+            app.metrics.cache_misses.inc();
+            count_route(app, cache, &head, RouteEvent::Miss);
+            let reply = Box::pin(app.upstream.send(head, body::empty())).await?;
+            let answered = passed(reply.into_response(), &HeaderMap::new(), false);
+            return Ok(Served::missed(
+                Answered::replica(answered, None),
+                key,
+                missed,
+            ));
+        }
+        let fill = Fill {
+            // The client's answer names its key: a clone per miss (a render), none per hit.
+            key: key.clone(),
+            // Kept here too: a corrupt entry sends the request on (below).
+            variant: self.variant.clone(),
+            head: self.upstream(&head),
+            vary: self
+                .vary_view(&head)
+                .unwrap_or_else(|| head.headers.clone()),
+            seen,
+            replaces: fallback.is_some(),
+            permit,
+        };
+        let ask = self.ask(&head);
+        let answered = match fill.answer(app, cache, fallback, ask, self.now).await {
+            // The entry the miss was to be answered with does not inflate: the replica answers.
+            Err(ProxyError::CorruptEntry) => {
+                corrupt(app, cache, &key);
+                let up = self.upstream(&head);
+                let reply = Box::pin(app.upstream.send(up, body::empty())).await?;
+                let answered = passed(reply.into_response(), &head.headers, ask.head);
+                Ok(Answered::replica(answered, None))
+            }
+            answered => answered,
+        };
+        // One outcome per request: a stale-if-error answer counted itself as stale.
+        let event = if matches!(
+            answered,
+            Ok(Answered {
+                outcome: Outcome::StaleIfError,
+                ..
+            })
+        ) {
+            RouteEvent::Stale
+        } else {
+            app.metrics.cache_misses.inc();
+            RouteEvent::Miss
+        };
+        count_route(app, cache, &head, event);
+        Ok(Served::missed(answered?, key, missed))
+    }
 }
 
 /// Counts an answer from the cache in the route table (`metrics::routes`).

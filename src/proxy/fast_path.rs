@@ -27,7 +27,7 @@ use http::request::Parts;
 use super::forwarded::Peer;
 use super::lookup::{self, Found, Lookup};
 use super::{cached, classify, fill, refresh, respond, sanitize};
-use crate::app::AppState;
+use crate::app::{AppState, CacheState};
 use crate::cache::flight::FillPermit;
 use crate::cache::key::{CacheKey, Variant};
 use crate::cache::sealed::Held;
@@ -101,6 +101,32 @@ impl Lent {
     }
 }
 
+/// Counts a hit the lane answers, as the driver counts its own.
+fn count(
+    app: &AppState,
+    cache: &CacheState,
+    (head, variant): (&Parts, &Variant),
+    stale: bool,
+    from_l1: bool,
+    body: &Held,
+) {
+    app.metrics.requests.inc();
+    cached::count_hot(app, head, variant);
+    let event = if stale {
+        RouteEvent::Stale
+    } else {
+        app.metrics.cache_hits.inc();
+        RouteEvent::Hit
+    };
+    cached::count_route(app, cache, head, event);
+    if from_l1 {
+        app.metrics.cache_l1_hits.inc();
+    }
+    if matches!(body, Held::Sealed(_)) {
+        app.metrics.cache_sendfile_hits.inc();
+    }
+}
+
 /// What the lane does with a request.
 #[derive(Debug)]
 // Returned by value once per request and taken apart at once: a `Box` would be one more
@@ -113,28 +139,51 @@ pub enum Verdict {
     Lend(Option<Looked>),
 }
 
-/// The cache's answer to `head`: a plain fresh hit, or lend it (see the module docs).
-pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Verdict {
-    let Some(cache) = app.cache.as_ref() else {
-        return Verdict::Lend(None);
-    };
+/// What the lane decided about a request before its lookup: the driver's steps, in its order.
+struct Decided<'a> {
+    cache: &'a Arc<CacheState>,
+    trusted_id: Option<HeaderValue>,
+    variant: Variant,
+    pin: Option<Arc<Pin>>,
+}
+
+/// Sanitizes `head` and decides whether the lane may look it up: `None` lends it as it is.
+fn decide<'a>(app: &'a Arc<AppState>, peer: &Peer, head: &mut Parts) -> Option<Decided<'a>> {
+    let cache = app.cache.as_ref()?;
     // The debug header is written in one place, the driver's (one header lookup here).
     if super::debug::asked(&app.policy, peer, &head.headers) {
-        return Verdict::Lend(None);
+        return None;
     }
     // Read before sanitizing, as the driver does; a new id is drawn only for an answer.
-    let trusted_id = super::trusted_request_id(peer, &head);
-    let Ok(sanitized) = sanitize::request(&app.policy, peer, &mut head) else {
-        return Verdict::Lend(None);
-    };
+    let trusted_id = super::trusted_request_id(peer, head);
+    let sanitized = sanitize::request(&app.policy, peer, head).ok()?;
     if sanitized.upgrade || head.uri.path() == crate::invalidate::PATH {
-        return Verdict::Lend(None);
+        return None;
     }
-    let variant = match classify::request(&cache.cfg(), &head, false) {
-        Ok(Variant::Image(_)) | Err(_) => return Verdict::Lend(None),
+    let variant = match classify::request(&cache.cfg(), head, false) {
+        Ok(Variant::Image(_)) | Err(_) => return None,
         Ok(variant) => variant,
     };
-    let pin = app.deploy.route(&head);
+    let pin = app.deploy.route(head);
+    Some(Decided {
+        cache,
+        trusted_id,
+        variant,
+        pin,
+    })
+}
+
+/// The cache's answer to `head`: a plain fresh hit, or lend it (see the module docs).
+pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Verdict {
+    let Some(Decided {
+        cache,
+        trusted_id,
+        variant,
+        pin,
+    }) = decide(app, peer, &mut head)
+    else {
+        return Verdict::Lend(None);
+    };
     let now = cache.clock.now_ms();
     let key = cached::key_pinned(cache, &head, &variant, pin.as_ref());
     let Lookup {
@@ -210,23 +259,7 @@ pub async fn answer(app: &Arc<AppState>, peer: &Peer, mut head: Parts) -> Verdic
         body = Held::Heap(Bytes::new());
     }
     let request_id = trusted_id.unwrap_or_else(|| app.request_ids.next());
-    app.metrics.requests.inc();
-    cached::count_hot(app, &head, &variant);
-    if !stale {
-        app.metrics.cache_hits.inc();
-    }
-    let event = if stale {
-        RouteEvent::Stale
-    } else {
-        RouteEvent::Hit
-    };
-    cached::count_route(app, cache, &head, event);
-    if from_l1 {
-        app.metrics.cache_l1_hits.inc();
-    }
-    if matches!(body, Held::Sealed(_)) {
-        app.metrics.cache_sendfile_hits.inc();
-    }
+    count(app, cache, (&head, &variant), stale, from_l1, &body);
     Verdict::Hit(Hit {
         wire,
         body,
