@@ -9,7 +9,7 @@
 //! whether an invalidation covers it (and which tag).
 
 use http::request::Parts;
-use http::{HeaderValue, Request, StatusCode};
+use http::{HeaderValue, Request};
 use serde_json::{Value, json};
 
 use crate::app::{AppState, CacheState};
@@ -180,19 +180,12 @@ async fn held(cache: &CacheState, key: &CacheKey, now: u64) -> Value {
 }
 
 /// `GET /api/inspect`.
-pub async fn answer(app: &AppState, query: Option<&str>) -> (StatusCode, Value) {
-    let Some(cache) = &app.cache else {
-        return (
-            StatusCode::NOT_FOUND,
-            json!({"error": "the cache is disabled"}),
-        );
-    };
-    let ask = match Ask::from_query(query.unwrap_or("")) {
-        Ok(a) => a,
-        Err(e) => return (StatusCode::BAD_REQUEST, json!({ "error": e })),
-    };
-    match inspect(app, cache, &ask).await {
-        Ok(v) => (StatusCode::OK, v),
-        Err(e) => (StatusCode::BAD_REQUEST, json!({ "error": e })),
-    }
+pub async fn answer(app: &AppState, query: Option<&str>) -> Result<Value, super::ApiError> {
+    use super::ApiError;
+    let cache = (app.cache.as_ref()).ok_or(ApiError::NotFound("the cache is disabled"))?;
+    let ask =
+        Ask::from_query(query.unwrap_or("")).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    inspect(app, cache, &ask)
+        .await
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
 }

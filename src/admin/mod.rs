@@ -24,6 +24,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub use error::ApiError;
+
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
@@ -39,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod client;
 pub mod commands;
+mod error;
 pub mod fleet;
 pub mod history;
 pub mod inspect;
@@ -126,32 +129,23 @@ async fn route(
     }
     let config = app.config.load_full();
     let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
-        return text(
-            StatusCode::FORBIDDEN,
-            "the admin API is off: set ISRGATE_ADMIN_TOKEN to enable the dashboard, /metrics and /api\n",
-        );
+        return ApiError::Off.to_response();
     };
     if !authorized(req.headers(), token) {
         if path == "/" && method == Method::GET {
             return html(StatusCode::UNAUTHORIZED, LOGIN);
         }
-        let mut r = text(
-            StatusCode::UNAUTHORIZED,
-            "send Authorization: Bearer <ISRGATE_ADMIN_TOKEN>\n",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return r;
+        return ApiError::Unauthorized.to_response();
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/") => html(StatusCode::OK, DASHBOARD),
         (&Method::GET, "/metrics") => metrics(app, req.headers()),
         (&Method::GET, "/api/stats") => json(StatusCode::OK, &stats::stats(app, history).await),
         (&Method::GET, "/api/log") => revalidation_log(app).await,
-        (&Method::GET, "/api/inspect") => {
-            let (status, body) = inspect::answer(app, req.uri().query()).await;
-            json(status, &body)
-        }
+        (&Method::GET, "/api/inspect") => match inspect::answer(app, req.uri().query()).await {
+            Ok(body) => json(StatusCode::OK, &body),
+            Err(e) => e.to_response(),
+        },
         (&Method::POST, "/api/purge") => purge(app, req).await,
         (&Method::POST, "/api/deploy") => choose_build(app, req).await,
         (&Method::POST, "/api/reload") => reload(app).await,
@@ -161,8 +155,8 @@ async fn route(
             _,
             "/" | "/metrics" | "/api/stats" | "/api/log" | "/api/purge" | "/api/deploy"
             | "/api/inspect" | "/api/reload" | "/api/tail" | "/api/fleet",
-        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        ) => ApiError::MethodNotAllowed.to_response(),
+        _ => ApiError::NotFound("not found").to_response(),
     }
 }
 
@@ -420,13 +414,10 @@ fn redis_state(app: &AppState) -> (RedisState, bool) {
 async fn login(app: &AppState, req: Request<Incoming>) -> Response<Body> {
     let config = app.config.load_full();
     let Some(token) = config.admin.as_ref().and_then(|a| a.token.as_deref()) else {
-        return text(
-            StatusCode::FORBIDDEN,
-            "the admin API is off: set ISRGATE_ADMIN_TOKEN\n",
-        );
+        return ApiError::Off.to_response();
     };
     let Ok(form) = Limited::new(req.into_body(), 4_096).collect().await else {
-        return text(StatusCode::PAYLOAD_TOO_LARGE, "form too large\n");
+        return ApiError::TooLarge("form over 4 KiB".into()).to_response();
     };
     let form = form.to_bytes();
     let given = form_value(&form, "token").unwrap_or_default();
@@ -465,6 +456,16 @@ fn form_value(form: &[u8], name: &str) -> Option<String> {
 /// rules and applied by the same code.
 /// `POST /api/deploy`: an operator's choice of the current build (`crate::deploy`).
 async fn choose_build(app: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    match chosen(app, req).await {
+        Ok(()) => json(
+            StatusCode::OK,
+            &serde_json::to_value(app.deploy.status.snapshot()).unwrap_or_default(),
+        ),
+        Err(e) => e.to_response(),
+    }
+}
+
+async fn chosen(app: &Arc<AppState>, req: Request<Incoming>) -> Result<(), ApiError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Choice {
@@ -472,40 +473,28 @@ async fn choose_build(app: &Arc<AppState>, req: Request<Incoming>) -> Response<B
         #[serde(default)]
         auto: bool,
     }
-    let error = |status, message: String| json(status, &serde_json::json!({ "error": message }));
-    let raw = match Limited::new(req.into_body(), 4096).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 4 KiB".into()),
-    };
-    let choice: Choice = match serde_json::from_slice(&raw) {
-        Ok(c) => c,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("expected {{\"current\":\"<build>\"}} or {{\"auto\":true}}: {e}"),
-            );
-        }
-    };
+    let raw = Limited::new(req.into_body(), 4096)
+        .collect()
+        .await
+        .map_err(|_| ApiError::TooLarge("body over 4 KiB".into()))?
+        .to_bytes();
+    let choice: Choice = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"current\":\"<build>\"}} or {{\"auto\":true}}: {e}"
+        ))
+    })?;
     let done = match (choice.current, choice.auto) {
         (Some(build), false) => app.deploy.choose(&build, true).await,
         (None, true) => app.deploy.release().await,
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "send exactly one of \"current\" and \"auto\": true".into(),
-            );
+            let both = "send exactly one of \"current\" and \"auto\": true";
+            return Err(ApiError::BadRequest(both.into()));
         }
     };
-    match done {
-        Ok(()) => json(
-            StatusCode::OK,
-            &serde_json::to_value(app.deploy.status.snapshot()).unwrap_or_default(),
-        ),
-        Err(e @ crate::deploy::ChoiceError::NotLive { .. }) => {
-            error(StatusCode::CONFLICT, e.to_string())
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
+    done.map_err(|e| match e {
+        crate::deploy::ChoiceError::NotLive { .. } => ApiError::Conflict(e.to_string()),
+        e => ApiError::Unavailable(e.to_string()),
+    })
 }
 
 /// `POST /api/purge`: the webhook's body, run as the webhook runs it (same report, same
@@ -563,30 +552,29 @@ async fn purged(
 /// changed).
 async fn reload(app: &AppState) -> Response<Body> {
     use crate::reload::ReloadError;
-    match app.reloads.reload().await {
-        Ok(report) => json(
-            StatusCode::OK,
-            &serde_json::to_value(report).unwrap_or_default(),
-        ),
+    let e = match app.reloads.reload().await {
+        Ok(report) => {
+            return json(
+                StatusCode::OK,
+                &serde_json::to_value(report).unwrap_or_default(),
+            );
+        }
         Err(ReloadError::Invalid(e)) => {
             let problems = e.to_string();
-            json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &serde_json::json!({
-                    "error": format!("nothing changed, the running configuration stays: {problems}"),
-                    "problems": problems.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
-                }),
-            )
+            ApiError::Invalid {
+                error: format!("nothing changed, the running configuration stays: {problems}"),
+                problems: problems
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            }
         }
-        Err(e @ ReloadError::NoSource) => json(
-            StatusCode::CONFLICT,
-            &serde_json::json!({ "error": e.to_string() }),
-        ),
-        Err(e @ ReloadError::NotRunning) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({ "error": e.to_string() }),
-        ),
-    }
+        Err(e @ ReloadError::NoSource) => ApiError::Conflict(e.to_string()),
+        Err(e @ ReloadError::NotRunning) => ApiError::Unavailable(e.to_string()),
+    };
+    e.to_response()
 }
 
 /// `GET /api/tail?status=5xx&path=/blog/*&outcome=miss`: this gateway's requests as they
@@ -594,12 +582,7 @@ async fn reload(app: &AppState) -> Response<Body> {
 fn tail(app: &AppState, query: Option<&str>) -> Response<Body> {
     let filter = match crate::logging::tail::Filter::parse(query.unwrap_or("")) {
         Ok(f) => f,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({ "error": e.to_string() }),
-            );
-        }
+        Err(e) => return ApiError::BadRequest(e.to_string()).to_response(),
     };
     let following = app.access.tail().follow(filter);
     let mut r = Response::new(following.into_body(app.stopping.clone()));
@@ -615,14 +598,11 @@ fn tail(app: &AppState, query: Option<&str>) -> Response<Body> {
 /// `GET /api/log`: the newest revalidations, newest first (JSON array).
 async fn revalidation_log(app: &AppState) -> Response<Body> {
     let Some(cache) = &app.cache else {
-        return text(StatusCode::NOT_FOUND, "the cache is disabled\n");
+        return ApiError::NotFound("the cache is disabled").to_response();
     };
     match cache.log.recent(cache.redis(), 100).await {
         Ok(records) => json(StatusCode::OK, &serde_json::Value::from(records)),
-        Err(e) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({ "error": format!("log unavailable: {e}") }),
-        ),
+        Err(e) => ApiError::Unavailable(format!("log unavailable: {e}")).to_response(),
     }
 }
 
