@@ -108,7 +108,7 @@ async fn get(gw: &Gateway, path: &str) -> Got {
 async fn all_cached(gw: &Gateway) {
     for (path, _) in PAGES {
         eventually!(
-            5,
+            10,
             get(gw, path).await.header("x-cache") == "HIT",
             "{path} cached"
         );
@@ -286,9 +286,9 @@ async fn a_cms_call_reaches_every_gateway() {
         gateway(&origin, &extra).await,
     ];
     for gw in &gws {
-        eventually!(5, bus_live(gw), "bus subscribed");
+        eventually!(10, bus_live(gw), "bus subscribed");
         let fleet = &gw.state.cache.as_ref().expect("cache").fleet;
-        eventually!(5, fleet.live().len() == 1, "the other gateway is live");
+        eventually!(10, fleet.live().len() == 1, "the other gateway is live");
     }
     all_cached(&gws[1]).await;
     let got = replay(
