@@ -46,10 +46,16 @@ async fn gateway(r: &RedisProcess) -> (FakeNext, Gateway) {
         o.route("/", Route::html("ok"));
     })
     .await;
+    // Redis commands get 5 s: a page of thousands of records can outlast the serving default
+    // (250 ms) on a loaded machine, and a failed read makes the load scan instead, which is
+    // right but not the path these tests check.
     let gw = Gateway::start(config(
         &[origin.url()],
         "",
-        &format!("[redis]\nurl = \"{}\"\n[cache]\nmax_ttl = \"7d\"", r.url()),
+        &format!(
+            "[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n[cache]\nmax_ttl = \"7d\"",
+            r.url()
+        ),
     ))
     .await;
     (origin, gw)
