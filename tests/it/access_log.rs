@@ -55,7 +55,7 @@ impl Logged {
         assert!(!id.is_empty(), "no x-request-id: {got:?}");
         let find = || self.lines().into_iter().find(|l| l["request_id"] == id);
         eventually!(
-            5,
+            10,
             find().is_some(),
             "no line for {id} in:\n{}",
             self.log.text()
@@ -135,7 +135,7 @@ async fn miss_hit_bypass(lane: bool) {
 
     // The fill is stored off the response path: ask until the cache answers.
     let mut hit = client.get(&url, &[]).await;
-    eventually!(5, hit.header("x-cache") == "HIT", "never a hit: {hit:?}");
+    eventually!(10, hit.header("x-cache") == "HIT", "never a hit: {hit:?}");
     while hit.header("x-cache") != "HIT" {
         hit = client.get(&url, &[]).await;
     }
@@ -234,7 +234,7 @@ async fn log_access_false_writes_no_line() {
     let url = logged.gw.url("/p");
     client.get(&url, &[]).await;
     let mut hit = client.get(&url, &[]).await;
-    eventually!(5, hit.header("x-cache") == "HIT", "never a hit");
+    eventually!(10, hit.header("x-cache") == "HIT", "never a hit");
     while hit.header("x-cache") != "HIT" {
         hit = client.get(&url, &[]).await;
     }
@@ -263,7 +263,7 @@ async fn text_lines_carry_the_same_fields() {
     let gw = Gateway::start_with(config, options).await;
     let got = Client::default().get(&gw.url("/p?a=1"), &[]).await;
     let id = got.header("x-request-id").to_owned();
-    eventually!(5, log.text().contains(&id), "no line: {}", log.text());
+    eventually!(10, log.text().contains(&id), "no line: {}", log.text());
     let text = log.text();
     let line = text.lines().find(|l| l.contains(&id)).expect("the line");
     let expected = format!(
@@ -301,7 +301,7 @@ async fn a_body_the_lane_refuses_has_its_line() {
     s.read_to_string(&mut answer).await.expect("read");
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     let find = || logged.lines().into_iter().find(|l| l["status"] == 413);
-    eventually!(5, find().is_some(), "no line: {}", logged.log.text());
+    eventually!(10, find().is_some(), "no line: {}", logged.log.text());
     let mut line = find().expect("found");
     let m = line.as_object_mut().expect("object");
     for varies in ["timestamp", "elapsed_us", "peer"] {

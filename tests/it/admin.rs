@@ -274,7 +274,7 @@ async fn stats_show_a_scripted_scenario_and_readyz_reports_redis() {
     .await;
     let gw = gateway(&origin, Some(&r), Some(TOKEN)).await;
     eventually!(
-        5,
+        10,
         gw.state
             .cache
             .as_ref()
@@ -283,7 +283,7 @@ async fn stats_show_a_scripted_scenario_and_readyz_reports_redis() {
         "bus"
     );
     eventually!(
-        5,
+        10,
         {
             let ready = admin_get(&gw, "/readyz", &[]).await.body;
             serde_json::from_slice::<serde_json::Value>(&ready).expect("json")["redis"] == "ok"
@@ -345,7 +345,7 @@ async fn stats_show_a_scripted_scenario_and_readyz_reports_redis() {
 
     r.kill();
     eventually!(
-        5,
+        10,
         {
             let ready = admin_get(&gw, "/readyz", &[]).await;
             let v: serde_json::Value = serde_json::from_slice(&ready.body).expect("json");
@@ -492,7 +492,7 @@ async fn plain_scrapers_get_the_text_format_with_help_and_type_for_every_family(
     }
     // Ready as /readyz says it.
     eventually!(
-        5,
+        10,
         parse_text(&String::from_utf8_lossy(&scrape(&gw, None).await.body))["isrgate_ready"] == 1.0,
         "isrgate_ready 1 once /readyz says 200"
     );
@@ -629,7 +629,7 @@ async fn stale_served_while_the_replicas_are_down_counts_as_origin_error_though_
     // The first stale answer starts the refresh that finds the replica down.
     assert_eq!(c.get(&gw.url("/p"), &[]).await.header("x-cache"), "STALE");
     eventually!(
-        5,
+        10,
         m.refreshes_of(isrgate::proxy::refresh::Refreshed::OriginError) == 1,
         "the refresh failed"
     );

@@ -39,9 +39,12 @@ fn replica() -> impl FnOnce(&crate::support::origin::Routes<'_>) {
 }
 
 /// A gateway of the fleet; the first one has the admin token the browser signs in with.
+/// Active checks re-admit a replica but take 100 failures to eject one: a stopped replica is
+/// ejected by the traffic's failures, which record its last error (an ejection by checks
+/// records none, and would race the traffic to the stopped replica).
 async fn gateway(replicas: &[String], r: &RedisProcess, token: bool) -> Gateway {
     let extra = format!(
-        "[redis]\nurl = \"{}\"\n[health]\ninterval = \"1s\"\n[[routes]]\npath = \"/blog/{{slug}}\"\nttl = \"2m\"\n",
+        "[redis]\nurl = \"{}\"\n[health]\ninterval = \"1s\"\nunhealthy_threshold = 100\n[[routes]]\npath = \"/blog/{{slug}}\"\nttl = \"2m\"\n",
         r.url()
     );
     let mut cfg = config(replicas, "", &extra);

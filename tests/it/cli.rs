@@ -3,7 +3,9 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::support::process::{KillOnDrop, on_free_ports, until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_isrgate");
 
@@ -168,76 +170,68 @@ fn serve_refuses_a_bad_flag_and_names_it() {
 
 #[test]
 fn serve_drains_and_exits_zero_on_sigterm() {
-    let port = crate::support::free_port();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            "/dev/null",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--admin-listen",
-            "",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "gateway did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut child, _) = on_free_ports(1, |ports| {
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--config",
+                "/dev/null",
+                "--listen",
+                &format!("127.0.0.1:{}", ports[0]),
+                "--admin-listen",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    });
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut exit = None;
+    assert!(
+        until(Duration::from_secs(30), || {
+            exit = child.try_wait().expect("wait");
+            exit.is_some()
+        }),
+        "no exit after SIGTERM"
+    );
+    let exit = exit.expect("exited");
     assert!(exit.success(), "{exit:?}");
 }
 
 /// A gateway with 48 descriptors, silent connections uncut for a minute, and an upstream that
 /// refuses (every request answers 502 at once); started, and a first connection to it.
-fn short_of_descriptors() -> (std::process::Child, u16, std::net::TcpStream) {
-    let port = crate::support::free_port();
-    let script = format!(
-        "ulimit -n 48 && exec {BIN} serve --config /dev/null --listen 127.0.0.1:{port} \
-         --admin-listen '' --upstream http://127.0.0.1:9"
-    );
-    let child = Command::new("sh")
-        .args(["-c", &script])
-        .env("ISRGATE__LISTEN__HEADER_READ_TIMEOUT", "60s")
-        .env("ISRGATE__LISTEN__WORKERS", "1")
-        .env("ISRGATE__HEALTH__INTERVAL", "0s")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => return (child, port, s),
-            Err(_) => {
-                assert!(Instant::now() < deadline, "gateway did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+fn short_of_descriptors() -> (KillOnDrop, u16, std::net::TcpStream) {
+    let (child, ports) = on_free_ports(1, |ports| {
+        let script = format!(
+            "ulimit -n 48 && exec {BIN} serve --config /dev/null --listen 127.0.0.1:{} \
+             --admin-listen '' --upstream http://127.0.0.1:9",
+            ports[0]
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .env("ISRGATE__LISTEN__HEADER_READ_TIMEOUT", "60s")
+            .env("ISRGATE__LISTEN__WORKERS", "1")
+            .env("ISRGATE__HEALTH__INTERVAL", "0s")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    });
+    let port = ports[0];
+    let first = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    (child, port, first)
 }
 
 /// What became of a request sent on `s`: answered, or its connection closed; `None`: it hangs.
 fn ask(s: &std::net::TcpStream) -> Option<&'static str> {
     use std::io::{Read, Write};
     let mut s: &std::net::TcpStream = s;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
+    s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     if s.write_all(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n").is_err() {
         return Some("closed");
@@ -252,12 +246,18 @@ fn ask(s: &std::net::TcpStream) -> Option<&'static str> {
     }
 }
 
-fn stop(child: std::process::Child) -> String {
+/// Stops the gateway (SIGTERM) and returns its log.
+fn stop(mut child: KillOnDrop) -> String {
+    use std::io::Read;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let out = child.wait_with_output().expect("wait");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let mut log = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut log);
+    }
+    let _ = child.wait();
+    log
 }
 
 /// Out of descriptors, with every connection busy (silent ones count: they may still send), a

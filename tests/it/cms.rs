@@ -108,7 +108,7 @@ async fn get(gw: &Gateway, path: &str) -> Got {
 async fn all_cached(gw: &Gateway) {
     for (path, _) in PAGES {
         eventually!(
-            5,
+            10,
             get(gw, path).await.header("x-cache") == "HIT",
             "{path} cached"
         );
@@ -280,15 +280,20 @@ type Refused<'a> = (&'a str, Vec<(&'a str, &'a str)>, Bytes, &'a str);
 async fn a_cms_call_reaches_every_gateway() {
     let r = RedisProcess::start();
     let origin = site().await;
-    let extra = format!("{RULES}\n[redis]\nurl = \"{}\"\n", r.url());
+    // Redis commands get 5 s: on a loaded machine the serving 250 ms can pass, and the
+    // webhook then answers 503 (retry), which is right but not what this test checks.
+    let extra = format!(
+        "{RULES}\n[redis]\nurl = \"{}\"\ncommand_timeout = \"5s\"\n",
+        r.url()
+    );
     let gws = [
         gateway(&origin, &extra).await,
         gateway(&origin, &extra).await,
     ];
     for gw in &gws {
-        eventually!(5, bus_live(gw), "bus subscribed");
+        eventually!(10, bus_live(gw), "bus subscribed");
         let fleet = &gw.state.cache.as_ref().expect("cache").fleet;
-        eventually!(5, fleet.live().len() == 1, "the other gateway is live");
+        eventually!(10, fleet.live().len() == 1, "the other gateway is live");
     }
     all_cached(&gws[1]).await;
     let got = replay(
@@ -457,7 +462,14 @@ async fn the_url_only_form_purges_by_get_and_post_when_allowed() {
         !report.to_string().contains(SECRET),
         "the secret is not in the report"
     );
-    assert_eq!(purged(&gw).await, ["/blog", "/gallery", "/about"]);
+    let epochs = &gw.state.cache.as_ref().expect("cache").epochs;
+    assert_eq!(
+        purged(&gw).await,
+        ["/blog", "/gallery", "/about"],
+        "report {report}; invalidations {}, epoch {}",
+        gw.state.metrics.invalidations.get(),
+        epochs.current()
+    );
 
     all_cached(&gw).await;
     let got = call(

@@ -38,23 +38,21 @@ async fn fleet(n: usize, origin: &FakeNext, r: &RedisProcess, extra: &str) -> Ve
         gws.push(Gateway::start(config(&[origin.url()], "", &toml)).await);
     }
     for gw in &gws {
-        eventually!(5, bus_live(gw), "bus subscribed");
+        eventually!(10, bus_live(gw), "bus subscribed");
     }
     gws
 }
 
-/// `per_gateway` concurrent GETs of `path` on each gateway; each result with its latency.
-async fn burst(gws: &[Gateway], path: &str, per_gateway: usize) -> Vec<(Got, Duration)> {
+/// `per_gateway` concurrent GETs of `path` on each gateway.
+async fn burst(gws: &[Gateway], path: &str, per_gateway: usize) -> Vec<Got> {
     let c = Client::default();
     let mut tasks = Vec::new();
     for gw in gws {
         for _ in 0..per_gateway {
             let (c, url) = (c.clone(), gw.url(path));
-            tasks.push(tokio::spawn(async move {
-                let started = Instant::now();
-                let got = c.get(&url, &[("host", HOST)]).await;
-                (got, started.elapsed())
-            }));
+            tasks.push(tokio::spawn(
+                async move { c.get(&url, &[("host", HOST)]).await },
+            ));
         }
     }
     let mut out = Vec::new();
@@ -84,20 +82,20 @@ async fn three_gateways_and_300_concurrent_misses_make_one_render() {
     let results = burst(&gws, "/hot", 100).await;
 
     assert_eq!(origin.count("/hot"), 1, "one render for the whole fleet");
-    for (got, _) in &results {
+    for got in &results {
         assert_eq!(got.status, 200);
         assert_eq!(&got.body[..], b"<p>hot page</p>");
     }
     let led = results
         .iter()
-        .filter(|(g, _)| g.header("cache-status") == "isrgate; fwd=miss; stored")
+        .filter(|g| g.header("cache-status") == "isrgate; fwd=miss; stored")
         .count();
     assert_eq!(led, 1, "exactly one response rendered");
     let followed = sum(&gws, |m| m.coalesced_local.get() + m.coalesced_remote.get());
     assert!(followed >= 2, "the other gateways waited: {followed}");
     let hits = results
         .iter()
-        .filter(|(g, _)| g.header("x-cache") == "HIT")
+        .filter(|g| g.header("x-cache") == "HIT")
         .count();
     assert_eq!(
         led + hits + sum(&gws, |m| m.coalesced_local.get() + m.coalesced_remote.get()) as usize,
@@ -152,6 +150,9 @@ async fn a_dead_leaders_lock_expires_and_one_gateway_takes_over() {
     let gws = fleet(3, &origin, &r, "[coalesce]\nwait_timeout = \"60s\"\n").await;
     let hex = CacheKey::new("default", HOST, "/orphan", None, &Variant::Html).hex();
     let dead_ttl = Duration::from_millis(1_500);
+    // Before the lock is taken: however late the SET answers, the lock expires no sooner
+    // than `dead_ttl` after this.
+    let started = Instant::now();
     let set: Option<String> = raw(&r)
         .await
         .set(
@@ -164,13 +165,12 @@ async fn a_dead_leaders_lock_expires_and_one_gateway_takes_over() {
         .await
         .expect("set lock");
     assert!(set.is_some());
-    let started = Instant::now();
     let results = burst(&gws, "/orphan", 10).await;
     let elapsed = started.elapsed();
     assert!(
         results
             .iter()
-            .all(|(g, _)| g.status == 200 && &g.body[..] == b"<p>orphan</p>")
+            .all(|g| g.status == 200 && &g.body[..] == b"<p>orphan</p>")
     );
     assert_eq!(origin.count("/orphan"), 1, "one take-over render");
     assert!(
@@ -192,7 +192,16 @@ async fn a_leader_cut_mid_render_is_taken_over_with_one_extra_render() {
         o.route("/cut", route);
     })
     .await;
-    let gws = fleet(3, &origin, &r, "").await;
+    // Followers wait up to ten minutes and a lock lives as long: one that was not woken when
+    // the cut leader let go (held to its wait, or to the lock's expiry) would not be answered
+    // within the test client's 30 s.
+    let gws = fleet(
+        3,
+        &origin,
+        &r,
+        "[coalesce]\nwait_timeout = \"10m\"\nlock_ttl = \"10m\"\n",
+    )
+    .await;
     let c = Client::default();
     let leader = {
         let (c, url) = (c.clone(), gws[0].url("/cut"));
@@ -201,19 +210,16 @@ async fn a_leader_cut_mid_render_is_taken_over_with_one_extra_render() {
                 .await
         })
     };
-    eventually!(2, origin.count("/cut") == 1, "the first render started");
+    eventually!(10, origin.count("/cut") == 1, "the first render started");
     let followers: Vec<_> = gws[1..]
         .iter()
         .map(|gw| {
             let (c, url) = (c.clone(), gw.url("/cut"));
-            tokio::spawn(async move {
-                let started = Instant::now();
-                (c.get(&url, &[("host", HOST)]).await, started.elapsed())
-            })
+            tokio::spawn(async move { c.get(&url, &[("host", HOST)]).await })
         })
         .collect();
     eventually!(
-        2,
+        10,
         gws[1..]
             .iter()
             .all(|g| g.state.metrics.lock_contended.get() == 1),
@@ -229,14 +235,13 @@ async fn a_leader_cut_mid_render_is_taken_over_with_one_extra_render() {
         "the leader's client saw the cut"
     );
     for f in followers {
-        let (got, took) = f.await.expect("follower");
+        let got = f.await.expect("follower");
         assert_eq!(got.status, 200);
         assert_eq!(
             got.body.len(),
             4_000,
             "whole body from the take-over render"
         );
-        assert!(took < Duration::from_secs(5), "{took:?}");
     }
     assert_eq!(
         origin.count("/cut"),
@@ -275,7 +280,7 @@ async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
     let hex = CacheKey::new("default", HOST, "/ttl1", None, &Variant::Html).hex();
     let raw = raw(&r).await;
     eventually!(
-        5,
+        10,
         raw.exists::<u32, _>(&isrgate::cache::keys::entry_key(&hex))
             .await
             .unwrap_or(0)
@@ -284,6 +289,12 @@ async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
         "warm entry stored"
     );
     let renders_before = origin.count("/ttl1");
+    let waits = || {
+        sum(&gws, |m| {
+            m.follower_wait_ms.count() + m.follower_timeouts.get()
+        })
+    };
+    let waits_before = waits();
     let run = Duration::from_secs(5);
     let started = Instant::now();
     let mut loops = Vec::new();
@@ -291,28 +302,25 @@ async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
         for _ in 0..3 {
             let (c, url) = (c.clone(), gw.url("/ttl1"));
             loops.push(tokio::spawn(async move {
-                let mut slowest = Duration::ZERO;
                 let mut outcomes = Vec::new();
                 while started.elapsed() < run {
-                    let t = Instant::now();
                     let got = c.get(&url, &[("host", HOST)]).await;
-                    slowest = slowest.max(t.elapsed());
                     outcomes.push(got.header("x-cache").to_owned());
+                    // The pace of the load, not a wait for anything.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                (slowest, outcomes)
+                outcomes
             }));
         }
     }
-    let mut slowest = Duration::ZERO;
     let mut outcomes = Vec::new();
     for l in loops {
-        let (s, o) = l.await.expect("loop");
-        slowest = slowest.max(s);
-        outcomes.extend(o);
+        outcomes.extend(l.await.expect("loop"));
     }
     let refreshes = origin.count("/ttl1") - renders_before;
-    let windows = run.as_secs() as usize;
+    // The TTL windows the load really lasted (a loaded machine finishes its last requests
+    // late, and a late request may find the entry stale once more).
+    let windows = started.elapsed().as_secs_f64().ceil() as usize;
     assert!(
         refreshes <= windows + 1,
         "{refreshes} renders in {windows} one-second windows"
@@ -334,9 +342,11 @@ async fn expiry_under_load_refreshes_once_per_ttl_for_the_fleet() {
             .filter(|(_, o)| *o != "HIT" && *o != "STALE")
             .collect::<Vec<_>>()
     );
+    // A request that waited for a render, whatever it was answered, waited as a follower.
+    let waited = waits() - waits_before;
     assert!(
-        slowest < render,
-        "no client waited for a {render:?} refresh: slowest {slowest:?}"
+        waited <= missed,
+        "no client waited for a refresh: {waited} waits, {missed} misses"
     );
     assert!(
         sum(&gws, |m| m.refreshes_of(Refreshed::Elsewhere)) + sum(&gws, |m| m.refreshes_run())
@@ -354,15 +364,15 @@ async fn an_uncacheable_answer_releases_followers_at_once() {
         o.route("/me", page("<p>mine</p>", "private, no-store", render));
     })
     .await;
-    // A follower held to its wait would take 30 s: anything far below says it was released.
-    let gws = fleet(2, &origin, &r, "[coalesce]\nwait_timeout = \"30s\"\n").await;
-    let started = Instant::now();
+    // A follower held to its wait (ten minutes) would not be answered within the test
+    // client's 30 s, and would count as a follower timeout.
+    let gws = fleet(2, &origin, &r, "[coalesce]\nwait_timeout = \"10m\"\n").await;
     let results = burst(&gws, "/me", 25).await;
-    let elapsed = started.elapsed();
-    assert!(results.iter().all(|(g, _)| g.status == 200));
-    assert!(
-        elapsed < Duration::from_secs(15),
-        "released, not held to the 30 s wait: {elapsed:?}"
+    assert!(results.iter().all(|g| g.status == 200));
+    assert_eq!(
+        sum(&gws, |m| m.follower_timeouts.get()),
+        0,
+        "released, not held to the wait"
     );
     assert_eq!(
         origin.count("/me"),
@@ -370,11 +380,9 @@ async fn an_uncacheable_answer_releases_followers_at_once() {
         "each fetched its own private answer"
     );
     // Within hit-for-miss, nobody waits on anybody.
-    let started = Instant::now();
     let again = burst(&gws, "/me", 25).await;
-    let elapsed = started.elapsed();
-    assert!(again.iter().all(|(g, _)| g.status == 200));
-    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    assert!(again.iter().all(|g| g.status == 200));
+    assert_eq!(sum(&gws, |m| m.follower_timeouts.get()), 0);
     assert_eq!(sum(&gws, |m| m.hit_for_miss.get()), 50);
 }
 
@@ -393,7 +401,7 @@ async fn without_redis_each_gateway_still_coalesces_locally() {
     assert!(
         results
             .iter()
-            .all(|(g, _)| g.status == 200 && &g.body[..] == b"<p>down</p>")
+            .all(|g| g.status == 200 && &g.body[..] == b"<p>down</p>")
     );
     assert_eq!(origin.count("/down"), 3, "one render per gateway");
     assert!(
@@ -408,8 +416,10 @@ async fn without_redis_each_gateway_still_coalesces_locally() {
 async fn a_slow_leader_client_does_not_hold_the_followers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let r = RedisProcess::start();
-    // 40 MB: far past the channel and the socket buffers, under max_entry_bytes (64 MiB here).
-    let route = Route::stream(640, 64 * 1024)
+    // 16 MiB: far past what the leader's client can hold unread (its 4 KB receive buffer, the
+    // gateway's send buffer of at most 4 MiB), under max_entry_bytes (64 MiB here).
+    const CHUNKS: usize = 256;
+    let route = Route::stream(CHUNKS, 64 * 1024)
         .content_type("text/html; charset=utf-8")
         .header("cache-control", ISR);
     let origin = FakeNext::start(|o| {
@@ -417,17 +427,20 @@ async fn a_slow_leader_client_does_not_hold_the_followers() {
     })
     .await;
     // The slow client is cut only after 10 minutes: a follower held by it would not be
-    // answered within the test client's 30 s, whatever the machine's load.
+    // answered within the test client's 30 s, whatever the machine's load. The follower waits
+    // as long (not the 10 s default, which a loaded machine's copy and gzip of the body can
+    // outlast, and then it renders for itself).
     let gws = fleet(
         1,
         &origin,
         &r,
-        "[cache]\nmax_entry_bytes = 67108864\n[listen]\nsend_timeout = \"10m\"\n",
+        "[cache]\nmax_entry_bytes = 67108864\n[listen]\nsend_timeout = \"10m\"\n\
+         [coalesce]\nwait_timeout = \"10m\"\n",
     )
     .await;
-    let mut leader = tokio::net::TcpStream::connect(gws[0].addr)
-        .await
-        .expect("connect");
+    let leader = tokio::net::TcpSocket::new_v4().expect("socket");
+    leader.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut leader = leader.connect(gws[0].addr).await.expect("connect");
     leader
         .write_all(format!("GET /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
         .await
@@ -445,8 +458,15 @@ async fn a_slow_leader_client_does_not_hold_the_followers() {
         .await
         .expect("the follower is served while the leader's client still reads nothing");
     assert_eq!(follower.status, 200);
-    assert_eq!(follower.body.len(), 640 * 64 * 1024);
-    assert_eq!(origin.count("/big"), 1);
+    assert_eq!(follower.body.len(), CHUNKS * 64 * 1024);
+    let m = &gws[0].state.metrics;
+    assert_eq!(
+        origin.count("/big"),
+        1,
+        "follower timeouts {}, abandoned {}",
+        m.follower_timeouts.get(),
+        m.leaders_abandoned.get()
+    );
     assert_eq!(
         gws[0].state.metrics.coalesced_local.get(),
         1,
@@ -494,7 +514,7 @@ async fn a_cold_miss_reads_and_locks_in_one_round_trip_before_the_render() {
     assert_eq!(got.status, 200);
     assert_eq!(got.header("cache-status"), "isrgate; fwd=miss; stored");
     eventually!(
-        5,
+        10,
         r.cli(&["KEYS", "isr:*:l"]).trim().is_empty(),
         "lock released"
     );

@@ -343,14 +343,18 @@ async fn a_render_says_how_many_requests_wait_for_it() {
             s
         }
     });
-    eventually!(5, origin.count("/w") == 1, "the leader reached the replica");
+    eventually!(
+        10,
+        origin.count("/w") == 1,
+        "the leader reached the replica"
+    );
     let follower = tokio::spawn({
         let c = Client::default();
         let url = format!("http://{}/w", gw.addr);
         async move { c.get(&url, &[("host", "site.test"), ASK]).await }
     });
     eventually!(
-        5,
+        10,
         cache.flights.followers(key.hash) == 1,
         "the follower waits"
     );

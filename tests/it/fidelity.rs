@@ -53,7 +53,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut chunk))
             .await
             .expect("read timed out")
             .expect("read");
@@ -280,7 +280,7 @@ async fn websocket_echo_through_the_tunnel() {
         ws.send(tokio_tungstenite::tungstenite::Message::text(text))
             .await
             .expect("send");
-        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        let echoed = tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
             .expect("echo in time")
             .expect("a frame")

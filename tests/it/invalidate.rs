@@ -42,11 +42,11 @@ async fn gateways(origin: &FakeNext, r: &RedisProcess, n: usize) -> Vec<Gateway>
         gws.push(Gateway::start(cfg).await);
     }
     for gw in &gws {
-        eventually!(5, bus_live(gw), "bus subscribed");
+        eventually!(10, bus_live(gw), "bus subscribed");
     }
     // Everyone has heard everyone's heartbeat (acknowledgements are awaited from live ones).
     eventually!(
-        5,
+        10,
         gws.iter().all(|g| fleet(g).live().len() == n - 1),
         "fleet membership"
     );
@@ -96,12 +96,12 @@ async fn epoch_in_redis(r: &RedisProcess) -> Option<String> {
 async fn warm(r: &RedisProcess, gws: &[Gateway], path: &str, body: &str) {
     assert_eq!(&get(&gws[0], path).await.body[..], body.as_bytes());
     eventually!(
-        5,
+        10,
         get(&gws[1], path).await.header("x-cache") == "HIT",
         "gateway 2 hits"
     );
     eventually!(
-        5,
+        10,
         r.cli(&["KEYS", "isr:*:l"]).trim().is_empty(),
         "fill lock released"
     );
@@ -141,7 +141,7 @@ async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
     );
     let m = &gws[1].state.metrics;
     eventually!(
-        5,
+        10,
         origin.count("/news") == 2,
         "one refresh: refreshes {} elsewhere {} fallbacks {} errors {}",
         m.refreshes_run(),
@@ -151,7 +151,7 @@ async fn a_soft_path_purge_serves_stale_once_then_the_new_page_everywhere() {
     );
     for gw in &gws {
         eventually!(
-            5,
+            10,
             {
                 let g = get(gw, "/news").await;
                 g.header("x-cache") == "HIT" && &g.body[..] == b"v2"
@@ -273,7 +273,7 @@ async fn a_render_racing_a_purge_is_stale_at_once() {
         let url = gw.url("/slow");
         tokio::spawn(async move { Client::default().get(&url, &[("host", HOST)]).await })
     };
-    eventually!(2, origin.count("/slow") == 1, "render started");
+    eventually!(10, origin.count("/slow") == 1, "render started");
     assert_eq!(
         revalidate(gw, r#"{"paths":["/slow"],"rewarm":false}"#)
             .await
@@ -601,7 +601,7 @@ async fn the_purge_command_reaches_running_gateways() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("epoch ") && out.contains("path:/cli"), "{out}");
     eventually!(
-        5,
+        10,
         get(&gws[0], "/cli").await.header("x-cache") == "MISS",
         "the running gateway applied it"
     );
@@ -668,7 +668,7 @@ async fn rewarm_with_a_preview_mode_id_stores_only_fresh_renders() {
     });
     cfg.webhook.preview_mode_id = Some(http::HeaderValue::from_static("preview-id-123"));
     let gw = Gateway::start(cfg).await;
-    eventually!(5, bus_live(&gw), "bus");
+    eventually!(10, bus_live(&gw), "bus");
     let answer = revalidate(&gw, r#"{"paths":["/fresh","/own-copy"]}"#).await;
     let report = json(&answer);
     assert_eq!(report["rewarm"][0]["outcome"], "stored", "{report}");
@@ -768,7 +768,7 @@ async fn a_purge_missed_while_the_bus_was_away_is_never_served() {
 
     // A real reconnect: the bus reads every invalidation again, and Redis is read again.
     r.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-    eventually!(5, cache.epochs.is_synced(), "invalidations reloaded");
+    eventually!(10, cache.epochs.is_synced(), "invalidations reloaded");
     let misses = gws[1].state.metrics.cache_unsynced_misses.get();
     let mut bodies = Vec::new();
     for _ in 0..2 {
@@ -936,7 +936,7 @@ async fn a_replica_calling_the_fleet_function_purges_every_gateway() {
     assert!(epoch.trim().parse::<u64>().is_ok(), "{epoch}");
     for gw in &gws {
         eventually!(
-            5,
+            10,
             &get(gw, "/a").await.body[..] == b"a2",
             "the replica's purge reached every gateway"
         );
@@ -980,7 +980,7 @@ async fn without_functions_a_purge_goes_as_a_script() {
     });
     let gw = Gateway::start(cfg).await;
     eventually!(
-        5,
+        10,
         bus_live(&gw)
             && gw
                 .state
@@ -990,7 +990,11 @@ async fn without_functions_a_purge_goes_as_a_script() {
         "on the bus, invalidations loaded"
     );
     assert_eq!(get(&gw, "/a").await.header("x-cache"), "MISS");
-    eventually!(5, get(&gw, "/a").await.header("x-cache") == "HIT", "cached");
+    eventually!(
+        10,
+        get(&gw, "/a").await.header("x-cache") == "HIT",
+        "cached"
+    );
     origin.route("/a", page("a2"));
     let answer = revalidate(&gw, r#"{"paths":["/a"],"mode":"hard","rewarm":false}"#).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use crate::eventually;
 use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::redis::RedisProcess;
-use crate::support::{Client, Gateway, Got, bus_live, config};
+use crate::support::{Client, Gateway, Got, bus_live, config, settled};
 
 /// Checks every 100 ms; a replica is out after one failed check, back after one good one.
 const FAST_CHECKS: &str = "[health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 1\n";
@@ -84,7 +84,7 @@ async fn not_ready_before_the_start_up_look_but_alive() {
         async move { c.try_send("GET", &url, &[], bytes::Bytes::new()).await }
     };
     eventually!(
-        5,
+        10,
         get("/healthz").await.is_ok(),
         "the admin port answers during start-up"
     );
@@ -118,8 +118,8 @@ async fn ready_while_the_cache_serves_stale_with_every_replica_down() {
     .await;
     let extra = format!("[redis]\nurl = \"{}\"\n{FAST_CHECKS}", r.url());
     let gw = Gateway::start(config(&[origin.url()], "", &extra)).await;
-    eventually!(5, bus_live(&gw), "bus subscribed");
-    eventually!(5, readyz(&gw).await.0 == 200, "ready once started");
+    eventually!(10, bus_live(&gw), "bus subscribed");
+    eventually!(10, readyz(&gw).await.0 == 200, "ready once started");
     let (_, ready) = readyz(&gw).await;
     assert_eq!(ready["reason"], serde_json::Value::Null, "{ready}");
     assert_eq!(ready["started"], true, "{ready}");
@@ -128,11 +128,11 @@ async fn ready_while_the_cache_serves_stale_with_every_replica_down() {
     let c = Client::default();
     assert_eq!(c.get(&gw.url("/p"), &[]).await.header("x-cache"), "MISS");
     let cache = gw.state.cache.as_ref().expect("cache on");
-    eventually!(5, cache.tasks.is_empty(), "the fill stored");
+    settled(&gw).await;
 
     origin.stop().await;
     eventually!(
-        5,
+        10,
         readyz(&gw).await.1["replicas_healthy"] == 0,
         "the dead replica is seen unhealthy"
     );
@@ -160,9 +160,13 @@ async fn without_the_cache_no_healthy_replica_is_not_ready() {
     .await;
     let extra = format!("[cache]\nenabled = false\n{FAST_CHECKS}");
     let gw = Gateway::start(config(&[origin.url()], "", &extra)).await;
-    eventually!(5, readyz(&gw).await.0 == 200, "ready with its replica");
+    eventually!(10, readyz(&gw).await.0 == 200, "ready with its replica");
     origin.stop().await;
-    eventually!(5, readyz(&gw).await.0 == 503, "nothing to serve: not ready");
+    eventually!(
+        10,
+        readyz(&gw).await.0 == 503,
+        "nothing to serve: not ready"
+    );
     let (_, ready) = readyz(&gw).await;
     assert_eq!(ready["reason"], "no_healthy_replica", "{ready}");
     assert_eq!(ready["cache"], "off", "{ready}");
@@ -179,10 +183,10 @@ async fn not_ready_while_draining_and_alive_until_the_end() {
     assert_eq!(readyz(&gw).await.0, 200);
     let url = gw.url("/slow");
     let in_flight = tokio::spawn(async move { Client::default().get(&url, &[]).await });
-    eventually!(5, origin.count("/slow") == 1, "a request in flight");
+    eventually!(10, origin.count("/slow") == 1, "a request in flight");
 
     let run = gw.shutdown();
-    eventually!(5, readyz(&gw).await.0 == 503, "not ready once stopping");
+    eventually!(10, readyz(&gw).await.0 == 503, "not ready once stopping");
     let (_, ready) = readyz(&gw).await;
     assert_eq!(
         (&ready["reason"], &ready["draining"], &ready["accepting"]),
@@ -210,8 +214,9 @@ async fn during_the_accept_grace_new_connections_are_served_then_refused() {
         o.route("/p", Route::html("p"));
     })
     .await;
-    let grace = Duration::from_secs(3);
-    let mut gw = Gateway::start(config(&[origin.url()], "accept_grace = \"3s\"", "")).await;
+    // Long enough for a loaded machine to check inside it.
+    let grace = Duration::from_secs(10);
+    let mut gw = Gateway::start(config(&[origin.url()], "accept_grace = \"10s\"", "")).await;
     assert!(
         on_a_new_connection(&gw, "/p")
             .await
@@ -222,7 +227,7 @@ async fn during_the_accept_grace_new_connections_are_served_then_refused() {
     let asked = Instant::now();
     let run = gw.shutdown();
     eventually!(
-        5,
+        10,
         readyz(&gw).await.0 == 503,
         "not ready at once, accept grace or not"
     );
@@ -234,14 +239,14 @@ async fn during_the_accept_grace_new_connections_are_served_then_refused() {
     );
     let answer = on_a_new_connection(&gw, "/p").await;
     assert!(
-        asked.elapsed() < grace,
+        !gw.state.draining.is_cancelled(),
         "the machine was too slow to check inside the grace"
     );
     let answer = answer.expect("a new connection within the accept grace is accepted");
     assert!(answer.starts_with("HTTP/1.1 200"), "served: {answer}");
 
     eventually!(
-        10,
+        30,
         TcpStream::connect(gw.addr).await.is_err(),
         "the listener closes after the accept grace"
     );
@@ -250,7 +255,7 @@ async fn during_the_accept_grace_new_connections_are_served_then_refused() {
         "closed only after the grace: {:?}",
         asked.elapsed()
     );
-    tokio::time::timeout(Duration::from_secs(10), run)
+    tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("drained")
         .expect("task");

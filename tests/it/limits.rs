@@ -6,7 +6,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::origin::{FakeNext, Route};
+use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::{Client, Gateway, config};
 
 async fn echo_origin() -> FakeNext {
@@ -53,7 +53,7 @@ async fn oversize_bodies_get_413_declared_or_streamed() {
     req.extend_from_slice(b"0\r\n\r\n");
     s.write_all(&req).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert_eq!(gw.state.metrics.body_too_large.get(), 2);
@@ -79,7 +79,7 @@ async fn slow_request_head_is_cut_but_idle_keep_alive_is_not() {
     let origin = echo_origin().await;
     let gw = Gateway::start(config(
         &[origin.url()],
-        "header_read_timeout = \"300ms\"\nidle_timeout = \"5s\"",
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"60s\"",
         "",
     ))
     .await;
@@ -91,16 +91,14 @@ async fn slow_request_head_is_cut_but_idle_keep_alive_is_not() {
         .await
         .expect("write");
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+    // Cut at the header timeout: not before it, and long before the idle timeout.
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
         .await
         .expect("the gateway must close the connection")
         .unwrap_or(0);
     assert_eq!(n, 0, "closed without a response");
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
     assert_eq!(gw.state.metrics.header_timeouts.get(), 1);
 
     // A keep-alive connection idle longer than the header timeout is still usable.
@@ -109,7 +107,7 @@ async fn slow_request_head_is_cut_but_idle_keep_alive_is_not() {
         s.write_all(b"GET /p HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .expect("write");
-        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut [0u8; 4096]))
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut [0u8; 4096]))
             .await
             .expect("response")
             .expect("read");
@@ -151,7 +149,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let mut buf = vec![0u8; 4096];
     assert!(s.read(&mut buf).await.expect("read") > 0);
     let started = Instant::now();
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
         .await
         .expect("closed in time")
         .unwrap_or(0);
@@ -182,7 +180,11 @@ async fn over_the_concurrency_limit_requests_are_shed_with_503() {
             tokio::spawn(async move { c.get(&u, &[]).await.status })
         })
         .collect();
-    crate::eventually!(2, origin.count("/slow") == 2, "two slow requests in flight");
+    crate::eventually!(
+        10,
+        origin.count("/slow") == 2,
+        "two slow requests in flight"
+    );
     let shed = c.get(&gw.url("/p"), &[]).await;
     assert_eq!(shed.status, 503);
     assert_eq!(shed.header("retry-after"), "1");
@@ -202,48 +204,52 @@ async fn over_the_concurrency_limit_requests_are_shed_with_503() {
     assert_eq!(gw.state.metrics.shed.get(), 1);
 }
 
+/// The drain waits for the request in flight, and no longer: its grace is ten minutes, so a
+/// drain held to it would miss the 30 s bound.
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_and_refuses_new_ones() {
-    let origin = echo_origin().await;
-    let mut gw = Gateway::start(config(&[origin.url()], "shutdown_grace = \"5s\"", "")).await;
+    let gate = Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route("/held", Route::html("held").gated(&gate));
+    })
+    .await;
+    let mut gw = Gateway::start(config(&[origin.url()], "shutdown_grace = \"10m\"", "")).await;
     let c = Client::default();
-    let url = gw.url("/slow");
+    let url = gw.url("/held");
     let in_flight = tokio::spawn({
         let c = c.clone();
         async move { c.get(&url, &[]).await }
     });
-    crate::eventually!(2, origin.count("/slow") == 1, "slow request in flight");
-    let started = Instant::now();
+    crate::eventually!(10, origin.count("/held") == 1, "request in flight");
     let run = gw.shutdown();
     let readyz = format!("http://{}/readyz", gw.admin.expect("admin"));
     crate::eventually!(
-        2,
+        10,
         c.get(&readyz, &[]).await.status == 503,
         "not ready while draining"
     );
     let ready = c.get(&readyz, &[]).await;
     assert!(String::from_utf8_lossy(&ready.body).contains("\"draining\":true"));
+    gate.open();
     let got = in_flight.await.expect("task");
     assert_eq!(got.status, 200);
-    assert_eq!(got.body, "slow");
-    tokio::time::timeout(Duration::from_secs(3), run)
+    assert_eq!(got.body, "held");
+    tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("drain ends once in-flight work is done")
         .expect("task");
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert!(
         TcpStream::connect(gw.addr).await.is_err(),
         "listener closed"
     );
 }
 
+/// A request that never ends is cut at the grace: not before, and the drain ends then.
 #[tokio::test]
 async fn shutdown_grace_bounds_the_drain() {
+    let never = Gate::new();
     let origin = FakeNext::start(|o| {
-        o.route(
-            "/stuck",
-            Route::html("never").delay(Duration::from_secs(30)),
-        );
+        o.route("/stuck", Route::html("never").gated(&never));
     })
     .await;
     let mut gw = Gateway::start(config(&[origin.url()], "shutdown_grace = \"300ms\"", "")).await;
@@ -253,17 +259,14 @@ async fn shutdown_grace_bounds_the_drain() {
             .try_send("GET", &url, &[], Bytes::new())
             .await
     });
-    crate::eventually!(2, origin.count("/stuck") == 1, "request in flight");
+    crate::eventually!(10, origin.count("/stuck") == 1, "request in flight");
     let started = Instant::now();
-    tokio::time::timeout(Duration::from_secs(3), gw.shutdown())
+    tokio::time::timeout(Duration::from_secs(10), gw.shutdown())
         .await
         .expect("exits within the grace bound")
         .expect("task");
     let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(300), "{took:?}");
 }
 
 #[tokio::test]
@@ -279,7 +282,7 @@ async fn a_client_that_stops_reading_is_cut_and_frees_the_replica() {
         .expect("write");
     // Read nothing: socket buffers fill and the gateway's writes block.
     crate::eventually!(
-        5,
+        10,
         gw.state.metrics.send_timeouts.get() == 1,
         "slow reader cut"
     );
@@ -290,7 +293,7 @@ async fn a_client_that_stops_reading_is_cut_and_frees_the_replica() {
             .with(|l| l.iter().map(|r| r.in_flight()).sum::<u32>())
     };
     crate::eventually!(
-        2,
+        10,
         in_flight() == 0,
         "the replica's in-flight slot is released"
     );
@@ -305,10 +308,10 @@ async fn a_client_aborting_its_upload_is_its_own_fault() {
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\npartial")
         .await
         .expect("write");
-    crate::eventually!(2, origin.count("/echo") == 1, "upload reached the replica");
+    crate::eventually!(10, origin.count("/echo") == 1, "upload reached the replica");
     drop(s);
     crate::eventually!(
-        2,
+        10,
         gw.state.metrics.client_body_errors.get() == 1,
         "counted as client error"
     );
@@ -319,7 +322,7 @@ async fn a_client_aborting_its_upload_is_its_own_fault() {
             .replicas()
             .with(|l| l.iter().map(|r| r.in_flight()).sum::<u32>())
     };
-    crate::eventually!(2, in_flight() == 0, "in-flight released");
+    crate::eventually!(10, in_flight() == 0, "in-flight released");
 }
 
 #[tokio::test]

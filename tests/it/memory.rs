@@ -4,13 +4,14 @@
 //! from `/proc` (Linux): RSS, plus the sealed bodies it holds (memory files sent with
 //! `sendfile`, never mapped, so never in its RSS).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::Client;
 use crate::support::origin::{FakeNext, Route};
+use crate::support::process::{KillOnDrop, on_free_ports};
 use crate::support::redis::RedisProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_isrgate");
@@ -18,34 +19,38 @@ const MIB: u64 = 1024 * 1024;
 
 /// A gateway process, killed when dropped.
 struct Process {
-    child: Child,
+    child: KillOnDrop,
     port: u16,
 }
 
 impl Process {
     fn start(l1_bytes: u64, redis: &RedisProcess, origin: &FakeNext) -> Process {
-        let port = crate::support::free_port();
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--config",
-                "/dev/null",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                "",
-                "--redis",
-                &redis.url(),
-                "--upstream",
-                &origin.url(),
-            ])
-            .env("ISRGATE__CACHE__L1_MAX_BYTES", l1_bytes.to_string())
-            .env("ISRGATE__LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the gateway");
-        Process { child, port }
+        let (child, ports) = on_free_ports(1, |ports| {
+            Command::new(BIN)
+                .args([
+                    "serve",
+                    "--config",
+                    "/dev/null",
+                    "--listen",
+                    &format!("127.0.0.1:{}", ports[0]),
+                    "--admin-listen",
+                    "",
+                    "--redis",
+                    &redis.url(),
+                    "--upstream",
+                    &origin.url(),
+                ])
+                .env("ISRGATE__CACHE__L1_MAX_BYTES", l1_bytes.to_string())
+                .env("ISRGATE__LOG__LEVEL", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn the gateway")
+        });
+        Process {
+            child,
+            port: ports[0],
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -63,13 +68,6 @@ impl Process {
             .and_then(|v| v.parse().ok())
             .expect("VmRSS");
         rss_kib * 1024 + sealed_bytes(pid)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -118,21 +116,19 @@ async fn fill(gw: &Process, prefix: &str, count: usize, concurrency: usize, len:
 
 /// Waits until the gateway answers.
 async fn ready(gw: &Process) {
-    let deadline = Instant::now() + Duration::from_secs(30);
     let c = Client::default();
-    while c
-        .try_send(
+    crate::eventually!(
+        30,
+        c.try_send(
             "GET",
             &gw.url("/ready"),
             &[("host", "mem.test")],
             bytes::Bytes::new(),
         )
         .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .is_ok(),
+        "the gateway did not start"
+    );
 }
 
 /// What the process holds once the fill is over: the least of what it holds over the next

@@ -90,6 +90,7 @@ async fn idle_connections_expire() {
     c.get(&gw.url("/p"), &[]).await;
     c.get(&gw.url("/p"), &[]).await;
     assert_eq!(origin.connections() - looked, 1);
+    // Idle past the timeout, in real time: the pool reads the monotonic clock at checkout.
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.get(&gw.url("/p"), &[]).await;
     assert_eq!(

@@ -13,7 +13,7 @@ use isrgate::proxy::refresh::Refreshed;
 use crate::eventually;
 use crate::support::origin::{FakeNext, Gate, Route};
 use crate::support::redis::RedisProcess;
-use crate::support::{Client, Gateway, bus_live, config};
+use crate::support::{Client, Gateway, bus_live, config, settled};
 
 const ISR: &str = "s-maxage=60, stale-while-revalidate=600";
 const PREVIEW_MODE_ID: &str = "0123456789abcdef0123456789abcdef";
@@ -28,7 +28,7 @@ async fn gateway(origin: &FakeNext, r: &RedisProcess, preview: bool) -> Gateway 
         cfg.webhook.preview_mode_id = Some(HeaderValue::from_static(PREVIEW_MODE_ID));
     }
     let gw = Gateway::start(cfg).await;
-    eventually!(5, bus_live(&gw), "bus subscribed");
+    eventually!(10, bus_live(&gw), "bus subscribed");
     gw
 }
 
@@ -36,12 +36,6 @@ fn isr(body: &str, x_nextjs_cache: &str) -> Route {
     Route::html(body)
         .header("cache-control", ISR)
         .header("x-nextjs-cache", x_nextjs_cache)
-}
-
-/// Waits until `gw`'s background fills are over (the entry stored, the fill lock released).
-async fn settled(gw: &Gateway) {
-    let cache = gw.state.cache.as_ref().expect("cache on");
-    eventually!(5, cache.tasks.is_empty(), "background fills done");
 }
 
 fn advance(gw: &Gateway, secs: u64) {
@@ -84,7 +78,7 @@ async fn a_refresh_asks_for_a_regeneration_and_never_stores_the_replicas_stale_c
         ("STALE", &b"v1"[..])
     );
     eventually!(
-        5,
+        10,
         gw.state.metrics.fills_not_rendered.get() == 1,
         "the refresh got a copy and stored nothing"
     );
@@ -103,7 +97,7 @@ async fn a_refresh_asks_for_a_regeneration_and_never_stores_the_replicas_stale_c
     // The replica regenerates: the next refresh stores the render.
     origin.route("/p", isr("v2", "REVALIDATED"));
     eventually!(
-        5,
+        10,
         {
             let got = c.get(&url, &[]).await;
             got.header("x-cache") == "HIT" && &got.body[..] == b"v2"
@@ -133,7 +127,7 @@ async fn without_the_preview_id_a_refresh_still_never_stores_a_stale_copy() {
     advance(&gw, 61);
     assert_eq!(&c.get(&url, &[]).await.body[..], b"v1");
     eventually!(
-        5,
+        10,
         gw.state.metrics.fills_not_rendered.get() == 1,
         "the stale copy was refused"
     );
@@ -150,7 +144,7 @@ async fn without_the_preview_id_a_refresh_still_never_stores_a_stale_copy() {
     // The replica's background render landed: its fresh answer is a render we take.
     origin.route("/q", isr("v2", "HIT"));
     eventually!(
-        5,
+        10,
         &c.get(&url, &[]).await.body[..] == b"v2",
         "the replica's new page is stored"
     );
@@ -216,7 +210,7 @@ async fn build_assets_are_fetched_once_for_the_fleet_and_served_gzip() {
     assert_eq!(first.status, 200);
     assert_eq!(inflate_if_gzip(&first), chunk.as_bytes());
     eventually!(
-        5,
+        10,
         c.get(&g2.url(path), &gzip).await.header("x-cache") == "HIT",
         "the second gateway serves the asset from the shared cache"
     );
@@ -311,7 +305,7 @@ async fn html_and_rsc_of_a_page_are_refreshed_by_one_render() {
     let m = &gw.state.metrics;
     // Counted when the refresh task ends, just after its render landed.
     eventually!(
-        5,
+        10,
         m.refreshes_run() == 1,
         "one refresh: {}",
         m.refreshes_run()

@@ -12,30 +12,19 @@ use bytes::Bytes;
 use isrgate::Options;
 
 use crate::support::origin::{FakeNext, Route};
-use crate::support::{Client, Gateway, config, free_port};
+use crate::support::process::on_free_ports;
+use crate::support::{Client, Gateway, config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_isrgate");
 const TOKEN: &str = "reload-test-token";
 
-/// A gateway process, killed when the test ends however it ends (an assertion that fails
-/// must not leave it running).
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.0.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
+/// Sends signal `name` to `child`.
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
 }
 
 /// The process's log, a line at a time.
@@ -79,14 +68,15 @@ fn gateway_file(port: u16, admin: u16, replica: &str, extra: &str) -> String {
     )
 }
 
-/// Requests `/p` (never cached) from `clients` loops until `stop`: (answered 200, anything else).
+/// Requests `/p` (never cached) from `clients` loops until `stop`, counting answers of 200 in
+/// `ok`: (answered 200, anything else).
 fn load(
     url: String,
     clients: usize,
     stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
     tokio::spawn(async move {
-        let ok = Arc::new(AtomicUsize::new(0));
         let mut loops = tokio::task::JoinSet::new();
         for _ in 0..clients {
             let (url, stop, ok) = (url.clone(), Arc::clone(&stop), Arc::clone(&ok));
@@ -113,8 +103,8 @@ fn load(
 
 /// The operator's path: SIGHUP with an invalid file changes nothing (the log names the
 /// problem), SIGHUP with a valid one moves the traffic to the new replica and reports the key
-/// that needs a restart, `isrgate reload` does the same through the admin API; ten seconds of
-/// requests all the while, none failed.
+/// that needs a restart, `isrgate reload` does the same through the admin API; requests all
+/// the while (a hundred more after the last reload), none failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_and_isrgate_reload_apply_live_settings_without_dropping_a_request() {
     let a = FakeNext::start(|o| {
@@ -125,34 +115,36 @@ async fn sighup_and_isrgate_reload_apply_live_settings_without_dropping_a_reques
         o.route("/p", Route::html("B").header("cache-control", "no-store"));
     })
     .await;
-    let (port, admin) = (free_port(), free_port());
-    let mut cfg = tempfile::Builder::new()
+    let cfg = tempfile::Builder::new()
         .suffix(".toml")
         .tempfile()
         .expect("temp");
-    cfg.write_all(gateway_file(port, admin, &a.url(), "").as_bytes())
-        .expect("write");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(cfg.path())
-        .env("ISRGATE_ADMIN_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let log = Log::of(&mut child);
-    let gw = Process(child);
+    let (mut gw, ports) = on_free_ports(2, |ports| {
+        std::fs::write(cfg.path(), gateway_file(ports[0], ports[1], &a.url(), "")).expect("write");
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(cfg.path())
+            .env("ISRGATE_ADMIN_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    });
+    let (port, admin) = (ports[0], ports[1]);
+    let log = Log::of(&mut gw);
     log.wait_for("isrgate serving");
     let url = format!("http://127.0.0.1:{port}/p");
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = load(url.clone(), 4, Arc::clone(&stop));
+    let (stop, answered) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let traffic = load(url.clone(), 4, Arc::clone(&stop), Arc::clone(&answered));
     let client = Client::default();
 
     // Invalid: a bad value beside a new replica; nothing of it is applied.
     let bad = gateway_file(port, admin, &b.url(), "[health]\ninterval = \"soon\"\n");
     std::fs::write(cfg.path(), bad).expect("rewrite");
-    gw.signal("HUP");
+    signal(&gw, "HUP");
     let line = log.wait_for("configuration not reloaded");
     assert!(line.contains("health.interval"), "{line}");
     assert_eq!(
@@ -167,7 +159,7 @@ async fn sighup_and_isrgate_reload_apply_live_settings_without_dropping_a_reques
         "accept_grace = \"0s\"\nworkers = 1",
     );
     std::fs::write(cfg.path(), good).expect("rewrite");
-    gw.signal("HUP");
+    signal(&gw, "HUP");
     let line = log.wait_for("configuration reloaded");
     assert!(line.contains("upstream.replicas"), "{line}");
     assert!(line.contains("listen.workers"), "{line}");
@@ -208,9 +200,14 @@ async fn sighup_and_isrgate_reload_apply_live_settings_without_dropping_a_reques
     assert!(err.contains("cache.max_ttl"), "{err}");
     assert_eq!(&client.get(&url, &[]).await.body[..], b"B");
 
-    // Ten seconds of traffic through all of it, none failed.
-    let left = Duration::from_secs(10).saturating_sub(started.elapsed());
-    tokio::time::sleep(left).await;
+    // Traffic through all of it and a hundred answers past it, none failed.
+    let past = answered.load(Relaxed) + 100;
+    crate::eventually!(
+        30,
+        answered.load(Relaxed) >= past,
+        "traffic goes on after the reloads: {} answered",
+        answered.load(Relaxed)
+    );
     stop.store(true, Relaxed);
     let (ok, failed) = traffic.await.expect("load");
     assert!(
@@ -225,7 +222,7 @@ async fn sighup_and_isrgate_reload_apply_live_settings_without_dropping_a_reques
         a_before,
         "nothing sent to the removed replica"
     );
-    gw.signal("TERM");
+    signal(&gw, "TERM");
     log.wait_for("stopped");
 }
 

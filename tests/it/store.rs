@@ -42,7 +42,7 @@ async fn entries_round_trip_with_the_documented_layout_and_ttl() {
     let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
     let key = "0123456789abcdef0123456789abcdef";
     eventually!(
-        5,
+        10,
         store
             .put(key, entry(b"\x1f\x8bgzip"), 1, Duration::from_secs(60))
             .await
@@ -79,7 +79,7 @@ async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
     let store = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
     let key = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     eventually!(
-        5,
+        10,
         store
             .put(key, entry(b"v1"), 1, Duration::from_secs(60))
             .await
@@ -87,11 +87,13 @@ async fn a_dead_redis_errors_within_the_bound_and_the_same_store_recovers() {
         "put"
     );
     r.kill();
+    // Each call ends in an error, not a hang: bounded by the 300 ms command and connect
+    // timeouts (a bound far above them, so a loaded machine does not fail it).
     for _ in 0..3 {
         let started = Instant::now();
         assert!(store.get(key).await.is_err(), "Redis is down");
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(10),
             "bounded: {:?}",
             started.elapsed()
         );
@@ -137,7 +139,7 @@ async fn an_older_render_never_replaces_a_newer_one() {
     let key = "cccccccccccccccccccccccccccccccc";
     let ttl = Duration::from_secs(60);
     eventually!(
-        5,
+        10,
         redis.put(key, entry(b"new"), 2_000, ttl).await.is_ok(),
         "connected"
     );
@@ -189,7 +191,7 @@ async fn the_fill_lock_is_refused_when_a_newer_render_landed() {
     let key = "dddddddddddddddddddddddddddddddd";
     let ttl = Duration::from_secs(5);
     eventually!(
-        5,
+        10,
         store
             .put(key, entry(b"v"), 1_000, Duration::from_secs(60))
             .await
@@ -240,7 +242,7 @@ async fn a_read_takes_the_fill_lock_only_when_nothing_is_stored() {
     );
     let ttl = Duration::from_secs(5);
     eventually!(
-        5,
+        10,
         store
             .put(stored, entry(b"body"), 1_000, Duration::from_secs(60))
             .await
@@ -281,7 +283,7 @@ async fn a_frozen_redis_is_probed_with_one_command_per_cooldown() {
     let r = RedisProcess::start();
     let redis = RedisStore::connect(&settings(&r)).expect("store");
     let store = Store::Redis(redis.clone());
-    eventually!(5, store.get("ab").await.is_ok(), "connected");
+    eventually!(10, store.get("ab").await.is_ok(), "connected");
     r.pause();
     let wave = || {
         let store = store.clone();

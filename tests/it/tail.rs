@@ -3,10 +3,11 @@
 //! API. Run as an operator runs it, the binary's stdout read line by line.
 
 use std::io::BufRead as _;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
 use crate::support::origin::{FakeNext, Route};
+use crate::support::process::KillOnDrop;
 use crate::support::redis::RedisProcess;
 use crate::support::{Client, Gateway, config};
 
@@ -15,7 +16,7 @@ const TOKEN: &str = "tail-test-token";
 
 /// `isrgate tail` running, its stdout as JSON lines; killed when dropped.
 struct Tail {
-    child: Child,
+    _child: KillOnDrop,
     lines: mpsc::Receiver<serde_json::Value>,
 }
 
@@ -40,19 +41,15 @@ impl Tail {
                 }
             }
         });
-        Tail { child, lines }
+        Tail {
+            _child: KillOnDrop::new(child),
+            lines,
+        }
     }
 
     /// Every line received so far.
     fn drain(&self) -> Vec<serde_json::Value> {
         self.lines.try_iter().collect()
-    }
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -8,7 +8,7 @@
 //! arrive between commands are read with the next one (any [`Tab::eval`] drains them).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,23 +17,17 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Client;
+use super::process::KillOnDrop;
 
 /// How long one DevTools command may take on a loaded machine.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A headless Chromium, killed on drop (its profile directory removed with it).
 pub struct Chromium {
-    child: Child,
+    _child: KillOnDrop,
     /// The DevTools port.
     port: u16,
     _profile: tempfile::TempDir,
-}
-
-impl Drop for Chromium {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What a tab does with the DevTools events it reads.
@@ -146,7 +140,7 @@ impl Chromium {
             }
         });
         let mut chromium = Chromium {
-            child,
+            _child: KillOnDrop::new(child),
             port: 0,
             _profile: profile,
         };

@@ -3,6 +3,8 @@
 //! - [`Gateway`]: isrgate started in-process (`Server::bind` + `run`).
 //! - [`Client`]: a small HTTP/1.1 client returning status, headers and the whole body.
 //! - [`redis::RedisProcess`]: a real `redis-server` on a free port (cache issues on).
+//! - [`process::KillOnDrop`], [`process::on_free_ports`]: child processes killed on drop,
+//!   started again on other ports when theirs was taken.
 //! - [`chromium::Chromium`]: headless Chromium over DevTools (the dashboard, and the e2e's
 //!   rolling deploy).
 //! - [`eventually!`]: poll a condition with a deadline instead of sleeping.
@@ -11,6 +13,7 @@
 
 pub mod chromium;
 pub mod origin;
+pub mod process;
 pub mod redis;
 
 use std::net::SocketAddr;
@@ -190,13 +193,20 @@ impl Got {
     }
 }
 
-/// A loopback port free now (for a process the test starts, which binds it itself).
+/// A loopback port no listener holds now and that no other test of this process was given
+/// (the kernel may hand the same ephemeral port to two tests that bind port 0 a moment apart).
+/// Another process may still take it before the test's child binds it: start children with
+/// [`process::on_free_ports`], which tries again on another port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A pooled HTTP/1.1 client.
@@ -255,6 +265,18 @@ impl Client {
             trailers,
         })
     }
+}
+
+/// Waits (up to 30 s) until `gw`'s background cache work is over (`CacheState::tasks`): the
+/// fills' body copies and store writes, refreshes, lock releases.
+pub async fn settled(gw: &Gateway) {
+    let cache = gw.state.cache.as_ref().expect("cache on");
+    eventually!(
+        30,
+        cache.tasks.is_empty(),
+        "{} background fills still running",
+        cache.tasks.len()
+    );
 }
 
 /// Whether `gw`'s bus subscription is live (Redis configured, connected and subscribed) and

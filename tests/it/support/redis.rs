@@ -1,11 +1,15 @@
 //! `RedisProcess`: a real `redis-server` on a free loopback port, owned by the test: it can be
 //! killed and restarted (outage tests) and is killed on drop. Its log is kept so a failing test
-//! can show it.
+//! can show it. A port another process takes before the server binds it is no failure: the
+//! server starts again on another one.
 
-use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::free_port;
+use super::process::{PORT_TRIES, listens, until};
 
 /// A `redis-server` child process.
 pub struct RedisProcess {
@@ -44,18 +48,29 @@ impl RedisProcess {
     }
 
     fn launch(tls: bool, auth_clients: bool) -> RedisProcess {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("isrgate-redis-{}-{port}", std::process::id()));
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("isrgate-redis-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("redis dir");
         let tls = tls.then(|| Tls::make(&dir, auth_clients));
         let mut r = RedisProcess {
-            port,
+            port: 0,
             dir,
             child: None,
             tls,
         };
-        r.spawn();
-        r
+        let mut lost = Vec::new();
+        for _ in 0..PORT_TRIES {
+            r.port = free_port();
+            match r.spawn() {
+                Ok(()) => return r,
+                Err(why) => lost.push(why),
+            }
+        }
+        panic!(
+            "redis-server never kept a port ({PORT_TRIES} tries):\n{}",
+            lost.join("\n")
+        );
     }
 
     /// The TLS certificates, for a server started with [`RedisProcess::start_tls`].
@@ -73,7 +88,9 @@ impl RedisProcess {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server on `self.port` and waits until it answers; `Err` (with its log) when
+    /// it exited first (another process holds the port).
+    fn spawn(&mut self) -> Result<(), String> {
         // A restart must not read the previous run's "ready" line.
         let _ = std::fs::remove_file(self.dir.join("redis.log"));
         let port = self.port.to_string();
@@ -115,19 +132,36 @@ impl RedisProcess {
             .spawn()
             .expect("redis-server must be installed (.ci/run installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ping() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not start; log:\n{}",
+        let mut exited = None;
+        let this = &mut *self;
+        let up = until(Duration::from_secs(30), || {
+            exited = this
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            exited.is_some() || this.ready()
+        });
+        if let Some(status) = exited {
+            self.child = None;
+            return Err(format!(
+                "port {}: {status}; log:\n{}",
+                self.port,
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ));
         }
+        assert!(up, "redis-server did not start; log:\n{}", self.log());
+        Ok(())
     }
 
-    fn ping(&self) -> bool {
+    /// Whether this server (not another process on its port) listens and answers.
+    fn ready(&self) -> bool {
         use std::io::{Read, Write};
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return false;
+        };
+        if !listens(pid, self.port) {
+            return false;
+        }
         if self.tls.is_some() {
             return self.log().contains("Ready to accept connections");
         }
@@ -179,7 +213,9 @@ impl RedisProcess {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        if let Err(why) = self.spawn() {
+            panic!("redis-server could not start again on its port: {why}");
+        }
     }
 
     /// Runs `redis-cli` against this server (plain TCP servers only) and returns its output.
@@ -300,21 +336,6 @@ impl Tls {
             server_cert: p("server.pem"),
             server_key: p("server.key"),
             auth_clients,
-        }
-    }
-}
-
-/// A port no listener holds now and that no other test of this process was given: the kernel
-/// may hand the same ephemeral port to two tests that bind port 0 a moment apart, and two
-/// servers (and their directories, named after the port) must never be shared.
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    loop {
-        let l = StdListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
-            return port;
         }
     }
 }
