@@ -26,7 +26,6 @@ mod memory;
 mod pool;
 mod refresh;
 mod reload;
-mod report;
 mod retention;
 mod routes;
 mod sanitize;
