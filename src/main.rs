@@ -482,15 +482,7 @@ fn tail(args: TailArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let config = args.config.config.as_deref();
-    let overrides: Vec<Override> = args
-        .redis
-        .iter()
-        .map(|v| Override {
-            key: "redis.url",
-            flag: "--redis",
-            value: toml::Value::String(v.clone()),
-        })
-        .collect();
+    let overrides = redis_override(args.redis.as_ref());
     let redis = match (&args.admin, config::load(config, &ProcessEnv, &overrides)) {
         (Some(_), _) => None,
         (None, Ok((c, _))) => c.redis,
@@ -575,15 +567,7 @@ fn purge(args: PurgeArgs) -> ExitCode {
             isrgate::admin::commands::purge(&client, &ask, args.admin.json).await
         });
     }
-    let overrides: Vec<Override> = args
-        .redis
-        .iter()
-        .map(|v| Override {
-            key: "redis.url",
-            flag: "--redis",
-            value: toml::Value::String(v.clone()),
-        })
-        .collect();
+    let overrides = redis_override(args.redis.as_ref());
     let config = match config::load(args.config.config.as_deref(), &ProcessEnv, &overrides) {
         Ok((c, _)) => c,
         Err(e) => {
@@ -618,19 +602,22 @@ fn purge(args: PurgeArgs) -> ExitCode {
     }
 }
 
+/// `--redis URL` as the override of `redis.url` (none without the flag).
+fn redis_override(redis: Option<&String>) -> Vec<Override> {
+    let redis = redis.map(|v| Override {
+        key: "redis.url",
+        flag: "--redis",
+        value: toml::Value::String(v.clone()),
+    });
+    redis.into_iter().collect()
+}
+
 /// The config with `--redis` applied, and a runtime for one command-line call.
 fn cli_setup(
     config: Option<&std::path::Path>,
     redis: Option<&String>,
 ) -> Result<(Config, tokio::runtime::Runtime), String> {
-    let overrides: Vec<Override> = redis
-        .iter()
-        .map(|v| Override {
-            key: "redis.url",
-            flag: "--redis",
-            value: toml::Value::String((*v).clone()),
-        })
-        .collect();
+    let overrides = redis_override(redis);
     let (config, _) = config::load(config, &ProcessEnv, &overrides).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
