@@ -191,13 +191,8 @@ struct TailArgs {
     #[arg(long, value_name = "URL")]
     admin: Option<String>,
     /// The gateway's admin token (with --admin).
-    #[arg(
-        long,
-        env = "ISRGATE_ADMIN_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    token: Option<String>,
+    #[command(flatten)]
+    token: AdminToken,
     /// Print each line as the JSON object it came as.
     #[arg(long)]
     json: bool,
@@ -504,9 +499,7 @@ fn tail(args: TailArgs) -> ExitCode {
         None => {
             let admin = AdminArgs {
                 gateway: args.admin.clone(),
-                token: AdminToken {
-                    token: args.token.clone(),
-                },
+                token: args.token,
                 json,
             };
             let client = match admin_client(config, &admin, std::time::Duration::from_secs(10)) {

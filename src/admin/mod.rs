@@ -276,32 +276,24 @@ impl Unready {
 /// first invalidation load gates readiness; later reloads (a bus reconnect) do not, so a Redis
 /// blip never empties the fleet's endpoints.
 fn readyz(app: &AppState) -> Response<Body> {
-    let Readiness {
-        unready,
-        healthy,
-        total,
-        redis,
-        loading,
-        started,
-        stopping,
-    } = readiness(app);
-    let status = match unready {
+    let r = readiness(app);
+    let status = match r.unready {
         None => StatusCode::OK,
         Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     json(
         status,
         &serde_json::json!({
-            "ready": unready.is_none(),
-            "reason": unready.map(Unready::as_str),
-            "started": started,
-            "draining": stopping,
-            "accepting": started && !app.draining.is_cancelled(),
-            "replicas_healthy": healthy,
-            "replicas": total,
+            "ready": r.unready.is_none(),
+            "reason": r.unready.map(Unready::as_str),
+            "started": r.started,
+            "draining": r.stopping,
+            "accepting": r.started && !app.draining.is_cancelled(),
+            "replicas_healthy": r.healthy,
+            "replicas": r.total,
             "cache": if app.cache.is_some() { "on" } else { "off" },
-            "redis": redis.as_str(),
-            "invalidations": if loading { "loading" } else { "loaded" },
+            "redis": r.redis.as_str(),
+            "invalidations": if r.loading { "loading" } else { "loaded" },
         }),
     )
 }
