@@ -237,6 +237,8 @@ struct State {
     build: Mutex<Option<String>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Notified to drop every open connection ([`FakeNext::cut`]).
+    cut: tokio::sync::Notify,
 }
 
 /// Counts a request as being answered while it lives.
@@ -339,6 +341,12 @@ impl FakeNext {
         self.state.last.lock().expect("lock").get(path).cloned()
     }
 
+    /// Drops every open connection (a response mid-body ends there) and goes on listening: a
+    /// replica's connections cut, without the window in which a stopped one refuses connects.
+    pub fn cut(&self) {
+        self.state.cut.notify_waiters();
+    }
+
     /// Stops listening and drops every connection: connects are refused from now on.
     pub async fn stop(&mut self) {
         if let Some(t) = self.task.take() {
@@ -373,6 +381,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
             continue;
         };
         state.connections.fetch_add(1, Ordering::SeqCst);
+        let cut_state = Arc::clone(&state);
         let state = Arc::clone(&state);
         conns.spawn(async move {
             let svc = service_fn(move |req| {
@@ -386,11 +395,16 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .preserve_header_case(true)
                 .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            // The cut first: a connection woken by the cut and by its body at once is dropped.
+            tokio::select! {
+                biased;
+                () = cut_state.cut.notified() => {}
+                _ = conn => {}
+            }
         });
         while conns.try_join_next().is_some() {}
     }
