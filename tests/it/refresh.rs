@@ -332,6 +332,186 @@ async fn html_and_rsc_of_a_page_are_refreshed_by_one_render() {
     );
 }
 
+/// The render time each gateway's L1 holds for `path`'s `variant` (requests sent with
+/// `Host: site.test`).
+fn rendered_at(gw: &Gateway, path: &str, variant: isrgate::cache::key::Variant) -> Option<u64> {
+    let cache = gw.state.cache.as_ref().expect("cache");
+    let key = isrgate::cache::key::CacheKey::new("default", "site.test", path, None, &variant);
+    let now = cache.clock.now_ms();
+    cache.l1.get(key.hash, now).map(|e| e.meta.stored_at_ms)
+}
+
+/// Cold start under load (seen in the real-Next e2e test): a page's first HTML fill brings the
+/// replica's stale copy and is refreshed while the first RSC fill, asked before that refresh,
+/// is still at the replica. The refresh's RSC read waits for that fill instead of skipping the
+/// RSC: otherwise the older RSC lands after the new HTML and the two stay from two renders.
+#[tokio::test]
+async fn a_refresh_waits_for_the_rsc_fill_in_flight_and_keeps_both_from_its_render() {
+    let r = RedisProcess::start();
+    let gate = Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route("/app", app_page_rsc_gated("h0", "r0", "STALE", &gate));
+    })
+    .await;
+    let gw = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let url = gw.url("/app");
+    let (html, rsc) = (
+        [("host", "site.test")],
+        [("rsc", "1"), ("host", "site.test")],
+    );
+    let rsc_key = isrgate::cache::key::CacheKey::new(
+        "default",
+        "site.test",
+        "/app",
+        None,
+        &isrgate::cache::key::Variant::Rsc,
+    );
+    let cache = gw.state.cache.as_ref().expect("cache");
+    let rest = async {
+        eventually!(
+            10,
+            origin.count("/app") == 1,
+            "the RSC miss reached the replica"
+        );
+        // The HTML's first fill: the replica's stale copy, served and stored as stale.
+        assert_eq!(&c.get(&url, &html).await.body[..], b"h0");
+        origin.route("/app", app_page("h1", "r1", "REVALIDATED", "HIT"));
+        // Served stale until a refresh renders (one that finds the first fill's fleet lock not
+        // yet released leaves the render to a later request).
+        eventually!(
+            10,
+            {
+                let stale = c.get(&url, &html).await;
+                assert_eq!(
+                    (stale.header("x-cache"), &stale.body[..]),
+                    ("STALE", &b"h0"[..])
+                );
+                origin.count("/app") == 3
+            },
+            "no refresh rendered"
+        );
+        // The refresh rendered h1 and now waits on the RSC's flight.
+        eventually!(
+            10,
+            cache.flights.followers(rsc_key.hash) == 1,
+            "the refresh's RSC read did not wait for the RSC miss"
+        );
+        gate.open();
+    };
+    let (first_rsc, ()) = futures_util::join!(c.get(&url, &rsc), rest);
+    assert_eq!(&first_rsc.body[..], b"r0");
+    settled(&gw).await;
+    let html = c.get(&url, &html).await;
+    let rsc = c.get(&url, &rsc).await;
+    assert_eq!(
+        (html.header("x-cache"), &html.body[..]),
+        ("HIT", &b"h1"[..])
+    );
+    assert_eq!((rsc.header("x-cache"), &rsc.body[..]), ("HIT", &b"r1"[..]));
+    use isrgate::cache::key::Variant;
+    assert_eq!(
+        rendered_at(&gw, "/app", Variant::Html),
+        rendered_at(&gw, "/app", Variant::Rsc),
+        "one render time for both"
+    );
+    assert_eq!(gw.state.metrics.fills_siblings.get(), 1);
+    assert_eq!(
+        origin.count("/app"),
+        4,
+        "two first fills, one regeneration, one read of its RSC"
+    );
+}
+
+/// The same across gateways: the RSC's first fill runs on another gateway, which holds its
+/// fleet lock; the refresh's RSC read waits for that lock.
+#[tokio::test]
+async fn a_refresh_waits_for_the_rsc_fill_on_another_gateway() {
+    let r = RedisProcess::start();
+    let gate = Gate::new();
+    let origin = FakeNext::start(|o| {
+        o.route("/app", app_page_rsc_gated("h0", "r0", "STALE", &gate));
+    })
+    .await;
+    let g1 = gateway(&origin, &r, true).await;
+    let g2 = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let (html, rsc) = (
+        [("host", "site.test")],
+        [("rsc", "1"), ("host", "site.test")],
+    );
+    let rest = async {
+        eventually!(
+            10,
+            origin.count("/app") == 1,
+            "the RSC miss reached the replica"
+        );
+        assert_eq!(&c.get(&g1.url("/app"), &html).await.body[..], b"h0");
+        origin.route("/app", app_page("h1", "r1", "REVALIDATED", "HIT"));
+        // Served stale until a refresh renders (one that finds the first fill's fleet lock not
+        // yet released leaves the render to a later request).
+        eventually!(
+            10,
+            {
+                let stale = c.get(&g1.url("/app"), &html).await;
+                assert_eq!(
+                    (stale.header("x-cache"), &stale.body[..]),
+                    ("STALE", &b"h0"[..])
+                );
+                origin.count("/app") == 3
+            },
+            "no refresh rendered"
+        );
+        eventually!(
+            10,
+            g1.state.metrics.lock_contended.get() == 1,
+            "the refresh's RSC read did not wait for the other gateway's RSC fill"
+        );
+        gate.open();
+    };
+    let on_g2 = g2.url("/app");
+    let (first_rsc, ()) = futures_util::join!(c.get(&on_g2, &rsc), rest);
+    assert_eq!(&first_rsc.body[..], b"r0");
+    settled(&g1).await;
+    settled(&g2).await;
+    for gw in [&g1, &g2] {
+        eventually!(
+            10,
+            &c.get(&gw.url("/app"), &rsc).await.body[..] == b"r1",
+            "the RSC of the refreshed render"
+        );
+        let html = c.get(&gw.url("/app"), &html).await;
+        assert_eq!(
+            (html.header("x-cache"), &html.body[..]),
+            ("HIT", &b"h1"[..])
+        );
+    }
+    use isrgate::cache::key::Variant;
+    assert_eq!(
+        rendered_at(&g1, "/app", Variant::Html),
+        rendered_at(&g1, "/app", Variant::Rsc),
+        "one render time for both"
+    );
+    assert_eq!(g1.state.metrics.fills_siblings.get(), 1);
+    assert_eq!(
+        origin.count("/app"),
+        4,
+        "two first fills, one regeneration, one read of its RSC"
+    );
+}
+
+/// [`app_page`] whose RSC answers wait for `gate`.
+fn app_page_rsc_gated(html: &str, rsc: &str, x_nextjs_cache: &str, gate: &Gate) -> Route {
+    const VARY: &str =
+        "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
+    isr(html, x_nextjs_cache).header("vary", VARY).with_rsc(
+        isr(rsc, x_nextjs_cache)
+            .content_type("text/x-component")
+            .header("vary", VARY)
+            .gated(gate),
+    )
+}
+
 /// A first fill that gets the replica's stale copy serves it as stale (it is what the replica
 /// has) and refreshes once, by a regeneration: one render, not one per replica asked.
 #[tokio::test]

@@ -380,6 +380,11 @@ impl Pending {
         &self.replica
     }
 
+    /// When the replica was asked for this answer: the render's time (`Meta::stored_at_ms`).
+    pub(super) fn rendered_at(&self) -> u64 {
+        self.sent_at_ms
+    }
+
     /// Makes this the other variant of `page`'s render: its render time, and the invalidation
     /// epoch read before that render.
     pub(super) fn same_render_as(&mut self, page: &Pending) {

@@ -6,10 +6,11 @@
 use std::sync::Arc;
 
 use http::request::Parts;
+use tokio::time::Instant;
 
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
-use crate::cache::flight::{Done, FillPermit, LockAttempt};
+use crate::cache::flight::{Done, FillPermit, Joined, LockAttempt};
 use crate::cache::key::{CacheKey, Variant};
 
 use super::{Admission, Copied, Pass, Pending, copy, request};
@@ -73,7 +74,8 @@ impl SiblingRead<'_> {
 /// Reads the page's other variant from the replica that just rendered it (it answers from the
 /// render it just made), with that render's time, under a permit of its own (local and fleet):
 /// a refresh of that variant elsewhere waits for this one instead of rendering again. Skipped
-/// when the sibling is being filled already; anything but a storable answer leaves its entry
+/// when the store already holds a render of the sibling at least as new, or when a fill of it
+/// in flight outlasts `coalesce.wait_timeout`; anything but a storable answer leaves its entry
 /// as it is (it refreshes on its own).
 pub(super) async fn read_sibling<'a>(
     app: &AppState,
@@ -82,15 +84,11 @@ pub(super) async fn read_sibling<'a>(
     of: &Pending,
 ) -> SiblingRead<'a> {
     let skipped = SiblingRead::Done(SiblingFilled::Skipped);
-    let Some(mut permit) = cache.flights.try_lead(sibling.key.hash) else {
+    let Some(permit) =
+        permit_after_fills_in_flight(app, cache, sibling.key, of.rendered_at()).await
+    else {
         return skipped;
     };
-    if let Some(shared) = cache.shared() {
-        let hex = sibling.key.hex();
-        if let Ok(LockAttempt::Contended) = permit.lock_fleet(shared.redis(), &hex, None).await {
-            return skipped;
-        }
-    }
     let to = Some(of.replica());
     let answer = request(
         app,
@@ -122,5 +120,61 @@ pub(super) async fn read_sibling<'a>(
             why: Pass::Uncacheable,
         }),
         Err(_) => skipped,
+    }
+}
+
+/// The sibling's permit (local and fleet), taken once the fills of it in flight, here or on
+/// another gateway, have ended. Such a fill (a miss asked before this render) brings an older
+/// render: skipping the sibling for it would leave the page's HTML and RSC payload from two
+/// renders until the next expiry. `None` when a render at least as new as `rendered_at` is
+/// stored meanwhile, or the wait passes `coalesce.wait_timeout`. Locks are taken HTML first,
+/// then RSC, by every fill with a sibling, so two such waits never wait on each other.
+async fn permit_after_fills_in_flight(
+    app: &AppState,
+    cache: &CacheState,
+    key: &CacheKey,
+    rendered_at: u64,
+) -> Option<FillPermit> {
+    let cfg = cache.flights.cfg();
+    let deadline = Instant::now() + cfg.wait_timeout;
+    let mut permit = loop {
+        match cache.flights.join(key.hash) {
+            Joined::Lead(permit) => break permit,
+            Joined::Follow(fill) => match tokio::time::timeout_at(deadline, fill.done()).await {
+                Ok(Done::Filled(entry)) if entry.meta.stored_at_ms >= rendered_at => return None,
+                Ok(_) => continue,
+                Err(_) => return None,
+            },
+        }
+    };
+    let Some(shared) = cache.shared() else {
+        return Some(permit);
+    };
+    let hex = key.hex();
+    // Registered before the first attempt, so the holder's release is not missed.
+    let released = permit.listen();
+    let mut contended = false;
+    loop {
+        match permit
+            .lock_fleet(shared.redis(), &hex, Some(rendered_at))
+            .await
+        {
+            Ok(LockAttempt::Contended) if !contended => {
+                contended = true;
+                app.metrics.lock_contended.inc();
+            }
+            Ok(LockAttempt::Contended) => {}
+            Ok(LockAttempt::Held) => return Some(permit),
+            Ok(LockAttempt::Newer) => return None,
+            // Redis did not answer: this gateway's single-flight only, as every fill does.
+            Err(_) => return Some(permit),
+        }
+        let poll = cfg
+            .poll_interval
+            .min(deadline.saturating_duration_since(Instant::now()));
+        if poll.is_zero() {
+            return None;
+        }
+        let _ = tokio::time::timeout(poll, released.notified()).await;
     }
 }
