@@ -356,10 +356,7 @@ async fn a_refresh_waits_for_the_rsc_fill_in_flight_and_keeps_both_from_its_rend
     let gw = gateway(&origin, &r, true).await;
     let c = Client::default();
     let url = gw.url("/app");
-    let (html, rsc) = (
-        [("host", "site.test")],
-        [("rsc", "1"), ("host", "site.test")],
-    );
+    let rsc = [("rsc", "1"), ("host", "site.test")];
     let rsc_key = isrgate::cache::key::CacheKey::new(
         "default",
         "site.test",
@@ -369,28 +366,7 @@ async fn a_refresh_waits_for_the_rsc_fill_in_flight_and_keeps_both_from_its_rend
     );
     let cache = gw.state.cache.as_ref().expect("cache");
     let rest = async {
-        eventually!(
-            10,
-            origin.count("/app") == 1,
-            "the RSC miss reached the replica"
-        );
-        // The HTML's first fill: the replica's stale copy, served and stored as stale.
-        assert_eq!(&c.get(&url, &html).await.body[..], b"h0");
-        origin.route("/app", app_page("h1", "r1", "REVALIDATED", "HIT"));
-        // Served stale until a refresh renders (one that finds the first fill's fleet lock not
-        // yet released leaves the render to a later request).
-        eventually!(
-            10,
-            {
-                let stale = c.get(&url, &html).await;
-                assert_eq!(
-                    (stale.header("x-cache"), &stale.body[..]),
-                    ("STALE", &b"h0"[..])
-                );
-                origin.count("/app") == 3
-            },
-            "no refresh rendered"
-        );
+        first_html_then_its_refresh(&c, &origin, &url).await;
         // The refresh rendered h1 and now waits on the RSC's flight.
         eventually!(
             10,
@@ -402,7 +378,7 @@ async fn a_refresh_waits_for_the_rsc_fill_in_flight_and_keeps_both_from_its_rend
     let (first_rsc, ()) = futures_util::join!(c.get(&url, &rsc), rest);
     assert_eq!(&first_rsc.body[..], b"r0");
     settled(&gw).await;
-    let html = c.get(&url, &html).await;
+    let html = c.get(&url, &[("host", "site.test")]).await;
     let rsc = c.get(&url, &rsc).await;
     assert_eq!(
         (html.header("x-cache"), &html.body[..]),
@@ -436,32 +412,10 @@ async fn a_refresh_waits_for_the_rsc_fill_on_another_gateway() {
     let g1 = gateway(&origin, &r, true).await;
     let g2 = gateway(&origin, &r, true).await;
     let c = Client::default();
-    let (html, rsc) = (
-        [("host", "site.test")],
-        [("rsc", "1"), ("host", "site.test")],
-    );
+    let rsc = [("rsc", "1"), ("host", "site.test")];
+    let html = [("host", "site.test")];
     let rest = async {
-        eventually!(
-            10,
-            origin.count("/app") == 1,
-            "the RSC miss reached the replica"
-        );
-        assert_eq!(&c.get(&g1.url("/app"), &html).await.body[..], b"h0");
-        origin.route("/app", app_page("h1", "r1", "REVALIDATED", "HIT"));
-        // Served stale until a refresh renders (one that finds the first fill's fleet lock not
-        // yet released leaves the render to a later request).
-        eventually!(
-            10,
-            {
-                let stale = c.get(&g1.url("/app"), &html).await;
-                assert_eq!(
-                    (stale.header("x-cache"), &stale.body[..]),
-                    ("STALE", &b"h0"[..])
-                );
-                origin.count("/app") == 3
-            },
-            "no refresh rendered"
-        );
+        first_html_then_its_refresh(&c, &origin, &g1.url("/app")).await;
         eventually!(
             10,
             g1.state.metrics.lock_contended.get() == 1,
@@ -497,6 +451,33 @@ async fn a_refresh_waits_for_the_rsc_fill_on_another_gateway() {
         origin.count("/app"),
         4,
         "two first fills, one regeneration, one read of its RSC"
+    );
+}
+
+/// With the page's first RSC fill held at the replica: its first HTML fill (the replica's stale
+/// copy, served and stored as stale), then stale answers until a refresh's regeneration reaches
+/// the replica (one that finds the first fill's fleet lock not yet released leaves the render
+/// to a later request).
+async fn first_html_then_its_refresh(c: &Client, origin: &FakeNext, url: &str) {
+    let html = [("host", "site.test")];
+    eventually!(
+        10,
+        origin.count("/app") == 1,
+        "the RSC miss reached the replica"
+    );
+    assert_eq!(&c.get(url, &html).await.body[..], b"h0");
+    origin.route("/app", app_page("h1", "r1", "REVALIDATED", "HIT"));
+    eventually!(
+        10,
+        {
+            let stale = c.get(url, &html).await;
+            assert_eq!(
+                (stale.header("x-cache"), &stale.body[..]),
+                ("STALE", &b"h0"[..])
+            );
+            origin.count("/app") == 3
+        },
+        "no refresh rendered"
     );
 }
 
