@@ -14,6 +14,9 @@
 // 4. Each page entry carries its tags in `x-isrgate-tags`, a header the gateway reads into its
 //    entry (`cache.tag_headers`) and never passes to clients: a webhook or an in-app
 //    revalidateTag('product-1') reaches the gateway's copy without `[tag_rules]`.
+// 5. A page answered from this cache says how old it is, in ms, in `x-isrgate-age-ms` (Next
+//    sends the full `s-maxage` whatever the copy's age): the gateway dates the copy at its
+//    render, so it is fresh no longer than here and never stored over a newer render.
 //
 // Next constructs one handler per request; the process-wide state lives in `state` below.
 
@@ -24,6 +27,7 @@ const { fleetFromEnv } = require('./lib/fleet');
 
 const NEXT_TAGS = 'x-next-cache-tags';
 const REPORTED_TAGS = 'x-isrgate-tags';
+const REPORTED_AGE = 'x-isrgate-age-ms';
 const PRERENDER_REVALIDATE = 'x-prerender-revalidate';
 const GATEWAY_REFRESH = 'x-isrgate-refresh';
 const BUILD_PHASE = 'phase-production-build';
@@ -265,6 +269,17 @@ function reportTags(value) {
   }
 }
 
+/**
+ * Says in the page's headers how long ago (ms) the copy `entry` was rendered. Next sends the
+ * headers of the value it answers with, and builds them afresh for each render.
+ */
+function reportAge(entry) {
+  const headers = entry.value && entry.value.headers;
+  if (headers && typeof entry.lastModified === 'number' && entry.lastModified > 0) {
+    headers[REPORTED_AGE] = String(Math.max(0, Date.now() - Math.floor(entry.lastModified)));
+  }
+}
+
 class IsrgateCacheHandler {
   constructor(ctx) {
     const { FileSystemCache } = nextInternals(ctx.serverDistDir);
@@ -285,14 +300,19 @@ class IsrgateCacheHandler {
   async get(key, ctx) {
     const entry = await this.inner.get(key, ctx);
     if (invalidatedByPath(key, entry)) return null;
-    // Pages prerendered by `next build` were stored without the header.
-    if (entry) reportTags(entry.value);
+    if (entry) {
+      // Pages prerendered by `next build` were stored without the header.
+      reportTags(entry.value);
+      reportAge(entry);
+    }
     return entry;
   }
 
   async set(key, data, ctx) {
-    // Next sends the headers of the value it stores with the response it renders it for.
+    // Next sends the headers of the value it stores with the response it renders it for: a
+    // render, not a copy, so no age.
     reportTags(data);
+    if (data && data.headers) delete data.headers[REPORTED_AGE];
     await this.inner.set(key, data, ctx);
     if (this.onDemand && this.fleet && data && PAGE_KINDS.has(data.kind)) {
       const page = pageOfKey(key);

@@ -118,6 +118,14 @@ async fn in_app_revalidations_reach_every_gateway_and_replica() {
     for r in &s.replicas {
         assert_eq!(price(&direct_get(r, "/tagged/1").await), first);
     }
+    // A copy from a replica's cache says how old it is (the gateway dates its entry at the
+    // render, not at the fill); the gateway keeps that to itself.
+    let copy = direct_get(&s.replicas[0], "/tagged/1").await;
+    assert_eq!(copy.header("x-nextjs-cache"), "HIT");
+    let age = copy.header("x-isrgate-age-ms");
+    assert!(age.parse::<u64>().is_ok(), "x-isrgate-age-ms: {age:?}");
+    let served = get(&s.gateways[0], "/tagged/1", &[]).await;
+    assert_eq!(served.header("x-isrgate-age-ms"), "");
 
     // A server action on replica b changes product 1 and calls revalidateTag('product-1').
     assert_eq!(save_price(&s.replicas[1], "1", 4242).await, 303);

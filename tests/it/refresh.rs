@@ -454,6 +454,95 @@ async fn a_refresh_waits_for_the_rsc_fill_on_another_gateway() {
     );
 }
 
+/// The RSC miss is asked after the refresh's regeneration, and the replica answers it with an
+/// older copy from its cache (`HIT`; `@isrgate/next` says how old in `x-isrgate-age-ms`). Dated
+/// when it was asked, the copy would count as newer than the refresh's render and the RSC would
+/// stay from the older render; dated at its render, the refresh still stores its own RSC.
+#[tokio::test]
+async fn an_older_copy_asked_after_the_refresh_does_not_outrank_its_render() {
+    use isrgate::cache::key::Variant;
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/app", app_page("h0", "r0", "MISS", "MISS"));
+    })
+    .await;
+    let gw = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let url = gw.url("/app");
+    let html = [("host", "site.test")];
+    let rsc = [("rsc", "1"), ("host", "site.test")];
+    assert_eq!(&c.get(&url, &html).await.body[..], b"h0");
+    settled(&gw).await;
+    advance(&gw, 61);
+
+    // The refresh's regeneration and then the RSC miss reach the replica and are held there.
+    let (render, copy) = (Gate::new(), Gate::new());
+    const VARY: &str =
+        "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
+    let held = isr("h1", "REVALIDATED")
+        .header("vary", VARY)
+        .gated(&render)
+        .with_rsc(
+            isr("r0", "HIT")
+                .content_type("text/x-component")
+                .header("vary", VARY)
+                .header("x-isrgate-age-ms", "100000")
+                .gated(&copy),
+        );
+    origin.route("/app", held);
+    let stale = c.get(&url, &html).await;
+    assert_eq!(
+        (stale.header("x-cache"), &stale.body[..]),
+        ("STALE", &b"h0"[..])
+    );
+    eventually!(
+        10,
+        origin.count("/app") == 2,
+        "the regeneration reached the replica"
+    );
+    advance(&gw, 1);
+    let rsc_key =
+        isrgate::cache::key::CacheKey::new("default", "site.test", "/app", None, &Variant::Rsc);
+    let cache = gw.state.cache.as_ref().expect("cache");
+    let rest = async {
+        eventually!(
+            10,
+            origin.count("/app") == 3,
+            "the RSC miss reached the replica"
+        );
+        origin.route("/app", app_page("h1", "r1", "REVALIDATED", "HIT"));
+        render.open();
+        eventually!(
+            10,
+            cache.flights.followers(rsc_key.hash) == 1,
+            "the refresh's RSC read did not wait for the RSC miss"
+        );
+        copy.open();
+    };
+    let (first_rsc, ()) = futures_util::join!(c.get(&url, &rsc), rest);
+    assert_eq!(&first_rsc.body[..], b"r0");
+    settled(&gw).await;
+
+    let html = c.get(&url, &html).await;
+    let rsc = c.get(&url, &rsc).await;
+    assert_eq!(
+        (html.header("x-cache"), &html.body[..]),
+        ("HIT", &b"h1"[..])
+    );
+    assert_eq!((rsc.header("x-cache"), &rsc.body[..]), ("HIT", &b"r1"[..]));
+    assert_eq!(
+        rsc.header("x-isrgate-age-ms"),
+        "",
+        "never passed to clients"
+    );
+    assert_eq!(
+        rendered_at(&gw, "/app", Variant::Html),
+        rendered_at(&gw, "/app", Variant::Rsc),
+        "one render time for both"
+    );
+    assert_eq!(origin.count("/app"), 4, "the regeneration's RSC read once");
+}
+
 /// With the page's first RSC fill held at the replica: its first HTML fill (the replica's stale
 /// copy, served and stored as stale), then stale answers until a refresh's regeneration reaches
 /// the replica (one that finds the first fill's fleet lock not yet released leaves the render

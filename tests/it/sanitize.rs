@@ -440,7 +440,7 @@ async fn trace_unknown_methods_asterisk_and_huge_bodies_stop_at_the_gateway() {
     );
 }
 
-/// Next's cache headers and `@isrgate/next`'s tags never reach a client, whichever path the
+/// Next's cache headers and `@isrgate/next`'s tags and ages never reach a client, whichever path the
 /// response takes: stored, passed (not storable) or bypassed (a POST here).
 #[tokio::test]
 async fn internal_response_headers_never_reach_clients() {
@@ -448,6 +448,7 @@ async fn internal_response_headers_never_reach_clients() {
         ("x-nextjs-cache", "HIT"),
         ("x-next-cache-tags", "_N_T_/p,secret-tag"),
         ("x-isrgate-tags", "_N_T_/p,secret-tag"),
+        ("x-isrgate-age-ms", "1000"),
     ];
     let origin = FakeNext::start(|o| {
         let mut stored = Route::html("p").header("cache-control", "s-maxage=60");

@@ -54,6 +54,20 @@ test('tags reach the gateway in x-isrgate-tags, on new and on prerendered entrie
   assert.equal((await h.get('/built', { kind: 'APP_PAGE' })).value.headers['x-isrgate-tags'], 't');
 });
 
+test('a copy from the cache says its age in x-isrgate-age-ms; a render says none', async () => {
+  const h = new Handler({ serverDistDir: '/nowhere/.next/server' });
+  const made = Date.now() - 20000;
+  entries.set('/aged', { lastModified: made, value: { kind: 'APP_PAGE', headers: {} } });
+  const age = Number((await h.get('/aged', { kind: 'APP_PAGE' })).value.headers['x-isrgate-age-ms']);
+  assert.ok(age >= 20000 && age < 20000 + 60000, `age ${age}`);
+
+  const value = { kind: 'APP_PAGE', headers: { 'x-isrgate-age-ms': '5' } };
+  await h.set('/aged', value, {});
+  assert.equal(value.headers['x-isrgate-age-ms'], undefined);
+  entries.set('/undated', { lastModified: -1, value: { kind: 'APP_PAGE', headers: {} } });
+  assert.equal((await h.get('/undated', { kind: 'APP_PAGE' })).value.headers['x-isrgate-age-ms'], undefined);
+});
+
 test('remembered paths and Next\'s manifest stay bounded; what is forgotten counts as purged', async () => {
   const h = new Handler({ serverDistDir: '/nowhere/.next/server' });
   for (let i = 0; i < 10050; i++) Handler.applyFromFleet([`path:/p/${i}`], 'hard');

@@ -38,6 +38,7 @@ const NOT_STORED: &[&str] = &[
     "x-next-cache-tags",
     "x-isrgate-tags",
     "x-isrgate-build",
+    "x-isrgate-age-ms",
     "x-cache",
     "cache-status",
 ];
@@ -130,7 +131,8 @@ enum Source {
     /// Rendered for this request (`MISS`, `REVALIDATED`), or not from Next's ISR cache at all
     /// (no header): newer than anything stored before the request went out.
     Render,
-    /// The replica's cached copy, fresh by its clock (`HIT`): rendered at an unknown time.
+    /// The replica's cached copy, fresh by its clock (`HIT`): rendered before the request
+    /// went out, as long before as its `x-isrgate-age-ms` says ([`copy_rendered_at`]).
     Copy,
     /// The replica's stale copy (`STALE`); it is rendering the next one in the background.
     StaleCopy,
@@ -147,6 +149,19 @@ fn source(headers: &http::HeaderMap) -> Source {
     }
 }
 
+/// When a copy from the replica's cache was rendered: `sent_at_ms` (when the request went
+/// upstream, after the copy was made) less the age `@isrgate/next` reported as the replica read
+/// it. Counted back from our own clock, the replica's clock never skews it; without the report
+/// (no package, Pages without headers, a malformed value) it is `sent_at_ms`, the latest it can be.
+fn copy_rendered_at(headers: &http::HeaderMap, sent_at_ms: u64) -> u64 {
+    let age_ms = headers
+        .get(&X_ISRGATE_AGE_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    sent_at_ms.saturating_sub(age_ms)
+}
+
 /// Next's on-demand revalidation header (NEXTJS.md §4.1): with the build's `previewModeId` the
 /// replica regenerates the page (HTML and RSC together) instead of answering from its cache,
 /// and says `x-nextjs-cache: REVALIDATED`.
@@ -155,6 +170,9 @@ static PRERENDER_REVALIDATE: HeaderName = HeaderName::from_static("x-prerender-r
 /// report back to the fleet as an in-app `res.revalidate` (that would purge what it refreshes).
 static ISRGATE_REFRESH: HeaderName = HeaderName::from_static("x-isrgate-refresh");
 static X_NEXTJS_CACHE: HeaderName = HeaderName::from_static("x-nextjs-cache");
+/// `@isrgate/next`'s report on a copy from the replica's cache: how long ago (ms, by the
+/// replica's clock) it was rendered when the replica read it.
+static X_ISRGATE_AGE_MS: HeaderName = HeaderName::from_static("x-isrgate-age-ms");
 
 /// What an entry needs besides its body: the response head, its freshness and the request
 /// headers its `Vary` is matched on.
@@ -168,9 +186,10 @@ pub struct Pending {
     /// The invalidation epoch read before the request went upstream: an invalidation that
     /// lands while the replica renders makes this entry stale at once.
     render_epoch: u64,
-    /// When the request went upstream (the gateway's clock, UNIX ms): a render the replica
-    /// made for it happened after this, so it is the entry's render time (the base of `Age`).
-    sent_at_ms: u64,
+    /// The entry's render time (the gateway's clock, UNIX ms; the base of `Age` and what orders
+    /// writes, never back in time): when the request went upstream for a render made for it
+    /// (which came after), that less the copy's age for a copy from the replica's cache.
+    rendered_at_ms: u64,
     /// The replica that answered.
     replica: Arc<Replica>,
     /// The replica rendered for this request (not a copy from its cache).
@@ -254,10 +273,10 @@ pub(super) async fn request(
         }
     };
     let source = source(response.headers());
-    let copy = match source {
-        Source::Render => false,
-        Source::StaleCopy => replaces,
-        Source::Copy => regenerate,
+    let (copy, rendered_at_ms) = match source {
+        Source::Render => (false, sent_at_ms),
+        Source::StaleCopy => (replaces, copy_rendered_at(response.headers(), sent_at_ms)),
+        Source::Copy => (regenerate, copy_rendered_at(response.headers(), sent_at_ms)),
     };
     if copy {
         app.metrics.fills_not_rendered.inc();
@@ -284,7 +303,7 @@ pub(super) async fn request(
         vary_request,
         path,
         render_epoch,
-        sent_at_ms,
+        rendered_at_ms,
         replica,
         rendered: source == Source::Render,
         filled_by: cache.gateway_id().to_owned(),
@@ -324,8 +343,8 @@ impl Pending {
         self.parts.status
     }
 
-    /// The entry for the identity body, rendered when the request went upstream, tagged as
-    /// `cfg` says; the body is sealed for the hit lane if `seal`.
+    /// The entry for the identity body, dated at its render time, tagged as `cfg` says; the
+    /// body is sealed for the hit lane if `seal`.
     pub fn entry(&self, identity: Bytes, cfg: &crate::config::Cache, seal: bool) -> Arc<Entry> {
         // Each value copied into its own allocation: the replica's values are slices of the
         // connection's read buffer (8 KiB and up, grown to the size of large bodies), and an
@@ -336,7 +355,7 @@ impl Pending {
             .collect();
         let mut meta = Meta::new(self.parts.status.as_u16(), stored_headers);
         meta.filled_by = self.filled_by.clone();
-        let now_ms = self.sent_at_ms;
+        let now_ms = self.rendered_at_ms;
         meta.stored_at_ms = now_ms;
         meta.render_epoch = self.render_epoch;
         meta.tags = crate::cache::tags::entry_tags(
@@ -380,15 +399,15 @@ impl Pending {
         &self.replica
     }
 
-    /// When the replica was asked for this answer: the render's time (`Meta::stored_at_ms`).
+    /// The answer's render time (`Meta::stored_at_ms`).
     pub(super) fn rendered_at(&self) -> u64 {
-        self.sent_at_ms
+        self.rendered_at_ms
     }
 
     /// Makes this the other variant of `page`'s render: its render time, and the invalidation
     /// epoch read before that render.
     pub(super) fn same_render_as(&mut self, page: &Pending) {
-        self.sent_at_ms = page.sent_at_ms;
+        self.rendered_at_ms = page.rendered_at_ms;
         self.render_epoch = self.render_epoch.min(page.render_epoch);
     }
 
@@ -424,6 +443,7 @@ pub fn strip_internal_response_headers(headers: &mut http::HeaderMap) {
         "x-next-cache-tags",
         "x-isrgate-tags",
         "x-isrgate-build",
+        "x-isrgate-age-ms",
     ] {
         headers.remove(HeaderName::from_static(name));
     }
