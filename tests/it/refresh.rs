@@ -17,6 +17,9 @@ use crate::support::{Client, Gateway, bus_live, config, settled};
 
 const ISR: &str = "s-maxage=60, stale-while-revalidate=600";
 const PREVIEW_MODE_ID: &str = "0123456789abcdef0123456789abcdef";
+/// An App Router page's `Vary` (NEXTJS.md §1.8).
+const VARY: &str =
+    "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
 
 async fn gateway(origin: &FakeNext, r: &RedisProcess, preview: bool) -> Gateway {
     let mut cfg = config(
@@ -241,8 +244,6 @@ fn inflate_if_gzip(got: &crate::support::Got) -> Vec<u8> {
 
 /// An App Router page: HTML and RSC vary on `RSC`, one ISR entry in Next.
 fn app_page(html: &str, rsc: &str, html_cache: &str, rsc_cache: &str) -> Route {
-    const VARY: &str =
-        "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
     isr(html, html_cache).header("vary", VARY).with_rsc(
         isr(rsc, rsc_cache)
             .content_type("text/x-component")
@@ -477,8 +478,6 @@ async fn an_older_copy_asked_after_the_refresh_does_not_outrank_its_render() {
 
     // The refresh's regeneration and then the RSC miss reach the replica and are held there.
     let (render, copy) = (Gate::new(), Gate::new());
-    const VARY: &str =
-        "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
     let held = isr("h1", "REVALIDATED")
         .header("vary", VARY)
         .gated(&render)
@@ -572,8 +571,6 @@ async fn first_html_then_its_refresh(c: &Client, origin: &FakeNext, url: &str) {
 
 /// [`app_page`] whose RSC answers wait for `gate`.
 fn app_page_rsc_gated(html: &str, rsc: &str, x_nextjs_cache: &str, gate: &Gate) -> Route {
-    const VARY: &str =
-        "RSC, Next-Router-State-Tree, Next-Router-Prefetch, Next-Router-Segment-Prefetch";
     isr(html, x_nextjs_cache).header("vary", VARY).with_rsc(
         isr(rsc, x_nextjs_cache)
             .content_type("text/x-component")
