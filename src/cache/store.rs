@@ -28,6 +28,20 @@ use fred::prelude::*;
 
 use super::keys::{entry_key, slots_key};
 
+/// One write of [`Store::put_all`]: `entry` under `key_hex`, rendered at `rendered_at_ms`, kept
+/// for `ttl`.
+#[derive(Debug)]
+pub struct Put {
+    /// The entry's key (hex).
+    pub key_hex: String,
+    /// The entry.
+    pub entry: Stored,
+    /// Its render time (`Meta::stored_at_ms`): an older write never replaces a newer one.
+    pub rendered_at_ms: u64,
+    /// How long the store keeps it.
+    pub ttl: Duration,
+}
+
 /// One stored entry, as bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -332,6 +346,19 @@ impl Store {
         }
     }
 
+    /// [`Store::put`] for several entries (a page's HTML and RSC of one render) sent together in
+    /// one pipeline: Redis runs them one after the other, so readers anywhere see them change
+    /// together. One answer per entry, in order; an error is the whole batch's.
+    pub async fn put_all(&self, puts: Vec<Put>) -> Result<Vec<bool>, StoreError> {
+        match self {
+            Store::Memory(m) => Ok(puts
+                .into_iter()
+                .map(|p| m.put(&p.key_hex, p.entry, p.rendered_at_ms, p.ttl))
+                .collect()),
+            Store::Redis(r) => r.put_all(puts).await,
+        }
+    }
+
     /// Records that `slot_hex`, a `Vary` slot of `primary_hex`, was just filled for `ttl`, and
     /// keeps at most `max` slots per primary key (the most recently filled): the slots dropped,
     /// for the caller to delete (Varnish and Fastly bound variants per object the same way, so
@@ -616,17 +643,50 @@ impl RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let key = entry_key(key_hex);
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-        let args: Vec<fred::types::Value> = vec![
-            rendered_at_ms.to_string().into(),
-            entry.meta.into(),
-            entry.body.into(),
-            ttl_ms.into(),
-        ];
-        let put = self.pool.next().eval(PUT_UNLESS_NEWER, key.as_str(), args);
+        let put = self.pool.next().eval(
+            PUT_UNLESS_NEWER,
+            key.as_str(),
+            put_args(entry, rendered_at_ms, ttl),
+        );
         let n: i64 = self.bounded(put).await?;
         Ok(n == 1)
     }
+
+    async fn put_all(&self, puts: Vec<Put>) -> Result<Vec<bool>, StoreError> {
+        // fred has no `eval` on a pipeline: the same EVAL as a command, routed by its key.
+        let eval = fred::types::CustomCommand::new_static(
+            "EVAL",
+            fred::types::ClusterHash::Offset(2),
+            false,
+        );
+        let pipe = self.pool.next().pipeline();
+        for p in puts {
+            let mut args: Vec<fred::types::Value> = vec![
+                PUT_UNLESS_NEWER.into(),
+                1.into(),
+                entry_key(&p.key_hex).into(),
+            ];
+            args.extend(put_args(p.entry, p.rendered_at_ms, p.ttl));
+            // Queued in memory; sent by `try_all`.
+            let () = pipe.custom(eval.clone(), args).await?;
+        }
+        let sent = async {
+            let answers = pipe.try_all::<i64>().await.into_iter();
+            answers.map(|n| n.map(|n| n == 1)).collect()
+        };
+        self.bounded(sent).await
+    }
+}
+
+/// The arguments of `PUT_UNLESS_NEWER` (the key is its one `KEYS`).
+fn put_args(entry: Stored, rendered_at_ms: u64, ttl: Duration) -> Vec<fred::types::Value> {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+    vec![
+        rendered_at_ms.to_string().into(),
+        entry.meta.into(),
+        entry.body.into(),
+        ttl_ms.into(),
+    ]
 }
 
 #[cfg(test)]

@@ -180,6 +180,63 @@ async fn an_older_render_never_replaces_a_newer_one() {
     assert_eq!(rendered, "2001", "the render time is kept beside the entry");
 }
 
+/// A page's entries of one render go in one pipeline: each is written unless a newer render
+/// of its key is stored, answered in order, with the layout and TTL of a single write.
+#[tokio::test]
+async fn entries_written_together_are_each_refused_only_over_a_newer_render() {
+    use isrgate::cache::store::Put;
+    let r = RedisProcess::start();
+    let redis = Store::Redis(RedisStore::connect(&settings(&r)).expect("store"));
+    let memory = Store::Memory(isrgate::cache::store::MemoryStore::new(
+        isrgate::cache::store::MemorySettings { max_bytes: 1 << 20 },
+    ));
+    let (html, rsc) = (
+        "dddddddddddddddddddddddddddddddd",
+        "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+    );
+    let ttl = Duration::from_secs(60);
+    let put = |key: &str, body: &'static [u8], rendered_at_ms| Put {
+        key_hex: key.to_owned(),
+        entry: entry(body),
+        rendered_at_ms,
+        ttl,
+    };
+    eventually!(
+        10,
+        redis.put(rsc, entry(b"r-later"), 3_000, ttl).await.is_ok(),
+        "connected"
+    );
+    memory
+        .put(rsc, entry(b"r-later"), 3_000, ttl)
+        .await
+        .expect("put");
+    for store in [&redis, &memory] {
+        let kind = store.kind();
+        let written = store
+            .put_all(vec![put(html, b"h", 2_000), put(rsc, b"r", 2_000)])
+            .await
+            .expect("put_all");
+        assert_eq!(written, [true, false], "{kind}: the RSC has a newer render");
+        assert_eq!(
+            store.get(html).await.expect("get"),
+            Some(entry(b"h")),
+            "{kind}"
+        );
+        assert_eq!(
+            store.get(rsc).await.expect("get"),
+            Some(entry(b"r-later")),
+            "{kind}"
+        );
+    }
+    let raw = raw_client(&r).await;
+    let (rendered, ttl_ms): (String, i64) = (
+        raw.hget(entry_key(html), "r").await.expect("hget"),
+        raw.pttl(entry_key(html)).await.expect("pttl"),
+    );
+    assert_eq!(rendered, "2000");
+    assert!((1..=60_000).contains(&ttl_ms), "pttl {ttl_ms}");
+}
+
 /// The miss's one round trip: the fill lock is taken only while no render newer than the one
 /// the lookup saw is stored.
 #[tokio::test]

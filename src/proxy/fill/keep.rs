@@ -1,4 +1,4 @@
-//! Keeping entries: the L1, then the store, then the announcement to the other gateways;
+//! Keeping entries: the store, then the L1, then the announcement to the other gateways;
 //! never back in time (an entry rendered before the one held, here or in the store, replaces
 //! neither).
 
@@ -10,7 +10,7 @@ use crate::app::{AppState, CacheState};
 use crate::bus::Kind;
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
-use crate::cache::store::Stored;
+use crate::cache::store::{Put, Stored};
 use crate::proxy::lookup::stored_vary;
 
 /// Puts a new entry in the L1 and the store, and tells the other gateways (they drop their L1
@@ -27,10 +27,11 @@ pub async fn keep(
     keep_all(app, cache, &[(key, entry, ttl)]).await;
 }
 
-/// [`keep`] for entries of one render (a page's HTML and RSC), as nearly together as the
-/// store allows: every L1 copy first, then every store write, then every announcement, so
-/// no gateway holds one of them new and the other old for longer than those writes take.
-/// Each entry is kept under its [`homes`].
+/// [`keep`] for entries of one render (a page's HTML and RSC): the store first, every write in
+/// one pipeline, then the L1, then the announcements. No gateway, this one included, serves
+/// the render before the fleet can read it (one that did would have another gateway serve the
+/// older render after it), and Redis runs the writes one after the other, so readers anywhere
+/// see the page's variants change together. Each entry is kept under its [`homes`].
 pub(super) async fn keep_all(
     app: &AppState,
     cache: &CacheState,
@@ -44,18 +45,21 @@ pub(super) async fn keep_all(
             all.push((Cow::Owned(slot), *entry, *ttl));
         }
     }
-    let held: Vec<_> = all
-        .iter()
-        .filter(|(key, entry, _)| hold(app, cache, key, entry))
-        .collect();
-    let mut stored = Vec::with_capacity(held.len());
+    all.retain(|(key, entry, _)| !newer_here(app, cache, key, entry));
+    let written = put_all(app, cache, &all).await;
+    let mut stored = Vec::with_capacity(all.len());
     let mut dropped = Vec::new();
-    for (key, entry, ttl) in held {
-        if put(app, cache, key, entry, *ttl).await {
-            stored.push(key.hex());
-            if key.is_slot() {
-                dropped.extend(track(app, cache, key, *ttl).await);
+    for ((key, entry, ttl), written) in all.iter().zip(written) {
+        match written {
+            Written::Stored => {
+                hold(app, cache, key, entry);
+                stored.push(key.hex());
+                if key.is_slot() {
+                    dropped.extend(track(app, cache, key, *ttl).await);
+                }
             }
+            Written::Failed => hold(app, cache, key, entry),
+            Written::Older => {}
         }
     }
     for hex in stored {
@@ -114,40 +118,60 @@ async fn drop_slot(app: &AppState, cache: &CacheState, hex: String) {
     app.metrics.cache_variants_dropped.inc();
 }
 
-/// Writes `entry` to the store; `true` when it is there now. A newer render already there
-/// wins (ours leaves the L1 too); a failed write is remembered so a later hit writes it again
-/// ([`write_back`]).
-async fn put(
+/// What became of one store write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// The entry is in the store now.
+    Stored,
+    /// A newer render of the key is there: ours is not kept anywhere.
+    Older,
+    /// The store did not answer: the entry stays in this gateway's L1 and a later hit writes it
+    /// again ([`write_back`]).
+    Failed,
+}
+
+/// Writes `entries` to the store in one pipeline; what became of each, in order. An entry a
+/// newer render beat leaves the L1 (readers read the newer one); one the store did not take is
+/// remembered for [`write_back`].
+async fn put_all(
     app: &AppState,
     cache: &CacheState,
-    key: &CacheKey,
-    entry: &Arc<Entry>,
-    ttl: Duration,
-) -> bool {
-    let bytes = Stored {
-        meta: entry.meta.encode(),
-        body: entry.gzip.clone(),
-    };
-    match cache
-        .store
-        .put(&key.hex(), bytes, entry.meta.stored_at_ms, ttl)
-        .await
-    {
-        Ok(true) => {
-            app.metrics.cache_stores.inc();
-            true
-        }
-        Ok(false) => {
-            // A newer render got there first: drop ours here too, read theirs.
-            app.metrics.fills_older.inc();
-            cache.l1.remove(key.hash);
-            false
-        }
+    entries: &[(Cow<'_, CacheKey>, &Arc<Entry>, Duration)],
+) -> Vec<Written> {
+    let puts = entries
+        .iter()
+        .map(|(key, entry, ttl)| Put {
+            key_hex: key.hex(),
+            entry: Stored {
+                meta: entry.meta.encode(),
+                body: entry.gzip.clone(),
+            },
+            rendered_at_ms: entry.meta.stored_at_ms,
+            ttl: *ttl,
+        })
+        .collect();
+    match cache.store.put_all(puts).await {
+        Ok(written) => written
+            .into_iter()
+            .zip(entries)
+            .map(|(stored, (key, _, _))| {
+                if stored {
+                    app.metrics.cache_stores.inc();
+                    Written::Stored
+                } else {
+                    app.metrics.fills_older.inc();
+                    cache.l1.remove(key.hash);
+                    Written::Older
+                }
+            })
+            .collect(),
         Err(e) => {
             app.metrics.store_errors.inc();
-            cache.l1.mark_unstored(key.hash);
-            tracing::debug!(error = %e, "store write failed; the entry stays in this gateway's L1 and is written again when the store answers");
-            false
+            tracing::debug!(error = %e, "store write failed; the entries stay in this gateway's L1 and are written again when the store answers");
+            for (key, _, _) in entries {
+                cache.l1.mark_unstored(key.hash);
+            }
+            vec![Written::Failed; entries.len()]
         }
     }
 }
@@ -184,26 +208,34 @@ pub fn write_back(
     );
     let tasks = cache.tasks.clone();
     tasks.spawn(async move {
-        if put(&app, &cache, &key, &entry, ttl).await {
+        let written = put_all(&app, &cache, &[(Cow::Borrowed(&key), &entry, ttl)]).await;
+        if written == [Written::Stored] {
             app.metrics.store_write_backs.inc();
             cache.announce(Kind::Filled, key.hex(), &app.metrics).await;
         }
     });
 }
 
-/// Puts `entry` in the L1 unless it holds a later render of the key; `false` then.
-fn hold(app: &AppState, cache: &CacheState, key: &CacheKey, entry: &Arc<Entry>) -> bool {
+/// Whether the L1 holds a later render of the key than `entry` (counted: `entry` is not kept).
+fn newer_here(app: &AppState, cache: &CacheState, key: &CacheKey, entry: &Entry) -> bool {
     let rendered_at = entry.meta.stored_at_ms;
-    let newer_here = cache
+    let newer = cache
         .l1
         .get(key.hash, rendered_at)
         .is_some_and(|held| held.meta.stored_at_ms > rendered_at);
-    if newer_here {
+    if newer {
         app.metrics.fills_older.inc();
-        return false;
     }
+    newer
+}
+
+/// Puts `entry` in the L1 unless it holds a later render of the key.
+fn hold(app: &AppState, cache: &CacheState, key: &CacheKey, entry: &Arc<Entry>) {
+    if newer_here(app, cache, key, entry) {
+        return;
+    }
+    let rendered_at = entry.meta.stored_at_ms;
     cache.l1.insert(key.hash, Arc::clone(entry), rendered_at);
     cache.flights.stored(key.hash);
     cache.recent.record(&entry.meta.tags);
-    true
 }
