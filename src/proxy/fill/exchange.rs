@@ -194,6 +194,8 @@ pub struct Pending {
     replica: Arc<Replica>,
     /// The replica rendered for this request (not a copy from its cache).
     rendered: bool,
+    /// The fill replaces an entry (`Job::replaces`).
+    replaces: bool,
     /// This gateway (`CacheState::gateway_id`), recorded in the entry.
     filled_by: String,
 }
@@ -306,6 +308,7 @@ pub(super) async fn request(
         rendered_at_ms,
         replica,
         rendered: source == Source::Render,
+        replaces,
         filled_by: cache.gateway_id().to_owned(),
     };
     Ok(Admission::Storable(Box::new(pending), body))
@@ -409,6 +412,11 @@ impl Pending {
     pub(super) fn same_render_as(&mut self, page: &Pending) {
         self.rendered_at_ms = page.rendered_at_ms;
         self.render_epoch = self.render_epoch.min(page.render_epoch);
+    }
+
+    /// Whether the fill replaces an entry (the store is written before the L1: `keep_all`).
+    pub(super) fn replaces(&self) -> bool {
+        self.replaces
     }
 
     /// How long the store keeps the entry.

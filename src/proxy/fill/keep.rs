@@ -1,6 +1,6 @@
-//! Keeping entries: the store, then the L1, then the announcement to the other gateways;
-//! never back in time (an entry rendered before the one held, here or in the store, replaces
-//! neither).
+//! Keeping entries: the L1 and the store (the store first when an entry is replaced), then
+//! the announcement to the other gateways; never back in time (an entry rendered before the
+//! one held, here or in the store, replaces neither).
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,26 +16,32 @@ use crate::proxy::lookup::stored_vary;
 /// Puts a new entry in the L1 and the store, and tells the other gateways (they drop their L1
 /// copy and read the new entry). Never back in time: an entry rendered before the one already
 /// held (here or in the store) replaces neither. A store write that fails is counted; the
-/// entry stays in this gateway's L1.
+/// entry stays in this gateway's L1. `replaces`: see [`keep_all`].
 pub async fn keep(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,
     entry: &Arc<Entry>,
     ttl: std::time::Duration,
+    replaces: bool,
 ) {
-    keep_all(app, cache, &[(key, entry, ttl)]).await;
+    keep_all(app, cache, &[(key, entry, ttl)], replaces).await;
 }
 
-/// [`keep`] for entries of one render (a page's HTML and RSC): the store first, every write in
-/// one pipeline, then the L1, then the announcements. No gateway, this one included, serves
-/// the render before the fleet can read it (one that did would have another gateway serve the
-/// older render after it), and Redis runs the writes one after the other, so readers anywhere
-/// see the page's variants change together. Each entry is kept under its [`homes`].
+/// [`keep`] for entries of one render (a page's HTML and RSC): every store write in one
+/// pipeline, which Redis runs back to back, so readers anywhere see the page's variants change
+/// together; then the announcements. Each entry is kept under its [`homes`].
+///
+/// A fill that `replaces` entries writes the store before the L1 (and drops this gateway's
+/// copies meanwhile): no gateway serves the new render before the fleet can read it, or
+/// another gateway would answer with the previous render after it. A first fill has nothing
+/// older anywhere, so its L1 copy comes first: this gateway serves it at once, even with the
+/// store down.
 pub(super) async fn keep_all(
     app: &AppState,
     cache: &CacheState,
     entries: &[(&CacheKey, &Arc<Entry>, Duration)],
+    replaces: bool,
 ) {
     let mut all = Vec::with_capacity(entries.len() * 2);
     for (key, entry, ttl) in entries {
@@ -46,20 +52,25 @@ pub(super) async fn keep_all(
         }
     }
     all.retain(|(key, entry, _)| !newer_here(app, cache, key, entry));
+    for (key, entry, _) in &all {
+        if replaces {
+            cache.l1.remove(key.hash);
+        } else {
+            hold(app, cache, key, entry);
+        }
+    }
     let written = put_all(app, cache, &all).await;
     let mut stored = Vec::with_capacity(all.len());
     let mut dropped = Vec::new();
     for ((key, entry, ttl), written) in all.iter().zip(written) {
-        match written {
-            Written::Stored => {
-                hold(app, cache, key, entry);
-                stored.push(key.hex());
-                if key.is_slot() {
-                    dropped.extend(track(app, cache, key, *ttl).await);
-                }
+        if replaces && written != Written::Older {
+            hold(app, cache, key, entry);
+        }
+        if written == Written::Stored {
+            stored.push(key.hex());
+            if key.is_slot() {
+                dropped.extend(track(app, cache, key, *ttl).await);
             }
-            Written::Failed => hold(app, cache, key, entry),
-            Written::Older => {}
         }
     }
     for hex in stored {

@@ -204,7 +204,7 @@ async fn fill_for_nobody(
     {
         kept.push((*key, entry, *ttl));
     }
-    keep_all(app, cache, &kept).await;
+    keep_all(app, cache, &kept, pending.replaces()).await;
     if let Some(p) = &permit {
         p.wake(Done::Filled(Arc::clone(&entry)));
     }
@@ -292,7 +292,7 @@ async fn made(
             if let Some(p) = permit {
                 p.wake(Done::Filled(Arc::clone(&entry)));
             }
-            keep(app, cache, key, &entry, pending.ttl()).await;
+            keep(app, cache, key, &entry, pending.ttl(), pending.replaces()).await;
             Ok(Some(entry))
         }
         Copied::TooLarge => {
