@@ -342,7 +342,19 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match self {
             Store::Memory(m) => Ok(m.put(key_hex, entry, rendered_at_ms, ttl)),
-            Store::Redis(r) => r.put(key_hex, entry, rendered_at_ms, ttl).await,
+            Store::Redis(r) => {
+                let put = Put {
+                    key_hex: key_hex.to_owned(),
+                    entry,
+                    rendered_at_ms,
+                    ttl,
+                };
+                let written = r.put_all(vec![put]).await?;
+                written
+                    .first()
+                    .copied()
+                    .ok_or(StoreError::Unexpected("no answer to a write"))
+            }
         }
     }
 
@@ -635,23 +647,6 @@ impl RedisStore {
         })
     }
 
-    async fn put(
-        &self,
-        key_hex: &str,
-        entry: Stored,
-        rendered_at_ms: u64,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let key = entry_key(key_hex);
-        let put = self.pool.next().eval(
-            PUT_UNLESS_NEWER,
-            key.as_str(),
-            put_args(entry, rendered_at_ms, ttl),
-        );
-        let n: i64 = self.bounded(put).await?;
-        Ok(n == 1)
-    }
-
     async fn put_all(&self, puts: Vec<Put>) -> Result<Vec<bool>, StoreError> {
         // fred has no `eval` on a pipeline: the same EVAL as a command, routed by its key.
         let eval = fred::types::CustomCommand::new_static(
@@ -661,12 +656,16 @@ impl RedisStore {
         );
         let pipe = self.pool.next().pipeline();
         for p in puts {
-            let mut args: Vec<fred::types::Value> = vec![
+            let ttl_ms = i64::try_from(p.ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+            let args: Vec<fred::types::Value> = vec![
                 PUT_UNLESS_NEWER.into(),
                 1.into(),
                 entry_key(&p.key_hex).into(),
+                p.rendered_at_ms.to_string().into(),
+                p.entry.meta.into(),
+                p.entry.body.into(),
+                ttl_ms.into(),
             ];
-            args.extend(put_args(p.entry, p.rendered_at_ms, p.ttl));
             // Queued in memory; sent by `try_all`.
             let () = pipe.custom(eval.clone(), args).await?;
         }
@@ -676,17 +675,6 @@ impl RedisStore {
         };
         self.bounded(sent).await
     }
-}
-
-/// The arguments of `PUT_UNLESS_NEWER` (the key is its one `KEYS`).
-fn put_args(entry: Stored, rendered_at_ms: u64, ttl: Duration) -> Vec<fred::types::Value> {
-    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-    vec![
-        rendered_at_ms.to_string().into(),
-        entry.meta.into(),
-        entry.body.into(),
-        ttl_ms.into(),
-    ]
 }
 
 #[cfg(test)]
