@@ -616,3 +616,79 @@ async fn a_first_fill_of_a_stale_copy_is_served_stale_and_regenerated_once() {
         PREVIEW_MODE_ID
     );
 }
+
+/// A gateway finds a page's RSC stale; before its refresh takes its turn, another gateway has
+/// refreshed the page as a whole (HTML and RSC of one new render). The HTML is then newer than
+/// the stale RSC, as when a miss filled the HTML alone, but the page is current: no second
+/// regeneration (two renders of one page in one window, seen in the expiry hammer).
+#[tokio::test]
+async fn an_rsc_found_stale_before_another_gateway_refreshed_the_page_renders_nothing() {
+    use isrgate::cache::key::{CacheKey, Variant};
+    let r = RedisProcess::start();
+    let origin = FakeNext::start(|o| {
+        o.route("/app", app_page("h1", "r1", "MISS", "MISS"));
+    })
+    .await;
+    let g1 = gateway(&origin, &r, true).await;
+    let g2 = gateway(&origin, &r, true).await;
+    let c = Client::default();
+    let html = [("host", "site.test")];
+    let rsc = [("rsc", "1"), ("host", "site.test")];
+    assert_eq!(&c.get(&g1.url("/app"), &html).await.body[..], b"h1");
+    assert_eq!(&c.get(&g1.url("/app"), &rsc).await.body[..], b"r1");
+    settled(&g1).await;
+    // What g2's lookup finds once the page expires: the first render's RSC.
+    let stale_rsc = c.get(&g2.url("/app"), &rsc).await;
+    assert_eq!(
+        (stale_rsc.header("x-cache"), &stale_rsc.body[..]),
+        ("HIT", &b"r1"[..])
+    );
+    let rsc_key = CacheKey::new("default", "site.test", "/app", None, &Variant::Rsc);
+    let cache2 = g2.state.cache.as_ref().expect("cache on");
+    let stale = cache2
+        .l1
+        .get(rsc_key.hash, cache2.clock.now_ms())
+        .expect("held");
+
+    // g1 refreshes the page: one regeneration, its RSC read from that render.
+    origin.route("/app", app_page("h2", "r2", "REVALIDATED", "HIT"));
+    advance(&g1, 61);
+    let served = c.get(&g1.url("/app"), &html).await;
+    assert_eq!(
+        (served.header("x-cache"), &served.body[..]),
+        ("STALE", &b"h1"[..])
+    );
+    settled(&g1).await;
+    assert_eq!(
+        origin.count("/app"),
+        4,
+        "two first fills, one regeneration, its RSC"
+    );
+
+    // Only now does g2's refresh of the RSC it found stale take its turn.
+    advance(&g2, 61);
+    let head = http::Request::get("/app")
+        .header("host", "site.test")
+        .header("rsc", "1")
+        .body(())
+        .expect("head")
+        .into_parts()
+        .0;
+    let up = isrgate::proxy::fill::upstream_head(&head, &Variant::Rsc);
+    isrgate::proxy::refresh::spawn(&g2.state, cache2, rsc_key, up, Variant::Rsc, &stale);
+    settled(&g2).await;
+    let m = &g2.state.metrics;
+    assert_eq!(
+        (m.refreshes_of(Refreshed::Current), m.refreshes_run()),
+        (1, 0),
+        "the refresh found the page current, and rendered nothing"
+    );
+    assert_eq!(origin.count("/app"), 4, "no second regeneration");
+    for (gw, query, body) in [(&g2, &rsc[..], "r2"), (&g2, &html[..], "h2")] {
+        let got = c.get(&gw.url("/app"), query).await;
+        assert_eq!(
+            (got.header("x-cache"), &got.body[..]),
+            ("HIT", body.as_bytes())
+        );
+    }
+}

@@ -197,13 +197,16 @@ async fn fill_for_nobody(
     if let (Some(sibling), true) = (sibling, pending.renders_a_page()) {
         read = Some(read_sibling(app, cache, sibling, &pending).await);
     }
-    let mut kept = vec![(key, &entry, pending.ttl())];
+    // The sibling is written first: a gateway that reads the new HTML finds its RSC from the
+    // same render already stored (a stale RSC's refresh then knows the page is current).
+    let mut kept = Vec::with_capacity(2);
     if let Some(SiblingRead::Read {
         key, entry, ttl, ..
     }) = &read
     {
         kept.push((*key, entry, *ttl));
     }
+    kept.push((key, &entry, pending.ttl()));
     keep_all(app, cache, &kept, pending.replaces()).await;
     if let Some(p) = &permit {
         p.wake(Done::Filled(Arc::clone(&entry)));
