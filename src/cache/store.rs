@@ -358,9 +358,9 @@ impl Store {
         }
     }
 
-    /// [`Store::put`] for several entries (a page's HTML and RSC of one render) sent together in
-    /// one pipeline: Redis runs them one after the other, so readers anywhere see them change
-    /// together. One answer per entry, in order; an error is the whole batch's.
+    /// [`Store::put`] for several entries (a page's HTML and RSC of one render) written together:
+    /// in one script call, so readers anywhere see them change at once (on Cluster, whose slots
+    /// differ, in one pipeline). One answer per entry, in order; an error is the whole batch's.
     pub async fn put_all(&self, puts: Vec<Put>) -> Result<Vec<bool>, StoreError> {
         match self {
             Store::Memory(m) => Ok(puts
@@ -409,13 +409,20 @@ while redis.call('llen', KEYS[1]) > tonumber(ARGV[2]) do table.insert(out, redis
 if redis.call('pttl', KEYS[1]) < tonumber(ARGV[3]) then redis.call('pexpire', KEYS[1], ARGV[3]) end \
 return out";
 
-/// Writes an entry (`m` metadata, `b` body, `r` render time in UNIX ms) and its TTL unless the
-/// entry there has a later render time. Entries written before `r` existed have none and are
-/// replaced.
-const PUT_UNLESS_NEWER: &str = "local r = redis.call('hget', KEYS[1], 'r') \
-if r and tonumber(r) > tonumber(ARGV[1]) then return 0 end \
-redis.call('hset', KEYS[1], 'm', ARGV[2], 'b', ARGV[3], 'r', ARGV[1]) \
-redis.call('pexpire', KEYS[1], ARGV[4]) return 1";
+/// Writes each entry `KEYS[i]` (`m` metadata, `b` body, `r` render time in UNIX ms, then its
+/// TTL: `ARGV[4i-3..4i]` = render time, metadata, body, TTL ms) unless the entry there has a
+/// later render time; one answer per key, 1 written or 0 refused. Entries written before `r`
+/// existed have none and are replaced. One call is atomic: readers see all its keys change at
+/// once.
+const PUT_UNLESS_NEWER: &str = "local out = {} \
+for i, key in ipairs(KEYS) do \
+local a = (i - 1) * 4 \
+local r = redis.call('hget', key, 'r') \
+if r and tonumber(r) > tonumber(ARGV[a + 1]) then out[i] = 0 else \
+redis.call('hset', key, 'm', ARGV[a + 2], 'b', ARGV[a + 3], 'r', ARGV[a + 1]) \
+redis.call('pexpire', key, ARGV[a + 4]) out[i] = 1 end \
+end \
+return out";
 
 /// Primary keys whose `Vary` slots the in-process store keeps track of.
 const SLOT_LISTS: u64 = 100_000;
@@ -647,34 +654,52 @@ impl RedisStore {
         })
     }
 
+    /// One script call for all of `puts` (atomic), except on Cluster, where a page's keys live
+    /// in different slots: there one call per key, pipelined (Redis runs each node's back to
+    /// back, but another client's read can fall between two of them).
     async fn put_all(&self, puts: Vec<Put>) -> Result<Vec<bool>, StoreError> {
+        let client = self.pool.next();
+        if !client.is_clustered() {
+            let (keys, args): (Vec<String>, Vec<Vec<Value>>) =
+                puts.into_iter().map(put_args).unzip();
+            let args: Vec<Value> = args.into_iter().flatten().collect();
+            let written: Vec<i64> = self
+                .bounded(client.eval(PUT_UNLESS_NEWER, keys, args))
+                .await?;
+            return Ok(written.into_iter().map(|n| n == 1).collect());
+        }
         // fred has no `eval` on a pipeline: the same EVAL as a command, routed by its key.
         let eval = fred::types::CustomCommand::new_static(
             "EVAL",
             fred::types::ClusterHash::Offset(2),
             false,
         );
-        let pipe = self.pool.next().pipeline();
+        let pipe = client.pipeline();
         for p in puts {
-            let ttl_ms = i64::try_from(p.ttl.as_millis()).unwrap_or(i64::MAX).max(1);
-            let args: Vec<fred::types::Value> = vec![
-                PUT_UNLESS_NEWER.into(),
-                1.into(),
-                entry_key(&p.key_hex).into(),
-                p.rendered_at_ms.to_string().into(),
-                p.entry.meta.into(),
-                p.entry.body.into(),
-                ttl_ms.into(),
-            ];
+            let (key, rest) = put_args(p);
+            let mut args: Vec<Value> = vec![PUT_UNLESS_NEWER.into(), 1.into(), key.into()];
+            args.extend(rest);
             // Queued in memory; sent by `try_all`.
             let () = pipe.custom(eval.clone(), args).await?;
         }
         let sent = async {
-            let answers = pipe.try_all::<i64>().await.into_iter();
-            answers.map(|n| n.map(|n| n == 1)).collect()
+            let answers = pipe.try_all::<Vec<i64>>().await.into_iter();
+            answers.map(|n| n.map(|n| n == [1])).collect()
         };
         self.bounded(sent).await
     }
+}
+
+/// A write's key and its four script arguments (`PUT_UNLESS_NEWER`).
+fn put_args(p: Put) -> (String, Vec<Value>) {
+    let ttl_ms = i64::try_from(p.ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+    let args = vec![
+        p.rendered_at_ms.to_string().into(),
+        p.entry.meta.into(),
+        p.entry.body.into(),
+        ttl_ms.into(),
+    ];
+    (entry_key(&p.key_hex), args)
 }
 
 #[cfg(test)]

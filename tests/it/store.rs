@@ -210,6 +210,7 @@ async fn entries_written_together_are_each_refused_only_over_a_newer_render() {
         .put(rsc, entry(b"r-later"), 3_000, ttl)
         .await
         .expect("put");
+    let evals_before = evals(&r);
     for store in [&redis, &memory] {
         let kind = store.kind();
         let written = store
@@ -228,6 +229,11 @@ async fn entries_written_together_are_each_refused_only_over_a_newer_render() {
             "{kind}"
         );
     }
+    assert_eq!(
+        evals(&r),
+        evals_before + 1,
+        "both in one script call: readers see them change at once"
+    );
     let raw = raw_client(&r).await;
     let (rendered, ttl_ms): (String, i64) = (
         raw.hget(entry_key(html), "r").await.expect("hget"),
@@ -235,6 +241,14 @@ async fn entries_written_together_are_each_refused_only_over_a_newer_render() {
     );
     assert_eq!(rendered, "2000");
     assert!((1..=60_000).contains(&ttl_ms), "pttl {ttl_ms}");
+}
+
+/// How many `EVAL` calls Redis has run.
+fn evals(r: &RedisProcess) -> u64 {
+    let stats = r.cli(&["INFO", "commandstats"]);
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_eval:"));
+    let calls = line.and_then(|l| l.split(['=', ',']).nth(1));
+    calls.and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// The miss's one round trip: the fill lock is taken only while no render newer than the one
