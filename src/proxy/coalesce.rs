@@ -321,7 +321,7 @@ fn fresh(cache: &CacheState, entry: &Entry) -> bool {
 
 /// A fresh entry in the store for this key, if a fill stored one meanwhile (a stale one is
 /// what this fill is replacing).
-async fn reread(
+pub(super) async fn reread(
     app: &AppState,
     cache: &CacheState,
     key: &CacheKey,

@@ -30,7 +30,6 @@ use http::{HeaderValue, Uri};
 
 use super::coalesce::{self, Turn, Wait};
 use super::fill::{self, Filled, Job, Pass, Sibling};
-use super::lookup::Found;
 use crate::app::{AppState, CacheState};
 use crate::cache::entry::Entry;
 use crate::cache::key::{CacheKey, Variant};
@@ -247,7 +246,8 @@ async fn refresh_page(
             let seen = html.meta.stored_at_ms;
             // Unless the page was refreshed as a whole since this RSC was found stale (by
             // another gateway, between this lookup and this turn): its RSC is that render too.
-            if rendered_since(app, cache, &rsc_key, &rsc_head.headers, seen).await {
+            let rsc = coalesce::reread(app, cache, &rsc_key, &rsc_head.headers).await;
+            if rsc.is_some_and(|rsc| rsc.meta.stored_at_ms >= seen) {
                 return Refreshed::Current;
             }
             let again =
@@ -276,25 +276,6 @@ async fn refresh_page(
         Some(sibling),
     )
     .await
-}
-
-/// Whether the store (or this gateway's L1) holds a fresh entry for `key` rendered at `at` or
-/// later.
-async fn rendered_since(
-    app: &AppState,
-    cache: &CacheState,
-    key: &CacheKey,
-    vary_view: &http::HeaderMap,
-    at: u64,
-) -> bool {
-    let now = cache.clock.now_ms();
-    match super::lookup::lookup(app, cache, key, vary_view, now)
-        .await
-        .found
-    {
-        Found::Fresh { entry, .. } => entry.meta.stored_at_ms >= at,
-        Found::Stale(_) | Found::StaleIfError(_) | Found::Miss(_) => false,
-    }
 }
 
 /// Refreshes one key on its own.

@@ -197,8 +197,8 @@ async fn fill_for_nobody(
     if let (Some(sibling), true) = (sibling, pending.renders_a_page()) {
         read = Some(read_sibling(app, cache, sibling, &pending).await);
     }
-    // The sibling is written first: a gateway that reads the new HTML finds its RSC from the
-    // same render already stored (a stale RSC's refresh then knows the page is current).
+    // The sibling is written first. One script call writes both at once; on Cluster (one
+    // write per key) a gateway that reads the new HTML then still finds its RSC stored.
     let mut kept = Vec::with_capacity(2);
     if let Some(SiblingRead::Read {
         key, entry, ttl, ..
